@@ -1,0 +1,36 @@
+# Two commands on a fresh machine: `make demo` and `make test` (see README.md).
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+# torch/torchvision first, pinned by constraints.txt so no later install can move them;
+# GPU users: see README "Bring your own CUDA torch".
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(VPY) -m pip install -q -c constraints.txt -r requirements.txt
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q -m "not slow" tests
+
+demo: $(STAMP)
+	$(VPY) launch/demo.py
+
+bench: $(STAMP)
+	$(VPY) bench/run_all.py
+
+clean:
+	rm -rf runs demo_out .pytest_cache

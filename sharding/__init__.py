@@ -1,0 +1,1 @@
+"""Turn Vietnamese caption datasets into WebDataset shards (see make_shards.py)."""

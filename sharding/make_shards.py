@@ -1,0 +1,244 @@
+"""Vietnamese caption datasets → pre-segmented, pre-tokenized WebDataset shards.
+
+    python sharding/make_shards.py --source ktvic:train_data.json:images \\
+        --source ktvic:test_data.json:images,split=val --out shards/ktvic \\
+        --tokenizer vinai/phobert-large --segmenter vncorenlp --vncorenlp-dir /abs/vncorenlp
+
+Output: {train,val}-NNNNNN.tar (KEY.jpg, KEY.json, KEY.ids.npy), manifest.json, sizes.json.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from phoclip import __version__
+from phoclip.images import MAX_IMAGE_PIXELS
+from phoclip.log import init_logger
+from phoclip.text import (SEGMENTERS, TextProcessor, create_segmenter, load_tokenizer,
+                          normalize_text, tokenizer_fingerprint)
+from sharding.readers import READERS, Record, SourceSpec, read_source
+from sharding.writer import ShardTask, check_images, is_complete, run_tasks, shard_plan
+
+logger = logging.getLogger("make_shards")
+
+MANIFEST_VERSION = 1
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", action="append", required=True,
+                   help="FORMAT:ANNOTATIONS[:IMAGE_DIR][,split=train|val][,name=N]"
+                        "[,image_field=F][,caption_field=F]; repeatable. FORMAT is one of: "
+                        + ", ".join(sorted(READERS)))
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--tokenizer", default="vinai/phobert-large", help="hub name or local folder")
+    p.add_argument("--segmenter", default="vncorenlp", choices=SEGMENTERS)
+    p.add_argument("--vncorenlp-dir", default=os.environ.get("VNCORENLP_DIR"),
+                   help="absolute folder of the VnCoreNLP model (env VNCORENLP_DIR)")
+    p.add_argument("--max-length", type=int, default=70)
+    p.add_argument("--image-size", type=int, default=256, help="shorter side after resizing")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="refuse images with more pixels (decompression bombs)")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--text-batch", type=int, default=512, help="captions per segmentation batch")
+    args = p.parse_args(argv)
+    if not 0.0 <= args.val_fraction < 1.0:
+        p.error("--val-fraction must be in [0, 1)")
+    if args.shard_size < 1 or args.max_length < 4 or args.image_size < 8:
+        p.error("--shard-size >= 1, --max-length >= 4 and --image-size >= 8 are required")
+    return args
+
+
+def _split_of(sha: str, seed: int, val_fraction: float) -> str:
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{sha}".encode()).digest()[:8], "big")
+    return "val" if h / 2**64 < val_fraction else "train"
+
+
+def collect(specs: list[SourceSpec], workers: int, max_pixels: int):
+    """Read every source, hash every image, merge byte-identical images.
+
+    Returns (samples by sha, skipped Counter, per-source raw counts)."""
+    records: list[Record] = []
+    for spec in specs:
+        n0 = len(records)
+        records.extend(read_source(spec))
+        logger.info("%s: %d images in %s", spec.source_name, len(records) - n0, spec.annotations)
+    paths = sorted({str(r.path) for r in records})
+    checks = check_images(paths, workers, max_pixels)
+    skipped: Counter = Counter()
+    samples: dict[str, dict] = {}
+    for r in records:
+        c = checks[str(r.path)]
+        if c.sha is None:
+            skipped[c.reason] += 1
+            logger.warning("skipping image %s (%s): %s", r.path, r.source, c.reason)
+            continue
+        caps = []
+        for raw in r.captions:
+            if not normalize_text(raw):
+                skipped["empty_caption"] += 1
+            else:
+                caps.append(raw)
+        s = samples.setdefault(c.sha, {"sha": c.sha, "sources": [], "image_ids": [], "paths": [],
+                                       "captions": [], "pins": set()})
+        s["sources"].append(r.source)
+        s["image_ids"].append(r.image_id)
+        s["paths"].append(str(r.path))
+        if r.split:
+            s["pins"].add(r.split)
+        seen = {normalize_text(x) for x in s["captions"]}
+        for raw in caps:
+            if normalize_text(raw) in seen:
+                skipped["duplicate_caption"] += 1
+                continue
+            seen.add(normalize_text(raw))
+            s["captions"].append(raw)
+    for sha in [k for k, s in samples.items() if not s["captions"]]:
+        skipped["no_caption"] += 1
+        logger.warning("skipping image %s: it has no non-empty caption", samples[sha]["paths"][0])
+        del samples[sha]
+    merged = sum(len(s["paths"]) - 1 for s in samples.values())
+    if merged:
+        logger.info("merged %d byte-identical duplicate images", merged)
+    return samples, skipped, merged
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    init_logger()
+    args = parse_args(argv)
+    t0 = time.time()
+    specs = [SourceSpec.parse(s) for s in args.source]
+    tokenizer = load_tokenizer(args.tokenizer)
+    segmenter = create_segmenter(args.segmenter, args.vncorenlp_dir)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    samples, skipped, merged = collect(specs, args.workers, args.max_pixels)
+    if not samples:
+        raise SystemExit("no usable image-caption pair in the sources; see the warnings above")
+
+    # split by image: a pinned source wins (val over train), else the seeded hash
+    for s in samples.values():
+        s["split"] = ("val" if "val" in s["pins"] else "train" if "train" in s["pins"]
+                      else _split_of(s["sha"], args.seed, args.val_fraction))
+
+    # text: normalise → segment → tokenize, once per caption, in batches
+    proc = TextProcessor(tokenizer, segmenter, args.max_length)
+    order = sorted(samples)
+    flat = [(sha, i) for sha in order for i in range(len(samples[sha]["captions"]))]
+    texts = [samples[sha]["captions"][i] for sha, i in flat]
+    from tqdm import tqdm
+    seg_all: list[str] = []
+    ids_all = []
+    for b in tqdm(range(0, len(texts), args.text_batch), desc="text", unit="batch", disable=None):
+        seg, ids = proc(texts[b:b + args.text_batch])
+        seg_all.extend(seg)
+        ids_all.append(ids)
+    ids_all = np.concatenate(ids_all) if ids_all else np.zeros((0, args.max_length), np.int32)
+    per_sample: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for (sha, _), sg, ids in zip(flat, seg_all, ids_all):
+        per_sample[sha][0].append(sg)
+        per_sample[sha][1].append(ids)
+    truncated = int(sum(1 for row in ids_all if row[-1] != tokenizer.pad_token_id))
+
+    # deterministic shard plan: keys sorted, then shuffled with the seed (mixes sources)
+    tasks = []
+    counts: dict = {"train": 0, "val": 0}
+    per_source: dict = defaultdict(lambda: {"train": 0, "val": 0})
+    for split in ("train", "val"):
+        keys = [sha for sha in order if samples[sha]["split"] == split]
+        random.Random(f"{args.seed}:{split}").shuffle(keys)
+        for idx, chunk in enumerate(shard_plan(keys, args.shard_size)):
+            items = []
+            for sha in chunk:
+                s = samples[sha]
+                meta = {"key": sha[:24], "sha256": sha, "split": split, "source": s["sources"],
+                        "image_id": s["image_ids"], "path": s["paths"],
+                        "captions": [normalize_text(c) for c in s["captions"]],
+                        "captions_segmented": per_sample[sha][0]}
+                items.append((sha[:24], s["paths"][0], meta, np.stack(per_sample[sha][1])))
+            tasks.append(ShardTask(split, idx, str(out), args.image_size, args.jpeg_quality, items))
+
+    plan_hash = hashlib.sha256(json.dumps(
+        [[t.name, [(k, p, m["captions_segmented"]) for k, p, m, _ in t.samples]] for t in tasks]
+        + [args.image_size, args.jpeg_quality, args.max_length, tokenizer_fingerprint(tokenizer)]
+    ).encode()).hexdigest()[:16]
+    plan_file = out / ".plan"
+    if plan_file.exists() and plan_file.read_text().strip() != plan_hash:
+        raise SystemExit(f"{out} holds shards of a different job (inputs or settings changed). "
+                         "Use a new --out folder, or delete the old one.")
+    plan_file.write_text(plan_hash)
+
+    todo = [t for t in tasks if not is_complete(out, t.name)]
+    if len(todo) < len(tasks):
+        logger.info("resuming: %d of %d shards already complete", len(tasks) - len(todo), len(tasks))
+    run_tasks(todo, args.workers, sum(len(t.samples) for t in todo))
+
+    sizes, shard_skips = {}, Counter()
+    for t in tasks:
+        rec = json.loads((out / ".done" / (t.name + ".json")).read_text())
+        sizes[t.name] = rec["count"]
+        shard_skips.update(rec["skipped"])
+    skipped.update(shard_skips)
+    # per-source counts of what was written (a merged image counts for each source)
+    for t in tasks:
+        counts[t.split] += sizes[t.name]
+    for sha in order:
+        s = samples[sha]
+        for src in set(s["sources"]):
+            per_source[src][s["split"]] += 1
+
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "phoclip_version": __version__,
+        "counts": counts,
+        "captions": {sp: sum(len(samples[sha]["captions"]) for sha in order
+                             if samples[sha]["split"] == sp) for sp in ("train", "val")},
+        "sources": {k: dict(v) for k, v in per_source.items()},
+        "source_specs": args.source,
+        "tokenizer": {"name": args.tokenizer, "class": type(tokenizer).__name__,
+                      "fingerprint": tokenizer_fingerprint(tokenizer),
+                      "vocab_size": len(tokenizer), "pad_id": tokenizer.pad_token_id,
+                      "max_length": args.max_length, "truncated_captions": truncated},
+        "segmenter": {"name": segmenter.name, "version": segmenter.version},
+        "image": {"size": args.image_size, "resize": "shorter_side", "format": "jpeg",
+                  "quality": args.jpeg_quality, "max_pixels": args.max_pixels},
+        "split": {"seed": args.seed, "val_fraction": args.val_fraction, "by": "image_sha256"},
+        "merged_duplicate_images": merged,
+        "skipped": dict(sorted(skipped.items())),
+        "shards": {sp: sorted(n for n in sizes if n.startswith(sp + "-")) for sp in ("train", "val")},
+    }
+    _write_json(out / "manifest.json", manifest)
+    _write_json(out / "sizes.json", sizes)
+    dt = time.time() - t0
+    total = counts["train"] + counts["val"]
+    print(f"wrote {total} samples ({counts['train']} train, {counts['val']} val) in "
+          f"{len(tasks)} shards to {out} in {dt:.1f}s ({total / max(dt, 1e-9):.1f} img/s)")
+    if skipped:
+        print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+    return 0
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The parallel shard writer: hash and check images, plan shards, write them.
+
+Phase 1 hashes every image file (so byte-identical images under several names or
+sources become one sample and cannot leak across splits) and reads only its header.
+Phase 2 writes each shard in one worker process: decode → RGB → resize → JPEG →
+tar under a temporary name → rename; a small `.done` record written after the rename
+marks the shard complete, so an interrupted job re-run skips it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+from phoclip.images import MAX_IMAGE_PIXELS, BadImage, decode_rgb, encode_jpeg, resize_shorter
+
+logger = logging.getLogger(__name__)
+
+SHARD_PATTERN = "{split}-{index:06d}.tar"
+
+
+@dataclass
+class ImageCheck:
+    path: str
+    sha: Optional[str] = None
+    reason: Optional[str] = None
+
+
+def check_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> ImageCheck:
+    """Hash an image file and read its header; classify what is wrong with it."""
+    from PIL import Image
+
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return ImageCheck(path, reason="missing_file")
+    except (IsADirectoryError, PermissionError, OSError):
+        return ImageCheck(path, reason="unreadable_file")
+    if not data:
+        return ImageCheck(path, reason="empty")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                return ImageCheck(path, reason="too_large")
+    except Image.UnidentifiedImageError:
+        return ImageCheck(path, reason="not_an_image")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return ImageCheck(path, reason="too_large")
+    except (OSError, SyntaxError, ValueError):
+        return ImageCheck(path, reason="corrupt")
+    return ImageCheck(path, sha=hashlib.sha256(data).hexdigest())
+
+
+@dataclass
+class ShardTask:
+    split: str
+    index: int
+    out_dir: str
+    image_size: int
+    quality: int
+    # one entry per sample: (key, image path, metadata dict, ids int32 [n, L])
+    samples: list
+
+    @property
+    def name(self) -> str:
+        return SHARD_PATTERN.format(split=self.split, index=self.index)
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def done_path(out_dir: Path | str, shard_name: str) -> Path:
+    return Path(out_dir) / ".done" / (shard_name + ".json")
+
+
+def is_complete(out_dir: Path | str, shard_name: str) -> bool:
+    return done_path(out_dir, shard_name).is_file() and (Path(out_dir) / shard_name).is_file()
+
+
+def write_shard(task: ShardTask) -> dict:
+    """Write one shard atomically; returns {name, count, skipped: {reason: n}}."""
+    import webdataset as wds
+
+    out = Path(task.out_dir)
+    final = out / task.name
+    tmp = out / (task.name + f".tmp{os.getpid()}")
+    skipped: Counter = Counter()
+    count = 0
+    with open(tmp, "wb") as f:
+        # fixed owner and mtime: same inputs give byte-identical shards
+        with wds.TarWriter(f, user="phoclip", group="phoclip", mtime=0.0, encoder=False) as tw:
+            for key, path, meta, ids in task.samples:
+                try:
+                    data = Path(path).read_bytes()
+                    im = resize_shorter(decode_rgb(data), task.image_size)
+                except BadImage as e:
+                    skipped[e.reason] += 1
+                    logger.warning("skipping %s: %s", path, e)
+                    continue
+                except OSError as e:
+                    skipped["unreadable_file"] += 1
+                    logger.warning("skipping %s: %s", path, e)
+                    continue
+                meta = dict(meta, width=im.width, height=im.height)
+                tw.write({
+                    "__key__": key,
+                    "jpg": encode_jpeg(im, task.quality),
+                    "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
+                    "ids.npy": _npy_bytes(np.ascontiguousarray(ids, dtype=np.int32)),
+                })
+                count += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    record = {"name": task.name, "count": count, "skipped": dict(skipped)}
+    d = done_path(out, task.name)
+    d.parent.mkdir(exist_ok=True)
+    tmpd = d.with_suffix(".tmp")
+    tmpd.write_text(json.dumps(record))
+    os.replace(tmpd, d)
+    return record
+
+
+def shard_plan(keys: list[str], shard_size: int) -> list[list[str]]:
+    """Consecutive chunks of `shard_size` keys."""
+    return [keys[i:i + shard_size] for i in range(0, len(keys), shard_size)]
+
+
+def run_tasks(tasks: Iterable[ShardTask], workers: int, total: int) -> list[dict]:
+    """Write shards with `workers` spawned processes (0 or 1: in this process)."""
+    from tqdm import tqdm
+
+    tasks = list(tasks)
+    results = []
+    bar = tqdm(total=total, unit="img", desc="shards", disable=None)
+    if workers <= 1:
+        for t in tasks:
+            r = write_shard(t)
+            bar.update(len(t.samples))
+            results.append(r)
+    else:
+        import multiprocessing as mp
+
+        # spawn, not fork: the parent may hold a JVM (VnCoreNLP) or threads
+        with mp.get_context("spawn").Pool(workers) as pool:
+            sizes = {t.name: len(t.samples) for t in tasks}
+            for r in pool.imap_unordered(write_shard, tasks):
+                bar.update(sizes[r["name"]])
+                results.append(r)
+    bar.close()
+    return results
+
+
+def check_images(paths: list[str], workers: int,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, ImageCheck]:
+    """Hash/check many images, in parallel where workers > 1."""
+    from functools import partial
+
+    from tqdm import tqdm
+
+    check = partial(check_image, max_pixels=max_pixels)
+
+    out: dict[str, ImageCheck] = {}
+    if workers <= 1:
+        it = map(check, paths)
+        pool = None
+    else:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(workers)
+        it = pool.imap(check, paths, chunksize=64)
+    try:
+        for r in tqdm(it, total=len(paths), unit="img", desc="hashing", disable=None):
+            out[r.path] = r
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return out
