@@ -1,0 +1,306 @@
+"""The PhoCLIP model: a timm image tower and a transformers text tower, each with a
+projection head into one shared space, and a learnable temperature.
+
+The model is pure: no ranks, no launcher state. Parallelism is the trainer's job.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "phoclip_config.json"
+
+
+class ProjectionHead(nn.Module):
+    """Linear → act → Linear → dropout → residual → norm (the seed's head)."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.1,
+                 act_layer: Callable[[], nn.Module] = nn.GELU,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm) -> None:
+        super().__init__()
+        self.projection = nn.Linear(in_dim, out_dim)
+        self.act = act_layer()
+        self.fc = nn.Linear(out_dim, out_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = norm_layer(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projected = self.projection(x)
+        x = self.dropout(self.fc(self.act(projected)))
+        return self.norm(x + projected)
+
+
+def _deep_update(base: dict, upd: dict) -> dict:
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def list_models() -> list[str]:
+    """Names of the built-in architecture configs."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def get_model_config(name: str) -> dict:
+    """The architecture config by built-in name or path to a JSON file."""
+    p = Path(name)
+    if p.suffix == ".json" and p.is_file():
+        return json.loads(p.read_text())
+    f = CONFIG_DIR / f"{name}.json"
+    if not f.is_file():
+        raise ValueError(f"unknown model {name!r}; built-in models: {', '.join(list_models())} "
+                         "(or pass a path to a JSON config)")
+    return json.loads(f.read_text())
+
+
+def _build_image_tower(cfg: dict) -> nn.Module:
+    import timm
+
+    kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "avg"}
+    if "vit" in cfg["timm_model"]:
+        kwargs["img_size"] = cfg.get("image_size", 224)
+        kwargs.pop("global_pool")
+    weights = cfg.get("weights_file")
+    pretrained = bool(cfg.get("pretrained")) or bool(weights)
+    if weights:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+    try:
+        return timm.create_model(cfg["timm_model"], pretrained=pretrained, **kwargs)
+    except Exception as e:  # the hub being unreachable surfaces as many exception types
+        if pretrained and not weights:
+            raise RuntimeError(
+                f"cannot fetch ImageNet weights for {cfg['timm_model']!r} ({e}). Offline, pass "
+                f"vision.weights_file=/path/to/weights.safetensors, or vision.pretrained=false"
+            ) from e
+        raise
+
+
+def _build_text_tower(cfg: dict) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    if cfg.get("hf_config"):
+        hc = dict(cfg["hf_config"])
+        return AutoModel.from_config(AutoConfig.for_model(**hc), add_pooling_layer=False)
+    name = cfg["hf_model"]
+    try:
+        if cfg.get("pretrained", True):
+            return AutoModel.from_pretrained(name, add_pooling_layer=False)
+        return AutoModel.from_config(AutoConfig.from_pretrained(name), add_pooling_layer=False)
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot load text encoder {name!r}: {e}\nPass text.hf_model=/local/folder (made by "
+            "save_pretrained or a hub snapshot) on a machine without hub access.") from e
+
+
+class PhoCLIP(nn.Module):
+    """Image and text towers + projection heads + temperature.
+
+    `forward(images, input_ids)` returns L2-normalised image and text features and the
+    logit scale exp(t); the loss lives in `phoclip.loss`."""
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        self.config = copy.deepcopy(config)
+        self.visual = _build_image_tower(config["vision"])
+        self.text = _build_text_tower(config["text"])
+        if config["text"].get("hf_config") is None:
+            # a tower loaded by name: record its real config so save/load needs no hub
+            self.config["text"]["hf_config"] = self.text.config.to_diff_dict()
+            self.config["text"]["hf_config"]["model_type"] = self.text.config.model_type
+        head = config.get("head", {})
+        dim = config["embed_dim"]
+        self.image_head = ProjectionHead(self.visual.num_features, dim, head.get("dropout", 0.1))
+        self.text_head = ProjectionHead(self.text.config.hidden_size, dim, head.get("dropout", 0.1))
+        ls = config.get("logit_scale", {})
+        init = torch.full([1], float(ls.get("init", math.log(1 / 0.07))))  # 1-d: DeepSpeed-safe
+        if ls.get("learnable", True):
+            self.logit_scale = nn.Parameter(init)
+        else:
+            self.register_buffer("logit_scale", init)
+        self.logit_scale_max = float(ls.get("max", math.log(100)))
+        lb = config.get("logit_bias")  # SigLIP's learnable bias (init -10 in the paper)
+        self.logit_bias = nn.Parameter(torch.full([1], float(lb["init"]))) if lb else None
+        self.pad_id = int(config["text"].get("pad_id", 1))
+        self.pooling = config["text"].get("pooling", "cls")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"text.pooling must be cls or mean, not {self.pooling!r}")
+        self._image_locked = False
+
+    # ------------------------------------------------------------------ encoders
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.image_head(self.visual(images))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, input_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        mask = (input_ids != self.pad_id).long()
+        h = self.text(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        if self.pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            m = mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        x = self.text_head(pooled)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"image_features": self.encode_image(images),
+               "text_features": self.encode_text(input_ids),
+               "logit_scale": self.logit_scale.exp().squeeze()}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias.squeeze()
+        return out
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep exp(t) <= 100 (CLIP's clamp); call after each optimizer step."""
+        self.logit_scale.clamp_(0, self.logit_scale_max)
+
+    # ------------------------------------------------------------------ freezing
+    def lock_image_tower(self) -> None:
+        """Freeze the image encoder, BatchNorm running statistics included."""
+        for p in self.visual.parameters():
+            p.requires_grad_(False)
+        self._image_locked = True
+        self.visual.eval()
+
+    def lock_text_tower(self, unlocked_layers: int = 0) -> None:
+        """Freeze the text encoder except its last `unlocked_layers` transformer layers."""
+        layers = _find_layers(self.text)
+        for p in self.text.parameters():
+            p.requires_grad_(False)
+        if unlocked_layers > 0:
+            for layer in layers[-unlocked_layers:]:
+                for p in layer.parameters():
+                    p.requires_grad_(True)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.text.gradient_checkpointing_disable()
+
+    def train(self, mode: bool = True) -> "PhoCLIP":
+        super().train(mode)
+        if self._image_locked:
+            self.visual.eval()  # frozen BatchNorm statistics stay frozen
+        return self
+
+    # ------------------------------------------------------------------ optimizer groups
+    def param_groups(self, lr_image: float = 1e-4, lr_text: float = 1e-5, lr_head: float = 1e-3,
+                     weight_decay: float = 0.2) -> list[dict]:
+        """AdamW groups: image tower, text tower, heads + temperature, each split into
+        decay and no-decay (biases, norms, gains and the temperature: ndim < 2)."""
+        towers = {"image": (self.visual, lr_image), "text": (self.text, lr_text)}
+        groups = []
+        seen = set()
+        for name, (mod, lr) in towers.items():
+            params = [(n, p) for n, p in mod.named_parameters() if p.requires_grad]
+            seen.update(id(p) for _, p in params)
+            groups += _split_decay(name, params, lr, weight_decay)
+        rest = [(n, p) for n, p in self.named_parameters() if p.requires_grad and id(p) not in seen
+                and not n.startswith(("visual.", "text."))]
+        groups += _split_decay("head", rest, lr_head, weight_decay)
+        return groups
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, folder: str | os.PathLike, tokenizer=None) -> Path:
+        """Write config + safetensors weights (+ tokenizer): a folder `load_model` reads
+        without any training state or hub access."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg = copy.deepcopy(self.config)
+        cfg["vision"]["pretrained"] = False
+        cfg["vision"].pop("weights_file", None)
+        cfg["text"]["pretrained"] = False
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(folder / "tokenizer"))
+            cfg["text"]["tokenizer"] = "tokenizer"
+        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(sd, str(folder / (WEIGHTS_NAME + ".tmp")))
+        os.replace(folder / (WEIGHTS_NAME + ".tmp"), folder / WEIGHTS_NAME)
+        (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+        return folder
+
+
+def _split_decay(name, named_params, lr, wd) -> list[dict]:
+    decay = [p for n, p in named_params if p.ndim >= 2]
+    no_decay = [p for n, p in named_params if p.ndim < 2]
+    out = []
+    if decay:
+        out.append({"name": name, "params": decay, "lr": lr, "weight_decay": wd})
+    if no_decay:
+        out.append({"name": f"{name}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0})
+    return out
+
+
+def _find_layers(module: nn.Module) -> nn.ModuleList:
+    enc = getattr(module, "encoder", None)
+    layers = getattr(enc, "layer", None) or getattr(enc, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find the transformer layers of {type(module).__name__}")
+    return layers
+
+
+def create_model(name: str = "phobert-large-rn50", **overrides: Any) -> PhoCLIP:
+    """Build a model by config name (see `list_models()`); keyword overrides are deep-
+    merged into the config, e.g. `create_model("tiny-debug", text={"hf_config": {"vocab_size": 99}})`."""
+    cfg = _deep_update(get_model_config(name), copy.deepcopy(overrides))
+    cfg["name"] = cfg.get("name", name)
+    return PhoCLIP(cfg)
+
+
+def load_model(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> PhoCLIP:
+    """Load a model saved by `save_pretrained` (no hub access needed)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_file = folder / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{folder} is not a saved PhoCLIP model (no {CONFIG_NAME}); "
+                                "export a checkpoint first (see README, 'Evaluation and search')")
+    cfg = json.loads(cfg_file.read_text())
+    model = PhoCLIP(cfg)
+    missing, unexpected = model.load_state_dict(load_file(str(folder / WEIGHTS_NAME),
+                                                          device=str(map_location)), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"weights in {folder} do not fit its config: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return model
+
+
+def model_tokenizer_path(folder: str | os.PathLike) -> Optional[str]:
+    """Where a saved model's tokenizer is (a folder inside it, or the hub name)."""
+    cfg = json.loads((Path(folder) / CONFIG_NAME).read_text())
+    tok = cfg["text"].get("tokenizer")
+    if tok and (Path(folder) / tok).is_dir():
+        return str(Path(folder) / tok)
+    return tok
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of every weight: two models give the same embeddings iff this matches."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
