@@ -19,8 +19,12 @@ def gather_features(image_features: torch.Tensor, text_features: torch.Tensor,
     """All-gather both feature sets across ranks, keeping the autograd graph."""
     if world_size == 1:
         return image_features, text_features
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
+    # the functional-collectives replacement it points to has no autograd on gloo yet
+    warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
     return (torch.cat(all_gather(image_features.contiguous()), 0),
             torch.cat(all_gather(text_features.contiguous()), 0))
 

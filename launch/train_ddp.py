@@ -1,0 +1,64 @@
+"""Train PhoCLIP under torchrun (DDP; NCCL on GPUs, gloo on CPU).
+
+    torchrun --nproc_per_node 8 launch/train_ddp.py --config launch/configs/phobert-large-rn50.yaml \\
+        data.train_shards='shards/train-{000000..000099}.tar' run_dir=runs/exp1 --resume latest
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from phoclip.log import init_logger
+from train.config import ConfigError, resolve_config
+from train.distributed import cleanup, init_distributed
+from train.trainer import NonFiniteError, Trainer
+
+logger = logging.getLogger("train")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML run config (launch/configs/)")
+    p.add_argument("--resume", help="'latest' or a checkpoint folder")
+    p.add_argument("--deepspeed_config", help="DeepSpeed JSON (selects the DeepSpeed engine)")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=20")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp") -> int:
+    init_logger()
+    args = parse_args(argv)
+    try:
+        cfg = resolve_config(args.config, args.overrides)
+        if args.resume:
+            cfg.resume = args.resume
+        if args.deepspeed_config:
+            cfg.train.engine, cfg.train.deepspeed_config = "deepspeed", args.deepspeed_config
+        elif engine == "deepspeed":
+            cfg.train.engine = "deepspeed"
+    except ConfigError as e:
+        logger.error("bad configuration: %s", e)
+        return 2
+    info = init_distributed(cfg.train.device)
+    trainer = None
+    try:
+        trainer = Trainer(cfg, info)
+        trainer.train()
+        return 0
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        logger.error("refused: %s", e)
+        return 2
+    except NonFiniteError as e:
+        logger.error("%s", e)
+        return 3
+    finally:
+        if trainer is not None:
+            trainer.close()
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

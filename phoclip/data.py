@@ -1,0 +1,343 @@
+"""The shard reader pipeline: a list of small stages over our WebDataset shards.
+
+    shard urls → (node, worker) split or seeded resampling → tar → samples
+      → seeded shuffle buffer → [skip to the resume position, no decoding]
+      → decode + transform + pick a caption (per-sample seeded RNG) → batches
+
+Every random choice is seeded from (seed, epoch or stream position, rank, worker), so a
+run's data order is a pure function of its config, and the position of each worker's
+stream (how many shuffled samples it consumed) is all a checkpoint needs to resume it
+exactly. Bad samples are skipped and counted, never raised.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from phoclip.images import BadImage, decode_rgb
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- shard lists
+
+def expand_urls(spec: str, weights: Optional[str] = None) -> tuple[list[str], list[float]]:
+    """`a/train-{000000..000009}.tar::b/train-{000000..000003}.tar` → urls, per-url weights.
+
+    `weights` ("1::2") gives each source's sampling weight; a folder stands for its
+    manifest's train shards."""
+    import braceexpand
+
+    parts = [p for p in spec.split("::") if p]
+    ws = [float(w) for w in weights.split("::")] if weights else [1.0] * len(parts)
+    if len(ws) != len(parts):
+        raise ValueError(f"{len(ws)} weights given for {len(parts)} shard sources in {spec!r}")
+    urls, url_w = [], []
+    for part, w in zip(parts, ws):
+        expanded = list(braceexpand.braceexpand(part))
+        for u in expanded:
+            urls.append(u)
+            url_w.append(w)
+    missing = [u for u in urls if "://" not in u and not os.path.exists(u)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. "
+                                f"{missing[0]}; check data.train_shards / data.val_shards")
+    return urls, url_w
+
+
+def manifest_for(url: str) -> Optional[dict]:
+    """The manifest.json beside a shard, if any."""
+    p = Path(url).parent / "manifest.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def check_manifests(urls: Iterable[str], fingerprint: str, pad_id: int, max_positions: int,
+                    tokenizer_name: str) -> dict:
+    """Refuse shards tokenized with another tokenizer; returns the (first) manifest."""
+    seen: dict[str, dict] = {}
+    for u in urls:
+        d = str(Path(u).parent)
+        if d not in seen:
+            m = manifest_for(u)
+            if m is None:
+                raise FileNotFoundError(f"no manifest.json beside {u}: shards must be made by "
+                                        "sharding/make_shards.py")
+            seen[d] = m
+    for d, m in seen.items():
+        t = m["tokenizer"]
+        problems = []
+        if t["fingerprint"] != fingerprint:
+            problems.append(f"tokenizer fingerprint {t['fingerprint']} ({t['name']}) != "
+                            f"{fingerprint} ({tokenizer_name})")
+        if t["pad_id"] != pad_id:
+            problems.append(f"pad id {t['pad_id']} != model's {pad_id}")
+        if t["max_length"] > max_positions:
+            problems.append(f"max length {t['max_length']} > the text encoder's {max_positions} positions")
+        if problems:
+            raise ValueError(f"shards in {d} do not fit the model's tokenizer: "
+                             + "; ".join(problems)
+                             + f". Re-shard them with --tokenizer {tokenizer_name}, or train "
+                               f"with model.tokenizer={t['name']}.")
+    return next(iter(seen.values()))
+
+
+def count_samples(urls: Iterable[str]) -> int:
+    """Samples in the given shards, from the sizes.json files beside them."""
+    total, cache = 0, {}
+    for u in urls:
+        d = Path(u).parent
+        if d not in cache:
+            f = d / "sizes.json"
+            cache[d] = json.loads(f.read_text()) if f.is_file() else {}
+        if Path(u).name not in cache[d]:
+            raise ValueError(f"{u} is not listed in {d / 'sizes.json'}")
+        total += cache[d][Path(u).name]
+    return total
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big")
+
+
+def image_to_tensor(img, size: int, train: bool, rng: Optional[random.Random] = None,
+                    scale: tuple[float, float] = (0.8, 1.0)) -> torch.Tensor:
+    """train: random resized crop (light: scale 0.8-1, ratio 3/4-4/3; no flip, since
+    captions say left and right); eval: resize shorter side + center crop. Normalised."""
+    import torchvision.transforms.functional as TF
+
+    w, h = img.size
+    if train:
+        rng = rng or random.Random()
+        area = w * h
+        for _ in range(10):
+            a = area * rng.uniform(*scale)
+            r = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
+            if 0 < cw <= w and 0 < ch <= h:
+                top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+                break
+        else:
+            cw = ch = min(w, h)
+            top, left = (h - ch) // 2, (w - cw) // 2
+        img = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
+    else:
+        img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
+    x = TF.pil_to_tensor(img).float().div_(255)
+    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def decode_sample(sample: dict) -> tuple[Any, np.ndarray, dict]:
+    """Raw tar sample → (PIL image, ids [n, L], meta). Never unpickles: .npy with
+    allow_pickle=False, JSON, JPEG only. Raises BadImage / KeyError / ValueError."""
+    for k in ("jpg", "ids.npy"):
+        if k not in sample:
+            raise KeyError(f"missing_{k.replace('.', '_')}")
+    img = decode_rgb(sample["jpg"])
+    ids = np.load(io.BytesIO(sample["ids.npy"]), allow_pickle=False)
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.dtype.kind not in "iu":
+        raise ValueError("bad_ids")
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    return img, ids, meta
+
+
+# ----------------------------------------------------------------------------- stages
+
+def seeded_shuffle(src: Iterable, bufsize: int, rng: random.Random) -> Iterator:
+    """A shuffle buffer whose order depends only on its input order and rng."""
+    if bufsize <= 1:
+        yield from src
+        return
+    buf: list = []
+    for s in src:
+        buf.append(s)
+        if len(buf) >= bufsize:
+            k = rng.randrange(len(buf))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+class _Skips:
+    """Handler for webdataset's tar stages: count the error, keep going."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.counter["corrupt_shard"] += 1
+        logger.warning("skipping unreadable shard data: %r", exn)
+        return True
+
+
+@dataclass
+class StreamConfig:
+    urls: list
+    weights: list
+    batch_size: int
+    image_size: int = 224
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    resampled: bool = True
+    shuffle_buffer: int = 1000
+    train: bool = True
+
+
+class ShardStream(IterableDataset):
+    """Infinite training stream of batches for one rank.
+
+    Each DataLoader worker runs one *logical* stream; `state_dict()` (kept by the
+    trainer from the batches it consumed) is {logical worker: samples consumed}.
+    `load_state_dict` makes a new DataLoader continue exactly there; the DataLoader's
+    round robin restarts at worker 0, so physical workers are rotated onto the logical
+    stream whose turn it is (`start_batch`)."""
+
+    def __init__(self, cfg: StreamConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.positions: dict[int, int] = {}
+        self.skipped: dict[int, dict] = {}
+        self.start_batch = 0
+
+    def load_state_dict(self, state: dict) -> None:
+        self.positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
+        self.skipped = {int(k): dict(v) for k, v in state.get("skipped", {}).items()}
+        self.start_batch = int(state.get("batches", 0))
+
+    def _shards(self, logical: int, nworkers: int, skips: Counter) -> Iterator[dict]:
+        c = self.cfg
+        if c.resampled:
+            rng = random.Random(_seed("shards", c.seed, c.rank, logical))
+            while True:
+                yield {"url": rng.choices(c.urls, weights=c.weights)[0]}
+        epoch = 0
+        while True:
+            order = list(c.urls)
+            random.Random(_seed("epoch", c.seed, epoch)).shuffle(order)
+            mine = order[c.rank::c.world_size][logical::nworkers]
+            if not mine:
+                raise ValueError(f"{len(c.urls)} shards cannot feed {c.world_size} ranks x "
+                                 f"{nworkers} workers; use data.resampled=true or fewer workers")
+            for u in mine:
+                yield {"url": u, "epoch": epoch}
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        c = self.cfg
+        info = get_worker_info()
+        wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
+        logical = (wid + self.start_batch) % nworkers
+        skips: Counter = Counter(self.skipped.get(logical, {}))
+        start = self.positions.get(logical, 0)
+        shards = self._shards(logical, nworkers, skips)
+        samples = wds.tarfile_to_samples(handler=_Skips(skips))(shards)
+        shuffled = seeded_shuffle(samples, c.shuffle_buffer,
+                                  random.Random(_seed("shuffle", c.seed, c.rank, logical)))
+        pos = 0
+        images, ids, keys = [], [], []
+        for sample in shuffled:
+            pos += 1
+            if pos <= start:
+                continue  # resume: replay the order, decode nothing
+            rng = random.Random(_seed("sample", c.seed, c.rank, logical, pos))
+            try:
+                img, all_ids, _ = decode_sample(sample)
+            except BadImage as e:
+                skips[f"image_{e.reason}"] += 1
+                continue
+            except (KeyError, ValueError, json.JSONDecodeError) as e:
+                skips[str(e.args[0]) if e.args and isinstance(e.args[0], str) and
+                      e.args[0].startswith(("missing_", "bad_")) else "bad_sample"] += 1
+                continue
+            images.append(image_to_tensor(img, c.image_size, c.train, rng))
+            ids.append(torch.from_numpy(all_ids[rng.randrange(all_ids.shape[0])].astype(np.int64)))
+            keys.append(sample.get("__key__", ""))
+            if len(images) == c.batch_size:
+                yield {"images": torch.stack(images), "input_ids": torch.stack(ids), "keys": keys,
+                       "worker": logical, "position": pos, "skipped": dict(skips)}
+                images, ids, keys = [], [], []
+
+
+class StreamTracker:
+    """What the trainer remembers of the stream: the position of each logical worker
+    after the last batch it *consumed* (prefetched batches do not count)."""
+
+    def __init__(self) -> None:
+        self.positions: dict[int, int] = {}
+        self.skipped: dict[int, dict] = {}
+        self.batches = 0
+
+    def update(self, batch: dict) -> None:
+        self.positions[int(batch["worker"])] = int(batch["position"])
+        self.skipped[int(batch["worker"])] = dict(batch["skipped"])
+        self.batches += 1
+
+    def total_skipped(self) -> dict:
+        out: Counter = Counter()
+        for v in self.skipped.values():
+            out.update(v)
+        return dict(out)
+
+    def state_dict(self) -> dict:
+        return {"positions": dict(self.positions), "skipped": dict(self.skipped),
+                "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
+        self.skipped = {int(k): dict(v) for k, v in state.get("skipped", {}).items()}
+        self.batches = int(state.get("batches", 0))
+
+
+def _worker_init(_: int) -> None:
+    # a preempted job signals the whole process group: the workers leave the clean
+    # shutdown to the main process (they exit with it)
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def train_loader(stream: ShardStream, num_workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over an already-batched stream."""
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                       worker_init_fn=_worker_init if num_workers else None,
+                                       persistent_workers=False, prefetch_factor=2 if num_workers else None)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def eval_samples(urls: list[str], image_size: int, rank: int = 0, world_size: int = 1,
+                 skipped: Optional[Counter] = None) -> Iterator[dict]:
+    """Each image once, with all its captions, in shard order; this rank's shards only."""
+    import webdataset as wds
+
+    skipped = skipped if skipped is not None else Counter()
+    shards = ({"url": u} for u in urls[rank::world_size])
+    for sample in wds.tarfile_to_samples(handler=_Skips(skipped))(shards):
+        try:
+            img, ids, meta = decode_sample(sample)
+        except (BadImage, KeyError, ValueError) as e:
+            skipped["bad_sample"] += 1
+            continue
+        yield {"key": sample["__key__"], "image": image_to_tensor(img, image_size, train=False),
+               "ids": torch.from_numpy(ids.astype(np.int64)), "meta": meta}

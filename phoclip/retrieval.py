@@ -1,0 +1,128 @@
+"""Retrieval metrics and embedding extraction.
+
+Recall is computed in chunks of queries, so a gallery of 100k+ images never needs the
+full similarity matrix in memory. Ties count in the query's favour (rank = number of
+items scoring strictly higher)."""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+def _summ(ranks: torch.Tensor, prefix: str, ks=(1, 5, 10)) -> dict[str, float]:
+    out = {f"{prefix}_R@{k}": float((ranks < k).float().mean() * 100) for k in ks}
+    out[f"{prefix}_mean_rank"] = float((ranks + 1).float().mean())
+    out[f"{prefix}_median_rank"] = float((ranks + 1).float().median())
+    return out
+
+
+@torch.no_grad()
+def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
+                      text_to_image: torch.Tensor, chunk: int = 4096,
+                      ks=(1, 5, 10)) -> dict[str, float]:
+    """R@k (percent), mean and median rank, text→image and image→text.
+
+    text_to_image[j] is the index of caption j's image. Image→text counts a hit when
+    any of the image's captions is in the top k."""
+    img, txt = image_features.float(), text_features.float()
+    t2i = text_to_image.long()
+    n_img = img.shape[0]
+    t2i_ranks = []
+    for s in range(0, txt.shape[0], chunk):
+        sc = txt[s:s + chunk] @ img.T
+        own = sc.gather(1, t2i[s:s + chunk, None])
+        t2i_ranks.append((sc > own).sum(1))
+    # best score among each image's own captions
+    i2t_ranks = []
+    for s in range(0, n_img, chunk):
+        sc = img[s:s + chunk] @ txt.T                              # [c, M]
+        rows = torch.arange(s, min(s + chunk, n_img))
+        own_mask = t2i[None, :] == rows[:, None]                   # [c, M]
+        best_own = sc.masked_fill(~own_mask, float("-inf")).max(1, keepdim=True).values
+        i2t_ranks.append((sc > best_own).sum(1))
+    out = _summ(torch.cat(t2i_ranks), "t2i", ks)
+    out.update(_summ(torch.cat(i2t_ranks), "i2t", ks))
+    out["n_images"], out["n_captions"] = float(n_img), float(txt.shape[0])
+    return out
+
+
+def chance_recall(n_images: int, k: int) -> float:
+    """R@k of a random ranking, in percent."""
+    return 100.0 * min(k, n_images) / max(n_images, 1)
+
+
+@torch.no_grad()
+def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_size: int = 64,
+                  autocast_dtype: Optional[torch.dtype] = None, progress: bool = False):
+    """Embed images and all their captions. Returns (image feats [N,D], text feats [M,D],
+    text_to_image [M] (local indices), keys [N], metas [N])."""
+    from tqdm import tqdm
+
+    model.eval()
+    img_f, txt_f, t2i, keys, metas = [], [], [], [], []
+    buf: list[dict] = []
+
+    def flush():
+        if not buf:
+            return
+        ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
+               else torch.autocast(device.type, enabled=False))
+        with ctx:
+            ims = torch.stack([b["image"] for b in buf]).to(device)
+            img_f.append(model.encode_image(ims).float().cpu())
+            ids = torch.cat([b["ids"] for b in buf]).to(device)
+            txt_f.append(model.encode_text(ids).float().cpu())
+        base = len(keys)
+        for i, b in enumerate(buf):
+            t2i.extend([base + i] * b["ids"].shape[0])
+            keys.append(b["key"])
+            metas.append(b.get("meta", {}))
+        buf.clear()
+
+    for s in tqdm(samples, desc="embedding", unit="img", disable=not progress):
+        buf.append(s)
+        if len(buf) == batch_size:
+            flush()
+    flush()
+    d = model.config["embed_dim"]
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, d)
+    return cat(img_f), cat(txt_f), torch.tensor(t2i, dtype=torch.long), keys, metas
+
+
+def gather_embeddings(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, keys: list,
+                      metas: list, world_size: int):
+    """Concatenate every rank's part (rank order); text_to_image re-indexed globally."""
+    if world_size == 1:
+        return img, txt, t2i, keys, metas
+    parts: list = [None] * world_size
+    dist.all_gather_object(parts, (img.numpy(), txt.numpy(), t2i.numpy(), keys, metas))
+    I, T, M, K, Me = [], [], [], [], []
+    offset = 0
+    for pi, pt, pm, pk, pme in parts:
+        I.append(torch.from_numpy(pi))
+        T.append(torch.from_numpy(pt))
+        M.append(torch.from_numpy(pm) + offset)
+        K.extend(pk)
+        Me.extend(pme)
+        offset += pi.shape[0]
+    return torch.cat(I), torch.cat(T), torch.cat(M), K, Me
+
+
+def evaluate_shards(model, urls: list[str], image_size: int, device: torch.device,
+                    rank: int = 0, world_size: int = 1, batch_size: int = 64,
+                    autocast_dtype: Optional[torch.dtype] = None, progress: bool = False) -> dict:
+    """Embed the shards (each rank its part), gather, and compute the recalls."""
+    from phoclip.data import eval_samples
+
+    parts = embed_samples(model, eval_samples(urls, image_size, rank, world_size), device,
+                          batch_size, autocast_dtype, progress)
+    img, txt, t2i, keys, _ = gather_embeddings(*parts, world_size)
+    if img.shape[0] == 0:
+        raise ValueError(f"no images could be read from the validation shards {urls[:3]}")
+    return retrieval_metrics(img, txt, t2i)

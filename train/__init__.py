@@ -1,0 +1,1 @@
+"""Training machinery: config, engines (DDP / DeepSpeed), checkpointing, the loop."""

@@ -1,0 +1,215 @@
+"""Typed run config, resolved as defaults → YAML file → `key=value` overrides.
+
+Each field's docstring-comment says what it is; `validate()` refuses impossible
+settings before any work is done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent setting; the message says what to change."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "phobert-large-rn50"
+    """Architecture config (phoclip.list_models()) or a path to a JSON config."""
+    tokenizer: Optional[str] = None
+    """Tokenizer hub name or folder; default: the architecture's."""
+    overrides: dict = field(default_factory=dict)
+    """Deep-merged into the architecture config, e.g. {vision: {pretrained: false}}."""
+    lock_image: bool = False
+    """Freeze the image tower (BatchNorm statistics too)."""
+    lock_text: bool = False
+    """Freeze the text tower except its last `unlocked_text_layers` layers."""
+    unlocked_text_layers: int = 0
+    grad_checkpointing: bool = False
+    """Recompute the text tower's activations in the backward pass (saves memory)."""
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    """Brace pattern(s) of training shards, several sources joined with '::'."""
+    train_weights: Optional[str] = None
+    """Sampling weight per source, '1::2' (resampled mode)."""
+    val_shards: Optional[str] = None
+    batch_size: int = 64
+    """Per rank, per micro-step."""
+    workers: int = 2
+    """DataLoader worker processes per rank."""
+    resampled: bool = True
+    """Draw shards with replacement (default for training); false: split shards by rank and worker."""
+    shuffle_buffer: int = 1000
+    image_size: int = 224
+
+
+@dataclass
+class OptimConfig:
+    lr_image: float = 1e-4
+    lr_text: float = 1e-5
+    lr_head: float = 1e-3
+    weight_decay: float = 0.2
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    """cosine or constant (after the linear warmup)."""
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    precision: str = "bf16"
+    """bf16 (autocast), fp16 (autocast + gradient scaler), fp32."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping (the norm is still logged)."""
+    accum_steps: int = 1
+    """Micro-batches per step; features are cached so the negatives stay global."""
+    loss: str = "clip"
+    """clip or siglip."""
+    local_loss: bool = True
+    """Memory-light loss form (local rows x gathered columns)."""
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    """Validation every N steps (0: only at the end when val_shards is set)."""
+    save_every: int = 500
+    keep_last: int = 3
+    max_nonfinite: int = 5
+    """Stop after this many consecutive non-finite steps."""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda."""
+    engine: str = "ddp"
+    """ddp or deepspeed."""
+    deepspeed_config: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    resume: Optional[str] = None
+    """'latest', a checkpoint folder, or none."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        t, d = self.train, self.data
+        if t.precision not in ("bf16", "fp16", "fp32"):
+            raise ConfigError(f"train.precision={t.precision!r}: choose bf16, fp16 or fp32")
+        if t.loss not in ("clip", "siglip"):
+            raise ConfigError(f"train.loss={t.loss!r}: choose clip or siglip")
+        if t.engine not in ("ddp", "deepspeed"):
+            raise ConfigError(f"train.engine={t.engine!r}: choose ddp or deepspeed")
+        for k in ("max_steps", "accum_steps", "log_every", "save_every", "keep_last", "max_nonfinite"):
+            if getattr(t, k) < 1:
+                raise ConfigError(f"train.{k} must be >= 1, not {getattr(t, k)}")
+        if d.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, not {d.batch_size}")
+        if d.batch_size * world_size < 2:
+            raise ConfigError("a contrastive loss needs at least 2 samples in the global batch; "
+                              "raise data.batch_size")
+        if not d.train_shards:
+            raise ConfigError("data.train_shards is empty: pass data.train_shards=PATTERN")
+        if self.optim.schedule not in ("cosine", "constant"):
+            raise ConfigError(f"optim.schedule={self.optim.schedule!r}: choose cosine or constant")
+        if self.optim.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps must be >= 0")
+        if d.workers < 0:
+            raise ConfigError("data.workers must be >= 0")
+        if self.model.lock_text and self.model.unlocked_text_layers < 0:
+            raise ConfigError("model.unlocked_text_layers must be >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _set(obj: Any, dotted: str, raw: str) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+            raise ConfigError(f"unknown config key {dotted!r}")
+        obj = getattr(obj, p)
+    last = parts[-1]
+    if dataclasses.is_dataclass(obj) and hasattr(obj, last):
+        cur = getattr(obj, last)
+        val = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        if isinstance(cur, dict) and isinstance(val, dict):
+            cur.update(val)
+            return
+        if isinstance(cur, tuple) and isinstance(val, list):
+            val = tuple(val)
+        if isinstance(cur, str) and val is not None and not isinstance(val, str):
+            val = str(raw)
+        if isinstance(cur, float) and isinstance(val, int) and not isinstance(val, bool):
+            val = float(val)
+        if isinstance(cur, bool) and not isinstance(val, bool):
+            raise ConfigError(f"{dotted} must be true or false, not {raw!r}")
+        if isinstance(cur, int) and not isinstance(cur, bool) and not isinstance(val, int):
+            raise ConfigError(f"{dotted} must be an integer, not {raw!r}")
+        setattr(obj, last, val)
+    elif isinstance(obj, dict):
+        obj[last] = yaml.safe_load(raw)
+    else:
+        raise ConfigError(f"unknown config key {dotted!r}")
+
+
+def _apply_tree(cfg: Any, tree: dict, prefix: str = "") -> None:
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        sub = getattr(cfg, k, None) if dataclasses.is_dataclass(cfg) else None
+        if isinstance(v, dict) and dataclasses.is_dataclass(sub):
+            _apply_tree(sub, v, key + ".")
+        else:
+            _set_value(cfg, k, v, key)
+
+
+def _set_value(obj: Any, name: str, val: Any, key: str) -> None:
+    if not hasattr(obj, name):
+        raise ConfigError(f"unknown config key {key!r}")
+    cur = getattr(obj, name)
+    if isinstance(cur, tuple) and isinstance(val, list):
+        val = tuple(val)
+    setattr(obj, name, val)
+
+
+def resolve_config(config_file: Optional[str], overrides: Sequence[str] = ()) -> RunConfig:
+    """defaults → YAML file → `a.b=value` overrides (values parsed as YAML)."""
+    cfg = RunConfig()
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file {config_file} does not exist")
+        with open(config_file) as f:
+            tree = yaml.safe_load(f) or {}
+        _apply_tree(cfg, tree)
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not key=value (e.g. train.max_steps=20)")
+        k, v = o.split("=", 1)
+        _set(cfg, k.strip(), v)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(_plain(cfg.to_dict()), f, sort_keys=False, allow_unicode=True)
+    os.replace(tmp, path)
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x

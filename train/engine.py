@@ -1,0 +1,126 @@
+"""One small interface over DDP and DeepSpeed: wrap, backward, step, save, load.
+
+The training loop (train/trainer.py) only talks to an `Engine`; there is one loop."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from train.checkpoint import atomic_torch_save
+
+logger = logging.getLogger(__name__)
+
+
+def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
+    """Linear warmup to 1, then cosine to `min_ratio` (or constant)."""
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+class Engine:
+    """The interface; see DDPEngine and DeepSpeedEngine."""
+
+    model: nn.Module       # the unwrapped model (what is saved and evaluated)
+    wrapped: nn.Module     # what is called in the forward pass
+    optimizer: torch.optim.Optimizer
+
+    def autocast(self):
+        raise NotImplementedError
+
+    def no_sync(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def grad_norm(self) -> torch.Tensor:
+        """Unscale (fp16) and clip; returns the global gradient norm before clipping."""
+        raise NotImplementedError
+
+    def step(self, skip: bool) -> None:
+        """Optimizer + scheduler step (the optimizer step is skipped when `skip`)."""
+        raise NotImplementedError
+
+    def lrs(self) -> dict[str, float]:
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+
+    def save(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> None:
+        raise NotImplementedError
+
+
+class DDPEngine(Engine):
+    """DistributedDataParallel (a no-op wrapper on one process), AMP and AdamW."""
+
+    def __init__(self, model: nn.Module, param_groups: list[dict], *, precision: str,
+                 grad_clip: float, betas, eps: float, lr_fn, device: torch.device,
+                 world_size: int, rank: int) -> None:
+        self.model = model.to(device)
+        self.device, self.rank = device, rank
+        if world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.wrapped = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            self.wrapped = self.model
+        self.optimizer = torch.optim.AdamW(param_groups, betas=tuple(betas), eps=eps,
+                                           foreach=device.type == "cuda")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
+        self.precision, self.grad_clip = precision, grad_clip
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def no_sync(self):
+        return self.wrapped.no_sync() if hasattr(self.wrapped, "no_sync") else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def grad_norm(self) -> torch.Tensor:
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def step(self, skip: bool) -> None:
+        if not skip:
+            self.scaler.step(self.optimizer)  # itself skips on fp16 overflow
+            self.scaler.update()
+        elif self.scaler.is_enabled():
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    def save(self, folder: Path) -> None:
+        if self.rank == 0:
+            atomic_torch_save({"model": self.model.state_dict(),
+                               "optimizer": self.optimizer.state_dict(),
+                               "scheduler": self.scheduler.state_dict(),
+                               "scaler": self.scaler.state_dict()}, folder / "state.pt")
+
+    def load(self, folder: Path) -> None:
+        st = torch.load(folder / "state.pt", map_location=self.device, weights_only=True)
+        self.model.load_state_dict(st["model"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        if st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])

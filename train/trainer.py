@@ -1,0 +1,312 @@
+"""The training loop, split into named steps: build, resume, train_step, evaluate, save."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import phoclip
+from phoclip.data import (ShardStream, StreamConfig, StreamTracker, check_manifests,
+                          count_samples, expand_urls, train_loader)
+from phoclip.loss import create_loss
+from phoclip.model import get_model_config
+from phoclip.retrieval import evaluate_shards
+from phoclip.text import load_tokenizer, tokenizer_fingerprint
+from train.checkpoint import Checkpointer, rng_state, set_rng_state
+from train.config import ConfigError, RunConfig, save_config
+from train.distributed import DistInfo, all_reduce_max, barrier
+from train.engine import DDPEngine, Engine, lr_lambda
+from train.metrics import RunLogger
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def build_model(cfg: RunConfig, tokenizer):
+    """The model of the config; an inline (untrained) text tower gets the tokenizer's vocab."""
+    arch = get_model_config(cfg.model.name)
+    overrides = dict(cfg.model.overrides)
+    if arch["text"].get("hf_model") is None and not overrides.get("text", {}).get("hf_model"):
+        text = dict(overrides.get("text", {}))
+        hc = dict(text.get("hf_config", {}))
+        hc.setdefault("vocab_size", len(tokenizer))
+        text["hf_config"] = hc
+        overrides["text"] = text
+    if cfg.train.loss == "siglip":
+        overrides.setdefault("logit_bias", {"init": -10.0})
+        overrides.setdefault("logit_scale", {"init": math.log(10.0)})
+    model = phoclip.create_model(cfg.model.name, **overrides)
+    if cfg.model.tokenizer:
+        model.config["text"]["tokenizer"] = cfg.model.tokenizer
+    if cfg.model.lock_image:
+        model.lock_image_tower()
+    if cfg.model.lock_text:
+        model.lock_text_tower(cfg.model.unlocked_text_layers)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, dist_info: DistInfo) -> None:
+        self.cfg, self.dist = cfg, dist_info
+        cfg.validate(dist_info.world_size)
+        self.run_dir = Path(cfg.run_dir)
+        self.step = 0
+        self.samples_seen = 0
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self._stop = False
+        t = cfg.train
+
+        # data first: bad shards are refused before any model is built
+        self.train_urls, weights = expand_urls(cfg.data.train_shards, cfg.data.train_weights)
+        self.val_urls = expand_urls(cfg.data.val_shards)[0] if cfg.data.val_shards else []
+        if not cfg.data.resampled and len(self.train_urls) < dist_info.world_size * max(1, cfg.data.workers):
+            raise ConfigError(f"{len(self.train_urls)} train shards cannot feed {dist_info.world_size} "
+                              f"ranks x {max(1, cfg.data.workers)} workers without resampling; "
+                              "set data.resampled=true, lower data.workers, or make smaller shards")
+        arch = get_model_config(cfg.model.name)
+        tok_name = cfg.model.tokenizer or arch["text"].get("tokenizer")
+        if not tok_name:
+            raise ConfigError(f"model {cfg.model.name} names no tokenizer: set model.tokenizer=DIR")
+        self.tokenizer = load_tokenizer(tok_name)
+        self.manifest = check_manifests(self.train_urls + self.val_urls,
+                                        tokenizer_fingerprint(self.tokenizer),
+                                        arch["text"].get("pad_id", 1),
+                                        _max_positions(arch), tok_name)
+        self.dataset_size = count_samples(self.train_urls)
+
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        model = build_model(cfg, self.tokenizer)
+        groups = model.param_groups(cfg.optim.lr_image, cfg.optim.lr_text, cfg.optim.lr_head,
+                                    cfg.optim.weight_decay)
+        lr_fn = lr_lambda(cfg.optim.warmup_steps, t.max_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
+        self.engine = self._build_engine(model, groups, lr_fn)
+        self.model = self.engine.model
+        self.loss_fn = create_loss(t.loss, dist_info.rank, dist_info.world_size, t.local_loss)
+
+        self.stream = ShardStream(StreamConfig(
+            self.train_urls, weights, cfg.data.batch_size, cfg.data.image_size, t.seed,
+            dist_info.rank, dist_info.world_size, cfg.data.resampled, cfg.data.shuffle_buffer, True))
+        self.tracker = StreamTracker()
+        self.ckpt = Checkpointer(self.run_dir, t.keep_last, dist_info.rank, dist_info.world_size)
+        if dist_info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, str(self.run_dir / "config.yaml"))
+        self.log = RunLogger(self.run_dir, dist_info.is_main)
+        torch.manual_seed(t.seed + 1000 * dist_info.rank)  # dropout differs per rank
+        self._resume()
+
+    def _build_engine(self, model, groups, lr_fn) -> Engine:
+        t = self.cfg.train
+        if t.engine == "deepspeed":
+            from train.ds_engine import DeepSpeedEngine
+
+            return DeepSpeedEngine(model, groups, cfg=self.cfg, lr_fn=lr_fn, device=self.dist.device,
+                                   world_size=self.dist.world_size)
+        return DDPEngine(model, groups, precision=t.precision, grad_clip=t.grad_clip,
+                         betas=self.cfg.optim.betas, eps=self.cfg.optim.eps, lr_fn=lr_fn,
+                         device=self.dist.device, world_size=self.dist.world_size,
+                         rank=self.dist.rank)
+
+    # ------------------------------------------------------------------ resume / save
+    def _resume(self) -> None:
+        path = self.ckpt.resolve(self.cfg.resume)
+        if path is None:
+            if self.cfg.resume:
+                logger.info("--resume %s: no checkpoint yet, starting from scratch", self.cfg.resume)
+            return
+        self.engine.load(path)
+        meta = self.ckpt.meta(path)
+        self.step, self.samples_seen = meta["step"], meta["samples_seen"]
+        self.nonfinite_total = meta.get("nonfinite_total", 0)
+        rs = self.ckpt.load_rank_state(path)
+        if rs is None or meta.get("world_size") != self.dist.world_size:
+            logger.warning("checkpoint %s was written by %s ranks, this run has %d: the data "
+                           "stream restarts from fresh positions", path, meta.get("world_size"),
+                           self.dist.world_size)
+        else:
+            self.tracker.load_state_dict(rs["data"])
+            self.stream.load_state_dict(rs["data"])
+            set_rng_state(rs["rng"])
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> None:
+        meta = {"samples_seen": self.samples_seen, "nonfinite_total": self.nonfinite_total,
+                "config": self.cfg.to_dict()}
+        self.ckpt.save(self.step, self.engine, {"data": self.tracker.state_dict(), "rng": rng_state()},
+                       meta)
+
+    # ------------------------------------------------------------------ the loop
+    def _on_sigterm(self, signum, frame) -> None:
+        logger.warning("received signal %d: saving a checkpoint at the end of this step", signum)
+        self._stop = True
+
+    def should_continue(self) -> bool:
+        return self.step < self.cfg.train.max_steps
+
+    def train(self) -> dict:
+        t = self.cfg.train
+        prev = signal.signal(signal.SIGTERM, self._on_sigterm)
+        loader = train_loader(self.stream, self.cfg.data.workers)
+        it = iter(loader)
+        last: dict = {}
+        t_log, n_log, wait = time.time(), 0, 0.0
+        try:
+            while self.should_continue():
+                t0 = time.time()
+                batches = [next(it) for _ in range(t.accum_steps)]
+                wait += time.time() - t0
+                for b in batches:
+                    self.tracker.update(b)
+                metrics = self.train_step(batches)
+                self.step += 1
+                n = sum(b["images"].shape[0] for b in batches) * self.dist.world_size
+                self.samples_seen += n
+                n_log += n
+                stop = metrics.pop("_stop")
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    dt = time.time() - t_log
+                    metrics.update(samples_per_s=n_log / max(dt, 1e-9), data_wait_s=wait,
+                                   epoch=self.samples_seen / max(1, self.dataset_size),
+                                   skipped_samples=sum(self.tracker.total_skipped().values()),
+                                   nonfinite_steps=self.nonfinite_total)
+                    self.log.log(self.step, metrics)
+                    logger.info("step %d loss %.4f lr %.2e scale %.2f %.1f samples/s",
+                                self.step, metrics["loss"], metrics["lr"], metrics["logit_scale"],
+                                metrics["samples_per_s"])
+                    t_log, n_log, wait = time.time(), 0, 0.0
+                last = metrics
+                if self.nonfinite_streak >= t.max_nonfinite:
+                    self.save()
+                    raise NonFiniteError(
+                        f"{self.nonfinite_streak} consecutive non-finite steps (last at step "
+                        f"{self.step}); the weights are those from before the fault, saved in "
+                        f"{self.ckpt.latest()}. Try train.precision=bf16, a lower learning rate or "
+                        "train.grad_clip=1.0")
+                if self.cfg.train.eval_every and self.step % t.eval_every == 0 and self.val_urls:
+                    last.update(self.evaluate())
+                if stop:
+                    self.save()
+                    logger.warning("stopped by signal at step %d; resume with --resume latest", self.step)
+                    return last
+                if self.step % t.save_every == 0:
+                    self.save()
+            if self.val_urls and not (t.eval_every and self.step % t.eval_every == 0):
+                last.update(self.evaluate())
+            self.save()
+            self.export()
+            return last
+        finally:
+            signal.signal(signal.SIGTERM, prev)
+            del it
+
+    def _to(self, batches):
+        dev = self.dist.device
+        return [(b["images"].to(dev, non_blocking=True), b["input_ids"].to(dev, non_blocking=True))
+                for b in batches]
+
+    def _loss(self, out: dict, img=None, txt=None) -> dict:
+        args = [out["image_features"] if img is None else img,
+                out["text_features"] if txt is None else txt, out["logit_scale"]]
+        if self.cfg.train.loss == "siglip":
+            args.append(out["logit_bias"])
+        return self.loss_fn(*args)
+
+    def train_step(self, batches: list[dict]) -> dict:
+        """One optimizer step over `accum_steps` micro-batches, global negatives kept:
+        with k > 1, features of all micro-batches are computed without gradient first,
+        then each micro-batch is recomputed with gradient against all the others."""
+        self.model.train()
+        eng = self.engine
+        data = self._to(batches)
+        if len(data) == 1:
+            with eng.autocast():
+                out = eng.wrapped(*data[0])
+                losses = self._loss(out)
+                total = sum(losses.values())
+            eng.backward(total)
+        else:
+            with torch.no_grad(), eng.autocast():
+                cached = [self.model(*d) for d in data]
+            for j, d in enumerate(data):
+                ctx = eng.no_sync() if j < len(data) - 1 else contextlib.nullcontext()
+                with ctx, eng.autocast():
+                    out = eng.wrapped(*d)
+                    img = torch.cat([c["image_features"] if i != j else out["image_features"]
+                                     for i, c in enumerate(cached)])
+                    txt = torch.cat([c["text_features"] if i != j else out["text_features"]
+                                     for i, c in enumerate(cached)])
+                    if j < len(data) - 1:
+                        # the temperature's gradient must be counted once, not k times
+                        out = dict(out, logit_scale=out["logit_scale"].detach())
+                        if "logit_bias" in out:
+                            out["logit_bias"] = out["logit_bias"].detach()
+                    losses = self._loss(out, img, txt)
+                    total = sum(losses.values())
+                eng.backward(total)
+        gnorm = eng.grad_norm()
+        flags = torch.tensor([float(not torch.isfinite(total.detach()).item()),
+                              float(self._stop)])
+        if self.dist.device.type == "cuda":
+            flags = flags.to(self.dist.device)
+        all_reduce_max(flags)  # every rank must agree to skip or stop
+        bad = bool(flags[0].item()) or (not torch.isfinite(gnorm).item() and eng_no_scaler(eng))
+        if bad:
+            self.nonfinite_total += 1
+            self.nonfinite_streak += 1
+            logger.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)",
+                           self.step + 1, self.nonfinite_streak)
+        else:
+            self.nonfinite_streak = 0
+        eng.step(skip=bad)
+        self.model.clamp_logit_scale()
+        lrs = eng.lrs()
+        return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()},
+                "lr": lrs.get("head", next(iter(lrs.values()))), "lrs": lrs,
+                "grad_norm": float(gnorm), "logit_scale": float(self.model.logit_scale.detach().exp()),
+                "_stop": bool(flags[1].item())}
+
+    # ------------------------------------------------------------------ eval / export
+    def evaluate(self) -> dict:
+        dtype = None if self.cfg.train.precision == "fp32" else (
+            torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float16)
+        res = evaluate_shards(self.model, self.val_urls, self.cfg.data.image_size, self.dist.device,
+                              self.dist.rank, self.dist.world_size, self.cfg.data.batch_size, dtype)
+        self.log.log(self.step, res, prefix="val")
+        logger.info("val step %d: t2i R@1 %.1f R@5 %.1f R@10 %.1f | i2t R@1 %.1f R@5 %.1f R@10 %.1f",
+                    self.step, res["t2i_R@1"], res["t2i_R@5"], res["t2i_R@10"],
+                    res["i2t_R@1"], res["i2t_R@5"], res["i2t_R@10"])
+        self.model.train()
+        return {f"val_{k}": v for k, v in res.items()}
+
+    def export(self) -> Optional[Path]:
+        """The final model as a plain folder (config + safetensors + tokenizer)."""
+        if not self.dist.is_main:
+            return None
+        return self.model.save_pretrained(self.run_dir / "model", tokenizer=self.tokenizer)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def eng_no_scaler(eng: Engine) -> bool:
+    """With an fp16 scaler, an inf gradient is an overflow the scaler handles, not a fault."""
+    scaler = getattr(eng, "scaler", None)
+    return scaler is None or not scaler.is_enabled()
+
+
+def _max_positions(arch: dict) -> int:
+    hc = arch["text"].get("hf_config") or {}
+    return int(hc.get("max_position_embeddings", 258)) - 2
