@@ -340,4 +340,5 @@ def eval_samples(urls: list[str], image_size: int, rank: int = 0, world_size: in
             skipped["bad_sample"] += 1
             continue
         yield {"key": sample["__key__"], "image": image_to_tensor(img, image_size, train=False),
-               "ids": torch.from_numpy(ids.astype(np.int64)), "meta": meta}
+               "ids": torch.from_numpy(ids.astype(np.int64)), "meta": meta,
+               "url": sample.get("__url__", "")}

@@ -82,7 +82,7 @@ def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_si
         for i, b in enumerate(buf):
             t2i.extend([base + i] * b["ids"].shape[0])
             keys.append(b["key"])
-            metas.append(b.get("meta", {}))
+            metas.append(dict(b.get("meta", {}), _url=b.get("url", "")))
         buf.clear()
 
     for s in tqdm(samples, desc="embedding", unit="img", disable=not progress):

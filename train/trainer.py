@@ -295,6 +295,8 @@ class Trainer:
         """The final model as a plain folder (config + safetensors + tokenizer)."""
         if not self.dist.is_main:
             return None
+        # search must segment queries as the training captions were
+        self.model.config["text"]["segmenter"] = self.manifest.get("segmenter", {}).get("name")
         return self.model.save_pretrained(self.run_dir / "model", tokenizer=self.tokenizer)
 
     def close(self) -> None:

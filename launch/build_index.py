@@ -1,0 +1,85 @@
+"""Embed a folder of images, or our shards (images and their captions), into an index.
+
+    python launch/build_index.py --model runs/exp1 --shards 'shards/val-{000000..000004}.tar' --out index/
+    torchrun --nproc_per_node 4 launch/build_index.py --model runs/exp1 --images photos/ --out index/
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from phoclip.data import expand_urls, eval_samples, image_to_tensor
+from phoclip.images import BadImage, decode_rgb
+from phoclip.log import init_logger
+from phoclip.retrieval import embed_samples, gather_embeddings
+from phoclip.search import write_index
+from train.distributed import cleanup, init_distributed
+from train.export import load_for_inference
+
+IMAGE_EXT = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def folder_samples(files: list[Path], image_size: int, rank: int, world: int,
+                   skipped: dict) -> Iterator[dict]:
+    for f in files[rank::world]:
+        try:
+            img = decode_rgb(f.read_bytes())
+        except (BadImage, OSError) as e:
+            skipped[str(f)] = str(e)
+            continue
+        yield {"key": str(f), "image": image_to_tensor(img, image_size, train=False),
+               "ids": torch.zeros(0, 2, dtype=torch.long), "meta": {"path": [str(f)]}}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    init_logger()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="brace pattern of shards (indexes images and captions)")
+    src.add_argument("--images", help="a folder of images (searched recursively)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    info = init_distributed(args.device)
+    try:
+        model, _ = load_for_inference(args.model, str(info.device))
+        size = model.config["vision"].get("image_size", 224)
+        skipped: dict = {}
+        if args.shards:
+            samples = eval_samples(expand_urls(args.shards)[0], size, info.rank, info.world_size)
+        else:
+            files = sorted(f for f in Path(args.images).rglob("*") if f.suffix.lower() in IMAGE_EXT)
+            if not files:
+                raise SystemExit(f"no images found under {args.images}")
+            samples = folder_samples(files, size, info.rank, info.world_size, skipped)
+        parts = embed_samples(model, samples, info.device, args.batch_size, progress=info.is_main)
+        img, txt, t2i, keys, metas = gather_embeddings(*parts, info.world_size)
+        if info.is_main:
+            items = [{"key": k, "path": (m.get("path") or [""])[0],
+                      "source": (m.get("source") or ["folder"])[0], "shard": m.get("_url", ""),
+                      "caption": (m.get("captions") or [""])[0]} for k, m in zip(keys, metas)]
+            cap_items = None
+            if args.shards:
+                cap_items = []
+                for j, i in enumerate(t2i.tolist()):
+                    caps = metas[i].get("captions") or []
+                    n_before = int((t2i[:j] == i).sum())
+                    cap_items.append({"caption": caps[n_before] if n_before < len(caps) else "",
+                                      "image_key": keys[i], "image": i})
+            write_index(args.out, model, str(args.model), img, items,
+                        txt if args.shards else None, cap_items, args.shards or args.images)
+            print(f"indexed {img.shape[0]} images" + (f" and {txt.shape[0]} captions" if args.shards else "")
+                  + f" into {args.out}" + (f"; skipped {len(skipped)} unreadable files" if skipped else ""))
+        return 0
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Search an index: text → image, image → text, zero-shot tags.
+
+    python launch/search.py --index index/ "xe hơi màu đỏ đậu trước ngôi nhà" --k 25 --html out.html
+    python launch/search.py --index index/ --image photo.jpg --k 5
+    python launch/search.py --index index/ --tags tags.txt --k 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from phoclip.log import init_logger
+from phoclip.search import (DEFAULT_TEMPLATES, EmbeddingIndex, find_captions, find_matches,
+                            write_gallery, zero_shot_accuracy, zero_shot_tags)
+from phoclip.text import TextProcessor, create_segmenter, load_tokenizer
+from train.export import load_for_inference
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    init_logger()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("queries", nargs="*", help="Vietnamese queries (text → image)")
+    p.add_argument("--index", required=True)
+    p.add_argument("--model", help="default: the model the index was built with")
+    p.add_argument("--image", action="append", help="image → text: an image file (repeatable)")
+    p.add_argument("--tags", help="zero-shot tagging: a file with one Vietnamese tag per line")
+    p.add_argument("--labels", help="with --tags: a TSV of KEY_OR_PATH<TAB>LABEL for zero-shot accuracy")
+    p.add_argument("--k", type=int, default=25)
+    p.add_argument("--segmenter", help="default: the one the model's shards were made with")
+    p.add_argument("--vncorenlp-dir")
+    p.add_argument("--backend", choices=("exact", "faiss"), default="exact")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--html", help="write a self-contained HTML gallery here")
+    args = p.parse_args(argv)
+    if not (args.queries or args.image or args.tags):
+        p.error("give a query, --image or --tags")
+
+    index = EmbeddingIndex(args.index)
+    model, tok_name = load_for_inference(args.model or index.meta["model"])
+    index.check_model(model)
+    seg = args.segmenter or model.config["text"].get("segmenter") or "vncorenlp"
+    proc = TextProcessor(load_tokenizer(tok_name), create_segmenter(seg, args.vncorenlp_dir),
+                         model.config["text"].get("max_length", 70))
+    out: dict = {}
+    if args.queries:
+        res = find_matches(model, index, args.queries, proc, args.k, args.backend)
+        out["text_to_image"] = {q: [vars(m) for m in r] for q, r in zip(args.queries, res)}
+        if args.html:
+            print(f"gallery: {write_gallery(args.html, args.queries, res)}")
+        if not args.json:
+            for q, r in zip(args.queries, res):
+                print(f"\nquery: {q}")
+                print(f"{'rank':>4} {'score':>7}  image  (its first caption)")
+                for m in r:
+                    print(f"{m.rank:>4} {m.score:7.3f}  {m.item.get('path') or m.item['key']}  "
+                          f"({m.item.get('caption', '')})")
+    if args.image:
+        from PIL import Image
+
+        ims = [Image.open(f) for f in args.image]
+        res = find_captions(model, index, ims, args.k, args.backend)
+        out["image_to_text"] = {f: [vars(m) for m in r] for f, r in zip(args.image, res)}
+        if not args.json:
+            for f, r in zip(args.image, res):
+                print(f"\nimage: {f}")
+                for m in r:
+                    print(f"{m.rank:>4} {m.score:7.3f}  {m.item['caption']}")
+    if args.tags:
+        tags = [t.strip() for t in Path(args.tags).read_text(encoding="utf-8").splitlines() if t.strip()]
+        top = zero_shot_tags(model, index, tags, proc, DEFAULT_TEMPLATES, args.k)
+        items = index.items("images")
+        out["tags"] = {it["path"] or it["key"]: t for it, t in zip(items, top)}
+        if not args.json:
+            for it, t in zip(items, top):
+                print(f"{it['path'] or it['key']}: " + ", ".join(f"{g} ({s:.2f})" for g, s in t))
+        if args.labels:
+            lab = dict(l.split("\t", 1) for l in Path(args.labels).read_text(encoding="utf-8").splitlines() if "\t" in l)
+            pairs = [(t[0][0], lab.get(it["path"], lab.get(it["key"]))) for it, t in zip(items, top)]
+            pairs = [(a, b.strip()) for a, b in pairs if b is not None]
+            acc = zero_shot_accuracy([a for a, _ in pairs], [b for _, b in pairs])
+            out["zero_shot_accuracy"] = acc
+            print(f"zero-shot top-1 accuracy: {acc:.1f}% over {len(pairs)} labelled images")
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
