@@ -14,7 +14,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CAPTION_WORDS = ["một", "hai", "ba", "hình_tròn", "hình_vuông", "tam_giác", "màu", "đỏ",
+CAPTION_WORDS = ["Một", "một", "hai", "ba", "hình_tròn", "hình_vuông", "tam_giác", "màu", "đỏ",
                  "xanh_lá", "xanh_dương", "vàng", "ở", "góc", "trên", "dưới", "bên", "trái",
                  "phải", "giữa", "người", "đàn_ông", "đang", "làm_việc", "Hà_Nội", "con", "chó",
                  "chạy", "trên", "bãi", "cỏ", "xe", "hơi", "đậu", "trước", "ngôi", "nhà"]

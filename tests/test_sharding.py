@@ -1,0 +1,278 @@
+"""Sharding: every reader on its published format, bad inputs, text, splits, determinism."""
+import hashlib
+import io
+import json
+import random
+import subprocess
+import sys
+import tarfile
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, make_image, random_caption
+
+ARGS = ["--segmenter", "underthesea", "--workers", "1", "--max-length", "16", "--image-size", "32"]
+
+
+def shards_of(out: Path, split: str):
+    return sorted(out.glob(f"{split}-*.tar"))
+
+
+def read_all(out: Path) -> dict:
+    """key -> {jpg, json, ids} read back with plain tarfile."""
+    res = {}
+    for t in sorted(out.glob("*.tar")):
+        with tarfile.open(t) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                res.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return res
+
+
+def run(make_shards, tok, out, *sources, extra=()):
+    args = []
+    for s in sources:
+        args += ["--source", s]
+    return make_shards(args + ["--out", out, "--tokenizer", tok, *ARGS, *extra])
+
+
+# ----------------------------------------------------------------------------- readers
+
+def test_every_reader_on_its_published_format(tmp_path, tiny_tokenizer_dir, make_shards):
+    imgs = tmp_path / "img"
+    for i in range(12):
+        make_image(imgs / f"{i}.jpg", i)
+    # coco-jsonl
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"image": f"{i}.jpg", "caption": f"hình_tròn {i}"})
+                                                for i in (0, 1)), encoding="utf-8")
+    # flickr8k-vi with Flickr's #N suffixes
+    (tmp_path / "captions_vi.txt").write_text("2.jpg#0\tmột con chó\n2.jpg#1\tcon chó chạy\n3.jpg#0\txe hơi đỏ\n",
+                                              encoding="utf-8")
+    # KTVIC
+    (tmp_path / "train_data.json").write_text(json.dumps({
+        "images": [{"id": 7, "filename": "4.jpg"}, {"id": 8, "filename": "5.jpg"}],
+        "annotations": [{"image_id": 7, "caption": "người đàn ông"}, {"image_id": 7, "caption": "làm việc"},
+                        {"image_id": 8, "caption": "Hà Nội"}]}, ensure_ascii=False), encoding="utf-8")
+    # UIT-OpenViIC
+    (tmp_path / "uit-openviic-annotation-train.json").write_text(json.dumps(
+        {"6.jpg": {"captions": ["bãi cỏ", "con chó trên bãi cỏ"]}, "7.jpg": {"captions": ["ngôi nhà"]}},
+        ensure_ascii=False), encoding="utf-8")
+    # UIT-ViIC (COCO)
+    (tmp_path / "uitviic_captions_train2017.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "8.jpg"}], "annotations": [{"id": 1, "image_id": 1, "caption": "quả bóng"}]},
+        ensure_ascii=False), encoding="utf-8")
+    # generic jsonl / csv with their own field names
+    (tmp_path / "g.jsonl").write_text(json.dumps({"file": "9.jpg", "text": ["màu đỏ", "màu vàng"]}) + "\n",
+                                      encoding="utf-8")
+    (tmp_path / "g.csv").write_text("img,cap\n10.jpg,màu xanh\n11.jpg,\"hai, ba\"\n", encoding="utf-8")
+    out = tmp_path / "out"
+    run(make_shards, tiny_tokenizer_dir, out,
+        f"coco-jsonl:{tmp_path}/c.jsonl:{imgs}", f"flickr8k-vi:{tmp_path}/captions_vi.txt:{imgs}",
+        f"ktvic:{tmp_path}/train_data.json:{imgs}", f"openviic:{tmp_path}/uit-openviic-annotation-train.json:{imgs}",
+        f"uitviic:{tmp_path}/uitviic_captions_train2017.json:{imgs}",
+        f"jsonl:{tmp_path}/g.jsonl:{imgs},image_field=file,caption_field=text",
+        f"csv:{tmp_path}/g.csv:{imgs},image_field=img,caption_field=cap", extra=["--val-fraction", "0"])
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["counts"] == {"train": 12, "val": 0}
+    got = {json.loads(s["json"])["path"][0].split("/")[-1]: json.loads(s["json"]) for s in read_all(out).values()}
+    assert set(got) == {f"{i}.jpg" for i in range(12)}
+    assert got["2.jpg"]["captions"] == ["một con chó", "con chó chạy"]
+    assert got["4.jpg"]["captions_segmented"] == ["người đàn_ông", "làm_việc"]
+    assert got["4.jpg"]["source"] == ["ktvic"] and got["4.jpg"]["image_id"] == ["7"]
+    assert got["6.jpg"]["captions"] == ["bãi cỏ", "con chó trên bãi cỏ"]
+    assert got["8.jpg"]["captions"] == ["quả bóng"]
+    assert got["9.jpg"]["captions"] == ["màu đỏ", "màu vàng"]
+    assert got["11.jpg"]["captions"] == ["hai, ba"]
+    assert man["sources"]["ktvic"] == {"train": 2, "val": 0}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_images_and_captions_skipped_by_reason(tmp_path, tiny_tokenizer_dir, make_shards):
+    imgs = tmp_path / "img"
+    good = [make_image(imgs / f"g{i}.jpg", i) for i in range(4)]
+    make_image(imgs / "gray.png", 10, mode="L", fmt="PNG")
+    make_image(imgs / "pal.png", 11, mode="P", fmt="PNG")
+    make_image(imgs / "cmyk.jpg", 12, mode="CMYK", fmt="JPEG")
+    rgba = Image.new("RGBA", (20, 20), (255, 0, 0, 0))  # fully transparent red
+    rgba.save(imgs / "alpha.png")
+    (imgs / "empty.jpg").write_bytes(b"")
+    (imgs / "text.jpg").write_text("not an image")
+    data = (imgs / "g0.jpg").read_bytes()
+    (imgs / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    Image.new("L", (10000, 10000)).save(imgs / "bomb.png")  # 100 Mpx: over the pixel cap
+    rows = [("g0.jpg", "một con chó"), ("g1.jpg", "   "), ("g1.jpg", "xe hơi"), ("g2.jpg", ""),
+            ("g3.jpg", "ngôi nhà"), ("gray.png", "màu xám"), ("pal.png", "bảng màu"), ("cmyk.jpg", "in ấn"),
+            ("alpha.png", "trong suốt"), ("empty.jpg", "rỗng"), ("text.jpg", "chữ"), ("trunc.jpg", "cụt"),
+            ("bomb.png", "bom"), ("missing.jpg", "mất")]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"image": i, "caption": c}, ensure_ascii=False)
+                                                for i, c in rows), encoding="utf-8")
+    out = tmp_path / "out"
+    run(make_shards, tiny_tokenizer_dir, out, f"coco-jsonl:{tmp_path}/a.jsonl:{imgs}", extra=["--val-fraction", "0"])
+    man = json.loads((out / "manifest.json").read_text())
+    sk = man["skipped"]
+    assert sk["empty_caption"] == 2 and sk["no_caption"] == 1      # g2 has only an empty caption
+    assert sk["empty"] == 1 and sk["not_an_image"] == 1 and sk["missing_file"] == 1
+    assert sk["too_large"] == 1 and sk["corrupt"] == 1
+    samples = {json.loads(s["json"])["path"][0].split("/")[-1]: s for s in read_all(out).values()}
+    assert set(samples) == {"g0.jpg", "g1.jpg", "g3.jpg", "gray.png", "pal.png", "cmyk.jpg", "alpha.png"}
+    for s in samples.values():
+        assert Image.open(io.BytesIO(s["jpg"])).mode == "RGB"
+    # alpha is composed over white, not black
+    px = np.asarray(Image.open(io.BytesIO(samples["alpha.png"]["jpg"])))
+    assert px.mean() > 240
+    assert json.loads(samples["g1.jpg"]["json"])["captions"] == ["xe hơi"]
+
+
+def test_bad_source_spec_errors(tmp_path, tiny_tokenizer_dir, make_shards):
+    with pytest.raises(ValueError, match="unknown format"):
+        run(make_shards, tiny_tokenizer_dir, tmp_path / "o", f"nope:{tmp_path}")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(make_shards, tiny_tokenizer_dir, tmp_path / "o", f"ktvic:{tmp_path}/missing.json")
+
+
+# ----------------------------------------------------------------------------- text
+
+def test_nfc_and_nfd_give_identical_ids(tiny_tokenizer_dir):
+    from phoclip.text import TextProcessor, UndertheseaSegmenter, load_tokenizer
+
+    proc = TextProcessor(load_tokenizer(str(tiny_tokenizer_dir)), UndertheseaSegmenter(), 16)
+    text = "Một người đàn ông đang làm việc ở Hà Nội"
+    nfd = unicodedata.normalize("NFD", text)
+    assert nfd != text
+    seg_a, ids_a = proc([text])
+    seg_b, ids_b = proc(["  " + nfd.replace(" ", " \t ") + "\n"])
+    assert seg_a == seg_b
+    assert np.array_equal(ids_a, ids_b)
+    assert "làm_việc" in seg_a[0] and "Hà_Nội" in seg_a[0]
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    assert tok.unk_token_id not in ids_a[0][: ids_a[0].tolist().index(2)]
+
+
+def test_pyvi_and_none_segmenters():
+    from phoclip.text import create_segmenter
+
+    assert create_segmenter("pyvi").segment(["làm việc ở Hà Nội"])[0].count("_") >= 1
+    assert create_segmenter("none").segment(["  làm_việc  ở "]) == ["làm_việc ở"]
+    with pytest.raises(ValueError, match="unknown segmenter"):
+        create_segmenter("nope")
+
+
+def test_vncorenlp_missing_model_error(tmp_path):
+    from phoclip.text import create_segmenter
+
+    with pytest.raises(RuntimeError, match="download_model") as e:
+        create_segmenter("vncorenlp", str(tmp_path / "vncorenlp"))
+    assert "VnCoreNLP" in str(e.value)
+    with pytest.raises(RuntimeError, match="--vncorenlp-dir|Java"):
+        create_segmenter("vncorenlp", None)
+
+
+def test_vncorenlp_missing_java_error(tmp_path, monkeypatch):
+    from phoclip.text import create_segmenter
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH
+    with pytest.raises(RuntimeError, match="Java"):
+        create_segmenter("vncorenlp", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- split, merge, determinism
+
+def _dataset(tmp_path, n=40, dup=()):
+    imgs = tmp_path / "img"
+    rng = random.Random(1)
+    lines = []
+    for i in range(n):
+        make_image(imgs / f"{i}.jpg", i)
+        lines += [json.dumps({"image": f"{i}.jpg", "caption": random_caption(rng)}, ensure_ascii=False)
+                  for _ in range(3)]
+    for a, b in dup:  # byte-identical copy under another name
+        (imgs / b).write_bytes((imgs / a).read_bytes())
+        lines.append(json.dumps({"image": b, "caption": "bản sao"}, ensure_ascii=False))
+    (tmp_path / "a.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    return tmp_path / "a.jsonl", imgs
+
+
+def test_split_by_image_no_leak_and_duplicates_merged(tmp_path, tiny_tokenizer_dir, make_shards):
+    ann, imgs = _dataset(tmp_path, 40, dup=[("3.jpg", "copy3.jpg"), ("5.jpg", "copy5.jpg")])
+    # a second source pins a copy of image 7 to val: every copy of it must go to val
+    (imgs / "pinned7.jpg").write_bytes((imgs / "7.jpg").read_bytes())
+    (tmp_path / "b.jsonl").write_text(json.dumps({"image": "pinned7.jpg", "caption": "kiểm tra"}), encoding="utf-8")
+    out = tmp_path / "out"
+    run(make_shards, tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}",
+        f"coco-jsonl:{tmp_path}/b.jsonl:{imgs},split=val,name=pinned", extra=["--val-fraction", "0.3", "--shard-size", "7"])
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["merged_duplicate_images"] == 3
+    assert man["counts"]["train"] + man["counts"]["val"] == 40
+    assert 4 <= man["counts"]["val"] <= 24
+    by_split = {"train": set(), "val": set()}
+    for t in out.glob("*.tar"):
+        with tarfile.open(t) as tf:
+            for m in tf.getmembers():
+                if m.name.endswith(".jpg"):
+                    by_split[t.name.split("-")[0]].add(hashlib.sha256(tf.extractfile(m).read()).hexdigest())
+    assert not by_split["train"] & by_split["val"]
+    metas = [json.loads(s["json"]) for s in read_all(out).values()]
+    m3 = [m for m in metas if any(p.endswith("/3.jpg") for p in m["path"])][0]
+    assert sorted(p.split("/")[-1] for p in m3["path"]) == ["3.jpg", "copy3.jpg"]
+    assert "bản sao" in m3["captions"] and len(m3["captions"]) == 4
+    m7 = [m for m in metas if any(p.endswith("/7.jpg") for p in m["path"])][0]
+    assert m7["split"] == "val" and "pinned" in m7["source"]
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert sum(sizes.values()) == 40 and max(sizes.values()) <= 7
+
+
+def test_byte_identical_rerun_and_resume(tmp_path, tiny_tokenizer_dir, make_shards):
+    ann, imgs = _dataset(tmp_path, 30)
+    a, b = tmp_path / "a", tmp_path / "b"
+    extra = ["--shard-size", "8", "--val-fraction", "0.2"]
+    run(make_shards, tiny_tokenizer_dir, a, f"coco-jsonl:{ann}:{imgs}", extra=extra)
+    run(make_shards, tiny_tokenizer_dir, b, f"coco-jsonl:{ann}:{imgs}", extra=extra + ["--workers", "2"])
+    names = sorted(p.name for p in a.glob("*.tar"))
+    assert names == sorted(p.name for p in b.glob("*.tar")) and len(names) >= 4
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), n
+    # interrupted job: one shard missing, another left as a half-written temp file
+    victim = a / names[1]
+    victim.unlink()
+    (a / (names[2] + ".tmp123")).write_bytes(b"partial")
+    mtimes = {n: (a / n).stat().st_mtime_ns for n in names if n != names[1]}
+    run(make_shards, tiny_tokenizer_dir, a, f"coco-jsonl:{ann}:{imgs}", extra=extra)
+    assert (a / names[1]).read_bytes() == (b / names[1]).read_bytes()
+    for n, t in mtimes.items():  # complete shards were skipped, not rewritten
+        assert (a / n).stat().st_mtime_ns == t
+    # a different job into the same folder is refused
+    with pytest.raises(SystemExit, match="different job"):
+        run(make_shards, tiny_tokenizer_dir, a, f"coco-jsonl:{ann}:{imgs}", extra=["--shard-size", "5"])
+
+
+def test_shards_read_back_with_plain_webdataset(tmp_path, tiny_tokenizer_dir, make_shards):
+    import webdataset as wds
+    from phoclip.text import load_tokenizer
+
+    ann, imgs = _dataset(tmp_path, 10)
+    out = tmp_path / "o"
+    run(make_shards, tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}", extra=["--val-fraction", "0"])
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["tokenizer"]["pad_id"] == tok.pad_token_id == 1 and man["tokenizer"]["max_length"] == 16
+    n = 0
+    for s in wds.WebDataset([str(p) for p in shards_of(out, "train")], shardshuffle=False):
+        meta = json.loads(s["json"])
+        ids = np.load(io.BytesIO(s["ids.npy"]), allow_pickle=False)
+        assert ids.dtype == np.int32 and ids.shape == (len(meta["captions"]), 16)
+        expect = tok(meta["captions_segmented"], max_length=16, truncation=True, padding="max_length")["input_ids"]
+        assert ids.tolist() == expect
+        im = Image.open(io.BytesIO(s["jpg"]))
+        assert im.format == "JPEG" and min(im.size) == 32
+        src = Image.open(meta["path"][0])
+        assert abs(im.size[0] / im.size[1] - src.size[0] / src.size[1]) < 0.05
+        n += 1
+    assert n == 10
+    # the CLI really runs as a script
+    r = subprocess.run([sys.executable, str(ROOT / "sharding/make_shards.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--source" in r.stdout
