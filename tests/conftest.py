@@ -69,3 +69,64 @@ def run_make_shards(args: list[str]) -> int:
 @pytest.fixture()
 def make_shards():
     return run_make_shards
+
+
+@pytest.fixture(scope="session")
+def shapes_shards(tmp_path_factory):
+    """Tiny shards of the built-in shapes dataset + its PhoBERT-format tokenizer.
+    Returns (shard folder, tokenizer folder, n train shards)."""
+    from phoclip.synthetic import make_dataset
+    from phoclip.text import UndertheseaSegmenter, build_phobert_tokenizer
+
+    d = tmp_path_factory.mktemp("shapes")
+    caps = make_dataset(d / "data", n_images=200, size=64, seed=3)
+    lines = caps.read_text(encoding="utf-8").splitlines()
+    tok = build_phobert_tokenizer(UndertheseaSegmenter().segment([l.split("\t", 1)[1] for l in lines]),
+                                  d / "tok")
+    run_make_shards(["--source", f"flickr8k-vi:{caps}:{d / 'data' / 'images'}", "--out", d / "shards",
+                     "--tokenizer", tok, "--segmenter", "underthesea", "--max-length", "24",
+                     "--image-size", "64", "--val-fraction", "0.15", "--shard-size", "30",
+                     "--workers", "1"])
+    man = json.loads((d / "shards" / "manifest.json").read_text())
+    return d / "shards", tok, len(man["shards"]["train"])
+
+
+def train_overrides(shards: Path, tok: Path, n_train: int, run_dir: Path, **kw) -> list[str]:
+    over = {"run_dir": run_dir, "model.tokenizer": tok,
+            "data.train_shards": f"{shards}/train-{{000000..{n_train - 1:06d}}}.tar",
+            "data.val_shards": f"{shards}/val-000000.tar", "data.batch_size": 8, "data.workers": 1,
+            "data.shuffle_buffer": 16, "data.image_size": 32, "train.max_steps": 12,
+            "train.precision": "fp32", "train.log_every": 1, "train.save_every": 3,
+            "train.keep_last": 2, "optim.warmup_steps": 2, "optim.lr_head": 3e-3,
+            "optim.lr_image": 1e-3, "optim.lr_text": 1e-3}
+    over.update(kw)
+    return [f"{k}={v}" for k, v in over.items()]
+
+
+def read_metrics(run_dir: Path, kind: str = "train") -> dict[int, dict]:
+    """Last logged line per step (a resumed run re-logs the steps after its checkpoint)."""
+    out = {}
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.is_file():
+        return out
+    for line in f.read_text().splitlines():
+        m = json.loads(line)
+        if m["kind"] == kind:
+            out[m["step"]] = m
+    return out
+
+
+def torchrun_cmd(nproc: int, script: str, args: list[str], extra=()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            *extra, str(ROOT / script), *map(str, args)]
+
+
+def run_torchrun(nproc, script, args, extra=(), timeout=300, check=True):
+    import subprocess
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    r = subprocess.run(torchrun_cmd(nproc, script, args, extra), capture_output=True, text=True,
+                       timeout=timeout, env=env, cwd=ROOT)
+    if check and r.returncode != 0:
+        raise AssertionError(f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return r

@@ -225,9 +225,14 @@ class Trainer:
         return self.loss_fn(*args)
 
     def train_step(self, batches: list[dict]) -> dict:
-        """One optimizer step over `accum_steps` micro-batches, global negatives kept:
-        with k > 1, features of all micro-batches are computed without gradient first,
-        then each micro-batch is recomputed with gradient against all the others."""
+        """One optimizer step over `accum_steps` micro-batches."""
+        total, losses = self.forward_backward(batches)
+        return self.optimizer_step(total, losses)
+
+    def forward_backward(self, batches: list[dict]) -> tuple[torch.Tensor, dict]:
+        """Gradients of the loss over all micro-batches, global negatives kept: with
+        k > 1, features of all micro-batches are computed without gradient first, then
+        each micro-batch is recomputed with gradient against all the others."""
         self.model.train()
         eng = self.engine
         data = self._to(batches)
@@ -256,6 +261,11 @@ class Trainer:
                     losses = self._loss(out, img, txt)
                     total = sum(losses.values())
                 eng.backward(total)
+        return total, losses
+
+    def optimizer_step(self, total: torch.Tensor, losses: dict) -> dict:
+        """Clip, agree across ranks on skipping (non-finite) or stopping, step."""
+        eng = self.engine
         gnorm = eng.grad_norm()
         flags = torch.tensor([float(not torch.isfinite(total.detach()).item()),
                               float(self._stop)])

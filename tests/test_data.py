@@ -1,0 +1,116 @@
+"""The shard stream: rank/worker splits, seeded order, exact resume, bad samples."""
+import io
+import itertools
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from phoclip.data import ShardStream, StreamConfig, StreamTracker, expand_urls
+
+
+def _urls(shards, n):
+    return expand_urls(f"{shards}/train-{{000000..{n - 1:06d}}}.tar")[0]
+
+
+def _stream(urls, rank=0, world=1, resampled=True, seed=0, bs=4):
+    return ShardStream(StreamConfig(urls, [1.0] * len(urls), bs, 32, seed, rank, world, resampled, 8, True))
+
+
+def test_non_resampled_ranks_and_workers_read_distinct_shards(shapes_shards):
+    shards, _, n = shapes_shards
+    urls = _urls(shards, n)
+    seen = {}
+    for rank in (0, 1):
+        s = _stream(urls, rank, 2, resampled=False)
+        loader = torch.utils.data.DataLoader(s, batch_size=None, num_workers=2)
+        keys = set()
+        for b in itertools.islice(loader, 6):
+            keys.update(b["keys"])
+        seen[rank] = keys
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    # each rank's shards: the epoch's shuffled list split rank::world
+    shard_keys = {}
+    for u in urls:
+        with tarfile.open(u) as tf:
+            shard_keys[u] = {m.name.split(".")[0] for m in tf.getmembers()}
+    for rank in (0, 1):
+        owners = {u for u, ks in shard_keys.items() if ks & seen[rank]}
+        other = {u for u, ks in shard_keys.items() if ks & seen[1 - rank]}
+        assert not owners & other
+
+
+def test_seeded_order_and_exact_resume_without_decoding(shapes_shards, monkeypatch):
+    shards, _, n = shapes_shards
+    urls = _urls(shards, n)
+    for resampled in (True, False):
+        ref = list(itertools.islice(iter(_stream(urls, resampled=resampled)), 8))
+        again = list(itertools.islice(iter(_stream(urls, resampled=resampled)), 8))
+        assert [b["keys"] for b in ref] == [b["keys"] for b in again]
+        assert all(torch.equal(a["images"], b["images"]) for a, b in zip(ref, again))
+        other_seed = list(itertools.islice(iter(_stream(urls, resampled=resampled, seed=1)), 8))
+        assert [b["keys"] for b in ref] != [b["keys"] for b in other_seed]
+        tr = StreamTracker()
+        for b in ref[:5]:
+            tr.update(b)
+        resumed = _stream(urls, resampled=resampled)
+        resumed.load_state_dict(tr.state_dict())
+        import phoclip.data as data
+        calls = []
+        real = data.decode_sample
+        monkeypatch.setattr(data, "decode_sample", lambda s: calls.append(1) or real(s))
+        rest = list(itertools.islice(iter(resumed), 3))
+        monkeypatch.setattr(data, "decode_sample", real)
+        assert len(calls) == 3 * 4  # only the samples it yields are decoded
+        for a, b in zip(rest, ref[5:]):
+            assert a["keys"] == b["keys"]
+            assert torch.equal(a["images"], b["images"]) and torch.equal(a["input_ids"], b["input_ids"])
+
+
+def _bad_shard_dir(shards, n, tmp_path):
+    """Copies of the good shards plus: a truncated shard, and one with a sample missing
+    its ids, an undecodable image and a garbage .npy."""
+    import webdataset as wds
+
+    d = tmp_path / "bad"
+    d.mkdir()
+    for u in _urls(shards, n):
+        shutil.copy(u, d)
+    shutil.copy(shards / "manifest.json", d)
+    sizes = json.loads((shards / "sizes.json").read_text())
+    good = d / "train-000000.tar"
+    data = good.read_bytes()
+    (d / f"train-{n:06d}.tar").write_bytes(data[: len(data) // 2 + 100])  # truncated
+    with tarfile.open(good) as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    keys = sorted({k.split(".")[0] for k in members})
+    with open(d / f"train-{n + 1:06d}.tar", "wb") as f, wds.TarWriter(f, encoder=False) as tw:
+        tw.write({"__key__": "nomissing", "jpg": members[keys[0] + ".jpg"], "json": b"{}"})
+        tw.write({"__key__": "badjpg", "jpg": b"\xff\xd8garbage", "ids.npy": members[keys[0] + ".ids.npy"]})
+        tw.write({"__key__": "badnpy", "jpg": members[keys[0] + ".jpg"], "ids.npy": b"not npy"})
+        for k in keys[1:]:
+            tw.write({"__key__": k + "x", "jpg": members[k + ".jpg"], "ids.npy": members[k + ".ids.npy"]})
+    sizes[f"train-{n:06d}.tar"] = sizes["train-000000.tar"]
+    sizes[f"train-{n + 1:06d}.tar"] = len(keys) + 2
+    (d / "sizes.json").write_text(json.dumps(sizes))
+    return d, n + 2
+
+
+def test_bad_samples_and_shards_skipped_and_counted(shapes_shards, tmp_path):
+    shards, _, n = shapes_shards
+    d, m = _bad_shard_dir(shards, n, tmp_path)
+    urls = expand_urls(f"{d}/train-{{{n:06d}..{m - 1:06d}}}.tar")[0]  # only the two bad shards
+    s = _stream(urls, resampled=False)
+    skipped, got = {}, 0
+    for b in itertools.islice(iter(s), 12):
+        got += len(b["keys"])
+        skipped = b["skipped"]
+    assert got == 48
+    assert skipped.get("missing_ids_npy", 0) >= 1
+    assert skipped.get("image_corrupt", 0) + skipped.get("image_not_an_image", 0) >= 1
+    assert skipped.get("bad_sample", 0) >= 1
+    assert skipped.get("corrupt_shard", 0) >= 1
