@@ -36,9 +36,25 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        backend = "nccl" if use_cuda else "gloo"
+        timeout = datetime.timedelta(seconds=timeout_s)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart > 0 and "MASTER_ADDR" in os.environ:
+            # After torchrun --max-restarts brings the job back, the agent's store still
+            # holds the dead round's gloo addresses (seen with torch 2.14 --standalone:
+            # "connectFullMesh failed ... Connection refused"): key this round apart.
+            store = dist.PrefixStore(f"phoclip/attempt{restart}", _agent_store(rank, world, timeout))
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     return DistInfo(rank, world, local, dev)
+
+
+def _agent_store(rank: int, world: int, timeout) -> dist.Store:
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return dist.TCPStore(host, port, world, is_master=not agent and rank == 0, timeout=timeout,
+                         multi_tenant=not agent)
 
 
 def barrier() -> None:

@@ -226,6 +226,9 @@ class Trainer:
 
     def train_step(self, batches: list[dict]) -> dict:
         """One optimizer step over `accum_steps` micro-batches."""
+        # BatchNorm statistics move in the forward pass; a skipped (non-finite) step
+        # must not leave NaN in them, so they are restored (they are small)
+        self._buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         total, losses = self.forward_backward(batches)
         return self.optimizer_step(total, losses)
 
@@ -274,6 +277,9 @@ class Trainer:
         all_reduce_max(flags)  # every rank must agree to skip or stop
         bad = bool(flags[0].item()) or (not torch.isfinite(gnorm).item() and eng_no_scaler(eng))
         if bad:
+            with torch.no_grad():
+                for b, saved in getattr(self, "_buffers", []):
+                    b.copy_(saved)
             self.nonfinite_total += 1
             self.nonfinite_streak += 1
             logger.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)",
@@ -281,6 +287,7 @@ class Trainer:
         else:
             self.nonfinite_streak = 0
         eng.step(skip=bad)
+        self._buffers = []
         self.model.clamp_logit_scale()
         lrs = eng.lrs()
         return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()},
