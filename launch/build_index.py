@@ -16,7 +16,7 @@ from phoclip.data import expand_urls, eval_samples, image_to_tensor
 from phoclip.images import BadImage, decode_rgb
 from phoclip.log import init_logger
 from phoclip.retrieval import embed_samples, gather_embeddings
-from phoclip.search import write_index
+from phoclip.search import load_item_image, write_embedding_map, write_index
 from train.distributed import cleanup, init_distributed
 from train.export import load_for_inference
 
@@ -35,6 +35,20 @@ def folder_samples(files: list[Path], image_size: int, rank: int, world: int,
                "ids": torch.zeros(0, 2, dtype=torch.long), "meta": {"path": [str(f)]}}
 
 
+def write_projector(logdir: str, emb: torch.Tensor, items: list[dict], thumb: int = 48) -> None:
+    """TensorBoard's embedding projector with image thumbnails."""
+    import numpy as np
+    from torch.utils.tensorboard import SummaryWriter
+
+    thumbs = []
+    for it in items:
+        im = load_item_image(it).resize((thumb, thumb))
+        thumbs.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255)
+    with SummaryWriter(logdir) as w:
+        w.add_embedding(emb, metadata=[it.get("caption") or it["key"] for it in items],
+                        label_img=torch.stack(thumbs), tag="phoclip_images")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     init_logger()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,6 +59,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
+    p.add_argument("--map", help="also write a 2-D t-SNE map of the images (PNG), coloured by source")
+    p.add_argument("--tensorboard", help="also write a TensorBoard embedding projector (with thumbnails) here")
+    p.add_argument("--projector-max", type=int, default=2000, help="at most this many points in the projector")
     args = p.parse_args(argv)
     info = init_distributed(args.device)
     try:
@@ -74,6 +91,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                       "image_key": keys[i], "image": i})
             write_index(args.out, model, str(args.model), img, items,
                         txt if args.shards else None, cap_items, args.shards or args.images)
+            if args.map:
+                print(f"map: {write_embedding_map(args.map, img, [it['source'] for it in items])}")
+            if args.tensorboard:
+                write_projector(args.tensorboard, img[: args.projector_max], items[: args.projector_max])
+                print(f"projector: tensorboard --logdir {args.tensorboard}")
             print(f"indexed {img.shape[0]} images" + (f" and {txt.shape[0]} captions" if args.shards else "")
                   + f" into {args.out}" + (f"; skipped {len(skipped)} unreadable files" if skipped else ""))
         return 0

@@ -16,8 +16,8 @@ logger = logging.getLogger(__name__)
 
 
 def _summ(ranks: torch.Tensor, prefix: str, ks=(1, 5, 10)) -> dict[str, float]:
-    out = {f"{prefix}_R@{k}": float((ranks < k).float().mean() * 100) for k in ks}
-    out[f"{prefix}_mean_rank"] = float((ranks + 1).float().mean())
+    out = {f"{prefix}_R@{k}": float((ranks < k).double().mean() * 100) for k in ks}
+    out[f"{prefix}_mean_rank"] = float((ranks + 1).double().mean())
     out[f"{prefix}_median_rank"] = float((ranks + 1).float().median())
     return out
 

@@ -1,0 +1,116 @@
+"""Index and search on a tiny model trained for a few seconds on the shapes shards."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_torchrun, train_overrides
+from dist_utils import run_distributed
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_shards, tmp_path_factory):
+    shards, tok, n = shapes_shards
+    run = tmp_path_factory.mktemp("trained") / "run"
+    run_torchrun(2, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml",
+                 *train_overrides(shards, tok, n, run, **{"train.max_steps": 150, "train.log_every": 50,
+                                                          "train.save_every": 1000, "data.batch_size": 16,
+                                                          "optim.lr_text": 2e-3, "optim.lr_image": 2e-3})],
+                 timeout=600)
+    return run
+
+
+def _main(module, args):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module, ROOT / "launch" / f"{module}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main([str(a) for a in args])
+
+
+def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, capsys):
+    from phoclip.search import EmbeddingIndex, find_matches, write_embedding_map, zero_shot_tags
+    from phoclip.text import TextProcessor, UndertheseaSegmenter, load_tokenizer
+    from train.export import load_for_inference
+
+    shards, tok, _ = shapes_shards
+    idx_dir = tmp_path / "index"
+    assert _main("build_index", ["--model", trained, "--shards", f"{shards}/val-000000.tar", "--out", idx_dir,
+                                 "--map", tmp_path / "cli_map.png", "--tensorboard", tmp_path / "tb"]) == 0
+    assert (tmp_path / "cli_map.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((tmp_path / "tb").rglob("projector_config.pbtxt")) and list((tmp_path / "tb").rglob("sprite.png"))
+    index = EmbeddingIndex(idx_dir)
+    model, tok_name = load_for_inference(str(trained))
+    proc = TextProcessor(load_tokenizer(tok_name), UndertheseaSegmenter(), 24)
+    items = index.items("images")
+    assert index.embeddings("images").shape[0] == len(items) >= 20
+    # each image comes back, near the top, for one of its own captions
+    caps = index.items("captions")
+    own_ranks = []
+    for i, it in enumerate(items):
+        my_caps = [c["caption"] for c in caps if c["image"] == i]
+        res = find_matches(model, index, my_caps, proc, k=len(items))
+        own_ranks.append(min([m.id for m in r].index(i) for r in res))
+    top5 = sum(r < 5 for r in own_ranks) / len(own_ranks)
+    assert top5 >= 0.5, own_ranks  # chance would be 5 / len(items)
+
+    # the CLI: table, JSON and a self-contained HTML gallery with the right images
+    html = tmp_path / "g.html"
+    q = "hai hình tròn màu đỏ ở góc trên bên trái"
+    assert _main("search", ["--index", idx_dir, q, "--k", "3", "--html", html, "--json"]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(printed[printed.index("{"):])
+    assert len(res["text_to_image"][q]) == 3
+    page = html.read_text(encoding="utf-8")
+    assert page.count("data:image/jpeg;base64,") == 3
+    api = find_matches(model, index, [q], proc, k=3)[0]
+    for m in api:
+        assert f"data-src='{m.item['path']}'" in page
+    # image -> text on the caption index
+    first = Path(items[0]["path"])
+    assert _main("search", ["--index", idx_dir, "--image", first, "--k", "3"]) == 0
+    # zero-shot tags with prompt templates
+    tags = zero_shot_tags(model, index, ["hình tròn", "hình vuông", "hình tam giác"], proc, k=1)
+    assert len(tags) == len(items) and all(len(t) == 1 for t in tags)
+    # the 2-D map
+    png = write_embedding_map(tmp_path / "map.png", index.embeddings("images"),
+                              [it["source"] for it in items])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # another model is refused
+    other = torch.nn.Module()
+    import phoclip
+    m2 = phoclip.create_model("tiny-debug", text={"hf_config": {"vocab_size": model.text.config.vocab_size}})
+    with pytest.raises(ValueError, match="rebuild the index"):
+        index.check_model(m2)
+
+
+def _extract(rank, world, model_dir, shards, out):
+    from phoclip.data import eval_samples
+    from phoclip.retrieval import embed_samples, gather_embeddings
+    from train.export import load_for_inference
+
+    model, _ = load_for_inference(model_dir)
+    urls = [str(p) for p in sorted(Path(shards).glob("train-*.tar"))]
+    parts = embed_samples(model, eval_samples(urls, 32, rank, world), torch.device("cpu"), 7)
+    img, txt, t2i, keys, _ = gather_embeddings(*parts, world)
+    if rank == 0:
+        torch.save({"img": img, "txt": txt, "t2i": t2i, "keys": keys}, out)
+
+
+def test_distributed_extraction_equals_single_process(trained, shapes_shards, tmp_path):
+    shards, _, _ = shapes_shards
+    run_distributed(_extract, 1, (str(trained), str(shards), str(tmp_path / "one.pt")))
+    run_distributed(_extract, 2, (str(trained), str(shards), str(tmp_path / "two.pt")))
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    order = [b["keys"].index(k) for k in a["keys"]]
+    assert sorted(a["keys"]) == sorted(b["keys"])
+    torch.testing.assert_close(b["img"][order], a["img"], rtol=1e-5, atol=1e-6)
+    # captions follow their image
+    for i, j in enumerate(order):
+        torch.testing.assert_close(b["txt"][b["t2i"] == j], a["txt"][a["t2i"] == i], rtol=1e-5, atol=1e-6)
