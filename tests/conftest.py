@@ -130,3 +130,7 @@ def run_torchrun(nproc, script, args, extra=(), timeout=300, check=True):
     if check and r.returncode != 0:
         raise AssertionError(f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return r
+
+
+# DeepSpeed compiles a small op at its first initialize: cache it across runs
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))

@@ -214,8 +214,9 @@ class Trainer:
 
     def _to(self, batches):
         dev = self.dist.device
-        return [(b["images"].to(dev, non_blocking=True), b["input_ids"].to(dev, non_blocking=True))
-                for b in batches]
+        dt = getattr(self.engine, "input_dtype", None)  # DeepSpeed fp16 keeps half weights
+        return [(b["images"].to(dev, dtype=dt or b["images"].dtype, non_blocking=True),
+                 b["input_ids"].to(dev, non_blocking=True)) for b in batches]
 
     def _loss(self, out: dict, img=None, txt=None) -> dict:
         args = [out["image_features"] if img is None else img,
@@ -269,13 +270,14 @@ class Trainer:
     def optimizer_step(self, total: torch.Tensor, losses: dict) -> dict:
         """Clip, agree across ranks on skipping (non-finite) or stopping, step."""
         eng = self.engine
-        gnorm = eng.grad_norm()
+        gnorm = eng.grad_norm()  # None where the engine clips inside its step (DeepSpeed)
         flags = torch.tensor([float(not torch.isfinite(total.detach()).item()),
                               float(self._stop)])
         if self.dist.device.type == "cuda":
             flags = flags.to(self.dist.device)
         all_reduce_max(flags)  # every rank must agree to skip or stop
-        bad = bool(flags[0].item()) or (not torch.isfinite(gnorm).item() and eng_no_scaler(eng))
+        bad = bool(flags[0].item()) or (gnorm is not None and not torch.isfinite(gnorm).item()
+                                        and eng_no_scaler(eng))
         if bad:
             with torch.no_grad():
                 for b, saved in getattr(self, "_buffers", []):
@@ -287,6 +289,8 @@ class Trainer:
         else:
             self.nonfinite_streak = 0
         eng.step(skip=bad)
+        if gnorm is None:
+            gnorm = eng.last_grad_norm()
         self._buffers = []
         self.model.clamp_logit_scale()
         lrs = eng.lrs()

@@ -1,0 +1,16 @@
+"""Train PhoCLIP with DeepSpeed ZeRO (same loop, data, loss and run folder as train_ddp.py).
+
+    deepspeed --num_gpus 8 launch/train_deepspeed.py --config launch/configs/phobert-large-rn50.yaml \\
+        --deepspeed_config launch/deepspeed/zero2.json run_dir=runs/exp1 --resume latest
+    torchrun --nproc_per_node 8 launch/train_deepspeed.py ... (DeepSpeed reads torchrun's environment)
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_ddp import main  # noqa: E402  (one entry point, one loop)
+
+if __name__ == "__main__":
+    sys.exit(main(engine="deepspeed"))

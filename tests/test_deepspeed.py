@@ -1,0 +1,114 @@
+"""DeepSpeed ZeRO-1/2 (bf16 on CPU, gloo) through the same entry point, loop and layout."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, read_metrics, run_torchrun, train_overrides
+from dist_utils import free_port
+
+pytestmark = pytest.mark.slow
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def ds_cmd(args):
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+            str(free_port()), str(ROOT / "launch/train_deepspeed.py"), *map(str, args)]
+
+
+def run_ds(args, timeout=400):
+    r = subprocess.run(ds_cmd(args), capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout)
+    if r.returncode != 0:
+        raise AssertionError(f"deepspeed failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def _args(shapes_shards, run, ds_json, **kw):
+    shards, tok, n = shapes_shards
+    base = {"train.max_steps": 10, "train.save_every": 5, "data.batch_size": 8}
+    base.update(kw)
+    return ["--config", "launch/configs/tiny-debug.yaml", "--deepspeed_config", ds_json,
+            *train_overrides(shards, tok, n, run, **base)]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_bf16_learns_with_per_group_lrs(shapes_shards, tmp_path, stage):
+    run = tmp_path / f"z{stage}"
+    run_ds(_args(shapes_shards, run, f"launch/deepspeed/zero{stage}_bf16.json",
+                 **{"train.precision": "bf16", "train.max_steps": 12, "train.save_every": 100}))
+    m = read_metrics(run)
+    assert sorted(m) == list(range(1, 13))
+    first = sum(m[s]["loss"] for s in (1, 2, 3)) / 3
+    last = sum(m[s]["loss"] for s in (10, 11, 12)) / 3
+    assert last < first - 0.05, (first, last)
+    lrs = m[2]["lrs"]
+    assert lrs["image"] == pytest.approx(1e-3) and lrs["text"] == pytest.approx(1e-3)
+    assert lrs["head"] == pytest.approx(3e-3)
+    assert all(torch.isfinite(torch.tensor(s["grad_norm"])) for s in m.values())
+
+
+def test_first_step_equals_ddp_resume_and_export(shapes_shards, tmp_path):
+    # fp32 ZeRO-2: the first-step loss must equal the DDP trainer's on the same seed and data
+    ds_json = json.loads((ROOT / "launch/deepspeed/zero2_bf16.json").read_text())
+    ds_json.pop("torch_autocast")
+    fp32 = tmp_path / "zero2_fp32.json"
+    fp32.write_text(json.dumps(ds_json))
+    ddp = tmp_path / "ddp"
+    shards, tok, n = shapes_shards
+    run_torchrun(2, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml",
+                 *train_overrides(shards, tok, n, ddp, **{"train.max_steps": 2, "data.batch_size": 8})])
+    run = tmp_path / "ds"
+    args = _args(shapes_shards, run, str(fp32), **{"train.max_steps": 40, "train.save_every": 3})
+    p = subprocess.Popen(ds_cmd(args), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    t0 = time.time()
+    while max(read_metrics(run) or [0]) < 7:
+        assert p.poll() is None, p.stdout.read()[-4000:]
+        assert time.time() - t0 < 300
+        time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    m = read_metrics(run)
+    assert m[1]["loss"] == pytest.approx(read_metrics(ddp)[1]["loss"], rel=1e-5)
+    # resume under torchrun this time: DeepSpeed reads torchrun's environment
+    args2 = [a if not a.startswith("train.max_steps=") else "train.max_steps=9" for a in args]
+    r = run_torchrun(2, "launch/train_deepspeed.py", args2 + ["--resume", "latest"], timeout=400)
+    assert "resumed from" in r.stderr and "step_00000006" in r.stderr
+    m2 = read_metrics(run)
+    assert sorted(m2) == list(range(1, 10))
+    assert m2[7]["loss"] == pytest.approx(m[7]["loss"], rel=1e-4)  # same state, same data
+    # the ZeRO checkpoint converts to the plain model folder, which gives the trained embeddings
+    from phoclip.model import load_model
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    from export_model import export
+
+    out = export(run / "checkpoints" / "step_00000009", tmp_path / "exported")
+    a, b = load_model(out).eval(), load_model(run / "model").eval()
+    x = torch.randn(3, 3, 32, 32)
+    ids = torch.randint(4, 20, (3, 10))
+    torch.testing.assert_close(a.encode_image(x), b.encode_image(x))
+    torch.testing.assert_close(a.encode_text(ids), b.encode_text(ids))
+
+
+def test_ds_json_disagreeing_with_run_config_refused(shapes_shards, tmp_path):
+    bad = json.loads((ROOT / "launch/deepspeed/zero2_bf16.json").read_text())
+    bad["train_micro_batch_size_per_gpu"] = 5
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps(bad))
+    r = subprocess.run(ds_cmd(_args(shapes_shards, tmp_path / "r", f, **{"train.precision": "bf16"})),
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert r.returncode != 0
+    assert "train_micro_batch_size_per_gpu=5 disagrees" in r.stdout + r.stderr
+    from train.config import ConfigError, resolve_config
+    from train.ds_engine import resolve_ds_config
+
+    cfg = resolve_config(None, ["train.precision=fp32", "data.train_shards=x"])
+    with pytest.raises(ConfigError, match="trains in bf16"):
+        resolve_ds_config(str(ROOT / "launch/deepspeed/zero2_bf16.json"), cfg, 2)
