@@ -27,7 +27,7 @@ test-fast: $(STAMP)
 	$(VPY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
-	$(VPY) launch/demo.py
+	$(VPY) launch/demo.py $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(VPY) bench/run_all.py

@@ -28,7 +28,7 @@ from phoclip.log import init_logger
 from phoclip.text import (SEGMENTERS, TextProcessor, create_segmenter, load_tokenizer,
                           normalize_text, tokenizer_fingerprint)
 from sharding.readers import READERS, Record, SourceSpec, read_source
-from sharding.writer import ShardTask, check_images, is_complete, run_tasks, shard_plan
+from sharding.writer import ShardTask, check_images, is_complete, make_pool, run_tasks, shard_plan
 
 logger = logging.getLogger("make_shards")
 
@@ -69,7 +69,7 @@ def _split_of(sha: str, seed: int, val_fraction: float) -> str:
     return "val" if h / 2**64 < val_fraction else "train"
 
 
-def collect(specs: list[SourceSpec], workers: int, max_pixels: int):
+def collect(specs: list[SourceSpec], pool, max_pixels: int):
     """Read every source, hash every image, merge byte-identical images.
 
     Returns (samples by sha, skipped Counter, per-source raw counts)."""
@@ -79,7 +79,7 @@ def collect(specs: list[SourceSpec], workers: int, max_pixels: int):
         records.extend(read_source(spec))
         logger.info("%s: %d images in %s", spec.source_name, len(records) - n0, spec.annotations)
     paths = sorted({str(r.path) for r in records})
-    checks = check_images(paths, workers, max_pixels)
+    checks = check_images(paths, pool, max_pixels)
     skipped: Counter = Counter()
     samples: dict[str, dict] = {}
     for r in records:
@@ -128,7 +128,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    samples, skipped, merged = collect(specs, args.workers, args.max_pixels)
+    pool = make_pool(args.workers)
+    try:
+        return _run(args, specs, tokenizer, segmenter, out, pool, t0)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+
+def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
+    samples, skipped, merged = collect(specs, pool, args.max_pixels)
+    t_read = time.time()
     if not samples:
         raise SystemExit("no usable image-caption pair in the sources; see the warnings above")
 
@@ -155,6 +166,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         per_sample[sha][0].append(sg)
         per_sample[sha][1].append(ids)
     truncated = int(sum(1 for row in ids_all if row[-1] != tokenizer.pad_token_id))
+    t_text = time.time()
 
     # deterministic shard plan: keys sorted, then shuffled with the seed (mixes sources)
     tasks = []
@@ -187,7 +199,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     todo = [t for t in tasks if not is_complete(out, t.name)]
     if len(todo) < len(tasks):
         logger.info("resuming: %d of %d shards already complete", len(tasks) - len(todo), len(tasks))
-    run_tasks(todo, args.workers, sum(len(t.samples) for t in todo))
+    t_plan = time.time()
+    run_tasks(todo, pool, sum(len(t.samples) for t in todo))
+    logger.info("time: read+hash %.1fs, text %.1fs, plan %.1fs, images+shards %.1fs",
+                t_read - t0, t_text - t_read, t_plan - t_text, time.time() - t_plan)
 
     sizes, shard_skips = {}, Counter()
     for t in tasks:

@@ -80,6 +80,35 @@ def _npy_bytes(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class _TarShard:
+    """A WebDataset tar written with fixed owner and mtime, so that the same inputs give
+    byte-identical shards. (webdataset's TarWriter would do, but importing webdataset
+    imports torch: seconds per spawned worker for nothing.)"""
+
+    def __init__(self, fileobj) -> None:
+        import tarfile
+
+        self._tar = tarfile.open(fileobj=fileobj, mode="w|", format=tarfile.USTAR_FORMAT)
+
+    def write(self, sample: dict) -> None:
+        import tarfile
+
+        key = sample["__key__"]
+        for ext, data in sample.items():
+            if ext == "__key__":
+                continue
+            ti = tarfile.TarInfo(f"{key}.{ext}")
+            ti.size, ti.mtime, ti.mode = len(data), 0, 0o444
+            ti.uname = ti.gname = "phoclip"
+            self._tar.addfile(ti, io.BytesIO(data))
+
+    def __enter__(self) -> "_TarShard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._tar.close()
+
+
 def done_path(out_dir: Path | str, shard_name: str) -> Path:
     return Path(out_dir) / ".done" / (shard_name + ".json")
 
@@ -90,16 +119,13 @@ def is_complete(out_dir: Path | str, shard_name: str) -> bool:
 
 def write_shard(task: ShardTask) -> dict:
     """Write one shard atomically; returns {name, count, skipped: {reason: n}}."""
-    import webdataset as wds
-
     out = Path(task.out_dir)
     final = out / task.name
     tmp = out / (task.name + f".tmp{os.getpid()}")
     skipped: Counter = Counter()
     count = 0
     with open(tmp, "wb") as f:
-        # fixed owner and mtime: same inputs give byte-identical shards
-        with wds.TarWriter(f, user="phoclip", group="phoclip", mtime=0.0, encoder=False) as tw:
+        with _TarShard(f) as tw:
             for key, path, meta, ids in task.samples:
                 try:
                     data = Path(path).read_bytes()
@@ -137,54 +163,40 @@ def shard_plan(keys: list[str], shard_size: int) -> list[list[str]]:
     return [keys[i:i + shard_size] for i in range(0, len(keys), shard_size)]
 
 
-def run_tasks(tasks: Iterable[ShardTask], workers: int, total: int) -> list[dict]:
-    """Write shards with `workers` spawned processes (0 or 1: in this process)."""
+def make_pool(workers: int):
+    """One pool of `workers` processes for both phases, or None to work in-process.
+    spawn, not fork: the parent may hold a JVM (VnCoreNLP) or threads."""
+    if workers <= 1:
+        return None
+    import multiprocessing as mp
+
+    return mp.get_context("spawn").Pool(workers)
+
+
+def run_tasks(tasks: Iterable[ShardTask], pool, total: int) -> list[dict]:
+    """Write shards in the pool (None: in this process), a shard per task."""
     from tqdm import tqdm
 
     tasks = list(tasks)
     results = []
-    bar = tqdm(total=total, unit="img", desc="shards", disable=None)
-    if workers <= 1:
-        for t in tasks:
-            r = write_shard(t)
-            bar.update(len(t.samples))
+    sizes = {t.name: len(t.samples) for t in tasks}
+    it = map(write_shard, tasks) if pool is None else pool.imap_unordered(write_shard, tasks)
+    with tqdm(total=total, unit="img", desc="shards", disable=None) as bar:
+        for r in it:
+            bar.update(sizes[r["name"]])
             results.append(r)
-    else:
-        import multiprocessing as mp
-
-        # spawn, not fork: the parent may hold a JVM (VnCoreNLP) or threads
-        with mp.get_context("spawn").Pool(workers) as pool:
-            sizes = {t.name: len(t.samples) for t in tasks}
-            for r in pool.imap_unordered(write_shard, tasks):
-                bar.update(sizes[r["name"]])
-                results.append(r)
-    bar.close()
     return results
 
 
-def check_images(paths: list[str], workers: int,
-                 max_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, ImageCheck]:
-    """Hash/check many images, in parallel where workers > 1."""
+def check_images(paths: list[str], pool, max_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, ImageCheck]:
+    """Hash/check many images, in the pool where there is one."""
     from functools import partial
 
     from tqdm import tqdm
 
     check = partial(check_image, max_pixels=max_pixels)
-
+    it = map(check, paths) if pool is None else pool.imap(check, paths, chunksize=64)
     out: dict[str, ImageCheck] = {}
-    if workers <= 1:
-        it = map(check, paths)
-        pool = None
-    else:
-        import multiprocessing as mp
-
-        pool = mp.get_context("spawn").Pool(workers)
-        it = pool.imap(check, paths, chunksize=64)
-    try:
-        for r in tqdm(it, total=len(paths), unit="img", desc="hashing", disable=None):
-            out[r.path] = r
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    for r in tqdm(it, total=len(paths), unit="img", desc="hashing", disable=None):
+        out[r.path] = r
     return out
