@@ -1,0 +1,98 @@
+"""Loader throughput on the same shards: our training stream (decode + transform +
+caption choice + batching, seeded and resumable) vs a bare JPEG-decode loop, and vs a
+plain webdataset pipeline doing the same work. One process, no DataLoader workers, so
+the numbers are per CPU core.
+
+    python bench/bench_loader.py [--images 1200] [--batches 30]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, peak_rss_mb, table  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=1200)
+    ap.add_argument("--samples", type=int, default=1024)
+    ap.add_argument("--size", type=int, default=224)
+    args = ap.parse_args()
+    import webdataset as wds
+
+    from phoclip.data import ShardStream, StreamConfig, expand_urls, image_to_tensor
+    from phoclip.synthetic import make_dataset
+    from phoclip.text import NoSegmenter, build_phobert_tokenizer
+    from sharding.make_shards import main as make_shards
+
+    d = Path(tempfile.mkdtemp())
+    try:
+        caps = make_dataset(d / "data", n_images=args.images, size=96)
+        for f in (d / "data" / "images").iterdir():
+            Image.open(f).resize((320, 256)).save(f, quality=92)
+        texts = [l.split("\t", 1)[1] for l in caps.read_text(encoding="utf-8").splitlines()]
+        tok = build_phobert_tokenizer(texts, d / "tok")
+        make_shards(["--source", f"flickr8k-vi:{caps}:{d / 'data' / 'images'}", "--out", str(d / "sh"),
+                     "--tokenizer", str(tok), "--segmenter", "none", "--workers", "2", "--shard-size", "200",
+                     "--val-fraction", "0", "--image-size", "256"])
+        urls = sorted(str(p) for p in (d / "sh").glob("train-*.tar"))
+        bs, n = 64, args.samples
+
+        def ours():
+            s = ShardStream(StreamConfig(urls, [1.0] * len(urls), bs, args.size, 0, 0, 1, False, 256, True))
+            it = iter(s)
+            for _ in range(n // bs):
+                next(it)
+
+        def bare():
+            k = 0
+            for s in wds.WebDataset(urls, shardshuffle=False):
+                Image.open(io.BytesIO(s["jpg"])).convert("RGB").load()
+                k += 1
+                if k == n:
+                    break
+
+        def plain_wds():
+            rng = random.Random(0)
+
+            def prep(s):
+                ids = np.load(io.BytesIO(s["ids.npy"]), allow_pickle=False)
+                return (image_to_tensor(Image.open(io.BytesIO(s["jpg"])).convert("RGB"), args.size, True, rng),
+                        torch.from_numpy(ids[rng.randrange(len(ids))].astype(np.int64)))
+            ds = wds.WebDataset(urls, shardshuffle=False).shuffle(256).map(prep).batched(bs)
+            it = iter(ds)
+            for _ in range(n // bs):
+                next(it)
+
+        rows = []
+        times = {}
+        for name, fn in (("bare JPEG decode", bare), ("plain webdataset, same work", plain_wds),
+                         ("ours (ShardStream)", ours)):
+            fn()  # warm the page cache
+            t = time.perf_counter()
+            fn()
+            times[name] = n / (time.perf_counter() - t)
+        for name, sps in times.items():
+            rows.append((name, f"{sps:.0f}", f"{sps / times['bare JPEG decode']:.2f}x",
+                         f"{sps / times['plain webdataset, same work']:.2f}x"))
+        print(f"\nloader: {n} samples, 320x256 JPEGs → {args.size} crops, batch {bs}, 1 core; {machine()}")
+        print(table(rows, ("pipeline", "samples/s", "vs bare decode", "vs plain wds")))
+        print(f"peak RSS of this process: {peak_rss_mb():.0f} MB")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
