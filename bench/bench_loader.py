@@ -32,9 +32,9 @@ def main() -> None:
     args = ap.parse_args()
     import webdataset as wds
 
-    from phoclip.data import ShardStream, StreamConfig, expand_urls, image_to_tensor
+    from phoclip.data import ShardStream, StreamConfig, image_to_tensor
     from phoclip.synthetic import make_dataset
-    from phoclip.text import NoSegmenter, build_phobert_tokenizer
+    from phoclip.text import build_phobert_tokenizer
     from sharding.make_shards import main as make_shards
 
     d = Path(tempfile.mkdtemp())

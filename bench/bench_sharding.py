@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import multiprocessing as mp
-import random
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
 from phoclip.data import check_manifests, expand_urls
 from phoclip.log import init_logger

@@ -188,6 +188,32 @@ class _Skips:
         return True
 
 
+def _shard_sizes(url: str, cache: dict) -> Optional[int]:
+    d = os.path.dirname(url)
+    if d not in cache:
+        f = Path(d) / "sizes.json"
+        cache[d] = json.loads(f.read_text()) if f.is_file() else {}
+    return cache[d].get(os.path.basename(url))
+
+
+def read_shards(shards: Iterable[dict], skips: Counter) -> Iterator[dict]:
+    """Tar shards → samples. A shard that yields fewer samples than its sizes.json entry
+    is counted as truncated (tarfile ends a cut-off stream silently)."""
+    import webdataset as wds
+
+    cache: dict = {}
+    expand = wds.tarfile_to_samples(handler=_Skips(skips))
+    for src in shards:
+        n = 0
+        for sample in expand(iter([src])):
+            n += 1
+            yield sample
+        want = _shard_sizes(src["url"], cache)
+        if want is not None and n < want:
+            skips["truncated_shard"] += 1
+            logger.warning("shard %s ended after %d of its %d samples (truncated?)", src["url"], n, want)
+
+
 @dataclass
 class StreamConfig:
     urls: list
@@ -242,8 +268,6 @@ class ShardStream(IterableDataset):
             epoch += 1
 
     def __iter__(self) -> Iterator[dict]:
-        import webdataset as wds
-
         c = self.cfg
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
@@ -251,7 +275,7 @@ class ShardStream(IterableDataset):
         skips: Counter = Counter(self.skipped.get(logical, {}))
         start = self.positions.get(logical, 0)
         shards = self._shards(logical, nworkers, skips)
-        samples = wds.tarfile_to_samples(handler=_Skips(skips))(shards)
+        samples = read_shards(shards, skips)
         shuffled = seeded_shuffle(samples, c.shuffle_buffer,
                                   random.Random(_seed("shuffle", c.seed, c.rank, logical)))
         pos = 0
@@ -329,14 +353,12 @@ def train_loader(stream: ShardStream, num_workers: int) -> torch.utils.data.Data
 def eval_samples(urls: list[str], image_size: int, rank: int = 0, world_size: int = 1,
                  skipped: Optional[Counter] = None) -> Iterator[dict]:
     """Each image once, with all its captions, in shard order; this rank's shards only."""
-    import webdataset as wds
-
     skipped = skipped if skipped is not None else Counter()
     shards = ({"url": u} for u in urls[rank::world_size])
-    for sample in wds.tarfile_to_samples(handler=_Skips(skipped))(shards):
+    for sample in read_shards(shards, skipped):
         try:
             img, ids, meta = decode_sample(sample)
-        except (BadImage, KeyError, ValueError) as e:
+        except (BadImage, KeyError, ValueError):
             skipped["bad_sample"] += 1
             continue
         yield {"key": sample["__key__"], "image": image_to_tensor(img, image_size, train=False),

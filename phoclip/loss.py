@@ -9,7 +9,6 @@ whole W×B batch (tests/test_loss_distributed.py proves it).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 

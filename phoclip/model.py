@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Optional
 

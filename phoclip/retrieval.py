@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 

@@ -182,6 +182,7 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
                 meta = {"key": sha[:24], "sha256": sha, "split": split, "source": s["sources"],
                         "image_id": s["image_ids"], "path": s["paths"],
                         "captions": [normalize_text(c) for c in s["captions"]],
+                        "captions_raw": list(s["captions"]),
                         "captions_segmented": per_sample[sha][0]}
                 items.append((sha[:24], s["paths"][0], meta, np.stack(per_sample[sha][1])))
             tasks.append(ShardTask(split, idx, str(out), args.image_size, args.jpeg_quality, items))

@@ -1,11 +1,9 @@
 """Gradient accumulation with cached features equals one k-times-larger batch."""
-import itertools
 
 import pytest
 import torch
 
 from conftest import train_overrides
-from phoclip.data import ShardStream
 from train.config import resolve_config
 from train.distributed import DistInfo
 from train.trainer import Trainer

@@ -1,13 +1,11 @@
 """Fault tolerance with real processes and real signals: kill -9 and exact resume,
 kills during checkpoint writes, SIGTERM preemption, crash + torchrun --max-restarts,
 corrupt shards and non-finite steps."""
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """The global loss: 2 real gloo processes with half a batch each give the same loss and
 the same gradient on every parameter as one process on the whole batch."""
-import copy
 
 import pytest
 import torch

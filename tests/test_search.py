@@ -1,6 +1,5 @@
 """Index and search on a tiny model trained for a few seconds on the shapes shards."""
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -83,7 +82,7 @@ def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, 
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # another model is refused
-    other = torch.nn.Module()
+    torch.nn.Module()
     import phoclip
     m2 = phoclip.create_model("tiny-debug", text={"hf_config": {"vocab_size": model.text.config.vocab_size}})
     with pytest.raises(ValueError, match="rebuild the index"):

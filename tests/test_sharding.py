@@ -94,7 +94,7 @@ def test_every_reader_on_its_published_format(tmp_path, tiny_tokenizer_dir, make
 
 def test_bad_images_and_captions_skipped_by_reason(tmp_path, tiny_tokenizer_dir, make_shards):
     imgs = tmp_path / "img"
-    good = [make_image(imgs / f"g{i}.jpg", i) for i in range(4)]
+    [make_image(imgs / f"g{i}.jpg", i) for i in range(4)]
     make_image(imgs / "gray.png", 10, mode="L", fmt="PNG")
     make_image(imgs / "pal.png", 11, mode="P", fmt="PNG")
     make_image(imgs / "cmyk.jpg", 12, mode="CMYK", fmt="JPEG")

@@ -1,7 +1,4 @@
 """The torchrun trainer: real 2-process gloo runs of launch/train_ddp.py on tiny shards."""
-import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch

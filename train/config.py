@@ -164,12 +164,12 @@ def _set(obj: Any, dotted: str, raw: str) -> None:
         raise ConfigError(f"unknown config key {dotted!r}")
 
 
-def _apply_tree(cfg: Any, tree: dict, prefix: str = "") -> None:
+def apply_tree(cfg: Any, tree: dict, prefix: str = "") -> None:
     for k, v in tree.items():
         key = f"{prefix}{k}"
         sub = getattr(cfg, k, None) if dataclasses.is_dataclass(cfg) else None
         if isinstance(v, dict) and dataclasses.is_dataclass(sub):
-            _apply_tree(sub, v, key + ".")
+            apply_tree(sub, v, key + ".")
         else:
             _set_value(cfg, k, v, key)
 
@@ -191,7 +191,7 @@ def resolve_config(config_file: Optional[str], overrides: Sequence[str] = ()) ->
             raise ConfigError(f"config file {config_file} does not exist")
         with open(config_file) as f:
             tree = yaml.safe_load(f) or {}
-        _apply_tree(cfg, tree)
+        apply_tree(cfg, tree)
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not key=value (e.g. train.max_steps=20)")

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn

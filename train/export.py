@@ -5,7 +5,6 @@ import logging
 from pathlib import Path
 
 import torch
-import yaml
 
 logger = logging.getLogger(__name__)
 
@@ -28,31 +27,54 @@ def load_for_inference(path: str, device: str = "cpu"):
         ckpt = Checkpointer(p, 1, 0, 1).latest()
         if ckpt is None:
             raise FileNotFoundError(f"run {p} has no exported model and no complete checkpoint")
-    if (ckpt / "state.pt").is_file():
+    if (ckpt / "meta.json").is_file():
         return model_from_checkpoint(ckpt, device)
-    raise FileNotFoundError(f"{path}: not a model folder, run folder or checkpoint. For a "
-                            "DeepSpeed ZeRO checkpoint, convert it first: "
-                            "python launch/export_model.py CHECKPOINT OUT")
+    raise FileNotFoundError(f"{path}: not a model folder, run folder or checkpoint folder")
 
 
 def model_from_checkpoint(ckpt: Path, device: str = "cpu"):
-    """Rebuild the model from the config saved in a checkpoint and load its weights."""
+    """Rebuild the model from the config saved in a checkpoint and load its weights:
+    a DDP `state.pt`, or a DeepSpeed ZeRO checkpoint (partitions gathered to fp32).
+    Returns (model, tokenizer name or folder)."""
     import json
 
-    from train.config import resolve_config
-    from train.trainer import build_model
+    from phoclip.model import get_model_config
     from phoclip.text import load_tokenizer
+    from train.config import RunConfig, apply_tree
+    from train.trainer import build_model
 
     meta = json.loads((ckpt / "meta.json").read_text())
-    cfg = resolve_config(None, [])
-    from train.config import _apply_tree
-    _apply_tree(cfg, meta["config"])
-    from phoclip.model import get_model_config
-
+    cfg = RunConfig()
+    apply_tree(cfg, meta["config"])
     tok_name = cfg.model.tokenizer or get_model_config(cfg.model.name)["text"].get("tokenizer")
-    tok = load_tokenizer(tok_name)
     cfg.model.overrides.setdefault("vision", {})["pretrained"] = False
-    model = build_model(cfg, tok)
-    st = torch.load(ckpt / "state.pt", map_location=device, weights_only=True)
-    model.load_state_dict(st["model"])
+    cfg.model.overrides.setdefault("text", {})["pretrained"] = False
+    model = build_model(cfg, load_tokenizer(tok_name))
+    if (ckpt / "state.pt").is_file():
+        sd = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
+    else:
+        sd = _zero_state_dict(ckpt)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing:
+        # buffers (BatchNorm statistics) are not in ZeRO's fp32 partitions: take them
+        # from the module state DeepSpeed saved beside them
+        from train.ds_engine import DS_TAG
+
+        mp = ckpt / DS_TAG / "mp_rank_00_model_states.pt"
+        if mp.is_file():
+            mod = torch.load(mp, map_location="cpu", weights_only=True)["module"]
+            model.load_state_dict({k: mod[k] for k in missing if k in mod}, strict=False)
+            missing = [k for k in missing if k not in mod]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not fit its config: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
     return model.to(device).eval(), tok_name
+
+
+def _zero_state_dict(ckpt: Path) -> dict:
+    """Full fp32 weights gathered from a ZeRO (stage 1-3) checkpoint's partitions."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from train.ds_engine import DS_TAG
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import signal
@@ -21,7 +20,7 @@ from phoclip.retrieval import evaluate_shards
 from phoclip.text import load_tokenizer, tokenizer_fingerprint
 from train.checkpoint import Checkpointer, rng_state, set_rng_state
 from train.config import ConfigError, RunConfig, save_config
-from train.distributed import DistInfo, all_reduce_max, barrier
+from train.distributed import DistInfo, all_reduce_max
 from train.engine import DDPEngine, Engine, lr_lambda
 from train.metrics import RunLogger
 
