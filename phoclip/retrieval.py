@@ -115,13 +115,16 @@ def gather_embeddings(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, k
 
 def evaluate_shards(model, urls: list[str], image_size: int, device: torch.device,
                     rank: int = 0, world_size: int = 1, batch_size: int = 64,
-                    autocast_dtype: Optional[torch.dtype] = None, progress: bool = False) -> dict:
-    """Embed the shards (each rank its part), gather, and compute the recalls."""
+                    autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
+                    return_embeddings: bool = False):
+    """Embed the shards (each rank its part), gather, and compute the recalls. With
+    return_embeddings: (metrics, image features, keys, metas)."""
     from phoclip.data import eval_samples
 
     parts = embed_samples(model, eval_samples(urls, image_size, rank, world_size), device,
                           batch_size, autocast_dtype, progress)
-    img, txt, t2i, keys, _ = gather_embeddings(*parts, world_size)
+    img, txt, t2i, keys, metas = gather_embeddings(*parts, world_size)
     if img.shape[0] == 0:
         raise ValueError(f"no images could be read from the validation shards {urls[:3]}")
-    return retrieval_metrics(img, txt, t2i)
+    res = retrieval_metrics(img, txt, t2i)
+    return (res, img, keys, metas) if return_embeddings else res

@@ -13,7 +13,8 @@ def test_two_process_run_learns_checkpoints_resumes_and_logs(shapes_shards, tmp_
     run = tmp_path / "run"
     args = ["--config", "launch/configs/tiny-debug.yaml",
             *train_overrides(shards, tok, n, run, **{"train.max_steps": 9, "train.save_every": 3,
-                                                     "train.keep_last": 2, "train.eval_every": 9})]
+                                                     "train.keep_last": 2, "train.eval_every": 9,
+                                                     "train.eval_queries": '["hình tròn màu đỏ"]'})]
     run_torchrun(2, "launch/train_ddp.py", args)
     m = read_metrics(run)
     assert sorted(m) == list(range(1, 10))
@@ -43,6 +44,9 @@ def test_two_process_run_learns_checkpoints_resumes_and_logs(shapes_shards, tmp_
               "val/t2i_R@1", "val/i2t_R@10"):
         assert t in tags, t
     assert len(ev.Scalars("train/loss")) == 9
+    # the retrieval grid of the configured query, 5 images, at the validation step
+    grid = ev.Images("val_retrieval/0")
+    assert len(grid) == 1 and grid[0].step == 9
 
     # resume: continue from step 9 to 12 with the saved optimizer state
     saved = torch.load(run / "checkpoints/step_00000009/state.pt", weights_only=True)

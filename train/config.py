@@ -82,6 +82,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     """Validation every N steps (0: only at the end when val_shards is set)."""
+    eval_queries: list = field(default_factory=list)
+    """Vietnamese queries whose top-5 validation images are logged to TensorBoard at each validation."""
     save_every: int = 500
     keep_last: int = 3
     max_nonfinite: int = 5

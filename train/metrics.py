@@ -32,6 +32,14 @@ class RunLogger:
                     if isinstance(vv, (int, float)):
                         self.tb.add_scalar(f"{prefix}/{k}/{kk}", vv, step)
 
+    def images(self, step: int, tag: str, images, caption: str = "") -> None:
+        """A row of uint8 CHW images, with its caption as text."""
+        if not self.enabled:
+            return
+        self.tb.add_images(tag, images, step, dataformats="NCHW")
+        if caption:
+            self.tb.add_text(tag + "/query", caption, step)
+
     def close(self) -> None:
         if self.enabled:
             self.tb.close()

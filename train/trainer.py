@@ -302,14 +302,43 @@ class Trainer:
     def evaluate(self) -> dict:
         dtype = None if self.cfg.train.precision == "fp32" else (
             torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float16)
-        res = evaluate_shards(self.model, self.val_urls, self.cfg.data.image_size, self.dist.device,
-                              self.dist.rank, self.dist.world_size, self.cfg.data.batch_size, dtype)
+        res, img, keys, metas = evaluate_shards(
+            self.model, self.val_urls, self.cfg.data.image_size, self.dist.device, self.dist.rank,
+            self.dist.world_size, self.cfg.data.batch_size, dtype, return_embeddings=True)
         self.log.log(self.step, res, prefix="val")
+        if self.dist.is_main and self.cfg.train.eval_queries:
+            self._log_retrieval_grids(img, keys, metas)
         logger.info("val step %d: t2i R@1 %.1f R@5 %.1f R@10 %.1f | i2t R@1 %.1f R@5 %.1f R@10 %.1f",
                     self.step, res["t2i_R@1"], res["t2i_R@5"], res["t2i_R@10"],
                     res["i2t_R@1"], res["i2t_R@5"], res["i2t_R@10"])
         self.model.train()
         return {f"val_{k}": v for k, v in res.items()}
+
+    def _log_retrieval_grids(self, img: torch.Tensor, keys: list, metas: list, k: int = 5) -> None:
+        """Top-k validation images of each configured query, as TensorBoard images:
+        where a person would rather look than read."""
+        from phoclip.search import embed_texts, load_item_image
+        from phoclip.text import TextProcessor, create_segmenter
+
+        if getattr(self, "_query_proc", None) is None:
+            try:
+                seg = create_segmenter(self.manifest.get("segmenter", {}).get("name", "none"))
+            except (RuntimeError, ImportError) as e:
+                logger.warning("no retrieval grids: the shards' segmenter is unavailable (%s)", e)
+                self.cfg.train.eval_queries = []
+                return
+            self._query_proc = TextProcessor(self.tokenizer, seg, self.manifest["tokenizer"]["max_length"])
+        q = embed_texts(self.model, self._query_proc, self.cfg.train.eval_queries,
+                        self.dist.device).to(img.dtype)
+        top = (q @ img.T).topk(min(k, img.shape[0]), dim=1).indices
+        import numpy as np
+
+        for i, (query, idx) in enumerate(zip(self.cfg.train.eval_queries, top.tolist())):
+            tiles = []
+            for j in idx:
+                im = load_item_image({"shard": metas[j].get("_url", ""), "key": keys[j]}).resize((96, 96))
+                tiles.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+            self.log.images(self.step, f"val_retrieval/{i}", torch.stack(tiles), query)
 
     def export(self) -> Optional[Path]:
         """The final model as a plain folder (config + safetensors + tokenizer)."""
