@@ -203,3 +203,55 @@ def test_corrupt_shards_counted_and_survived(shapes_shards, tmp_path):
     ev = EventAccumulator(str(run / "tensorboard"))
     ev.Reload()
     assert ev.Scalars("train/skipped_samples")[-1].value > 0
+
+
+_DS_NAN = r"""
+import os, sys, torch
+from pathlib import Path
+root, port, shards, tok, n, run = sys.argv[1:7]
+sys.path.insert(0, os.path.join(root, "tests"))
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+from conftest import train_overrides
+from train.config import resolve_config
+from train.distributed import DistInfo
+from train.export import model_from_checkpoint
+from train.trainer import NonFiniteError, Trainer
+over = train_overrides(Path(shards), tok, int(n), run, **{
+    "train.max_steps": 20, "train.save_every": 3, "train.max_nonfinite": 3, "train.precision": "bf16",
+    "train.engine": "deepspeed", "train.deepspeed_config": os.path.join(root, "launch/deepspeed/zero2_bf16.json")})
+tr = Trainer(resolve_config(os.path.join(root, "launch/configs/tiny-debug.yaml"), over), DistInfo())
+real_iter = type(tr.stream).__iter__
+def poisoned(self):
+    for i, b in enumerate(real_iter(self)):
+        if i >= 3:
+            b = dict(b, images=b["images"].clone())
+            b["images"][0, 0, 0, 0] = float("nan")
+        yield b
+tr.stream.__class__ = type("Poisoned", (type(tr.stream),), {"__iter__": poisoned})
+try:
+    tr.train()
+    print("RESULT no-stop")
+except NonFiniteError:
+    a, _ = model_from_checkpoint(Path(run) / "checkpoints/step_00000003")
+    b, _ = model_from_checkpoint(Path(run) / "checkpoints/step_00000006")
+    sa, sb = a.state_dict(), b.state_dict()
+    print("RESULT differing", sum(not torch.equal(sa[k], sb[k]) for k in sa), len(sa))
+"""
+
+
+def test_deepspeed_nonfinite_steps_skipped_then_stop(shapes_shards, tmp_path):
+    """The same guard under the DeepSpeed engine (ZeRO-2, bf16): skipped steps change no
+    weight and no BatchNorm statistic; the run stops after K in a row."""
+    from dist_utils import free_port
+
+    shards, tok, n = shapes_shards
+    script = tmp_path / "ds_nan.py"
+    script.write_text(_DS_NAN)
+    r = subprocess.run([sys.executable, str(script), str(ROOT), str(free_port()), str(shards), str(tok), str(n),
+                        str(tmp_path / "run")], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=400)
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT")]
+    assert line, r.stdout[-2000:] + r.stderr[-4000:]
+    _, what, *nums = line[0].split()
+    assert what == "differing" and nums[0] == "0" and int(nums[1]) > 50, line
+    m = read_metrics(tmp_path / "run")
+    assert max(m) == 6 and m[6]["nonfinite_steps"] == 3

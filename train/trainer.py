@@ -192,8 +192,8 @@ class Trainer:
                     raise NonFiniteError(
                         f"{self.nonfinite_streak} consecutive non-finite steps (last at step "
                         f"{self.step}); the weights are those from before the fault, saved in "
-                        f"{self.ckpt.latest()}. Try train.precision=bf16, a lower learning rate or "
-                        "train.grad_clip=1.0")
+                        f"{self.ckpt.latest()}. Look for bad data, lower the learning rates, set "
+                        "train.grad_clip=1.0, or switch fp16 to train.precision=bf16")
                 if self.cfg.train.eval_every and self.step % t.eval_every == 0 and self.val_urls:
                     last.update(self.evaluate())
                 if stop:
