@@ -28,7 +28,8 @@ from phoclip.log import init_logger
 from phoclip.text import (SEGMENTERS, TextProcessor, create_segmenter, load_tokenizer,
                           normalize_text, tokenizer_fingerprint)
 from sharding.readers import READERS, Record, SourceSpec, read_source
-from sharding.writer import ShardTask, check_images, is_complete, make_pool, run_tasks, shard_plan
+from sharding.writer import (ShardTask, check_images, done_path, is_complete, make_pool, run_tasks,
+                             shard_plan)
 
 logger = logging.getLogger("make_shards")
 
@@ -72,7 +73,7 @@ def _split_of(sha: str, seed: int, val_fraction: float) -> str:
 def collect(specs: list[SourceSpec], pool, max_pixels: int):
     """Read every source, hash every image, merge byte-identical images.
 
-    Returns (samples by sha, skipped Counter, per-source raw counts)."""
+    Returns (samples by sha, skipped Counter, number of merged duplicate images)."""
     records: list[Record] = []
     for spec in specs:
         n0 = len(records)
@@ -170,8 +171,6 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
 
     # deterministic shard plan: keys sorted, then shuffled with the seed (mixes sources)
     tasks = []
-    counts: dict = {"train": 0, "val": 0}
-    per_source: dict = defaultdict(lambda: {"train": 0, "val": 0})
     for split in ("train", "val"):
         keys = [sha for sha in order if samples[sha]["split"] == split]
         random.Random(f"{args.seed}:{split}").shuffle(keys)
@@ -205,25 +204,26 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
     logger.info("time: read+hash %.1fs, text %.1fs, plan %.1fs, images+shards %.1fs",
                 t_read - t0, t_text - t_read, t_plan - t_text, time.time() - t_plan)
 
-    sizes, shard_skips = {}, Counter()
+    sizes, lost = {}, set()
     for t in tasks:
-        rec = json.loads((out / ".done" / (t.name + ".json")).read_text())
+        rec = json.loads(done_path(out, t.name).read_text())
         sizes[t.name] = rec["count"]
-        shard_skips.update(rec["skipped"])
-    skipped.update(shard_skips)
-    # per-source counts of what was written (a merged image counts for each source)
-    for t in tasks:
-        counts[t.split] += sizes[t.name]
-    for sha in order:
-        s = samples[sha]
-        for src in set(s["sources"]):
-            per_source[src][s["split"]] += 1
+        skipped.update(rec["skipped"])
+        lost.update(rec.get("lost_keys", []))
+    # what was written: an image that failed to decode in its shard is not counted; a
+    # merged image counts once for each of its sources
+    written = [sha for sha in order if sha[:24] not in lost]
+    counts = {sp: sum(n for name, n in sizes.items() if name.startswith(sp + "-")) for sp in ("train", "val")}
+    per_source: dict = defaultdict(lambda: {"train": 0, "val": 0})
+    for sha in written:
+        for src in set(samples[sha]["sources"]):
+            per_source[src][samples[sha]["split"]] += 1
 
     manifest = {
         "format_version": MANIFEST_VERSION,
         "phoclip_version": __version__,
         "counts": counts,
-        "captions": {sp: sum(len(samples[sha]["captions"]) for sha in order
+        "captions": {sp: sum(len(samples[sha]["captions"]) for sha in written
                              if samples[sha]["split"] == sp) for sp in ("train", "val")},
         "sources": {k: dict(v) for k, v in per_source.items()},
         "source_specs": args.source,

@@ -123,6 +123,7 @@ def write_shard(task: ShardTask) -> dict:
     final = out / task.name
     tmp = out / (task.name + f".tmp{os.getpid()}")
     skipped: Counter = Counter()
+    lost: list[str] = []  # keys planned for this shard whose image could not be written
     count = 0
     with open(tmp, "wb") as f:
         with _TarShard(f) as tw:
@@ -132,10 +133,12 @@ def write_shard(task: ShardTask) -> dict:
                     im = resize_shorter(decode_rgb(data), task.image_size)
                 except BadImage as e:
                     skipped[e.reason] += 1
+                    lost.append(key)
                     logger.warning("skipping %s: %s", path, e)
                     continue
                 except OSError as e:
                     skipped["unreadable_file"] += 1
+                    lost.append(key)
                     logger.warning("skipping %s: %s", path, e)
                     continue
                 meta = dict(meta, width=im.width, height=im.height)
@@ -149,7 +152,7 @@ def write_shard(task: ShardTask) -> dict:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    record = {"name": task.name, "count": count, "skipped": dict(skipped)}
+    record = {"name": task.name, "count": count, "skipped": dict(skipped), "lost_keys": lost}
     d = done_path(out, task.name)
     d.parent.mkdir(exist_ok=True)
     tmpd = d.with_suffix(".tmp")

@@ -118,6 +118,9 @@ def test_bad_images_and_captions_skipped_by_reason(tmp_path, tiny_tokenizer_dir,
     assert sk["empty_caption"] == 2 and sk["no_caption"] == 1      # g2 has only an empty caption
     assert sk["empty"] == 1 and sk["not_an_image"] == 1 and sk["missing_file"] == 1
     assert sk["too_large"] == 1 and sk["corrupt"] == 1
+    # counts are of what was written: the truncated image (lost while writing) is not in them
+    assert man["counts"]["train"] == 7 and man["sources"]["coco-jsonl"]["train"] == 7
+    assert json.loads((out / "sizes.json").read_text()) == {"train-000000.tar": 7}
     samples = {json.loads(s["json"])["path"][0].split("/")[-1]: s for s in read_all(out).values()}
     assert set(samples) == {"g0.jpg", "g1.jpg", "g3.jpg", "gray.png", "pal.png", "cmyk.jpg", "alpha.png"}
     for s in samples.values():
