@@ -245,11 +245,12 @@ class ShardStream(IterableDataset):
         self.start_batch = 0
 
     def load_state_dict(self, state: dict) -> None:
-        self.positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
-        self.skipped = {int(k): dict(v) for k, v in state.get("skipped", {}).items()}
-        self.start_batch = int(state.get("batches", 0))
+        """Continue where a `StreamTracker` with this state left off."""
+        t = StreamTracker()
+        t.load_state_dict(state)
+        self.positions, self.skipped, self.start_batch = t.positions, t.skipped, t.batches
 
-    def _shards(self, logical: int, nworkers: int, skips: Counter) -> Iterator[dict]:
+    def _shards(self, logical: int, nworkers: int) -> Iterator[dict]:
         c = self.cfg
         if c.resampled:
             rng = random.Random(_seed("shards", c.seed, c.rank, logical))
@@ -274,7 +275,7 @@ class ShardStream(IterableDataset):
         logical = (wid + self.start_batch) % nworkers
         skips: Counter = Counter(self.skipped.get(logical, {}))
         start = self.positions.get(logical, 0)
-        shards = self._shards(logical, nworkers, skips)
+        shards = self._shards(logical, nworkers)
         samples = read_shards(shards, skips)
         shuffled = seeded_shuffle(samples, c.shuffle_buffer,
                                   random.Random(_seed("shuffle", c.seed, c.rank, logical)))

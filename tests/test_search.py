@@ -33,7 +33,7 @@ def _main(module, args):
 
 
 def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, capsys):
-    from phoclip.search import EmbeddingIndex, find_matches, write_embedding_map, zero_shot_tags
+    from phoclip.search import EmbeddingIndex, find_captions, find_matches, write_embedding_map, zero_shot_tags
     from phoclip.text import TextProcessor, UndertheseaSegmenter, load_tokenizer
     from train.export import load_for_inference
 
@@ -73,6 +73,16 @@ def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, 
     # image -> text on the caption index
     first = Path(items[0]["path"])
     assert _main("search", ["--index", idx_dir, "--image", first, "--k", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("\n") >= 4 and str(first) in printed
+    # image -> text through the API: an image's own captions come back near the top
+    from PIL import Image
+
+    hits = 0
+    for i, it in enumerate(items):
+        res = find_captions(model, index, [Image.open(it["path"])], k=5)[0]
+        hits += any(m.item["image"] == i for m in res)
+    assert hits / len(items) >= 0.5, hits
     # zero-shot tags with prompt templates
     tags = zero_shot_tags(model, index, ["hình tròn", "hình vuông", "hình tam giác"], proc, k=1)
     assert len(tags) == len(items) and all(len(t) == 1 for t in tags)

@@ -75,7 +75,9 @@ class DeepSpeedEngine(Engine):
         self.wrapped = self.ds
         self._micro = 0
         self._last_norm = float("nan")
-        self.input_dtype = torch.float16 if self.ds_config.get("fp16", {}).get("enabled") else None
+        fp16 = bool(self.ds_config.get("fp16", {}).get("enabled"))
+        self.input_dtype = torch.float16 if fp16 else None
+        self.handles_overflow = fp16  # DeepSpeed's dynamic loss scale skips overflow steps
 
     def autocast(self):
         # DeepSpeed's torch_autocast block (bf16) wraps its own forward; fp16 casts weights
@@ -89,7 +91,7 @@ class DeepSpeedEngine(Engine):
             self.ds.step()  # not a boundary: DeepSpeed only counts the micro-step
 
     def grad_norm(self):
-        return None  # DeepSpeed clips and measures inside step(); see last_grad_norm()
+        return None  # DeepSpeed clips and measures inside step()
 
     def last_grad_norm(self) -> torch.Tensor:
         return torch.tensor(self._last_norm)

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -34,6 +35,10 @@ class Engine:
     model: nn.Module       # the unwrapped model (what is saved and evaluated)
     wrapped: nn.Module     # what is called in the forward pass
     optimizer: torch.optim.Optimizer
+    input_dtype: Optional[torch.dtype] = None  # cast images to this (DeepSpeed fp16 weights)
+    handles_overflow: bool = False
+    """True where an inf gradient is an overflow the engine skips itself (fp16 loss
+    scaling), not a fault for the trainer's non-finite guard."""
 
     def autocast(self):
         raise NotImplementedError
@@ -44,8 +49,13 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def grad_norm(self) -> torch.Tensor:
-        """Unscale (fp16) and clip; returns the global gradient norm before clipping."""
+    def grad_norm(self) -> Optional[torch.Tensor]:
+        """Unscale (fp16) and clip; returns the global gradient norm before clipping, or
+        None where the engine clips inside `step` (then see `last_grad_norm`)."""
+        raise NotImplementedError
+
+    def last_grad_norm(self) -> torch.Tensor:
+        """The gradient norm the last `step` measured (engines that clip inside step)."""
         raise NotImplementedError
 
     def step(self, skip: bool) -> None:
@@ -81,6 +91,7 @@ class DDPEngine(Engine):
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
         self.precision, self.grad_clip = precision, grad_clip
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.handles_overflow = self.scaler.is_enabled()
 
     def autocast(self):
         if self.precision == "fp32":

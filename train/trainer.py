@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 import phoclip
@@ -41,6 +42,8 @@ def build_model(cfg: RunConfig, tokenizer):
         hc.setdefault("vocab_size", len(tokenizer))
         text["hf_config"] = hc
         overrides["text"] = text
+    # the size the model sees in training is the size evaluation and search must use
+    overrides["vision"] = dict(overrides.get("vision", {}), image_size=cfg.data.image_size)
     if cfg.train.loss == "siglip":
         overrides.setdefault("logit_bias", {"init": -10.0})
         overrides.setdefault("logit_scale", {"init": math.log(10.0)})
@@ -66,6 +69,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self._stop = False
+        self._query_proc = None  # built at the first validation that logs retrieval grids
         t = cfg.train
 
         # data first: bad shards are refused before any model is built
@@ -212,8 +216,7 @@ class Trainer:
             del it
 
     def _to(self, batches):
-        dev = self.dist.device
-        dt = getattr(self.engine, "input_dtype", None)  # DeepSpeed fp16 keeps half weights
+        dev, dt = self.dist.device, self.engine.input_dtype
         return [(b["images"].to(dev, dtype=dt or b["images"].dtype, non_blocking=True),
                  b["input_ids"].to(dev, non_blocking=True)) for b in batches]
 
@@ -228,9 +231,9 @@ class Trainer:
         """One optimizer step over `accum_steps` micro-batches."""
         # BatchNorm statistics move in the forward pass; a skipped (non-finite) step
         # must not leave NaN in them, so they are restored (they are small)
-        self._buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         total, losses = self.forward_backward(batches)
-        return self.optimizer_step(total, losses)
+        return self.optimizer_step(total, losses, buffers)
 
     def forward_backward(self, batches: list[dict]) -> tuple[torch.Tensor, dict]:
         """Gradients of the loss over all micro-batches, global negatives kept: with
@@ -266,20 +269,21 @@ class Trainer:
                 eng.backward(total)
         return total, losses
 
-    def optimizer_step(self, total: torch.Tensor, losses: dict) -> dict:
-        """Clip, agree across ranks on skipping (non-finite) or stopping, step."""
+    def optimizer_step(self, total: torch.Tensor, losses: dict, buffers: list = ()) -> dict:
+        """Clip, agree across ranks on skipping (non-finite) or stopping, step; `buffers`
+        (module buffer, its value before the forward pass) are restored on a skip."""
         eng = self.engine
-        gnorm = eng.grad_norm()  # None where the engine clips inside its step (DeepSpeed)
-        flags = torch.tensor([float(not torch.isfinite(total.detach()).item()),
-                              float(self._stop)])
-        if self.dist.device.type == "cuda":
-            flags = flags.to(self.dist.device)
+        gnorm = eng.grad_norm()
+        bad_grad = (torch.zeros((), device=total.device) if gnorm is None or eng.handles_overflow
+                    else (~torch.isfinite(gnorm)).float())
+        flags = torch.stack([(~torch.isfinite(total.detach())).float(), bad_grad,
+                             torch.tensor(float(self._stop), device=total.device)])
         all_reduce_max(flags)  # every rank must agree to skip or stop
-        bad = bool(flags[0].item()) or (gnorm is not None and not torch.isfinite(gnorm).item()
-                                        and eng_no_scaler(eng))
+        nonfinite_loss, nonfinite_grad, stop = flags.tolist()  # the step's one sync
+        bad = bool(nonfinite_loss or nonfinite_grad)
         if bad:
             with torch.no_grad():
-                for b, saved in getattr(self, "_buffers", []):
+                for b, saved in buffers:
                     b.copy_(saved)
             self.nonfinite_total += 1
             self.nonfinite_streak += 1
@@ -290,13 +294,15 @@ class Trainer:
         eng.step(skip=bad)
         if gnorm is None:
             gnorm = eng.last_grad_norm()
-        self._buffers = []
         self.model.clamp_logit_scale()
+        names = list(losses)
+        values = torch.stack([total.detach().float(), *(losses[k].detach().float() for k in names),
+                              gnorm.detach().float().to(total.device),
+                              self.model.logit_scale.detach().exp().squeeze().float()]).tolist()
         lrs = eng.lrs()
-        return {"loss": float(total.detach()), **{k: float(v.detach()) for k, v in losses.items()},
+        return {"loss": values[0], **dict(zip(names, values[1:-2])),
                 "lr": lrs.get("head", next(iter(lrs.values()))), "lrs": lrs,
-                "grad_norm": float(gnorm), "logit_scale": float(self.model.logit_scale.detach().exp()),
-                "_stop": bool(flags[1].item())}
+                "grad_norm": values[-2], "logit_scale": values[-1], "_stop": bool(stop)}
 
     # ------------------------------------------------------------------ eval / export
     def evaluate(self) -> dict:
@@ -320,19 +326,19 @@ class Trainer:
         from phoclip.search import embed_texts, load_item_image
         from phoclip.text import TextProcessor, create_segmenter
 
-        if getattr(self, "_query_proc", None) is None:
+        if self._query_proc is False:
+            return
+        if self._query_proc is None:
             try:
                 seg = create_segmenter(self.manifest.get("segmenter", {}).get("name", "none"))
             except (RuntimeError, ImportError) as e:
                 logger.warning("no retrieval grids: the shards' segmenter is unavailable (%s)", e)
-                self.cfg.train.eval_queries = []
+                self._query_proc = False
                 return
             self._query_proc = TextProcessor(self.tokenizer, seg, self.manifest["tokenizer"]["max_length"])
         q = embed_texts(self.model, self._query_proc, self.cfg.train.eval_queries,
                         self.dist.device).to(img.dtype)
         top = (q @ img.T).topk(min(k, img.shape[0]), dim=1).indices
-        import numpy as np
-
         for i, (query, idx) in enumerate(zip(self.cfg.train.eval_queries, top.tolist())):
             tiles = []
             for j in idx:
@@ -350,12 +356,6 @@ class Trainer:
 
     def close(self) -> None:
         self.log.close()
-
-
-def eng_no_scaler(eng: Engine) -> bool:
-    """With an fp16 scaler, an inf gradient is an overflow the scaler handles, not a fault."""
-    scaler = getattr(eng, "scaler", None)
-    return scaler is None or not scaler.is_enabled()
 
 
 def _max_positions(arch: dict) -> int:
