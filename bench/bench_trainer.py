@@ -30,6 +30,7 @@ def worker(rank, world, port, shards, tok, n_train, batch, steps, q):
     torch.set_num_threads(1)
     from train.config import resolve_config
     from train.distributed import init_distributed
+    from phoclip.data import normalize_images
     from train.trainer import Trainer
 
     info = init_distributed("cpu")
@@ -45,7 +46,7 @@ def worker(rank, world, port, shards, tok, n_train, batch, steps, q):
 
     model = tr.engine.wrapped
     opt = tr.engine.optimizer
-    imgs, ids = b["images"], b["input_ids"]
+    imgs, ids = normalize_images(b["images"]), b["input_ids"]
 
     def bare():
         out = model(imgs, ids)

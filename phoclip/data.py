@@ -33,6 +33,21 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+_NORM: dict = {}  # (device) -> (mean, std) of 0-255 pixels, made once per device
+
+
+def normalize_images(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] → ImageNet-normalised floats (in `dtype`, default
+    float32), on whatever device `x` is: the training stream ships uint8 (4x fewer bytes
+    through the DataLoader and host→device) and the trainer normalises on the GPU."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"normalize_images wants uint8 pixels, got {x.dtype}")
+    if x.device not in _NORM:
+        _NORM[x.device] = tuple(torch.tensor(v, dtype=torch.float32).mul_(255).view(3, 1, 1).to(x.device)
+                                for v in (IMAGENET_MEAN, IMAGENET_STD))
+    mean, std = _NORM[x.device]
+    y = x.float().sub_(mean).div_(std)
+    return y if dtype is None else y.to(dtype)
 
 
 # ----------------------------------------------------------------------------- shard lists
@@ -118,9 +133,10 @@ def _seed(*parts: Any) -> int:
 
 
 def image_to_tensor(img, size: int, train: bool, rng: Optional[random.Random] = None,
-                    scale: tuple[float, float] = (0.8, 1.0)) -> torch.Tensor:
+                    scale: tuple[float, float] = (0.8, 1.0), normalize: bool = True) -> torch.Tensor:
     """train: random resized crop (light: scale 0.8-1, ratio 3/4-4/3; no flip, since
-    captions say left and right); eval: resize shorter side + center crop. Normalised."""
+    captions say left and right); eval: resize shorter side + center crop. Normalised
+    float [3, size, size], or the uint8 pixels with normalize=False."""
     import torchvision.transforms.functional as TF
 
     w, h = img.size
@@ -140,8 +156,8 @@ def image_to_tensor(img, size: int, train: bool, rng: Optional[random.Random] = 
         img = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
     else:
         img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
-    x = TF.pil_to_tensor(img).float().div_(255)
-    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+    x = TF.pil_to_tensor(img)
+    return normalize_images(x) if normalize else x
 
 
 def decode_sample(sample: dict) -> tuple[Any, np.ndarray, dict]:
@@ -295,7 +311,7 @@ class ShardStream(IterableDataset):
                 skips[str(e.args[0]) if e.args and isinstance(e.args[0], str) and
                       e.args[0].startswith(("missing_", "bad_")) else "bad_sample"] += 1
                 continue
-            images.append(image_to_tensor(img, c.image_size, c.train, rng))
+            images.append(image_to_tensor(img, c.image_size, c.train, rng, normalize=False))
             ids.append(torch.from_numpy(all_ids[rng.randrange(all_ids.shape[0])].astype(np.int64)))
             keys.append(sample.get("__key__", ""))
             if len(images) == c.batch_size:
@@ -342,9 +358,9 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def train_loader(stream: ShardStream, num_workers: int) -> torch.utils.data.DataLoader:
-    """A DataLoader over an already-batched stream."""
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+def train_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over an already-batched stream (pin_memory for asynchronous copies to a GPU)."""
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                                        worker_init_fn=_worker_init if num_workers else None,
                                        persistent_workers=False, prefetch_factor=2 if num_workers else None)
 

@@ -4,6 +4,7 @@ import json
 import shutil
 import tarfile
 
+import pytest
 import torch
 
 from phoclip.data import ShardStream, StreamConfig, StreamTracker, expand_urls
@@ -110,3 +111,31 @@ def test_bad_samples_and_shards_skipped_and_counted(shapes_shards, tmp_path):
     assert skipped.get("image_corrupt", 0) + skipped.get("image_not_an_image", 0) >= 1
     assert skipped.get("bad_sample", 0) >= 1
     assert skipped.get("truncated_shard", 0) >= 1
+
+
+def test_stream_ships_uint8_pixels_normalised_like_evaluation(shapes_shards):
+    """Training batches carry raw uint8 pixels (normalised on the device by the trainer);
+    normalising them must give exactly what the evaluation path feeds the model."""
+    import random
+
+    import numpy as np
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    from phoclip.data import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor, normalize_images
+
+    shards, _, n = shapes_shards
+    b = next(iter(_stream(_urls(shards, n))))
+    assert b["images"].dtype == torch.uint8 and b["images"].shape[1:] == (3, 32, 32)
+    assert b["images"].float().std() > 0  # real pixels, not a blank
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    ref = TF.normalize(TF.pil_to_tensor(TF.center_crop(TF.resize(img, 32), [32, 32])).float() / 255,
+                       IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.allclose(image_to_tensor(img, 32, train=False), ref, atol=1e-5)
+    raw = image_to_tensor(img, 32, train=True, rng=random.Random(3), normalize=False)
+    same = image_to_tensor(img, 32, train=True, rng=random.Random(3))
+    assert raw.dtype == torch.uint8 and torch.equal(normalize_images(raw), same)
+    bf = normalize_images(raw[None], torch.bfloat16)
+    assert bf.dtype == torch.bfloat16 and torch.allclose(bf.float(), same[None], atol=3e-2)
+    with pytest.raises(TypeError, match="uint8"):  # floats would be normalised twice
+        normalize_images(same)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, read_metrics, run_torchrun, torchrun_cmd, train_overrides
+from phoclip.data import normalize_images
 
 pytestmark = pytest.mark.slow
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -162,7 +163,7 @@ def test_nonfinite_steps_skipped_then_stop_with_checkpoint(shapes_shards, tmp_pa
     def poisoned(self):
         for i, b in enumerate(real_iter(self)):
             if i >= 3:  # from the 4th step on: a NaN pixel
-                b = dict(b, images=b["images"].clone())
+                b = dict(b, images=normalize_images(b["images"]))  # floats can hold a NaN
                 b["images"][0, 0, 0, 0] = float("nan")
             yield b
 
@@ -212,6 +213,7 @@ root, port, shards, tok, n, run = sys.argv[1:7]
 sys.path.insert(0, os.path.join(root, "tests"))
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 from conftest import train_overrides
+from phoclip.data import normalize_images
 from train.config import resolve_config
 from train.distributed import DistInfo
 from train.export import model_from_checkpoint
@@ -224,7 +226,7 @@ real_iter = type(tr.stream).__iter__
 def poisoned(self):
     for i, b in enumerate(real_iter(self)):
         if i >= 3:
-            b = dict(b, images=b["images"].clone())
+            b = dict(b, images=normalize_images(b["images"]))
             b["images"][0, 0, 0, 0] = float("nan")
         yield b
 tr.stream.__class__ = type("Poisoned", (type(tr.stream),), {"__iter__": poisoned})

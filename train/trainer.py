@@ -14,7 +14,7 @@ import torch
 
 import phoclip
 from phoclip.data import (ShardStream, StreamConfig, StreamTracker, check_manifests,
-                          count_samples, expand_urls, train_loader)
+                          count_samples, expand_urls, normalize_images, train_loader)
 from phoclip.loss import create_loss
 from phoclip.model import get_model_config
 from phoclip.retrieval import evaluate_shards
@@ -162,7 +162,7 @@ class Trainer:
     def train(self) -> dict:
         t = self.cfg.train
         prev = signal.signal(signal.SIGTERM, self._on_sigterm)
-        loader = train_loader(self.stream, self.cfg.data.workers)
+        loader = train_loader(self.stream, self.cfg.data.workers, pin_memory=self.dist.device.type == "cuda")
         it = iter(loader)
         last: dict = {}
         t_log, n_log, wait = time.time(), 0, 0.0
@@ -216,9 +216,15 @@ class Trainer:
             del it
 
     def _to(self, batches):
+        """Batches → device inputs; uint8 pixels (the stream's) are normalised there,
+        float images are taken as already normalised."""
         dev, dt = self.dist.device, self.engine.input_dtype
-        return [(b["images"].to(dev, dtype=dt or b["images"].dtype, non_blocking=True),
-                 b["input_ids"].to(dev, non_blocking=True)) for b in batches]
+        out = []
+        for b in batches:
+            img = b["images"].to(dev, non_blocking=True)
+            img = normalize_images(img, dt) if img.dtype == torch.uint8 else img.to(dt or img.dtype)
+            out.append((img, b["input_ids"].to(dev, non_blocking=True)))
+        return out
 
     def _loss(self, out: dict, img=None, txt=None) -> dict:
         args = [out["image_features"] if img is None else img,
