@@ -1,17 +1,32 @@
-"""One prepared GPU check (for a lent single GPU, a few minutes): samples/s and MFU of the
-seed's model (phobert-large + resnet50, random weights, bf16 autocast, AdamW, the real
-global loss) at batch sizes 64-256, and the loader's samples/s per CPU core. Writes its
-figures to $OUT/gpu_results.json (or ./gpu_results.json).
+"""One prepared GPU check, for a lent single GPU (a few minutes, no NCCL: one process).
 
-    python bench/gpu_check.py [--batches 64 128 256] [--steps 10]
+Sections, each timed and guarded, each writing its figures to $OUT/gpu_results.json
+(or ./gpu_results.json) as soon as it ends, so a late failure loses nothing:
+
+  env      torch/transformers/timm versions, the GPU, a measured bf16 matmul ceiling
+  data     shards of 1200 generated 400x300 JPEGs (make_shards.py, 8 workers)
+  loader   our stream's samples/s on one core, and through the DataLoader with N workers
+  step     phobert-large + resnet50 (random weights, bf16 autocast) at batch 64/128/256:
+           a bare forward/backward/AdamW loop vs our Trainer.train_step on the same model
+           and batch (samples/s, MFU from counted FLOPs, peak memory); then, at the
+           largest batch, the bare loop with fused AdamW and with channels_last
+  e2e      torchrun launch/train_ddp.py on the real recipe (random weights) fed by the
+           loader with workers, then evaluate.py, build_index.py and search.py on the
+           exported model: the whole pipeline on CUDA, and whether the loader keeps up
+
+    python bench/gpu_check.py              # on the GPU machine
+    python bench/gpu_check.py --smoke      # tiny model on the CPU: checks this script
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -22,99 +37,292 @@ sys.path.insert(0, str(ROOT))
 # phobert-large's shape, so no hub access is needed (random weights)
 PHOBERT_LARGE = dict(model_type="roberta", vocab_size=64001, hidden_size=1024, num_hidden_layers=24,
                      num_attention_heads=16, intermediate_size=4096, max_position_embeddings=258,
-                     pad_token_id=1, type_vocab_size=1)
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+                     pad_token_id=1, type_vocab_size=1, layer_norm_eps=1e-5)
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, datasheet
+RESULTS: dict = {}
 
 
-def train_figures(batches, steps, seq=70) -> list[dict]:
-    import phoclip
-    from phoclip.loss import ClipLoss
-    from torch.utils.flop_counter import FlopCounterMode
+def _out() -> Path:
+    return Path(os.environ.get("OUT", ".")) / "gpu_results.json"
 
-    dev = torch.device("cuda")
-    model = phoclip.create_model("phobert-large-rn50", vision={"pretrained": False},
-                                 text={"hf_model": None, "hf_config": PHOBERT_LARGE}).to(dev)
-    opt = torch.optim.AdamW(model.param_groups(), fused=True)
-    loss_fn = ClipLoss()
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    out = []
-    for b in batches:
-        x = torch.randn(b, 3, 224, 224, device=dev)
-        ids = torch.randint(4, 64000, (b, seq), device=dev)
-        ids[:, 0], ids[:, -10:] = 0, 1
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                o = model(x, ids)
-                loss = loss_fn(o["image_features"], o["text_features"], o["logit_scale"])["contrastive_loss"]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+def section(name: str):
+    """Run a section; record its figures or its error and its wall time; save at once."""
+    def deco(fn):
+        def run(*a, **kw):
+            t = time.time()
+            print(f"\n=== {name} ===", flush=True)
+            try:
+                RESULTS[name] = fn(*a, **kw)
+            except Exception as e:  # one broken section must not cost the others
+                traceback.print_exc()
+                RESULTS[name] = {"error": f"{type(e).__name__}: {e}"}
+            RESULTS[name + "_wall_s"] = round(time.time() - t, 1)
+            _out().write_text(json.dumps(RESULTS, indent=2))
+            print(json.dumps({name: RESULTS[name]}), flush=True)
+            return RESULTS[name]
+        return run
+    return deco
 
-        with FlopCounterMode(display=False) as fc:
-            step()
-        flops = fc.get_total_flops()
-        for _ in range(3):
-            step()
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
         torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t) / steps
-        r = {"batch": b, "step_s": dt, "samples_per_s": b / dt, "tflops_per_step": flops / 1e12,
-             "achieved_tflops": flops / dt / 1e12, "mfu": (flops / dt / peak) if peak else None,
-             "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
-        print(json.dumps(r), flush=True)
-        out.append(r)
-    return out
 
 
-def loader_figures(n=2048) -> dict:
-    import tempfile
+def _time(fn, dev, steps: int, warmup: int = 3) -> float:
+    """Seconds per call: warm up, then `steps` calls between two device syncs."""
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _sync(dev)
+    return (time.perf_counter() - t) / steps
 
+
+@section("env")
+def env(dev: torch.device) -> dict:
+    import timm
+    import transformers
+
+    r = {"torch": torch.__version__, "transformers": transformers.__version__, "timm": timm.__version__,
+         "python": sys.version.split()[0], "cpus": os.cpu_count(), "device": str(dev)}
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        r.update(gpu=p.name, sms=p.multi_processor_count, mem_gib=round(p.total_memory / 2**30, 1),
+                 capability=f"{p.major}.{p.minor}")
+        n = 8192
+        a, b = (torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        dt = _time(lambda: a @ b, dev, 10)
+        r["matmul_bf16_tflops"] = round(2 * n**3 / dt / 1e12, 1)
+    return r
+
+
+@section("data")
+def data(work: Path, n_images: int, workers: int) -> dict:
     from PIL import Image
 
-    from phoclip.data import ShardStream, StreamConfig
     from phoclip.synthetic import make_dataset
     from phoclip.text import build_phobert_tokenizer
     from sharding.make_shards import main as make_shards
 
-    d = Path(tempfile.mkdtemp())
-    caps = make_dataset(d / "data", n_images=1000, size=96)
-    for f in (d / "data" / "images").iterdir():
+    caps = make_dataset(work / "data", n_images=n_images, size=96)
+    for f in (work / "data" / "images").iterdir():
         Image.open(f).resize((400, 300)).save(f, quality=92)
-    tok = build_phobert_tokenizer([l.split("\t", 1)[1] for l in caps.read_text(encoding="utf-8").splitlines()], d / "tok")
-    make_shards(["--source", f"flickr8k-vi:{caps}:{d / 'data' / 'images'}", "--out", str(d / "sh"),
-                 "--tokenizer", str(tok), "--segmenter", "none", "--workers", "8", "--shard-size", "100",
-                 "--val-fraction", "0"])
-    urls = sorted(str(p) for p in (d / "sh").glob("train-*.tar"))
+    lines = caps.read_text(encoding="utf-8").splitlines()
+    tok = build_phobert_tokenizer([l.split("\t", 1)[1] for l in lines], work / "tok")
+    t = time.time()
+    rc = make_shards(["--source", f"flickr8k-vi:{caps}:{work / 'data' / 'images'}", "--out", str(work / "sh"),
+                      "--tokenizer", str(tok), "--segmenter", "none", "--workers", str(workers),
+                      "--shard-size", "100", "--val-fraction", "0.1", "--image-size", "256"])
+    dt = time.time() - t
+    m = json.loads((work / "sh" / "manifest.json").read_text())
+    return {"rc": rc, "images": n_images, "workers": workers, "images_per_s": round(n_images / dt, 1),
+            "train_shards": len(m["shards"]["train"]), "val_shards": len(m["shards"]["val"])}
+
+
+def _urls(work: Path, split: str) -> list[str]:
+    return sorted(str(p) for p in (work / "sh").glob(f"{split}-*.tar"))
+
+
+@section("loader")
+def loader(work: Path, size: int, worker_counts: list[int]) -> dict:
+    from phoclip.data import ShardStream, StreamConfig, train_loader
+
+    urls, bs = _urls(work, "train"), 64
+    cfg = lambda: StreamConfig(urls, [1.0] * len(urls), bs, size, 0, 0, 1, True, 256, True)
     torch.set_num_threads(1)
-    s = ShardStream(StreamConfig(urls, [1.0] * len(urls), 64, 224, 0, 0, 1, True, 256, True))
-    it = iter(s)
+    it = iter(ShardStream(cfg()))
     next(it)
+    n = 32
     t = time.perf_counter()
-    for _ in range(n // 64):
+    for _ in range(n):
         next(it)
-    return {"loader_samples_per_s_per_core": n / (time.perf_counter() - t)}
+    r = {"one_core_samples_per_s": round(n * bs / (time.perf_counter() - t), 1)}
+    for w in worker_counts:
+        it = iter(train_loader(ShardStream(cfg()), w, pin_memory=torch.cuda.is_available()))
+        for _ in range(2 * w):  # every worker has started and delivered
+            next(it)
+        n = 24 * w
+        t = time.perf_counter()
+        for _ in range(n):
+            next(it)
+        sps = n * bs / (time.perf_counter() - t)
+        r[f"workers_{w}"] = {"samples_per_s": round(sps, 1), "per_worker": round(sps / w, 1)}
+        del it
+    torch.set_num_threads(os.cpu_count() or 1)
+    return r
+
+
+def _overrides(work: Path, size: int, batch: int, smoke: bool) -> list[str]:
+    n_train = len(_urls(work, "train"))
+    over = [f"model.tokenizer={work / 'tok'}", f"data.image_size={size}", f"data.batch_size={batch}",
+            f"data.train_shards={work}/sh/train-{{000000..{n_train - 1:06d}}}.tar",
+            f"data.val_shards={work}/sh/val-{{000000..{len(_urls(work, 'val')) - 1:06d}}}.tar",
+            "train.precision=bf16", "optim.warmup_steps=10"]
+    if not smoke:  # the real recipe's architecture, random weights (no hub here)
+        over.append("model.overrides=" + json.dumps(
+            {"vision": {"pretrained": False}, "text": {"hf_model": None, "hf_config": PHOBERT_LARGE}}))
+    return over
+
+
+@section("step")
+def step(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: bool) -> dict:
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from phoclip.data import normalize_images
+    from train.config import resolve_config
+    from train.distributed import DistInfo
+    from train.trainer import Trainer
+
+    size = 64 if smoke else 224
+    config = "launch/configs/tiny-debug.yaml" if smoke else "launch/configs/phobert-large-rn50.yaml"
+    cfg = resolve_config(str(ROOT / config), [f"run_dir={work / 'step_run'}", "train.max_steps=1000",
+                                               *_overrides(work, size, max(batches), smoke)])
+    tr = Trainer(cfg, DistInfo(device=dev))
+    full = next(iter(tr.stream))
+    model, opt = tr.model, tr.engine.optimizer
+    n_params = sum(p.numel() for p in model.parameters())
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else ""
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    measured = RESULTS.get("env", {}).get("matmul_bf16_tflops")
+    res: dict = {"model_params_m": round(n_params / 1e6, 1), "seq_len": int(full["input_ids"].shape[1]),
+                 "image_size": size, "peak_bf16_tflops_datasheet": peak and peak / 1e12, "rows": []}
+
+    def bare_fn(x, ids, optimizer):
+        def f():
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                o = model(x, ids)
+                logits = o["logit_scale"] * o["image_features"] @ o["text_features"].T
+                lab = torch.arange(len(x), device=dev)
+                loss = (F.cross_entropy(logits, lab) + F.cross_entropy(logits.T, lab)) / 2
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return f
+
+    for b in batches:
+        cpu = {"images": full["images"][:b].clone(), "input_ids": full["input_ids"][:b].clone()}
+        x = normalize_images(cpu["images"].to(dev))
+        ids = cpu["input_ids"].to(dev)
+        bare = bare_fn(x, ids, opt)
+        with FlopCounterMode(display=False) as fc:
+            bare()
+        flops = fc.get_total_flops()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t_bare = _time(bare, dev, steps)
+        t_ours = _time(lambda: tr.train_step([cpu]), dev, steps)
+        row = {"batch": b, "tflop_per_step": round(flops / 1e12, 2),
+               "bare_samples_per_s": round(b / t_bare, 1), "ours_samples_per_s": round(b / t_ours, 1),
+               "ours_vs_bare": round(t_bare / t_ours, 3),
+               "ours_tflops": round(flops / t_ours / 1e12, 1)}
+        if peak:
+            row["ours_mfu_datasheet"] = round(flops / t_ours / peak, 3)
+        if measured:
+            row["ours_mfu_measured_matmul"] = round(flops / t_ours / (measured * 1e12), 3)
+        if dev.type == "cuda":
+            row["max_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+
+    # variants of the bare loop at the largest batch: what would a default change buy?
+    b = max(batches)
+    x = normalize_images(full["images"][:b].to(dev))
+    ids = full["input_ids"][:b].to(dev)
+    base = _time(bare_fn(x, ids, opt), dev, steps)
+    var = {"foreach_adamw_samples_per_s": round(b / base, 1)}
+    if dev.type == "cuda":
+        fused = torch.optim.AdamW(model.param_groups(1e-4, 1e-5, 1e-3, 0.2), fused=True)
+        var["fused_adamw_samples_per_s"] = round(b / _time(bare_fn(x, ids, fused), dev, steps), 1)
+        del fused
+    model.visual.to(memory_format=torch.channels_last)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    var["channels_last_samples_per_s"] = round(b / _time(bare_fn(xc, ids, opt), dev, steps), 1)
+    res["variants_at_batch"] = b
+    res["variants"] = var
+    tr.close()
+    return res
+
+
+@section("e2e")
+def e2e(work: Path, batch: int, steps: int, workers: int, smoke: bool) -> dict:
+    py, run_dir = sys.executable, work / "e2e_run"
+    size = 64 if smoke else 224
+    config = "launch/configs/tiny-debug.yaml" if smoke else "launch/configs/phobert-large-rn50.yaml"
+    envv = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    times = {}
+
+    def run(name, cmd):
+        t = time.time()
+        p = subprocess.run(cmd, cwd=ROOT, env=envv, capture_output=True, text=True)
+        times[name] = round(time.time() - t, 1)
+        print(f"$ {' '.join(cmd[:4])} ... rc={p.returncode} in {times[name]}s\n{p.stdout[-3000:]}"
+              f"{p.stderr[-3000:]}", flush=True)
+        if p.returncode:
+            raise RuntimeError(f"{name} failed with rc={p.returncode}: {p.stderr[-500:]}")
+        return p.stdout
+
+    log_every = max(1, steps // 5)
+    run("train", [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                  "launch/train_ddp.py", "--config", config, f"run_dir={run_dir}",
+                  *_overrides(work, size, batch, smoke), f"data.workers={workers}",
+                  f"train.max_steps={steps}", f"train.log_every={log_every}", "train.save_every=100000",
+                  "train.eval_every=0", "train.keep_last=1"])
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "samples_per_s" in r]
+    later = train_rows[1:] or train_rows  # the first window holds start-up and cudnn tuning
+    val = _urls(work, "val")
+    shards = f"{work}/sh/val-{{000000..{len(val) - 1:06d}}}.tar"
+    run("evaluate", [py, "launch/evaluate.py", "--model", str(run_dir), "--shards", shards,
+                     "--out", str(work / "eval.json")])
+    run("build_index", [py, "launch/build_index.py", "--model", str(run_dir), "--shards", shards,
+                        "--out", str(work / "index")])
+    out = run("search", [py, "launch/search.py", "--index", str(work / "index"), "--k", "3", "--json",
+                         "hai hình tròn màu đỏ"])
+    ev = json.loads((work / "eval.json").read_text())
+    return {"batch": batch, "steps": steps, "workers": workers, "times_s": times,
+            "samples_per_s_after_first_window": round(sum(r["samples_per_s"] for r in later) / len(later), 1),
+            "data_wait_s_per_window": [round(r.get("data_wait_s", 0), 3) for r in train_rows],
+            "final_loss": train_rows[-1]["loss"], "eval_t2i_R@1": ev.get("t2i_R@1"),
+            "eval_n_images": ev.get("n_images"), "search_hits": sum(len(v) for v in json.loads(out)["text_to_image"].values())}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU: check the script")
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--images", type=int, default=1200)
+    ap.add_argument("--workers", type=int, nargs="+", default=[4, 12])
+    ap.add_argument("--e2e-steps", type=int, default=100)
+    ap.add_argument("--e2e-batch", type=int, default=128)
     args = ap.parse_args()
-    res = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-           "torch": torch.__version__}
-    if torch.cuda.is_available():
+    from phoclip.log import init_logger
+
+    init_logger()
+    if args.smoke:
+        args.batches, args.steps, args.images, args.workers = [8, 16], 2, 240, [2]
+        args.e2e_steps, args.e2e_batch = 6, 16
+    dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
-        res["train"] = train_figures(args.batches, args.steps)
-    res.update(loader_figures())
-    out = Path(os.environ.get("OUT", ".")) / "gpu_results.json"
-    out.write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    t0 = time.time()
+    env(dev)
+    data(work, args.images, 8 if not args.smoke else 2)
+    loader(work, 64 if args.smoke else 224, args.workers)
+    step(work, dev, args.batches, args.steps, args.smoke)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    e2e(work, args.e2e_batch, args.e2e_steps, max(args.workers), args.smoke)
+    RESULTS["total_wall_s"] = round(time.time() - t0, 1)
+    _out().write_text(json.dumps(RESULTS, indent=2))
+    print("\n" + json.dumps(RESULTS, indent=2))
 
 
 if __name__ == "__main__":
