@@ -7,10 +7,31 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2 floats: PyYAML follows YAML 1.1, where `1e-5` (no dot)
+    is a string, so `optim.eps=1e-6` or a JSON override written by json.dumps would
+    arrive as text."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _load_yaml(text) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -145,7 +166,7 @@ def _set(obj: Any, dotted: str, raw: str) -> None:
     last = parts[-1]
     if dataclasses.is_dataclass(obj) and hasattr(obj, last):
         cur = getattr(obj, last)
-        val = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        val = _load_yaml(raw) if isinstance(raw, str) else raw
         if isinstance(cur, dict) and isinstance(val, dict):
             cur.update(val)
             return
@@ -155,13 +176,15 @@ def _set(obj: Any, dotted: str, raw: str) -> None:
             val = str(raw)
         if isinstance(cur, float) and isinstance(val, int) and not isinstance(val, bool):
             val = float(val)
+        if isinstance(cur, float) and not isinstance(val, float):
+            raise ConfigError(f"{dotted} must be a number, not {raw!r}")
         if isinstance(cur, bool) and not isinstance(val, bool):
             raise ConfigError(f"{dotted} must be true or false, not {raw!r}")
         if isinstance(cur, int) and not isinstance(cur, bool) and not isinstance(val, int):
             raise ConfigError(f"{dotted} must be an integer, not {raw!r}")
         setattr(obj, last, val)
     elif isinstance(obj, dict):
-        obj[last] = yaml.safe_load(raw)
+        obj[last] = _load_yaml(raw)
     else:
         raise ConfigError(f"unknown config key {dotted!r}")
 
@@ -192,7 +215,7 @@ def resolve_config(config_file: Optional[str], overrides: Sequence[str] = ()) ->
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file {config_file} does not exist")
         with open(config_file) as f:
-            tree = yaml.safe_load(f) or {}
+            tree = _load_yaml(f) or {}
         apply_tree(cfg, tree)
     for o in overrides:
         if "=" not in o:

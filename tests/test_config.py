@@ -1,0 +1,32 @@
+"""Run config: defaults → YAML → key=value overrides, typed."""
+import json
+
+import pytest
+
+from train.config import ConfigError, resolve_config
+
+
+def test_exponent_floats_are_numbers_not_strings(tmp_path):
+    """PyYAML reads `1e-5` (no dot) as a string under YAML 1.1; found when a JSON
+    override (json.dumps writes 1e-05) crashed layer_norm on the GPU check."""
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr_head: 3e-4\n  eps: 1.0e-8\n")
+    hc = {"layer_norm_eps": 1e-5, "hidden_size": 8}
+    cfg = resolve_config(str(f), ["optim.eps=1e-6", "optim.lr_text=2E-5",
+                                  "model.overrides=" + json.dumps({"text": {"hf_config": hc}})])
+    assert cfg.optim.lr_head == 3e-4 and cfg.optim.eps == 1e-6 and cfg.optim.lr_text == 2e-5
+    assert cfg.model.overrides["text"]["hf_config"] == hc
+    assert isinstance(cfg.model.overrides["text"]["hf_config"]["layer_norm_eps"], float)
+    assert cfg.data.batch_size == 64 and cfg.train.max_steps == 1000  # untouched defaults
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.eps=small", "must be a number"),
+    ("data.batch_size=1.5", "must be an integer"),
+    ("train.resampled=yes", "unknown config key"),
+    ("optim.lr=1e-4", "unknown config key"),
+    ("train.max_steps", "not key=value"),
+])
+def test_bad_overrides_are_refused_with_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config(None, [override])
