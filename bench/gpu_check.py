@@ -168,6 +168,10 @@ def _overrides(work: Path, size: int, batch: int, smoke: bool) -> list[str]:
     return over
 
 
+def _fmt(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 @section("step")
 def step(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: bool) -> dict:
     import torch.nn.functional as F
@@ -206,7 +210,9 @@ def step(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: b
 
     for b in batches:
         cpu = {"images": full["images"][:b].clone(), "input_ids": full["input_ids"][:b].clone()}
-        x = normalize_images(cpu["images"].to(dev))
+        if dev.type == "cuda":  # as the training loader delivers them
+            cpu = {k: v.pin_memory() for k, v in cpu.items()}
+        x = _fmt(normalize_images(cpu["images"].to(dev)), tr.channels_last)
         ids = cpu["input_ids"].to(dev)
         bare = bare_fn(x, ids, opt)
         with FlopCounterMode(display=False) as fc:
@@ -229,19 +235,19 @@ def step(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: b
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
 
-    # variants of the bare loop at the largest batch: what would a default change buy?
+    # the bare loop at the largest batch with our defaults (fused AdamW on CUDA, channels_last
+    # on CUDA) and with each turned back off: what each default buys
     b = max(batches)
     x = normalize_images(full["images"][:b].to(dev))
     ids = full["input_ids"][:b].to(dev)
-    base = _time(bare_fn(x, ids, opt), dev, steps)
-    var = {"foreach_adamw_samples_per_s": round(b / base, 1)}
-    if dev.type == "cuda":
-        fused = torch.optim.AdamW(model.param_groups(1e-4, 1e-5, 1e-3, 0.2), fused=True)
-        var["fused_adamw_samples_per_s"] = round(b / _time(bare_fn(x, ids, fused), dev, steps), 1)
-        del fused
-    model.visual.to(memory_format=torch.channels_last)
-    xc = x.contiguous(memory_format=torch.channels_last)
-    var["channels_last_samples_per_s"] = round(b / _time(bare_fn(xc, ids, opt), dev, steps), 1)
+    var = {"defaults": {"fused_adamw": bool(opt.defaults.get("fused")), "channels_last": tr.channels_last},
+           "defaults_samples_per_s": round(b / _time(bare_fn(_fmt(x, tr.channels_last), ids, opt), dev, steps), 1)}
+    foreach = torch.optim.AdamW(model.param_groups(1e-4, 1e-5, 1e-3, 0.2), foreach=True)
+    var["foreach_adamw_samples_per_s"] = round(b / _time(bare_fn(_fmt(x, tr.channels_last), ids, foreach),
+                                                         dev, steps), 1)
+    del foreach
+    model.visual.to(memory_format=torch.contiguous_format)
+    var["nchw_samples_per_s"] = round(b / _time(bare_fn(x, ids, opt), dev, steps), 1)
     res["variants_at_batch"] = b
     res["variants"] = var
     tr.close()

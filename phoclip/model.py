@@ -284,7 +284,7 @@ def load_model(folder: str | os.PathLike, map_location: str | torch.device = "cp
     if missing or unexpected:
         raise RuntimeError(f"weights in {folder} do not fit its config: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
-    return model
+    return model.to(map_location)  # load_state_dict copies into the module's own (CPU) tensors
 
 
 def model_tokenizer_path(folder: str | os.PathLike) -> Optional[str]:

@@ -44,3 +44,24 @@ def test_accumulation_matches_large_batch(shapes_shards, tmp_path, k):
     for name in g_ref:
         torch.testing.assert_close(g_big[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
     assert "logit_scale" in g_ref and g_ref["logit_scale"].abs().item() > 0
+
+
+def test_channels_last_is_a_layout_not_another_model(shapes_shards, tmp_path):
+    """train.channels_last (default on CUDA) changes memory strides only: the same seed
+    and batches give the same losses, and the exported weights load back exactly."""
+    from phoclip.model import load_model
+
+    losses = {}
+    for cl in ("false", "true"):
+        tr = _trainer(shapes_shards, tmp_path / cl, **{"model.name": "tiny-debug", "train.channels_last": cl})
+        assert tr.channels_last == (cl == "true")
+        conv = next(m for m in tr.model.visual.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == (cl == "true")
+        it = iter(tr.stream)
+        losses[cl] = [tr.train_step([next(it)])["loss"] for _ in range(3)]
+        folder = tr.export()
+        back = load_model(folder).state_dict()
+        assert all(torch.equal(v, back[k]) for k, v in tr.model.state_dict().items())
+        tr.close()
+    assert losses["false"][0] != losses["false"][2]  # it trained
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)

@@ -95,6 +95,11 @@ class Trainer:
         groups = model.param_groups(cfg.optim.lr_image, cfg.optim.lr_text, cfg.optim.lr_head,
                                     cfg.optim.weight_decay)
         lr_fn = lr_lambda(cfg.optim.warmup_steps, t.max_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
+        cl = str(t.channels_last).lower()
+        self.channels_last = cl == "true" or (cl == "auto" and dist_info.device.type == "cuda"
+                                              and t.engine == "ddp")
+        if self.channels_last:  # before DDP wraps it, so its buckets match the strides
+            model.visual.to(memory_format=torch.channels_last)
         self.engine = self._build_engine(model, groups, lr_fn)
         self.model = self.engine.model
         self.loss_fn = create_loss(t.loss, dist_info.rank, dist_info.world_size, t.local_loss)
@@ -223,6 +228,8 @@ class Trainer:
         for b in batches:
             img = b["images"].to(dev, non_blocking=True)
             img = normalize_images(img, dt) if img.dtype == torch.uint8 else img.to(dt or img.dtype)
+            if self.channels_last:
+                img = img.contiguous(memory_format=torch.channels_last)
             out.append((img, b["input_ids"].to(dev, non_blocking=True)))
         return out
 
