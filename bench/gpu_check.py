@@ -168,6 +168,28 @@ def _overrides(work: Path, size: int, batch: int, smoke: bool) -> list[str]:
     return over
 
 
+def _profile(fn, dev: torch.device, name: str, steps: int = 3) -> dict:
+    """Wall time vs device-kernel time over a few steps; top ops to $OUT/profile_NAME.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    for _ in range(2):
+        fn()
+    _sync(dev)
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        _sync(dev)
+        wall = (time.perf_counter() - t) / steps
+    ka = prof.key_averages()
+    busy = sum(getattr(e, "self_device_time_total", 0) for e in ka) / 1e3 / steps  # us -> ms
+    sort = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    (_out().parent / f"profile_{name}.txt").write_text(ka.table(sort_by=sort, row_limit=30))
+    return {"wall_ms": round(wall * 1e3, 1), "device_busy_ms": round(busy, 1),
+            "device_busy_share": round(busy / (wall * 1e3), 3) if wall else None}
+
+
 def _fmt(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
@@ -235,21 +257,38 @@ def step(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: b
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
 
+    # where ours loses to the bare loop: device-busy share of the wall time, top ops
+    b = sorted(batches)[len(batches) // 2]
+    cpu = {"images": full["images"][:b].clone(), "input_ids": full["input_ids"][:b].clone()}
+    x = _fmt(normalize_images(cpu["images"].to(dev)), tr.channels_last)
+    try:
+        res["profile"] = {"batch": b, "ours": _profile(lambda: tr.train_step([cpu]), dev, "ours"),
+                          "bare": _profile(bare_fn(x, cpu["input_ids"].to(dev), opt), dev, "bare")}
+    except Exception as e:  # the profiler is a lead, not a figure: never cost the rest
+        res["profile"] = {"error": repr(e)}
+
     # the bare loop at the largest batch with our defaults (fused AdamW on CUDA, channels_last
     # on CUDA) and with each turned back off: what each default buys
     b = max(batches)
     x = normalize_images(full["images"][:b].to(dev))
     ids = full["input_ids"][:b].to(dev)
-    var = {"defaults": {"fused_adamw": bool(opt.defaults.get("fused")), "channels_last": tr.channels_last},
-           "defaults_samples_per_s": round(b / _time(bare_fn(_fmt(x, tr.channels_last), ids, opt), dev, steps), 1)}
-    foreach = torch.optim.AdamW(model.param_groups(1e-4, 1e-5, 1e-3, 0.2), foreach=True)
-    var["foreach_adamw_samples_per_s"] = round(b / _time(bare_fn(_fmt(x, tr.channels_last), ids, foreach),
-                                                         dev, steps), 1)
-    del foreach
-    model.visual.to(memory_format=torch.contiguous_format)
-    var["nchw_samples_per_s"] = round(b / _time(bare_fn(x, ids, opt), dev, steps), 1)
-    res["variants_at_batch"] = b
-    res["variants"] = var
+    var = {"defaults": {"fused_adamw": bool(opt.defaults.get("fused")), "channels_last": tr.channels_last}}
+    res["variants_at_batch"], res["variants"] = b, var
+    try:
+        var["defaults_samples_per_s"] = round(b / _time(bare_fn(_fmt(x, tr.channels_last), ids, opt),
+                                                        dev, steps), 1)
+        foreach = torch.optim.AdamW(model.param_groups(1e-4, 1e-5, 1e-3, 0.2), foreach=True)
+        var["foreach_adamw_samples_per_s"] = round(b / _time(bare_fn(_fmt(x, tr.channels_last), ids, foreach),
+                                                             dev, steps), 1)
+        del foreach
+        model.visual.to(memory_format=torch.contiguous_format)
+        # a fresh optimizer: the fused kernel refuses state kept in the other layout
+        nchw = torch.optim.AdamW(model.param_groups(1e-4, 1e-5, 1e-3, 0.2), fused=dev.type == "cuda" or None)
+        var["nchw_samples_per_s"] = round(b / _time(bare_fn(x, ids, nchw), dev, steps), 1)
+        del nchw
+    except Exception as e:  # keep the figures measured so far
+        traceback.print_exc()
+        var["error"] = repr(e)
     tr.close()
     return res
 
