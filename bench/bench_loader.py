@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, peak_rss_mb, table  # noqa: E402
+from common import bench_shards, machine, peak_rss_mb, table  # noqa: E402
 
 
 def main() -> None:
@@ -33,20 +33,11 @@ def main() -> None:
     import webdataset as wds
 
     from phoclip.data import ShardStream, StreamConfig, image_to_tensor
-    from phoclip.synthetic import make_dataset
-    from phoclip.text import build_phobert_tokenizer
-    from sharding.make_shards import main as make_shards
 
     d = Path(tempfile.mkdtemp())
     try:
-        caps = make_dataset(d / "data", n_images=args.images, size=96)
-        for f in (d / "data" / "images").iterdir():
-            Image.open(f).resize((320, 256)).save(f, quality=92)
-        texts = [l.split("\t", 1)[1] for l in caps.read_text(encoding="utf-8").splitlines()]
-        tok = build_phobert_tokenizer(texts, d / "tok")
-        make_shards(["--source", f"flickr8k-vi:{caps}:{d / 'data' / 'images'}", "--out", str(d / "sh"),
-                     "--tokenizer", str(tok), "--segmenter", "none", "--workers", "2", "--shard-size", "200",
-                     "--val-fraction", "0", "--image-size", "256"])
+        bench_shards(d, args.images, (320, 256), shard_args=["--workers", "2", "--shard-size", "200",
+                                                             "--val-fraction", "0", "--image-size", "256"])
         urls = sorted(str(p) for p in (d / "sh").glob("train-*.tar"))
         bs, n = 64, args.samples
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, table  # noqa: E402
+from common import machine, shapes_photos, table  # noqa: E402
 
 
 def bare_one(path: str) -> int:
@@ -47,7 +47,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=1000)
     args = ap.parse_args()
-    from phoclip.synthetic import make_dataset
     from phoclip.text import (NoSegmenter, PyviSegmenter, UndertheseaSegmenter, build_phobert_tokenizer,
                               load_tokenizer, tokenize_captions)
     from sharding.make_shards import main as make_shards
@@ -55,11 +54,8 @@ def main() -> None:
     d = Path(tempfile.mkdtemp())
     try:
         # photo-sized inputs (640x480 JPEG), like the public datasets
-        caps = make_dataset(d / "data", n_images=args.images, size=96)
-        for f in (d / "data" / "images").iterdir():
-            Image.open(f).resize((640, 480)).save(f, quality=92)
-        paths = sorted(str(p) for p in (d / "data" / "images").iterdir())
-        texts = [l.split("\t", 1)[1] for l in caps.read_text(encoding="utf-8").splitlines()]
+        caps, images, texts = shapes_photos(d, args.images, (640, 480))
+        paths = sorted(str(p) for p in images.iterdir())
         seg = UndertheseaSegmenter()
         tok_dir = build_phobert_tokenizer(seg.segment(texts), d / "tok")
         rows = []
@@ -68,7 +64,7 @@ def main() -> None:
             b = bare(paths, w)
             out = d / f"shards{w}"
             t = time.perf_counter()
-            make_shards(["--source", f"flickr8k-vi:{caps}:{d / 'data' / 'images'}", "--out", str(out),
+            make_shards(["--source", f"flickr8k-vi:{caps}:{images}", "--out", str(out),
                          "--tokenizer", str(tok_dir), "--segmenter", "none", "--workers", str(w),
                          "--shard-size", "100", "--val-fraction", "0"])
             ours = args.images / (time.perf_counter() - t)

@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests"))
-from common import machine, table  # noqa: E402
+from common import bench_shards, machine, table  # noqa: E402
 
 
 def worker(rank, world, port, shards, tok, n_train, batch, steps, q):
@@ -86,18 +86,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
     from dist_utils import free_port
-    from phoclip.synthetic import make_dataset
-    from phoclip.text import build_phobert_tokenizer
-    from sharding.make_shards import main as make_shards
 
     d = Path(tempfile.mkdtemp())
     try:
-        caps = make_dataset(d / "data", n_images=128, size=72)
-        tok = build_phobert_tokenizer([l.split("\t", 1)[1] for l in caps.read_text(encoding="utf-8").splitlines()],
-                                      d / "tok")
-        make_shards(["--source", f"flickr8k-vi:{caps}:{d / 'data' / 'images'}", "--out", str(d / "sh"),
-                     "--tokenizer", str(tok), "--segmenter", "none", "--workers", "1", "--shard-size", "64",
-                     "--val-fraction", "0", "--max-length", "32"])
+        _, tok, _ = bench_shards(d, 128, image_px=72, shard_args=["--workers", "1", "--shard-size", "64",
+                                                                  "--val-fraction", "0", "--max-length", "32"])
         q = mp.get_context("spawn").SimpleQueue()
         mp.start_processes(worker, args=(2, free_port(), str(d / "sh"), str(tok), 2, args.batch, args.steps, q),
                            nprocs=2, start_method="spawn")

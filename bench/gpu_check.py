@@ -33,6 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 # phobert-large's shape, so no hub access is needed (random weights)
 PHOBERT_LARGE = dict(model_type="roberta", vocab_size=64001, hidden_size=1024, num_hidden_layers=24,
@@ -102,24 +103,12 @@ def env(dev: torch.device) -> dict:
 
 @section("data")
 def data(work: Path, n_images: int, workers: int) -> dict:
-    from PIL import Image
+    from common import bench_shards
 
-    from phoclip.synthetic import make_dataset
-    from phoclip.text import build_phobert_tokenizer
-    from sharding.make_shards import main as make_shards
-
-    caps = make_dataset(work / "data", n_images=n_images, size=96)
-    for f in (work / "data" / "images").iterdir():
-        Image.open(f).resize((400, 300)).save(f, quality=92)
-    lines = caps.read_text(encoding="utf-8").splitlines()
-    tok = build_phobert_tokenizer([l.split("\t", 1)[1] for l in lines], work / "tok")
-    t = time.time()
-    rc = make_shards(["--source", f"flickr8k-vi:{caps}:{work / 'data' / 'images'}", "--out", str(work / "sh"),
-                      "--tokenizer", str(tok), "--segmenter", "none", "--workers", str(workers),
-                      "--shard-size", "100", "--val-fraction", "0.1", "--image-size", "256"])
-    dt = time.time() - t
-    m = json.loads((work / "sh" / "manifest.json").read_text())
-    return {"rc": rc, "images": n_images, "workers": workers, "images_per_s": round(n_images / dt, 1),
+    sh, _, dt = bench_shards(work, n_images, (400, 300), shard_args=[
+        "--workers", str(workers), "--shard-size", "100", "--val-fraction", "0.1", "--image-size", "256"])
+    m = json.loads((sh / "manifest.json").read_text())
+    return {"images": n_images, "workers": workers, "images_per_s": round(n_images / dt, 1),
             "train_shards": len(m["shards"]["train"]), "val_shards": len(m["shards"]["val"])}
 
 

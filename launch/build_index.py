@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -83,11 +84,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "caption": (m.get("captions") or [""])[0]} for k, m in zip(keys, metas)]
             cap_items = None
             if args.shards:
-                cap_items = []
-                for j, i in enumerate(t2i.tolist()):
+                cap_items, n_before = [], Counter()  # captions already listed per image
+                for i in t2i.tolist():
                     caps = metas[i].get("captions") or []
-                    n_before = int((t2i[:j] == i).sum())
-                    cap_items.append({"caption": caps[n_before] if n_before < len(caps) else "",
+                    c = n_before[i]
+                    n_before[i] += 1
+                    cap_items.append({"caption": caps[c] if c < len(caps) else "",
                                       "image_key": keys[i], "image": i})
             write_index(args.out, model, str(args.model), img, items,
                         txt if args.shards else None, cap_items, args.shards or args.images)

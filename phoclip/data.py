@@ -55,8 +55,7 @@ def normalize_images(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> to
 def expand_urls(spec: str, weights: Optional[str] = None) -> tuple[list[str], list[float]]:
     """`a/train-{000000..000009}.tar::b/train-{000000..000003}.tar` → urls, per-url weights.
 
-    `weights` ("1::2") gives each source's sampling weight; a folder stands for its
-    manifest's train shards."""
+    `weights` ("1::2") gives each source's sampling weight. Every local shard must exist."""
     import braceexpand
 
     parts = [p for p in spec.split("::") if p]
@@ -116,13 +115,10 @@ def count_samples(urls: Iterable[str]) -> int:
     """Samples in the given shards, from the sizes.json files beside them."""
     total, cache = 0, {}
     for u in urls:
-        d = Path(u).parent
-        if d not in cache:
-            f = d / "sizes.json"
-            cache[d] = json.loads(f.read_text()) if f.is_file() else {}
-        if Path(u).name not in cache[d]:
-            raise ValueError(f"{u} is not listed in {d / 'sizes.json'}")
-        total += cache[d][Path(u).name]
+        n = _shard_sizes(u, cache)
+        if n is None:
+            raise ValueError(f"{u} is not listed in {Path(u).parent / 'sizes.json'}")
+        total += n
     return total
 
 

@@ -131,13 +131,8 @@ def write_shard(task: ShardTask) -> dict:
                 try:
                     data = Path(path).read_bytes()
                     im = resize_shorter(decode_rgb(data), task.image_size)
-                except BadImage as e:
-                    skipped[e.reason] += 1
-                    lost.append(key)
-                    logger.warning("skipping %s: %s", path, e)
-                    continue
-                except OSError as e:
-                    skipped["unreadable_file"] += 1
+                except (BadImage, OSError) as e:
+                    skipped[e.reason if isinstance(e, BadImage) else "unreadable_file"] += 1
                     lost.append(key)
                     logger.warning("skipping %s: %s", path, e)
                     continue

@@ -164,38 +164,20 @@ class RunConfig:
 
 
 def _set(obj: Any, dotted: str, raw: str) -> None:
-    parts = dotted.split(".")
-    for p in parts[:-1]:
+    """Set `a.b.c` from a command-line string (parsed as YAML)."""
+    *path, last = dotted.split(".")
+    for p in path:
         if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
             raise ConfigError(f"unknown config key {dotted!r}")
         obj = getattr(obj, p)
-    last = parts[-1]
-    if dataclasses.is_dataclass(obj) and hasattr(obj, last):
-        cur = getattr(obj, last)
-        val = _load_yaml(raw) if isinstance(raw, str) else raw
-        if isinstance(cur, dict) and isinstance(val, dict):
-            cur.update(val)
-            return
-        if isinstance(cur, tuple) and isinstance(val, list):
-            val = tuple(val)
-        if isinstance(cur, str) and val is not None and not isinstance(val, str):
-            val = str(raw)
-        if isinstance(cur, float) and isinstance(val, int) and not isinstance(val, bool):
-            val = float(val)
-        if isinstance(cur, float) and not isinstance(val, float):
-            raise ConfigError(f"{dotted} must be a number, not {raw!r}")
-        if isinstance(cur, bool) and not isinstance(val, bool):
-            raise ConfigError(f"{dotted} must be true or false, not {raw!r}")
-        if isinstance(cur, int) and not isinstance(cur, bool) and not isinstance(val, int):
-            raise ConfigError(f"{dotted} must be an integer, not {raw!r}")
-        setattr(obj, last, val)
-    elif isinstance(obj, dict):
+    if isinstance(obj, dict):  # inside a free-form field, e.g. model.overrides.vision
         obj[last] = _load_yaml(raw)
     else:
-        raise ConfigError(f"unknown config key {dotted!r}")
+        _set_value(obj, last, _load_yaml(raw), dotted, raw)
 
 
 def apply_tree(cfg: Any, tree: dict, prefix: str = "") -> None:
+    """Set every field of a nested dict (a YAML file, a checkpoint's saved config)."""
     for k, v in tree.items():
         key = f"{prefix}{k}"
         sub = getattr(cfg, k, None) if dataclasses.is_dataclass(cfg) else None
@@ -205,12 +187,28 @@ def apply_tree(cfg: Any, tree: dict, prefix: str = "") -> None:
             _set_value(cfg, k, v, key)
 
 
-def _set_value(obj: Any, name: str, val: Any, key: str) -> None:
-    if not hasattr(obj, name):
+def _set_value(obj: Any, name: str, val: Any, key: str, raw: Any = None) -> None:
+    """The one place a field is set: coerced and checked against the field's default type,
+    whether the value came from a YAML file or a `key=value` override (`raw`)."""
+    if not dataclasses.is_dataclass(obj) or not hasattr(obj, name):
         raise ConfigError(f"unknown config key {key!r}")
     cur = getattr(obj, name)
+    shown = raw if raw is not None else val
+    if isinstance(cur, dict) and isinstance(val, dict):
+        cur.update(val)
+        return
     if isinstance(cur, tuple) and isinstance(val, list):
         val = tuple(val)
+    if isinstance(cur, str) and val is not None and not isinstance(val, str):
+        val = str(shown)
+    if isinstance(cur, float) and isinstance(val, int) and not isinstance(val, bool):
+        val = float(val)
+    if isinstance(cur, float) and not isinstance(val, float):
+        raise ConfigError(f"{key} must be a number, not {shown!r}")
+    if isinstance(cur, bool) and not isinstance(val, bool):
+        raise ConfigError(f"{key} must be true or false, not {shown!r}")
+    if isinstance(cur, int) and not isinstance(cur, bool) and not isinstance(val, int):
+        raise ConfigError(f"{key} must be an integer, not {shown!r}")
     setattr(obj, name, val)
 
 
