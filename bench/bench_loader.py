@@ -3,7 +3,7 @@ caption choice + batching, seeded and resumable) vs a bare JPEG-decode loop, and
 plain webdataset pipeline doing the same work. One process, no DataLoader workers, so
 the numbers are per CPU core.
 
-    python bench/bench_loader.py [--images 1200] [--batches 30]
+    python bench/bench_loader.py [--images 1200] [--samples 1024] [--size 224]
 """
 from __future__ import annotations
 
