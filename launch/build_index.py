@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -14,23 +16,45 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from phoclip.data import expand_urls, eval_samples, image_to_tensor
-from phoclip.images import BadImage, decode_rgb
+from phoclip.images import BadImage, read_image_file
 from phoclip.log import init_logger
-from phoclip.retrieval import embed_samples, gather_embeddings
+from phoclip.retrieval import embed_samples, gather_counts, gather_embeddings
 from phoclip.search import load_item_image, write_embedding_map, write_index
 from train.distributed import cleanup, init_distributed
 from train.export import load_for_inference
 
+logger = logging.getLogger("build_index")
+
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+def list_images(folder: str) -> tuple[list[Path], int]:
+    """Image files under `folder`, recursively, sorted; and how many other files were seen.
+    Symlinked folders are not followed (no loops); a symlinked file is checked when read."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise SystemExit(f"--images {folder}: not a folder")
+    files, others = [], 0
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            f = Path(dirpath) / n
+            if f.suffix.lower() in IMAGE_EXT:
+                files.append(f)
+            else:
+                others += 1
+    return sorted(files), others
+
+
 def folder_samples(files: list[Path], image_size: int, rank: int, world: int,
-                   skipped: dict) -> Iterator[dict]:
+                   skipped: Counter) -> Iterator[dict]:
+    """This rank's share of the files as samples without captions; unreadable files
+    (broken, not an image, too large, not a regular file) are skipped and counted."""
     for f in files[rank::world]:
         try:
-            img = decode_rgb(f.read_bytes())
-        except (BadImage, OSError) as e:
-            skipped[str(f)] = str(e)
+            img = read_image_file(f)
+        except BadImage as e:
+            skipped[e.reason] += 1
+            logger.warning("skipped %s: %s", f, e)
             continue
         yield {"key": str(f), "image": image_to_tensor(img, image_size, train=False),
                "ids": torch.zeros(0, 2, dtype=torch.long), "meta": {"path": [str(f)]}}
@@ -48,6 +72,10 @@ def write_projector(logdir: str, emb: torch.Tensor, items: list[dict], thumb: in
     with SummaryWriter(logdir) as w:
         w.add_embedding(emb, metadata=[it.get("caption") or it["key"] for it in items],
                         label_img=torch.stack(thumbs), tag="phoclip_images")
+
+
+def _summary(counts: Counter) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -68,16 +96,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         model, _ = load_for_inference(args.model, str(info.device))
         size = model.config["vision"].get("image_size", 224)
-        skipped: dict = {}
+        skipped: Counter = Counter()
+        others = 0
         if args.shards:
-            samples = eval_samples(expand_urls(args.shards)[0], size, info.rank, info.world_size)
+            samples = eval_samples(expand_urls(args.shards)[0], size, info.rank, info.world_size, skipped)
         else:
-            files = sorted(f for f in Path(args.images).rglob("*") if f.suffix.lower() in IMAGE_EXT)
+            files, others = list_images(args.images)
             if not files:
-                raise SystemExit(f"no images found under {args.images}")
+                raise SystemExit(f"no images found under {args.images} "
+                                 f"(looked for {', '.join(sorted(IMAGE_EXT))})")
             samples = folder_samples(files, size, info.rank, info.world_size, skipped)
         parts = embed_samples(model, samples, info.device, args.batch_size, progress=info.is_main)
         img, txt, t2i, keys, metas = gather_embeddings(*parts, info.world_size)
+        skipped = gather_counts(skipped, info.world_size)
+        if img.shape[0] == 0:
+            raise SystemExit(f"no readable images in {args.shards or args.images}: "
+                             f"skipped {_summary(skipped)}")
         if info.is_main:
             items = [{"key": k, "path": (m.get("path") or [""])[0],
                       "source": (m.get("source") or ["folder"])[0], "shard": m.get("_url", ""),
@@ -99,7 +133,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 write_projector(args.tensorboard, img[: args.projector_max], items[: args.projector_max])
                 print(f"projector: tensorboard --logdir {args.tensorboard}")
             print(f"indexed {img.shape[0]} images" + (f" and {txt.shape[0]} captions" if args.shards else "")
-                  + f" into {args.out}" + (f"; skipped {len(skipped)} unreadable files" if skipped else ""))
+                  + f" into {args.out}")
+            if skipped:
+                print(f"skipped {sum(skipped.values())} unreadable: {_summary(skipped)}")
+            if others:
+                print(f"ignored {others} files without an image extension")
         return 0
     finally:
         cleanup()

@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from phoclip.images import BadImage, read_image_file
 from phoclip.log import init_logger
 from phoclip.search import (DEFAULT_TEMPLATES, EmbeddingIndex, find_captions, find_matches,
-                            write_gallery, zero_shot_accuracy, zero_shot_tags)
-from phoclip.text import TextProcessor, create_segmenter, load_tokenizer
+                            query_processor, write_gallery, zero_shot_accuracy, zero_shot_tags)
 from train.export import load_for_inference
 
 
@@ -30,7 +30,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--labels", help="with --tags: a TSV of KEY_OR_PATH<TAB>LABEL for zero-shot accuracy")
     p.add_argument("--k", type=int, default=25)
     p.add_argument("--segmenter", help="default: the one the model's shards were made with")
-    p.add_argument("--vncorenlp-dir")
+    p.add_argument("--vncorenlp-dir", help="VnCoreNLP model folder (default: $VNCORENLP_DIR)")
     p.add_argument("--backend", choices=("exact", "faiss"), default="exact")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--html", help="write a self-contained HTML gallery here")
@@ -41,9 +41,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     index = EmbeddingIndex(args.index)
     model, tok_name = load_for_inference(args.model or index.meta["model"])
     index.check_model(model)
-    seg = args.segmenter or model.config["text"].get("segmenter") or "vncorenlp"
-    proc = TextProcessor(load_tokenizer(tok_name), create_segmenter(seg, args.vncorenlp_dir),
-                         model.config["text"].get("max_length", 70))
+    try:
+        proc = query_processor(model, tok_name, args.segmenter, args.vncorenlp_dir)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"search: {e}") from None
     out: dict = {}
     if args.queries:
         res = find_matches(model, index, args.queries, proc, args.k, args.backend)
@@ -58,9 +59,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(f"{m.rank:>4} {m.score:7.3f}  {m.item.get('path') or m.item['key']}  "
                           f"({m.item.get('caption', '')})")
     if args.image:
-        from PIL import Image
-
-        ims = [Image.open(f) for f in args.image]
+        ims = []
+        for f in args.image:
+            try:
+                ims.append(read_image_file(f))
+            except BadImage as e:
+                raise SystemExit(f"--image {f}: {e}") from None
         res = find_captions(model, index, ims, args.k, args.backend)
         out["image_to_text"] = {f: [vars(m) for m in r] for f, r in zip(args.image, res)}
         if not args.json:

@@ -371,8 +371,12 @@ def eval_samples(urls: list[str], image_size: int, rank: int = 0, world_size: in
     for sample in read_shards(shards, skipped):
         try:
             img, ids, meta = decode_sample(sample)
-        except (BadImage, KeyError, ValueError):
-            skipped["bad_sample"] += 1
+        except BadImage as e:
+            skipped[f"image_{e.reason}"] += 1
+            continue
+        except (KeyError, ValueError) as e:
+            skipped[str(e.args[0]) if e.args and str(e.args[0]).startswith(("missing_", "bad_"))
+                    else "bad_sample"] += 1
             continue
         yield {"key": sample["__key__"], "image": image_to_tensor(img, image_size, train=False),
                "ids": torch.from_numpy(ids.astype(np.int64)), "meta": meta,

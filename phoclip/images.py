@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 
 from PIL import Image, ImageFile
@@ -42,6 +44,32 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage("corrupt", str(e)) from e
     return to_rgb(im)
+
+
+MAX_FILE_BYTES = 64 * 1024 * 1024  # no photo we index is larger; a bigger file is refused unread
+
+
+def read_image_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES,
+                    max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image file to RGB, safely: only a regular file (a symlink to /dev/zero,
+    a FIFO or a device is refused before it is opened for reading, so nothing hangs),
+    at most `max_bytes` read, and the same checks as `decode_rgb`. Raises BadImage."""
+    try:
+        st = os.stat(path)  # follows symlinks: what would be read is what is checked
+    except OSError as e:
+        raise BadImage("unreadable", str(e)) from e
+    if not stat.S_ISREG(st.st_mode):
+        raise BadImage("not_a_file", f"{path} is not a regular file")
+    if st.st_size > max_bytes:
+        raise BadImage("too_large", f"{path}: {st.st_size} bytes > {max_bytes}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may grow between stat and read
+    except OSError as e:
+        raise BadImage("unreadable", str(e)) from e
+    if len(data) > max_bytes:
+        raise BadImage("too_large", f"{path}: more than {max_bytes} bytes")
+    return decode_rgb(data, max_pixels)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -162,7 +162,9 @@ class PhoCLIP(nn.Module):
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {"image_features": self.encode_image(images),
                "text_features": self.encode_text(input_ids),
-               "logit_scale": self.logit_scale.exp().squeeze()}
+               # clamped here too: engines that keep master weights (DeepSpeed) undo an
+               # in-place clamp of the module's copy at their next step
+               "logit_scale": self.logit_scale.clamp(max=self.logit_scale_max).exp().squeeze()}
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias.squeeze()
         return out

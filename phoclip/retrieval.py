@@ -6,6 +6,7 @@ items scoring strictly higher)."""
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Iterable, Optional
 
 import torch
@@ -58,37 +59,50 @@ def chance_recall(n_images: int, k: int) -> float:
 
 @torch.no_grad()
 def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_size: int = 64,
-                  autocast_dtype: Optional[torch.dtype] = None, progress: bool = False):
+                  autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
+                  lockstep: bool = False):
     """Embed images and all their captions. Returns (image feats [N,D], text feats [M,D],
-    text_to_image [M] (local indices), keys [N], metas [N])."""
+    text_to_image [M] (local indices), keys [N], metas [N]).
+
+    lockstep: every rank of the process group runs the same number of image and text
+    forwards (a rank out of samples, or with a batch without captions, runs a one-row
+    dummy whose output is dropped). Needed where a forward is itself a collective
+    (ZeRO-3 gathers each layer's weights), so ranks with fewer samples do not hang."""
+    from itertools import islice
+
     from tqdm import tqdm
 
     model.eval()
     img_f, txt_f, t2i, keys, metas = [], [], [], [], []
-    buf: list[dict] = []
-
-    def flush():
-        if not buf:
-            return
-        ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
-               else torch.autocast(device.type, enabled=False))
-        with ctx:
-            ims = torch.stack([b["image"] for b in buf]).to(device)
-            img_f.append(model.encode_image(ims).float().cpu())
-            ids = torch.cat([b["ids"] for b in buf]).to(device)
-            txt_f.append(model.encode_text(ids).float().cpu())
+    ctx = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else \
+        (lambda: torch.autocast(device.type, enabled=False))
+    size = int(model.config["vision"].get("image_size", 224))
+    it = iter(tqdm(samples, desc="embedding", unit="img", disable=not progress))
+    while True:
+        buf = list(islice(it, batch_size))
+        if lockstep:
+            more = torch.tensor([float(bool(buf))], device=device)
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+            if not more.item():
+                break
+        elif not buf:
+            break
+        with ctx():
+            if buf:
+                ims = torch.stack([b["image"] for b in buf]).to(device)
+                img_f.append(model.encode_image(ims).float().cpu())
+            elif lockstep:
+                model.encode_image(torch.zeros(1, 3, size, size, device=device))
+            ids = torch.cat([b["ids"] for b in buf]).to(device) if buf else torch.zeros(0, 2)
+            if ids.shape[0]:  # a folder of photos has no captions
+                txt_f.append(model.encode_text(ids).float().cpu())
+            elif lockstep:
+                model.encode_text(torch.tensor([[0, 2]], device=device))
         base = len(keys)
         for i, b in enumerate(buf):
             t2i.extend([base + i] * b["ids"].shape[0])
             keys.append(b["key"])
             metas.append(dict(b.get("meta", {}), _url=b.get("url", "")))
-        buf.clear()
-
-    for s in tqdm(samples, desc="embedding", unit="img", disable=not progress):
-        buf.append(s)
-        if len(buf) == batch_size:
-            flush()
-    flush()
     d = model.config["embed_dim"]
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, d)
     return cat(img_f), cat(txt_f), torch.tensor(t2i, dtype=torch.long), keys, metas
@@ -113,16 +127,29 @@ def gather_embeddings(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, k
     return torch.cat(I), torch.cat(T), torch.cat(M), K, Me
 
 
+def gather_counts(counts: Counter, world_size: int) -> Counter:
+    """Sum every rank's counter (e.g. skipped samples by reason)."""
+    if world_size == 1:
+        return Counter(counts)
+    parts: list = [None] * world_size
+    dist.all_gather_object(parts, dict(counts))
+    out: Counter = Counter()
+    for p in parts:
+        out.update(p)
+    return out
+
+
 def evaluate_shards(model, urls: list[str], image_size: int, device: torch.device,
                     rank: int = 0, world_size: int = 1, batch_size: int = 64,
                     autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
-                    return_embeddings: bool = False):
+                    return_embeddings: bool = False, lockstep: bool = False):
     """Embed the shards (each rank its part), gather, and compute the recalls. With
-    return_embeddings: (metrics, image features, keys, metas)."""
+    return_embeddings: (metrics, image features, keys, metas). `lockstep`: see
+    `embed_samples` (ZeRO-3)."""
     from phoclip.data import eval_samples
 
     parts = embed_samples(model, eval_samples(urls, image_size, rank, world_size), device,
-                          batch_size, autocast_dtype, progress)
+                          batch_size, autocast_dtype, progress, lockstep)
     img, txt, t2i, keys, metas = gather_embeddings(*parts, world_size)
     if img.shape[0] == 0:
         raise ValueError(f"no images could be read from the validation shards {urls[:3]}")

@@ -147,6 +147,27 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
 
 # ----------------------------------------------------------------------------- queries
 
+def query_processor(model, tokenizer_name: str, segmenter: Optional[str] = None,
+                    vncorenlp_dir: Optional[str] = None):
+    """The TextProcessor that prepares queries as the model's training captions were:
+    the segmenter and max length the model records (`segmenter` overrides the name;
+    VnCoreNLP's folder: `vncorenlp_dir`, else $VNCORENLP_DIR)."""
+    from phoclip.text import TextProcessor, create_segmenter, load_tokenizer
+
+    tc = model.config["text"]
+    name = segmenter or tc.get("segmenter")
+    if not name:
+        raise ValueError("the model does not record which segmenter its captions were made with "
+                         "(exported before that was recorded): pass --segmenter NAME, the one "
+                         "its shards' manifest.json names")
+    seg = create_segmenter(name, vncorenlp_dir)
+    want = tc.get("segmenter_version")
+    if name == tc.get("segmenter") and want and want != seg.version:
+        logger.warning("the model's captions were segmented with %s %s, queries now with %s: "
+                       "results may differ slightly", name, want, seg.version)
+    return TextProcessor(load_tokenizer(tokenizer_name), seg, int(tc.get("max_length", 70)))
+
+
 @torch.no_grad()
 def embed_texts(model, text_processor, texts: Sequence[str], device="cpu") -> torch.Tensor:
     """Normalise and segment as at sharding time, tokenize, embed."""

@@ -25,9 +25,20 @@ _WS = re.compile(r"\s+")
 VNCORENLP_DOWNLOAD_HINT = (
     "Download the VnCoreNLP word segmenter once with\n"
     "  python -c \"import py_vncorenlp; py_vncorenlp.download_model(save_dir='/abs/path/vncorenlp')\"\n"
-    "(it needs GitHub access and Java 8+), then pass --vncorenlp-dir /abs/path/vncorenlp; "
-    "or use --segmenter underthesea, which works offline."
+    "(it needs GitHub access and Java 8+), then pass --vncorenlp-dir /abs/path/vncorenlp "
+    "(or set VNCORENLP_DIR); or use --segmenter underthesea, which works offline."
 )
+VNCORENLP_ENV = "VNCORENLP_DIR"
+
+
+def resolve_vncorenlp_dir(flag: str | os.PathLike | None = None) -> Path:
+    """Where the VnCoreNLP model is, in one order everywhere (sharding, training's query
+    grids, search): the flag, then $VNCORENLP_DIR, else an error naming both."""
+    d = flag or os.environ.get(VNCORENLP_ENV)
+    if not d:
+        raise RuntimeError("VnCoreNLP needs the folder of its model: pass --vncorenlp-dir DIR or "
+                           f"set {VNCORENLP_ENV}=DIR (neither was given). " + VNCORENLP_DOWNLOAD_HINT)
+    return Path(d).absolute()  # py_vncorenlp chdirs; a relative path would break
 
 
 def normalize_text(text: str) -> str:
@@ -101,15 +112,12 @@ class VnCoreNLPSegmenter:
 
     name = "vncorenlp"
 
-    def __init__(self, model_dir: str | os.PathLike | None) -> None:
+    def __init__(self, model_dir: str | os.PathLike | None = None) -> None:
         if shutil.which("java") is None:
             raise RuntimeError("VnCoreNLP needs Java 8+ on PATH and none was found. "
                                "Install a JRE (e.g. apt-get install default-jre-headless). "
                                + VNCORENLP_DOWNLOAD_HINT)
-        if not model_dir:
-            raise RuntimeError("VnCoreNLP needs the folder of its model (--vncorenlp-dir). "
-                               + VNCORENLP_DOWNLOAD_HINT)
-        model_dir = Path(model_dir).absolute()  # py_vncorenlp chdirs; a relative path breaks
+        model_dir = resolve_vncorenlp_dir(model_dir)
         jar = model_dir / "VnCoreNLP-1.2.jar"
         wseg = model_dir / "models" / "wordsegmenter"
         if not jar.is_file() or not wseg.is_dir():
@@ -123,7 +131,7 @@ class VnCoreNLPSegmenter:
             self._model = py_vncorenlp.VnCoreNLP(annotators=["wseg"], save_dir=str(model_dir))
         finally:
             os.chdir(cwd)  # py_vncorenlp leaves the process in its model folder
-        self.version = "1.2"
+        self.version = f"VnCoreNLP-1.2 (py_vncorenlp {_dist_version('py_vncorenlp')})"
 
     def segment(self, texts: Sequence[str]) -> list[str]:
         out = []
@@ -133,11 +141,21 @@ class VnCoreNLPSegmenter:
         return out
 
 
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
 SEGMENTERS = ("vncorenlp", "underthesea", "pyvi", "none")
 
 
 def create_segmenter(name: str, vncorenlp_dir: str | None = None) -> Segmenter:
-    """Build a segmenter by name: vncorenlp, underthesea, pyvi or none."""
+    """Build a segmenter by name: vncorenlp, underthesea, pyvi or none. VnCoreNLP's model
+    folder: `vncorenlp_dir`, else $VNCORENLP_DIR (see `resolve_vncorenlp_dir`)."""
     if name == "none":
         return NoSegmenter()
     if name == "underthesea":

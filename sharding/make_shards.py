@@ -45,8 +45,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--tokenizer", default="vinai/phobert-large", help="hub name or local folder")
     p.add_argument("--segmenter", default="vncorenlp", choices=SEGMENTERS)
-    p.add_argument("--vncorenlp-dir", default=os.environ.get("VNCORENLP_DIR"),
-                   help="absolute folder of the VnCoreNLP model (env VNCORENLP_DIR)")
+    p.add_argument("--vncorenlp-dir",
+                   help="folder of the VnCoreNLP model (default: $VNCORENLP_DIR)")
     p.add_argument("--max-length", type=int, default=70)
     p.add_argument("--image-size", type=int, default=256, help="shorter side after resizing")
     p.add_argument("--jpeg-quality", type=int, default=90)

@@ -134,3 +134,38 @@ def run_torchrun(nproc, script, args, extra=(), timeout=300, check=True):
 
 # DeepSpeed compiles a small op at its first initialize: cache it across runs
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (from /proc), parents first."""
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def kill_job(proc) -> None:
+    """SIGKILL a launched job and every process under it. torchrun starts each rank in
+    a session of its own, so killing the launcher's process group would leave the ranks
+    training: collect the whole tree first, then kill each."""
+    import signal
+
+    for p in process_tree(proc.pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, run_torchrun, train_overrides
+from conftest import ROOT, kill_job, read_metrics, run_torchrun, train_overrides
 from dist_utils import free_port
 
 pytestmark = pytest.mark.slow
@@ -71,9 +71,10 @@ def test_first_step_equals_ddp_resume_and_export(shapes_shards, tmp_path):
         assert p.poll() is None, p.stdout.read()[-4000:]
         assert time.time() - t0 < 300
         time.sleep(0.1)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_job(p)
     m = read_metrics(run)
+    time.sleep(2)
+    assert read_metrics(run) == m, "ranks kept training after the job was killed"
     assert m[1]["loss"] == pytest.approx(read_metrics(ddp)[1]["loss"], rel=1e-5)
     # resume under torchrun this time: DeepSpeed reads torchrun's environment
     args2 = [a if not a.startswith("train.max_steps=") else "train.max_steps=9" for a in args]
@@ -111,3 +112,72 @@ def test_ds_json_disagreeing_with_run_config_refused(shapes_shards, tmp_path):
     cfg = resolve_config(None, ["train.precision=fp32", "data.train_shards=x"])
     with pytest.raises(ConfigError, match="trains in bf16"):
         resolve_ds_config(str(ROOT / "launch/deepspeed/zero2_bf16.json"), cfg, 2)
+
+
+def _fp32_json(tmp_path, name):
+    ds_json = json.loads((ROOT / f"launch/deepspeed/{name}").read_text())
+    ds_json.pop("torch_autocast")
+    f = tmp_path / name.replace("bf16", "fp32")
+    f.write_text(json.dumps(ds_json))
+    return f
+
+
+def test_zero3_learns_resumes_after_kill9_and_exports_the_trained_model(shapes_shards, tmp_path):
+    """ZeRO-3 partitions every parameter: the logged temperature, validation (rank 1 holds
+    no validation shard: the ranks must still run the same forwards), the retrieval grids
+    and the export must all work on slices. fp32 so that the run's own validation and
+    evaluate.py on the exported model compute the very same numbers."""
+    run = tmp_path / "z3"
+    args = _args(shapes_shards, run, str(_fp32_json(tmp_path, "zero3_bf16.json")),
+                 **{"train.max_steps": 14, "train.save_every": 3, "train.eval_every": 7,
+                    "train.eval_queries": '["hai hình tròn màu đỏ"]'})
+    p = subprocess.Popen(ds_cmd(args), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    t0 = time.time()
+    while max(read_metrics(run) or [0]) < 8:
+        assert p.poll() is None, p.stdout.read()[-6000:]
+        assert time.time() - t0 < 300
+        time.sleep(0.1)
+    kill_job(p)
+    m = read_metrics(run)
+    time.sleep(2)
+    assert read_metrics(run) == m, "ranks kept training after the job was killed"
+    assert 7 in read_metrics(run, "val")  # validation ran with one rank out of shards
+    r = run_torchrun(2, "launch/train_deepspeed.py", args + ["--resume", "latest"], timeout=400)
+    assert "resumed from" in r.stderr
+    m2 = read_metrics(run)
+    assert sorted(m2) == list(range(1, 15))
+    assert m2[8]["loss"] == pytest.approx(m[8]["loss"], rel=1e-4)  # same state, same data
+    first = sum(m2[s]["loss"] for s in (1, 2, 3)) / 3
+    last = sum(m2[s]["loss"] for s in (12, 13, 14)) / 3
+    assert last < first - 0.05, (first, last)
+    scales = [m2[s]["logit_scale"] for s in m2]
+    assert all(0 < v <= 100 for v in scales) and len(set(scales)) > 1  # read, and it moves
+    assert list((run / "tensorboard").rglob("events*"))
+
+    # the end-of-run export holds whole tensors, equal to those gathered from the ZeRO-3
+    # checkpoint by export_model.py, and evaluate.py on it reproduces the run's own
+    # last validation: the exported model is the trained one
+    from safetensors.torch import load_file
+
+    from phoclip.model import load_model
+
+    w = load_file(str(run / "model" / "model.safetensors"))
+    assert all(t.numel() > 0 for t in w.values())
+    r = subprocess.run([sys.executable, "launch/export_model.py", str(run / "checkpoints" / "step_00000014"),
+                        str(tmp_path / "exported")], capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_model(tmp_path / "exported").eval(), load_model(run / "model").eval()
+    x = torch.randn(3, 3, 32, 32)
+    ids = torch.randint(4, 20, (3, 10))
+    torch.testing.assert_close(a.encode_image(x), b.encode_image(x))
+    torch.testing.assert_close(a.encode_text(ids), b.encode_text(ids))
+    shards = shapes_shards[0]
+    r = subprocess.run([sys.executable, "launch/evaluate.py", "--model", str(run / "model"), "--shards",
+                        f"{shards}/val-000000.tar", "--out", str(tmp_path / "eval.json")],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    val = read_metrics(run, "val")[14]
+    for k in ("t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_mean_rank"):
+        assert ev[k] == pytest.approx(val[k], abs=1e-6), k

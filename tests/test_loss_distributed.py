@@ -55,7 +55,10 @@ def _check(rank, world, kind, local_loss):
     n = 0
     for (name, p), (_, q) in zip(model.module.named_parameters(), ref.named_parameters()):
         assert p.grad is not None, name
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        # float32 rounding is relative to the tensor's scale, not to each element: an
+        # element 1e4x smaller than its neighbours carries their absolute rounding error
+        atol = 1e-6 * max(1.0, float(q.grad.abs().max()))
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
         n += 1
     assert n > 50
 

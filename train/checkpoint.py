@@ -10,7 +10,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -82,8 +82,10 @@ class Checkpointer:
         ckpts = self.list()
         return ckpts[-1] if ckpts else None
 
-    def save(self, step: int, engine, rank_state: dict, meta: dict) -> Optional[Path]:
-        """Collective: every rank calls it. Returns the final folder."""
+    def save(self, step: int, engine, rank_state: dict, meta: dict,
+             extra: Optional[Callable[[Path], None]] = None) -> Optional[Path]:
+        """Collective: every rank calls it; `extra(folder)` writes more files on rank 0
+        (e.g. the tokenizer). Returns the final folder."""
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f"step_{step:08d}.tmp"
         if final.is_dir() and (final / "meta.json").is_file():
@@ -96,6 +98,8 @@ class Checkpointer:
         atomic_torch_save(rank_state, tmp / f"rank{self.rank:05d}.pt")
         barrier()
         if self.rank == 0:
+            if extra is not None:
+                extra(tmp)
             (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step,
                                                            world_size=self.world_size), indent=2))
             _fsync_dir(tmp)

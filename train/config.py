@@ -105,6 +105,8 @@ class TrainConfig:
     """Validation every N steps (0: only at the end when val_shards is set)."""
     eval_queries: list = field(default_factory=list)
     """Vietnamese queries whose top-5 validation images are logged to TensorBoard at each validation."""
+    vncorenlp_dir: str = ""
+    """VnCoreNLP model folder, to segment `eval_queries` as VnCoreNLP shards were (default: $VNCORENLP_DIR)."""
     save_every: int = 500
     keep_last: int = 3
     max_nonfinite: int = 5

@@ -78,6 +78,14 @@ class DeepSpeedEngine(Engine):
         fp16 = bool(self.ds_config.get("fp16", {}).get("enabled"))
         self.input_dtype = torch.float16 if fp16 else None
         self.handles_overflow = fp16  # DeepSpeed's dynamic loss scale skips overflow steps
+        self.partitioned = self.ds.zero_optimization_stage() == 3
+
+    def gathered(self):
+        if not self.partitioned:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
 
     def autocast(self):
         # DeepSpeed's torch_autocast block (bf16) wraps its own forward; fp16 casts weights

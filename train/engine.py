@@ -39,6 +39,14 @@ class Engine:
     handles_overflow: bool = False
     """True where an inf gradient is an overflow the engine skips itself (fp16 loss
     scaling), not a fault for the trainer's non-finite guard."""
+    partitioned: bool = False
+    """True where each rank holds only a slice of every parameter (ZeRO-3): each forward
+    is then a collective, so all ranks must run the same forwards, and reading a weight
+    needs `gathered()`."""
+
+    def gathered(self):
+        """A context in which `model`'s parameters are whole on every rank (collective)."""
+        return contextlib.nullcontext()
 
     def autocast(self):
         raise NotImplementedError

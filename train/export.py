@@ -44,12 +44,25 @@ def model_from_checkpoint(ckpt: Path, device: str = "cpu"):
     from train.trainer import build_model
 
     meta = json.loads((ckpt / "meta.json").read_text())
-    cfg = RunConfig()
-    apply_tree(cfg, meta["config"])
-    tok_name = cfg.model.tokenizer or get_model_config(cfg.model.name)["text"].get("tokenizer")
-    cfg.model.overrides.setdefault("vision", {})["pretrained"] = False
-    cfg.model.overrides.setdefault("text", {})["pretrained"] = False
-    model = build_model(cfg, load_tokenizer(tok_name))
+    tok_name = str(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
+    if "model_config" in meta:
+        # the resolved architecture the run trained (text tower config included): no hub,
+        # no pretrained-weights file needed, the checkpoint holds every weight
+        from phoclip.model import PhoCLIP
+
+        mc = json.loads(json.dumps(meta["model_config"]))
+        mc["vision"]["pretrained"] = False
+        mc["vision"].pop("weights_file", None)
+        mc["text"]["pretrained"] = False
+        tok_name = tok_name or mc["text"].get("tokenizer")
+        model = PhoCLIP(mc)
+    else:  # checkpoints written before the model config was saved in them
+        cfg = RunConfig()
+        apply_tree(cfg, meta["config"])
+        tok_name = tok_name or cfg.model.tokenizer or get_model_config(cfg.model.name)["text"].get("tokenizer")
+        cfg.model.overrides.setdefault("vision", {})["pretrained"] = False
+        cfg.model.overrides.setdefault("text", {})["pretrained"] = False
+        model = build_model(cfg, load_tokenizer(tok_name))
     if (ckpt / "state.pt").is_file():
         sd = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
     else:

@@ -69,7 +69,6 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self._stop = False
-        self._query_proc = None  # built at the first validation that logs retrieval grids
         t = cfg.train
 
         # data first: bad shards are refused before any model is built
@@ -89,9 +88,13 @@ class Trainer:
                                         arch["text"].get("pad_id", 1),
                                         _max_positions(arch), tok_name)
         self.dataset_size = count_samples(self.train_urls)
+        # the retrieval grids segment their queries as the shards were: refuse now, not
+        # silently at the first validation, when that segmenter cannot be built
+        self._query_proc = self._build_query_processor() if t.eval_queries and self.val_urls else None
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         model = build_model(cfg, self.tokenizer)
+        record_text_processing(model, self.manifest)
         groups = model.param_groups(cfg.optim.lr_image, cfg.optim.lr_text, cfg.optim.lr_head,
                                     cfg.optim.weight_decay)
         lr_fn = lr_lambda(cfg.optim.warmup_steps, t.max_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
@@ -151,10 +154,12 @@ class Trainer:
         logger.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> None:
+        # the model's resolved config and the tokenizer travel with every checkpoint, so
+        # exporting one needs neither the hub nor the files the run started from
         meta = {"samples_seen": self.samples_seen, "nonfinite_total": self.nonfinite_total,
-                "config": self.cfg.to_dict()}
+                "config": self.cfg.to_dict(), "model_config": self.model.config}
         self.ckpt.save(self.step, self.engine, {"data": self.tracker.state_dict(), "rng": rng_state()},
-                       meta)
+                       meta, extra=lambda d: self.tokenizer.save_pretrained(str(d / "tokenizer")))
 
     # ------------------------------------------------------------------ the loop
     def _on_sigterm(self, signum, frame) -> None:
@@ -245,13 +250,14 @@ class Trainer:
         # BatchNorm statistics move in the forward pass; a skipped (non-finite) step
         # must not leave NaN in them, so they are restored (they are small)
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        total, losses = self.forward_backward(batches)
-        return self.optimizer_step(total, losses, buffers)
+        total, losses, scale = self.forward_backward(batches)
+        return self.optimizer_step(total, losses, buffers, scale)
 
-    def forward_backward(self, batches: list[dict]) -> tuple[torch.Tensor, dict]:
+    def forward_backward(self, batches: list[dict]) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """Gradients of the loss over all micro-batches, global negatives kept: with
         k > 1, features of all micro-batches are computed without gradient first, then
-        each micro-batch is recomputed with gradient against all the others."""
+        each micro-batch is recomputed with gradient against all the others. Returns the
+        loss, its named parts and the temperature exp(t) the forward used."""
         self.model.train()
         eng = self.engine
         data = self._to(batches)
@@ -280,11 +286,14 @@ class Trainer:
                     losses = self._loss(out, img, txt)
                     total = sum(losses.values())
                 eng.backward(total)
-        return total, losses
+        return total, losses, out["logit_scale"].detach()
 
-    def optimizer_step(self, total: torch.Tensor, losses: dict, buffers: list = ()) -> dict:
+    def optimizer_step(self, total: torch.Tensor, losses: dict, buffers: list = (),
+                       logit_scale: Optional[torch.Tensor] = None) -> dict:
         """Clip, agree across ranks on skipping (non-finite) or stopping, step; `buffers`
-        (module buffer, its value before the forward pass) are restored on a skip."""
+        (module buffer, its value before the forward pass) are restored on a skip.
+        `logit_scale` (the step's exp(t), logged) is read from the forward's output: under
+        ZeRO-3 the parameter itself is only a slice on each rank."""
         eng = self.engine
         gnorm = eng.grad_norm()
         bad_grad = (torch.zeros((), device=total.device) if gnorm is None or eng.handles_overflow
@@ -309,9 +318,12 @@ class Trainer:
             gnorm = eng.last_grad_norm()
         self.model.clamp_logit_scale()
         names = list(losses)
+        if logit_scale is None:
+            with eng.gathered():
+                logit_scale = self.model.logit_scale.detach().clamp(max=self.model.logit_scale_max).exp()
         values = torch.stack([total.detach().float(), *(losses[k].detach().float() for k in names),
                               gnorm.detach().float().to(total.device),
-                              self.model.logit_scale.detach().exp().squeeze().float()]).tolist()
+                              logit_scale.squeeze().float().to(total.device)]).tolist()
         lrs = eng.lrs()
         return {"loss": values[0], **dict(zip(names, values[1:-2])),
                 "lr": lrs.get("head", next(iter(lrs.values()))), "lrs": lrs,
@@ -323,9 +335,10 @@ class Trainer:
             torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float16)
         res, img, keys, metas = evaluate_shards(
             self.model, self.val_urls, self.cfg.data.image_size, self.dist.device, self.dist.rank,
-            self.dist.world_size, self.cfg.data.batch_size, dtype, return_embeddings=True)
+            self.dist.world_size, self.cfg.data.batch_size, dtype, return_embeddings=True,
+            lockstep=self.engine.partitioned)
         self.log.log(self.step, res, prefix="val")
-        if self.dist.is_main and self.cfg.train.eval_queries:
+        if self._query_proc is not None:
             self._log_retrieval_grids(img, keys, metas)
         logger.info("val step %d: t2i R@1 %.1f R@5 %.1f R@10 %.1f | i2t R@1 %.1f R@5 %.1f R@10 %.1f",
                     self.step, res["t2i_R@1"], res["t2i_R@5"], res["t2i_R@10"],
@@ -337,20 +350,12 @@ class Trainer:
         """Top-k validation images of each configured query, as TensorBoard images:
         where a person would rather look than read."""
         from phoclip.search import embed_texts, load_item_image
-        from phoclip.text import TextProcessor, create_segmenter
 
-        if self._query_proc is False:
-            return
-        if self._query_proc is None:
-            try:
-                seg = create_segmenter(self.manifest.get("segmenter", {}).get("name", "none"))
-            except (RuntimeError, ImportError) as e:
-                logger.warning("no retrieval grids: the shards' segmenter is unavailable (%s)", e)
-                self._query_proc = False
-                return
-            self._query_proc = TextProcessor(self.tokenizer, seg, self.manifest["tokenizer"]["max_length"])
+        # every rank embeds the queries (under ZeRO-3 a forward is a collective); rank 0 logs
         q = embed_texts(self.model, self._query_proc, self.cfg.train.eval_queries,
                         self.dist.device).to(img.dtype)
+        if not self.dist.is_main:
+            return
         top = (q @ img.T).topk(min(k, img.shape[0]), dim=1).indices
         for i, (query, idx) in enumerate(zip(self.cfg.train.eval_queries, top.tolist())):
             tiles = []
@@ -359,16 +364,37 @@ class Trainer:
                 tiles.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
             self.log.images(self.step, f"val_retrieval/{i}", torch.stack(tiles), query)
 
+    def _build_query_processor(self):
+        from phoclip.text import TextProcessor, create_segmenter
+
+        name = self.manifest.get("segmenter", {}).get("name", "none")
+        try:
+            seg = create_segmenter(name, self.cfg.train.vncorenlp_dir or None)
+        except (RuntimeError, ImportError) as e:
+            raise ConfigError(f"train.eval_queries are segmented with the shards' segmenter {name}, "
+                              f"which cannot be built: {e} (for VnCoreNLP set train.vncorenlp_dir=DIR "
+                              "or VNCORENLP_DIR; or turn the grids off with train.eval_queries=[])") from e
+        return TextProcessor(self.tokenizer, seg, self.manifest["tokenizer"]["max_length"])
+
     def export(self) -> Optional[Path]:
-        """The final model as a plain folder (config + safetensors + tokenizer)."""
-        if not self.dist.is_main:
-            return None
-        # search must segment queries as the training captions were
-        self.model.config["text"]["segmenter"] = self.manifest.get("segmenter", {}).get("name")
-        return self.model.save_pretrained(self.run_dir / "model", tokenizer=self.tokenizer)
+        """The final model as a plain folder (config + safetensors + tokenizer); collective
+        (ZeRO-3 gathers the parameters' slices first)."""
+        with self.engine.gathered():
+            if not self.dist.is_main:
+                return None
+            return self.model.save_pretrained(self.run_dir / "model", tokenizer=self.tokenizer)
 
     def close(self) -> None:
         self.log.close()
+
+
+def record_text_processing(model, manifest: dict) -> None:
+    """Write into the model's config how its captions were made (segmenter name and
+    version, max length), so every exported folder tells search how to prepare queries."""
+    seg = manifest.get("segmenter", {})
+    model.config["text"]["segmenter"] = seg.get("name")
+    model.config["text"]["segmenter_version"] = seg.get("version")
+    model.config["text"]["max_length"] = int(manifest["tokenizer"]["max_length"])
 
 
 def _max_positions(arch: dict) -> int:
