@@ -35,10 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-# phobert-large's shape, so no hub access is needed (random weights)
-PHOBERT_LARGE = dict(model_type="roberta", vocab_size=64001, hidden_size=1024, num_hidden_layers=24,
-                     num_attention_heads=16, intermediate_size=4096, max_position_embeddings=258,
-                     pad_token_id=1, type_vocab_size=1, layer_norm_eps=1e-5)
+from common import PHOBERT_LARGE  # noqa: E402
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense, datasheet
 RESULTS: dict = {}
 

@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from phoclip.data import expand_urls, eval_samples, image_to_tensor
-from phoclip.images import BadImage, read_image_file
+from phoclip.images import MAX_FILE_BYTES, BadImage, read_image_file
 from phoclip.log import init_logger
 from phoclip.retrieval import embed_samples, gather_counts, gather_embeddings
 from phoclip.search import load_item_image, write_embedding_map, write_index
@@ -46,12 +46,12 @@ def list_images(folder: str) -> tuple[list[Path], int]:
 
 
 def folder_samples(files: list[Path], image_size: int, rank: int, world: int,
-                   skipped: Counter) -> Iterator[dict]:
+                   skipped: Counter, max_bytes: int = MAX_FILE_BYTES) -> Iterator[dict]:
     """This rank's share of the files as samples without captions; unreadable files
     (broken, not an image, too large, not a regular file) are skipped and counted."""
     for f in files[rank::world]:
         try:
-            img = read_image_file(f)
+            img = read_image_file(f, max_bytes)
         except BadImage as e:
             skipped[e.reason] += 1
             logger.warning("skipped %s: %s", f, e)
@@ -87,6 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     src.add_argument("--images", help="a folder of images (searched recursively)")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-image-bytes", type=int, default=MAX_FILE_BYTES,
+                   help="with --images: larger files are skipped unread")
     p.add_argument("--device", default="auto")
     p.add_argument("--map", help="also write a 2-D t-SNE map of the images (PNG), coloured by source")
     p.add_argument("--tensorboard", help="also write a TensorBoard embedding projector (with thumbnails) here")
@@ -105,7 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if not files:
                 raise SystemExit(f"no images found under {args.images} "
                                  f"(looked for {', '.join(sorted(IMAGE_EXT))})")
-            samples = folder_samples(files, size, info.rank, info.world_size, skipped)
+            samples = folder_samples(files, size, info.rank, info.world_size, skipped,
+                                     args.max_image_bytes)
         parts = embed_samples(model, samples, info.device, args.batch_size, progress=info.is_main)
         img, txt, t2i, keys, metas = gather_embeddings(*parts, info.world_size)
         skipped = gather_counts(skipped, info.world_size)

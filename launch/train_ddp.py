@@ -25,7 +25,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--deepspeed_config", help="DeepSpeed JSON (selects the DeepSpeed engine)")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key=value, e.g. train.max_steps=20")
-    return p.parse_args(argv)
+    # overrides may come before and after options (`run_dir=x --resume latest k=v`)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp") -> int:

@@ -237,8 +237,14 @@ class PhoCLIP(nn.Module):
             tokenizer.save_pretrained(str(folder / "tokenizer"))
             cfg["text"]["tokenizer"] = "tokenizer"
         sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(sd, str(folder / (WEIGHTS_NAME + ".tmp")))
-        os.replace(folder / (WEIGHTS_NAME + ".tmp"), folder / WEIGHTS_NAME)
+        tmp = folder / (WEIGHTS_NAME + ".tmp")
+        save_file(sd, str(tmp))
+        # safetensors writes 0600; a model folder is meant to be shared (group members
+        # on a cluster): the usual mode under the user's umask
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, folder / WEIGHTS_NAME)
         (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
         return folder
 

@@ -181,3 +181,21 @@ def test_zero3_learns_resumes_after_kill9_and_exports_the_trained_model(shapes_s
     val = read_metrics(run, "val")[14]
     for k in ("t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_mean_rank"):
         assert ev[k] == pytest.approx(val[k], abs=1e-6), k
+
+
+def test_zero2_fp16_json_runs_where_the_cpu_has_fp16_else_is_refused_in_one_line(shapes_shards, tmp_path):
+    """DeepSpeed's CPU accelerator enables fp16 only where oneDNN has fp16 kernels
+    (AVX512-FP16/AMX-FP16 CPUs: `torch.ops.mkldnn._is_mkldnn_fp16_supported()`); this
+    machine's CPU has none, and DeepSpeed refuses the fp16 JSON in `initialize`. There it
+    must end as one line and exit 2; where the CPU allows, it must train."""
+    run = tmp_path / "fp16"
+    r = subprocess.run(ds_cmd(_args(shapes_shards, run, "launch/deepspeed/zero2_fp16.json",
+                                    **{"train.precision": "fp16", "train.max_steps": 6})),
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=400)
+    if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert sorted(read_metrics(run)) == list(range(1, 7))
+    else:
+        assert r.returncode != 0
+        assert "refused: Type fp16 is not supported on your device" in r.stderr
+        assert "Traceback" not in r.stderr

@@ -123,3 +123,63 @@ def test_distributed_extraction_equals_single_process(trained, shapes_shards, tm
     # captions follow their image
     for i, j in enumerate(order):
         torch.testing.assert_close(b["txt"][b["t2i"] == j], a["txt"][a["t2i"] == i], rtol=1e-5, atol=1e-6)
+
+
+def test_index_a_photo_folder_with_broken_files_then_search_it(trained, shapes_shards, tmp_path, capsys):
+    """The seed's main use: index a folder of photos (recursively), skip and count what
+    cannot be read (never hang on a FIFO or /dev/zero), then search it in Vietnamese."""
+    import io
+    import os
+    import tarfile
+
+    from PIL import Image
+
+    shards, _, _ = shapes_shards
+    photos = tmp_path / "photos"
+    caps = {}
+    with tarfile.open(shards / "val-000000.tar") as tf:
+        members = {m.name: m for m in tf.getmembers()}
+        for i, name in enumerate(sorted(n for n in members if n.endswith(".jpg"))):
+            key = name[:-4]
+            sub = photos / ("2024" if i % 2 else "2025/tết")
+            sub.mkdir(parents=True, exist_ok=True)
+            data = tf.extractfile(members[name]).read()
+            ext = ".JPG" if i % 3 == 0 else ".jpg"
+            (sub / f"ảnh_{i:03d}{ext}").write_bytes(data)
+            caps[str(sub / f"ảnh_{i:03d}{ext}")] = json.loads(tf.extractfile(members[key + ".json"]).read())["captions"]
+    n_good = len(caps)
+    good = next(iter(caps))
+    Image.open(good).save(photos / "2024" / "screenshot.png")
+    n_good += 1
+    bad = photos / "broken"
+    bad.mkdir()
+    (bad / "truncated.jpg").write_bytes(Path(good).read_bytes()[:200])
+    (bad / "notes.jpg").write_text("không phải ảnh")
+    (bad / "big.jpg").write_bytes(Path(good).read_bytes() + b"\0" * 300_000)
+    buf = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(buf, format="PNG")  # a decompression bomb (900M pixels)
+    (bad / "bomb.png").write_bytes(buf.getvalue())
+    os.symlink("/dev/zero", bad / "zero.jpg")
+    os.mkfifo(bad / "pipe.jpg")
+    (photos / "readme.txt").write_text("ignored")
+
+    idx = tmp_path / "index"
+    assert _main("build_index", ["--model", trained, "--images", photos, "--out", idx,
+                                 "--max-image-bytes", 250_000]) == 0
+    out = capsys.readouterr().out
+    assert f"indexed {n_good} images" in out, out
+    assert "skipped 6 unreadable" in out and "not_a_file 2" in out and "too_large 2" in out, out
+    assert "corrupt 1" in out and "not_an_image 1" in out and "ignored 1 files" in out, out
+    from phoclip.search import EmbeddingIndex
+
+    items = EmbeddingIndex(idx).items("images")
+    assert len(items) == n_good and not any("broken" in it["path"] for it in items)
+    # text -> image over the folder through the CLI: an image comes back near the top
+    # for one of its own captions more often than chance
+    hits = 0
+    for path, cs in list(caps.items())[:8]:
+        assert _main("search", ["--index", idx, cs[0], "--k", "5", "--json"]) == 0
+        res = json.loads(capsys.readouterr().out)["text_to_image"][cs[0]]
+        assert len(res) == 5 and all(Path(m["item"]["path"]).is_file() for m in res)
+        hits += any(m["item"]["path"] == path for m in res)
+    assert hits >= 4, hits  # chance: 8 x 5 / len(items)

@@ -1,0 +1,127 @@
+"""The real recipe's text path with VnCoreNLP, command by command through the entry points.
+
+VnCoreNLP's model cannot be downloaded here (py_vncorenlp fetches it from GitHub), so
+the third-party `py_vncorenlp` module is replaced by a stand-in, registered under its
+name on PYTHONPATH, that segments with underthesea. Everything of ours runs for real:
+resolving the model folder (flag → VNCORENLP_DIR → error naming both), recording the
+segmenter in the manifest, the checkpoints and every exported model folder, the
+training query grids, and search preparing queries with the model's segmenter."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, torchrun_cmd
+
+pytestmark = pytest.mark.slow
+
+STANDIN = '''
+"""Test stand-in for py_vncorenlp (the real one downloads its model from GitHub)."""
+import os
+
+calls = 0
+
+
+class VnCoreNLP:
+    def __init__(self, annotators=("wseg",), save_dir=None):
+        assert os.path.isfile(os.path.join(save_dir, "VnCoreNLP-1.2.jar")), save_dir
+        os.chdir(save_dir)  # as the real one does
+        from underthesea import word_tokenize
+        self._tok = word_tokenize
+
+    def word_segment(self, text):
+        return [self._tok(text, format="text")]
+'''
+
+
+@pytest.fixture(scope="module")
+def vncorenlp_env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("vnc")
+    (d / "site" / "py_vncorenlp").mkdir(parents=True)
+    (d / "site" / "py_vncorenlp" / "__init__.py").write_text(STANDIN)
+    model = d / "vncorenlp"
+    (model / "models" / "wordsegmenter").mkdir(parents=True)
+    (model / "VnCoreNLP-1.2.jar").write_bytes(b"")
+    (d / "bin").mkdir()
+    (d / "bin" / "java").write_text("#!/bin/sh\nexit 0\n")  # VnCoreNLP's Java check; never run
+    (d / "bin" / "java").chmod(0o755)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(d / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               PATH=f"{d / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    env.pop("VNCORENLP_DIR", None)
+    return env, model
+
+
+def _run(cmd, env, ok=True, timeout=400):
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=timeout)
+    if ok:
+        assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r
+
+
+def test_vncorenlp_shards_train_export_index_search(vncorenlp_env, tmp_path):
+    from phoclip.synthetic import make_dataset
+    from phoclip.text import UndertheseaSegmenter, build_phobert_tokenizer
+
+    env, model_dir = vncorenlp_env
+    with_dir = dict(env, VNCORENLP_DIR=str(model_dir))
+    caps = make_dataset(tmp_path / "data", n_images=120, size=64, seed=5)
+    lines = caps.read_text(encoding="utf-8").splitlines()
+    tok = build_phobert_tokenizer(UndertheseaSegmenter().segment([l.split("\t", 1)[1] for l in lines]),
+                                  tmp_path / "tok")
+    shard_cmd = [sys.executable, "sharding/make_shards.py", "--source",
+                 f"flickr8k-vi:{caps}:{tmp_path / 'data' / 'images'}", "--out", tmp_path / "shards",
+                 "--tokenizer", tok, "--segmenter", "vncorenlp", "--max-length", "24", "--image-size", "64",
+                 "--val-fraction", "0.2", "--shard-size", "40", "--workers", "1"]
+    # neither the flag nor VNCORENLP_DIR: one line naming both
+    r = _run(shard_cmd, env, ok=False)
+    assert r.returncode != 0 and "--vncorenlp-dir" in r.stderr + r.stdout and "VNCORENLP_DIR" in r.stderr + r.stdout
+    _run(shard_cmd, with_dir)  # the environment variable alone is enough
+    man = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert man["segmenter"]["name"] == "vncorenlp" and man["segmenter"]["version"].startswith("VnCoreNLP-1.2")
+    n_train = len(man["shards"]["train"])
+    run = tmp_path / "run"
+    train = ["--config", "launch/configs/tiny-debug.yaml", f"run_dir={run}", f"model.tokenizer={tok}",
+             f"data.train_shards={tmp_path}/shards/train-{{000000..{n_train - 1:06d}}}.tar",
+             f"data.val_shards={tmp_path}/shards/val-000000.tar", "data.image_size=32",
+             "train.max_steps=6", "train.save_every=3", "train.eval_every=3",
+             'train.eval_queries=["hai hình tròn màu đỏ"]']
+    # the training query grids need the segmenter too: refused at start, not silently off
+    r = _run(torchrun_cmd(1, "launch/train_ddp.py", train), env, ok=False)
+    assert r.returncode != 0 and "VNCORENLP_DIR" in r.stderr and "train.eval_queries=[]" in r.stderr
+    r = _run(torchrun_cmd(2, "launch/train_ddp.py", train), with_dir)
+    events = b"".join(f.read_bytes() for f in (run / "tensorboard").rglob("events*"))
+    assert b"val_retrieval/0" in events  # the grid was logged
+    # every export path records the segmenter: the end-of-run export, export_model.py, and
+    # a run folder without an exported model (a run stopped by SIGTERM) loaded from its checkpoint
+    _run([sys.executable, "launch/export_model.py", run / "checkpoints" / "step_00000006",
+          tmp_path / "exported"], env)
+    for folder in (run / "model", tmp_path / "exported"):
+        tc = json.loads((folder / "phoclip_config.json").read_text())["text"]
+        assert tc["segmenter"] == "vncorenlp" and tc["segmenter_version"] == man["segmenter"]["version"]
+        assert tc["max_length"] == 24
+        assert oct((folder / "model.safetensors").stat().st_mode & 0o777) == oct(0o644 & ~_umask())
+    import shutil
+
+    shutil.rmtree(run / "model")  # as a SIGTERM-stopped run leaves it
+    idx = tmp_path / "index"
+    _run([sys.executable, "launch/build_index.py", "--model", run, "--shards",
+          f"{tmp_path}/shards/val-000000.tar", "--out", idx], env)
+    q = "hai hình tròn màu đỏ ở góc trên bên trái"
+    r = _run([sys.executable, "launch/search.py", "--index", idx, q, "--k", "3", "--json"], env, ok=False)
+    assert r.returncode != 0 and "--vncorenlp-dir" in r.stderr and "VNCORENLP_DIR" in r.stderr
+    r = _run([sys.executable, "launch/search.py", "--index", idx, q, "--k", "3", "--json"], with_dir)
+    assert len(json.loads(r.stdout)["text_to_image"][q]) == 3
+    r = _run([sys.executable, "launch/search.py", "--index", idx, q, "--k", "3", "--json",
+              "--vncorenlp-dir", model_dir], env)
+    assert len(json.loads(r.stdout)["text_to_image"][q]) == 3
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
