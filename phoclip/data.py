@@ -19,7 +19,7 @@ import math
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -227,6 +227,31 @@ def read_shards(shards: Iterable[dict], skips: Counter) -> Iterator[dict]:
 
 
 @dataclass
+class StreamLayout:
+    """How the data order is cut into streams, and what an earlier layout already read.
+
+    A run resumed on another number of ranks (or workers) gets a new layout: `salt`
+    reseeds the draws (resampled mode would otherwise replay the run's first samples),
+    and `done` lists, per epoch, the shards (indices into the urls) that the old
+    layout's streams had opened; the new streams share out the rest of that epoch.
+    `start_epoch` is the oldest epoch any old stream had not finished."""
+
+    salt: int = 0
+    start_epoch: int = 0
+    done: dict = field(default_factory=dict)  # epoch -> sorted shard indices
+
+    def state_dict(self) -> dict:
+        return {"salt": self.salt, "start_epoch": self.start_epoch,
+                "done": {str(e): list(v) for e, v in self.done.items()}}
+
+    @classmethod
+    def from_state(cls, st: Optional[dict]) -> "StreamLayout":
+        st = st or {}
+        return cls(int(st.get("salt", 0)), int(st.get("start_epoch", 0)),
+                   {int(e): sorted(int(i) for i in v) for e, v in st.get("done", {}).items()})
+
+
+@dataclass
 class StreamConfig:
     urls: list
     weights: list
@@ -238,6 +263,7 @@ class StreamConfig:
     resampled: bool = True
     shuffle_buffer: int = 1000
     train: bool = True
+    layout: StreamLayout = field(default_factory=StreamLayout)
 
 
 class ShardStream(IterableDataset):
@@ -262,23 +288,19 @@ class ShardStream(IterableDataset):
         t.load_state_dict(state)
         self.positions, self.skipped, self.start_batch = t.positions, t.skipped, t.batches
 
+    def _key(self, *parts: Any) -> tuple:
+        # the salt joins the seeds only once a layout change set it: runs that never
+        # changed layout keep their data order
+        salt = self.cfg.layout.salt
+        return (parts[0], salt, *parts[1:]) if salt else parts
+
     def _shards(self, logical: int, nworkers: int) -> Iterator[dict]:
         c = self.cfg
         if c.resampled:
-            rng = random.Random(_seed("shards", c.seed, c.rank, logical))
+            rng = random.Random(_seed(*self._key("shards", c.seed, c.rank, logical)))
             while True:
                 yield {"url": rng.choices(c.urls, weights=c.weights)[0]}
-        epoch = 0
-        while True:
-            order = list(c.urls)
-            random.Random(_seed("epoch", c.seed, epoch)).shuffle(order)
-            mine = order[c.rank::c.world_size][logical::nworkers]
-            if not mine:
-                raise ValueError(f"{len(c.urls)} shards cannot feed {c.world_size} ranks x "
-                                 f"{nworkers} workers; use data.resampled=true or fewer workers")
-            for u in mine:
-                yield {"url": u, "epoch": epoch}
-            epoch += 1
+        yield from epoch_shards(c.urls, c.seed, c.layout, c.rank, c.world_size, logical, nworkers)
 
     def __iter__(self) -> Iterator[dict]:
         c = self.cfg
@@ -287,17 +309,24 @@ class ShardStream(IterableDataset):
         logical = (wid + self.start_batch) % nworkers
         skips: Counter = Counter(self.skipped.get(logical, {}))
         start = self.positions.get(logical, 0)
-        shards = self._shards(logical, nworkers)
-        samples = read_shards(shards, skips)
+        opened = 0  # shards of this stream opened so far: what a new layout must not reread
+
+        def counted(shards):
+            nonlocal opened
+            for sh in shards:
+                opened += 1
+                yield sh
+
+        samples = read_shards(counted(self._shards(logical, nworkers)), skips)
         shuffled = seeded_shuffle(samples, c.shuffle_buffer,
-                                  random.Random(_seed("shuffle", c.seed, c.rank, logical)))
+                                  random.Random(_seed(*self._key("shuffle", c.seed, c.rank, logical))))
         pos = 0
         images, ids, keys = [], [], []
         for sample in shuffled:
             pos += 1
             if pos <= start:
                 continue  # resume: replay the order, decode nothing
-            rng = random.Random(_seed("sample", c.seed, c.rank, logical, pos))
+            rng = random.Random(_seed(*self._key("sample", c.seed, c.rank, logical, pos)))
             try:
                 img, all_ids, _ = decode_sample(sample)
             except BadImage as e:
@@ -312,7 +341,7 @@ class ShardStream(IterableDataset):
             keys.append(sample.get("__key__", ""))
             if len(images) == c.batch_size:
                 yield {"images": torch.stack(images), "input_ids": torch.stack(ids), "keys": keys,
-                       "worker": logical, "position": pos, "skipped": dict(skips)}
+                       "worker": logical, "position": pos, "opened": opened, "skipped": dict(skips)}
                 images, ids, keys = [], [], []
 
 
@@ -322,12 +351,15 @@ class StreamTracker:
 
     def __init__(self) -> None:
         self.positions: dict[int, int] = {}
+        self.opened: dict[int, int] = {}
         self.skipped: dict[int, dict] = {}
         self.batches = 0
 
     def update(self, batch: dict) -> None:
-        self.positions[int(batch["worker"])] = int(batch["position"])
-        self.skipped[int(batch["worker"])] = dict(batch["skipped"])
+        w = int(batch["worker"])
+        self.positions[w] = int(batch["position"])
+        self.opened[w] = int(batch["opened"])
+        self.skipped[w] = dict(batch["skipped"])
         self.batches += 1
 
     def total_skipped(self) -> dict:
@@ -337,13 +369,61 @@ class StreamTracker:
         return dict(out)
 
     def state_dict(self) -> dict:
-        return {"positions": dict(self.positions), "skipped": dict(self.skipped),
-                "batches": self.batches}
+        return {"positions": dict(self.positions), "opened": dict(self.opened),
+                "skipped": dict(self.skipped), "batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
         self.positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
+        self.opened = {int(k): int(v) for k, v in state.get("opened", {}).items()}
         self.skipped = {int(k): dict(v) for k, v in state.get("skipped", {}).items()}
         self.batches = int(state.get("batches", 0))
+
+
+def epoch_shards(urls: list, seed: int, layout: StreamLayout, rank: int, world_size: int,
+                 logical: int, nworkers: int) -> Iterator[dict]:
+    """One logical stream's shards in non-resampled mode, epoch after epoch: each epoch's
+    seeded shuffle of all shards (less those an earlier layout already opened), split
+    rank::world_size, then logical::nworkers."""
+    epoch = layout.start_epoch
+    while True:
+        order = list(range(len(urls)))
+        random.Random(_seed("epoch", seed, epoch)).shuffle(order)
+        done = set(layout.done.get(epoch, ()))
+        left = [i for i in order if i not in done]
+        mine = left[rank::world_size][logical::nworkers]
+        if not mine and not done:
+            raise ValueError(f"{len(urls)} shards cannot feed {world_size} ranks x "
+                             f"{nworkers} workers; use data.resampled=true or fewer workers")
+        for i in mine:
+            yield {"url": urls[i], "epoch": epoch, "index": i}
+        epoch += 1
+
+
+def relayout(urls: list, seed: int, resampled: bool, old: StreamLayout, old_world: int,
+             old_workers: int, old_states: dict, salt: int) -> StreamLayout:
+    """The layout that continues an old one's data order on another number of ranks or
+    workers. `old_states`: {old rank: its StreamTracker state}. Every shard an old stream
+    had opened when its last consumed batch was made counts as read: what was left of it
+    (and of the shuffle buffer) was in flight and is not replayed this epoch; shards
+    that were only prefetched are read again. Resampled streams are only reseeded."""
+    if resampled:
+        return StreamLayout(salt=salt)
+    done: dict[int, set] = {e: set(v) for e, v in old.done.items()}
+    nexts = []
+    for r in range(old_world):
+        opened = (old_states.get(r) or {}).get("opened", {})
+        for lw in range(old_workers):
+            n = int(opened.get(lw, opened.get(str(lw), 0)))
+            it = epoch_shards(urls, seed, old, r, old_world, lw, old_workers)
+            for _ in range(n):
+                sh = next(it)
+                done.setdefault(sh["epoch"], set()).add(sh["index"])
+            nexts.append(next(it)["epoch"])
+    start = min(nexts)
+    while len(done.get(start, ())) == len(urls):  # finished by the streams ahead
+        start += 1
+    return StreamLayout(salt=salt, start_epoch=start,
+                        done={e: sorted(v) for e, v in done.items() if e >= start})
 
 
 def _worker_init(_: int) -> None:

@@ -139,3 +139,70 @@ def test_stream_ships_uint8_pixels_normalised_like_evaluation(shapes_shards):
     assert bf.dtype == torch.bfloat16 and torch.allclose(bf.float(), same[None], atol=3e-2)
     with pytest.raises(TypeError, match="uint8"):  # floats would be normalised twice
         normalize_images(same)
+
+
+def _shard_keys(urls):
+    out = {}
+    for i, u in enumerate(urls):
+        with tarfile.open(u) as tf:
+            out[i] = {m.name.split(".")[0] for m in tf.getmembers()}
+    return out
+
+
+@pytest.mark.parametrize("old_world,new_world", [(2, 1), (1, 2), (2, 3)])
+def test_another_rank_count_continues_the_epoch(shapes_shards, old_world, new_world):
+    """Resumed on another number of ranks, the streams share out the rest of the epoch:
+    no shard the old streams opened is read again, every other shard is read by exactly
+    one new stream, and what is lost is only what was in flight (the unread rest of the
+    opened shards and the shuffle buffers)."""
+    from phoclip.data import StreamLayout, epoch_shards, relayout
+
+    shards, _, n = shapes_shards
+    urls = _urls(shards, n)
+    keys_of = _shard_keys(urls)
+    consumed, states = [], {}
+    for r in range(old_world):
+        tr = StreamTracker()
+        for b in itertools.islice(iter(_stream(urls, r, old_world, resampled=False)), 3 + r):
+            tr.update(b)
+            consumed += b["keys"]
+        states[r] = tr.state_dict()
+    assert len(consumed) == len(set(consumed))
+    lay = relayout(urls, 0, False, StreamLayout(), old_world, 1, states, salt=7)
+    assert lay.start_epoch == 0 and lay.salt == 7
+    done = set(lay.done[0])
+    assert {i for i, ks in keys_of.items() if ks & set(consumed)} <= done  # no consumed sample repeats
+    assert len(done) == sum(s["opened"][0] for s in states.values())
+    # the new streams' epoch-0 shards: the rest, each exactly once
+    new_lists = []
+    for r in range(new_world):
+        it = epoch_shards(urls, 0, lay, r, new_world, 0, 1)
+        new_lists.append([sh["index"] for sh in itertools.takewhile(lambda sh: sh["epoch"] == 0, it)])
+    flat = [i for lst in new_lists for i in lst]
+    assert len(flat) == len(set(flat)) and set(flat) | done == set(range(len(urls))) and not set(flat) & done
+    # in flight, and so skipped this epoch: at most a shuffle buffer + the opened shards' rest
+    in_flight = sum(len(keys_of[i]) for i in done) - len(consumed)
+    assert 0 <= in_flight <= sum(len(keys_of[i]) for i in done)
+    # the new streams really serve those shards (decoded, batched), and nothing consumed
+    new_keys = []
+    for r in range(new_world):
+        s = ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, r, new_world, False, 8, True, lay))
+        for b in itertools.islice(iter(s), 2):
+            new_keys += b["keys"]
+    assert new_keys and not set(new_keys) & set(consumed)
+    assert all(any(k in keys_of[i] for i in flat) for k in new_keys)
+    # the next epoch is whole again, under the new layout
+    nxt = [sh for sh in itertools.islice(epoch_shards(urls, 0, lay, 0, 1, 0, 1), len(urls) + len(flat))
+           if sh["epoch"] == 1]
+    assert sorted(sh["index"] for sh in nxt) == list(range(len(urls)))
+
+
+def test_another_rank_count_in_resampled_mode_draws_afresh(shapes_shards):
+    from phoclip.data import StreamLayout, relayout
+
+    shards, _, n = shapes_shards
+    urls = _urls(shards, n)
+    lay = relayout(urls, 0, True, StreamLayout(), 2, 1, {}, salt=9)
+    first = next(iter(_stream(urls)))["keys"]
+    s = ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, 0, 1, True, 8, True, lay))
+    assert next(iter(s))["keys"] != first  # not a replay of the run's first samples

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics, run_torchrun, torchrun_cmd, train_overrides
+from conftest import ROOT, kill_job, read_metrics, run_torchrun, torchrun_cmd, train_overrides
 from phoclip.data import normalize_images
 
 pytestmark = pytest.mark.slow
@@ -50,9 +50,10 @@ def test_kill9_and_resume_gives_identical_losses(shapes_shards, tmp_path, resamp
     args = _args(shapes_shards, run, **kw)
     p = _start(args)
     _wait_step(run, 7, p)
-    os.killpg(p.pid, signal.SIGKILL)  # the whole job, mid-run, no chance to save
-    p.wait()
+    kill_job(p)  # every process of the job, mid-run, no chance to save
     killed_at = max(read_metrics(run))
+    time.sleep(2)
+    assert max(read_metrics(run)) == killed_at, "ranks kept training after the job was killed"
     assert killed_at < 12
     r = run_torchrun(2, "launch/train_ddp.py", args + ["--resume", "latest"])
     assert "resumed from" in r.stderr
@@ -257,3 +258,48 @@ def test_deepspeed_nonfinite_steps_skipped_then_stop(shapes_shards, tmp_path):
     assert what == "differing" and nums[0] == "0" and int(nums[1]) > 50, line
     m = read_metrics(tmp_path / "run")
     assert max(m) == 6 and m[6]["nonfinite_steps"] == 3
+
+
+def _run_until_checkpoint(nproc, args, run, step, timeout=180):
+    """Start a job, kill it (every process) once checkpoint `step` is complete."""
+    p = subprocess.Popen(torchrun_cmd(nproc, "launch/train_ddp.py", args), env=ENV, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    t0, ck = time.time(), run / "checkpoints" / f"step_{step:08d}" / "meta.json"
+    out = ""
+    try:
+        while not ck.is_file():
+            assert p.poll() is None, p.stdout.read()[-4000:]
+            assert time.time() - t0 < timeout
+            time.sleep(0.05)
+    finally:
+        kill_job(p)
+        out = p.stdout.read()
+    return out
+
+
+def test_resume_on_another_number_of_ranks_continues_the_epoch(shapes_shards, tmp_path):
+    """2 ranks -> 1 rank -> 2 ranks, non-resampled, one schedule of 12 steps: each resume
+    continues the data order (the stream's shards are shared out again),
+    data.global_batch_size keeps the global batch by deriving the accumulation, and the
+    learning-rate schedule continues by step."""
+    run = tmp_path / "run"
+    kw = {"data.resampled": False, "data.global_batch_size": 16, "train.save_every": 4,
+          "train.keep_last": 5, "train.max_steps": 12}
+    args = _args(shapes_shards, run, **kw)
+    _run_until_checkpoint(2, args, run, 4)
+    out = _run_until_checkpoint(1, args + ["--resume", "latest"], run, 8)
+    assert "written by 2 ranks x 1 workers, this run has 1 x 1" in out, out[-3000:]
+    assert "data order continues with epoch 0, less the" in out and "global batch 16 -> 16" in out
+    r = run_torchrun(2, "launch/train_ddp.py", args + ["--resume", "latest"])
+    assert "written by 1 ranks x 1 workers, this run has 2 x 1" in r.stderr, r.stderr[-3000:]
+    m = read_metrics(run)
+    assert sorted(m) == list(range(1, 13))
+    # 16 samples a step whatever the ranks: the epoch counter advances evenly
+    for s in range(2, 13):
+        assert m[s]["epoch"] - m[s - 1]["epoch"] == pytest.approx(16 / 171, rel=1e-6), s
+    ref = tmp_path / "ref"  # the same schedule without the changes of rank count
+    run_torchrun(2, "launch/train_ddp.py", _args(shapes_shards, ref, **kw))
+    ref_m = read_metrics(ref)
+    assert [m[s]["lrs"] for s in m] == [ref_m[s]["lrs"] for s in m]
+    st = torch.load(run / "checkpoints" / "step_00000008" / "rank00000.pt", weights_only=True)
+    assert st["layout"]["salt"] == 4 and st["layout"]["done"]  # the 2 -> 1 layout, saved

@@ -125,3 +125,59 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_exporting_a_checkpoint_needs_no_pretrained_weights_file(shapes_shards, tmp_path):
+    """A run started from local ImageNet weights (vision.weights_file): its checkpoints
+    hold every weight and the resolved architecture, so exporting one later (on another
+    machine, the weights file gone) must not need that file."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    from conftest import run_torchrun, train_overrides
+    from phoclip.model import load_model
+
+    shards, tok, n = shapes_shards
+    w = tmp_path / "test_resnet.safetensors"
+    save_file(timm.create_model("test_resnet").state_dict(), str(w))
+    run = tmp_path / "run"
+    run_torchrun(1, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
+        shards, tok, n, run, **{"train.max_steps": 2, "train.save_every": 2,
+                                "model.overrides": json.dumps({"vision": {"weights_file": str(w)}})})])
+    w.unlink()
+    r = _run([sys.executable, "launch/export_model.py", run / "checkpoints" / "step_00000002",
+              tmp_path / "exported"], dict(os.environ))
+    assert "model written to" in r.stdout
+    a, b = load_model(tmp_path / "exported").eval(), load_model(run / "model").eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(a.encode_image(x), b.encode_image(x))
+    assert (tmp_path / "exported" / "tokenizer" / "vocab.txt").is_file()
+
+
+def test_every_third_party_import_is_pinned():
+    """A package our code imports must be in requirements.txt (braceexpand was not)."""
+    import ast
+    import sys as _sys
+
+    pins = {l.split("==")[0].strip().lower().replace("_", "-") for l in
+            (ROOT / "requirements.txt").read_text().splitlines() if "==" in l and not l.startswith("#")}
+    pins |= {"torch", "torchvision"}  # constraints.txt
+    dist_name = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "faiss": "faiss-cpu",
+                 "py_vncorenlp": "py-vncorenlp"}
+    ours = {"phoclip", "train", "sharding", "common", "conftest", "dist_utils", "train_ddp", "export_model",
+            "build_index"}
+    missing = {}
+    for folder in ("phoclip", "train", "sharding", "launch"):
+        for f in (ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                         else [])
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in _sys.stdlib_module_names or top in ours:
+                        continue
+                    if dist_name.get(top, top).lower().replace("_", "-") not in pins:
+                        missing.setdefault(top, str(f.relative_to(ROOT)))
+    assert not missing, f"imported but not pinned in requirements.txt: {missing}"

@@ -129,8 +129,9 @@ class Checkpointer:
                                     f"(no meta.json); complete ones: {[c.name for c in self.list()]}")
         return p
 
-    def load_rank_state(self, path: Path) -> Optional[dict]:
-        f = path / f"rank{self.rank:05d}.pt"
+    def load_rank_state(self, path: Path, rank: Optional[int] = None) -> Optional[dict]:
+        """A rank's own state (data position, RNG) from a checkpoint; default: this rank's."""
+        f = path / f"rank{self.rank if rank is None else rank:05d}.pt"
         if not f.is_file():
             return None
         return torch.load(f, map_location="cpu", weights_only=True)

@@ -64,6 +64,11 @@ class DataConfig:
     val_shards: Optional[str] = None
     batch_size: int = 64
     """Per rank, per micro-step."""
+    global_batch_size: int = 0
+    """Samples per optimizer step over all ranks. When set, train.accum_steps is derived
+    from it (global / (batch_size x world size), which must divide), so a run resumed on
+    another number of ranks keeps its global batch and so its learning-rate schedule's
+    meaning. 0: the global batch is batch_size x accum_steps x world size."""
     workers: int = 2
     """DataLoader worker processes per rank."""
     resampled: bool = True
@@ -150,6 +155,12 @@ class RunConfig:
         if d.batch_size * world_size < 2:
             raise ConfigError("a contrastive loss needs at least 2 samples in the global batch; "
                               "raise data.batch_size")
+        if d.global_batch_size:
+            per_step = d.batch_size * world_size
+            if d.global_batch_size < 0 or d.global_batch_size % per_step:
+                raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
+                                  f"data.batch_size x ranks = {d.batch_size} x {world_size}")
+            t.accum_steps = d.global_batch_size // per_step
         if not d.train_shards:
             raise ConfigError("data.train_shards is empty: pass data.train_shards=PATTERN")
         if self.optim.schedule not in ("cosine", "constant"):

@@ -6,6 +6,7 @@ import logging
 import math
 import signal
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -13,8 +14,8 @@ import numpy as np
 import torch
 
 import phoclip
-from phoclip.data import (ShardStream, StreamConfig, StreamTracker, check_manifests,
-                          count_samples, expand_urls, normalize_images, train_loader)
+from phoclip.data import (ShardStream, StreamConfig, StreamLayout, StreamTracker, check_manifests,
+                          count_samples, expand_urls, normalize_images, relayout, train_loader)
 from phoclip.loss import create_loss
 from phoclip.model import get_model_config
 from phoclip.retrieval import evaluate_shards
@@ -111,6 +112,7 @@ class Trainer:
             self.train_urls, weights, cfg.data.batch_size, cfg.data.image_size, t.seed,
             dist_info.rank, dist_info.world_size, cfg.data.resampled, cfg.data.shuffle_buffer, True))
         self.tracker = StreamTracker()
+        self.workers = max(1, cfg.data.workers)  # logical streams per rank
         self.ckpt = Checkpointer(self.run_dir, t.keep_last, dist_info.rank, dist_info.world_size)
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -142,23 +144,55 @@ class Trainer:
         meta = self.ckpt.meta(path)
         self.step, self.samples_seen = meta["step"], meta["samples_seen"]
         self.nonfinite_total = meta.get("nonfinite_total", 0)
+        old_world = int(meta.get("world_size", 0))
+        old_data = meta.get("config", {}).get("data", {})
+        old_workers = max(1, int(old_data.get("workers", 1)))
         rs = self.ckpt.load_rank_state(path)
-        if rs is None or meta.get("world_size") != self.dist.world_size:
-            logger.warning("checkpoint %s was written by %s ranks, this run has %d: the data "
-                           "stream restarts from fresh positions", path, meta.get("world_size"),
-                           self.dist.world_size)
-        else:
+        if rs is not None and (old_world, old_workers) == (self.dist.world_size, self.workers):
             self.tracker.load_state_dict(rs["data"])
             self.stream.load_state_dict(rs["data"])
+            self.stream.cfg.layout = StreamLayout.from_state(rs.get("layout"))
             set_rng_state(rs["rng"])
+        else:
+            self._continue_on_new_layout(path, meta, old_world, old_workers)
         logger.info("resumed from %s at step %d", path, self.step)
+
+    def _continue_on_new_layout(self, path: Path, meta: dict, old_world: int, old_workers: int) -> None:
+        """A checkpoint of another number of ranks or workers: continue its data order
+        (see `phoclip.data.relayout`) rather than restart it, and say what changes."""
+        old_states = {}
+        for r in range(old_world):
+            st = self.ckpt.load_rank_state(path, r)
+            old_states[r] = st["data"] if st else {}
+        first = self.ckpt.load_rank_state(path, 0) or {}
+        layout = relayout(self.train_urls, self.cfg.train.seed, self.cfg.data.resampled,
+                          StreamLayout.from_state(first.get("layout")), old_world, old_workers,
+                          old_states, salt=self.step)
+        self.stream.cfg.layout = layout
+        if self.dist.is_main:  # the logged skipped-sample count carries over (kept as stream -1)
+            self.tracker.skipped[-1] = dict(sum((Counter(c) for st in old_states.values()
+                                                 for c in st.get("skipped", {}).values()), Counter()))
+        old = meta.get("config", {})
+        old_global = (int(old.get("data", {}).get("batch_size", 0))
+                      * int(old.get("train", {}).get("accum_steps", 1)) * old_world)
+        new_global = self.cfg.data.batch_size * self.cfg.train.accum_steps * self.dist.world_size
+        where = ("fresh draws (resampled)" if self.cfg.data.resampled else
+                 f"epoch {layout.start_epoch}, less the {len(layout.done.get(layout.start_epoch, []))} "
+                 f"of {len(self.train_urls)} shards already read")
+        logger.warning("checkpoint %s was written by %d ranks x %d workers, this run has %d x %d: the "
+                       "data order continues with %s; global batch %d -> %d%s; the learning-rate "
+                       "schedule continues at step %d", path, old_world, old_workers,
+                       self.dist.world_size, self.workers, where, old_global, new_global,
+                       "" if old_global == new_global else
+                       " (set data.global_batch_size to keep it)", self.step)
 
     def save(self) -> None:
         # the model's resolved config and the tokenizer travel with every checkpoint, so
         # exporting one needs neither the hub nor the files the run started from
         meta = {"samples_seen": self.samples_seen, "nonfinite_total": self.nonfinite_total,
                 "config": self.cfg.to_dict(), "model_config": self.model.config}
-        self.ckpt.save(self.step, self.engine, {"data": self.tracker.state_dict(), "rng": rng_state()},
+        self.ckpt.save(self.step, self.engine, {"data": self.tracker.state_dict(), "rng": rng_state(),
+                                                "layout": self.stream.cfg.layout.state_dict()},
                        meta, extra=lambda d: self.tokenizer.save_pretrained(str(d / "tokenizer")))
 
     # ------------------------------------------------------------------ the loop
