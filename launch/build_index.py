@@ -15,11 +15,13 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from phoclip.data import expand_urls, eval_samples, image_to_tensor
+from phoclip.data import check_manifests, eval_samples, expand_urls, image_to_tensor
+from phoclip.errors import EXPECTED_ERRORS, one_line
 from phoclip.images import MAX_FILE_BYTES, BadImage, read_image_file
 from phoclip.log import init_logger
 from phoclip.retrieval import embed_samples, gather_counts, gather_embeddings
 from phoclip.search import load_item_image, write_embedding_map, write_index
+from phoclip.text import load_tokenizer, tokenizer_fingerprint
 from train.distributed import cleanup, init_distributed
 from train.export import load_for_inference
 
@@ -96,12 +98,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     info = init_distributed(args.device)
     try:
-        model, _ = load_for_inference(args.model, str(info.device))
+        model, tok_name = load_for_inference(args.model, str(info.device))
         size = model.config["vision"].get("image_size", 224)
         skipped: Counter = Counter()
         others = 0
         if args.shards:
-            samples = eval_samples(expand_urls(args.shards)[0], size, info.rank, info.world_size, skipped)
+            urls = expand_urls(args.shards)[0]
+            tok = load_tokenizer(tok_name)
+            manifest = check_manifests(urls, tokenizer_fingerprint(tok), model.pad_id,
+                                       model.text.config.max_position_embeddings - 2, tok_name)
+            samples = eval_samples(urls, size, info.rank, info.world_size, skipped,
+                                   manifest["tokenizer"]["max_length"], len(tok))
         else:
             files, others = list_images(args.images)
             if not files:
@@ -142,6 +149,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if others:
                 print(f"ignored {others} files without an image extension")
         return 0
+    except EXPECTED_ERRORS as e:
+        print(f"build_index: {one_line(e)}", file=sys.stderr)
+        return 2
     finally:
         cleanup()
 

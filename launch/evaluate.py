@@ -13,6 +13,8 @@ from typing import Optional, Sequence
 
 
 from phoclip.data import check_manifests, expand_urls
+from phoclip.errors import EXPECTED_ERRORS
+from phoclip.fileio import atomic_write_json
 from phoclip.log import init_logger
 from phoclip.retrieval import chance_recall, evaluate_shards
 from phoclip.text import load_tokenizer, tokenizer_fingerprint
@@ -46,17 +48,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model, tok_name = load_for_inference(args.model, str(info.device))
         urls = expand_urls(args.shards)[0]
         tok = load_tokenizer(tok_name)
-        check_manifests(urls, tokenizer_fingerprint(tok), model.pad_id,
-                        model.text.config.max_position_embeddings - 2, tok_name)
+        manifest = check_manifests(urls, tokenizer_fingerprint(tok), model.pad_id,
+                                   model.text.config.max_position_embeddings - 2, tok_name)
         size = args.image_size or model.config["vision"].get("image_size", 224)
         res = evaluate_shards(model, urls, size, info.device, info.rank, info.world_size,
-                              args.batch_size, progress=info.is_main)
+                              args.batch_size, progress=info.is_main,
+                              ids_width=manifest["tokenizer"]["max_length"], vocab_size=len(tok))
         if info.is_main:
             out = Path(args.out) if args.out else Path(args.model) / "eval.json"
-            out.write_text(json.dumps(res, indent=2))
+            atomic_write_json(out, res, indent=2)
             print(format_table(res))
+            if res["skipped"]:
+                print("skipped samples: " + ", ".join(f"{k} {v}" for k, v in res["skipped"].items()))
             print(f"results: {out}")
         return 0
+    except EXPECTED_ERRORS as e:
+        print(f"evaluate: {e}", file=sys.stderr)
+        return 2
     finally:
         cleanup()
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from phoclip.errors import EXPECTED_ERRORS, one_line
 from phoclip.log import init_logger
 
 
@@ -28,7 +29,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("checkpoint", help="a checkpoint folder (runs/NAME/checkpoints/step_N)")
     p.add_argument("out", help="the model folder to write")
     args = p.parse_args(argv)
-    print(f"model written to {export(Path(args.checkpoint), Path(args.out))}")
+    try:
+        print(f"model written to {export(Path(args.checkpoint), Path(args.out))}")
+    except EXPECTED_ERRORS as e:
+        print(f"export_model: {one_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

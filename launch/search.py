@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from phoclip.errors import EXPECTED_ERRORS, one_line
 from phoclip.images import BadImage, read_image_file
 from phoclip.log import init_logger
 from phoclip.search import (DEFAULT_TEMPLATES, EmbeddingIndex, find_captions, find_matches,
                             query_processor, write_gallery, zero_shot_accuracy, zero_shot_tags)
+from phoclip.text import strip_controls
 from train.export import load_for_inference
 
 
@@ -37,14 +39,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     if not (args.queries or args.image or args.tags):
         p.error("give a query, --image or --tags")
+    if args.k < 1:
+        p.error("--k must be >= 1")
 
+    try:
+        return _search(args)
+    except EXPECTED_ERRORS as e:
+        print(f"search: {strip_controls(one_line(e))}", file=sys.stderr)
+        return 2
+
+
+def _search(args) -> int:
     index = EmbeddingIndex(args.index)
+    # the model the index names is loaded like any other: a model folder, or a
+    # checkpoint verified weights-only before anything unpickles it
     model, tok_name = load_for_inference(args.model or index.meta["model"])
     index.check_model(model)
-    try:
-        proc = query_processor(model, tok_name, args.segmenter, args.vncorenlp_dir)
-    except (RuntimeError, ValueError) as e:
-        raise SystemExit(f"search: {e}") from None
+    proc = query_processor(model, tok_name, args.segmenter, args.vncorenlp_dir)
     out: dict = {}
     if args.queries:
         res = find_matches(model, index, args.queries, proc, args.k, args.backend)
@@ -53,11 +64,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"gallery: {write_gallery(args.html, args.queries, res)}")
         if not args.json:
             for q, r in zip(args.queries, res):
-                print(f"\nquery: {q}")
+                print(f"\nquery: {strip_controls(q)}")
                 print(f"{'rank':>4} {'score':>7}  image  (its first caption)")
                 for m in r:
-                    print(f"{m.rank:>4} {m.score:7.3f}  {m.item.get('path') or m.item['key']}  "
-                          f"({m.item.get('caption', '')})")
+                    # index items are data: never let them drive the terminal
+                    print(f"{m.rank:>4} {m.score:7.3f}  {_shown(m.item.get('path') or m.item.get('key'))}  "
+                          f"({_shown(m.item.get('caption'))})")
     if args.image:
         ims = []
         for f in args.image:
@@ -69,9 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out["image_to_text"] = {f: [vars(m) for m in r] for f, r in zip(args.image, res)}
         if not args.json:
             for f, r in zip(args.image, res):
-                print(f"\nimage: {f}")
+                print(f"\nimage: {_shown(f)}")
                 for m in r:
-                    print(f"{m.rank:>4} {m.score:7.3f}  {m.item['caption']}")
+                    print(f"{m.rank:>4} {m.score:7.3f}  {_shown(m.item.get('caption'))}")
     if args.tags:
         tags = [t.strip() for t in Path(args.tags).read_text(encoding="utf-8").splitlines() if t.strip()]
         top = zero_shot_tags(model, index, tags, proc, DEFAULT_TEMPLATES, args.k)
@@ -79,7 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out["tags"] = {it["path"] or it["key"]: t for it, t in zip(items, top)}
         if not args.json:
             for it, t in zip(items, top):
-                print(f"{it['path'] or it['key']}: " + ", ".join(f"{g} ({s:.2f})" for g, s in t))
+                print(f"{_shown(it.get('path') or it.get('key'))}: "
+                      + ", ".join(f"{_shown(g)} ({s:.2f})" for g, s in t))
         if args.labels:
             lab = dict(l.split("\t", 1) for l in Path(args.labels).read_text(encoding="utf-8").splitlines() if "\t" in l)
             pairs = [(t[0][0], lab.get(it["path"], lab.get(it["key"]))) for it, t in zip(items, top)]
@@ -90,6 +103,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         print(json.dumps(out, ensure_ascii=False, indent=2))
     return 0
+
+
+def _shown(x) -> str:
+    return strip_controls(str(x if x is not None else "")).replace("\n", " ").replace("\t", " ")
 
 
 if __name__ == "__main__":

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
 from phoclip.log import init_logger
 from train.config import ConfigError, resolve_config
 from train.distributed import cleanup, init_distributed
-from train.trainer import NonFiniteError, Trainer
+from phoclip.errors import EXPECTED_ERRORS, one_line
+from train.trainer import NonFiniteError, StoppedWaitingForData, Trainer
 
 logger = logging.getLogger("train")
 
@@ -45,12 +47,17 @@ def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp") -> int:
         return 2
     info = init_distributed(cfg.train.device)
     trainer = None
+    stuck = False
     try:
         trainer = Trainer(cfg, info)
         trainer.train()
         return 0
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        logger.error("refused: %s", e)
+    except StoppedWaitingForData as e:
+        logger.warning("%s", e)
+        stuck = True
+        return 0
+    except EXPECTED_ERRORS as e:
+        logger.error("refused: %s", one_line(e))
         return 2
     except NonFiniteError as e:
         logger.error("%s", e)
@@ -59,6 +66,11 @@ def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp") -> int:
         if trainer is not None:
             trainer.close()
         cleanup()
+        if stuck:
+            # a loader worker may be blocked in a read that never returns: leave without
+            # joining it (it dies with us, by its parent-death signal)
+            logging.shutdown()
+            os._exit(0)
 
 
 if __name__ == "__main__":

@@ -75,10 +75,32 @@ def expand_urls(spec: str, weights: Optional[str] = None) -> tuple[list[str], li
     return urls, url_w
 
 
+MANIFEST_KEYS = {"tokenizer.fingerprint": str, "tokenizer.name": str, "tokenizer.pad_id": int,
+                 "tokenizer.max_length": int, "segmenter.name": str, "counts": dict}
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """A manifest.json, checked: a file with missing keys or wrong types is refused with
+    a message naming the file and the key (not a KeyError later)."""
+    try:
+        m = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not a readable manifest ({type(e).__name__}: {e})") from None
+    if not isinstance(m, dict):
+        raise ValueError(f"{path}: a manifest is a JSON object")
+    for key, typ in MANIFEST_KEYS.items():
+        v: Any = m
+        for part in key.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+        if not isinstance(v, typ) or isinstance(v, bool):
+            raise ValueError(f"{path}: key {key} is missing or not a {typ.__name__}")
+    return m
+
+
 def manifest_for(url: str) -> Optional[dict]:
-    """The manifest.json beside a shard, if any."""
+    """The manifest.json beside a shard, if any (checked by `read_manifest`)."""
     p = Path(url).parent / "manifest.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    return read_manifest(p) if p.is_file() else None
 
 
 def check_manifests(urls: Iterable[str], fingerprint: str, pad_id: int, max_positions: int,
@@ -156,17 +178,75 @@ def image_to_tensor(img, size: int, train: bool, rng: Optional[random.Random] = 
     return normalize_images(x) if normalize else x
 
 
-def decode_sample(sample: dict) -> tuple[Any, np.ndarray, dict]:
-    """Raw tar sample → (PIL image, ids [n, L], meta). Never unpickles: .npy with
-    allow_pickle=False, JSON, JPEG only. Raises BadImage / KeyError / ValueError."""
+class NoReadableSamples(ValueError):
+    """A stream opened many shards in a row and could read no sample from any of them."""
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used; `reason` is its counter key (as BadImage's)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+MAX_CAPTIONS = 4096        # id rows one sample may hold
+MAX_JSON_BYTES = 1 << 20   # a sample's metadata
+
+
+def decode_ids(data: bytes, width: Optional[int] = None, vocab_size: Optional[int] = None) -> np.ndarray:
+    """A sample's `.ids.npy` → int64 [n, L], checked before anything is allocated: the
+    header's shape must match the bytes that follow (a header claiming a huge shape is
+    refused, not allocated), L the manifest's max length, every id in [0, vocab_size)."""
+    f = io.BytesIO(data)
+    try:
+        fmt = np.lib.format
+        version = fmt.read_magic(f)
+        read_header = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise ValueError(f"unknown .npy version {version}")
+        shape, fortran, dtype = read_header(f)
+    except (ValueError, EOFError, SyntaxError, TypeError) as e:
+        raise BadSample("bad_ids", f"not a .npy array ({e})") from None
+    if dtype.hasobject or dtype.kind not in "iu" or len(shape) != 2 or fortran:
+        raise BadSample("bad_ids", f"expected a 2-d integer array, got {dtype} {shape}")
+    n, length = shape
+    if not 0 < n <= MAX_CAPTIONS or (width is not None and length != width):
+        raise BadSample("bad_ids_shape", f"shape {shape}, expected [1..{MAX_CAPTIONS}, {width}]")
+    body = data[f.tell():]
+    if len(body) != n * length * dtype.itemsize:
+        raise BadSample("bad_ids_shape", f"header says {shape} but {len(body)} bytes follow")
+    ids = np.frombuffer(body, dtype=dtype).reshape(n, length).astype(np.int64)
+    if ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size):
+        raise BadSample("bad_ids_range", f"ids in [{ids.min()}, {ids.max()}], vocabulary {vocab_size}")
+    return ids
+
+
+def decode_meta(data: Optional[bytes]) -> dict:
+    """A sample's `.json` (evaluation and search read it; training does not)."""
+    if data is None:
+        return {}
+    if len(data) > MAX_JSON_BYTES:
+        raise BadSample("bad_json", f"{len(data)} bytes")
+    try:
+        meta = json.loads(data)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply
+        raise BadSample("bad_json", type(e).__name__) from None
+    if not isinstance(meta, dict):
+        raise BadSample("bad_json", "not an object")
+    return meta
+
+
+def decode_sample(sample: dict, width: Optional[int] = None, vocab_size: Optional[int] = None,
+                  with_meta: bool = True) -> tuple[Any, np.ndarray, dict]:
+    """Raw tar sample → (PIL image, ids [n, L], meta). Never unpickles: .npy parsed by
+    hand, JSON, JPEG only. Raises BadImage / BadSample (each with a `reason`)."""
     for k in ("jpg", "ids.npy"):
         if k not in sample:
-            raise KeyError(f"missing_{k.replace('.', '_')}")
+            raise BadSample(f"missing_{k.replace('.', '_')}")
+    ids = decode_ids(sample["ids.npy"], width, vocab_size)
+    meta = decode_meta(sample.get("json")) if with_meta else {}
     img = decode_rgb(sample["jpg"])
-    ids = np.load(io.BytesIO(sample["ids.npy"]), allow_pickle=False)
-    if ids.ndim != 2 or ids.shape[0] == 0 or ids.dtype.kind not in "iu":
-        raise ValueError("bad_ids")
-    meta = json.loads(sample["json"]) if "json" in sample else {}
     return img, ids, meta
 
 
@@ -204,7 +284,14 @@ def _shard_sizes(url: str, cache: dict) -> Optional[int]:
     d = os.path.dirname(url)
     if d not in cache:
         f = Path(d) / "sizes.json"
-        cache[d] = json.loads(f.read_text()) if f.is_file() else {}
+        try:
+            sizes = json.loads(f.read_text()) if f.is_file() else {}
+        except (OSError, ValueError, RecursionError) as e:
+            raise ValueError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
+        if not isinstance(sizes, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                  for v in sizes.values()):
+            raise ValueError(f"{f}: expected {{shard file: sample count}}")
+        cache[d] = sizes
     return cache[d].get(os.path.basename(url))
 
 
@@ -264,6 +351,10 @@ class StreamConfig:
     shuffle_buffer: int = 1000
     train: bool = True
     layout: StreamLayout = field(default_factory=StreamLayout)
+    ids_width: Optional[int] = None
+    """The manifest's max length: id rows of another width are skipped."""
+    vocab_size: Optional[int] = None
+    """The tokenizer's vocabulary: ids outside [0, vocab_size) are skipped."""
 
 
 class ShardStream(IterableDataset):
@@ -310,10 +401,17 @@ class ShardStream(IterableDataset):
         skips: Counter = Counter(self.skipped.get(logical, {}))
         start = self.positions.get(logical, 0)
         opened = 0  # shards of this stream opened so far: what a new layout must not reread
+        good_at = 0  # `opened` when this stream last decoded a sample
+        give_up = max(8, min(2 * len(c.urls), 64))
 
         def counted(shards):
             nonlocal opened
             for sh in shards:
+                if opened - good_at >= give_up:
+                    # all shards unreadable or missing (or nearly): stop, do not spin forever
+                    raise NoReadableSamples(
+                        f"no sample could be read from the last {opened - good_at} shards this stream "
+                        f"opened (e.g. {sh['url']}; skipped so far: {dict(skips)}); check data.train_shards")
                 opened += 1
                 yield sh
 
@@ -325,19 +423,20 @@ class ShardStream(IterableDataset):
         for sample in shuffled:
             pos += 1
             if pos <= start:
+                good_at = opened
                 continue  # resume: replay the order, decode nothing
             rng = random.Random(_seed(*self._key("sample", c.seed, c.rank, logical, pos)))
             try:
-                img, all_ids, _ = decode_sample(sample)
+                img, all_ids, _ = decode_sample(sample, c.ids_width, c.vocab_size, with_meta=False)
             except BadImage as e:
                 skips[f"image_{e.reason}"] += 1
                 continue
-            except (KeyError, ValueError, json.JSONDecodeError) as e:
-                skips[str(e.args[0]) if e.args and isinstance(e.args[0], str) and
-                      e.args[0].startswith(("missing_", "bad_")) else "bad_sample"] += 1
+            except BadSample as e:
+                skips[e.reason] += 1
                 continue
+            good_at = opened
             images.append(image_to_tensor(img, c.image_size, c.train, rng, normalize=False))
-            ids.append(torch.from_numpy(all_ids[rng.randrange(all_ids.shape[0])].astype(np.int64)))
+            ids.append(torch.from_numpy(all_ids[rng.randrange(all_ids.shape[0])].copy()))
             keys.append(sample.get("__key__", ""))
             if len(images) == c.batch_size:
                 yield {"images": torch.stack(images), "input_ids": torch.stack(ids), "keys": keys,
@@ -428,10 +527,19 @@ def relayout(urls: list, seed: int, resampled: bool, old: StreamLayout, old_worl
 
 def _worker_init(_: int) -> None:
     # a preempted job signals the whole process group: the workers leave the clean
-    # shutdown to the main process (they exit with it)
+    # shutdown to the main process, and die with it (Linux parent-death signal), even
+    # when blocked in a read that never returns
     import signal
+    import sys
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform == "linux":
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
 
 
 def train_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
@@ -441,23 +549,33 @@ def train_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False
                                        persistent_workers=False, prefetch_factor=2 if num_workers else None)
 
 
+def close_loader(it) -> None:
+    """Stop a DataLoader iterator's workers now. Left to garbage collection, an iterator
+    still referenced by an exception's traceback keeps its workers, which ignore SIGTERM
+    (see `_worker_init`), and the interpreter's exit then waits on them for ever."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 def eval_samples(urls: list[str], image_size: int, rank: int = 0, world_size: int = 1,
-                 skipped: Optional[Counter] = None) -> Iterator[dict]:
-    """Each image once, with all its captions, in shard order; this rank's shards only."""
+                 skipped: Optional[Counter] = None, ids_width: Optional[int] = None,
+                 vocab_size: Optional[int] = None) -> Iterator[dict]:
+    """Each image once, with all its captions, in shard order; this rank's shards only.
+    Unusable samples are skipped and counted in `skipped` by reason."""
     skipped = skipped if skipped is not None else Counter()
     shards = ({"url": u} for u in urls[rank::world_size])
     for sample in read_shards(shards, skipped):
         try:
-            img, ids, meta = decode_sample(sample)
+            img, ids, meta = decode_sample(sample, ids_width, vocab_size)
         except BadImage as e:
             skipped[f"image_{e.reason}"] += 1
             continue
-        except (KeyError, ValueError) as e:
-            skipped[str(e.args[0]) if e.args and str(e.args[0]).startswith(("missing_", "bad_"))
-                    else "bad_sample"] += 1
+        except BadSample as e:
+            skipped[e.reason] += 1
             continue
         yield {"key": sample["__key__"], "image": image_to_tensor(img, image_size, train=False),
-               "ids": torch.from_numpy(ids.astype(np.int64)), "meta": meta,
+               "ids": torch.from_numpy(ids), "meta": meta,
                "url": sample.get("__url__", "")}

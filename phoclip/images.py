@@ -6,7 +6,7 @@ import os
 import stat
 import warnings
 
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 # A decompression bomb is refused, never decoded: 89M pixels is Pillow's own warning
 # threshold; above it we raise instead of warning.
@@ -23,9 +23,9 @@ class BadImage(Exception):
         self.reason = reason
 
 
-def decode_rgb(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode bytes to an RGB image; alpha is composed over white, CMYK/palette/grey
-    converted. Raises BadImage(reason) for empty, non-image, truncated or huge input."""
+def probe_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open (header only) and check the pixel count; the one place the bad-image
+    reasons are decided. Raises BadImage(empty | not_an_image | too_large | corrupt)."""
     if not data:
         raise BadImage("empty")
     try:
@@ -33,8 +33,7 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             if im.width * im.height > max_pixels:
-                raise BadImage("too_large", f"{im.width}x{im.height}")
-            im.load()
+                raise BadImage("too_large", f"{im.width}x{im.height} pixels > {max_pixels}")
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -43,37 +42,71 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         raise BadImage("not_an_image", str(e)) from e
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage("corrupt", str(e)) from e
+    return im
+
+
+def decode_rgb(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode bytes to an upright RGB image: EXIF orientation applied (phone photos;
+    captions say left and right), alpha composed over white, 16-bit and float images
+    scaled to 8 bits, CMYK/palette/grey converted. Raises BadImage(reason) for empty,
+    non-image, truncated or huge input."""
+    im = probe_image(data, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except (OSError, SyntaxError, ValueError, TypeError) as e:
+        raise BadImage("corrupt", str(e)) from e
     return to_rgb(im)
 
 
 MAX_FILE_BYTES = 64 * 1024 * 1024  # no photo we index is larger; a bigger file is refused unread
 
 
-def read_image_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES,
-                    max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Decode an image file to RGB, safely: only a regular file (a symlink to /dev/zero,
-    a FIFO or a device is refused before it is opened for reading, so nothing hangs),
-    at most `max_bytes` read, and the same checks as `decode_rgb`. Raises BadImage."""
+def read_file_capped(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`: a symlink to /dev/zero, a FIFO
+    or a device is refused before it is opened for reading, so nothing hangs or fills
+    memory. Raises BadImage(missing_file | not_a_file | too_large_file | unreadable_file)."""
     try:
         st = os.stat(path)  # follows symlinks: what would be read is what is checked
+    except FileNotFoundError as e:
+        raise BadImage("missing_file", str(e)) from e
     except OSError as e:
-        raise BadImage("unreadable", str(e)) from e
+        raise BadImage("unreadable_file", str(e)) from e
     if not stat.S_ISREG(st.st_mode):
         raise BadImage("not_a_file", f"{path} is not a regular file")
     if st.st_size > max_bytes:
-        raise BadImage("too_large", f"{path}: {st.st_size} bytes > {max_bytes}")
+        raise BadImage("too_large_file", f"{path}: {st.st_size} bytes > {max_bytes}")
     try:
         with open(path, "rb") as f:
             data = f.read(max_bytes + 1)  # the file may grow between stat and read
     except OSError as e:
-        raise BadImage("unreadable", str(e)) from e
+        raise BadImage("unreadable_file", str(e)) from e
     if len(data) > max_bytes:
-        raise BadImage("too_large", f"{path}: more than {max_bytes} bytes")
-    return decode_rgb(data, max_pixels)
+        raise BadImage("too_large_file", f"{path}: more than {max_bytes} bytes")
+    return data
+
+
+def read_image_file(path: str | os.PathLike, max_bytes: int = MAX_FILE_BYTES,
+                    max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image file to RGB, safely (`read_file_capped` + `decode_rgb`). Raises BadImage."""
+    return decode_rgb(read_file_capped(path, max_bytes), max_pixels)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB with transparency composed over white (not black, as a bare convert does)."""
+    """RGB with transparency composed over white (not black, as a bare convert does);
+    16-bit and 32-bit integer and float images scaled to 8 bits (a bare convert clips
+    them: a 16-bit photo came out white)."""
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            a = a * 255.0 if a.size and a.max() <= 1.0 else a
+        elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
+            a = a / 257.0  # the 16-bit range onto 0-255
+        im = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):

@@ -227,6 +227,8 @@ class PhoCLIP(nn.Module):
         without any training state or hub access."""
         from safetensors.torch import save_file
 
+        from phoclip.fileio import atomic_write_json
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = copy.deepcopy(self.config)
@@ -244,8 +246,10 @@ class PhoCLIP(nn.Module):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, folder / WEIGHTS_NAME)
-        (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+        atomic_write_json(folder / CONFIG_NAME, cfg, indent=2)
         return folder
 
 

@@ -142,16 +142,22 @@ def gather_counts(counts: Counter, world_size: int) -> Counter:
 def evaluate_shards(model, urls: list[str], image_size: int, device: torch.device,
                     rank: int = 0, world_size: int = 1, batch_size: int = 64,
                     autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
-                    return_embeddings: bool = False, lockstep: bool = False):
-    """Embed the shards (each rank its part), gather, and compute the recalls. With
+                    return_embeddings: bool = False, lockstep: bool = False,
+                    ids_width: Optional[int] = None, vocab_size: Optional[int] = None):
+    """Embed the shards (each rank its part), gather, and compute the recalls; the
+    samples skipped (by reason, all ranks) are in the result as `skipped`. With
     return_embeddings: (metrics, image features, keys, metas). `lockstep`: see
-    `embed_samples` (ZeRO-3)."""
+    `embed_samples` (ZeRO-3). `ids_width`/`vocab_size`: see `decode_ids`."""
     from phoclip.data import eval_samples
 
-    parts = embed_samples(model, eval_samples(urls, image_size, rank, world_size), device,
-                          batch_size, autocast_dtype, progress, lockstep)
+    skipped: Counter = Counter()
+    parts = embed_samples(model, eval_samples(urls, image_size, rank, world_size, skipped, ids_width,
+                                              vocab_size), device, batch_size, autocast_dtype, progress, lockstep)
     img, txt, t2i, keys, metas = gather_embeddings(*parts, world_size)
+    skipped = gather_counts(skipped, world_size)
     if img.shape[0] == 0:
-        raise ValueError(f"no images could be read from the validation shards {urls[:3]}")
+        raise ValueError(f"no images could be read from the evaluation shards {urls[:3]} "
+                         f"(skipped: {dict(skipped) or 'none'})")
     res = retrieval_metrics(img, txt, t2i)
+    res["skipped"] = dict(sorted(skipped.items()))
     return (res, img, keys, metas) if return_embeddings else res

@@ -18,9 +18,20 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
+from phoclip.errors import SetupError
+
 logger = logging.getLogger(__name__)
 
 _WS = re.compile(r"\s+")
+# terminal escape sequences (CSI "ESC [ ... m", OSC "ESC ] ... BEL", two-byte ESC x) and
+# the other C0/C1 control characters: text that would repaint a terminal or hide itself
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?|\x9b[0-?]*[ -/]*[@-~]")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def strip_controls(text: str) -> str:
+    """Remove terminal escape sequences and control characters (tabs and newlines stay)."""
+    return _CONTROLS.sub("", _ESCAPES.sub("", text))
 
 VNCORENLP_DOWNLOAD_HINT = (
     "Download the VnCoreNLP word segmenter once with\n"
@@ -36,18 +47,19 @@ def resolve_vncorenlp_dir(flag: str | os.PathLike | None = None) -> Path:
     grids, search): the flag, then $VNCORENLP_DIR, else an error naming both."""
     d = flag or os.environ.get(VNCORENLP_ENV)
     if not d:
-        raise RuntimeError("VnCoreNLP needs the folder of its model: pass --vncorenlp-dir DIR or "
+        raise SetupError("VnCoreNLP needs the folder of its model: pass --vncorenlp-dir DIR or "
                            f"set {VNCORENLP_ENV}=DIR (neither was given). " + VNCORENLP_DOWNLOAD_HINT)
     return Path(d).absolute()  # py_vncorenlp chdirs; a relative path would break
 
 
 def normalize_text(text: str) -> str:
-    """Unicode NFC, all whitespace runs to one space, stripped.
+    """Unicode NFC, control characters and terminal escapes removed, all whitespace runs
+    to one space, stripped.
 
     Vietnamese text arrives both precomposed (NFC) and decomposed (NFD, common from
     macOS); PhoBERT's vocabulary is NFC, so NFD input would silently become <unk>.
     """
-    return _WS.sub(" ", unicodedata.normalize("NFC", text)).strip()
+    return _WS.sub(" ", strip_controls(unicodedata.normalize("NFC", text))).strip()
 
 
 class Segmenter(Protocol):
@@ -114,14 +126,14 @@ class VnCoreNLPSegmenter:
 
     def __init__(self, model_dir: str | os.PathLike | None = None) -> None:
         if shutil.which("java") is None:
-            raise RuntimeError("VnCoreNLP needs Java 8+ on PATH and none was found. "
+            raise SetupError("VnCoreNLP needs Java 8+ on PATH and none was found. "
                                "Install a JRE (e.g. apt-get install default-jre-headless). "
                                + VNCORENLP_DOWNLOAD_HINT)
         model_dir = resolve_vncorenlp_dir(model_dir)
         jar = model_dir / "VnCoreNLP-1.2.jar"
         wseg = model_dir / "models" / "wordsegmenter"
         if not jar.is_file() or not wseg.is_dir():
-            raise RuntimeError(f"VnCoreNLP model not found in {model_dir} "
+            raise SetupError(f"VnCoreNLP model not found in {model_dir} "
                                f"(expected {jar.name} and models/wordsegmenter/). "
                                + VNCORENLP_DOWNLOAD_HINT)
         import py_vncorenlp
@@ -176,7 +188,7 @@ def load_tokenizer(name_or_path: str):
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except OSError as e:
-        raise RuntimeError(
+        raise SetupError(
             f"cannot load tokenizer {name_or_path!r}: {e}\n"
             "Pass a local folder holding vocab.txt and bpe.codes (PhoBERT's format), or a hub "
             "name on a machine that can reach the Hugging Face hub.") from e

@@ -23,13 +23,15 @@ from typing import Optional, Sequence
 import numpy as np
 
 from phoclip import __version__
-from phoclip.images import MAX_IMAGE_PIXELS
+from phoclip.errors import EXPECTED_ERRORS, one_line
+from phoclip.fileio import atomic_write_json, atomic_write_text
+from phoclip.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from phoclip.log import init_logger
 from phoclip.text import (SEGMENTERS, TextProcessor, create_segmenter, load_tokenizer,
-                          normalize_text, tokenizer_fingerprint)
+                          normalize_text, strip_controls, tokenizer_fingerprint)
 from sharding.readers import READERS, Record, SourceSpec, read_source
-from sharding.writer import (ShardTask, check_images, done_path, is_complete, make_pool, run_tasks,
-                             shard_plan)
+from sharding.writer import (ShardTask, check_images, done_path, is_complete, make_pool, read_done,
+                             run_tasks, shard_plan)
 
 logger = logging.getLogger("make_shards")
 
@@ -52,6 +54,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
                    help="refuse images with more pixels (decompression bombs)")
+    p.add_argument("--max-image-bytes", type=int, default=MAX_FILE_BYTES,
+                   help="refuse image files larger than this, unread")
+    p.add_argument("--encoding", default="utf-8",
+                   help="text encoding of the annotation files (per source: ,encoding=NAME)")
+    p.add_argument("--allow-outside-paths", action="store_true",
+                   help="accept image paths that are absolute or lead out of the image folder")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
@@ -62,6 +70,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--val-fraction must be in [0, 1)")
     if args.shard_size < 1 or args.max_length < 4 or args.image_size < 8:
         p.error("--shard-size >= 1, --max-length >= 4 and --image-size >= 8 are required")
+    if args.max_pixels < 1 or args.max_image_bytes < 1:
+        p.error("--max-pixels and --max-image-bytes must be positive")
     return args
 
 
@@ -70,18 +80,19 @@ def _split_of(sha: str, seed: int, val_fraction: float) -> str:
     return "val" if h / 2**64 < val_fraction else "train"
 
 
-def collect(specs: list[SourceSpec], pool, max_pixels: int):
+def collect(specs: list[SourceSpec], pool, max_pixels: int, max_bytes: int = MAX_FILE_BYTES):
     """Read every source, hash every image, merge byte-identical images.
 
     Returns (samples by sha, skipped Counter, number of merged duplicate images)."""
     records: list[Record] = []
+    skipped: Counter = Counter()
     for spec in specs:
         n0 = len(records)
         records.extend(read_source(spec))
+        skipped.update(spec.skipped)
         logger.info("%s: %d images in %s", spec.source_name, len(records) - n0, spec.annotations)
     paths = sorted({str(r.path) for r in records})
-    checks = check_images(paths, pool, max_pixels)
-    skipped: Counter = Counter()
+    checks = check_images(paths, pool, max_pixels, max_bytes)
     samples: dict[str, dict] = {}
     for r in records:
         c = checks[str(r.path)]
@@ -96,10 +107,11 @@ def collect(specs: list[SourceSpec], pool, max_pixels: int):
             else:
                 caps.append(raw)
         s = samples.setdefault(c.sha, {"sha": c.sha, "sources": [], "image_ids": [], "paths": [],
-                                       "captions": [], "pins": set()})
+                                       "rel_paths": [], "captions": [], "pins": set()})
         s["sources"].append(r.source)
         s["image_ids"].append(r.image_id)
         s["paths"].append(str(r.path))
+        s["rel_paths"].append(r.rel or r.path.name)
         if r.split:
             s["pins"].add(r.split)
         seen = {normalize_text(x) for x in s["captions"]}
@@ -123,15 +135,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     init_logger()
     args = parse_args(argv)
     t0 = time.time()
-    specs = [SourceSpec.parse(s) for s in args.source]
-    tokenizer = load_tokenizer(args.tokenizer)
-    segmenter = create_segmenter(args.segmenter, args.vncorenlp_dir)
+    try:
+        specs = [SourceSpec.parse(s) for s in args.source]
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"make_shards: {e}") from None
+    for spec, text in zip(specs, args.source):
+        if "encoding=" not in text:
+            spec.encoding = args.encoding
+        spec.allow_outside = args.allow_outside_paths
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        segmenter = create_segmenter(args.segmenter, args.vncorenlp_dir)
+    except EXPECTED_ERRORS as e:
+        raise SystemExit(f"make_shards: {one_line(e)}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     pool = make_pool(args.workers)
     try:
         return _run(args, specs, tokenizer, segmenter, out, pool, t0)
+    except EXPECTED_ERRORS as e:
+        raise SystemExit(f"make_shards: {one_line(e)}") from None
     finally:
         if pool is not None:
             pool.close()
@@ -139,7 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
-    samples, skipped, merged = collect(specs, pool, args.max_pixels)
+    try:
+        samples, skipped, merged = collect(specs, pool, args.max_pixels, args.max_image_bytes)
+    except ValueError as e:  # an annotation file that cannot be read as its format says
+        raise SystemExit(f"make_shards: {e}") from None
     t_read = time.time()
     if not samples:
         raise SystemExit("no usable image-caption pair in the sources; see the warnings above")
@@ -178,23 +205,27 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
             items = []
             for sha in chunk:
                 s = samples[sha]
+                # paths relative to each source's image folder: shards travel between
+                # machines, and a machine's absolute paths are nobody else's business
                 meta = {"key": sha[:24], "sha256": sha, "split": split, "source": s["sources"],
-                        "image_id": s["image_ids"], "path": s["paths"],
+                        "image_id": s["image_ids"], "path": s["rel_paths"],
                         "captions": [normalize_text(c) for c in s["captions"]],
-                        "captions_raw": list(s["captions"]),
+                        "captions_raw": [strip_controls(c) for c in s["captions"]],
                         "captions_segmented": per_sample[sha][0]}
                 items.append((sha[:24], s["paths"][0], meta, np.stack(per_sample[sha][1])))
-            tasks.append(ShardTask(split, idx, str(out), args.image_size, args.jpeg_quality, items))
+            tasks.append(ShardTask(split, idx, str(out), args.image_size, args.jpeg_quality, items,
+                                   args.max_pixels, args.max_image_bytes))
 
     plan_hash = hashlib.sha256(json.dumps(
         [[t.name, [(k, p, m["captions_segmented"]) for k, p, m, _ in t.samples]] for t in tasks]
-        + [args.image_size, args.jpeg_quality, args.max_length, tokenizer_fingerprint(tokenizer)]
+        + [args.image_size, args.jpeg_quality, args.max_length, tokenizer_fingerprint(tokenizer),
+           args.max_pixels, args.max_image_bytes]
     ).encode()).hexdigest()[:16]
     plan_file = out / ".plan"
     if plan_file.exists() and plan_file.read_text().strip() != plan_hash:
         raise SystemExit(f"{out} holds shards of a different job (inputs or settings changed). "
                          "Use a new --out folder, or delete the old one.")
-    plan_file.write_text(plan_hash)
+    atomic_write_text(plan_file, plan_hash)
 
     todo = [t for t in tasks if not is_complete(out, t.name)]
     if len(todo) < len(tasks):
@@ -206,7 +237,10 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
 
     sizes, lost = {}, set()
     for t in tasks:
-        rec = json.loads(done_path(out, t.name).read_text())
+        rec = read_done(out, t.name)
+        if rec is None:
+            raise SystemExit(f"make_shards: {done_path(out, t.name)} is missing or unreadable after "
+                             "writing its shard (disk full?); run the same command again")
         sizes[t.name] = rec["count"]
         skipped.update(rec["skipped"])
         lost.update(rec.get("lost_keys", []))
@@ -233,7 +267,8 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
                       "max_length": args.max_length, "truncated_captions": truncated},
         "segmenter": {"name": segmenter.name, "version": segmenter.version},
         "image": {"size": args.image_size, "resize": "shorter_side", "format": "jpeg",
-                  "quality": args.jpeg_quality, "max_pixels": args.max_pixels},
+                  "quality": args.jpeg_quality, "max_pixels": args.max_pixels,
+                  "max_bytes": args.max_image_bytes},
         "split": {"seed": args.seed, "val_fraction": args.val_fraction, "by": "image_sha256"},
         "merged_duplicate_images": merged,
         "skipped": dict(sorted(skipped.items())),
@@ -251,9 +286,7 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=2, sort_keys=True)
 
 
 if __name__ == "__main__":

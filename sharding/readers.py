@@ -6,9 +6,12 @@ where the format groups them). Readers never open images; that is the writer's j
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-from collections import defaultdict
+import os
+import sys
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -23,6 +26,7 @@ class Record:
     path: Path            # the image file
     captions: list[str]
     split: Optional[str] = None  # pinned split ('train' / 'val') or None for the seeded split
+    rel: str = ""         # the path as the annotations give it, relative to the image folder
 
 
 @dataclass
@@ -37,6 +41,11 @@ class SourceSpec:
     image_field: str = "image"
     caption_field: str = "caption"
     options: dict = field(default_factory=dict)
+    encoding: str = "utf-8"
+    allow_outside: bool = False
+    """Accept image paths that are absolute or lead out of the image folder ('..')."""
+    skipped: Counter = field(default_factory=Counter)
+    """Annotation entries this source could not use, by reason (reported in the manifest)."""
 
     @classmethod
     def parse(cls, spec: str) -> "SourceSpec":
@@ -66,7 +75,7 @@ class SourceSpec:
                 if v not in ("train", "val"):
                     raise ValueError(f"--source {spec!r}: split must be train or val, not {v!r}")
                 kw["split"] = v
-            elif k in ("name", "image_field", "caption_field"):
+            elif k in ("name", "image_field", "caption_field", "encoding"):
                 kw[k] = v
             else:
                 extra[k] = v
@@ -76,51 +85,133 @@ class SourceSpec:
     def source_name(self) -> str:
         return self.name or self.format
 
-    def resolve(self, filename: str) -> Path:
+    def resolve(self, filename: str) -> Optional[Path]:
+        """The image file of an annotation's file name, or None (counted) when the name is
+        not a usable string or leads out of the image folder without --allow-outside-paths."""
+        if not isinstance(filename, str) or not filename.strip():
+            self.skipped["bad_file_name"] += 1
+            logger.warning("%s: image file name %r is not a usable string", self.annotations, filename)
+            return None
         base = self.image_dir if self.image_dir is not None else self.annotations.parent
-        return base / filename
+        p = Path(filename)
+        inside = not p.is_absolute() and not os.path.normpath(filename).startswith("..")
+        if not inside and not self.allow_outside:
+            self.skipped["outside_image_folder"] += 1
+            logger.warning("%s: image path %s leads outside the image folder %s; refused "
+                           "(--allow-outside-paths accepts it)", self.annotations, filename, base)
+            return None
+        return base / p
+
+    def record(self, image_id: str, filename, captions: list[str]) -> Optional[Record]:
+        path = self.resolve(filename)
+        if path is None:
+            return None
+        return Record(self.source_name, image_id, path, captions, self.split,
+                      rel=os.path.normpath(filename))
 
 
-def _group(spec: SourceSpec, pairs: Iterator[tuple[str, str, str]]) -> Iterator[Record]:
-    """(image_id, filename, caption) triples → one Record per image, first-seen order."""
+def _captions(spec: SourceSpec, value) -> list[str]:
+    """A caption field → its captions: a string is one caption (never one per
+    character), a list holds several; anything else is counted, not reinterpreted."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        out = []
+        for c in value:
+            if isinstance(c, str):
+                out.append(c)
+            elif c is not None:
+                spec.skipped["non_string_caption"] += 1
+        return out
+    spec.skipped["bad_caption_field"] += 1
+    return []
+
+
+def _group(spec: SourceSpec, pairs: Iterator[tuple[str, str, object]]) -> Iterator[Record]:
+    """(image_id, filename, caption or captions) triples → one Record per image, first-seen order."""
     caps: dict[str, list[str]] = defaultdict(list)
     files: dict[str, str] = {}
     for image_id, filename, caption in pairs:
         files.setdefault(image_id, filename)
-        caps[image_id].append("" if caption is None else str(caption))
+        caps[image_id].extend(_captions(spec, caption))
     for image_id, filename in files.items():
-        yield Record(spec.source_name, image_id, spec.resolve(filename), caps[image_id], spec.split)
+        rec = spec.record(image_id, filename, caps[image_id])
+        if rec is not None:
+            yield rec
 
 
-def _load_json(path: Path):
-    with open(path, encoding="utf-8-sig") as f:
-        return json.load(f)
+def _read_text(spec: SourceSpec) -> str:
+    """The whole annotation file, decoded; a file in another encoding is refused with
+    the byte offset where decoding failed (or read with ,encoding=NAME)."""
+    data = spec.annotations.read_bytes()
+    enc = spec.encoding
+    try:
+        return data.decode("utf-8-sig" if enc.lower().replace("_", "-") in ("utf-8", "utf8") else enc)
+    except LookupError:
+        raise ValueError(f"{spec.annotations}: unknown encoding {enc!r}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{spec.annotations}: not {enc} text at byte {e.start} "
+                         f"({data[e.start:e.start + 4]!r}); give the source's encoding with "
+                         f"--encoding NAME or ,encoding=NAME (e.g. cp1258, utf-16)") from None
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8-sig") as f:
-        for i, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from e
-            yield i, obj
+def _load_json(spec: SourceSpec):
+    dup = []
+
+    def pairs(kv):
+        d = {}
+        for k, v in kv:
+            if k in d:
+                dup.append(k)
+            d.setdefault(k, v)  # the first entry wins, as the other readers' do
+        return d
+
+    try:
+        data = json.loads(_read_text(spec), object_pairs_hook=pairs)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{spec.annotations}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{spec.annotations}: JSON nested too deeply") from None
+    if dup:
+        spec.skipped["duplicate_json_key"] += len(dup)
+        logger.warning("%s: %d duplicate keys (first: %r); the first entry of each is used",
+                       spec.annotations, len(dup), dup[0])
+    return data
+
+
+def _lines(spec: SourceSpec) -> Iterator[tuple[int, str]]:
+    for i, line in enumerate(_read_text(spec).splitlines(), 1):
+        yield i, line
+
+
+def _jsonl_lines(spec: SourceSpec) -> Iterator[tuple[int, dict]]:
+    for i, line in _lines(spec):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{spec.annotations}:{i}: not valid JSON ({e})") from e
+        except RecursionError:
+            raise ValueError(f"{spec.annotations}:{i}: JSON nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{spec.annotations}:{i}: expected a JSON object, got {type(obj).__name__}")
+        yield i, obj
 
 
 def read_jsonl(spec: SourceSpec) -> Iterator[Record]:
     """Generic jsonl: one object per line with an image field and a caption field
     (the caption may also be a list of captions)."""
     def pairs():
-        for i, obj in _jsonl_lines(spec.annotations):
+        for i, obj in _jsonl_lines(spec):
             if spec.image_field not in obj:
                 raise ValueError(f"{spec.annotations}:{i}: no field {spec.image_field!r} "
                                  f"(set it with ,image_field=NAME)")
-            cap = obj.get(spec.caption_field, "")
-            for c in (cap if isinstance(cap, list) else [cap]):
-                yield str(obj[spec.image_field]), str(obj[spec.image_field]), c
+            fn = obj[spec.image_field]
+            yield (fn if isinstance(fn, str) else repr(fn)), fn, obj.get(spec.caption_field)
     return _group(spec, pairs())
 
 
@@ -132,14 +223,21 @@ def read_coco_jsonl(spec: SourceSpec) -> Iterator[Record]:
 def read_csv(spec: SourceSpec) -> Iterator[Record]:
     """Generic csv with a header row; image and caption columns by name."""
     def pairs():
-        with open(spec.annotations, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter=spec.options.get("delimiter", ","))
+        old = csv.field_size_limit()
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long captions (default 128 kB)
+        try:
+            reader = csv.DictReader(io.StringIO(_read_text(spec), newline=""),
+                                    delimiter=spec.options.get("delimiter", ","))
             for col in (spec.image_field, spec.caption_field):
                 if reader.fieldnames is None or col not in reader.fieldnames:
                     raise ValueError(f"{spec.annotations}: no column {col!r} in header "
                                      f"{reader.fieldnames} (set ,image_field= / ,caption_field=)")
             for row in reader:
                 yield row[spec.image_field], row[spec.image_field], row[spec.caption_field]
+        except csv.Error as e:
+            raise ValueError(f"{spec.annotations}:{reader.line_num}: bad CSV ({e})") from None
+        finally:
+            csv.field_size_limit(old)
     return _group(spec, pairs())
 
 
@@ -147,41 +245,48 @@ def read_flickr8k_vi(spec: SourceSpec) -> Iterator[Record]:
     """Flickr8k-vi `captions_vi.txt`: `IMAGE<TAB>CAPTION` per line; the image may carry
     Flickr's `#N` caption index (`1000268201_693b08cb0e.jpg#0`)."""
     def pairs():
-        with open(spec.annotations, encoding="utf-8-sig") as f:
-            for i, line in enumerate(f, 1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                if "\t" not in line:
-                    raise ValueError(f"{spec.annotations}:{i}: expected IMAGE<TAB>CAPTION")
-                img, cap = line.split("\t", 1)
-                img = img.strip().split("#", 1)[0]
-                yield img, img, cap
+        for i, line in _lines(spec):
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise ValueError(f"{spec.annotations}:{i}: expected IMAGE<TAB>CAPTION")
+            img, cap = line.split("\t", 1)
+            img = img.strip().split("#", 1)[0]
+            yield img, img, cap
     return _group(spec, pairs())
 
 
 def _coco_like(spec: SourceSpec, file_key: str) -> Iterator[Record]:
-    data = _load_json(spec.annotations)
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{spec.annotations}: expected an object with 'images' and "
+    data = _load_json(spec)
+    if (not isinstance(data, dict) or not isinstance(data.get("images"), list)
+            or not isinstance(data.get("annotations"), list)):
+        raise ValueError(f"{spec.annotations}: expected an object with lists 'images' and "
                          f"'annotations' ({spec.format} format)")
     files = {}
     for im in data["images"]:
+        if not isinstance(im, dict) or "id" not in im:
+            spec.skipped["bad_image_entry"] += 1
+            continue
         fn = im.get(file_key) or im.get("file_name") or im.get("filename")
-        if fn is None:
-            raise ValueError(f"{spec.annotations}: image {im.get('id')} has no {file_key!r}")
-        files[im["id"]] = fn
+        key = str(im["id"])
+        if key in files:
+            spec.skipped["duplicate_image_id"] += 1
+            logger.warning("%s: image id %s listed twice (%r, %r); the first is used",
+                           spec.annotations, key, files[key], fn)
+            continue
+        files[key] = fn
 
     caps: dict[str, list[str]] = defaultdict(list)
     for a in data["annotations"]:
-        if a.get("image_id") not in files:
-            logger.warning("%s: caption for unknown image_id %s ignored",
-                           spec.annotations, a.get("image_id"))
+        img_id = str(a.get("image_id")) if isinstance(a, dict) else None
+        if img_id not in files:
+            spec.skipped["caption_of_unknown_image"] += 1
             continue
-        caps[str(a["image_id"])].append(str(a.get("caption", "")))
+        caps[img_id].extend(_captions(spec, a.get("caption")))
     for img_id, fn in files.items():
-        yield Record(spec.source_name, str(img_id), spec.resolve(fn), caps.get(str(img_id), []),
-                     spec.split)
+        rec = spec.record(img_id, fn, caps.get(img_id, []))
+        if rec is not None:
+            yield rec
 
 
 def read_ktvic(spec: SourceSpec) -> Iterator[Record]:
@@ -196,12 +301,13 @@ def read_uitviic(spec: SourceSpec) -> Iterator[Record]:
 
 def read_openviic(spec: SourceSpec) -> Iterator[Record]:
     """UIT-OpenViIC `uit-openviic-annotation-*.json`: {"FILE.jpg": {"captions": [...]}}."""
-    data = _load_json(spec.annotations)
+    data = _load_json(spec)
     if not isinstance(data, dict):
         raise ValueError(f"{spec.annotations}: expected an object FILE -> {{captions: [...]}}")
     for fn, entry in data.items():
-        caps = entry.get("captions", []) if isinstance(entry, dict) else entry
-        yield Record(spec.source_name, fn, spec.resolve(fn), [str(c) for c in caps], spec.split)
+        rec = spec.record(fn, fn, _captions(spec, entry.get("captions") if isinstance(entry, dict) else entry))
+        if rec is not None:
+            yield rec
 
 
 READERS: dict[str, Callable[[SourceSpec], Iterator[Record]]] = {

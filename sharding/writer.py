@@ -20,7 +20,9 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from phoclip.images import MAX_IMAGE_PIXELS, BadImage, decode_rgb, encode_jpeg, resize_shorter
+from phoclip.fileio import atomic_write_json
+from phoclip.images import (MAX_FILE_BYTES, MAX_IMAGE_PIXELS, BadImage, decode_rgb, encode_jpeg,
+                            probe_image, read_file_capped, resize_shorter)
 
 logger = logging.getLogger(__name__)
 
@@ -34,28 +36,15 @@ class ImageCheck:
     reason: Optional[str] = None
 
 
-def check_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> ImageCheck:
-    """Hash an image file and read its header; classify what is wrong with it."""
-    from PIL import Image
-
+def check_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS,
+                max_bytes: int = MAX_FILE_BYTES) -> ImageCheck:
+    """Hash an image file and read its header; classify what is wrong with it (the
+    reasons of `read_file_capped` and `probe_image`)."""
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return ImageCheck(path, reason="missing_file")
-    except (IsADirectoryError, PermissionError, OSError):
-        return ImageCheck(path, reason="unreadable_file")
-    if not data:
-        return ImageCheck(path, reason="empty")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > max_pixels:
-                return ImageCheck(path, reason="too_large")
-    except Image.UnidentifiedImageError:
-        return ImageCheck(path, reason="not_an_image")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return ImageCheck(path, reason="too_large")
-    except (OSError, SyntaxError, ValueError):
-        return ImageCheck(path, reason="corrupt")
+        data = read_file_capped(path, max_bytes)
+        probe_image(data, max_pixels)
+    except BadImage as e:
+        return ImageCheck(path, reason=e.reason)
     return ImageCheck(path, sha=hashlib.sha256(data).hexdigest())
 
 
@@ -68,6 +57,8 @@ class ShardTask:
     quality: int
     # one entry per sample: (key, image path, metadata dict, ids int32 [n, L])
     samples: list
+    max_pixels: int = MAX_IMAGE_PIXELS
+    max_bytes: int = MAX_FILE_BYTES
 
     @property
     def name(self) -> str:
@@ -113,8 +104,20 @@ def done_path(out_dir: Path | str, shard_name: str) -> Path:
     return Path(out_dir) / ".done" / (shard_name + ".json")
 
 
+def read_done(out_dir: Path | str, shard_name: str) -> Optional[dict]:
+    """A shard's completion record, or None when it is missing or unreadable (a shard
+    whose record cannot be trusted is written again, never assumed done)."""
+    try:
+        rec = json.loads(done_path(out_dir, shard_name).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(rec, dict) and rec.get("name") == shard_name and isinstance(rec.get("count"), int)
+          and isinstance(rec.get("skipped"), dict) and isinstance(rec.get("lost_keys", []), list))
+    return rec if ok else None
+
+
 def is_complete(out_dir: Path | str, shard_name: str) -> bool:
-    return done_path(out_dir, shard_name).is_file() and (Path(out_dir) / shard_name).is_file()
+    return read_done(out_dir, shard_name) is not None and (Path(out_dir) / shard_name).is_file()
 
 
 def write_shard(task: ShardTask) -> dict:
@@ -129,10 +132,10 @@ def write_shard(task: ShardTask) -> dict:
         with _TarShard(f) as tw:
             for key, path, meta, ids in task.samples:
                 try:
-                    data = Path(path).read_bytes()
-                    im = resize_shorter(decode_rgb(data), task.image_size)
-                except (BadImage, OSError) as e:
-                    skipped[e.reason if isinstance(e, BadImage) else "unreadable_file"] += 1
+                    data = read_file_capped(path, task.max_bytes)
+                    im = resize_shorter(decode_rgb(data, task.max_pixels), task.image_size)
+                except BadImage as e:
+                    skipped[e.reason] += 1
                     lost.append(key)
                     logger.warning("skipping %s: %s", path, e)
                     continue
@@ -150,9 +153,7 @@ def write_shard(task: ShardTask) -> dict:
     record = {"name": task.name, "count": count, "skipped": dict(skipped), "lost_keys": lost}
     d = done_path(out, task.name)
     d.parent.mkdir(exist_ok=True)
-    tmpd = d.with_suffix(".tmp")
-    tmpd.write_text(json.dumps(record))
-    os.replace(tmpd, d)
+    atomic_write_json(d, record)
     return record
 
 
@@ -186,13 +187,14 @@ def run_tasks(tasks: Iterable[ShardTask], pool, total: int) -> list[dict]:
     return results
 
 
-def check_images(paths: list[str], pool, max_pixels: int = MAX_IMAGE_PIXELS) -> dict[str, ImageCheck]:
+def check_images(paths: list[str], pool, max_pixels: int = MAX_IMAGE_PIXELS,
+                 max_bytes: int = MAX_FILE_BYTES) -> dict[str, ImageCheck]:
     """Hash/check many images, in the pool where there is one."""
     from functools import partial
 
     from tqdm import tqdm
 
-    check = partial(check_image, max_pixels=max_pixels)
+    check = partial(check_image, max_pixels=max_pixels, max_bytes=max_bytes)
     it = map(check, paths) if pool is None else pool.imap(check, paths, chunksize=64)
     out: dict[str, ImageCheck] = {}
     for r in tqdm(it, total=len(paths), unit="img", desc="hashing", disable=None):

@@ -59,7 +59,7 @@ def test_seeded_order_and_exact_resume_without_decoding(shapes_shards, monkeypat
         import phoclip.data as data
         calls = []
         real = data.decode_sample
-        monkeypatch.setattr(data, "decode_sample", lambda s: calls.append(1) or real(s))
+        monkeypatch.setattr(data, "decode_sample", lambda s, *a, **k: calls.append(1) or real(s, *a, **k))
         rest = list(itertools.islice(iter(resumed), 3))
         monkeypatch.setattr(data, "decode_sample", real)
         assert len(calls) == 3 * 4  # only the samples it yields are decoded
@@ -109,7 +109,7 @@ def test_bad_samples_and_shards_skipped_and_counted(shapes_shards, tmp_path):
     assert got == 120
     assert skipped.get("missing_ids_npy", 0) >= 1
     assert skipped.get("image_corrupt", 0) + skipped.get("image_not_an_image", 0) >= 1
-    assert skipped.get("bad_sample", 0) >= 1
+    assert skipped.get("bad_ids", 0) >= 1  # the garbage .npy, by its own reason
     assert skipped.get("truncated_shard", 0) >= 1
 
 

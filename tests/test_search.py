@@ -168,7 +168,8 @@ def test_index_a_photo_folder_with_broken_files_then_search_it(trained, shapes_s
                                  "--max-image-bytes", 250_000]) == 0
     out = capsys.readouterr().out
     assert f"indexed {n_good} images" in out, out
-    assert "skipped 6 unreadable" in out and "not_a_file 2" in out and "too_large 2" in out, out
+    assert "skipped 6 unreadable" in out and "not_a_file 2" in out, out
+    assert "too_large 1" in out and "too_large_file 1" in out, out
     assert "corrupt 1" in out and "not_an_image 1" in out and "ignored 1 files" in out, out
     from phoclip.search import EmbeddingIndex
 

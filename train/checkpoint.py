@@ -10,11 +10,13 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from phoclip.errors import CheckpointError
+from phoclip.fileio import atomic_write_json, fsync_dir
 from train.distributed import barrier
 
 logger = logging.getLogger(__name__)
@@ -31,13 +33,69 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_dir(path: Path) -> None:
+# The only classes a DeepSpeed (0.19) checkpoint pickles besides tensors and containers
+# (found by torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-1/2/3 bf16, fp32
+# and fp16 checkpoints). Each is plain data; nothing else may be unpickled.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def _deepspeed_globals() -> list:
+    import importlib
+
+    out = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        mod, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(mod), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version: not allowed then
+            pass
+    return out
+
+
+def verify_torch_file(f: Path, allow: Sequence = ()) -> None:
+    """Refuse a .pt file that does not load with weights_only=True (plus the `allow`ed
+    classes): one crafted file must not run code when DeepSpeed or zero_to_fp32, which
+    load with weights_only=False, read it. Tensors are memory-mapped, not read."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
+        with torch.serialization.safe_globals(list(allow)):
+            try:
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                torch.load(f, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
+    except Exception as e:  # every failure is a refusal, whatever the unpickler raised
+        why = next((l.strip() for l in str(e).splitlines() if "GLOBAL" in l or "global" in l),
+                   str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise CheckpointError(f"{f}: refused, not loadable with weights_only=True: {why}") from None
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """A checkpoint folder that is complete and safe to load: meta.json readable, every
+    rank's state and the engine's files present, every .pt file loadable with
+    weights_only=True. Returns its meta; raises CheckpointError naming the problem."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'meta.json'}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("step", "world_size")):
+        raise CheckpointError(f"{path / 'meta.json'}: no integer 'step' and 'world_size'")
+    missing = [f"rank{r:05d}.pt" for r in range(meta["world_size"]) if not (path / f"rank{r:05d}.pt").is_file()]
+    ds = path / "deepspeed"
+    if not (path / "state.pt").is_file() and not (ds / "mp_rank_00_model_states.pt").is_file():
+        missing.append("state.pt (or deepspeed/mp_rank_00_model_states.pt)")
+    if missing:
+        raise CheckpointError(f"{path}: incomplete, missing {', '.join(missing)}")
+    allow = _deepspeed_globals() if ds.is_dir() else []
+    for f in sorted(path.rglob("*.pt")):
+        verify_torch_file(f, allow)
+    return meta
 
 
 def rng_state() -> dict:
@@ -88,8 +146,6 @@ class Checkpointer:
         (e.g. the tokenizer). Returns the final folder."""
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f"step_{step:08d}.tmp"
-        if final.is_dir() and (final / "meta.json").is_file():
-            return final  # this exact state is already saved (e.g. SIGTERM right after a save)
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -100,11 +156,16 @@ class Checkpointer:
         if self.rank == 0:
             if extra is not None:
                 extra(tmp)
-            (tmp / "meta.json").write_text(json.dumps(dict(meta, step=step,
-                                                           world_size=self.world_size), indent=2))
-            _fsync_dir(tmp)
-            os.replace(tmp, final)
-            _fsync_dir(self.dir)
+            atomic_write_json(tmp / "meta.json", dict(meta, step=step, world_size=self.world_size), indent=2)
+            if final.exists():  # a checkpoint of this step already exists: replace it, whole
+                old = self.dir / f"step_{step:08d}.replaced"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+            fsync_dir(self.dir)
             self._prune()
             logger.info("saved checkpoint %s", final)
         barrier()
@@ -114,20 +175,43 @@ class Checkpointer:
         ckpts = self.list()
         for p in ckpts[:-self.keep_last]:
             shutil.rmtree(p, ignore_errors=True)
-        for p in self.dir.glob("step_*.tmp"):  # leftovers of killed saves
+        for p in [*self.dir.glob("step_*.tmp"), *self.dir.glob("step_*.replaced")]:  # killed saves
             shutil.rmtree(p, ignore_errors=True)
 
     def resolve(self, resume: Optional[str]) -> Optional[Path]:
-        """'latest' → newest complete checkpoint (None when there is none yet)."""
+        """'latest' → the newest checkpoint that verifies (`verify_checkpoint`), saying why
+        newer ones were passed over; None when there is none yet. A named folder must
+        verify. Rank 0 decides and every rank gets its answer."""
         if not resume:
             return None
+        choice: list = [None]
+        if self.rank == 0:
+            choice[0] = self._pick(resume)
+        if torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], str) and choice[0].startswith("error:"):
+            raise CheckpointError(choice[0][6:])
+        return None if choice[0] is None else Path(choice[0])
+
+    def _pick(self, resume: str) -> Optional[str]:
         if resume == "latest":
-            return self.latest()
-        p = Path(resume)
-        if not (p / "meta.json").is_file():
-            raise FileNotFoundError(f"--resume {resume}: not a complete checkpoint folder "
-                                    f"(no meta.json); complete ones: {[c.name for c in self.list()]}")
-        return p
+            why = []
+            for p in reversed(self.list()):
+                try:
+                    verify_checkpoint(p)
+                    return str(p)
+                except CheckpointError as e:
+                    logger.warning("not resuming from %s: %s", p.name, e)
+                    why.append(str(e))
+            if why:  # checkpoints exist but none can be trusted: never restart silently
+                return (f"error:--resume latest: none of the {len(why)} checkpoints in {self.dir} "
+                        f"verifies (newest: {why[0]})")
+            return None
+        try:
+            verify_checkpoint(Path(resume))
+        except CheckpointError as e:
+            return f"error:--resume {resume}: {e}; complete ones: {[c.name for c in self.list()]}"
+        return resume
 
     def load_rank_state(self, path: Path, rank: Optional[int] = None) -> Optional[dict]:
         """A rank's own state (data position, RNG) from a checkpoint; default: this rank's."""

@@ -6,6 +6,7 @@ settings before any work is done.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -124,6 +125,9 @@ class TrainConfig:
     at batch 256 on an H200, bench/RESULTS.md), true or false."""
     engine: str = "ddp"
     """ddp or deepspeed."""
+    overwrite: bool = False
+    """Start afresh in a run_dir that already holds checkpoints, deleting them (without
+    it, and without --resume, such a run_dir is refused)."""
     deepspeed_config: Optional[str] = None
 
 
@@ -169,6 +173,28 @@ class RunConfig:
             raise ConfigError("optim.warmup_steps must be >= 0")
         if d.workers < 0:
             raise ConfigError("data.workers must be >= 0")
+        if d.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer must be >= 0, not {d.shuffle_buffer}")
+        if d.image_size < 8:
+            raise ConfigError(f"data.image_size must be >= 8, not {d.image_size}")
+        if not math.isfinite(t.grad_clip) or t.grad_clip < 0:
+            raise ConfigError(f"train.grad_clip must be >= 0 (0 disables clipping), not {t.grad_clip}")
+        if t.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0, not {t.eval_every}")
+        o = self.optim
+        for k in ("lr_image", "lr_text", "lr_head", "weight_decay", "min_lr_ratio"):
+            v = getattr(o, k)
+            if not math.isfinite(v) or v < 0:
+                raise ConfigError(f"optim.{k} must be a finite number >= 0, not {v}")
+        if o.min_lr_ratio > 1:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], not {o.min_lr_ratio}")
+        if not (math.isfinite(o.eps) and o.eps > 0):
+            raise ConfigError(f"optim.eps must be a finite number > 0, not {o.eps}")
+        if (len(o.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                         and 0 <= b < 1 for b in o.betas)):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), not {o.betas}")
+        if not all(isinstance(q, str) for q in t.eval_queries):
+            raise ConfigError(f"train.eval_queries must be a list of Vietnamese queries, not {t.eval_queries}")
         if self.model.lock_text and self.model.unlocked_text_layers < 0:
             raise ConfigError("model.unlocked_text_layers must be >= 0")
 
@@ -200,28 +226,62 @@ def apply_tree(cfg: Any, tree: dict, prefix: str = "") -> None:
             _set_value(cfg, k, v, key)
 
 
+def _field_type(obj: Any, name: str) -> Any:
+    import typing
+
+    return typing.get_type_hints(type(obj)).get(name)
+
+
 def _set_value(obj: Any, name: str, val: Any, key: str, raw: Any = None) -> None:
-    """The one place a field is set: coerced and checked against the field's default type,
-    whether the value came from a YAML file or a `key=value` override (`raw`)."""
+    """The one place a field is set: coerced and checked against the field's declared
+    type, whether the value came from a YAML file, a `key=value` override (`raw`) or a
+    checkpoint's saved config."""
+    import typing
+
     if not dataclasses.is_dataclass(obj) or not hasattr(obj, name):
         raise ConfigError(f"unknown config key {key!r}")
     cur = getattr(obj, name)
     shown = raw if raw is not None else val
-    if isinstance(cur, dict) and isinstance(val, dict):
-        cur.update(val)
+    typ = _field_type(obj, name)
+    optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
+    if optional:
+        if val is None:
+            setattr(obj, name, None)
+            return
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    if dataclasses.is_dataclass(cur):
+        if not isinstance(val, dict):
+            raise ConfigError(f"{key} is a section: set its fields ({key}.FIELD=VALUE), not {shown!r}")
+        apply_tree(cur, val, key + ".")
         return
-    if isinstance(cur, tuple) and isinstance(val, list):
-        val = tuple(val)
-    if isinstance(cur, str) and val is not None and not isinstance(val, str):
-        val = str(shown)
-    if isinstance(cur, float) and isinstance(val, int) and not isinstance(val, bool):
-        val = float(val)
-    if isinstance(cur, float) and not isinstance(val, float):
-        raise ConfigError(f"{key} must be a number, not {shown!r}")
-    if isinstance(cur, bool) and not isinstance(val, bool):
-        raise ConfigError(f"{key} must be true or false, not {shown!r}")
-    if isinstance(cur, int) and not isinstance(cur, bool) and not isinstance(val, int):
-        raise ConfigError(f"{key} must be an integer, not {shown!r}")
+    if typ is dict or isinstance(cur, dict):
+        if not isinstance(val, dict):
+            raise ConfigError(f"{key} must be a mapping ({{key: value}}), not {shown!r}")
+        (cur if isinstance(cur, dict) else {}).update(val)
+        setattr(obj, name, cur if isinstance(cur, dict) else dict(val))
+        return
+    if typ in (list, tuple) or isinstance(cur, (list, tuple)):
+        if not isinstance(val, (list, tuple)):
+            raise ConfigError(f"{key} must be a list ([a, b]), not {shown!r}")
+        val = tuple(val) if (typ is tuple or isinstance(cur, tuple)) else list(val)
+    elif typ is str or isinstance(cur, str):
+        # a path or pattern (optional fields) must be text; a plain text field such as
+        # train.channels_last=true takes the word as written
+        if isinstance(val, (dict, list, tuple)) or (optional and not isinstance(val, str)):
+            raise ConfigError(f"{key} must be text, not {shown!r}")
+        if val is not None and not isinstance(val, str):
+            val = str(shown)
+    elif typ is float or isinstance(cur, float):
+        if isinstance(val, int) and not isinstance(val, bool):
+            val = float(val)
+        if not isinstance(val, float):
+            raise ConfigError(f"{key} must be a number, not {shown!r}")
+    elif typ is bool or isinstance(cur, bool):
+        if not isinstance(val, bool):
+            raise ConfigError(f"{key} must be true or false, not {shown!r}")
+    elif typ is int or isinstance(cur, int):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise ConfigError(f"{key} must be an integer, not {shown!r}")
     setattr(obj, name, val)
 
 
@@ -243,10 +303,9 @@ def resolve_config(config_file: Optional[str], overrides: Sequence[str] = ()) ->
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(_plain(cfg.to_dict()), f, sort_keys=False, allow_unicode=True)
-    os.replace(tmp, path)
+    from phoclip.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False, allow_unicode=True))
 
 
 def _plain(x):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ class DistInfo:
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     """Join the process group described by RANK/WORLD_SIZE/LOCAL_RANK (torchrun and the
     deepspeed launcher both set them): NCCL on GPUs, gloo on CPU."""
+    exit_with_launcher()
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -48,6 +50,24 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
         else:
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
     return DistInfo(rank, world, local, dev)
+
+
+def exit_with_launcher() -> None:
+    """Under a launcher (torchrun's agent, the deepspeed launcher), ask Linux to send this
+    rank SIGTERM when its launcher dies: the training loop then saves at the end of its
+    step and exits, instead of training on as an orphan nobody can stop or restart."""
+    if sys.platform != "linux" or "LOCAL_RANK" not in os.environ:
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _agent_store(rank: int, world: int, timeout) -> dist.Store:

@@ -24,12 +24,13 @@ def load_for_inference(path: str, device: str = "cpu"):
     if (p / "checkpoints").is_dir():
         from train.checkpoint import Checkpointer
 
-        ckpt = Checkpointer(p, 1, 0, 1).latest()
+        ckpt = Checkpointer(p, 1, 0, 1).resolve("latest")  # the newest that verifies
         if ckpt is None:
             raise FileNotFoundError(f"run {p} has no exported model and no complete checkpoint")
     if (ckpt / "meta.json").is_file():
         return model_from_checkpoint(ckpt, device)
-    raise FileNotFoundError(f"{path}: not a model folder, run folder or checkpoint folder")
+    raise FileNotFoundError(f"{path}: not a model folder (phoclip_config.json + model.safetensors), "
+                            "run folder or checkpoint folder")
 
 
 def model_from_checkpoint(ckpt: Path, device: str = "cpu"):
@@ -43,7 +44,10 @@ def model_from_checkpoint(ckpt: Path, device: str = "cpu"):
     from train.config import RunConfig, apply_tree
     from train.trainer import build_model
 
-    meta = json.loads((ckpt / "meta.json").read_text())
+    from train.checkpoint import verify_checkpoint
+
+    # before zero_to_fp32 or torch.load(weights_only=False) inside DeepSpeed touch it
+    meta = verify_checkpoint(ckpt)
     tok_name = str(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     if "model_config" in meta:
         # the resolved architecture the run trained (text tower config included): no hub,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import signal
 import time
 from collections import Counter
@@ -15,12 +16,14 @@ import torch
 
 import phoclip
 from phoclip.data import (ShardStream, StreamConfig, StreamLayout, StreamTracker, check_manifests,
-                          count_samples, expand_urls, normalize_images, relayout, train_loader)
+                          close_loader, count_samples, expand_urls, normalize_images, relayout,
+                          train_loader)
 from phoclip.loss import create_loss
 from phoclip.model import get_model_config
 from phoclip.retrieval import evaluate_shards
 from phoclip.text import load_tokenizer, tokenizer_fingerprint
 from train.checkpoint import Checkpointer, rng_state, set_rng_state
+from train.lock import RunLock
 from train.config import ConfigError, RunConfig, save_config
 from train.distributed import DistInfo, all_reduce_max
 from train.engine import DDPEngine, Engine, lr_lambda
@@ -31,6 +34,13 @@ logger = logging.getLogger(__name__)
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+class StoppedWaitingForData(RuntimeError):
+    pass
+
+
+STUCK_WAIT_S = 5.0  # a data wait longer than this is not a step about to finish
 
 
 def build_model(cfg: RunConfig, tokenizer):
@@ -70,7 +80,33 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self._stop = False
-        t = cfg.train
+        self._waiting_since: Optional[float] = None  # set while the loop waits for a batch
+        self.lock = RunLock(self.run_dir)
+        if dist_info.is_main:
+            self._claim_run_dir()
+        try:
+            self._build()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _claim_run_dir(self) -> None:
+        """One job per run folder, and a fresh run never lands silently on an old one."""
+        self.lock.acquire()
+        old = Checkpointer(self.run_dir, 1, 0, 1).list() if (self.run_dir / "checkpoints").is_dir() else []
+        if old and not self.cfg.resume:
+            if not self.cfg.train.overwrite:
+                raise ConfigError(f"{self.run_dir} already holds checkpoints (newest {old[-1].name}): "
+                                  "continue it with --resume latest, use another run_dir, or start "
+                                  "over with train.overwrite=true (deletes them)")
+            logger.warning("train.overwrite=true: deleting the %d checkpoints and the metrics of the "
+                           "run in %s", len(old), self.run_dir)
+            for c in old:
+                shutil.rmtree(c)
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    def _build(self) -> None:
+        cfg, dist_info, t = self.cfg, self.dist, self.cfg.train
 
         # data first: bad shards are refused before any model is built
         self.train_urls, weights = expand_urls(cfg.data.train_shards, cfg.data.train_weights)
@@ -110,7 +146,8 @@ class Trainer:
 
         self.stream = ShardStream(StreamConfig(
             self.train_urls, weights, cfg.data.batch_size, cfg.data.image_size, t.seed,
-            dist_info.rank, dist_info.world_size, cfg.data.resampled, cfg.data.shuffle_buffer, True))
+            dist_info.rank, dist_info.world_size, cfg.data.resampled, cfg.data.shuffle_buffer, True,
+            ids_width=int(self.manifest["tokenizer"]["max_length"]), vocab_size=len(self.tokenizer)))
         self.tracker = StreamTracker()
         self.workers = max(1, cfg.data.workers)  # logical streams per rank
         self.ckpt = Checkpointer(self.run_dir, t.keep_last, dist_info.rank, dist_info.world_size)
@@ -197,6 +234,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _on_sigterm(self, signum, frame) -> None:
+        if self._waiting_since is not None and time.time() - self._waiting_since > STUCK_WAIT_S:
+            # no batch has come for a while (unreadable or unreachable data): there is no
+            # step to finish, and waiting on would ignore the signal
+            raise StoppedWaitingForData(
+                f"stopped by signal {signum} after {time.time() - self._waiting_since:.0f} s without a "
+                f"batch; the newest checkpoint ({self.ckpt.latest()}) is where --resume latest continues")
         logger.warning("received signal %d: saving a checkpoint at the end of this step", signum)
         self._stop = True
 
@@ -212,8 +255,9 @@ class Trainer:
         t_log, n_log, wait = time.time(), 0, 0.0
         try:
             while self.should_continue():
-                t0 = time.time()
+                t0 = self._waiting_since = time.time()
                 batches = [next(it) for _ in range(t.accum_steps)]
+                self._waiting_since = None
                 wait += time.time() - t0
                 for b in batches:
                     self.tracker.update(b)
@@ -228,8 +272,10 @@ class Trainer:
                     metrics.update(samples_per_s=n_log / max(dt, 1e-9), data_wait_s=wait,
                                    epoch=self.samples_seen / max(1, self.dataset_size),
                                    skipped_samples=sum(self.tracker.total_skipped().values()),
+                                   skipped=self.tracker.total_skipped(),
                                    nonfinite_steps=self.nonfinite_total)
                     self.log.log(self.step, metrics)
+                    self.lock.refresh()
                     logger.info("step %d loss %.4f lr %.2e scale %.2f %.1f samples/s",
                                 self.step, metrics["loss"], metrics["lr"], metrics["logit_scale"],
                                 metrics["samples_per_s"])
@@ -257,7 +303,7 @@ class Trainer:
             return last
         finally:
             signal.signal(signal.SIGTERM, prev)
-            del it
+            close_loader(it)
 
     def _to(self, batches):
         """Batches → device inputs; uint8 pixels (the stream's) are normalised there,
@@ -370,13 +416,15 @@ class Trainer:
         res, img, keys, metas = evaluate_shards(
             self.model, self.val_urls, self.cfg.data.image_size, self.dist.device, self.dist.rank,
             self.dist.world_size, self.cfg.data.batch_size, dtype, return_embeddings=True,
-            lockstep=self.engine.partitioned)
+            lockstep=self.engine.partitioned, ids_width=int(self.manifest["tokenizer"]["max_length"]),
+            vocab_size=len(self.tokenizer))
         self.log.log(self.step, res, prefix="val")
         if self._query_proc is not None:
             self._log_retrieval_grids(img, keys, metas)
-        logger.info("val step %d: t2i R@1 %.1f R@5 %.1f R@10 %.1f | i2t R@1 %.1f R@5 %.1f R@10 %.1f",
+        logger.info("val step %d: t2i R@1 %.1f R@5 %.1f R@10 %.1f | i2t R@1 %.1f R@5 %.1f R@10 %.1f%s",
                     self.step, res["t2i_R@1"], res["t2i_R@5"], res["t2i_R@10"],
-                    res["i2t_R@1"], res["i2t_R@5"], res["i2t_R@10"])
+                    res["i2t_R@1"], res["i2t_R@5"], res["i2t_R@10"],
+                    f" | skipped {res['skipped']}" if res["skipped"] else "")
         self.model.train()
         return {f"val_{k}": v for k, v in res.items()}
 
@@ -419,7 +467,9 @@ class Trainer:
             return self.model.save_pretrained(self.run_dir / "model", tokenizer=self.tokenizer)
 
     def close(self) -> None:
-        self.log.close()
+        if hasattr(self, "log"):
+            self.log.close()
+        self.lock.release()
 
 
 def record_text_processing(model, manifest: dict) -> None:

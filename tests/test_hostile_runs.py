@@ -1,0 +1,423 @@
+"""Hostile and broken shards, checkpoints, indexes, manifests and run folders, and jobs
+whose processes die: refused in one line naming the file, or skipped and counted; never
+code execution, a hang, a run lost to one sample, or a second job in one folder."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, kill_job, process_tree, read_metrics, run_torchrun, torchrun_cmd, train_overrides
+
+pytestmark = pytest.mark.slow  # real runs of the entry points
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _cli(script, *args, timeout=300):
+    return subprocess.run([sys.executable, f"launch/{script}.py", *map(str, args)], capture_output=True,
+                          text=True, env=ENV, cwd=ROOT, timeout=timeout)
+
+
+def _one_line_refusal(r, *needles):
+    assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr[-3000:])
+
+
+class _Evil:
+    """Unpickling this runs a shell command: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(shapes_shards, tmp_path_factory):
+    """A short real run (2 checkpoints) to copy and damage."""
+    shards, tok, n = shapes_shards
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    run_torchrun(1, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
+        shards, tok, n, run, **{"train.max_steps": 4, "train.save_every": 2, "train.keep_last": 3})])
+    return run
+
+
+# ----------------------------------------------------------------------------- code execution
+
+def test_a_crafted_deepspeed_checkpoint_runs_no_code_anywhere(tiny_run, shapes_shards, tmp_path):
+    from phoclip.errors import CheckpointError
+    from train.checkpoint import Checkpointer, verify_checkpoint
+
+    marker = tmp_path / "PWNED"
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    good = run / "checkpoints" / "step_00000004"
+    bad = run / "checkpoints" / "step_00000006"
+    shutil.copytree(good, bad)
+    (bad / "state.pt").unlink()
+    (bad / "deepspeed").mkdir()
+    torch.save({"module": _Evil(marker)}, bad / "deepspeed" / "mp_rank_00_model_states.pt")
+    meta = json.loads((bad / "meta.json").read_text())
+    (bad / "meta.json").write_text(json.dumps(dict(meta, step=6)))
+
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt: refused.*system"):
+        verify_checkpoint(bad)
+    # --resume latest passes over it, naming why, to the newest that verifies
+    assert Checkpointer(run, 3, 0, 1).resolve("latest") == good
+    with pytest.raises(CheckpointError, match="--resume .*mp_rank_00_model_states.pt"):
+        Checkpointer(run, 3, 0, 1).resolve(str(bad))
+    shards = shapes_shards[0]
+    _one_line_refusal(_cli("export_model", bad, tmp_path / "out"), "mp_rank_00_model_states.pt", "system")
+    _one_line_refusal(_cli("evaluate", "--model", bad, "--shards", f"{shards}/val-000000.tar"), "refused")
+    _one_line_refusal(_cli("build_index", "--model", bad, "--shards", f"{shards}/val-000000.tar",
+                           "--out", tmp_path / "idx"), "refused")
+    # an index whose index.json points at the crafted checkpoint
+    idx = tmp_path / "index"
+    idx.mkdir()
+    (idx / "index.json").write_text(json.dumps({"model_fingerprint": "0" * 16, "model": str(bad), "dim": 64,
+                                                "count": {"images": 0, "captions": 0}}))
+    _one_line_refusal(_cli("search", "--index", idx, "con chó"), "refused")
+    # and training: resuming from it under torchrun
+    shards, tok, n = shapes_shards
+    r = run_torchrun(1, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
+        shards, tok, n, run, **{"train.max_steps": 8}), "--resume", str(bad)], check=False)
+    assert r.returncode != 0 and "mp_rank_00_model_states.pt: refused" in r.stderr  # torchrun: 1
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- bad samples
+
+def _npy(a) -> bytes:
+    import io
+
+    b = io.BytesIO()
+    np.save(b, a, allow_pickle=False)
+    return b.getvalue()
+
+
+def _huge_header_npy() -> bytes:
+    import io
+
+    b = io.BytesIO()
+    np.lib.format.write_array_header_1_0(b, {"descr": "<i4", "fortran_order": False, "shape": (10**12, 24)})
+    return b.getvalue() + b"\0" * 96
+
+
+def _bad_samples_dir(shards: Path, tmp_path: Path) -> tuple[Path, list[str]]:
+    """A copy of the shapes shards plus one shard holding one sample of each kind of bad
+    token ids and a deeply nested .json, among good samples."""
+    d = tmp_path / "shards"
+    d.mkdir()
+    for f in shards.iterdir():
+        if f.is_file():
+            shutil.copy(f, d)
+    with tarfile.open(shards / "train-000000.tar") as tf:
+        m = {x.name: tf.extractfile(x).read() for x in tf.getmembers()}
+    keys = sorted({k.split(".")[0] for k in m})
+    jpg, ids = m[keys[0] + ".jpg"], np.load(__import__("io").BytesIO(m[keys[0] + ".ids.npy"]))
+    bad = {"vocab": _npy(np.full_like(ids, 10**6)), "negative": _npy(np.full_like(ids, -3)),
+           "width": _npy(np.ones((1, ids.shape[1] + 5), np.int32)), "huge": _huge_header_npy()}
+    name = "train-000099.tar"
+    import webdataset as wds
+
+    with open(d / name, "wb") as f, wds.TarWriter(f, encoder=False) as tw:
+        for k in keys[1:9]:  # good ones
+            tw.write({"__key__": k + "g", "jpg": m[k + ".jpg"], "ids.npy": m[k + ".ids.npy"], "json": m[k + ".json"]})
+        for k, v in bad.items():
+            tw.write({"__key__": k, "jpg": jpg, "ids.npy": v, "json": b"{}"})
+        tw.write({"__key__": "nested", "jpg": jpg, "ids.npy": _npy(ids), "json": b"[" * 100000 + b"]" * 100000})
+    sizes = json.loads((d / "sizes.json").read_text())
+    sizes[name] = 13
+    (d / "sizes.json").write_text(json.dumps(sizes))
+    return d, [str(d / name)]
+
+
+def test_bad_token_ids_and_metadata_are_skipped_and_counted_by_reason(shapes_shards, tmp_path):
+    from phoclip.data import ShardStream, StreamConfig, eval_samples
+
+    shards, tok, _ = shapes_shards
+    d, urls = _bad_samples_dir(shards, tmp_path)
+    width = json.loads((d / "manifest.json").read_text())["tokenizer"]["max_length"]
+    from phoclip.text import load_tokenizer
+
+    vocab = len(load_tokenizer(str(tok)))
+    s = ShardStream(StreamConfig(urls, [1.0], 3, 32, 0, 0, 1, False, 0, True, ids_width=width, vocab_size=vocab))
+    it = iter(s)
+    batches = [next(it) for _ in range(3)]  # 9 usable per pass: 8 good + the nested-json one
+    keys = [k for b in batches for k in b["keys"]]
+    assert "nested" in keys  # training never parses the .json, so its nesting cannot hurt
+    assert not {"vocab", "negative", "width", "huge"} & set(keys)
+    sk = batches[-1]["skipped"]
+    assert sk == {"bad_ids_range": 2, "bad_ids_shape": 2}, sk
+    assert all(b["input_ids"].max() < vocab and b["input_ids"].min() >= 0 for b in batches)
+    counted = Counter()
+    got = [x["key"] for x in eval_samples(urls, 32, skipped=counted, ids_width=width, vocab_size=vocab)]
+    assert len(got) == 8 and dict(counted) == {"bad_ids_range": 2, "bad_ids_shape": 2, "bad_json": 1}
+
+
+def test_evaluation_and_training_report_what_they_skipped(tiny_run, shapes_shards, tmp_path):
+    shards, tok, n = shapes_shards
+    d, urls = _bad_samples_dir(shards, tmp_path)
+    r = _cli("evaluate", "--model", tiny_run, "--shards", urls[0], "--out", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "skipped samples: bad_ids_range 2, bad_ids_shape 2, bad_json 1" in r.stdout
+    assert json.loads((tmp_path / "e.json").read_text())["skipped"]["bad_json"] == 1
+    run = tmp_path / "run"
+    run_torchrun(1, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
+        d, tok, n, run, **{"data.train_shards": urls[0], "data.val_shards": urls[0], "train.max_steps": 4,
+                           "data.batch_size": 6, "train.save_every": 100})])
+    m = read_metrics(run)
+    assert m[4]["skipped"]["bad_ids_range"] >= 2 and m[4]["skipped"]["bad_ids_shape"] >= 2
+    assert read_metrics(run, "val")[4]["skipped"] == {"bad_ids_range": 2, "bad_ids_shape": 2, "bad_json": 1}
+
+
+def test_no_readable_training_sample_stops_in_bounded_time_with_a_clear_error(shapes_shards, tmp_path):
+    shards, tok, _ = shapes_shards
+    d = tmp_path / "junk"
+    d.mkdir()
+    shutil.copy(shards / "manifest.json", d)
+    sizes = {}
+    for i in range(3):
+        (d / f"train-{i:06d}.tar").write_bytes(os.urandom(5000))
+        sizes[f"train-{i:06d}.tar"] = 30
+    (d / "sizes.json").write_text(json.dumps(sizes))
+    t0 = time.time()
+    r = run_torchrun(1, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
+        d, tok, 3, tmp_path / "run", **{"data.val_shards": "null"})], check=False, timeout=120)
+    assert r.returncode != 0 and time.time() - t0 < 90
+    assert "refused: phoclip.data.NoReadableSamples: no sample could be read from the last" in r.stderr
+    assert "phoclip/data.py\", line" not in r.stderr  # one line from the rank, not its traceback
+
+
+def test_sigterm_ends_a_run_stuck_waiting_for_data_promptly(shapes_shards, tmp_path):
+    """A shard that never delivers a byte (a FIFO nobody writes; a hung mount): the run
+    waits for data, and SIGTERM must still end it, with its loader worker."""
+    shards, tok, _ = shapes_shards
+    d = tmp_path / "stuck"
+    d.mkdir()
+    shutil.copy(shards / "manifest.json", d)
+    os.mkfifo(d / "train-000000.tar")
+    (d / "sizes.json").write_text(json.dumps({"train-000000.tar": 30}))
+    args = ["--config", "launch/configs/tiny-debug.yaml",
+            *train_overrides(d, tok, 1, tmp_path / "run", **{"data.val_shards": "null"})]
+    p = subprocess.Popen(torchrun_cmd(1, "launch/train_ddp.py", args), env=ENV, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        time.sleep(20)  # built, and waiting for its first batch
+        tree = process_tree(p.pid)
+        assert p.poll() is None and len(tree) >= 3  # agent, rank, loader worker
+        p.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        out, _ = p.communicate(timeout=40)
+        assert time.time() - t0 < 35
+    finally:
+        if p.poll() is None:
+            kill_job(p)
+    assert "without a batch" in out, out[-3000:]
+    time.sleep(1)
+    assert not [q for q in tree if os.path.exists(f"/proc/{q}") and _not_zombie(q)], "processes left behind"
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- run folders
+
+def test_a_fresh_run_into_a_used_run_dir_is_refused_unless_resumed_or_overwritten(tiny_run, shapes_shards, tmp_path):
+    shards, tok, n = shapes_shards
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    args = ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(shards, tok, n, run, **{"train.max_steps": 2})]
+    r = run_torchrun(1, "launch/train_ddp.py", args, check=False)
+    assert r.returncode != 0 and "already holds checkpoints (newest step_00000004)" in r.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    run_torchrun(1, "launch/train_ddp.py", args + ["train.overwrite=true", "train.save_every=1"])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+    assert sorted(read_metrics(run)) == [1, 2]
+    assert not (run / ".lock").exists()  # released on exit
+
+
+def test_run_folder_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, caplog):
+    from train.lock import RunLock, RunLockedError
+
+    a = RunLock(tmp_path)
+    a.acquire()
+    with pytest.raises(RunLockedError, match=f"in use by pid {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+    a.release()
+    assert not (tmp_path / ".lock").exists()
+    # a holder on this host whose process is gone: stale
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps({"host": a.me["host"], "pid": dead.pid}))
+    b = RunLock(tmp_path)
+    b.acquire()
+    assert "stale lock" in caplog.text and json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    b.release()
+    # another host: live while refreshed, stale when not refreshed for long
+    (tmp_path / ".lock").write_text(json.dumps({"host": "node-77", "pid": 1}))
+    with pytest.raises(RunLockedError, match="node-77"):
+        RunLock(tmp_path).acquire()
+    old = time.time() - 7200
+    os.utime(tmp_path / ".lock", (old, old))
+    RunLock(tmp_path).acquire()
+
+
+def test_a_second_job_is_refused_while_the_first_trains_and_ranks_die_with_their_agent(shapes_shards, tmp_path):
+    shards, tok, n = shapes_shards
+    run = tmp_path / "run"
+    args = ["--config", "launch/configs/tiny-debug.yaml",
+            *train_overrides(shards, tok, n, run, **{"train.max_steps": 400, "train.save_every": 1000})]
+    p = subprocess.Popen(torchrun_cmd(2, "launch/train_ddp.py", args), env=ENV, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        t0 = time.time()
+        while max(read_metrics(run) or [0]) < 3:
+            assert p.poll() is None and time.time() - t0 < 120, p.stdout.read()[-3000:] if p.poll() else ""
+            time.sleep(0.1)
+        r = run_torchrun(1, "launch/train_ddp.py", args + ["--resume", "latest"], check=False)
+        assert r.returncode != 0 and "is in use by pid" in r.stderr
+        # kill the torchrun agent only: its ranks get SIGTERM (parent-death signal), save
+        # at the end of their step and exit, instead of training on as orphans
+        ranks = [q for q in process_tree(p.pid) if q != p.pid]
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        killed_at = max(read_metrics(run))
+        t0 = time.time()
+        while [q for q in ranks if os.path.exists(f"/proc/{q}") and _not_zombie(q)]:
+            assert time.time() - t0 < 60, "ranks outlived their agent"
+            time.sleep(0.2)
+    finally:
+        kill_job(p)
+    assert max(read_metrics(run)) <= killed_at + 2  # at most the step in flight
+    ckpts = sorted(c.name for c in (run / "checkpoints").iterdir())
+    assert ckpts and int(ckpts[-1][5:]) == max(read_metrics(run))  # saved where they stopped
+    assert not (run / ".lock").exists()
+    r = run_torchrun(1, "launch/train_ddp.py",
+                     [a if not a.startswith("train.max_steps") else f"train.max_steps={killed_at + 4}" for a in args]
+                     + ["--resume", "latest"])
+    assert "resumed from" in r.stderr
+
+
+def test_a_checkpoint_of_an_existing_step_is_replaced_whole(tmp_path):
+    from train.checkpoint import Checkpointer
+
+    class Eng:
+        def __init__(self, v):
+            self.v = v
+
+        def save(self, folder):
+            torch.save({"model": {"w": torch.tensor([self.v])}}, folder / "state.pt")
+
+    ck = Checkpointer(tmp_path, 3, 0, 1)
+    ck.save(5, Eng(1.0), {"data": {}}, {"samples_seen": 1})
+    ck.save(5, Eng(2.0), {"data": {}}, {"samples_seen": 2})
+    p = tmp_path / "checkpoints" / "step_00000005"
+    assert torch.load(p / "state.pt", weights_only=True)["model"]["w"].item() == 2.0
+    assert json.loads((p / "meta.json").read_text())["samples_seen"] == 2
+    assert [c.name for c in (tmp_path / "checkpoints").iterdir()] == ["step_00000005"]
+
+
+def test_resume_latest_falls_back_to_the_newest_checkpoint_that_verifies(tiny_run, tmp_path, caplog):
+    from phoclip.errors import CheckpointError
+    from train.checkpoint import Checkpointer
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    newest = run / "checkpoints" / "step_00000004"
+    state = newest / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # torn
+    assert Checkpointer(run, 3, 0, 1).resolve("latest") == run / "checkpoints" / "step_00000002"
+    assert "not resuming from step_00000004" in caplog.text and "state.pt" in caplog.text
+    (run / "checkpoints" / "step_00000002" / "rank00000.pt").unlink()  # incomplete
+    with pytest.raises(CheckpointError, match="none of the 2 checkpoints"):
+        Checkpointer(run, 3, 0, 1).resolve("latest")
+
+
+# ----------------------------------------------------------------------------- manifests, indexes
+
+def test_a_manifest_with_missing_keys_or_wrong_types_is_refused_naming_the_key(tiny_run, shapes_shards, tmp_path):
+    shards = shapes_shards[0]
+    d = tmp_path / "s"
+    shutil.copytree(shards, d)
+    man = json.loads((d / "manifest.json").read_text())
+    del man["tokenizer"]["pad_id"]
+    (d / "manifest.json").write_text(json.dumps(man))
+    r = _cli("evaluate", "--model", tiny_run, "--shards", d / "val-000000.tar")
+    _one_line_refusal(r, "manifest.json: key tokenizer.pad_id is missing or not a int")
+    man["tokenizer"]["pad_id"] = 1
+    man["tokenizer"]["max_length"] = "24"
+    (d / "manifest.json").write_text(json.dumps(man))
+    _one_line_refusal(_cli("build_index", "--model", tiny_run, "--shards", d / "val-000000.tar", "--out",
+                           tmp_path / "i"), "key tokenizer.max_length")
+
+
+def test_build_index_from_shards_checks_the_manifest_against_the_model(tiny_run, shapes_shards, tmp_path):
+    d = tmp_path / "s"
+    shutil.copytree(shapes_shards[0], d)
+    man = json.loads((d / "manifest.json").read_text())
+    man["tokenizer"]["fingerprint"] = "0" * 16
+    (d / "manifest.json").write_text(json.dumps(man))
+    _one_line_refusal(_cli("build_index", "--model", tiny_run, "--shards", d / "val-000000.tar", "--out",
+                           tmp_path / "i"), "do not fit the model's tokenizer")
+
+
+def test_an_index_whose_files_disagree_is_refused_and_written_whole(tiny_run, shapes_shards, tmp_path):
+    from phoclip.search import EmbeddingIndex
+
+    idx = tmp_path / "idx"
+    r = _cli("build_index", "--model", tiny_run, "--shards", shapes_shards[0] / "val-000000.tar", "--out", idx)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temporary folder left
+    n = EmbeddingIndex(idx).embeddings("images").shape[0]
+    with open(idx / "images.jsonl", "a") as f:
+        f.write(json.dumps({"key": "extra"}) + "\n")
+    with pytest.raises(ValueError, match=f"images.jsonl: {n + 1} lines for {n} embeddings"):
+        EmbeddingIndex(idx).embeddings("images")
+    _one_line_refusal(_cli("search", "--index", idx, "hai hình tròn"), "images.jsonl", "lines for")
+    # a header that claims more rows than the file holds is refused, not allocated
+    import io
+
+    b = io.BytesIO()
+    np.lib.format.write_array_header_1_0(b, {"descr": "<f2", "fortran_order": False, "shape": (10**9, 64)})
+    (idx / "captions.npy").write_bytes(b.getvalue() + b"\0" * 128)
+    with pytest.raises(ValueError, match="captions.npy"):
+        EmbeddingIndex(idx).embeddings("captions")
+    # a folder that is not an index is never replaced
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "keep.jpg").write_bytes(b"mine")
+    _one_line_refusal(_cli("build_index", "--model", tiny_run, "--shards", shapes_shards[0] / "val-000000.tar",
+                           "--out", photos), "is not an index")
+    assert (photos / "keep.jpg").read_bytes() == b"mine"
+
+
+def test_search_never_prints_terminal_control_characters(tiny_run, tmp_path):
+    from phoclip.model import load_model
+    from phoclip.search import write_index
+
+    model = load_model(tiny_run / "model")
+    idx = tmp_path / "idx"
+    emb = torch.nn.functional.normalize(torch.randn(3, model.config["embed_dim"]), dim=-1)
+    write_index(idx, model, str(tiny_run / "model"), emb,
+                [{"key": f"k{i}", "path": f"/x/\x1b]0;pwn\x07{i}.jpg", "caption": "\x1b[2Jxoá màn hình"}
+                 for i in range(3)])
+    r = _cli("search", "--index", idx, "hai hình tròn", "--k", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "xoá màn hình" in r.stdout
