@@ -256,20 +256,26 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_unless_resumed_or_overwritte
 def test_run_folder_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, caplog):
     from train.lock import RunLock, RunLockedError
 
-    a = RunLock(tmp_path)
-    a.acquire()
-    with pytest.raises(RunLockedError, match=f"in use by pid {os.getpid()}"):
-        RunLock(tmp_path).acquire()
-    a.release()
-    assert not (tmp_path / ".lock").exists()
-    # a holder on this host whose process is gone: stale
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (tmp_path / ".lock").write_text(json.dumps({"host": a.me["host"], "pid": dead.pid}))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from train.lock import RunLock; "
+                               f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
+                              cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=f"in use by pid {holder.pid}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    # its process is gone (killed: the lock file stays): stale, taken over
     b = RunLock(tmp_path)
     b.acquire()
     assert "stale lock" in caplog.text and json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    c = RunLock(tmp_path)  # the same process again (two Trainers in one program): re-entrant
+    c.acquire()
+    c.release()
+    assert (tmp_path / ".lock").exists()
     b.release()
+    assert not (tmp_path / ".lock").exists()
     # another host: live while refreshed, stale when not refreshed for long
     (tmp_path / ".lock").write_text(json.dumps({"host": "node-77", "pid": 1}))
     with pytest.raises(RunLockedError, match="node-77"):

@@ -24,6 +24,9 @@ class RunLockedError(SetupError):
     pass
 
 
+_HELD: dict = {}  # lock path -> how many RunLocks of this process hold it (re-entrant)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -61,6 +64,11 @@ class RunLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if _HELD.get(key):  # this process holds it already (e.g. two Trainers in one program)
+            _HELD[key] += 1
+            self.held = True
+            return
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -83,6 +91,7 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(dict(self.me, since=time.strftime("%Y-%m-%d %H:%M:%S")), f)
+            _HELD[key] = 1
             self.held = True
             return
         raise RunLockedError(f"could not take {self.path}: another job keeps taking it")
@@ -97,10 +106,15 @@ class RunLock:
 
     def release(self) -> None:
         if self.held:
+            key = str(self.path.resolve())
+            _HELD[key] = _HELD.get(key, 1) - 1
+            self.held = False
+            if _HELD[key] > 0:
+                return
+            del _HELD[key]
             h = self._holder()
             if h and h.get("pid") == self.me["pid"] and h.get("host") == self.me["host"]:
                 try:
                     os.unlink(self.path)
                 except OSError:
                     pass
-            self.held = False
