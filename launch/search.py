@@ -18,7 +18,7 @@ from phoclip.log import init_logger
 from phoclip.search import (DEFAULT_TEMPLATES, EmbeddingIndex, find_captions, find_matches,
                             query_processor, write_gallery, zero_shot_accuracy, zero_shot_tags)
 from phoclip.text import strip_controls
-from train.export import load_for_inference
+from train.export import load_encoder
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -33,7 +33,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--k", type=int, default=25)
     p.add_argument("--segmenter", help="default: the one the model's shards were made with")
     p.add_argument("--vncorenlp-dir", help="VnCoreNLP model folder (default: $VNCORENLP_DIR)")
-    p.add_argument("--backend", choices=("exact", "faiss"), default="exact")
+    p.add_argument("--backend", choices=("exact", "faiss", "onnx"), default="exact",
+                   help="exact or faiss index search (PyTorch encoder); onnx: queries embedded by "
+                        "onnxruntime from the model's ONNX export, exact search")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--html", help="write a self-contained HTML gallery here")
     args = p.parse_args(argv)
@@ -53,7 +55,9 @@ def _search(args) -> int:
     index = EmbeddingIndex(args.index)
     # the model the index names is loaded like any other: a model folder, or a
     # checkpoint verified weights-only before anything unpickles it
-    model, tok_name = load_for_inference(args.model or index.meta["model"])
+    encoder = "onnx" if args.backend == "onnx" else "torch"
+    model, tok_name = load_encoder(args.model or index.meta["model"], encoder)
+    args.backend = "exact" if args.backend == "onnx" else args.backend
     index.check_model(model)
     proc = query_processor(model, tok_name, args.segmenter, args.vncorenlp_dir)
     out: dict = {}

@@ -222,12 +222,20 @@ class PhoCLIP(nn.Module):
         return groups
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, folder: str | os.PathLike, tokenizer=None) -> Path:
-        """Write config + safetensors weights (+ tokenizer): a folder `load_model` reads
-        without any training state or hub access."""
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> "PhoCLIP":
+        """Load a folder written by `save_pretrained` (same as `phoclip.load_model`)."""
+        return load_model(folder, map_location)
+
+    def save_pretrained(self, folder: str | os.PathLike, tokenizer=None, training: Optional[dict] = None,
+                        data: Optional[dict] = None, evaluation: Optional[dict] = None) -> Path:
+        """Write config + safetensors weights (+ tokenizer) and a model card (README.md:
+        architecture, text preparation, `training` config, `data` manifest summary,
+        `evaluation` results, how to load): a folder `load_model` reads without any
+        training state or hub access."""
         from safetensors.torch import save_file
 
-        from phoclip.fileio import atomic_write_json
+        from phoclip.fileio import atomic_write_json, atomic_write_text
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -250,6 +258,10 @@ class PhoCLIP(nn.Module):
             os.fsync(f.fileno())
         os.replace(tmp, folder / WEIGHTS_NAME)
         atomic_write_json(folder / CONFIG_NAME, cfg, indent=2)
+        from phoclip.card import model_card
+
+        atomic_write_text(folder / "README.md", model_card(cfg, training, data, evaluation,
+                                                           model_fingerprint(self)))
         return folder
 
 

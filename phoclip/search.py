@@ -106,7 +106,7 @@ class EmbeddingIndex:
     def check_model(self, model) -> None:
         from phoclip.model import model_fingerprint
 
-        fp = model_fingerprint(model)
+        fp = getattr(model, "fingerprint", None) or model_fingerprint(model)  # ONNX: recorded at export
         if fp != self.fingerprint:
             raise ValueError(f"index {self.folder} was built with model {self.fingerprint} "
                              f"({self.meta.get('model')}), not {fp}: rebuild the index or search "

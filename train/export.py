@@ -33,6 +33,22 @@ def load_for_inference(path: str, device: str = "cpu"):
                             "run folder or checkpoint folder")
 
 
+def load_encoder(path: str, backend: str = "torch", device: str = "cpu"):
+    """(model, tokenizer) for search and serving: the PyTorch model (`load_for_inference`)
+    or, with backend="onnx", its ONNX export run by onnxruntime (a model folder, or a
+    run folder's exported model, exported with `export_model.py --format onnx`)."""
+    if backend != "onnx":
+        return load_for_inference(path, device)
+    from phoclip.model import CONFIG_NAME, model_tokenizer_path
+    from phoclip.onnx_backend import OnnxModel
+
+    p = Path(path)
+    folder = p if (p / CONFIG_NAME).is_file() else p / "model"
+    if not (folder / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{path}: --backend onnx needs a model folder (or a run folder with one)")
+    return OnnxModel(folder), model_tokenizer_path(folder)
+
+
 def model_from_checkpoint(ckpt: Path, device: str = "cpu"):
     """Rebuild the model from the config saved in a checkpoint and load its weights:
     a DDP `state.pt`, or a DeepSpeed ZeRO checkpoint (partitions gathered to fp32).

@@ -81,6 +81,7 @@ class Trainer:
         self.nonfinite_streak = 0
         self._stop = False
         self._waiting_since: Optional[float] = None  # set while the loop waits for a batch
+        self._last_val: Optional[dict] = None  # the newest validation metrics (model card)
         self.lock = RunLock(self.run_dir)
         if dist_info.is_main:
             self._claim_run_dir()
@@ -227,7 +228,8 @@ class Trainer:
         # the model's resolved config and the tokenizer travel with every checkpoint, so
         # exporting one needs neither the hub nor the files the run started from
         meta = {"samples_seen": self.samples_seen, "nonfinite_total": self.nonfinite_total,
-                "config": self.cfg.to_dict(), "model_config": self.model.config}
+                "config": self.cfg.to_dict(), "model_config": self.model.config,
+                "data": manifest_summary(self.manifest), "evaluation": self._last_val}
         self.ckpt.save(self.step, self.engine, {"data": self.tracker.state_dict(), "rng": rng_state(),
                                                 "layout": self.stream.cfg.layout.state_dict()},
                        meta, extra=lambda d: self.tokenizer.save_pretrained(str(d / "tokenizer")))
@@ -419,6 +421,7 @@ class Trainer:
             lockstep=self.engine.partitioned, ids_width=int(self.manifest["tokenizer"]["max_length"]),
             vocab_size=len(self.tokenizer))
         self.log.log(self.step, res, prefix="val")
+        self._last_val = res
         if self._query_proc is not None:
             self._log_retrieval_grids(img, keys, metas)
         logger.info("val step %d: t2i R@1 %.1f R@5 %.1f R@10 %.1f | i2t R@1 %.1f R@5 %.1f R@10 %.1f%s",
@@ -464,12 +467,19 @@ class Trainer:
         with self.engine.gathered():
             if not self.dist.is_main:
                 return None
-            return self.model.save_pretrained(self.run_dir / "model", tokenizer=self.tokenizer)
+            return self.model.save_pretrained(self.run_dir / "model", tokenizer=self.tokenizer,
+                                              training=self.cfg.to_dict(), data=manifest_summary(self.manifest),
+                                              evaluation=self._last_val)
 
     def close(self) -> None:
         if hasattr(self, "log"):
             self.log.close()
         self.lock.release()
+
+
+def manifest_summary(manifest: dict) -> dict:
+    """What a model card says of its data: counts, sources, tokenizer, segmenter."""
+    return {k: manifest.get(k) for k in ("counts", "captions", "sources", "tokenizer", "segmenter")}
 
 
 def record_text_processing(model, manifest: dict) -> None:

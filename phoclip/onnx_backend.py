@@ -1,0 +1,108 @@
+"""Both towers as ONNX, and an encoder that runs them with onnxruntime.
+
+`export_onnx(model, folder)` writes `folder/onnx/{image,text}.onnx` (dynamic batch; the
+text tower also a dynamic sequence length) and checks them against PyTorch on the same
+inputs. `OnnxModel(folder)` then embeds with onnxruntime behind the same small interface
+as `PhoCLIP` (`encode_image`, `encode_text`, `config`), so search and serving run on
+machines without PyTorch's GPU build. Image preprocessing stays the library's own."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+ONNX_DIR = "onnx"
+TOLERANCE = 1e-3  # max abs difference on normalised embeddings, checked at export
+
+
+class _Tower(torch.nn.Module):
+    def __init__(self, model, kind: str) -> None:
+        super().__init__()
+        self.model, self.kind = model, kind
+
+    def forward(self, x):
+        return self.model.encode_image(x) if self.kind == "image" else self.model.encode_text(x)
+
+
+def _probe_inputs(model, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    size = int(model.config["vision"].get("image_size", 224))
+    images = torch.randn(3, 3, size, size, generator=g)
+    vocab = int(model.text.config.vocab_size)
+    ids = torch.randint(4, max(5, vocab), (4, 11), generator=g)
+    ids[:, 0] = 0
+    ids[1, 7:] = model.pad_id  # padded rows: the mask must travel too
+    ids[3, 4:] = model.pad_id
+    return images, ids
+
+
+def export_onnx(model, folder: str | os.PathLike, opset: int = 17) -> Path:
+    """Export both towers into `folder/onnx/` and verify them against PyTorch
+    (max |difference| of normalised embeddings <= 1e-3 on images and on padded captions
+    of another batch size and length than the export's). Returns the onnx folder."""
+    import onnxruntime as ort
+
+    from phoclip.fileio import atomic_write_json
+    from phoclip.model import model_fingerprint
+
+    model = model.float().eval()
+    out = Path(folder) / ONNX_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    images, ids = _probe_inputs(model)
+    with torch.no_grad():
+        for kind, x, name, axes in (("image", images[:2], "images", {0: "batch"}),
+                                    ("text", ids[:2, :9], "input_ids", {0: "batch", 1: "sequence"})):
+            tmp = out / f".{kind}.onnx.tmp"
+            # eval wrappers: the exporter restores the wrapper's mode afterwards, and a
+            # wrapper left in train mode would put BatchNorm back on batch statistics
+            torch.onnx.export(_Tower(model, kind).eval(), (x,), str(tmp), input_names=[name], output_names=["embedding"],
+                              dynamic_axes={name: axes, "embedding": {0: "batch"}}, opset_version=opset,
+                              dynamo=False)
+            os.replace(tmp, out / f"{kind}.onnx")
+    diffs = {}
+    with torch.no_grad():
+        for kind, x, name in (("image", images, "images"), ("text", ids, "input_ids")):
+            sess = ort.InferenceSession(str(out / f"{kind}.onnx"), providers=["CPUExecutionProvider"])
+            got = sess.run(None, {name: x.numpy()})[0]
+            want = _Tower(model, kind).eval()(x).numpy()
+            diffs[kind] = float(np.abs(got - want).max())
+    bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE}
+    if bad:
+        raise RuntimeError(f"ONNX export of {folder} differs from PyTorch by {bad} (> {TOLERANCE})")
+    atomic_write_json(out / "meta.json", {"fingerprint": model_fingerprint(model), "opset": opset,
+                                          "max_abs_diff": diffs, "config": model.config}, indent=2)
+    return out
+
+
+class OnnxModel:
+    """The model's two towers on onnxruntime, with `PhoCLIP`'s encoding interface."""
+
+    def __init__(self, folder: str | os.PathLike, providers: Optional[list] = None) -> None:
+        import onnxruntime as ort
+
+        d = Path(folder) / ONNX_DIR
+        if not (d / "meta.json").is_file():
+            raise FileNotFoundError(f"{folder} has no ONNX export ({ONNX_DIR}/meta.json): run "
+                                    f"python launch/export_model.py {folder} {folder} --format onnx")
+        meta = json.loads((d / "meta.json").read_text())
+        self.config = meta["config"]
+        self.fingerprint = meta["fingerprint"]
+        self.pad_id = int(self.config["text"].get("pad_id", 1))
+        providers = providers or ort.get_available_providers()
+        self._image = ort.InferenceSession(str(d / "image.onnx"), providers=providers)
+        self._text = ort.InferenceSession(str(d / "text.onnx"), providers=providers)
+
+    def eval(self) -> "OnnxModel":
+        return self
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.detach().float().cpu().numpy()
+        return torch.from_numpy(self._image.run(None, {"images": x})[0])
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = input_ids.detach().long().cpu().numpy()
+        return torch.from_numpy(self._text.run(None, {"input_ids": x})[0])

@@ -1,0 +1,217 @@
+"""The search service: a real server on 127.0.0.1 over an index of a tiny trained model,
+queried over real sockets, attacked with hostile requests, and used in a real browser
+(headless Chromium through its driver)."""
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run_torchrun, train_overrides
+from dist_utils import free_port
+
+pytestmark = pytest.mark.slow
+ARTIFACTS = ROOT / "test-artifacts"
+PAYLOAD = "<b>đậm</b><img src=x onerror=\"document.title='pwned'\">"
+
+
+@pytest.fixture(scope="module")
+def served(shapes_shards, tmp_path_factory):
+    shards, tok, n = shapes_shards
+    d = tmp_path_factory.mktemp("serve")
+    run = d / "run"
+    run_torchrun(2, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
+        shards, tok, n, run, **{"train.max_steps": 60, "train.log_every": 20, "train.save_every": 1000,
+                                "data.batch_size": 16, "optim.lr_text": 2e-3, "optim.lr_image": 2e-3})],
+                 timeout=600)
+    idx = d / "index"
+    r = subprocess.run([sys.executable, "launch/build_index.py", "--model", str(run), "--shards",
+                        f"{shards}/val-000000.tar", "--out", str(idx)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # every caption carries markup: the page must show it as text, never run it
+    items = [json.loads(l) for l in (idx / "images.jsonl").read_text().splitlines()]
+    (idx / "images.jsonl").write_text("".join(json.dumps(dict(it, caption=PAYLOAD + it["caption"]),
+                                                         ensure_ascii=False) + "\n" for it in items))
+    port = free_port()
+    log = open(d / "serve.log", "w")
+    p = subprocess.Popen([sys.executable, "launch/serve.py", "--index", str(idx), "--port", str(port),
+                          "--max-upload-mb", "1"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while True:
+        try:
+            urllib.request.urlopen(base + "/health", timeout=2)
+            break
+        except OSError:
+            assert p.poll() is None, (d / "serve.log").read_text()[-3000:]
+            assert time.time() - t0 < 120, "server did not come up"
+            time.sleep(0.3)
+    yield base, idx, items, shards
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=30)
+    log.close()
+    assert p.returncode is not None
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def _post(url, fields: dict, files: dict):
+    boundary = uuid.uuid4().hex
+    body = io.BytesIO()
+    for k, v in fields.items():
+        body.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode())
+    for k, (name, data) in files.items():
+        body.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"; filename=\"{name}\"\r\n"
+                   f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    req = urllib.request.Request(url, data=body.getvalue(), method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def _val_images(shards, n=3):
+    import tarfile
+
+    with tarfile.open(shards / "val-000000.tar") as tf:
+        return [tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".jpg")][:n]
+
+
+def test_api_search_page_thumbnails_image_search_and_tags(served):
+    base, idx, items, shards = served
+    code, _, body = _get(base + "/health")
+    h = json.loads(body)
+    assert code == 200 and h["images"] == len(items) and h["captions"] > 0
+    q = urllib.parse.quote("hai hình tròn màu đỏ")
+    code, _, body = _get(f"{base}/search?q={q}&k=5")
+    page1 = json.loads(body)["results"]
+    assert code == 200 and [r["rank"] for r in page1] == [1, 2, 3, 4, 5]
+    assert page1[0]["score"] >= page1[-1]["score"] and page1[0]["caption"].startswith(PAYLOAD)
+    code, _, body = _get(f"{base}/search?q={q}&k=5&offset=5")
+    page2 = json.loads(body)["results"]
+    assert [r["rank"] for r in page2] == [6, 7, 8, 9, 10] and not {r["id"] for r in page1} & {r["id"] for r in page2}
+    code, headers, body = _get(base + page1[0]["thumb"])
+    assert code == 200 and headers["Content-Type"] == "image/jpeg" and Image.open(io.BytesIO(body)).size[0] > 0
+    # image -> image: an indexed picture finds itself first; image -> text: captions
+    jpg = _val_images(shards, 1)[0]
+    code, res = _post(base + "/search/image", {"k": "3"}, {"file": ("a.jpg", jpg)})
+    assert code == 200 and res["images"][0]["score"] > 0.99 and len(res["captions"]) == 3
+    code, res = _post(base + "/tags", {"tags": "hình tròn\nhình vuông\ntam giác", "k": "2"}, {"file": ("a.jpg", jpg)})
+    assert code == 200 and len(res["tags"]) == 2 and res["tags"][0]["score"] >= res["tags"][1]["score"]
+    code, res = _post(base + "/tags", {"tags": "hình tròn\nhình vuông", "id": "0"}, {})
+    assert code == 200 and {t["tag"] for t in res["tags"]} == {"hình tròn", "hình vuông"}
+
+
+def test_hostile_requests_get_4xx_and_the_service_stays_up(served):
+    base, idx, items, shards = served
+    code, _ = _post(base + "/search/image", {}, {"file": ("big.jpg", os.urandom(2 * 1024 * 1024))})
+    assert code == 413  # over --max-upload-mb 1
+    code, _ = _post(base + "/search/image", {}, {"file": ("notes.jpg", "không phải ảnh".encode())})
+    assert code == 415
+    code, _ = _post(base + "/search/image", {}, {"file": ("cut.jpg", _val_images(shards, 1)[0][:300])})
+    assert code == 422
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # 400M pixels in a small file
+    code, _ = _post(base + "/search/image", {}, {"file": ("bomb.png", bomb.getvalue())})
+    assert code == 422
+    for path in ("/thumb/../../etc/passwd", "/thumb/..%2F..%2Fetc%2Fpasswd", "/thumb/%2Fetc%2Fpasswd",
+                 f"/thumb/{len(items)}", "/thumb/-1", "/thumb/0.5", "/../etc/passwd"):
+        code, _, body = _get(base + path)
+        assert 400 <= code < 500 and b"root:" not in body, (path, code)
+    code, _, _ = _get(base + "/search?q=" + "a" * 100_000)
+    assert 400 <= code < 500
+    for bad in ("k=0", "k=100000", "offset=-1", "k=abc", ""):
+        code, _, _ = _get(f"{base}/search?q=xe&{bad}" if bad else f"{base}/search")
+        assert 400 <= code < 500, bad
+    code, _ = _post(base + "/tags", {"tags": "a"}, {})
+    assert code == 422
+    req = urllib.request.Request(base + "/search/image", data=b"--x\r\ngarbage", method="POST",
+                                 headers={"Content-Type": "multipart/form-data; boundary=x"})
+    try:
+        urllib.request.urlopen(req, timeout=30)
+        code = 200
+    except urllib.error.HTTPError as e:
+        code = e.code
+    assert 400 <= code < 500
+    code, headers, _ = _get(base + "/")
+    assert code == 200 and "script-src 'self'" in headers["Content-Security-Policy"]
+    assert _get(base + "/health")[0] == 200  # nothing above took it down
+
+
+def _browser(tmp_path):
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("Debian's chromium + chromium-driver are not installed (make test installs them as root)")
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium fetch a browser
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--disable-quic", f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1200,900"):
+        opts.add_argument(a)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def test_the_page_in_a_real_browser_searches_shows_thumbnails_and_escapes_captions(served, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, idx, items, shards = served
+    drv = _browser(tmp_path)
+    try:
+        drv.get(base + "/")
+        assert "PhoCLIP" in drv.title
+        box = drv.find_element(By.ID, "q")
+        box.send_keys("hai hình tròn màu đỏ", Keys.ENTER)
+        WebDriverWait(drv, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid img.thumb")) >= 5)
+        WebDriverWait(drv, 60).until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#grid img.thumb')].every(i => i.complete && i.naturalWidth > 0)"))
+        figs = drv.find_elements(By.CSS_SELECTOR, "#grid figcaption")
+        assert all(PAYLOAD in f.text for f in figs)  # shown as text...
+        assert not drv.find_elements(By.CSS_SELECTOR, "#grid b, #grid img:not(.thumb)")  # ...never as markup
+        assert drv.title != "pwned"
+        assert "Kết quả 1–24" in drv.find_element(By.ID, "status").text
+        drv.find_element(By.ID, "next").click()  # paging
+        WebDriverWait(drv, 30).until(lambda d: "Kết quả 25–" in d.find_element(By.ID, "status").text)
+        drv.find_element(By.ID, "prev").click()
+        WebDriverWait(drv, 30).until(lambda d: "Kết quả 1–24" in d.find_element(By.ID, "status").text)
+        # search by image through the file input (what a drop does)
+        img = tmp_path / "query.jpg"
+        img.write_bytes(_val_images(shards, 1)[0])
+        drv.find_element(By.ID, "file").send_keys(str(img))
+        WebDriverWait(drv, 60).until(lambda d: "Ảnh tương tự" in d.find_element(By.ID, "status").text)
+        assert len(drv.find_elements(By.CSS_SELECTOR, "#captions li")) >= 1
+        drv.find_element(By.ID, "q").clear()
+        drv.find_element(By.ID, "q").send_keys("hai hình tròn màu đỏ", Keys.ENTER)
+        WebDriverWait(drv, 60).until(lambda d: "Kết quả 1–24" in d.find_element(By.ID, "status").text)
+        ARTIFACTS.mkdir(exist_ok=True)
+        drv.save_screenshot(str(ARTIFACTS / "serve_page.png"))
+    finally:
+        drv.quit()
+    assert (ARTIFACTS / "serve_page.png").stat().st_size > 10_000
