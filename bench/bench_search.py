@@ -32,7 +32,9 @@ def main() -> None:
     q = torch.nn.functional.normalize(torch.randn(args.queries, args.dim, generator=g), dim=-1)
     with tempfile.TemporaryDirectory() as d:
         np.save(Path(d) / "images.npy", emb.numpy())
-        (Path(d) / INDEX_META).write_text(json.dumps({"model_fingerprint": "x", "dim": args.dim}))
+        (Path(d) / "images.jsonl").write_text("".join(f'{{"key": "{i}"}}\n' for i in range(args.n)))
+        (Path(d) / INDEX_META).write_text(json.dumps({"model_fingerprint": "x", "model": "none", "dim": args.dim,
+                                                      "count": {"images": args.n, "captions": 0}}))
         index = EmbeddingIndex(d)
         E = index.embeddings("images")  # what both sides search: the same fp32 matrix
         ours = best_of(lambda: index.search(q, args.k))

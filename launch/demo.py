@@ -79,6 +79,8 @@ def main(argv=None) -> int:
                                         for k in (1, 5, 10)))
     print(f"\ngallery: {out / 'search.html'}")
     print(f"TensorBoard: tensorboard --logdir {out / 'run' / 'tensorboard'}")
+    print(f"search service: {PY} launch/serve.py --index {out / 'index'} --port 8080   "
+          "(then open http://127.0.0.1:8080/)")
     print(f"done in {time.time() - t0:.0f}s")
     return 0
 

@@ -1,15 +1,22 @@
 """Retrieval evaluation: recall@1/5/10 both ways, mean and median rank.
 
     python launch/evaluate.py --model runs/exp1 --shards 'shards/val-{000000..000004}.tar'
-    torchrun --nproc_per_node 2 launch/evaluate.py ...    (each rank embeds its shards)
+    python launch/evaluate.py --model runs/exp1 --benchmark ktvic:KTVIC/test_data.json:KTVIC/public-test-images
+    torchrun --nproc_per_node 2 launch/evaluate.py ...    (each rank embeds its part)
+
+--benchmark evaluates straight from a published test split's annotation file (any
+make_shards reader format: ktvic, openviic, uitviic, flickr8k-vi, coco-jsonl, jsonl, csv),
+no shards needed: every test image and every caption, prepared with the model's own
+segmenter and tokenizer, scored with the standard protocol, and printed beside the
+published results for that dataset listed in launch/benchmarks.yaml (--references).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 
 from phoclip.data import check_manifests, expand_urls
@@ -33,11 +40,97 @@ def format_table(res: dict) -> str:
     return "\n".join(rows)
 
 
+def evaluate_benchmark(args, model, tok_name: str, size: int, info) -> dict:
+    """Recall on a published split straight from its annotation file (see the module doc)."""
+    from phoclip.retrieval import embed_samples, gather_counts, gather_embeddings, retrieval_metrics
+    from sharding.readers import SourceSpec
+
+    skipped: Counter = Counter()
+    samples = benchmark_samples(args.benchmark, model, tok_name, size, info.rank, info.world_size, skipped,
+                                args.vncorenlp_dir)
+    parts = embed_samples(model, samples, info.device, args.batch_size, progress=info.is_main)
+    img, txt, t2i, _, _ = gather_embeddings(*parts, info.world_size)
+    skipped = gather_counts(skipped, info.world_size)
+    if img.shape[0] == 0:
+        raise ValueError(f"--benchmark {args.benchmark}: no image could be read (skipped: {dict(skipped)})")
+    res = retrieval_metrics(img, txt, t2i)
+    dataset = SourceSpec.parse(args.benchmark).source_name
+    res.update(skipped=dict(sorted(skipped.items())), benchmark=args.benchmark, dataset=dataset,
+               references=reference_rows(Path(args.references), dataset))
+    return res
+
+
+def benchmark_samples(spec_text: str, model, tok_name: str, size: int, rank: int, world: int,
+                      skipped: Counter, vncorenlp_dir: Optional[str] = None) -> Iterator[dict]:
+    """Samples (image + all its captions as ids) of a published split, read with the
+    sharding readers and prepared as the model's training captions were."""
+    import torch
+
+    from phoclip.data import image_to_tensor
+    from phoclip.images import BadImage, read_image_file
+    from phoclip.search import query_processor
+    from phoclip.text import normalize_text
+    from sharding.readers import SourceSpec, read_source
+
+    spec = SourceSpec.parse(spec_text)
+    records = list(read_source(spec))
+    if rank == 0:
+        skipped.update(spec.skipped)
+    proc = query_processor(model, tok_name, None, vncorenlp_dir)
+    for r in records[rank::world]:
+        caps = [c for c in r.captions if normalize_text(c)]
+        if not caps:
+            skipped["no_caption"] += 1
+            continue
+        try:
+            img = read_image_file(r.path)
+        except BadImage as e:
+            skipped[f"image_{e.reason}"] += 1
+            continue
+        _, ids = proc(caps)
+        yield {"key": r.image_id, "image": image_to_tensor(img, size, train=False),
+               "ids": torch.from_numpy(ids.astype("int64")), "meta": {"path": [r.rel]}}
+
+
+def reference_rows(references: Path, dataset: str) -> list[dict]:
+    """Published results for `dataset` from a references YAML (a list of {dataset, split,
+    metric, value, source}); a missing or malformed file is refused by name."""
+    import yaml
+
+    if not references.is_file():
+        return []
+    try:
+        rows = yaml.safe_load(references.read_text(encoding="utf-8")) or []
+    except yaml.YAMLError as e:
+        raise ValueError(f"{references}: not valid YAML ({e})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"dataset", "metric", "value", "source"}
+                                             <= set(r) for r in rows):
+        raise ValueError(f"{references}: expected a list of {{dataset, split, metric, value, source}}")
+    return [r for r in rows if str(r["dataset"]).lower() == dataset.lower()]
+
+
+def format_references(res: dict, rows: list[dict]) -> str:
+    if not rows:
+        return "no published results listed for this dataset (launch/benchmarks.yaml)"
+    out = [f"{'metric':14}{'ours':>8}{'published':>11}  split / source"]
+    for r in rows:
+        ours = res.get(str(r["metric"]))
+        out.append(f"{r['metric']:14}{'' if ours is None else f'{ours:8.1f}':>8}{float(r['value']):11.1f}  "
+                   f"{r.get('split', '')} / {r['source']}")
+    return "\n".join(out)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     init_logger()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder, run folder or checkpoint")
-    p.add_argument("--shards", required=True, help="brace pattern of evaluation shards")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", help="brace pattern of evaluation shards")
+    src.add_argument("--benchmark", help="FORMAT:ANNOTATIONS:IMAGES of a published test split "
+                                         "(the make_shards reader formats; ',name=N' names the dataset)")
+    p.add_argument("--references", default=str(Path(__file__).parent / "benchmarks.yaml"),
+                   help="published results to print beside ours (default: launch/benchmarks.yaml)")
+    p.add_argument("--vncorenlp-dir", help="VnCoreNLP model folder (default: $VNCORENLP_DIR)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, help="default: the model's")
     p.add_argument("--out", help="results JSON (default: beside the model)")
@@ -46,18 +139,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = init_distributed(args.device)
     try:
         model, tok_name = load_for_inference(args.model, str(info.device))
-        urls = expand_urls(args.shards)[0]
-        tok = load_tokenizer(tok_name)
-        manifest = check_manifests(urls, tokenizer_fingerprint(tok), model.pad_id,
-                                   model.text.config.max_position_embeddings - 2, tok_name)
         size = args.image_size or model.config["vision"].get("image_size", 224)
-        res = evaluate_shards(model, urls, size, info.device, info.rank, info.world_size,
-                              args.batch_size, progress=info.is_main,
-                              ids_width=manifest["tokenizer"]["max_length"], vocab_size=len(tok))
+        if args.benchmark:
+            res = evaluate_benchmark(args, model, tok_name, size, info)
+        else:
+            urls = expand_urls(args.shards)[0]
+            tok = load_tokenizer(tok_name)
+            manifest = check_manifests(urls, tokenizer_fingerprint(tok), model.pad_id,
+                                       model.text.config.max_position_embeddings - 2, tok_name)
+            res = evaluate_shards(model, urls, size, info.device, info.rank, info.world_size,
+                                  args.batch_size, progress=info.is_main,
+                                  ids_width=manifest["tokenizer"]["max_length"], vocab_size=len(tok))
         if info.is_main:
             out = Path(args.out) if args.out else Path(args.model) / "eval.json"
             atomic_write_json(out, res, indent=2)
             print(format_table(res))
+            if args.benchmark:
+                print(format_references(res, res["references"]))
             if res["skipped"]:
                 print("skipped samples: " + ", ".join(f"{k} {v}" for k, v in res["skipped"].items()))
             print(f"results: {out}")

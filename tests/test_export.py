@@ -79,3 +79,51 @@ def test_onnx_towers_match_pytorch_and_search_runs_on_onnxruntime(trained, shape
     assert [m["id"] for m in res["onnx"]] == [m["id"] for m in res["exact"]]
     for a, b in zip(res["onnx"], res["exact"]):
         assert a["score"] == pytest.approx(b["score"], abs=1e-3)
+
+
+def test_benchmark_evaluation_from_a_published_annotation_file(trained, shapes_shards, tmp_path):
+    """evaluate.py --benchmark reads a test split in its published format (here the same
+    200 images as Flickr8k-vi captions and as KTVIC JSON), prepares captions with the
+    model's segmenter and tokenizer, and scores every image and every caption; published
+    numbers from the references file are printed beside ours."""
+    data = shapes_shards[0].parent / "data"
+    lines = (data / "captions_vi.txt").read_text(encoding="utf-8").splitlines()
+    files = sorted({l.split("\t")[0].split("#")[0] for l in lines})
+    kt = {"images": [{"id": i, "filename": f} for i, f in enumerate(files)],
+          "annotations": [{"image_id": files.index(l.split("\t")[0].split("#")[0]), "caption": l.split("\t", 1)[1]}
+                          for l in lines]}
+    (tmp_path / "test_data.json").write_text(json.dumps(kt, ensure_ascii=False), encoding="utf-8")
+    refs = tmp_path / "refs.yaml"
+    refs.write_text("- {dataset: ktvic, split: test, metric: t2i_R@1, value: 12.5, source: 'Example et al. 2099'}\n"
+                    "- {dataset: other, split: test, metric: t2i_R@1, value: 99.0, source: 'not this one'}\n")
+    res = {}
+    for name, spec in (("flickr", f"flickr8k-vi:{data / 'captions_vi.txt'}:{data / 'images'}"),
+                       ("ktvic", f"ktvic:{tmp_path / 'test_data.json'}:{data / 'images'}")):
+        r = _cli("launch/evaluate.py", "--model", trained, "--benchmark", spec, "--references", refs,
+                 "--out", tmp_path / f"{name}.json")
+        res[name] = json.loads((tmp_path / f"{name}.json").read_text())
+        assert "text→image" in r.stdout
+        if name == "ktvic":
+            assert "Example et al. 2099" in r.stdout and "12.5" in r.stdout and "not this one" not in r.stdout
+        else:
+            assert "no published results listed" in r.stdout
+    a, b = res["flickr"], res["ktvic"]
+    assert a["n_images"] == b["n_images"] == 200 and a["n_captions"] == b["n_captions"] == len(lines)
+    for k in ("t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@10", "t2i_mean_rank"):
+        assert a[k] == pytest.approx(b[k]), k  # one protocol, whatever the format
+
+
+def test_named_eval_sets_are_evaluated_and_logged_separately(shapes_shards, tmp_path):
+    from conftest import read_metrics
+
+    shards, tok, n = shapes_shards
+    run = tmp_path / "run"
+    run_torchrun(1, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
+        shards, tok, n, run, **{"train.max_steps": 2, "train.save_every": 2,
+                                "train.eval_sets": "{again: '" + str(shards / "val-000000.tar") + "', "
+                                                   "trainpart: '" + str(shards / "train-000000.tar") + "'}"})])
+    val, again, part = (read_metrics(run, k)[2] for k in ("val", "val_again", "val_trainpart"))
+    assert again["t2i_R@1"] == val["t2i_R@1"] and again["n_images"] == val["n_images"]  # the same shards
+    assert part["n_images"] == 30 and part["n_images"] != val["n_images"]
+    events = b"".join(f.read_bytes() for f in (run / "tensorboard").rglob("events*"))
+    assert b"val_again/t2i_R@1" in events and b"val_trainpart/t2i_R@1" in events

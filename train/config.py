@@ -111,6 +111,9 @@ class TrainConfig:
     """Validation every N steps (0: only at the end when val_shards is set)."""
     eval_queries: list = field(default_factory=list)
     """Vietnamese queries whose top-5 validation images are logged to TensorBoard at each validation."""
+    eval_sets: dict = field(default_factory=dict)
+    """More evaluation sets, {name: shard pattern}, e.g. {ktvic_test: 'shards/ktvic/val-{000000..000003}.tar'}:
+    each is evaluated with the validation shards and logged on its own (kind/prefix val_NAME)."""
     vncorenlp_dir: str = ""
     """VnCoreNLP model folder, to segment `eval_queries` as VnCoreNLP shards were (default: $VNCORENLP_DIR)."""
     save_every: int = 500

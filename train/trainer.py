@@ -112,6 +112,10 @@ class Trainer:
         # data first: bad shards are refused before any model is built
         self.train_urls, weights = expand_urls(cfg.data.train_shards, cfg.data.train_weights)
         self.val_urls = expand_urls(cfg.data.val_shards)[0] if cfg.data.val_shards else []
+        # named evaluation sets beside the validation shards, each logged on its own
+        self.eval_sets = {"val": self.val_urls} if self.val_urls else {}
+        for name, pattern in t.eval_sets.items():
+            self.eval_sets[f"val_{name}"] = expand_urls(str(pattern))[0]
         if not cfg.data.resampled and len(self.train_urls) < dist_info.world_size * max(1, cfg.data.workers):
             raise ConfigError(f"{len(self.train_urls)} train shards cannot feed {dist_info.world_size} "
                               f"ranks x {max(1, cfg.data.workers)} workers without resampling; "
@@ -121,7 +125,7 @@ class Trainer:
         if not tok_name:
             raise ConfigError(f"model {cfg.model.name} names no tokenizer: set model.tokenizer=DIR")
         self.tokenizer = load_tokenizer(tok_name)
-        self.manifest = check_manifests(self.train_urls + self.val_urls,
+        self.manifest = check_manifests(self.train_urls + [u for us in self.eval_sets.values() for u in us],
                                         tokenizer_fingerprint(self.tokenizer),
                                         arch["text"].get("pad_id", 1),
                                         _max_positions(arch), tok_name)
@@ -290,7 +294,7 @@ class Trainer:
                         f"{self.step}); the weights are those from before the fault, saved in "
                         f"{self.ckpt.latest()}. Look for bad data, lower the learning rates, set "
                         "train.grad_clip=1.0, or switch fp16 to train.precision=bf16")
-                if self.cfg.train.eval_every and self.step % t.eval_every == 0 and self.val_urls:
+                if self.cfg.train.eval_every and self.step % t.eval_every == 0 and self.eval_sets:
                     last.update(self.evaluate())
                 if stop:
                     self.save()
@@ -298,7 +302,7 @@ class Trainer:
                     return last
                 if self.step % t.save_every == 0:
                     self.save()
-            if self.val_urls and not (t.eval_every and self.step % t.eval_every == 0):
+            if self.eval_sets and not (t.eval_every and self.step % t.eval_every == 0):
                 last.update(self.evaluate())
             self.save()
             self.export()
@@ -413,23 +417,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ eval / export
     def evaluate(self) -> dict:
+        """Recall on the validation shards and on every named set of train.eval_sets,
+        each logged under its own name (metrics.jsonl kind, TensorBoard prefix)."""
+        out = {}
+        for name, urls in self.eval_sets.items():
+            res, img, keys, metas = self._evaluate_set(urls)
+            self.log.log(self.step, res, prefix=name)
+            if name == "val":
+                self._last_val = res
+                if self._query_proc is not None:
+                    self._log_retrieval_grids(img, keys, metas)
+            logger.info("%s step %d: t2i R@1 %.1f R@5 %.1f R@10 %.1f | i2t R@1 %.1f R@5 %.1f R@10 %.1f%s",
+                        name, self.step, res["t2i_R@1"], res["t2i_R@5"], res["t2i_R@10"],
+                        res["i2t_R@1"], res["i2t_R@5"], res["i2t_R@10"],
+                        f" | skipped {res['skipped']}" if res["skipped"] else "")
+            out.update({f"{name}_{k}": v for k, v in res.items()})
+        self.model.train()
+        return out
+
+    def _evaluate_set(self, urls: list):
         dtype = None if self.cfg.train.precision == "fp32" else (
             torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float16)
-        res, img, keys, metas = evaluate_shards(
-            self.model, self.val_urls, self.cfg.data.image_size, self.dist.device, self.dist.rank,
+        return evaluate_shards(
+            self.model, urls, self.cfg.data.image_size, self.dist.device, self.dist.rank,
             self.dist.world_size, self.cfg.data.batch_size, dtype, return_embeddings=True,
             lockstep=self.engine.partitioned, ids_width=int(self.manifest["tokenizer"]["max_length"]),
             vocab_size=len(self.tokenizer))
-        self.log.log(self.step, res, prefix="val")
-        self._last_val = res
-        if self._query_proc is not None:
-            self._log_retrieval_grids(img, keys, metas)
-        logger.info("val step %d: t2i R@1 %.1f R@5 %.1f R@10 %.1f | i2t R@1 %.1f R@5 %.1f R@10 %.1f%s",
-                    self.step, res["t2i_R@1"], res["t2i_R@5"], res["t2i_R@10"],
-                    res["i2t_R@1"], res["i2t_R@5"], res["i2t_R@10"],
-                    f" | skipped {res['skipped']}" if res["skipped"] else "")
-        self.model.train()
-        return {f"val_{k}": v for k, v in res.items()}
 
     def _log_retrieval_grids(self, img: torch.Tensor, keys: list, metas: list, k: int = 5) -> None:
         """Top-k validation images of each configured query, as TensorBoard images:
