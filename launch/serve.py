@@ -22,7 +22,6 @@ import io
 import logging
 import sys
 from collections import OrderedDict
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch

@@ -40,6 +40,19 @@ def make_image(path: Path, seed: int, size=(48, 40), mode="RGB", fmt=None) -> Pa
     return path
 
 
+def read_all(out: Path) -> dict:
+    """key -> {jpg, json, ids.npy} of every shard in a folder, read back with plain tarfile."""
+    import tarfile
+
+    res = {}
+    for t in sorted(Path(out).glob("*.tar")):
+        with tarfile.open(t) as tf:
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                res.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    return res
+
+
 def random_caption(rng: random.Random) -> str:
     return " ".join(w.replace("_", " ") for w in rng.sample(CAPTION_WORDS, 5))
 

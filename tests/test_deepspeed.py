@@ -1,7 +1,6 @@
 """DeepSpeed ZeRO-1/2 (bf16 on CPU, gloo) through the same entry point, loop and layout."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,23 @@ def run_ds(args, timeout=400):
     if r.returncode != 0:
         raise AssertionError(f"deepspeed failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r
+
+
+def _kill9_after(args, run, step: int) -> dict:
+    """Launch with deepspeed, SIGKILL every process of the job once `step` is logged;
+    check nothing trains on after the kill. Returns the metrics logged."""
+    p = subprocess.Popen(ds_cmd(args), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    t0 = time.time()
+    while max(read_metrics(run) or [0]) < step:
+        assert p.poll() is None, p.stdout.read()[-6000:]
+        assert time.time() - t0 < 300
+        time.sleep(0.1)
+    kill_job(p)
+    m = read_metrics(run)
+    time.sleep(2)
+    assert read_metrics(run) == m, "ranks kept training after the job was killed"
+    return m
 
 
 def _args(shapes_shards, run, ds_json, **kw):
@@ -64,17 +80,7 @@ def test_first_step_equals_ddp_resume_and_export(shapes_shards, tmp_path):
                  *train_overrides(shards, tok, n, ddp, **{"train.max_steps": 2, "data.batch_size": 8})])
     run = tmp_path / "ds"
     args = _args(shapes_shards, run, str(fp32), **{"train.max_steps": 40, "train.save_every": 3})
-    p = subprocess.Popen(ds_cmd(args), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
-    t0 = time.time()
-    while max(read_metrics(run) or [0]) < 7:
-        assert p.poll() is None, p.stdout.read()[-4000:]
-        assert time.time() - t0 < 300
-        time.sleep(0.1)
-    kill_job(p)
-    m = read_metrics(run)
-    time.sleep(2)
-    assert read_metrics(run) == m, "ranks kept training after the job was killed"
+    m = _kill9_after(args, run, 7)
     assert m[1]["loss"] == pytest.approx(read_metrics(ddp)[1]["loss"], rel=1e-5)
     # resume under torchrun this time: DeepSpeed reads torchrun's environment
     args2 = [a if not a.startswith("train.max_steps=") else "train.max_steps=9" for a in args]
@@ -131,17 +137,7 @@ def test_zero3_learns_resumes_after_kill9_and_exports_the_trained_model(shapes_s
     args = _args(shapes_shards, run, str(_fp32_json(tmp_path, "zero3_bf16.json")),
                  **{"train.max_steps": 14, "train.save_every": 3, "train.eval_every": 7,
                     "train.eval_queries": '["hai hình tròn màu đỏ"]'})
-    p = subprocess.Popen(ds_cmd(args), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
-    t0 = time.time()
-    while max(read_metrics(run) or [0]) < 8:
-        assert p.poll() is None, p.stdout.read()[-6000:]
-        assert time.time() - t0 < 300
-        time.sleep(0.1)
-    kill_job(p)
-    m = read_metrics(run)
-    time.sleep(2)
-    assert read_metrics(run) == m, "ranks kept training after the job was killed"
+    m = _kill9_after(args, run, 8)
     assert 7 in read_metrics(run, "val")  # validation ran with one rank out of shards
     r = run_torchrun(2, "launch/train_deepspeed.py", args + ["--resume", "latest"], timeout=400)
     assert "resumed from" in r.stderr

@@ -7,7 +7,6 @@ indexes, run folders and processes are in test_hostile_runs.py."""
 import io
 import json
 import os
-import tarfile
 import unicodedata
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_image
+from conftest import make_image, read_all
 
 ARGS = ["--segmenter", "none", "--workers", "1", "--max-length", "16", "--image-size", "32"]
 
@@ -28,13 +27,7 @@ def _shard(make_shards, tok, out, *sources, extra=()):
 
 
 def _samples(out: Path) -> list[dict]:
-    res = {}
-    for t in sorted(out.glob("*.tar")):
-        with tarfile.open(t) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                res.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return [dict(v, meta=json.loads(v["json"])) for v in res.values()]
+    return [dict(v, meta=json.loads(v["json"])) for v in read_all(out).values()]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:

@@ -13,24 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, make_image, random_caption
+from conftest import ROOT, make_image, random_caption, read_all
 
 ARGS = ["--segmenter", "underthesea", "--workers", "1", "--max-length", "16", "--image-size", "32"]
 
 
 def shards_of(out: Path, split: str):
     return sorted(out.glob(f"{split}-*.tar"))
-
-
-def read_all(out: Path) -> dict:
-    """key -> {jpg, json, ids} read back with plain tarfile."""
-    res = {}
-    for t in sorted(out.glob("*.tar")):
-        with tarfile.open(t) as tf:
-            for m in tf.getmembers():
-                key, ext = m.name.split(".", 1)
-                res.setdefault(key, {})[ext] = tf.extractfile(m).read()
-    return res
 
 
 def run(make_shards, tok, out, *sources, extra=()):

@@ -88,8 +88,13 @@ def verify_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path / 'meta.json'}: no integer 'step' and 'world_size'")
     missing = [f"rank{r:05d}.pt" for r in range(meta["world_size"]) if not (path / f"rank{r:05d}.pt").is_file()]
     ds = path / "deepspeed"
-    if not (path / "state.pt").is_file() and not (ds / "mp_rank_00_model_states.pt").is_file():
-        missing.append("state.pt (or deepspeed/mp_rank_00_model_states.pt)")
+    if ds.is_dir():  # ZeRO-1/2: mp_rank_00_model_states.pt; ZeRO-3: one model_states per rank
+        if not list(ds.glob("*model_states.pt")):
+            missing.append("deepspeed/*model_states.pt")
+        missing += [f"deepspeed/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(meta["world_size"])
+                    if not (ds / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file()]
+    elif not (path / "state.pt").is_file():
+        missing.append("state.pt")
     if missing:
         raise CheckpointError(f"{path}: incomplete, missing {', '.join(missing)}")
     allow = _deepspeed_globals() if ds.is_dir() else []
