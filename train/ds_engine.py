@@ -46,6 +46,8 @@ def resolve_ds_config(path: str, cfg, world_size: int) -> dict:
     ds_prec = ("fp16" if ds.get("fp16", {}).get("enabled") else
                "bf16" if ds.get("bf16", {}).get("enabled") or ds.get("torch_autocast", {}).get("enabled")
                else "fp32")
+    if cfg.train.precision == "auto":
+        cfg.train.precision = ds_prec
     if ds_prec != cfg.train.precision:
         raise ConfigError(f"{path} trains in {ds_prec} but train.precision={cfg.train.precision}; "
                           f"set train.precision={ds_prec} or pick the matching JSON")

@@ -108,6 +108,9 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, dist_info, t = self.cfg, self.dist, self.cfg.train
+        if t.precision == "auto" and t.engine != "deepspeed":  # DeepSpeed: its JSON decides
+            t.precision = auto_precision(dist_info.device)
+            logger.info("train.precision=auto: %s on %s", t.precision, dist_info.device)
 
         # data first: bad shards are refused before any model is built
         self.train_urls, weights = expand_urls(cfg.data.train_shards, cfg.data.train_weights)
@@ -488,6 +491,13 @@ class Trainer:
         if hasattr(self, "log"):
             self.log.close()
         self.lock.release()
+
+
+def auto_precision(device: torch.device) -> str:
+    """bf16 where the device computes it natively, else fp16 (CUDA) or fp32 (CPU)."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def manifest_summary(manifest: dict) -> dict:
