@@ -21,7 +21,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP) browser
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest -q --durations=15 tests
 
 # the service's browser test drives Debian's Chromium through its driver; installed
 # here when missing and we are root (CI), else that one test says why it skips

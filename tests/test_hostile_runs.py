@@ -69,6 +69,7 @@ def test_a_crafted_deepspeed_checkpoint_runs_no_code_anywhere(tiny_run, shapes_s
     (bad / "state.pt").unlink()
     (bad / "deepspeed").mkdir()
     torch.save({"module": _Evil(marker)}, bad / "deepspeed" / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {}}, bad / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     meta = json.loads((bad / "meta.json").read_text())
     (bad / "meta.json").write_text(json.dumps(dict(meta, step=6)))
 
