@@ -25,4 +25,4 @@ def one_line(e: BaseException) -> str:
     msg = str(e).strip() or type(e).__name__
     if "Original Traceback" in msg:
         return msg.splitlines()[-1].strip()
-    return msg.splitlines()[0]
+    return " ".join(line.strip() for line in msg.splitlines() if line.strip())  # hints span lines

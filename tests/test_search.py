@@ -71,7 +71,7 @@ def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, 
     for m in api:
         assert f"data-src='{m.item['path']}'" in page
     # image -> text on the caption index
-    first = Path(items[0]["path"])
+    first = shards.parent / "data" / "images" / items[0]["path"]  # shards keep paths relative to the source
     assert _main("search", ["--index", idx_dir, "--image", first, "--k", "3"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("\n") >= 4 and str(first) in printed
@@ -80,7 +80,7 @@ def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, 
 
     hits = 0
     for i, it in enumerate(items):
-        res = find_captions(model, index, [Image.open(it["path"])], k=5)[0]
+        res = find_captions(model, index, [Image.open(shards.parent / "data" / "images" / it["path"])], k=5)[0]
         hits += any(m.item["image"] == i for m in res)
     assert hits / len(items) >= 0.5, hits
     # zero-shot tags with prompt templates
