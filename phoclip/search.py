@@ -290,11 +290,19 @@ def load_item_image(item: dict):
     """The picture behind an index item: a file path or a member of a shard."""
     from PIL import Image
 
+    import stat
+
+    from phoclip.images import BadImage, decode_rgb, read_image_file
+
     if item.get("shard"):
+        # only a regular file is opened: an index naming a FIFO must not hang the
+        # service's thumbnail route
+        if not stat.S_ISREG(os.stat(item["shard"]).st_mode):
+            raise BadImage("not_a_file", f"{item['shard']} is not a regular file")
         with tarfile.open(item["shard"]) as tf:
             data = tf.extractfile(tf.getmember(item["key"] + ".jpg")).read()
-        return Image.open(io.BytesIO(data)).convert("RGB")
-    return Image.open(item["path"]).convert("RGB")
+        return decode_rgb(data)
+    return read_image_file(item["path"])
 
 
 def _thumb_b64(item: dict, size: int = 160) -> str:
