@@ -62,7 +62,11 @@ def main(argv=None) -> int:
                 [{"key": f"img{i:07d}", "path": "", "caption": ""} for i in range(args.n)])
 
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    port = 8000 + os.getpid() % 1000
+    import socket
+
+    with socket.socket() as sk:  # a free port on the loopback
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
     srv = subprocess.Popen([sys.executable, "launch/serve.py", "--index", str(work / "index"), "--port", str(port)],
                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
