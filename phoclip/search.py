@@ -288,8 +288,6 @@ def zero_shot_accuracy(predicted: Sequence[str], labels: Sequence[str]) -> float
 
 def load_item_image(item: dict):
     """The picture behind an index item: a file path or a member of a shard."""
-    from PIL import Image
-
     import stat
 
     from phoclip.images import BadImage, decode_rgb, read_image_file
