@@ -92,21 +92,61 @@ def _build_image_tower(cfg: dict) -> nn.Module:
         raise
 
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
 def _build_text_tower(cfg: dict) -> nn.Module:
+    """The transformers encoder, with PyTorch SDPA attention (`text.attn_implementation`,
+    default "sdpa": fused kernels for the padding mask and bf16) where the architecture
+    has it; otherwise it falls back to eager attention with a warning."""
+    want = cfg.get("attn_implementation", "sdpa")
+    if want not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"text.attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, not {want!r}")
+    try:
+        tower = _load_text_tower(cfg, want)
+    except ValueError as e:  # transformers: "... does not support an attention implementation through ..."
+        if want == "eager" or "attention" not in str(e).lower():
+            raise
+        logger.warning("text tower: %s; FALLING BACK to eager attention (slower, more memory)", e)
+        tower = _load_text_tower(cfg, "eager")
+    got = getattr(tower.config, "_attn_implementation", "eager")
+    if got != want:
+        logger.warning("text tower: asked for %s attention, runs %s (slower, more memory)", want, got)
+    return tower
+
+
+def _load_text_tower(cfg: dict, attn: str) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
+    kw = {"add_pooling_layer": False, "attn_implementation": attn}
     if cfg.get("hf_config"):
         hc = dict(cfg["hf_config"])
-        return AutoModel.from_config(AutoConfig.for_model(**hc), add_pooling_layer=False)
+        return AutoModel.from_config(AutoConfig.for_model(**hc), **kw)
     name = cfg["hf_model"]
     try:
         if cfg.get("pretrained", True):
-            return AutoModel.from_pretrained(name, add_pooling_layer=False)
-        return AutoModel.from_config(AutoConfig.from_pretrained(name), add_pooling_layer=False)
+            return AutoModel.from_pretrained(name, **kw)
+        return AutoModel.from_config(AutoConfig.from_pretrained(name), **kw)
     except OSError as e:
         raise RuntimeError(
             f"cannot load text encoder {name!r}: {e}\nPass text.hf_model=/local/folder (made by "
             "save_pretrained or a hub snapshot) on a machine without hub access.") from e
+
+
+def trim_padding(input_ids: torch.Tensor, pad_id: int, multiple_of: int = 1) -> torch.Tensor:
+    """Drop the columns after the batch's longest caption (rounded up to `multiple_of`,
+    never past the original width). Exact: pads are masked out of attention and
+    pooling, and RoBERTa's position ids count only non-pad tokens, so every caption's
+    embedding is the same as with the padded batch. Call it on the CPU ids, before the
+    copy to the device: on a GPU tensor finding the width would be a host sync."""
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        return input_ids
+    used = (input_ids != pad_id).any(0).nonzero()
+    n = int(used.max()) + 1 if used.numel() else 1
+    if multiple_of > 1:
+        n = -(-n // multiple_of) * multiple_of
+    n = min(n, input_ids.shape[1])
+    return input_ids if n == input_ids.shape[1] else input_ids[:, :n]
 
 
 class PhoCLIP(nn.Module):

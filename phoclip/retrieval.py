@@ -12,6 +12,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from phoclip.model import trim_padding
+
 logger = logging.getLogger(__name__)
 
 
@@ -93,7 +95,10 @@ def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_si
                 img_f.append(model.encode_image(ims).float().cpu())
             elif lockstep:
                 model.encode_image(torch.zeros(1, 3, size, size, device=device))
-            ids = torch.cat([b["ids"] for b in buf]).to(device) if buf else torch.zeros(0, 2)
+            ids = torch.cat([b["ids"] for b in buf]) if buf else torch.zeros(0, 2)
+            if ids.shape[0] and hasattr(model, "pad_id"):  # no compute on padding (exact)
+                ids = trim_padding(ids, model.pad_id, 8)
+            ids = ids.to(device)
             if ids.shape[0]:  # a folder of photos has no captions
                 txt_f.append(model.encode_text(ids).float().cpu())
             elif lockstep:

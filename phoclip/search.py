@@ -220,9 +220,14 @@ def query_processor(model, tokenizer_name: str, segmenter: Optional[str] = None,
 @torch.no_grad()
 def embed_texts(model, text_processor, texts: Sequence[str], device="cpu") -> torch.Tensor:
     """Normalise and segment as at sharding time, tokenize, embed."""
+    from phoclip.model import trim_padding
+
     _, ids = text_processor(list(texts))
     model.eval()
-    return model.encode_text(torch.from_numpy(ids.astype(np.int64)).to(device)).float().cpu()
+    x = torch.from_numpy(ids.astype(np.int64))
+    if hasattr(model, "pad_id"):  # no compute on padding (exact)
+        x = trim_padding(x, model.pad_id, 8)
+    return model.encode_text(x.to(device)).float().cpu()
 
 
 @torch.no_grad()

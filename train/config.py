@@ -76,6 +76,21 @@ class DataConfig:
     """Draw shards with replacement (default for training); false: split shards by rank and worker."""
     shuffle_buffer: int = 1000
     image_size: int = 224
+    trim_padding: int = 8
+    """Cut each batch's token ids after its longest caption, rounded up to a multiple of
+    this (8: tensor-core friendly, and few distinct shapes for train.compile); exact, the
+    same loss and gradients as the padded batch. 0: keep every row at the shards' max length."""
+    length_buckets: int = 0
+    """Group samples of similar caption length into the same batch, so trimming cuts more:
+    the stream then fills a pool of `length_buckets` x batch_size decoded samples and
+    emits the batch of the fullest length bucket. It changes which samples meet as
+    negatives (batches are less random: captions of one batch have similar lengths)
+    and delays each sample by up to the pool size. 0: off (plain shuffled batches)."""
+    resize_on: str = "worker"
+    """Where the training crop is resized: worker (DataLoader workers ship the finished
+    crop) or device (workers only decode; the batch of decoded images and crop boxes is
+    resized on the training device, antialiased bilinear, within ~1 grey level of the
+    worker's result; for GPUs whose data workers are CPU-bound)."""
 
 
 @dataclass
@@ -134,6 +149,16 @@ class TrainConfig:
     """Start afresh in a run_dir that already holds checkpoints, deleting them (without
     it, and without --resume, such a run_dir is refused)."""
     deepspeed_config: Optional[str] = None
+    compile: str = "off"
+    """torch.compile the image and text towers: off, default or max-autotune (the DDP
+    engine only; not built for DeepSpeed runs). The text tower's
+    sequence length varies with data.trim_padding: it is compiled once static, then
+    once with a dynamic length (automatic dynamic shapes) - no recompile per length."""
+    sync_every: int = 10
+    """Steps between the host's reads of the device-side step flags (non-finite streak,
+    stop signal); logging, saving and evaluation steps read them too. Between reads a
+    step issues no host sync: a non-finite step is skipped on the device (the DDP
+    engine's fused AdamW). 1: read every step. DeepSpeed runs read every step."""
 
 
 @dataclass
@@ -156,6 +181,18 @@ class RunConfig:
             raise ConfigError(f"train.channels_last={t.channels_last!r}: choose auto, true or false")
         if t.engine not in ("ddp", "deepspeed"):
             raise ConfigError(f"train.engine={t.engine!r}: choose ddp or deepspeed")
+        if t.compile not in ("off", "default", "max-autotune"):
+            raise ConfigError(f"train.compile={t.compile!r}: choose off, default or max-autotune")
+        if t.compile != "off" and t.engine == "deepspeed":
+            raise ConfigError("train.compile works with train.engine=ddp only (not built for "
+                              "DeepSpeed); set train.compile=off")
+        if d.resize_on not in ("worker", "device"):
+            raise ConfigError(f"data.resize_on={d.resize_on!r}: choose worker or device")
+        for k in ("trim_padding", "length_buckets"):
+            if getattr(d, k) < 0:
+                raise ConfigError(f"data.{k} must be >= 0, not {getattr(d, k)}")
+        if t.sync_every < 1:
+            raise ConfigError(f"train.sync_every must be >= 1, not {t.sync_every}")
         for k in ("max_steps", "accum_steps", "log_every", "save_every", "keep_last", "max_nonfinite"):
             if getattr(t, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, not {getattr(t, k)}")

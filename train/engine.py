@@ -39,6 +39,9 @@ class Engine:
     handles_overflow: bool = False
     """True where an inf gradient is an overflow the engine skips itself (fp16 loss
     scaling), not a fault for the trainer's non-finite guard."""
+    skips_on_device: bool = False
+    """True where `step` takes the skip decision as a device tensor (no host sync);
+    otherwise it needs a Python bool, read from the device every step."""
     partitioned: bool = False
     """True where each rank holds only a slice of every parameter (ZeRO-3): each forward
     is then a collective, so all ranks must run the same forwards, and reading a weight
@@ -66,8 +69,9 @@ class Engine:
         """The gradient norm the last `step` measured (engines that clip inside step)."""
         raise NotImplementedError
 
-    def step(self, skip: bool) -> None:
-        """Optimizer + scheduler step (the optimizer step is skipped when `skip`)."""
+    def step(self, skip) -> None:
+        """Optimizer + scheduler step; the optimizer step is skipped when `skip` (a bool,
+        or a 0-d device tensor > 0 where `skips_on_device`)."""
         raise NotImplementedError
 
     def lrs(self) -> dict[str, float]:
@@ -94,15 +98,15 @@ class DDPEngine(Engine):
             self.wrapped = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         else:
             self.wrapped = self.model
-        # fused: one kernel for all parameters on the GPU (+2% samples/s at batch 256 on
-        # an H200, bench/RESULTS.md); the CPU keeps the default implementation
-        cuda = device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(param_groups, betas=tuple(betas), eps=eps,
-                                           fused=True if cuda else None)
+        # fused: one kernel for all parameters (+2% samples/s at batch 256 on an H200,
+        # bench/RESULTS.md), and it takes the skip decision as a device tensor
+        # (`found_inf`), so a non-finite step is skipped without a host sync
+        self.optimizer = torch.optim.AdamW(param_groups, betas=tuple(betas), eps=eps, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
         self.precision, self.grad_clip = precision, grad_clip
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.handles_overflow = self.scaler.is_enabled()
+        self.skips_on_device = True
 
     def autocast(self):
         if self.precision == "fp32":
@@ -122,12 +126,22 @@ class DDPEngine(Engine):
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
-    def step(self, skip: bool) -> None:
-        if not skip:
-            self.scaler.step(self.optimizer)  # itself skips on fp16 overflow
+    def step(self, skip) -> None:
+        if self.scaler.is_enabled():
+            # fp16: a non-finite loss or gradient is an overflow the scaler finds on the
+            # device itself (its found_inf reaches the fused optimizer; no host sync)
+            if not (isinstance(skip, bool) and skip):
+                self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif self.scaler.is_enabled():
-            self.scaler.update()
+        elif isinstance(skip, torch.Tensor):
+            self.optimizer.found_inf = skip.float().reshape(())  # read by the fused kernel
+            self.optimizer.grad_scale = None
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale
+        elif not skip:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 

@@ -19,7 +19,7 @@ from phoclip.data import (ShardStream, StreamConfig, StreamLayout, StreamTracker
                           close_loader, count_samples, expand_urls, normalize_images, relayout,
                           train_loader)
 from phoclip.loss import create_loss
-from phoclip.model import get_model_config
+from phoclip.model import get_model_config, trim_padding
 from phoclip.retrieval import evaluate_shards
 from phoclip.text import load_tokenizer, tokenizer_fingerprint
 from train.checkpoint import Checkpointer, rng_state, set_rng_state
@@ -79,6 +79,7 @@ class Trainer:
         self.samples_seen = 0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
+        self._nf = None  # device counters [streak, total since the last read] (no host sync)
         self._stop = False
         self._waiting_since: Optional[float] = None  # set while the loop waits for a batch
         self._last_val: Optional[dict] = None  # the newest validation metrics (model card)
@@ -148,6 +149,8 @@ class Trainer:
                                               and t.engine == "ddp")
         if self.channels_last:  # before DDP wraps it, so its buckets match the strides
             model.visual.to(memory_format=torch.channels_last)
+        if t.compile != "off":
+            compile_towers(model, t.compile)
         self.engine = self._build_engine(model, groups, lr_fn)
         self.model = self.engine.model
         self.loss_fn = create_loss(t.loss, dist_info.rank, dist_info.world_size, t.local_loss)
@@ -270,7 +273,7 @@ class Trainer:
                 wait += time.time() - t0
                 for b in batches:
                     self.tracker.update(b)
-                metrics = self.train_step(batches)
+                metrics = self.train_step(batches, sync=self.is_sync_step(self.step + 1))
                 self.step += 1
                 n = sum(b["images"].shape[0] for b in batches) * self.dist.world_size
                 self.samples_seen += n
@@ -289,7 +292,8 @@ class Trainer:
                                 self.step, metrics["loss"], metrics["lr"], metrics["logit_scale"],
                                 metrics["samples_per_s"])
                     t_log, n_log, wait = time.time(), 0, 0.0
-                last = metrics
+                if "loss" in metrics:  # read on this step (see is_sync_step)
+                    last = metrics
                 if self.nonfinite_streak >= t.max_nonfinite:
                     self.save()
                     raise NonFiniteError(
@@ -314,17 +318,30 @@ class Trainer:
             signal.signal(signal.SIGTERM, prev)
             close_loader(it)
 
+    def is_sync_step(self, step: int) -> bool:
+        """Steps on which the host reads the device-side flags and metrics: the same on
+        every rank (they agree on stopping there), and every step under DeepSpeed."""
+        t = self.cfg.train
+        return (not self.engine.skips_on_device or step % t.sync_every == 0 or step % t.log_every == 0
+                or step % t.save_every == 0 or step >= t.max_steps
+                or bool(t.eval_every and step % t.eval_every == 0))
+
     def _to(self, batches):
         """Batches → device inputs; uint8 pixels (the stream's) are normalised there,
-        float images are taken as already normalised."""
+        float images are taken as already normalised; the ids are trimmed to the
+        batch's longest caption on the CPU, before the copy (data.trim_padding)."""
         dev, dt = self.dist.device, self.engine.input_dtype
         out = []
+        trim = self.cfg.data.trim_padding
         for b in batches:
             img = b["images"].to(dev, non_blocking=True)
             img = normalize_images(img, dt) if img.dtype == torch.uint8 else img.to(dt or img.dtype)
             if self.channels_last:
                 img = img.contiguous(memory_format=torch.channels_last)
-            out.append((img, b["input_ids"].to(dev, non_blocking=True)))
+            ids = b["input_ids"]
+            if trim:
+                ids = trim_padding(ids, self.model.pad_id, trim)
+            out.append((img, ids.to(dev, non_blocking=True)))
         return out
 
     def _loss(self, out: dict, img=None, txt=None) -> dict:
@@ -334,13 +351,15 @@ class Trainer:
             args.append(out["logit_bias"])
         return self.loss_fn(*args)
 
-    def train_step(self, batches: list[dict]) -> dict:
-        """One optimizer step over `accum_steps` micro-batches."""
+    def train_step(self, batches: list[dict], sync: bool = True) -> dict:
+        """One optimizer step over `accum_steps` micro-batches. With `sync` the host reads
+        the step's flags and metrics (floats returned); without, the step issues no host
+        sync and returns only `_stop` (False)."""
         # BatchNorm statistics move in the forward pass; a skipped (non-finite) step
         # must not leave NaN in them, so they are restored (they are small)
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         total, losses, scale = self.forward_backward(batches)
-        return self.optimizer_step(total, losses, buffers, scale)
+        return self.optimizer_step(total, losses, buffers, scale, sync=sync)
 
     def forward_backward(self, batches: list[dict]) -> tuple[torch.Tensor, dict, torch.Tensor]:
         """Gradients of the loss over all micro-batches, global negatives kept: with
@@ -378,45 +397,61 @@ class Trainer:
         return total, losses, out["logit_scale"].detach()
 
     def optimizer_step(self, total: torch.Tensor, losses: dict, buffers: list = (),
-                       logit_scale: Optional[torch.Tensor] = None) -> dict:
-        """Clip, agree across ranks on skipping (non-finite) or stopping, step; `buffers`
-        (module buffer, its value before the forward pass) are restored on a skip.
-        `logit_scale` (the step's exp(t), logged) is read from the forward's output: under
-        ZeRO-3 the parameter itself is only a slice on each rank."""
+                       logit_scale: Optional[torch.Tensor] = None, sync: bool = True) -> dict:
+        """Clip, skip a non-finite step (on every rank alike), step; `buffers` (module
+        buffer, its value before the forward pass) are restored on a skip. The skip is
+        decided on the device; the host reads the flags (streak, stop signal) and the
+        metrics only when `sync` (see `is_sync_step`). `logit_scale` (the step's exp(t),
+        logged) is read from the forward's output: under ZeRO-3 the parameter itself is
+        only a slice on each rank."""
         eng = self.engine
         gnorm = eng.grad_norm()
         bad_grad = (torch.zeros((), device=total.device) if gnorm is None or eng.handles_overflow
                     else (~torch.isfinite(gnorm)).float())
-        flags = torch.stack([(~torch.isfinite(total.detach())).float(), bad_grad,
-                             torch.tensor(float(self._stop), device=total.device)])
-        all_reduce_max(flags)  # every rank must agree to skip or stop
-        nonfinite_loss, nonfinite_grad, stop = flags.tolist()  # the step's one sync
-        bad = bool(nonfinite_loss or nonfinite_grad)
-        if bad:
+        flags = torch.stack([(~torch.isfinite(total.detach())).float(), bad_grad])
+        all_reduce_max(flags)  # every rank must agree to skip (a device collective)
+        bad = flags.max()
+        if not eng.skips_on_device:
+            bad = bool(bad.item())  # this engine needs the decision on the host: a sync
+        if isinstance(bad, torch.Tensor):
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(torch.where(bad > 0, saved, b))
+        elif bad:
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
-            self.nonfinite_total += 1
-            self.nonfinite_streak += 1
-            logger.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)",
-                           self.step + 1, self.nonfinite_streak)
-        else:
-            self.nonfinite_streak = 0
         eng.step(skip=bad)
+        bad_t = torch.as_tensor(bad, dtype=torch.float32, device=total.device)
+        if self._nf is None:
+            self._nf = torch.zeros(2, device=total.device)
+        self._nf = torch.stack([(self._nf[0] + 1) * bad_t, self._nf[1] + bad_t])
         if gnorm is None:
             gnorm = eng.last_grad_norm()
         self.model.clamp_logit_scale()
+        if not sync:
+            return {"_stop": False}
         names = list(losses)
         if logit_scale is None:
             with eng.gathered():
                 logit_scale = self.model.logit_scale.detach().clamp(max=self.model.logit_scale_max).exp()
-        values = torch.stack([total.detach().float(), *(losses[k].detach().float() for k in names),
-                              gnorm.detach().float().to(total.device),
-                              logit_scale.squeeze().float().to(total.device)]).tolist()
+        stop = torch.tensor([float(self._stop)], device=total.device)
+        all_reduce_max(stop)  # every rank stops at the same step
+        values = torch.cat([self._nf, stop,
+                            torch.stack([total.detach().float(), *(losses[k].detach().float() for k in names),
+                                         gnorm.detach().float().to(total.device),
+                                         logit_scale.squeeze().float().to(total.device)])]).tolist()
+        streak, new_bad, stop_v, values = int(values[0]), int(values[1]), values[2], values[3:]  # the read
+        self._nf = torch.stack([self._nf[0], torch.zeros_like(self._nf[1])])
+        self.nonfinite_total += new_bad
+        self.nonfinite_streak = streak
+        if new_bad:
+            logger.warning("%d non-finite step(s) skipped up to step %d (%d in a row now)",
+                           new_bad, self.step + 1, streak)
         lrs = eng.lrs()
         return {"loss": values[0], **dict(zip(names, values[1:-2])),
                 "lr": lrs.get("head", next(iter(lrs.values()))), "lrs": lrs,
-                "grad_norm": values[-2], "logit_scale": values[-1], "_stop": bool(stop)}
+                "grad_norm": values[-2], "logit_scale": values[-1], "_stop": bool(stop_v)}
 
     # ------------------------------------------------------------------ eval / export
     def evaluate(self) -> dict:
@@ -491,6 +526,24 @@ class Trainer:
         if hasattr(self, "log"):
             self.log.close()
         self.lock.release()
+
+
+def compile_towers(model, mode: str) -> None:
+    """torch.compile the image and text towers in place (`nn.Module.compile`: the
+    state-dict keys, and so checkpoints and exports, stay those of the eager model)."""
+    kw = {} if mode == "default" else {"mode": mode}
+    model.visual.compile(**kw)
+    model.text.compile(**kw)
+    logger.info("train.compile=%s: the towers compile at their first forward (and once more "
+                "with a dynamic caption length at the first other length)", mode)
+
+
+def compile_stats() -> dict:
+    """How many graphs torch.compile built so far, and how many recompiles it made."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "recompiles": int(sum(v for k, v in counters["recompiles"].items()))}
 
 
 def auto_precision(device: torch.device) -> str:

@@ -1,0 +1,226 @@
+"""Throughput features must not change results: trimmed padding = padded batch, SDPA =
+eager attention, compiled = eager, sync-free steps skip non-finite steps like synced
+ones, device-side resize = worker resize within a pixel tolerance."""
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import train_overrides
+from phoclip.loss import ClipLoss
+from phoclip.model import create_model, trim_padding
+from train.config import resolve_config
+from train.distributed import DistInfo
+from train.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _trainer(shapes_shards, tmp_path, **kw):
+    shards, tok, n = shapes_shards
+    over = train_overrides(shards, tok, n, tmp_path / "run", **kw)
+    return Trainer(resolve_config("launch/configs/tiny-debug.yaml", over), DistInfo())
+
+
+def _padded_batch(vocab: int, widths=(5, 9, 3, 12, 7, 4), width: int = 40, pad: int = 1):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.full((len(widths), width), pad, dtype=torch.long)
+    for i, w in enumerate(widths):
+        ids[i, :w] = torch.randint(4, vocab, (w,), generator=g)
+        ids[i, 0], ids[i, w - 1] = 0, 2
+    return ids
+
+
+def test_trim_padding_cuts_after_longest_caption():
+    ids = _padded_batch(100)
+    assert trim_padding(ids, 1).shape[1] == 12
+    assert trim_padding(ids, 1, 8).shape[1] == 16
+    assert trim_padding(ids, 1, 64).shape[1] == 40  # never wider than the original
+    assert torch.equal(trim_padding(ids, 1, 8), ids[:, :16])
+    full = torch.randint(4, 100, (3, 10))
+    assert trim_padding(full, 1, 8) is full
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_trimmed_batch_gives_padded_loss_and_gradients(pooling):
+    """The same loss and the same gradient on every parameter, padded to 40 or trimmed
+    to the longest caption (12): pads are masked in attention and pooling."""
+    torch.manual_seed(0)
+    model = create_model("tiny-debug", text={"pooling": pooling, "hf_config": {"vocab_size": 100}})
+    model.train()
+    ids = _padded_batch(100)
+    images = torch.randn(ids.shape[0], 3, 64, 64)
+    results = []
+    for x in (ids, trim_padding(ids, model.pad_id)):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = model(images, x)
+        loss = ClipLoss()(**out)["contrastive_loss"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                        if p.grad is not None}))
+    (l_pad, g_pad), (l_trim, g_trim) = results
+    assert trim_padding(ids, model.pad_id).shape[1] < ids.shape[1]
+    torch.testing.assert_close(l_trim, l_pad, rtol=1e-5, atol=1e-6)
+    assert set(g_pad) == set(g_trim) and len(g_pad) > 30
+    for n in g_pad:
+        torch.testing.assert_close(g_trim[n], g_pad[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_trainer_trims_before_the_forward(shapes_shards, tmp_path):
+    """data.trim_padding: the trainer's inputs are cut after the longest caption, and
+    the step's loss equals the untrimmed trainer's."""
+    losses = {}
+    widths = {}
+    for trim in (0, 1):
+        tr = _trainer(shapes_shards, tmp_path / str(trim), **{"data.trim_padding": trim})
+        batch = next(iter(tr.stream))
+        (img, ids), = tr._to([batch])
+        widths[trim] = ids.shape[1]
+        longest = int((batch["input_ids"] != 1).sum(1).max())
+        losses[trim] = tr.train_step([batch])["loss"]
+        tr.close()
+    assert widths[0] == 24 and widths[1] == longest < 24
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_text_tower_runs_sdpa_and_matches_eager(caplog):
+    torch.manual_seed(0)
+    sdpa = create_model("tiny-debug", text={"hf_config": {"vocab_size": 100}})
+    assert sdpa.text.config._attn_implementation == "sdpa"
+    eager = create_model("tiny-debug", text={"attn_implementation": "eager", "hf_config": {"vocab_size": 100}})
+    assert eager.text.config._attn_implementation == "eager"
+    eager.load_state_dict(sdpa.state_dict())
+    ids = _padded_batch(100)
+    with torch.no_grad():
+        torch.testing.assert_close(sdpa.eval().encode_text(ids), eager.eval().encode_text(ids),
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="attn_implementation"):
+        create_model("tiny-debug", text={"attn_implementation": "flash", "hf_config": {"vocab_size": 100}})
+
+
+def test_architecture_without_sdpa_falls_back_loudly(monkeypatch, caplog):
+    """transformers refuses sdpa for an architecture without it: the tower is built with
+    eager attention and the fallback is logged as a warning (not silent)."""
+    import phoclip.model as pm
+
+    real = pm._load_text_tower
+
+    def no_sdpa(cfg, attn):  # stand-in for an architecture lacking SDPA
+        if attn == "sdpa":
+            raise ValueError("RobertaModel does not support an attention implementation through "
+                             "torch.nn.functional.scaled_dot_product_attention yet")
+        return real(cfg, attn)
+
+    monkeypatch.setattr(pm, "_load_text_tower", no_sdpa)
+    with caplog.at_level(logging.WARNING, logger="phoclip.model"):
+        m = create_model("tiny-debug", text={"hf_config": {"vocab_size": 100}})
+    assert m.text.config._attn_implementation == "eager"
+    assert any("FALLING BACK to eager" in r.message for r in caplog.records)
+
+
+class _SyncCounter(torch.overrides.TorchFunctionMode):
+    """Records every device→host read (item, tolist, bool, float, int) made in our code
+    (not in tests or third-party packages). On this CPU-only machine every tensor is a
+    host tensor, so the reads of tensors that stay on the host in a GPU run are listed
+    by function: `trim_padding` reads the CPU batch's ids before their copy."""
+
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__"}
+    HOST_SIDE = {"trim_padding"}
+
+    def __init__(self):
+        super().__init__()
+        self.ours: list[str] = []
+        self.third_party: list[str] = []  # e.g. transformers' SDPA mask check (eager mode)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            f = sys._getframe(1)
+            while f is not None and "/torch/" in f.f_code.co_filename:  # torch's own frames
+                f = f.f_back
+            fn = f.f_code.co_filename if f is not None else ""
+            where = f"{name} at {fn.split(str(ROOT) + '/', 1)[-1]}:{f.f_lineno if f else 0}"
+            if fn.startswith(str(ROOT)) and "-packages/" not in fn and "/tests/" not in fn:
+                if f.f_code.co_name not in self.HOST_SIDE:
+                    self.ours.append(where)
+            elif "-packages/" in fn:
+                self.third_party.append(where)
+        return func(*args, **(kwargs or {}))
+
+
+def test_steps_between_reads_make_no_host_sync(shapes_shards, tmp_path):
+    """train_step(sync=False) (every step that is not a logging/sync step) reads nothing
+    from the device in our code; a sync step reads once."""
+    tr = _trainer(shapes_shards, tmp_path, **{"train.log_every": 5, "train.sync_every": 5,
+                                              "train.save_every": 10, "train.max_steps": 20})
+    it = iter(tr.stream)
+    tr.train_step([next(it)])  # first step: lazy state is built
+    b = next(it)
+    with _SyncCounter() as sc:
+        out = tr.train_step([b], sync=False)
+    assert out == {"_stop": False}
+    assert sc.ours == [], sc.ours
+    with _SyncCounter() as sc:
+        out = tr.train_step([next(it)], sync=True)
+    assert "loss" in out and len(sc.ours) >= 1
+    assert [tr.is_sync_step(s) for s in range(1, 11)] == [False] * 4 + [True] + [False] * 4 + [True]
+    tr.close()
+
+
+def test_non_finite_step_is_skipped_on_the_device_without_a_read(shapes_shards, tmp_path):
+    """A NaN batch on a step that is not read: weights and BatchNorm statistics are
+    unchanged, and the next read reports the skipped step."""
+    from phoclip.data import normalize_images
+
+    tr = _trainer(shapes_shards, tmp_path, **{"train.log_every": 5, "train.sync_every": 5})
+    it = iter(tr.stream)
+    tr.train_step([next(it)])
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    b = next(it)
+    b = dict(b, images=normalize_images(b["images"]))
+    b["images"][0, 0, 0, 0] = float("nan")
+    assert tr.train_step([b], sync=False) == {"_stop": False}
+    after = tr.model.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert tr.nonfinite_total == 0  # not read yet
+    m = tr.train_step([next(it)], sync=True)
+    assert tr.nonfinite_total == 1 and tr.nonfinite_streak == 0 and m["loss"] == m["loss"]
+    changed = sum(not torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
+    assert changed > 10  # the good step did step
+    tr.close()
+
+
+@pytest.mark.slow
+def test_compiled_towers_train_like_eager(shapes_shards, tmp_path):
+    """train.compile=default: the same losses as eager over steps with captions of
+    varying (trimmed) length, the state-dict keys unchanged (checkpoints, export), and
+    a bounded number of recompiles (static, then one dynamic length)."""
+    from train.trainer import compile_stats
+
+    torch._dynamo.reset()
+    losses, widths, keys = {}, {}, {}
+    for mode in ("off", "default"):
+        tr = _trainer(shapes_shards, tmp_path / mode, **{"train.compile": mode, "train.max_steps": 6,
+                                                                  "data.trim_padding": 1})
+        it = iter(tr.stream)
+        batches = [next(it) for _ in range(6)]
+        widths[mode] = {tr._to([b])[0][1].shape[1] for b in batches}
+        t0 = time.time()
+        losses[mode] = [tr.train_step([b])["loss"] for b in batches]
+        keys[mode] = sorted(tr.model.state_dict())
+        if mode == "default":
+            stats = compile_stats()
+            logging.getLogger(__name__).info("compile: %s in %.0f s", stats, time.time() - t0)
+        tr.close()
+    assert len(widths["off"]) > 1, "the test needs batches of different caption lengths"
+    assert keys["off"] == keys["default"]
+    torch.testing.assert_close(torch.tensor(losses["default"]), torch.tensor(losses["off"]),
+                               rtol=1e-3, atol=1e-4)
+    assert 2 <= stats["graphs"] <= 12, stats
