@@ -38,6 +38,7 @@ demo: $(STAMP)
 	$(VPY) launch/demo.py $(DEMO_ARGS)
 
 bench: $(STAMP)
+	$(VPY) -m pip install -q -c constraints.txt -r bench/requirements.txt
 	$(VPY) bench/run_all.py
 
 clean:

@@ -41,11 +41,14 @@ def main() -> None:
         urls = sorted(str(p) for p in (d / "sh").glob("train-*.tar"))
         bs, n = 64, args.samples
 
-        def ours():
-            s = ShardStream(StreamConfig(urls, [1.0] * len(urls), bs, args.size, 0, 0, 1, False, 256, True))
+        def ours(resize_on="worker", keep=None):
+            s = ShardStream(StreamConfig(urls, [1.0] * len(urls), bs, args.size, 0, 0, 1, False, 256, True,
+                                         resize_on=resize_on))
             it = iter(s)
             for _ in range(n // bs):
-                next(it)
+                b = next(it)
+                if keep is not None:
+                    keep.append(b)
 
         def bare():
             k = 0
@@ -75,7 +78,8 @@ def main() -> None:
         for name, fn in (("bare JPEG decode", bare),
                          ("plain webdataset, float normalised on CPU", lambda: plain_wds(True)),
                          ("plain webdataset, same work", lambda: plain_wds(False)),
-                         ("ours (ShardStream, uint8)", ours)):
+                         ("ours (ShardStream, uint8)", ours),
+                         ("ours, data.resize_on=device (workers decode only)", lambda: ours("device"))):
             fn()  # warm the page cache
             t = time.perf_counter()
             fn()
@@ -86,6 +90,19 @@ def main() -> None:
         print(f"\nloader: {n} samples, 320x256 JPEGs → {args.size} crops, batch {bs}, 1 core; {machine()}")
         print(table(rows, ("pipeline", "samples/s", "vs bare decode", "vs plain wds")))
         print(f"peak RSS of this process: {peak_rss_mb():.0f} MB")
+        from phoclip.data import resize_on_device
+
+        # the work resize_on=device moves to the training device, timed here on one CPU
+        # core (on a GPU it is bench/gpu_check.py's business)
+        kept: list = []
+        ours("device", kept)
+        torch.set_num_threads(1)
+        t = time.perf_counter()
+        for b in kept:
+            resize_on_device(b["images"], b["boxes"], args.size)
+        per = (time.perf_counter() - t) / (len(kept) * bs)
+        print(f"ours-worker / ours-device: {times['ours, data.resize_on=device (workers decode only)'] / times['ours (ShardStream, uint8)']:.2f}x "
+              f"samples/s per worker core; the moved resize costs {per * 1e3:.2f} ms/sample on one CPU core")
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

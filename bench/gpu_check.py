@@ -10,6 +10,9 @@ Sections, each timed and guarded, each writing its figures to $OUT/gpu_results.j
            a bare forward/backward/AdamW loop vs our Trainer.train_step on the same model
            and batch (samples/s, MFU from counted FLOPs, peak memory); then, at the
            largest batch, the bare loop with fused AdamW and with channels_last
+  throughput  (issue #14) realistic caption lengths at batch 256 and 512: ours padded /
+           trimmed / bucketed, the bare loop on padded and trimmed ids, open_clip's own
+           model config and step on the same towers, device-busy share; then compiled
   e2e      torchrun launch/train_ddp.py on the real recipe (random weights) fed by the
            loader with workers, then evaluate.py, build_index.py and search.py on the
            exported model: the whole pipeline on CUDA, and whether the loader keeps up
@@ -279,6 +282,133 @@ def step(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: b
     return res
 
 
+@section("throughput")
+def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: bool,
+               compile_mode: str) -> dict:
+    """Issue #14's variants on realistic caption lengths (bench_text_padding: mean ~24
+    tokens, tail to 70): ours padded / trimmed / bucketed / compiled, the bare loop on
+    padded and on trimmed ids, open_clip's own step on the same towers; device-busy
+    share of ours trimmed; recompiles of the compiled run."""
+    import random
+
+    import torch.nn.functional as F
+    from bench_peer_openclip import openclip_model, openclip_step
+    from bench_text_padding import caption_lengths, make_ids
+
+    from phoclip.data import group_by_length, normalize_images
+    from phoclip.model import trim_padding
+    from train.config import resolve_config
+    from train.distributed import DistInfo
+    from train.trainer import Trainer, compile_stats
+
+    size = 64 if smoke else 224
+    config = "launch/configs/tiny-debug.yaml" if smoke else "launch/configs/phobert-large-rn50.yaml"
+    res: dict = {"rows": []}
+
+    def trainer(b, **over):
+        cfg = resolve_config(str(ROOT / config), [
+            f"run_dir={work / ('tp_run_' + str(len(res['rows'])) + '_' + str(b))}", "train.max_steps=100000",
+            "train.log_every=100000", "train.sync_every=100000", "train.save_every=100000",
+            *_overrides(work, size, b, smoke), *[f"{k}={v}" for k, v in over.items()]])
+        return Trainer(cfg, DistInfo(device=dev))
+
+    for b in batches:
+        tr = trainer(b, **{"data.trim_padding": 0})
+        vocab = min(len(tr.tokenizer), tr.model.text.config.vocab_size)
+        full = next(iter(tr.stream))
+        lengths = caption_lengths(4 * b, seed=b)
+        ids = make_ids(lengths, vocab, torch.Generator().manual_seed(b))
+        plain = {"images": full["images"][:b].clone(), "input_ids": ids[:b].clone()}
+        grouped = group_by_length(lengths.tolist(), b, random.Random(0))
+        widths = [int(trim_padding(ids[g], 1, 8).shape[1]) for g in grouped]
+        row = {"batch": b, "mean_caption_tokens": round(float(lengths.mean()), 1),
+               "width_padded": int(ids.shape[1]), "width_trimmed": int(trim_padding(ids[:b], 1, 8).shape[1]),
+               "width_bucketed_mean": round(sum(widths) / len(widths), 1)}
+        if dev.type == "cuda":
+            plain = {k: v.pin_memory() for k, v in plain.items()}
+        row["ours_padded_sps"] = round(b / _time(lambda: tr.train_step([plain], sync=False), dev, steps), 1)
+        model, opt = tr.model, tr.engine.optimizer
+        x = _fmt(normalize_images(plain["images"].to(dev)), tr.channels_last)
+
+        def bare(idx):
+            def f():
+                with torch.autocast(dev.type, dtype=torch.bfloat16):
+                    o = model(x, idx)
+                    logits = o["logit_scale"] * o["image_features"] @ o["text_features"].T
+                    lab = torch.arange(len(x), device=dev)
+                    loss = (F.cross_entropy(logits, lab) + F.cross_entropy(logits.T, lab)) / 2
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return f
+        row["bare_padded_sps"] = round(b / _time(bare(plain["input_ids"].to(dev)), dev, steps), 1)
+        row["bare_trimmed_sps"] = round(b / _time(bare(trim_padding(plain["input_ids"], 1, 8).to(dev)), dev, steps), 1)
+        tr.cfg.data.trim_padding = 8  # the same trainer, trimming on
+        row["ours_trimmed_sps"] = round(b / _time(lambda: tr.train_step([plain], sync=False), dev, steps), 1)
+        # before #14's sync-free steps: the host read the flags and metrics every step
+        row["ours_trimmed_read_every_step_sps"] = round(b / _time(lambda: tr.train_step([plain], sync=True),
+                                                                  dev, steps), 1)
+        # bucketed: the mean over the block's batches of similar length
+        t_b = sum(_time(lambda g=g: tr.train_step([{"images": plain["images"], "input_ids": ids[g]}], sync=False),
+                        dev, max(2, steps // 4), warmup=1) for g in grouped) / len(grouped)
+        row["ours_bucketed_sps"] = round(b / t_b, 1)
+        try:
+            row["ours_trimmed_profile"] = _profile(lambda: tr.train_step([plain], sync=False), dev, f"trimmed_{b}")
+        except Exception as e:
+            row["ours_trimmed_profile"] = {"error": repr(e)}
+        row["ours_trimmed_vs_bare_trimmed"] = round(row["ours_trimmed_sps"] / row["bare_trimmed_sps"], 3)
+        tr.close()
+        del tr, model, opt, x
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        try:  # the peer: open_clip's model config and step, same towers, padded ids
+            from common import PHOBERT_LARGE as PL
+            from phoclip.model import get_model_config
+
+            text = dict(get_model_config("tiny-debug")["text"]["hf_config"], vocab_size=vocab) if smoke else dict(PL)
+            peer = openclip_model(work / f"oc_{b}", text, "test_resnet" if smoke else "resnet50", size, 64 if smoke else 512)
+            if not smoke:
+                peer = peer.to(memory_format=torch.channels_last)
+            pstep = openclip_step(peer, dev, "fp32" if smoke else "bf16")
+            xi = normalize_images(plain["images"].to(dev))
+            if not smoke:
+                xi = xi.contiguous(memory_format=torch.channels_last)
+            row["openclip_padded_sps"] = round(b / _time(lambda: pstep(xi, plain["input_ids"]), dev, steps), 1)
+            row["ours_padded_vs_openclip"] = round(row["ours_padded_sps"] / row["openclip_padded_sps"], 3)
+            row["ours_trimmed_vs_openclip"] = round(row["ours_trimmed_sps"] / row["openclip_padded_sps"], 3)
+            del peer, pstep
+        except Exception as e:
+            traceback.print_exc()
+            row["openclip_error"] = repr(e)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        _out().write_text(json.dumps(dict(RESULTS, throughput=res), indent=2))
+    if compile_mode != "off":  # last: compile time is the least predictable
+        b = batches[0]
+        t = time.time()
+        tr = trainer(b, **{"train.compile": compile_mode})
+        full = next(iter(tr.stream))
+        vocab = min(len(tr.tokenizer), tr.model.text.config.vocab_size)
+        lengths = caption_lengths(4 * b, seed=7)
+        ids = make_ids(lengths, vocab, torch.Generator().manual_seed(7))
+        bs = [{"images": full["images"][:b], "input_ids": ids[i * b:(i + 1) * b]} for i in range(4)]
+        for bb in bs:  # compile (static, then dynamic length)
+            tr.train_step([bb], sync=False)
+        _sync(dev)
+        res["compile"] = {"batch": b, "mode": compile_mode, "compile_and_warmup_s": round(time.time() - t, 1)}
+        k = [0]
+
+        def f():
+            tr.train_step([bs[k[0] % 4]], sync=False)
+            k[0] += 1
+        res["compile"]["ours_trimmed_compiled_sps"] = round(b / _time(f, dev, steps), 1)
+        res["compile"].update(compile_stats())
+        tr.close()
+    return res
+
+
 @section("e2e")
 def e2e(work: Path, batch: int, steps: int, workers: int, smoke: bool) -> dict:
     py, run_dir = sys.executable, work / "e2e_run"
@@ -330,13 +460,19 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1200)
     ap.add_argument("--workers", type=int, nargs="+", default=[4, 12])
     ap.add_argument("--e2e-steps", type=int, default=100)
-    ap.add_argument("--e2e-batch", type=int, default=128)
+    ap.add_argument("--e2e-batch", type=int, default=256)
+    ap.add_argument("--tp-batches", type=int, nargs="+", default=[256, 512],
+                    help="batches of the throughput section (padding/trim/bucket/compile, bare, open_clip)")
+    ap.add_argument("--compile", default="default", choices=["off", "default", "max-autotune"])
+    ap.add_argument("--sections", nargs="+", default=["step", "throughput", "e2e"],
+                    choices=["step", "throughput", "e2e"], help="after env, data and loader")
     args = ap.parse_args()
     from phoclip.log import init_logger
 
     init_logger()
     if args.smoke:
         args.batches, args.steps, args.images, args.workers = [8, 16], 2, 240, [2]
+        args.tp_batches = [8]
         args.e2e_steps, args.e2e_batch = 6, 16
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if dev.type == "cuda":
@@ -347,10 +483,16 @@ def main() -> None:
     env(dev)
     data(work, args.images, 8 if not args.smoke else 2)
     loader(work, 64 if args.smoke else 224, args.workers)
-    step(work, dev, args.batches, args.steps, args.smoke)
+    if "step" in args.sections:
+        step(work, dev, args.batches, args.steps, args.smoke)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    e2e(work, args.e2e_batch, args.e2e_steps, max(args.workers), args.smoke)
+    if "throughput" in args.sections:
+        throughput(work, dev, args.tp_batches, args.steps, args.smoke, args.compile)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    if "e2e" in args.sections:
+        e2e(work, args.e2e_batch, args.e2e_steps, max(args.workers), args.smoke)
     RESULTS["total_wall_s"] = round(time.time() - t0, 1)
     _out().write_text(json.dumps(RESULTS, indent=2))
     print("\n" + json.dumps(RESULTS, indent=2))

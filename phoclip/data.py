@@ -150,32 +150,62 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
+def random_crop_box(image_size: tuple[int, int], rng: random.Random,
+                    scale: tuple[float, float] = (0.8, 1.0)) -> tuple[int, int, int, int]:
+    """The training crop of an image of (w, h): (top, left, height, width), random
+    resized crop (area scale 0.8-1, ratio 3/4-4/3; center square after 10 misses)."""
+    w, h = image_size
+    area = w * h
+    for _ in range(10):
+        a = area * rng.uniform(*scale)
+        r = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
+            return top, left, ch, cw
+    cw = ch = min(w, h)
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
 def image_to_tensor(img, size: int, train: bool, rng: Optional[random.Random] = None,
                     scale: tuple[float, float] = (0.8, 1.0), normalize: bool = True) -> torch.Tensor:
-    """train: random resized crop (light: scale 0.8-1, ratio 3/4-4/3; no flip, since
-    captions say left and right); eval: resize shorter side + center crop. Normalised
-    float [3, size, size], or the uint8 pixels with normalize=False."""
+    """train: random resized crop (`random_crop_box`; no flip, since captions say left
+    and right), antialiased bilinear; eval: resize shorter side + center crop.
+    Normalised float [3, size, size], or the uint8 pixels with normalize=False."""
     import torchvision.transforms.functional as TF
 
-    w, h = img.size
     if train:
-        rng = rng or random.Random()
-        area = w * h
-        for _ in range(10):
-            a = area * rng.uniform(*scale)
-            r = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            cw, ch = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
-            if 0 < cw <= w and 0 < ch <= h:
-                top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
-                break
-        else:
-            cw = ch = min(w, h)
-            top, left = (h - ch) // 2, (w - cw) // 2
+        top, left, ch, cw = random_crop_box(img.size, rng or random.Random(), scale)
         img = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
     else:
         img = TF.center_crop(TF.resize(img, size, antialias=True), [size, size])
     x = TF.pil_to_tensor(img)
     return normalize_images(x) if normalize else x
+
+
+def pad_images(images: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """uint8 [3, h, w] images of different sizes → one zero-padded [B, 3, H, W] batch
+    (`images`) and each image's (h, w) (`sizes`)."""
+    hmax = max(x.shape[1] for x in images)
+    wmax = max(x.shape[2] for x in images)
+    out = torch.zeros(len(images), 3, hmax, wmax, dtype=torch.uint8)
+    for i, x in enumerate(images):
+        out[i, :, :x.shape[1], :x.shape[2]] = x
+    return {"images": out, "sizes": torch.tensor([x.shape[1:] for x in images], dtype=torch.int32)}
+
+
+def resize_on_device(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """The training crop done where `images` are (the GPU): each padded uint8 image's box
+    (top, left, height, width) resized to size x size, antialiased bilinear (PIL's
+    filter, as the workers' `image_to_tensor`; within ~1 grey level of it), uint8."""
+    import torch.nn.functional as F
+
+    out = torch.empty(images.shape[0], 3, size, size, dtype=torch.uint8, device=images.device)
+    for i, (top, left, h, w) in enumerate(boxes.tolist()):  # boxes: a small host tensor
+        crop = images[i:i + 1, :, top:top + h, left:left + w].float()
+        y = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[i] = y[0].round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 class NoReadableSamples(ValueError):
@@ -355,6 +385,11 @@ class StreamConfig:
     """The manifest's max length: id rows of another width are skipped."""
     vocab_size: Optional[int] = None
     """The tokenizer's vocabulary: ids outside [0, vocab_size) are skipped."""
+    length_buckets: int = 0
+    """>0: batches of similar caption length (see `group_by_length`)."""
+    pad_id: int = 1
+    resize_on: str = "worker"
+    """worker: ship finished crops; device: ship decoded images + crop boxes (`resize_on_device`)."""
 
 
 class ShardStream(IterableDataset):
@@ -371,6 +406,7 @@ class ShardStream(IterableDataset):
         self.cfg = cfg
         self.positions: dict[int, int] = {}
         self.skipped: dict[int, dict] = {}
+        self.block_done: dict[int, int] = {}
         self.start_batch = 0
 
     def load_state_dict(self, state: dict) -> None:
@@ -378,6 +414,7 @@ class ShardStream(IterableDataset):
         t = StreamTracker()
         t.load_state_dict(state)
         self.positions, self.skipped, self.start_batch = t.positions, t.skipped, t.batches
+        self.block_done = t.block_done
 
     def _key(self, *parts: Any) -> tuple:
         # the salt joins the seeds only once a layout change set it: runs that never
@@ -419,7 +456,14 @@ class ShardStream(IterableDataset):
         shuffled = seeded_shuffle(samples, c.shuffle_buffer,
                                   random.Random(_seed(*self._key("shuffle", c.seed, c.rank, logical))))
         pos = 0
-        images, ids, keys = [], [], []
+        # samples are decoded in blocks: one batch, or length_buckets batches regrouped
+        # by caption length. A checkpoint inside a block resumes at the block's start
+        # (re-decoding it) and drops the block's batches already consumed
+        k = max(1, c.length_buckets)
+        on_device = c.resize_on == "device" and c.train
+        block_start, skip_batches = start, self.block_done.get(logical, 0)
+        restore_skips = Counter(skips) if skip_batches else None
+        images, ids, keys, boxes = [], [], [], []
         for sample in shuffled:
             pos += 1
             if pos <= start:
@@ -435,13 +479,51 @@ class ShardStream(IterableDataset):
                 skips[e.reason] += 1
                 continue
             good_at = opened
-            images.append(image_to_tensor(img, c.image_size, c.train, rng, normalize=False))
+            if on_device:
+                box = random_crop_box(img.size, rng)
+                images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+                boxes.append(box)
+            else:
+                images.append(image_to_tensor(img, c.image_size, c.train, rng, normalize=False))
             ids.append(torch.from_numpy(all_ids[rng.randrange(all_ids.shape[0])].copy()))
             keys.append(sample.get("__key__", ""))
-            if len(images) == c.batch_size:
-                yield {"images": torch.stack(images), "input_ids": torch.stack(ids), "keys": keys,
-                       "worker": logical, "position": pos, "opened": opened, "skipped": dict(skips)}
-                images, ids, keys = [], [], []
+            if len(images) < c.batch_size * k:
+                continue
+            if restore_skips is not None:  # the resumed block's skips were counted before
+                skips.clear()
+                skips.update(restore_skips)
+                restore_skips = None
+            if k == 1:
+                groups = [list(range(len(images)))]
+            else:
+                lengths = [int((row != c.pad_id).sum()) for row in ids]
+                groups = group_by_length(lengths, c.batch_size, random.Random(
+                    _seed(*self._key("buckets", c.seed, c.rank, logical, block_start))))
+            for j, g in enumerate(groups):
+                if j < skip_batches:
+                    continue
+                last = j == len(groups) - 1
+                batch = {"input_ids": torch.stack([ids[i] for i in g]), "keys": [keys[i] for i in g],
+                         "worker": logical, "position": pos if last else block_start,
+                         "block_done": 0 if last else j + 1, "opened": opened, "skipped": dict(skips)}
+                if on_device:
+                    batch.update(pad_images([images[i] for i in g]))
+                    batch["boxes"] = torch.tensor([boxes[i] for i in g], dtype=torch.int32)
+                else:
+                    batch["images"] = torch.stack([images[i] for i in g])
+                yield batch
+            images, ids, keys, boxes = [], [], [], []
+            block_start, skip_batches = pos, 0
+
+
+def group_by_length(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """A block of k x batch_size samples → k batches of similar caption length: indices
+    sorted by length (ties in stream order), cut into batches, the batches' order
+    shuffled (seeded) so short and long batches alternate."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng.shuffle(groups)
+    return groups
 
 
 class StreamTracker:
@@ -452,11 +534,13 @@ class StreamTracker:
         self.positions: dict[int, int] = {}
         self.opened: dict[int, int] = {}
         self.skipped: dict[int, dict] = {}
+        self.block_done: dict[int, int] = {}
         self.batches = 0
 
     def update(self, batch: dict) -> None:
         w = int(batch["worker"])
         self.positions[w] = int(batch["position"])
+        self.block_done[w] = int(batch.get("block_done", 0))
         self.opened[w] = int(batch["opened"])
         self.skipped[w] = dict(batch["skipped"])
         self.batches += 1
@@ -469,13 +553,15 @@ class StreamTracker:
 
     def state_dict(self) -> dict:
         return {"positions": dict(self.positions), "opened": dict(self.opened),
-                "skipped": dict(self.skipped), "batches": self.batches}
+                "skipped": dict(self.skipped), "batches": self.batches,
+                "block_done": dict(self.block_done)}
 
     def load_state_dict(self, state: dict) -> None:
         self.positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
         self.opened = {int(k): int(v) for k, v in state.get("opened", {}).items()}
         self.skipped = {int(k): dict(v) for k, v in state.get("skipped", {}).items()}
         self.batches = int(state.get("batches", 0))
+        self.block_done = {int(k): int(v) for k, v in state.get("block_done", {}).items()}
 
 
 def epoch_shards(urls: list, seed: int, layout: StreamLayout, rank: int, world_size: int,

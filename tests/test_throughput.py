@@ -131,7 +131,7 @@ class _SyncCounter(torch.overrides.TorchFunctionMode):
     by function: `trim_padding` reads the CPU batch's ids before their copy."""
 
     READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__"}
-    HOST_SIDE = {"trim_padding"}
+    HOST_SIDE = {"trim_padding", "resize_on_device"}  # the ids; the crop boxes
 
     def __init__(self):
         super().__init__()
@@ -224,3 +224,85 @@ def test_compiled_towers_train_like_eager(shapes_shards, tmp_path):
     torch.testing.assert_close(torch.tensor(losses["default"]), torch.tensor(losses["off"]),
                                rtol=1e-3, atol=1e-4)
     assert 2 <= stats["graphs"] <= 12, stats
+
+
+def _stream(shards, n, **kw):
+    from phoclip.data import ShardStream, StreamConfig, expand_urls
+
+    urls = expand_urls(f"{shards}/train-{{000000..{n - 1:06d}}}.tar")[0]
+    return ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, 0, 1, False, 8, True, **kw))
+
+
+def test_length_buckets_group_similar_captions_and_resume_exactly(shapes_shards):
+    """data.length_buckets=4: each block of 4 batches holds the same samples as the plain
+    stream's 4 batches, regrouped so each batch's captions have similar lengths (less
+    padding after trimming); a resume inside a block continues with the same batches."""
+    import itertools
+
+    from phoclip.data import StreamTracker
+
+    shards, _, n = shapes_shards
+    plain = list(itertools.islice(iter(_stream(shards, n)), 12))
+    bucketed = list(itertools.islice(iter(_stream(shards, n, length_buckets=4)), 12))
+    for blk in range(3):
+        a = sorted(k for b in plain[4 * blk:4 * blk + 4] for k in b["keys"])
+        b = sorted(k for b in bucketed[4 * blk:4 * blk + 4] for k in b["keys"])
+        assert a == b  # the same samples, in other batches
+    width = lambda bs: sum(int((b["input_ids"] != 1).sum(1).max()) for b in bs)
+    assert width(bucketed) < width(plain)  # what trimming then cuts
+    spread = lambda bs: sum(int(l.max() - l.min()) for l in ((b["input_ids"] != 1).sum(1) for b in bs))
+    assert spread(bucketed) < spread(plain)
+    for cut in (5, 6, 8):  # inside a block (5, 6) and on a block boundary (8)
+        tr = StreamTracker()
+        for b in bucketed[:cut]:
+            tr.update(b)
+        resumed = _stream(shards, n, length_buckets=4)
+        resumed.load_state_dict(tr.state_dict())
+        rest = list(itertools.islice(iter(resumed), 12 - cut))
+        for a, b in zip(rest, bucketed[cut:]):
+            assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
+            assert a["skipped"] == b["skipped"]
+
+
+def test_device_resize_matches_worker_resize():
+    """The crop resized on the device (antialiased bilinear on the padded uint8 batch)
+    is the workers' PIL crop within one grey level (rounding), for downscales and
+    upscales, and its boxes are the same random draws."""
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from phoclip.data import image_to_tensor, pad_images, random_crop_box, resize_on_device
+
+    g = np.random.default_rng(0)
+    imgs, want, boxes = [], [], []
+    for i, (w, h) in enumerate([(320, 256), (256, 341), (90, 70), (224, 224), (500, 180)]):
+        arr = (g.random((h, w, 3)) * 60 + np.linspace(0, 190, w)[None, :, None]).astype(np.uint8)
+        im = Image.fromarray(arr)
+        want.append(image_to_tensor(im, 224, True, random.Random(i), normalize=False))
+        boxes.append(random_crop_box(im.size, random.Random(i)))
+        imgs.append(torch.from_numpy(arr).permute(2, 0, 1))
+    batch = pad_images(imgs)
+    got = resize_on_device(batch["images"], torch.tensor(boxes, dtype=torch.int32), 224)
+    diff = (got.int() - torch.stack(want).int()).abs()
+    assert got.dtype == torch.uint8 and got.shape == (5, 3, 224, 224)
+    assert diff.float().mean() < 0.3 and diff.max() <= 1, (diff.float().mean(), diff.max())
+
+
+def test_stream_ships_decoded_images_for_device_resize(shapes_shards):
+    """data.resize_on=device: the same samples, captions and crops as the worker path;
+    the images arrive at shard size with their boxes, and the trainer's resize gives
+    the workers' pixels within rounding."""
+    import itertools
+
+    from phoclip.data import resize_on_device
+
+    shards, _, n = shapes_shards
+    worker = list(itertools.islice(iter(_stream(shards, n)), 3))
+    device = list(itertools.islice(iter(_stream(shards, n, resize_on="device")), 3))
+    for a, b in zip(worker, device):
+        assert a["keys"] == b["keys"] and torch.equal(a["input_ids"], b["input_ids"])
+        assert b["images"].shape[-1] == 64 and b["boxes"].shape == (4, 4)  # shards hold 64 px images
+        diff = (resize_on_device(b["images"], b["boxes"], 32).int() - a["images"].int()).abs()
+        assert diff.float().mean() < 0.3 and diff.max() <= 1

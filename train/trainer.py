@@ -17,7 +17,7 @@ import torch
 import phoclip
 from phoclip.data import (ShardStream, StreamConfig, StreamLayout, StreamTracker, check_manifests,
                           close_loader, count_samples, expand_urls, normalize_images, relayout,
-                          train_loader)
+                          resize_on_device, train_loader)
 from phoclip.loss import create_loss
 from phoclip.model import get_model_config, trim_padding
 from phoclip.retrieval import evaluate_shards
@@ -158,7 +158,8 @@ class Trainer:
         self.stream = ShardStream(StreamConfig(
             self.train_urls, weights, cfg.data.batch_size, cfg.data.image_size, t.seed,
             dist_info.rank, dist_info.world_size, cfg.data.resampled, cfg.data.shuffle_buffer, True,
-            ids_width=int(self.manifest["tokenizer"]["max_length"]), vocab_size=len(self.tokenizer)))
+            ids_width=int(self.manifest["tokenizer"]["max_length"]), vocab_size=len(self.tokenizer),
+            length_buckets=cfg.data.length_buckets, pad_id=self.model.pad_id, resize_on=cfg.data.resize_on))
         self.tracker = StreamTracker()
         self.workers = max(1, cfg.data.workers)  # logical streams per rank
         self.ckpt = Checkpointer(self.run_dir, t.keep_last, dist_info.rank, dist_info.world_size)
@@ -335,6 +336,8 @@ class Trainer:
         trim = self.cfg.data.trim_padding
         for b in batches:
             img = b["images"].to(dev, non_blocking=True)
+            if "boxes" in b:  # data.resize_on=device: the crop is resized here
+                img = resize_on_device(img, b["boxes"], self.cfg.data.image_size)
             img = normalize_images(img, dt) if img.dtype == torch.uint8 else img.to(dt or img.dtype)
             if self.channels_last:
                 img = img.contiguous(memory_format=torch.channels_last)
