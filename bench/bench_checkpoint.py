@@ -30,15 +30,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="folder to write the checkpoint in (default: a temporary folder)")
     args = p.parse_args(argv)
     import phoclip
-    from train.checkpoint import Checkpointer
-    from train.engine import DDPEngine, lr_lambda
+    from phoclip_train.checkpoint import Checkpointer
+    from phoclip_train.build import build_optimizer
+    from phoclip_train.config import OptimConfig
+    from phoclip_train.engine import DDPEngine
 
     torch.manual_seed(0)
     model = phoclip.create_model("phobert-large-rn50", vision={"pretrained": False},
                                  text={"hf_model": None, "hf_config": PHOBERT_LARGE})
     n = sum(p.numel() for p in model.parameters())
-    eng = DDPEngine(model, model.param_groups(), precision="bf16", grad_clip=1.0, betas=(0.9, 0.98),
-                    eps=1e-6, lr_fn=lr_lambda(1, 10, "cosine", 0.0), device=torch.device("cpu"),
+    opt, sched = build_optimizer(model, OptimConfig(warmup_steps=1), 10)
+    eng = DDPEngine(model, opt, sched, precision="bf16", grad_clip=1.0, device=torch.device("cpu"),
                     world_size=1, rank=0)
     for q in model.parameters():  # one step with zero gradients creates the full AdamW state
         q.grad = torch.zeros_like(q)

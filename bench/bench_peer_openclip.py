@@ -46,7 +46,7 @@ def openclip_model(work: Path, text_config: dict, timm_model: str, image_size: i
                         "context_length": 70}}
     (work / "phoclip_peer.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(work / "phoclip_peer.json")
-    return open_clip.create_model("phoclip_peer", pretrained=None)
+    return open_clip.create_model("phoclip_peer", pretrained=None, pretrained_image=False, pretrained_text=False)
 
 
 def openclip_step(model, device: torch.device, precision: str = "fp32"):
@@ -85,11 +85,11 @@ def main() -> None:
     args = ap.parse_args()
     from bench_text_padding import caption_lengths, make_ids
 
-    from phoclip.data import normalize_images
+    from phoclip.transforms import normalize_images
     from phoclip.model import get_model_config
-    from train.config import resolve_config
-    from train.distributed import DistInfo
-    from train.trainer import Trainer
+    from phoclip_train.config import resolve_config
+    from phoclip_train.distributed import DistInfo
+    from phoclip_train.trainer import Trainer
 
     d = Path(tempfile.mkdtemp())
     try:

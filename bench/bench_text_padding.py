@@ -91,9 +91,9 @@ def text_tower_rows(batch: int, steps: int, buckets: int) -> list[tuple]:
 
 
 def trainer_rows(batch: int, steps: int, buckets: int) -> list[tuple]:
-    from train.config import resolve_config
-    from train.distributed import DistInfo
-    from train.trainer import Trainer
+    from phoclip_train.config import resolve_config
+    from phoclip_train.distributed import DistInfo
+    from phoclip_train.trainer import Trainer
 
     d = Path(tempfile.mkdtemp())
     try:
@@ -114,7 +114,7 @@ def trainer_rows(batch: int, steps: int, buckets: int) -> list[tuple]:
             for b in bs:
                 tr.train_step([b], sync=False)
             times[name] = steps * batch / (time.perf_counter() - t)
-            width = np.mean([tr._to([b])[0][1].shape[1] for b in bs])
+            width = np.mean([tr.device_inputs([b])[0][1].shape[1] for b in bs])
             rows.append((name, f"{width:.1f}", f"{times[name]:.1f}", f"{times[name] / times['padded to 70']:.2f}x"))
             tr.close()
         return rows

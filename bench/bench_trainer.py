@@ -28,10 +28,10 @@ from common import bench_shards, machine, table  # noqa: E402
 def worker(rank, world, port, shards, tok, n_train, batch, steps, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from train.config import resolve_config
-    from train.distributed import init_distributed
-    from phoclip.data import normalize_images
-    from train.trainer import Trainer
+    from phoclip_train.config import resolve_config
+    from phoclip_train.distributed import init_distributed
+    from phoclip.transforms import normalize_images
+    from phoclip_train.trainer import Trainer
 
     info = init_distributed("cpu")
     cfg = resolve_config(str(ROOT / "launch/configs/tiny-debug.yaml"), [

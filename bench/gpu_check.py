@@ -118,7 +118,8 @@ def _urls(work: Path, split: str) -> list[str]:
 
 @section("loader")
 def loader(work: Path, size: int, worker_counts: list[int]) -> dict:
-    from phoclip.data import ShardStream, StreamConfig, train_loader
+    from phoclip.data import ShardStream, StreamConfig
+    from phoclip_train.build import build_loader as train_loader
 
     urls, bs = _urls(work, "train"), 64
     cfg = lambda: StreamConfig(urls, [1.0] * len(urls), bs, size, 0, 0, 1, True, 256, True)
@@ -188,10 +189,10 @@ def step(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: b
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from phoclip.data import normalize_images
-    from train.config import resolve_config
-    from train.distributed import DistInfo
-    from train.trainer import Trainer
+    from phoclip.transforms import normalize_images
+    from phoclip_train.config import resolve_config
+    from phoclip_train.distributed import DistInfo
+    from phoclip_train.trainer import Trainer
 
     size = 64 if smoke else 224
     config = "launch/configs/tiny-debug.yaml" if smoke else "launch/configs/phobert-large-rn50.yaml"
@@ -295,11 +296,13 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
     from bench_peer_openclip import openclip_model, openclip_step
     from bench_text_padding import caption_lengths, make_ids
 
-    from phoclip.data import group_by_length, normalize_images
+    from phoclip.data import group_by_length
+    from phoclip.transforms import normalize_images
     from phoclip.model import trim_padding
-    from train.config import resolve_config
-    from train.distributed import DistInfo
-    from train.trainer import Trainer, compile_stats
+    from phoclip_train.config import resolve_config
+    from phoclip_train.distributed import DistInfo
+    from phoclip_train.build import compile_stats
+    from phoclip_train.trainer import Trainer
 
     size = 64 if smoke else 224
     config = "launch/configs/tiny-debug.yaml" if smoke else "launch/configs/phobert-large-rn50.yaml"
@@ -358,7 +361,7 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
             row["ours_trimmed_profile"] = {"error": repr(e)}
         row["ours_trimmed_vs_bare_trimmed"] = round(row["ours_trimmed_sps"] / row["bare_trimmed_sps"], 3)
         tr.close()
-        del tr, model, opt, x
+        tr = model = opt = x = None  # free the GPU memory for the peer
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         try:  # the peer: open_clip's model config and step, same towers, padded ids
@@ -376,7 +379,7 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
             row["openclip_padded_sps"] = round(b / _time(lambda: pstep(xi, plain["input_ids"]), dev, steps), 1)
             row["ours_padded_vs_openclip"] = round(row["ours_padded_sps"] / row["openclip_padded_sps"], 3)
             row["ours_trimmed_vs_openclip"] = round(row["ours_trimmed_sps"] / row["openclip_padded_sps"], 3)
-            del peer, pstep
+            peer = pstep = None
         except Exception as e:
             traceback.print_exc()
             row["openclip_error"] = repr(e)

@@ -15,15 +15,17 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from phoclip.data import check_manifests, eval_samples, expand_urls, image_to_tensor
+from phoclip.retrieval import eval_samples
+from phoclip.shards import check_manifests, expand_urls
+from phoclip.transforms import image_to_tensor
 from phoclip.errors import EXPECTED_ERRORS, one_line
 from phoclip.images import MAX_FILE_BYTES, BadImage, read_image_file
 from phoclip.log import init_logger
 from phoclip.retrieval import embed_samples, gather_counts, gather_embeddings
 from phoclip.search import load_item_image, write_embedding_map, write_index
 from phoclip.text import load_tokenizer, tokenizer_fingerprint
-from train.distributed import cleanup, init_distributed
-from train.export import load_for_inference
+from phoclip_train.distributed import cleanup, init_distributed, launcher_rank
+from phoclip.loading import load_for_inference
 
 logger = logging.getLogger("build_index")
 
@@ -81,7 +83,7 @@ def _summary(counts: Counter) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    init_logger()
+    init_logger(rank=launcher_rank())
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     src = p.add_mutually_exclusive_group(required=True)

@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 
-from phoclip.data import check_manifests, expand_urls
+from phoclip.shards import check_manifests, expand_urls
 from phoclip.errors import EXPECTED_ERRORS
 from phoclip.fileio import atomic_write_json
 from phoclip.log import init_logger
 from phoclip.retrieval import chance_recall, evaluate_shards
 from phoclip.text import load_tokenizer, tokenizer_fingerprint
-from train.distributed import cleanup, init_distributed
-from train.export import load_for_inference
+from phoclip_train.distributed import cleanup, init_distributed, launcher_rank
+from phoclip.loading import load_for_inference
 
 
 def format_table(res: dict) -> str:
@@ -43,7 +43,7 @@ def format_table(res: dict) -> str:
 def evaluate_benchmark(args, model, tok_name: str, size: int, info) -> dict:
     """Recall on a published split straight from its annotation file (see the module doc)."""
     from phoclip.retrieval import embed_samples, gather_counts, gather_embeddings, retrieval_metrics
-    from sharding.readers import SourceSpec
+    from phoclip_sharding.readers import SourceSpec
 
     skipped: Counter = Counter()
     samples = benchmark_samples(args.benchmark, model, tok_name, size, info.rank, info.world_size, skipped,
@@ -66,11 +66,11 @@ def benchmark_samples(spec_text: str, model, tok_name: str, size: int, rank: int
     sharding readers and prepared as the model's training captions were."""
     import torch
 
-    from phoclip.data import image_to_tensor
+    from phoclip.transforms import image_to_tensor
     from phoclip.images import BadImage, read_image_file
     from phoclip.search import query_processor
     from phoclip.text import normalize_text
-    from sharding.readers import SourceSpec, read_source
+    from phoclip_sharding.readers import SourceSpec, read_source
 
     spec = SourceSpec.parse(spec_text)
     records = list(read_source(spec))
@@ -121,7 +121,7 @@ def format_references(res: dict, rows: list[dict]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    init_logger()
+    init_logger(rank=launcher_rank())
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder, run folder or checkpoint")
     src = p.add_mutually_exclusive_group(required=True)

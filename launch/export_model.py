@@ -21,7 +21,7 @@ def export(ckpt: Path, out: Path) -> Path:
     import json
 
     from phoclip.text import load_tokenizer
-    from train.export import model_from_checkpoint
+    from phoclip_train.export import model_from_checkpoint
 
     model, tok_name = model_from_checkpoint(ckpt)  # verifies the checkpoint first
     meta = json.loads((ckpt / "meta.json").read_text())

@@ -18,7 +18,7 @@ from phoclip.log import init_logger
 from phoclip.search import (DEFAULT_TEMPLATES, EmbeddingIndex, find_captions, find_matches,
                             query_processor, write_gallery, zero_shot_accuracy, zero_shot_tags)
 from phoclip.text import strip_controls
-from train.export import load_encoder
+from phoclip.loading import load_encoder
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

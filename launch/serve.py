@@ -49,7 +49,7 @@ class Service:
 
     def __init__(self, index_dir: str, model: Optional[str] = None, backend: str = "torch",
                  device: str = "auto", vncorenlp_dir: Optional[str] = None) -> None:
-        from train.export import load_encoder
+        from phoclip.loading import load_encoder
 
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)

@@ -12,12 +12,12 @@ import sys
 from typing import Optional, Sequence
 
 from phoclip.log import init_logger
-from train.config import ConfigError, resolve_config
-from train.distributed import cleanup, init_distributed
+from phoclip_train.config import ConfigError, resolve_config
+from phoclip_train.distributed import cleanup, init_distributed, launcher_rank
 from phoclip.errors import EXPECTED_ERRORS, one_line
-from train.trainer import NonFiniteError, StoppedWaitingForData, Trainer
+from phoclip_train.trainer import NonFiniteError, StoppedWaitingForData, Trainer
 
-logger = logging.getLogger("train")
+logger = logging.getLogger("phoclip_train.launch")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -32,7 +32,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp") -> int:
-    init_logger()
+    init_logger(rank=launcher_rank())
     args = parse_args(argv)
     try:
         cfg = resolve_config(args.config, args.overrides)

@@ -7,10 +7,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_ddp import main  # noqa: E402  (one entry point, one loop)
+from train_ddp import main  # this script's folder is on sys.path: one entry point, one loop
 
 if __name__ == "__main__":
     sys.exit(main(engine="deepspeed"))

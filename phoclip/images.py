@@ -6,13 +6,12 @@ import os
 import stat
 import warnings
 
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 # A decompression bomb is refused, never decoded: 89M pixels is Pillow's own warning
-# threshold; above it we raise instead of warning.
+# threshold; above it we raise instead of warning. Checked in `probe_image` on every
+# open (Pillow's process-wide settings are left to the application).
 MAX_IMAGE_PIXELS = 89_478_485
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 class BadImage(Exception):

@@ -13,19 +13,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def gather_with_grad(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """All-gather one feature set across ranks, keeping the autograd graph."""
+    if world_size == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), 0)
+
+
 def gather_features(image_features: torch.Tensor, text_features: torch.Tensor,
                     world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All-gather both feature sets across ranks, keeping the autograd graph."""
-    if world_size == 1:
-        return image_features, text_features
-    import warnings
-
-    from torch.distributed.nn.functional import all_gather
-
-    # the functional-collectives replacement it points to has no autograd on gloo yet
-    warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
-    return (torch.cat(all_gather(image_features.contiguous()), 0),
-            torch.cat(all_gather(text_features.contiguous()), 0))
+    return gather_with_grad(image_features, world_size), gather_with_grad(text_features, world_size)
 
 
 class ClipLoss(nn.Module):
@@ -40,7 +40,8 @@ class ClipLoss(nn.Module):
         self.rank, self.world_size, self.local_loss = rank, world_size, local_loss
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+                logit_scale: torch.Tensor, **_: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Takes the model's output as is: `loss(**model(images, ids))`."""
         img, txt = image_features.float(), text_features.float()
         scale = logit_scale.float()
         b = img.shape[0]
@@ -70,10 +71,11 @@ class SigLipLoss(nn.Module):
         self.rank, self.world_size = rank, world_size
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor,
-                logit_scale: torch.Tensor, logit_bias: torch.Tensor) -> dict[str, torch.Tensor]:
+                logit_scale: torch.Tensor, logit_bias: torch.Tensor, **_: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Takes the model's output as is: `loss(**model(images, ids))`."""
         img, txt = image_features.float(), text_features.float()
         b = img.shape[0]
-        _, all_txt = gather_features(img, txt, self.world_size)
+        all_txt = gather_with_grad(txt, self.world_size)  # only the texts are scored across ranks
         with torch.autocast(device_type=img.device.type, enabled=False):
             logits = logit_scale.float() * img @ all_txt.T + logit_bias.float()
             labels = -torch.ones_like(logits)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
+from phoclip.images import BadImage
 from phoclip.model import trim_padding
+from phoclip.shards import BadSample, decode_sample, read_shards
+from phoclip.transforms import image_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +156,6 @@ def evaluate_shards(model, urls: list[str], image_size: int, device: torch.devic
     samples skipped (by reason, all ranks) are in the result as `skipped`. With
     return_embeddings: (metrics, image features, keys, metas). `lockstep`: see
     `embed_samples` (ZeRO-3). `ids_width`/`vocab_size`: see `decode_ids`."""
-    from phoclip.data import eval_samples
 
     skipped: Counter = Counter()
     parts = embed_samples(model, eval_samples(urls, image_size, rank, world_size, skipped, ids_width,
@@ -166,3 +168,24 @@ def evaluate_shards(model, urls: list[str], image_size: int, device: torch.devic
     res = retrieval_metrics(img, txt, t2i)
     res["skipped"] = dict(sorted(skipped.items()))
     return (res, img, keys, metas) if return_embeddings else res
+
+
+def eval_samples(urls: list[str], image_size: int, rank: int = 0, world_size: int = 1,
+                 skipped: Optional[Counter] = None, ids_width: Optional[int] = None,
+                 vocab_size: Optional[int] = None) -> Iterator[dict]:
+    """Each image once, with all its captions, in shard order; this rank's shards only.
+    Unusable samples are skipped and counted in `skipped` by reason."""
+    skipped = skipped if skipped is not None else Counter()
+    shards = ({"url": u} for u in urls[rank::world_size])
+    for sample in read_shards(shards, skipped):
+        try:
+            img, ids, meta = decode_sample(sample, ids_width, vocab_size)
+        except BadImage as e:
+            skipped[f"image_{e.reason}"] += 1
+            continue
+        except BadSample as e:
+            skipped[e.reason] += 1
+            continue
+        yield {"key": sample["__key__"], "image": image_to_tensor(img, image_size, train=False),
+               "ids": torch.from_numpy(ids), "meta": meta,
+               "url": sample.get("__url__", "")}

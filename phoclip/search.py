@@ -232,7 +232,7 @@ def embed_texts(model, text_processor, texts: Sequence[str], device="cpu") -> to
 
 @torch.no_grad()
 def embed_images(model, images: Sequence, image_size: int, device="cpu") -> torch.Tensor:
-    from phoclip.data import image_to_tensor
+    from phoclip.transforms import image_to_tensor
     from phoclip.images import to_rgb
 
     model.eval()

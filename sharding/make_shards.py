@@ -29,8 +29,8 @@ from phoclip.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from phoclip.log import init_logger
 from phoclip.text import (SEGMENTERS, TextProcessor, create_segmenter, load_tokenizer,
                           normalize_text, strip_controls, tokenizer_fingerprint)
-from sharding.readers import READERS, Record, SourceSpec, read_source
-from sharding.writer import (ShardTask, check_images, done_path, is_complete, make_pool, read_done,
+from phoclip_sharding.readers import READERS, Record, SourceSpec, read_source
+from phoclip_sharding.writer import (ShardTask, check_images, done_path, is_complete, make_pool, read_done,
                              run_tasks, shard_plan)
 
 logger = logging.getLogger("make_shards")

@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CAPTION_WORDS = ["Một", "một", "hai", "ba", "hình_tròn", "hình_vuông", "tam_giác", "màu", "đỏ",
                  "xanh_lá", "xanh_dương", "vàng", "ở", "góc", "trên", "dưới", "bên", "trái",
@@ -74,7 +73,7 @@ def coco_dataset(tmp_path) -> tuple[Path, Path, dict]:
 
 
 def run_make_shards(args: list[str]) -> int:
-    from sharding.make_shards import main
+    from phoclip_sharding.make_shards import main
 
     return main([str(a) for a in args])
 

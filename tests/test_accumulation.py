@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from conftest import train_overrides
-from train.config import resolve_config
-from train.distributed import DistInfo
-from train.trainer import Trainer
+from phoclip_train.config import resolve_config
+from phoclip_train.distributed import DistInfo
+from phoclip_train.trainer import Trainer
 
 
 def _trainer(shapes_shards, tmp_path, **kw):

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from train.config import ConfigError, resolve_config
+from phoclip_train.config import ConfigError, resolve_config
 
 
 def test_exponent_floats_are_numbers_not_strings(tmp_path):

@@ -7,7 +7,8 @@ import tarfile
 import pytest
 import torch
 
-from phoclip.data import ShardStream, StreamConfig, StreamTracker, expand_urls
+from phoclip.data import ShardStream, StreamConfig, StreamTracker
+from phoclip.shards import expand_urls
 
 
 def _urls(shards, n):
@@ -122,7 +123,7 @@ def test_stream_ships_uint8_pixels_normalised_like_evaluation(shapes_shards):
     import torchvision.transforms.functional as TF
     from PIL import Image
 
-    from phoclip.data import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor, normalize_images
+    from phoclip.transforms import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor, normalize_images
 
     shards, _, n = shapes_shards
     b = next(iter(_stream(_urls(shards, n))))

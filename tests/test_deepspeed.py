@@ -92,8 +92,12 @@ def test_first_step_equals_ddp_resume_and_export(shapes_shards, tmp_path):
     # the ZeRO checkpoint converts to the plain model folder, which gives the trained embeddings
     from phoclip.model import load_model
 
-    sys.path.insert(0, str(ROOT / "launch"))
-    from export_model import export
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("export_model", ROOT / "launch" / "export_model.py")
+    export_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export_model)
+    export = export_model.export
 
     out = export(run / "checkpoints" / "step_00000009", tmp_path / "exported")
     a, b = load_model(out).eval(), load_model(run / "model").eval()
@@ -112,8 +116,8 @@ def test_ds_json_disagreeing_with_run_config_refused(shapes_shards, tmp_path):
                        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert r.returncode != 0
     assert "train_micro_batch_size_per_gpu=5 disagrees" in r.stdout + r.stderr
-    from train.config import ConfigError, resolve_config
-    from train.ds_engine import resolve_ds_config
+    from phoclip_train.config import ConfigError, resolve_config
+    from phoclip_train.ds_engine import resolve_ds_config
 
     cfg = resolve_config(None, ["train.precision=fp32", "data.train_shards=x"])
     with pytest.raises(ConfigError, match="trains in bf16"):

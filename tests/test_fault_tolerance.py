@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, kill_job, read_metrics, run_torchrun, torchrun_cmd, train_overrides
-from phoclip.data import normalize_images
+from phoclip.transforms import normalize_images
 
 pytestmark = pytest.mark.slow
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -68,7 +68,7 @@ def test_kill9_and_resume_gives_identical_losses(shapes_shards, tmp_path, resamp
 _SAVER = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[2])
-from train.checkpoint import Checkpointer
+from phoclip_train.checkpoint import Checkpointer
 class E:
     def save(self, folder):
         torch.save({"model": {"w": torch.randn(256, 1024)}}, folder / "state.pt")
@@ -82,7 +82,7 @@ while True:
 
 
 def test_kill_during_checkpoint_writes_leaves_a_loadable_latest(tmp_path):
-    from train.checkpoint import Checkpointer
+    from phoclip_train.checkpoint import Checkpointer
 
     script = tmp_path / "saver.py"
     script.write_text(_SAVER)
@@ -117,7 +117,7 @@ def test_sigterm_saves_and_resumes(shapes_shards, tmp_path):
     out, _ = p.communicate(timeout=60)
     assert time.time() - t0 < 60
     assert "stopped by signal" in out, out[-3000:]
-    from train.checkpoint import Checkpointer
+    from phoclip_train.checkpoint import Checkpointer
 
     latest = Checkpointer(run, 2, 0, 2).latest()
     assert latest is not None
@@ -150,9 +150,9 @@ def test_crashed_rank_restarts_from_latest_under_max_restarts(shapes_shards, tmp
 def test_nonfinite_steps_skipped_then_stop_with_checkpoint(shapes_shards, tmp_path):
     """In-process (world size 1): the stream turns bad at step 4; steps are skipped and
     counted, and after K in a row the run stops with the pre-fault weights saved."""
-    from train.config import resolve_config
-    from train.distributed import DistInfo
-    from train.trainer import NonFiniteError, Trainer
+    from phoclip_train.config import resolve_config
+    from phoclip_train.distributed import DistInfo
+    from phoclip_train.trainer import NonFiniteError, Trainer
 
     shards, tok, n = shapes_shards
     cfg = resolve_config("launch/configs/tiny-debug.yaml", train_overrides(
@@ -174,7 +174,7 @@ def test_nonfinite_steps_skipped_then_stop_with_checkpoint(shapes_shards, tmp_pa
     tr.close()
     m = read_metrics(tmp_path / "run")
     assert max(m) == 6 and m[6]["nonfinite_steps"] == 3
-    from train.checkpoint import Checkpointer
+    from phoclip_train.checkpoint import Checkpointer
 
     ck = Checkpointer(tmp_path / "run", 3, 0, 1)
     st3 = torch.load(ck.dir / "step_00000003" / "state.pt", weights_only=True)["model"]
@@ -214,11 +214,11 @@ root, port, shards, tok, n, run = sys.argv[1:7]
 sys.path.insert(0, os.path.join(root, "tests"))
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 from conftest import train_overrides
-from phoclip.data import normalize_images
-from train.config import resolve_config
-from train.distributed import DistInfo
-from train.export import model_from_checkpoint
-from train.trainer import NonFiniteError, Trainer
+from phoclip.transforms import normalize_images
+from phoclip_train.config import resolve_config
+from phoclip_train.distributed import DistInfo
+from phoclip_train.export import model_from_checkpoint
+from phoclip_train.trainer import NonFiniteError, Trainer
 over = train_overrides(Path(shards), tok, int(n), run, **{
     "train.max_steps": 20, "train.save_every": 3, "train.max_nonfinite": 3, "train.precision": "bf16",
     "train.engine": "deepspeed", "train.deepspeed_config": os.path.join(root, "launch/deepspeed/zero2_bf16.json")})

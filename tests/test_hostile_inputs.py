@@ -78,7 +78,7 @@ def test_images_that_are_not_regular_files_never_hang_and_are_counted(tmp_path, 
 
 
 def test_max_pixels_applies_in_both_phases_and_is_recorded(tmp_path, tiny_tokenizer_dir, make_shards):
-    from sharding.writer import ShardTask, write_shard
+    from phoclip_sharding.writer import ShardTask, write_shard
 
     imgs = tmp_path / "imgs"
     make_image(imgs / "small.jpg", 1, size=(40, 30))
@@ -218,7 +218,7 @@ def test_an_unreadable_done_record_means_not_done(tmp_path, tiny_tokenizer_dir, 
     ("data.global_batch_size=10", "not a multiple of data.batch_size"),
 ])
 def test_config_overrides_of_every_kind_are_type_checked(override, message):
-    from train.config import ConfigError, resolve_config
+    from phoclip_train.config import ConfigError, resolve_config
 
     with pytest.raises(ConfigError, match=message):
         cfg = resolve_config(None, ["data.train_shards=x", "data.batch_size=4", override])
@@ -226,7 +226,7 @@ def test_config_overrides_of_every_kind_are_type_checked(override, message):
 
 
 def test_config_accepts_well_typed_values_of_every_kind():
-    from train.config import resolve_config
+    from phoclip_train.config import resolve_config
 
     cfg = resolve_config(None, ["data.train_shards=x", "optim.betas=[0.9, 0.95]", "data.val_shards=v-{0..1}.tar",
                                 "model.overrides={vision: {pretrained: false}}", "train.eval_queries=[con chó]",

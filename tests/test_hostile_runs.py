@@ -58,7 +58,7 @@ def tiny_run(shapes_shards, tmp_path_factory):
 
 def test_a_crafted_deepspeed_checkpoint_runs_no_code_anywhere(tiny_run, shapes_shards, tmp_path):
     from phoclip.errors import CheckpointError
-    from train.checkpoint import Checkpointer, verify_checkpoint
+    from phoclip_train.checkpoint import Checkpointer, verify_checkpoint
 
     marker = tmp_path / "PWNED"
     run = tmp_path / "run"
@@ -146,7 +146,8 @@ def _bad_samples_dir(shards: Path, tmp_path: Path) -> tuple[Path, list[str]]:
 
 
 def test_bad_token_ids_and_metadata_are_skipped_and_counted_by_reason(shapes_shards, tmp_path):
-    from phoclip.data import ShardStream, StreamConfig, eval_samples
+    from phoclip.data import ShardStream, StreamConfig
+    from phoclip.retrieval import eval_samples
 
     shards, tok, _ = shapes_shards
     d, urls = _bad_samples_dir(shards, tmp_path)
@@ -255,7 +256,7 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_unless_resumed_or_overwritte
 
 
 def test_run_folder_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, caplog):
-    from train.lock import RunLock, RunLockedError
+    from phoclip_train.lock import RunLock, RunLockedError
 
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from train.lock import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
@@ -323,7 +324,7 @@ def test_a_second_job_is_refused_while_the_first_trains_and_ranks_die_with_their
 
 
 def test_a_checkpoint_of_an_existing_step_is_replaced_whole(tmp_path):
-    from train.checkpoint import Checkpointer
+    from phoclip_train.checkpoint import Checkpointer
 
     class Eng:
         def __init__(self, v):
@@ -343,7 +344,7 @@ def test_a_checkpoint_of_an_existing_step_is_replaced_whole(tmp_path):
 
 def test_resume_latest_falls_back_to_the_newest_checkpoint_that_verifies(tiny_run, tmp_path, caplog):
     from phoclip.errors import CheckpointError
-    from train.checkpoint import Checkpointer
+    from phoclip_train.checkpoint import Checkpointer
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

@@ -35,7 +35,7 @@ def _main(module, args):
 def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, capsys):
     from phoclip.search import EmbeddingIndex, find_captions, find_matches, write_embedding_map, zero_shot_tags
     from phoclip.text import TextProcessor, UndertheseaSegmenter, load_tokenizer
-    from train.export import load_for_inference
+    from phoclip.loading import load_for_inference
 
     shards, tok, _ = shapes_shards
     idx_dir = tmp_path / "index"
@@ -100,9 +100,9 @@ def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, 
 
 
 def _extract(rank, world, model_dir, shards, out):
-    from phoclip.data import eval_samples
+    from phoclip.retrieval import eval_samples
     from phoclip.retrieval import embed_samples, gather_embeddings
-    from train.export import load_for_inference
+    from phoclip.loading import load_for_inference
 
     model, _ = load_for_inference(model_dir)
     urls = [str(p) for p in sorted(Path(shards).glob("train-*.tar"))]

@@ -2,21 +2,19 @@
 eager attention, compiled = eager, sync-free steps skip non-finite steps like synced
 ones, device-side resize = worker resize within a pixel tolerance."""
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import train_overrides
 from phoclip.loss import ClipLoss
 from phoclip.model import create_model, trim_padding
-from train.config import resolve_config
-from train.distributed import DistInfo
-from train.trainer import Trainer
+from phoclip_train.config import resolve_config
+from phoclip_train.distributed import DistInfo
+from phoclip_train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +78,7 @@ def test_trainer_trims_before_the_forward(shapes_shards, tmp_path):
     for trim in (0, 1):
         tr = _trainer(shapes_shards, tmp_path / str(trim), **{"data.trim_padding": trim})
         batch = next(iter(tr.stream))
-        (img, ids), = tr._to([batch])
+        (img, ids), = tr.device_inputs([batch])
         widths[trim] = ids.shape[1]
         longest = int((batch["input_ids"] != 1).sum(1).max())
         losses[trim] = tr.train_step([batch])["loss"]
@@ -176,7 +174,7 @@ def test_steps_between_reads_make_no_host_sync(shapes_shards, tmp_path):
 def test_non_finite_step_is_skipped_on_the_device_without_a_read(shapes_shards, tmp_path):
     """A NaN batch on a step that is not read: weights and BatchNorm statistics are
     unchanged, and the next read reports the skipped step."""
-    from phoclip.data import normalize_images
+    from phoclip.transforms import normalize_images
 
     tr = _trainer(shapes_shards, tmp_path, **{"train.log_every": 5, "train.sync_every": 5})
     it = iter(tr.stream)
@@ -202,7 +200,7 @@ def test_compiled_towers_train_like_eager(shapes_shards, tmp_path):
     """train.compile=default: the same losses as eager over steps with captions of
     varying (trimmed) length, the state-dict keys unchanged (checkpoints, export), and
     a bounded number of recompiles (static, then one dynamic length)."""
-    from train.trainer import compile_stats
+    from phoclip_train.build import compile_stats
 
     torch._dynamo.reset()
     losses, widths, keys = {}, {}, {}
@@ -211,7 +209,7 @@ def test_compiled_towers_train_like_eager(shapes_shards, tmp_path):
                                                                   "data.trim_padding": 1})
         it = iter(tr.stream)
         batches = [next(it) for _ in range(6)]
-        widths[mode] = {tr._to([b])[0][1].shape[1] for b in batches}
+        widths[mode] = {tr.device_inputs([b])[0][1].shape[1] for b in batches}
         t0 = time.time()
         losses[mode] = [tr.train_step([b])["loss"] for b in batches]
         keys[mode] = sorted(tr.model.state_dict())
@@ -227,7 +225,8 @@ def test_compiled_towers_train_like_eager(shapes_shards, tmp_path):
 
 
 def _stream(shards, n, **kw):
-    from phoclip.data import ShardStream, StreamConfig, expand_urls
+    from phoclip.data import ShardStream, StreamConfig
+    from phoclip.shards import expand_urls
 
     urls = expand_urls(f"{shards}/train-{{000000..{n - 1:06d}}}.tar")[0]
     return ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, 0, 1, False, 8, True, **kw))
@@ -273,7 +272,7 @@ def test_device_resize_matches_worker_resize():
     import numpy as np
     from PIL import Image
 
-    from phoclip.data import image_to_tensor, pad_images, random_crop_box, resize_on_device
+    from phoclip.transforms import image_to_tensor, pad_images, random_crop_box, resize_on_device
 
     g = np.random.default_rng(0)
     imgs, want, boxes = [], [], []
@@ -296,7 +295,7 @@ def test_stream_ships_decoded_images_for_device_resize(shapes_shards):
     the workers' pixels within rounding."""
     import itertools
 
-    from phoclip.data import resize_on_device
+    from phoclip.transforms import resize_on_device
 
     shards, _, n = shapes_shards
     worker = list(itertools.islice(iter(_stream(shards, n)), 3))

@@ -56,7 +56,7 @@ def test_two_process_run_learns_checkpoints_resumes_and_logs(shapes_shards, tmp_
     assert "resumed from" in r.stderr and "step_00000009" in r.stderr
     m2 = read_metrics(run)
     assert sorted(m2) == list(range(1, 13))
-    from train.engine import lr_lambda
+    from phoclip_train.build import lr_lambda
 
     # the schedule continued from step 9 (of the new 12-step cosine), no warmup again
     assert m2[10]["lr"] == pytest.approx(3e-3 * lr_lambda(2, 12, "cosine", 0.0)(10))

@@ -17,7 +17,7 @@ import torch
 
 from phoclip.errors import CheckpointError
 from phoclip.fileio import atomic_write_json, fsync_dir
-from train.distributed import barrier
+from phoclip_train.distributed import barrier
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
@@ -52,6 +52,7 @@ class ModelConfig:
     lock_text: bool = False
     """Freeze the text tower except its last `unlocked_text_layers` layers."""
     unlocked_text_layers: int = 0
+    """With lock_text: how many of the text tower's last layers still train."""
     grad_checkpointing: bool = False
     """Recompute the text tower's activations in the backward pass (saves memory)."""
 
@@ -63,6 +64,7 @@ class DataConfig:
     train_weights: Optional[str] = None
     """Sampling weight per source, '1::2' (resampled mode)."""
     val_shards: Optional[str] = None
+    """Brace pattern of validation shards (recall at train.eval_every and at the end)."""
     batch_size: int = 64
     """Per rank, per micro-step."""
     global_batch_size: int = 0
@@ -75,7 +77,9 @@ class DataConfig:
     resampled: bool = True
     """Draw shards with replacement (default for training); false: split shards by rank and worker."""
     shuffle_buffer: int = 1000
+    """Samples each stream holds to shuffle within (0 or 1: shard order)."""
     image_size: int = 224
+    """Training crop size in pixels; the exported model records it for evaluation and search."""
     trim_padding: int = 8
     """Cut each batch's token ids after its longest caption, rounded up to a multiple of
     this (8: tensor-core friendly, and few distinct shapes for train.compile); exact, the
@@ -86,7 +90,7 @@ class DataConfig:
     emits the batch of the fullest length bucket. It changes which samples meet as
     negatives (batches are less random: captions of one batch have similar lengths)
     and delays each sample by up to the pool size. 0: off (plain shuffled batches)."""
-    resize_on: str = "worker"
+    resize_on: Literal["worker", "device"] = "worker"
     """Where the training crop is resized: worker (DataLoader workers ship the finished
     crop) or device (workers only decode; the batch of decoded images and crop boxes is
     resized on the training device, antialiased bilinear, within ~1 grey level of the
@@ -96,21 +100,30 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr_image: float = 1e-4
+    """Peak learning rate of the image tower."""
     lr_text: float = 1e-5
+    """Peak learning rate of the text tower (pretrained PhoBERT wants a small one)."""
     lr_head: float = 1e-3
+    """Peak learning rate of the projection heads and the temperature."""
     weight_decay: float = 0.2
+    """AdamW decoupled weight decay (not on biases, norms, gains or the temperature)."""
     betas: tuple = (0.9, 0.98)
+    """AdamW betas."""
     eps: float = 1e-6
+    """AdamW epsilon."""
     warmup_steps: int = 100
-    schedule: str = "cosine"
+    """Linear warmup from 0 to the peak learning rates."""
+    schedule: Literal["cosine", "constant"] = "cosine"
     """cosine or constant (after the linear warmup)."""
     min_lr_ratio: float = 0.0
+    """Where the cosine ends, as a fraction of the peak."""
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    precision: str = "bf16"
+    """Optimizer steps of the whole run (the schedule's length)."""
+    precision: Literal["bf16", "fp16", "fp32", "auto"] = "bf16"
     """bf16 (autocast), fp16 (autocast + gradient scaler), fp32, or auto: bf16 where the
     device computes it natively (CUDA with bf16; CPUs with AVX512-BF16/AMX), else fp16 on
     CUDA and fp32 on CPU (bf16 autocast on a CPU without it was 7x slower than fp32 here)."""
@@ -118,12 +131,14 @@ class TrainConfig:
     """Max global gradient norm; 0 disables clipping (the norm is still logged)."""
     accum_steps: int = 1
     """Micro-batches per step; features are cached so the negatives stay global."""
-    loss: str = "clip"
+    loss: Literal["clip", "siglip"] = "clip"
     """clip or siglip."""
     local_loss: bool = True
     """Memory-light loss form (local rows x gathered columns)."""
     seed: int = 0
+    """Seeds the initial weights, the data order and every augmentation."""
     log_every: int = 10
+    """Steps between metric lines (metrics.jsonl, TensorBoard, the log)."""
     eval_every: int = 0
     """Validation every N steps (0: only at the end when val_shards is set)."""
     eval_queries: list = field(default_factory=list)
@@ -134,22 +149,25 @@ class TrainConfig:
     vncorenlp_dir: str = ""
     """VnCoreNLP model folder, to segment `eval_queries` as VnCoreNLP shards were (default: $VNCORENLP_DIR)."""
     save_every: int = 500
+    """Steps between checkpoints (and one at the end, and on SIGTERM)."""
     keep_last: int = 3
+    """Checkpoints kept (older ones are deleted once a newer one is complete)."""
     max_nonfinite: int = 5
     """Stop after this many consecutive non-finite steps."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto (cuda if available), cpu or cuda."""
-    channels_last: str = "auto"
+    channels_last: Literal["auto", "true", "false"] = "auto"
     """Image tower and images in NHWC memory format, which cuDNN's bf16/fp16 convolutions
     use natively: auto (on CUDA with the DDP engine; +31% samples/s for phobert-large-rn50
     at batch 256 on an H200, bench/RESULTS.md), true or false."""
-    engine: str = "ddp"
+    engine: Literal["ddp", "deepspeed"] = "ddp"
     """ddp or deepspeed."""
     overwrite: bool = False
     """Start afresh in a run_dir that already holds checkpoints, deleting them (without
     it, and without --resume, such a run_dir is refused)."""
     deepspeed_config: Optional[str] = None
-    compile: str = "off"
+    """The DeepSpeed JSON (launch/deepspeed/) when train.engine=deepspeed."""
+    compile: Literal["off", "default", "max-autotune"] = "off"
     """torch.compile the image and text towers: off, default or max-autotune (the DDP
     engine only; not built for DeepSpeed runs). The text tower's
     sequence length varies with data.trim_padding: it is compiled once static, then
@@ -164,30 +182,26 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     run_dir: str = "runs/default"
+    """The run's folder: config.yaml, checkpoints/, metrics.jsonl, tensorboard/, model/."""
     resume: Optional[str] = None
     """'latest', a checkpoint folder, or none."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The architecture, its tokenizer and what trains."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Shards, batching, the stream and its images."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW and the learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop: steps, precision, engine, logging, evaluation, checkpoints."""
 
     def validate(self, world_size: int = 1) -> None:
+        """Refuse impossible combinations (choices of one field are checked as it is
+        set, against its `Literal` type, in `_set_value`)."""
         t, d = self.train, self.data
-        if t.precision not in ("bf16", "fp16", "fp32", "auto"):
-            raise ConfigError(f"train.precision={t.precision!r}: choose bf16, fp16, fp32 or auto")
-        if t.loss not in ("clip", "siglip"):
-            raise ConfigError(f"train.loss={t.loss!r}: choose clip or siglip")
-        if str(t.channels_last).lower() not in ("auto", "true", "false"):
-            raise ConfigError(f"train.channels_last={t.channels_last!r}: choose auto, true or false")
-        if t.engine not in ("ddp", "deepspeed"):
-            raise ConfigError(f"train.engine={t.engine!r}: choose ddp or deepspeed")
-        if t.compile not in ("off", "default", "max-autotune"):
-            raise ConfigError(f"train.compile={t.compile!r}: choose off, default or max-autotune")
+        _check_choices(self)
         if t.compile != "off" and t.engine == "deepspeed":
             raise ConfigError("train.compile works with train.engine=ddp only (not built for "
                               "DeepSpeed); set train.compile=off")
-        if d.resize_on not in ("worker", "device"):
-            raise ConfigError(f"data.resize_on={d.resize_on!r}: choose worker or device")
         for k in ("trim_padding", "length_buckets"):
             if getattr(d, k) < 0:
                 raise ConfigError(f"data.{k} must be >= 0, not {getattr(d, k)}")
@@ -209,8 +223,6 @@ class RunConfig:
             t.accum_steps = d.global_batch_size // per_step
         if not d.train_shards:
             raise ConfigError("data.train_shards is empty: pass data.train_shards=PATTERN")
-        if self.optim.schedule not in ("cosine", "constant"):
-            raise ConfigError(f"optim.schedule={self.optim.schedule!r}: choose cosine or constant")
         if self.optim.warmup_steps < 0:
             raise ConfigError("optim.warmup_steps must be >= 0")
         if d.workers < 0:
@@ -242,6 +254,29 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _choices(typ: Any) -> Optional[tuple]:
+    import typing
+
+    return typing.get_args(typ) if typing.get_origin(typ) is Literal else None
+
+
+def _choice_error(key: str, val: Any, choices: tuple) -> ConfigError:
+    return ConfigError(f"{key}={val!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
+
+
+def _check_choices(obj: Any, prefix: str = "") -> None:
+    """Every `Literal` field of the config tree holds one of its choices (fields set in
+    code rather than through `_set_value` are caught here)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            _check_choices(v, f"{prefix}{f.name}.")
+            continue
+        choices = _choices(_field_type(obj, f.name))
+        if choices and v not in choices:
+            raise _choice_error(prefix + f.name, v, choices)
 
 
 def _set(obj: Any, dotted: str, raw: str) -> None:
@@ -291,6 +326,14 @@ def _set_value(obj: Any, name: str, val: Any, key: str, raw: Any = None) -> None
             setattr(obj, name, None)
             return
         typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    choices = _choices(typ)
+    if choices:  # a Literal: one place checks every field's choices
+        if isinstance(val, bool):  # YAML reads true/false as booleans
+            val = str(val).lower()
+        if val not in choices:
+            raise _choice_error(key, shown, choices)
+        setattr(obj, name, val)
+        return
     if dataclasses.is_dataclass(cur):
         if not isinstance(val, dict):
             raise ConfigError(f"{key} is a section: set its fields ({key}.FIELD=VALUE), not {shown!r}")

@@ -6,6 +6,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 
@@ -20,6 +22,13 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def launcher_rank() -> Optional[int]:
+    """This process's rank under a launcher (torchrun, deepspeed, srun via torchrun), or
+    None when started alone: the launch layer reads the environment, the library is told."""
+    r = os.environ.get("RANK")
+    return int(r) if r is not None and r.strip().isdigit() else None
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
@@ -38,6 +47,11 @@ def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        import warnings
+
+        # the loss's autograd all_gather (torch.distributed.nn): the functional-collectives
+        # replacement its deprecation warning points to has no autograd on gloo yet
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
         backend = "nccl" if use_cuda else "gloo"
         timeout = datetime.timedelta(seconds=timeout_s)
         restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from train.config import ConfigError
-from train.engine import Engine
+from phoclip_train.config import ConfigError
+from phoclip_train.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -59,19 +59,16 @@ def resolve_ds_config(path: str, cfg, world_size: int) -> dict:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, model, param_groups, *, cfg, lr_fn, device, world_size) -> None:
+    def __init__(self, model, optimizer, scheduler, *, cfg, device, world_size) -> None:
         import deepspeed
 
         if not cfg.train.deepspeed_config:
             raise ConfigError("train.engine=deepspeed needs --deepspeed_config launch/deepspeed/NAME.json")
         self.ds_config = resolve_ds_config(cfg.train.deepspeed_config, cfg, world_size)
-        self.precision = cfg.train.precision
-        self.gas = cfg.train.accum_steps
+        self.accum_steps = cfg.train.accum_steps
         self.device = device
-        opt = torch.optim.AdamW(param_groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=opt, lr_scheduler=sched, config=self.ds_config,
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             model_parameters=None)
         self.model = self.ds.module
         self.wrapped = self.ds
@@ -94,10 +91,10 @@ class DeepSpeedEngine(Engine):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        # our accumulation recomputes the full loss per micro-batch: no 1/gas scaling
+        # our accumulation recomputes the full loss per micro-batch: no 1/accum scaling
         self.ds.backward(loss, scale_wrt_gas=False)
         self._micro += 1
-        if self._micro < self.gas:
+        if self._micro < self.accum_steps:
             self.ds.step()  # not a boundary: DeepSpeed only counts the micro-step
 
     def grad_norm(self):

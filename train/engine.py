@@ -5,28 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from train.checkpoint import atomic_torch_save
+from phoclip_train.checkpoint import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
 
-def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
-    """Linear warmup to 1, then cosine to `min_ratio` (or constant)."""
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-    return f
+def precision_dtype(precision: str) -> Optional[torch.dtype]:
+    """train.precision → the autocast dtype (None: fp32, no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 class Engine:
@@ -87,9 +79,8 @@ class Engine:
 class DDPEngine(Engine):
     """DistributedDataParallel (a no-op wrapper on one process), AMP and AdamW."""
 
-    def __init__(self, model: nn.Module, param_groups: list[dict], *, precision: str,
-                 grad_clip: float, betas, eps: float, lr_fn, device: torch.device,
-                 world_size: int, rank: int) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, *, precision: str,
+                 grad_clip: float, device: torch.device, world_size: int, rank: int) -> None:
         self.model = model.to(device)
         self.device, self.rank = device, rank
         if world_size > 1:
@@ -98,20 +89,17 @@ class DDPEngine(Engine):
             self.wrapped = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         else:
             self.wrapped = self.model
-        # fused: one kernel for all parameters (+2% samples/s at batch 256 on an H200,
-        # bench/RESULTS.md), and it takes the skip decision as a device tensor
-        # (`found_inf`), so a non-finite step is skipped without a host sync
-        self.optimizer = torch.optim.AdamW(param_groups, betas=tuple(betas), eps=eps, fused=True)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.precision, self.grad_clip = precision, grad_clip
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.handles_overflow = self.scaler.is_enabled()
-        self.skips_on_device = True
+        # a fused optimizer reads the skip decision from the device (found_inf)
+        self.skips_on_device = bool(optimizer.defaults.get("fused"))
 
     def autocast(self):
-        if self.precision == "fp32":
+        dtype = precision_dtype(self.precision)
+        if dtype is None:
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     def no_sync(self):
@@ -133,6 +121,9 @@ class DDPEngine(Engine):
             if not (isinstance(skip, bool) and skip):
                 self.scaler.step(self.optimizer)
             self.scaler.update()
+        elif isinstance(skip, torch.Tensor) and not self.skips_on_device:
+            if not bool(skip):  # an unfused optimizer cannot skip on the device: a host read
+                self.optimizer.step()
         elif isinstance(skip, torch.Tensor):
             self.optimizer.found_inf = skip.float().reshape(())  # read by the fused kernel
             self.optimizer.grad_scale = None

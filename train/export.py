@@ -1,4 +1,6 @@
-"""Load a trained model for inference from a model folder, a run folder or a checkpoint."""
+"""Rebuild a trained model from a training checkpoint (DDP state.pt or a DeepSpeed ZeRO
+checkpoint). Model and run folders are loaded by `phoclip.loading`, which calls this
+only for checkpoint folders."""
 from __future__ import annotations
 
 import logging
@@ -9,46 +11,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def load_for_inference(path: str, device: str = "cpu"):
-    """Returns (model, tokenizer name or folder). `path` may be a saved model folder
-    (config + safetensors), a run folder (its exported model, else its latest
-    checkpoint) or a checkpoint folder."""
-    from phoclip.model import CONFIG_NAME, load_model, model_tokenizer_path
-
-    p = Path(path)
-    if (p / CONFIG_NAME).is_file():
-        return load_model(p, device), model_tokenizer_path(p)
-    if (p / "model" / CONFIG_NAME).is_file():
-        return load_model(p / "model", device), model_tokenizer_path(p / "model")
-    ckpt = p
-    if (p / "checkpoints").is_dir():
-        from train.checkpoint import Checkpointer
-
-        ckpt = Checkpointer(p, 1, 0, 1).resolve("latest")  # the newest that verifies
-        if ckpt is None:
-            raise FileNotFoundError(f"run {p} has no exported model and no complete checkpoint")
-    if (ckpt / "meta.json").is_file():
-        return model_from_checkpoint(ckpt, device)
-    raise FileNotFoundError(f"{path}: not a model folder (phoclip_config.json + model.safetensors), "
-                            "run folder or checkpoint folder")
-
-
-def load_encoder(path: str, backend: str = "torch", device: str = "cpu"):
-    """(model, tokenizer) for search and serving: the PyTorch model (`load_for_inference`)
-    or, with backend="onnx", its ONNX export run by onnxruntime (a model folder, or a
-    run folder's exported model, exported with `export_model.py --format onnx`)."""
-    if backend != "onnx":
-        return load_for_inference(path, device)
-    from phoclip.model import CONFIG_NAME, model_tokenizer_path
-    from phoclip.onnx_backend import OnnxModel
-
-    p = Path(path)
-    folder = p if (p / CONFIG_NAME).is_file() else p / "model"
-    if not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{path}: --backend onnx needs a model folder (or a run folder with one)")
-    return OnnxModel(folder), model_tokenizer_path(folder)
-
-
 def model_from_checkpoint(ckpt: Path, device: str = "cpu"):
     """Rebuild the model from the config saved in a checkpoint and load its weights:
     a DDP `state.pt`, or a DeepSpeed ZeRO checkpoint (partitions gathered to fp32).
@@ -57,10 +19,10 @@ def model_from_checkpoint(ckpt: Path, device: str = "cpu"):
 
     from phoclip.model import get_model_config
     from phoclip.text import load_tokenizer
-    from train.config import RunConfig, apply_tree
-    from train.trainer import build_model
+    from phoclip_train.config import RunConfig, apply_tree
+    from phoclip_train.build import build_model
 
-    from train.checkpoint import verify_checkpoint
+    from phoclip_train.checkpoint import verify_checkpoint
 
     # before zero_to_fp32 or torch.load(weights_only=False) inside DeepSpeed touch it
     meta = verify_checkpoint(ckpt)
@@ -91,7 +53,7 @@ def model_from_checkpoint(ckpt: Path, device: str = "cpu"):
     if missing:
         # buffers (BatchNorm statistics) are not in ZeRO's fp32 partitions: take them
         # from the module state DeepSpeed saved beside them
-        from train.ds_engine import DS_TAG
+        from phoclip_train.ds_engine import DS_TAG
 
         mp = ckpt / DS_TAG / "mp_rank_00_model_states.pt"
         if mp.is_file():
@@ -108,6 +70,6 @@ def _zero_state_dict(ckpt: Path) -> dict:
     """Full fp32 weights gathered from a ZeRO (stage 1-3) checkpoint's partitions."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from train.ds_engine import DS_TAG
+    from phoclip_train.ds_engine import DS_TAG
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)

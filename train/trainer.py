@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import shutil
 import signal
 import time
@@ -14,20 +13,18 @@ from typing import Optional
 import numpy as np
 import torch
 
-import phoclip
-from phoclip.data import (ShardStream, StreamConfig, StreamLayout, StreamTracker, check_manifests,
-                          close_loader, count_samples, expand_urls, normalize_images, relayout,
-                          resize_on_device, train_loader)
-from phoclip.loss import create_loss
-from phoclip.model import get_model_config, trim_padding
+from phoclip.data import StreamLayout, StreamTracker, relayout
+from phoclip.model import trim_padding
 from phoclip.retrieval import evaluate_shards
-from phoclip.text import load_tokenizer, tokenizer_fingerprint
-from train.checkpoint import Checkpointer, rng_state, set_rng_state
-from train.lock import RunLock
-from train.config import ConfigError, RunConfig, save_config
-from train.distributed import DistInfo, all_reduce_max
-from train.engine import DDPEngine, Engine, lr_lambda
-from train.metrics import RunLogger
+from phoclip.transforms import normalize_images, resize_on_device
+from phoclip_train.build import (auto_precision, build_data, build_engine, build_loader, build_loss,
+                                 build_model, build_stream, close_loader, wants_channels_last)
+from phoclip_train.checkpoint import Checkpointer, rng_state, set_rng_state
+from phoclip_train.config import ConfigError, RunConfig, save_config
+from phoclip_train.distributed import DistInfo, all_reduce_max
+from phoclip_train.engine import precision_dtype
+from phoclip_train.lock import RunLock
+from phoclip_train.metrics import RunLogger
 
 logger = logging.getLogger(__name__)
 
@@ -41,33 +38,6 @@ class StoppedWaitingForData(RuntimeError):
 
 
 STUCK_WAIT_S = 5.0  # a data wait longer than this is not a step about to finish
-
-
-def build_model(cfg: RunConfig, tokenizer):
-    """The model of the config; an inline (untrained) text tower gets the tokenizer's vocab."""
-    arch = get_model_config(cfg.model.name)
-    overrides = dict(cfg.model.overrides)
-    if arch["text"].get("hf_model") is None and not overrides.get("text", {}).get("hf_model"):
-        text = dict(overrides.get("text", {}))
-        hc = dict(text.get("hf_config", {}))
-        hc.setdefault("vocab_size", len(tokenizer))
-        text["hf_config"] = hc
-        overrides["text"] = text
-    # the size the model sees in training is the size evaluation and search must use
-    overrides["vision"] = dict(overrides.get("vision", {}), image_size=cfg.data.image_size)
-    if cfg.train.loss == "siglip":
-        overrides.setdefault("logit_bias", {"init": -10.0})
-        overrides.setdefault("logit_scale", {"init": math.log(10.0)})
-    model = phoclip.create_model(cfg.model.name, **overrides)
-    if cfg.model.tokenizer:
-        model.config["text"]["tokenizer"] = cfg.model.tokenizer
-    if cfg.model.lock_image:
-        model.lock_image_tower()
-    if cfg.model.lock_text:
-        model.lock_text_tower(cfg.model.unlocked_text_layers)
-    if cfg.model.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    return model
 
 
 class Trainer:
@@ -108,79 +78,35 @@ class Trainer:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     def _build(self) -> None:
+        """The run's parts, built once (train/build.py); the rest of the class loops."""
         cfg, dist_info, t = self.cfg, self.dist, self.cfg.train
         if t.precision == "auto" and t.engine != "deepspeed":  # DeepSpeed: its JSON decides
             t.precision = auto_precision(dist_info.device)
             logger.info("train.precision=auto: %s on %s", t.precision, dist_info.device)
-
         # data first: bad shards are refused before any model is built
-        self.train_urls, weights = expand_urls(cfg.data.train_shards, cfg.data.train_weights)
-        self.val_urls = expand_urls(cfg.data.val_shards)[0] if cfg.data.val_shards else []
-        # named evaluation sets beside the validation shards, each logged on its own
-        self.eval_sets = {"val": self.val_urls} if self.val_urls else {}
-        for name, pattern in t.eval_sets.items():
-            self.eval_sets[f"val_{name}"] = expand_urls(str(pattern))[0]
-        if not cfg.data.resampled and len(self.train_urls) < dist_info.world_size * max(1, cfg.data.workers):
-            raise ConfigError(f"{len(self.train_urls)} train shards cannot feed {dist_info.world_size} "
-                              f"ranks x {max(1, cfg.data.workers)} workers without resampling; "
-                              "set data.resampled=true, lower data.workers, or make smaller shards")
-        arch = get_model_config(cfg.model.name)
-        tok_name = cfg.model.tokenizer or arch["text"].get("tokenizer")
-        if not tok_name:
-            raise ConfigError(f"model {cfg.model.name} names no tokenizer: set model.tokenizer=DIR")
-        self.tokenizer = load_tokenizer(tok_name)
-        self.manifest = check_manifests(self.train_urls + [u for us in self.eval_sets.values() for u in us],
-                                        tokenizer_fingerprint(self.tokenizer),
-                                        arch["text"].get("pad_id", 1),
-                                        _max_positions(arch), tok_name)
-        self.dataset_size = count_samples(self.train_urls)
+        self.data = build_data(cfg, dist_info)
+        self.tokenizer, self.manifest = self.data.tokenizer, self.data.manifest
+        self.train_urls, self.eval_sets = self.data.train_urls, self.data.eval_sets
         # the retrieval grids segment their queries as the shards were: refuse now, not
         # silently at the first validation, when that segmenter cannot be built
-        self._query_proc = self._build_query_processor() if t.eval_queries and self.val_urls else None
+        self._query_proc = self._build_query_processor() if t.eval_queries and self.data.val_urls else None
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        model = build_model(cfg, self.tokenizer)
-        record_text_processing(model, self.manifest)
-        groups = model.param_groups(cfg.optim.lr_image, cfg.optim.lr_text, cfg.optim.lr_head,
-                                    cfg.optim.weight_decay)
-        lr_fn = lr_lambda(cfg.optim.warmup_steps, t.max_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio)
-        cl = str(t.channels_last).lower()
-        self.channels_last = cl == "true" or (cl == "auto" and dist_info.device.type == "cuda"
-                                              and t.engine == "ddp")
-        if self.channels_last:  # before DDP wraps it, so its buckets match the strides
-            model.visual.to(memory_format=torch.channels_last)
-        if t.compile != "off":
-            compile_towers(model, t.compile)
-        self.engine = self._build_engine(model, groups, lr_fn)
+        model = build_model(cfg, self.tokenizer, self.manifest)
+        self.channels_last = wants_channels_last(cfg, dist_info.device)
+        self.engine = build_engine(cfg, dist_info, model)
         self.model = self.engine.model
-        self.loss_fn = create_loss(t.loss, dist_info.rank, dist_info.world_size, t.local_loss)
-
-        self.stream = ShardStream(StreamConfig(
-            self.train_urls, weights, cfg.data.batch_size, cfg.data.image_size, t.seed,
-            dist_info.rank, dist_info.world_size, cfg.data.resampled, cfg.data.shuffle_buffer, True,
-            ids_width=int(self.manifest["tokenizer"]["max_length"]), vocab_size=len(self.tokenizer),
-            length_buckets=cfg.data.length_buckets, pad_id=self.model.pad_id, resize_on=cfg.data.resize_on))
+        self.loss_fn = build_loss(cfg, dist_info)
+        self.stream = build_stream(cfg, dist_info, self.data, self.model.pad_id)
         self.tracker = StreamTracker()
         self.workers = max(1, cfg.data.workers)  # logical streams per rank
         self.ckpt = Checkpointer(self.run_dir, t.keep_last, dist_info.rank, dist_info.world_size)
         if dist_info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, str(self.run_dir / "config.yaml"))
-        self.log = RunLogger(self.run_dir, dist_info.is_main)
+        self.metrics = RunLogger(self.run_dir, dist_info.is_main)
         torch.manual_seed(t.seed + 1000 * dist_info.rank)  # dropout differs per rank
         self._resume()
-
-    def _build_engine(self, model, groups, lr_fn) -> Engine:
-        t = self.cfg.train
-        if t.engine == "deepspeed":
-            from train.ds_engine import DeepSpeedEngine
-
-            return DeepSpeedEngine(model, groups, cfg=self.cfg, lr_fn=lr_fn, device=self.dist.device,
-                                   world_size=self.dist.world_size)
-        return DDPEngine(model, groups, precision=t.precision, grad_clip=t.grad_clip,
-                         betas=self.cfg.optim.betas, eps=self.cfg.optim.eps, lr_fn=lr_fn,
-                         device=self.dist.device, world_size=self.dist.world_size,
-                         rank=self.dist.rank)
 
     # ------------------------------------------------------------------ resume / save
     def _resume(self) -> None:
@@ -262,7 +188,7 @@ class Trainer:
     def train(self) -> dict:
         t = self.cfg.train
         prev = signal.signal(signal.SIGTERM, self._on_sigterm)
-        loader = train_loader(self.stream, self.cfg.data.workers, pin_memory=self.dist.device.type == "cuda")
+        loader = build_loader(self.stream, self.cfg.data.workers, pin_memory=self.dist.device.type == "cuda")
         it = iter(loader)
         last: dict = {}
         t_log, n_log, wait = time.time(), 0, 0.0
@@ -283,11 +209,11 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.max_steps:
                     dt = time.time() - t_log
                     metrics.update(samples_per_s=n_log / max(dt, 1e-9), data_wait_s=wait,
-                                   epoch=self.samples_seen / max(1, self.dataset_size),
+                                   epoch=self.samples_seen / max(1, self.data.dataset_size),
                                    skipped_samples=sum(self.tracker.total_skipped().values()),
                                    skipped=self.tracker.total_skipped(),
                                    nonfinite_steps=self.nonfinite_total)
-                    self.log.log(self.step, metrics)
+                    self.metrics.log(self.step, metrics)
                     self.lock.refresh()
                     logger.info("step %d loss %.4f lr %.2e scale %.2f %.1f samples/s",
                                 self.step, metrics["loss"], metrics["lr"], metrics["logit_scale"],
@@ -327,7 +253,7 @@ class Trainer:
                 or step % t.save_every == 0 or step >= t.max_steps
                 or bool(t.eval_every and step % t.eval_every == 0))
 
-    def _to(self, batches):
+    def device_inputs(self, batches: list[dict]) -> list[tuple]:
         """Batches → device inputs; uint8 pixels (the stream's) are normalised there,
         float images are taken as already normalised; the ids are trimmed to the
         batch's longest caption on the CPU, before the copy (data.trim_padding)."""
@@ -347,12 +273,6 @@ class Trainer:
             out.append((img, ids.to(dev, non_blocking=True)))
         return out
 
-    def _loss(self, out: dict, img=None, txt=None) -> dict:
-        args = [out["image_features"] if img is None else img,
-                out["text_features"] if txt is None else txt, out["logit_scale"]]
-        if self.cfg.train.loss == "siglip":
-            args.append(out["logit_bias"])
-        return self.loss_fn(*args)
 
     def train_step(self, batches: list[dict], sync: bool = True) -> dict:
         """One optimizer step over `accum_steps` micro-batches. With `sync` the host reads
@@ -371,11 +291,11 @@ class Trainer:
         loss, its named parts and the temperature exp(t) the forward used."""
         self.model.train()
         eng = self.engine
-        data = self._to(batches)
+        data = self.device_inputs(batches)
         if len(data) == 1:
             with eng.autocast():
                 out = eng.wrapped(*data[0])
-                losses = self._loss(out)
+                losses = self.loss_fn(**out)
                 total = sum(losses.values())
             eng.backward(total)
         else:
@@ -394,7 +314,7 @@ class Trainer:
                         out = dict(out, logit_scale=out["logit_scale"].detach())
                         if "logit_bias" in out:
                             out["logit_bias"] = out["logit_bias"].detach()
-                    losses = self._loss(out, img, txt)
+                    losses = self.loss_fn(**dict(out, image_features=img, text_features=txt))
                     total = sum(losses.values())
                 eng.backward(total)
         return total, losses, out["logit_scale"].detach()
@@ -463,7 +383,7 @@ class Trainer:
         out = {}
         for name, urls in self.eval_sets.items():
             res, img, keys, metas = self._evaluate_set(urls)
-            self.log.log(self.step, res, prefix=name)
+            self.metrics.log(self.step, res, prefix=name)
             if name == "val":
                 self._last_val = res
                 if self._query_proc is not None:
@@ -477,8 +397,7 @@ class Trainer:
         return out
 
     def _evaluate_set(self, urls: list):
-        dtype = None if self.cfg.train.precision == "fp32" else (
-            torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float16)
+        dtype = precision_dtype(self.cfg.train.precision)
         return evaluate_shards(
             self.model, urls, self.cfg.data.image_size, self.dist.device, self.dist.rank,
             self.dist.world_size, self.cfg.data.batch_size, dtype, return_embeddings=True,
@@ -501,7 +420,7 @@ class Trainer:
             for j in idx:
                 im = load_item_image({"shard": metas[j].get("_url", ""), "key": keys[j]}).resize((96, 96))
                 tiles.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-            self.log.images(self.step, f"val_retrieval/{i}", torch.stack(tiles), query)
+            self.metrics.images(self.step, f"val_retrieval/{i}", torch.stack(tiles), query)
 
     def _build_query_processor(self):
         from phoclip.text import TextProcessor, create_segmenter
@@ -526,34 +445,9 @@ class Trainer:
                                               evaluation=self._last_val)
 
     def close(self) -> None:
-        if hasattr(self, "log"):
-            self.log.close()
+        if hasattr(self, "metrics"):
+            self.metrics.close()
         self.lock.release()
-
-
-def compile_towers(model, mode: str) -> None:
-    """torch.compile the image and text towers in place (`nn.Module.compile`: the
-    state-dict keys, and so checkpoints and exports, stay those of the eager model)."""
-    kw = {} if mode == "default" else {"mode": mode}
-    model.visual.compile(**kw)
-    model.text.compile(**kw)
-    logger.info("train.compile=%s: the towers compile at their first forward (and once more "
-                "with a dynamic caption length at the first other length)", mode)
-
-
-def compile_stats() -> dict:
-    """How many graphs torch.compile built so far, and how many recompiles it made."""
-    from torch._dynamo.utils import counters
-
-    return {"graphs": int(counters["stats"]["unique_graphs"]),
-            "recompiles": int(sum(v for k, v in counters["recompiles"].items()))}
-
-
-def auto_precision(device: torch.device) -> str:
-    """bf16 where the device computes it natively, else fp16 (CUDA) or fp32 (CPU)."""
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def manifest_summary(manifest: dict) -> dict:
@@ -561,15 +455,3 @@ def manifest_summary(manifest: dict) -> dict:
     return {k: manifest.get(k) for k in ("counts", "captions", "sources", "tokenizer", "segmenter")}
 
 
-def record_text_processing(model, manifest: dict) -> None:
-    """Write into the model's config how its captions were made (segmenter name and
-    version, max length), so every exported folder tells search how to prepare queries."""
-    seg = manifest.get("segmenter", {})
-    model.config["text"]["segmenter"] = seg.get("name")
-    model.config["text"]["segmenter_version"] = seg.get("version")
-    model.config["text"]["max_length"] = int(manifest["tokenizer"]["max_length"])
-
-
-def _max_positions(arch: dict) -> int:
-    hc = arch["text"].get("hf_config") or {}
-    return int(hc.get("max_position_embeddings", 258)) - 2
