@@ -43,7 +43,7 @@ def main() -> None:
         bs, n = 64, args.samples
 
         def ours(resize_on="worker", keep=None):
-            s = ShardStream(StreamConfig(urls, [1.0] * len(urls), bs, args.size, 0, 0, 1, False, 256, True,
+            s = ShardStream(StreamConfig(urls, [1.0] * len(urls), bs, args.size, 0, 0, 1, False, 256,
                                          resize_on=resize_on))
             it = iter(s)
             for _ in range(n // bs):

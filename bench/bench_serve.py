@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=24)
     args = p.parse_args(argv)
     import phoclip
-    from phoclip.search import write_index
+    from phoclip.index import write_index
     from phoclip.text import UndertheseaSegmenter, build_phobert_tokenizer, load_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="phoclip-serve-bench-"))

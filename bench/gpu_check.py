@@ -122,7 +122,7 @@ def loader(work: Path, size: int, worker_counts: list[int]) -> dict:
     from phoclip_train.build import build_loader as train_loader
 
     urls, bs = _urls(work, "train"), 64
-    cfg = lambda: StreamConfig(urls, [1.0] * len(urls), bs, size, 0, 0, 1, True, 256, True)
+    cfg = lambda: StreamConfig(urls, [1.0] * len(urls), bs, size, 0, 0, 1, True, 256)
     torch.set_num_threads(1)
     it = iter(ShardStream(cfg()))
     next(it)

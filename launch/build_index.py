@@ -22,10 +22,11 @@ from phoclip.errors import EXPECTED_ERRORS, one_line
 from phoclip.images import MAX_FILE_BYTES, BadImage, read_image_file
 from phoclip.log import init_logger
 from phoclip.retrieval import embed_samples, gather_counts, gather_embeddings
-from phoclip.search import load_item_image, write_embedding_map, write_index
+from phoclip.gallery import load_item_image, write_embedding_map
+from phoclip.index import write_index
 from phoclip.text import load_tokenizer, tokenizer_fingerprint
 from phoclip_train.distributed import cleanup, init_distributed, launcher_rank
-from phoclip.loading import load_for_inference
+from phoclip_train.export import load_for_inference
 
 logger = logging.getLogger("build_index")
 
@@ -126,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              f"skipped {_summary(skipped)}")
         if info.is_main:
             items = [{"key": k, "path": (m.get("path") or [""])[0],
-                      "source": (m.get("source") or ["folder"])[0], "shard": m.get("_url", ""),
+                      "source": (m.get("source") or ["folder"])[0], "shard": m.get("__shard_url__", ""),
                       "caption": (m.get("captions") or [""])[0]} for k, m in zip(keys, metas)]
             cap_items = None
             if args.shards:

@@ -26,7 +26,7 @@ from phoclip.log import init_logger
 from phoclip.retrieval import chance_recall, evaluate_shards
 from phoclip.text import load_tokenizer, tokenizer_fingerprint
 from phoclip_train.distributed import cleanup, init_distributed, launcher_rank
-from phoclip.loading import load_for_inference
+from phoclip_train.export import load_for_inference
 
 
 def format_table(res: dict) -> str:

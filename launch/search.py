@@ -15,10 +15,11 @@ from typing import Optional, Sequence
 from phoclip.errors import EXPECTED_ERRORS, one_line
 from phoclip.images import BadImage, read_image_file
 from phoclip.log import init_logger
-from phoclip.search import (DEFAULT_TEMPLATES, EmbeddingIndex, find_captions, find_matches,
-                            query_processor, write_gallery, zero_shot_accuracy, zero_shot_tags)
+from phoclip.gallery import write_gallery
+from phoclip.index import EmbeddingIndex
+from phoclip.search import (DEFAULT_TEMPLATES, find_captions, find_matches, query_processor, zero_shot_accuracy, zero_shot_tags)
 from phoclip.text import strip_controls
-from phoclip.loading import load_encoder
+from phoclip_train.export import load_encoder
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -31,8 +31,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from phoclip.errors import EXPECTED_ERRORS, one_line
 from phoclip.images import BadImage, decode_rgb
 from phoclip.log import init_logger
-from phoclip.search import (DEFAULT_TEMPLATES, EmbeddingIndex, embed_images, embed_texts, load_item_image,
-                            query_processor, tag_embeddings)
+from phoclip.gallery import load_item_image
+from phoclip.index import EmbeddingIndex
+from phoclip.search import DEFAULT_TEMPLATES, embed_images, embed_texts, query_processor, tag_embeddings
 from phoclip.text import strip_controls
 
 logger = logging.getLogger("serve")
@@ -49,7 +50,7 @@ class Service:
 
     def __init__(self, index_dir: str, model: Optional[str] = None, backend: str = "torch",
                  device: str = "auto", vncorenlp_dir: Optional[str] = None) -> None:
-        from phoclip.loading import load_encoder
+        from phoclip_train.export import load_encoder
 
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    "cpu" if device == "auto" else device)

@@ -89,7 +89,6 @@ class StreamConfig:
     world_size: int = 1
     resampled: bool = True
     shuffle_buffer: int = 1000
-    train: bool = True
     layout: StreamLayout = field(default_factory=StreamLayout)
     ids_width: Optional[int] = None
     """The manifest's max length: id rows of another width are skipped."""
@@ -170,7 +169,7 @@ class ShardStream(IterableDataset):
         # by caption length. A checkpoint inside a block resumes at the block's start
         # (re-decoding it) and drops the block's batches already consumed
         k = max(1, c.length_buckets)
-        on_device = c.resize_on == "device" and c.train
+        on_device = c.resize_on == "device"
         block_start, skip_batches = start, self.block_done.get(logical, 0)
         restore_skips = Counter(skips) if skip_batches else None
         images, ids, keys, boxes = [], [], [], []
@@ -194,7 +193,7 @@ class ShardStream(IterableDataset):
                 images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
                 boxes.append(box)
             else:
-                images.append(image_to_tensor(img, c.image_size, c.train, rng, normalize=False))
+                images.append(image_to_tensor(img, c.image_size, True, rng, normalize=False))
             ids.append(torch.from_numpy(all_ids[rng.randrange(all_ids.shape[0])].copy()))
             keys.append(sample.get("__key__", ""))
             if len(images) < c.batch_size * k:

@@ -110,7 +110,7 @@ def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_si
         for i, b in enumerate(buf):
             t2i.extend([base + i] * b["ids"].shape[0])
             keys.append(b["key"])
-            metas.append(dict(b.get("meta", {}), _url=b.get("url", "")))
+            metas.append(dict(b.get("meta", {}), **{"__shard_url__": b.get("url", "")}))  # webdataset-style: not a caption field
     d = model.config["embed_dim"]
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, d)
     return cat(img_f), cat(txt_f), torch.tensor(t2i, dtype=torch.long), keys, metas
@@ -123,16 +123,16 @@ def gather_embeddings(img: torch.Tensor, txt: torch.Tensor, t2i: torch.Tensor, k
         return img, txt, t2i, keys, metas
     parts: list = [None] * world_size
     dist.all_gather_object(parts, (img.numpy(), txt.numpy(), t2i.numpy(), keys, metas))
-    I, T, M, K, Me = [], [], [], [], []
+    all_img, all_txt, all_t2i, all_keys, all_metas = [], [], [], [], []
     offset = 0
-    for pi, pt, pm, pk, pme in parts:
-        I.append(torch.from_numpy(pi))
-        T.append(torch.from_numpy(pt))
-        M.append(torch.from_numpy(pm) + offset)
-        K.extend(pk)
-        Me.extend(pme)
-        offset += pi.shape[0]
-    return torch.cat(I), torch.cat(T), torch.cat(M), K, Me
+    for r_img, r_txt, r_t2i, r_keys, r_metas in parts:
+        all_img.append(torch.from_numpy(r_img))
+        all_txt.append(torch.from_numpy(r_txt))
+        all_t2i.append(torch.from_numpy(r_t2i) + offset)  # image indices: global
+        all_keys.extend(r_keys)
+        all_metas.extend(r_metas)
+        offset += r_img.shape[0]
+    return torch.cat(all_img), torch.cat(all_txt), torch.cat(all_t2i), all_keys, all_metas
 
 
 def gather_counts(counts: Counter, world_size: int) -> Counter:

@@ -16,7 +16,7 @@ def _urls(shards, n):
 
 
 def _stream(urls, rank=0, world=1, resampled=True, seed=0, bs=4):
-    return ShardStream(StreamConfig(urls, [1.0] * len(urls), bs, 32, seed, rank, world, resampled, 8, True))
+    return ShardStream(StreamConfig(urls, [1.0] * len(urls), bs, 32, seed, rank, world, resampled, 8))
 
 
 def test_non_resampled_ranks_and_workers_read_distinct_shards(shapes_shards):
@@ -187,7 +187,7 @@ def test_another_rank_count_continues_the_epoch(shapes_shards, old_world, new_wo
     # the new streams really serve those shards (decoded, batched), and nothing consumed
     new_keys = []
     for r in range(new_world):
-        s = ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, r, new_world, False, 8, True, lay))
+        s = ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, r, new_world, False, 8, layout=lay))
         for b in itertools.islice(iter(s), 2):
             new_keys += b["keys"]
     assert new_keys and not set(new_keys) & set(consumed)
@@ -205,5 +205,5 @@ def test_another_rank_count_in_resampled_mode_draws_afresh(shapes_shards):
     urls = _urls(shards, n)
     lay = relayout(urls, 0, True, StreamLayout(), 2, 1, {}, salt=9)
     first = next(iter(_stream(urls)))["keys"]
-    s = ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, 0, 1, True, 8, True, lay))
+    s = ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, 0, 1, True, 8, layout=lay))
     assert next(iter(s))["keys"] != first  # not a replay of the run's first samples

@@ -155,7 +155,7 @@ def test_bad_token_ids_and_metadata_are_skipped_and_counted_by_reason(shapes_sha
     from phoclip.text import load_tokenizer
 
     vocab = len(load_tokenizer(str(tok)))
-    s = ShardStream(StreamConfig(urls, [1.0], 3, 32, 0, 0, 1, False, 0, True, ids_width=width, vocab_size=vocab))
+    s = ShardStream(StreamConfig(urls, [1.0], 3, 32, 0, 0, 1, False, 0, ids_width=width, vocab_size=vocab))
     it = iter(s)
     batches = [next(it) for _ in range(3)]  # 9 usable per pass: 8 good + the nested-json one
     keys = [k for b in batches for k in b["keys"]]
@@ -387,7 +387,7 @@ def test_build_index_from_shards_checks_the_manifest_against_the_model(tiny_run,
 
 
 def test_an_index_whose_files_disagree_is_refused_and_written_whole(tiny_run, shapes_shards, tmp_path):
-    from phoclip.search import EmbeddingIndex
+    from phoclip.index import EmbeddingIndex
 
     idx = tmp_path / "idx"
     r = _cli("build_index", "--model", tiny_run, "--shards", shapes_shards[0] / "val-000000.tar", "--out", idx)
@@ -418,7 +418,7 @@ def test_an_index_whose_files_disagree_is_refused_and_written_whole(tiny_run, sh
 
 def test_search_never_prints_terminal_control_characters(tiny_run, tmp_path):
     from phoclip.model import load_model
-    from phoclip.search import write_index
+    from phoclip.index import write_index
 
     model = load_model(tiny_run / "model")
     idx = tmp_path / "idx"

@@ -229,7 +229,7 @@ def _stream(shards, n, **kw):
     from phoclip.shards import expand_urls
 
     urls = expand_urls(f"{shards}/train-{{000000..{n - 1:06d}}}.tar")[0]
-    return ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, 0, 1, False, 8, True, **kw))
+    return ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, 0, 1, False, 8, **kw))
 
 
 def test_length_buckets_group_similar_captions_and_resume_exactly(shapes_shards):

@@ -167,7 +167,7 @@ def build_stream(cfg: RunConfig, dist: DistInfo, data: RunData, pad_id: int) -> 
     d = cfg.data
     return ShardStream(StreamConfig(
         data.train_urls, data.train_weights, d.batch_size, d.image_size, cfg.train.seed,
-        dist.rank, dist.world_size, d.resampled, d.shuffle_buffer, True,
+        dist.rank, dist.world_size, d.resampled, d.shuffle_buffer,
         ids_width=int(data.manifest["tokenizer"]["max_length"]), vocab_size=len(data.tokenizer),
         length_buckets=d.length_buckets, pad_id=pad_id, resize_on=d.resize_on))
 

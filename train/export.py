@@ -11,6 +11,36 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def load_for_inference(path: str, device: str = "cpu"):
+    """(model, tokenizer name or folder) from a model folder, a run folder (its exported
+    model, else its newest checkpoint that verifies) or a checkpoint folder: what the
+    entry points (evaluate, build_index, search, serve) accept."""
+    from phoclip.loading import NotAModelFolder, load_model_folder
+
+    try:
+        return load_model_folder(path, device)
+    except NotAModelFolder:
+        pass
+    p = ckpt = Path(path)
+    if (p / "checkpoints").is_dir():
+        from phoclip_train.checkpoint import Checkpointer
+
+        ckpt = Checkpointer(p, 1, 0, 1).resolve("latest")  # the newest that verifies
+        if ckpt is None:
+            raise FileNotFoundError(f"run {p} has no exported model and no complete checkpoint")
+    if (ckpt / "meta.json").is_file():
+        return model_from_checkpoint(ckpt, device)
+    raise FileNotFoundError(f"{path}: not a model folder (phoclip_config.json + model.safetensors), "
+                            "run folder or checkpoint folder")
+
+
+def load_encoder(path: str, backend: str = "torch", device: str = "cpu"):
+    """`phoclip.loading.load_encoder`, with checkpoints accepted for the torch backend."""
+    from phoclip.loading import load_encoder as library_load_encoder
+
+    return library_load_encoder(path, backend, device, loader=load_for_inference)
+
+
 def model_from_checkpoint(ckpt: Path, device: str = "cpu"):
     """Rebuild the model from the config saved in a checkpoint and load its weights:
     a DDP `state.pt`, or a DeepSpeed ZeRO checkpoint (partitions gathered to fp32).

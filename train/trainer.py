@@ -407,7 +407,8 @@ class Trainer:
     def _log_retrieval_grids(self, img: torch.Tensor, keys: list, metas: list, k: int = 5) -> None:
         """Top-k validation images of each configured query, as TensorBoard images:
         where a person would rather look than read."""
-        from phoclip.search import embed_texts, load_item_image
+        from phoclip.gallery import load_item_image
+        from phoclip.search import embed_texts
 
         # every rank embeds the queries (under ZeRO-3 a forward is a collective); rank 0 logs
         q = embed_texts(self.model, self._query_proc, self.cfg.train.eval_queries,
@@ -418,7 +419,7 @@ class Trainer:
         for i, (query, idx) in enumerate(zip(self.cfg.train.eval_queries, top.tolist())):
             tiles = []
             for j in idx:
-                im = load_item_image({"shard": metas[j].get("_url", ""), "key": keys[j]}).resize((96, 96))
+                im = load_item_image({"shard": metas[j].get("__shard_url__", ""), "key": keys[j]}).resize((96, 96))
                 tiles.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
             self.metrics.images(self.step, f"val_retrieval/{i}", torch.stack(tiles), query)
 

@@ -1,0 +1,92 @@
+"""Pictures of search results: the image behind an index item, a self-contained HTML
+gallery, and a 2-D map of embeddings."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import os
+import tarfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from phoclip.index import Match
+
+logger = logging.getLogger(__name__)
+
+
+def load_item_image(item: dict):
+    """The picture behind an index item: a file path or a member of a shard."""
+    import stat
+
+    from phoclip.images import BadImage, decode_rgb, read_image_file
+
+    if item.get("shard"):
+        # only a regular file is opened: an index naming a FIFO must not hang the
+        # service's thumbnail route
+        if not stat.S_ISREG(os.stat(item["shard"]).st_mode):
+            raise BadImage("not_a_file", f"{item['shard']} is not a regular file")
+        with tarfile.open(item["shard"]) as tf:
+            data = tf.extractfile(tf.getmember(item["key"] + ".jpg")).read()
+        return decode_rgb(data)
+    return read_image_file(item["path"])
+
+
+def _thumb_b64(item: dict, size: int = 160) -> str:
+    try:
+        im = load_item_image(item)
+    except Exception as e:  # a moved or deleted file must not break the gallery
+        logger.warning("no thumbnail for %s: %s", item, e)
+        return ""
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_gallery(path: str | os.PathLike, queries: Sequence[str], results: list[list[Match]]) -> Path:
+    """A self-contained HTML page: thumbnails inlined as data URIs, with scores."""
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>PhoCLIP search</title>",
+             "<style>body{font-family:sans-serif}figure{display:inline-block;margin:4px;"
+             "text-align:center;font-size:12px}img{display:block;max-width:160px}</style></head><body>"]
+    for q, res in zip(queries, results):
+        parts.append(f"<h2>{html.escape(q)}</h2><div>")
+        for m in res:
+            b64 = _thumb_b64(m.item)
+            label = html.escape(m.item.get("caption") or m.item.get("key") or m.item.get("path", ""))
+            src = html.escape(m.item.get("path") or m.item.get("key", ""))
+            parts.append(f"<figure data-src='{src}'><img src='data:image/jpeg;base64,{b64}' "
+                         f"alt='{label}'><figcaption>#{m.rank} {m.score:.3f}<br>{label}</figcaption></figure>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    out = Path(path)
+    out.write_text("".join(parts), encoding="utf-8")
+    return out
+
+
+def write_embedding_map(path: str | os.PathLike, emb: torch.Tensor, labels: Sequence[str],
+                        title: str = "PhoCLIP image embeddings", seed: int = 0) -> Path:
+    """A 2-D t-SNE map of the embeddings as a PNG, coloured by label (e.g. the source)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    x = emb.float().numpy()
+    perplexity = max(2.0, min(30.0, (len(x) - 1) / 3))
+    xy = TSNE(2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(x)
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
+    for lab in sorted(set(labels)):
+        m = np.array([l == lab for l in labels])
+        ax.scatter(xy[m, 0], xy[m, 1], s=8, label=lab)
+    ax.set_title(title)
+    ax.legend(markerscale=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

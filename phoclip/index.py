@@ -1,0 +1,183 @@
+"""The embedding index: a folder of fp16 embeddings (`images.npy`, `captions.npy`), one
+JSON line per item (`images.jsonl`, `captions.jsonl`) and `index.json` with the model's
+fingerprint: searching with another model is refused, since its embeddings would live
+in another space. Exact top-k (chunked matmul) or FAISS."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+INDEX_META = "index.json"
+
+
+@dataclass
+class Match:
+    rank: int
+    score: float
+    id: int
+    item: dict
+
+
+class EmbeddingIndex:
+    """Exact (default) or FAISS search over L2-normalised embeddings."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        meta_f = self.folder / INDEX_META
+        if not meta_f.is_file():
+            raise FileNotFoundError(f"{folder} is not an index (no {INDEX_META}); build one with "
+                                    "launch/build_index.py")
+        try:
+            self.meta = json.loads(meta_f.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise ValueError(f"{meta_f}: unreadable ({type(e).__name__}: {e})") from None
+        m = self.meta
+        if (not isinstance(m, dict) or not isinstance(m.get("model_fingerprint"), str)
+                or not isinstance(m.get("model"), str) or not isinstance(m.get("dim"), int)
+                or not isinstance(m.get("count"), dict)):
+            raise ValueError(f"{meta_f}: not an index description (model_fingerprint, model, dim, count)")
+        self._emb: dict[str, torch.Tensor] = {}
+        self._items: dict[str, list[dict]] = {}
+        self._faiss: dict = {}
+
+    @property
+    def fingerprint(self) -> str:
+        return self.meta["model_fingerprint"]
+
+    def embeddings(self, kind: str) -> torch.Tensor:
+        if kind not in self._emb:
+            f = self.folder / f"{kind}.npy"
+            if not f.is_file():
+                raise FileNotFoundError(f"index {self.folder} has no {kind} (built from "
+                                        f"{self.meta.get('source')}); rebuild it from shards "
+                                        "to search captions")
+            try:
+                # memory-mapped first: a header claiming more rows than the file holds is
+                # refused here, not allocated
+                a = np.load(f, allow_pickle=False, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{f}: not a readable embedding array ({e})") from None
+            want = self.meta["count"].get(kind)
+            if a.ndim != 2 or a.shape[1] != self.meta["dim"] or a.shape[0] != want or a.dtype.kind != "f":
+                raise ValueError(f"{f}: shape {a.shape} {a.dtype}, but {INDEX_META} says "
+                                 f"{want} x {self.meta['dim']} floats")
+            if len(self.items(kind)) != a.shape[0]:
+                raise ValueError(f"{self.folder / (kind + '.jsonl')}: {len(self.items(kind))} lines for "
+                                 f"{a.shape[0]} embeddings; the index is damaged: rebuild it")
+            # fp16 on disk; fp32 in memory on CPU, where fp16 matmuls are slow
+            self._emb[kind] = torch.from_numpy(np.array(a, dtype=np.float32))
+        return self._emb[kind]
+
+    def items(self, kind: str) -> list[dict]:
+        if kind not in self._items:
+            f = self.folder / f"{kind}.jsonl"
+            out = []
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    for i, line in enumerate(fh, 1):
+                        it = json.loads(line)
+                        if not isinstance(it, dict):
+                            raise ValueError("not an object")
+                        out.append(it)
+            except (OSError, ValueError, RecursionError) as e:
+                raise ValueError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
+            self._items[kind] = out
+        return self._items[kind]
+
+    def check_model(self, model) -> None:
+        from phoclip.model import model_fingerprint
+
+        fp = getattr(model, "fingerprint", None) or model_fingerprint(model)  # ONNX: recorded at export
+        if fp != self.fingerprint:
+            raise ValueError(f"index {self.folder} was built with model {self.fingerprint} "
+                             f"({self.meta.get('model')}), not {fp}: rebuild the index or search "
+                             "with the model that built it")
+
+    def search(self, queries: torch.Tensor, k: int = 25, kind: str = "images",
+               backend: str = "exact", chunk: int = 262144) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k scores and ids for each query row; exact by default."""
+        emb = self.embeddings(kind)
+        q = queries.float()
+        k = min(k, emb.shape[0])
+        if backend == "faiss":
+            return self._search_faiss(q, k, kind)
+        return exact_topk(q, emb, k, chunk)
+
+    def _search_faiss(self, q, k, kind):
+        import faiss
+
+        if kind not in self._faiss:
+            emb = self.embeddings(kind).numpy()
+            ix = faiss.IndexFlatIP(emb.shape[1])
+            ix.add(emb)
+            self._faiss[kind] = ix
+        s, i = self._faiss[kind].search(np.ascontiguousarray(q.numpy()), k)
+        return torch.from_numpy(s), torch.from_numpy(i)
+
+
+def exact_topk(q: torch.Tensor, emb: torch.Tensor, k: int, chunk: int = 262144):
+    """Top-k of q @ emb.T, in chunks of the gallery so memory stays bounded."""
+    if emb.shape[0] <= chunk:
+        return (q @ emb.T).topk(k, dim=1)
+    best_s, best_i = None, None
+    for s in range(0, emb.shape[0], chunk):
+        sc, ix = (q @ emb[s:s + chunk].T).topk(min(k, emb.shape[0] - s), dim=1)
+        ix += s
+        if best_s is None:
+            best_s, best_i = sc, ix
+        else:
+            cs, ci = torch.cat([best_s, sc], 1), torch.cat([best_i, ix], 1)
+            best_s, o = cs.topk(k, dim=1)
+            best_i = ci.gather(1, o)
+    return best_s, best_i
+
+
+def write_index(folder: str | os.PathLike, model, model_name: str, images: Optional[torch.Tensor],
+                image_items: list[dict], captions: Optional[torch.Tensor] = None,
+                caption_items: Optional[list[dict]] = None, source: str = "") -> Path:
+    """Write an index folder (fp16 embeddings + items + fingerprint), whole or not at all:
+    into a temporary folder beside it, fsynced, then renamed over the old index."""
+    import shutil
+
+    from phoclip.fileio import atomic_write_bytes, atomic_write_json, fsync_dir
+    from phoclip.model import model_fingerprint
+
+    out = Path(folder)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / INDEX_META).is_file())):
+        raise ValueError(f"{out} exists and is not an index: refusing to replace it (choose an "
+                         "empty or new --out folder)")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for kind, emb, items in (("images", images, image_items), ("captions", captions, caption_items)):
+        if emb is None:
+            continue
+        if len(items) != emb.shape[0]:
+            raise ValueError(f"{len(items)} {kind} items for {emb.shape[0]} embeddings")
+        buf = io.BytesIO()
+        np.save(buf, emb.to(torch.float16).numpy(), allow_pickle=False)
+        atomic_write_bytes(tmp / f"{kind}.npy", buf.getvalue())
+        atomic_write_bytes(tmp / f"{kind}.jsonl", "".join(
+            json.dumps(it, ensure_ascii=False) + "\n" for it in items).encode("utf-8"))
+    meta = {"model_fingerprint": model_fingerprint(model), "model": model_name,
+            "dim": int(model.config["embed_dim"]), "source": source,
+            "count": {"images": 0 if images is None else int(images.shape[0]),
+                      "captions": 0 if captions is None else int(captions.shape[0])}}
+    atomic_write_json(tmp / INDEX_META, meta, indent=2)
+    old = out.with_name(f".{out.name}.old{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(out.parent)
+    return out

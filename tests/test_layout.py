@@ -1,0 +1,65 @@
+"""The layout's promises: the library imports no training code and reads no process
+state; inference loading works without the training package; the installed package
+names are unambiguous."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "SLURM_PROCID", "SLURM_JOB_ID"}
+
+
+def _imports(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.module
+
+
+def test_library_imports_no_training_code_and_reads_no_launcher_state():
+    bad = []
+    for f in sorted((ROOT / "phoclip").glob("*.py")):
+        tree = ast.parse(f.read_text())
+        for mod in _imports(tree):
+            if mod.split(".")[0] in ("phoclip_train", "phoclip_sharding", "train", "sharding", "launch"):
+                bad.append(f"{f.name} imports {mod}")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and node.value in LAUNCHER_VARS:
+                bad.append(f"{f.name}:{node.lineno} reads {node.value}")
+    assert not bad, bad
+
+
+_LOAD = r"""
+import sys, torch
+from phoclip.model import create_model
+from phoclip.loading import load_model_folder
+from phoclip.search import embed_images
+m = create_model("tiny-debug", text={"hf_config": {"vocab_size": 50}})
+m.save_pretrained(sys.argv[1])
+model, tok = load_model_folder(sys.argv[1])
+from PIL import Image
+e = embed_images(model, [Image.new("RGB", (40, 30), "red")], 64)
+assert e.shape == (1, 64), e.shape
+loaded = sorted(k for k in sys.modules if k.split(".")[0] in ("phoclip_train", "phoclip_sharding", "train"))
+print("TRAINING MODULES", loaded)
+"""
+
+
+def test_inference_loading_needs_no_training_package(tmp_path):
+    r = subprocess.run([sys.executable, "-c", _LOAD, str(tmp_path / "m")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "TRAINING MODULES []" in r.stdout
+
+
+def test_installed_package_names_are_unambiguous(tmp_path):
+    """train/ and sharding/ install as phoclip_train and phoclip_sharding: a bare
+    `import train` (another project's, or nothing) is not ours."""
+    code = ("import importlib.util as u; import phoclip_train.trainer, phoclip_sharding.make_shards; "
+            "print(u.find_spec('train') is None, u.find_spec('sharding') is None)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "True"]
