@@ -5,6 +5,10 @@ train_one_epoch), against our Trainer.train_step - same batch, same ids, same ma
 one run. Here on the CPU with the tiny twin (test_resnet + a 2-layer RoBERTa);
 bench/gpu_check.py runs the real size (resnet50 + phobert-large) on a GPU.
 
+Both steps do the same work: gradient clipping at 1.0 (our recipe's; open_clip's
+--grad-clip-norm), AdamW, the temperature clamp. Ours also normalises the uint8 batch on
+the device (open_clip's loader workers ship normalised floats, so its step does not).
+
 Captions: realistic lengths (bench_text_padding.caption_lengths: mean ~24 tokens, tail
 to 70), padded to 70 as open_clip's HF tokenizer pads to its context length. Ours is
 timed padded (data.trim_padding=0) and trimmed (the default).
@@ -46,12 +50,14 @@ def openclip_model(work: Path, text_config: dict, timm_model: str, image_size: i
                         "context_length": 70}}
     (work / "phoclip_peer.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(work / "phoclip_peer.json")
-    return open_clip.create_model("phoclip_peer", pretrained=None, pretrained_image=False, pretrained_text=False)
+    return open_clip.create_model("phoclip_peer", pretrained=None, pretrained_image=False, pretrained_text=False,
+                                  output_dict=True)
 
 
-def openclip_step(model, device: torch.device, precision: str = "fp32"):
+def openclip_step(model, device: torch.device, precision: str = "fp32", grad_clip: float = 1.0):
     """open_clip's training step (train_one_epoch, one accumulation step): autocast
-    forward, ClipLoss(**model_out), backward, AdamW step, logit-scale clamp."""
+    forward, ClipLoss(**model_out), backward, gradient clipping (its --grad-clip-norm;
+    set to our recipe's 1.0 so both do the same work), AdamW step, logit-scale clamp."""
     import open_clip
 
     model.to(device).train()
@@ -71,6 +77,8 @@ def openclip_step(model, device: torch.device, precision: str = "fp32"):
             losses = loss_fn(**out, output_dict=True)
             total = sum(losses.values())
         total.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, norm_type=2.0)
         opt.step()
         opt.zero_grad()
         with torch.no_grad():
