@@ -88,7 +88,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", help="brace pattern of shards (indexes images and captions)")
+    src.add_argument("--shards", help="brace pattern of shards (indexes images and captions): paths, "
+                                      "pipe:CMD, http(s):// or fsspec URLs")
+    p.add_argument("--manifest", help="manifest.json of the shards when not beside them (pipe: shards)")
     src.add_argument("--images", help="a folder of images (searched recursively)")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=128)
@@ -109,9 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             urls = expand_urls(args.shards)[0]
             tok = load_tokenizer(tok_name)
             manifest = check_manifests(urls, tokenizer_fingerprint(tok), model.pad_id,
-                                       model.text.config.max_position_embeddings - 2, tok_name)
+                                       model.text.config.max_position_embeddings - 2, tok_name, args.manifest)
             samples = eval_samples(urls, size, info.rank, info.world_size, skipped,
-                                   manifest["tokenizer"]["max_length"], len(tok))
+                                   manifest["tokenizer"]["max_length"], len(tok), args.manifest)
         else:
             files, others = list_images(args.images)
             if not files:

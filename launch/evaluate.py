@@ -125,7 +125,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder, run folder or checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", help="brace pattern of evaluation shards")
+    src.add_argument("--shards", help="brace pattern of evaluation shards: paths, pipe:CMD, http(s):// "
+                                      "or fsspec URLs")
+    p.add_argument("--manifest", help="manifest.json of the shards when not beside them (pipe: shards)")
     src.add_argument("--benchmark", help="FORMAT:ANNOTATIONS:IMAGES of a published test split "
                                          "(the make_shards reader formats; ',name=N' names the dataset)")
     p.add_argument("--references", default=str(Path(__file__).parent / "benchmarks.yaml"),
@@ -146,10 +148,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             urls = expand_urls(args.shards)[0]
             tok = load_tokenizer(tok_name)
             manifest = check_manifests(urls, tokenizer_fingerprint(tok), model.pad_id,
-                                       model.text.config.max_position_embeddings - 2, tok_name)
+                                       model.text.config.max_position_embeddings - 2, tok_name, args.manifest)
             res = evaluate_shards(model, urls, size, info.device, info.rank, info.world_size,
                                   args.batch_size, progress=info.is_main,
-                                  ids_width=manifest["tokenizer"]["max_length"], vocab_size=len(tok))
+                                  ids_width=manifest["tokenizer"]["max_length"], vocab_size=len(tok),
+                                  manifest=args.manifest)
         if info.is_main:
             out = Path(args.out) if args.out else Path(args.model) / "eval.json"
             atomic_write_json(out, res, indent=2)

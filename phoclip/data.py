@@ -99,6 +99,8 @@ class StreamConfig:
     pad_id: int = 1
     resize_on: str = "worker"
     """worker: ship finished crops; device: ship decoded images + crop boxes (`resize_on_device`)."""
+    manifest: Optional[str] = None
+    """Where manifest.json is when not beside the shards (sizes.json beside it)."""
 
 
 class ShardStream(IterableDataset):
@@ -161,7 +163,7 @@ class ShardStream(IterableDataset):
                 opened += 1
                 yield sh
 
-        samples = read_shards(counted(self._shards(logical, nworkers)), skips)
+        samples = read_shards(counted(self._shards(logical, nworkers)), skips, c.manifest)
         shuffled = seeded_shuffle(samples, c.shuffle_buffer,
                                   random.Random(_seed(*self._key("shuffle", c.seed, c.rank, logical))))
         pos = 0

@@ -19,12 +19,21 @@ from phoclip.index import Match
 logger = logging.getLogger(__name__)
 
 
-def load_item_image(item: dict):
-    """The picture behind an index item: a file path or a member of a shard."""
+def load_item_image(item: dict, allow_remote: bool = False):
+    """The picture behind an index item: a file path or a member of a shard. A remote
+    shard (http(s)/fsspec) is read only with `allow_remote` (the trainer's own shards;
+    an index handed to the service may not make it fetch URLs), and a `pipe:` command
+    is never run from here."""
     import stat
 
     from phoclip.images import BadImage, decode_rgb, read_image_file
+    from phoclip.shards import is_remote
 
+    shard = item.get("shard")
+    if shard and is_remote(shard):
+        if not allow_remote or shard.startswith("pipe:"):
+            raise BadImage("remote_shard", f"{shard}: not opened from here")
+        return decode_rgb(_remote_member(shard, item["key"] + ".jpg"))
     if item.get("shard"):
         # only a regular file is opened: an index naming a FIFO must not hang the
         # service's thumbnail route
@@ -34,6 +43,19 @@ def load_item_image(item: dict):
             data = tf.extractfile(tf.getmember(item["key"] + ".jpg")).read()
         return decode_rgb(data)
     return read_image_file(item["path"])
+
+
+def _remote_member(url: str, name: str, max_bytes: int = 64 << 20) -> bytes:
+    """One member of a remote tar, streamed (no seeking over HTTP)."""
+    from phoclip.shards import open_url
+
+    with open_url(url) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+        for m in tf:
+            if m.name == name and m.isreg():
+                if m.size > max_bytes:
+                    raise ValueError(f"{url}/{name}: {m.size} bytes")
+                return tf.extractfile(m).read()
+    raise KeyError(f"{name} not in {url}")
 
 
 def _thumb_b64(item: dict, size: int = 160) -> str:

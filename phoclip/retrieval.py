@@ -151,7 +151,8 @@ def evaluate_shards(model, urls: list[str], image_size: int, device: torch.devic
                     rank: int = 0, world_size: int = 1, batch_size: int = 64,
                     autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
                     return_embeddings: bool = False, lockstep: bool = False,
-                    ids_width: Optional[int] = None, vocab_size: Optional[int] = None):
+                    ids_width: Optional[int] = None, vocab_size: Optional[int] = None,
+                    manifest: Optional[str] = None):
     """Embed the shards (each rank its part), gather, and compute the recalls; the
     samples skipped (by reason, all ranks) are in the result as `skipped`. With
     return_embeddings: (metrics, image features, keys, metas). `lockstep`: see
@@ -159,7 +160,7 @@ def evaluate_shards(model, urls: list[str], image_size: int, device: torch.devic
 
     skipped: Counter = Counter()
     parts = embed_samples(model, eval_samples(urls, image_size, rank, world_size, skipped, ids_width,
-                                              vocab_size), device, batch_size, autocast_dtype, progress, lockstep)
+                                              vocab_size, manifest), device, batch_size, autocast_dtype, progress, lockstep)
     img, txt, t2i, keys, metas = gather_embeddings(*parts, world_size)
     skipped = gather_counts(skipped, world_size)
     if img.shape[0] == 0:
@@ -172,12 +173,12 @@ def evaluate_shards(model, urls: list[str], image_size: int, device: torch.devic
 
 def eval_samples(urls: list[str], image_size: int, rank: int = 0, world_size: int = 1,
                  skipped: Optional[Counter] = None, ids_width: Optional[int] = None,
-                 vocab_size: Optional[int] = None) -> Iterator[dict]:
+                 vocab_size: Optional[int] = None, manifest: Optional[str] = None) -> Iterator[dict]:
     """Each image once, with all its captions, in shard order; this rank's shards only.
     Unusable samples are skipped and counted in `skipped` by reason."""
     skipped = skipped if skipped is not None else Counter()
     shards = ({"url": u} for u in urls[rank::world_size])
-    for sample in read_shards(shards, skipped):
+    for sample in read_shards(shards, skipped, manifest):
         try:
             img, ids, meta = decode_sample(sample, ids_width, vocab_size)
         except BadImage as e:

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
@@ -18,12 +17,153 @@ from phoclip.images import decode_rgb
 
 logger = logging.getLogger(__name__)
 
+MAX_CATALOGUE_BYTES = 64 << 20  # a manifest.json or sizes.json larger than this is refused
+RETRIES = 3                      # a failed remote shard read is retried this often, with back-off
+BACKOFF_S = 1.0                  # ... waiting 1, 2, 4 s
+
+
+# ----------------------------------------------------------------------------- where shards live
+
+def is_remote(url: str) -> bool:
+    """`pipe:CMD`, http(s):// and fsspec URLs (s3://, gs://, ...); a path or file:// is local."""
+    return url.startswith("pipe:") or ("://" in url and not url.startswith("file://"))
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name, as sizes.json lists it (for `pipe:` commands: the last
+    word of the command that ends in .tar)."""
+    if url.startswith("pipe:"):
+        words = [w.rstrip(";|&") for w in url[5:].split() if w.rstrip(";|&").endswith(".tar")]
+        if not words:
+            raise ValueError(f"{url}: a pipe: shard command must name its .tar file (to find it in sizes.json)")
+        return words[-1].rsplit("/", 1)[-1]
+    return url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def catalogue_dir(url: str, manifest: Optional[str] = None) -> str:
+    """Where the shard's manifest.json and sizes.json are: beside `manifest` when given
+    (data.manifest), else beside the shard. A `pipe:` shard has no place of its own."""
+    if manifest:
+        return _dirname(manifest)
+    if url.startswith("pipe:"):
+        raise ValueError(f"{url}: for pipe: shards pass where their manifest is: data.manifest=URL "
+                         "(sizes.json is read beside it)")
+    return _dirname(url)
+
+
+def _dirname(url: str) -> str:
+    if is_remote(url):
+        return url.split("?", 1)[0].rsplit("/", 1)[0]
+    return os.path.dirname(_local_path(url)) or "."
+
+
+def _join(d: str, name: str) -> str:
+    return f"{d}/{name}" if is_remote(d) else os.path.join(d, name)
+
+
+class _PipeStream(io.RawIOBase):
+    """stdout of a shell command; a non-zero exit is an error at the end of the stream."""
+
+    def __init__(self, cmd: str) -> None:
+        import subprocess
+
+        self.cmd = cmd
+        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.proc.stdout.readinto(b)
+        if not n:
+            rc = self.proc.wait()
+            if rc != 0:
+                err = self.proc.stderr.read(2000).decode(errors="replace").strip().splitlines()
+                raise OSError(f"pipe:{self.cmd} exited with {rc}: {err[-1] if err else ''}")
+        return n
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        super().close()
+
+
+class _HTTPBody(io.RawIOBase):
+    """An HTTP response body that raises when the connection ends before Content-Length
+    (http.client returns a short read silently there)."""
+
+    def __init__(self, resp) -> None:
+        self.resp, self.got = resp, 0
+        n = resp.headers.get("Content-Length")
+        self.want = int(n) if n and n.isdigit() else None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.resp.readinto(b)
+        self.got += n
+        if not n and self.want is not None and self.got < self.want:
+            raise OSError(f"connection closed after {self.got} of {self.want} bytes")
+        return n
+
+    def close(self) -> None:
+        self.resp.close()
+        super().close()
+
+
+def open_url(url: str, timeout: float = 60.0):
+    """A binary stream of a local path, file://, `pipe:CMD`, http(s):// (urllib) or an
+    fsspec URL (s3://, gs://, ... when the matching fsspec package is installed)."""
+    if url.startswith("pipe:"):
+        return io.BufferedReader(_PipeStream(url[5:]), 1 << 20)
+    if url.startswith(("http://", "https://")):
+        import urllib.request
+
+        return io.BufferedReader(_HTTPBody(urllib.request.urlopen(url, timeout=timeout)), 1 << 20)
+    if is_remote(url):
+        try:
+            import fsspec
+        except ImportError as e:
+            raise OSError(f"{url}: reading this URL needs fsspec (pip install fsspec s3fs/gcsfs)") from e
+        try:
+            return fsspec.open(url, "rb").open()
+        except (ImportError, ValueError) as e:  # the scheme's package is missing
+            raise OSError(f"{url}: {e}") from e
+    return open(_local_path(url), "rb")
+
+
+def read_small(url: str, max_bytes: int = MAX_CATALOGUE_BYTES) -> bytes:
+    """The bytes of a small file (manifest.json, sizes.json) wherever it is, capped."""
+    with open_url(url) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{url}: larger than {max_bytes} bytes")
+    return data
+
+
+def _exists(url: str) -> bool:
+    if is_remote(url):
+        try:
+            read_small(url)
+            return True
+        except (OSError, ValueError):
+            return False
+    return os.path.isfile(_local_path(url))
 
 
 def expand_urls(spec: str, weights: Optional[str] = None) -> tuple[list[str], list[float]]:
     """`a/train-{000000..000009}.tar::b/train-{000000..000003}.tar` → urls, per-url weights.
 
-    `weights` ("1::2") gives each source's sampling weight. Every local shard must exist."""
+    `weights` ("1::2") gives each source's sampling weight. Every local shard must exist;
+    remote ones (`pipe:`, http(s)://, fsspec URLs) are read when the stream reaches them."""
     import braceexpand
 
     parts = [p for p in spec.split("::") if p]
@@ -36,7 +176,7 @@ def expand_urls(spec: str, weights: Optional[str] = None) -> tuple[list[str], li
         for u in expanded:
             urls.append(u)
             url_w.append(w)
-    missing = [u for u in urls if "://" not in u and not os.path.exists(u)]
+    missing = [u for u in urls if not is_remote(u) and not os.path.exists(_local_path(u))]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. "
                                 f"{missing[0]}; check data.train_shards / data.val_shards")
@@ -49,7 +189,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     """A manifest.json, checked: a file with missing keys or wrong types is refused with
     a message naming the file and the key (not a KeyError later)."""
     try:
-        m = json.loads(Path(path).read_text(encoding="utf-8"))
+        m = json.loads(read_small(str(path)).decode("utf-8"))
     except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"{path}: not a readable manifest ({type(e).__name__}: {e})") from None
     if not isinstance(m, dict):
@@ -63,23 +203,25 @@ def read_manifest(path: str | os.PathLike) -> dict:
     return m
 
 
-def manifest_for(url: str) -> Optional[dict]:
-    """The manifest.json beside a shard, if any (checked by `read_manifest`)."""
-    p = Path(url).parent / "manifest.json"
-    return read_manifest(p) if p.is_file() else None
+def manifest_for(url: str, manifest: Optional[str] = None) -> Optional[dict]:
+    """The manifest.json of a shard (beside it, or `manifest`), if any (checked by
+    `read_manifest`)."""
+    p = manifest or _join(catalogue_dir(url), "manifest.json")
+    return read_manifest(p) if _exists(p) else None
 
 
 def check_manifests(urls: Iterable[str], fingerprint: str, pad_id: int, max_positions: int,
-                    tokenizer_name: str) -> dict:
-    """Refuse shards tokenized with another tokenizer; returns the (first) manifest."""
+                    tokenizer_name: str, manifest: Optional[str] = None) -> dict:
+    """Refuse shards tokenized with another tokenizer; returns the (first) manifest.
+    `manifest`: where it is when not beside the shards (data.manifest; pipe: shards)."""
     seen: dict[str, dict] = {}
     for u in urls:
-        d = str(Path(u).parent)
+        d = catalogue_dir(u, manifest)
         if d not in seen:
-            m = manifest_for(u)
+            m = manifest_for(u, manifest)
             if m is None:
-                raise FileNotFoundError(f"no manifest.json beside {u}: shards must be made by "
-                                        "sharding/make_shards.py")
+                raise FileNotFoundError(f"no manifest.json {'at ' + manifest if manifest else 'beside ' + u}: "
+                                        "shards must be made by sharding/make_shards.py")
             seen[d] = m
     for d, m in seen.items():
         t = m["tokenizer"]
@@ -99,13 +241,14 @@ def check_manifests(urls: Iterable[str], fingerprint: str, pad_id: int, max_posi
     return next(iter(seen.values()))
 
 
-def count_samples(urls: Iterable[str]) -> int:
-    """Samples in the given shards, from the sizes.json files beside them."""
+def count_samples(urls: Iterable[str], manifest: Optional[str] = None) -> int:
+    """Samples in the given shards, from the sizes.json files beside them (or beside
+    `manifest`)."""
     total, cache = 0, {}
     for u in urls:
-        n = _shard_sizes(u, cache)
+        n = _shard_sizes(u, cache, manifest)
         if n is None:
-            raise ValueError(f"{u} is not listed in {Path(u).parent / 'sizes.json'}")
+            raise ValueError(f"{u} is not listed in {_join(catalogue_dir(u, manifest), 'sizes.json')}")
         total += n
     return total
 
@@ -116,6 +259,8 @@ class BadSample(ValueError):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
 MAX_CAPTIONS = 4096        # id rows one sample may hold
 MAX_JSON_BYTES = 1 << 20   # a sample's metadata
 
@@ -188,34 +333,86 @@ class _Skips:
         return True
 
 
-def _shard_sizes(url: str, cache: dict) -> Optional[int]:
-    d = os.path.dirname(url)
+def _shard_sizes(url: str, cache: dict, manifest: Optional[str] = None) -> Optional[int]:
+    d = catalogue_dir(url, manifest)
     if d not in cache:
-        f = Path(d) / "sizes.json"
+        f = _join(d, "sizes.json")
         try:
-            sizes = json.loads(f.read_text()) if f.is_file() else {}
+            sizes = json.loads(read_small(f).decode("utf-8")) if _exists(f) else {}
         except (OSError, ValueError, RecursionError) as e:
             raise ValueError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
         if not isinstance(sizes, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
                                                   for v in sizes.values()):
             raise ValueError(f"{f}: expected {{shard file: sample count}}")
         cache[d] = sizes
-    return cache[d].get(os.path.basename(url))
+    return cache[d].get(shard_name(url))
 
 
-def read_shards(shards: Iterable[dict], skips: Counter) -> Iterator[dict]:
+def read_shards(shards: Iterable[dict], skips: Counter, manifest: Optional[str] = None,
+                retries: int = RETRIES, backoff_s: float = BACKOFF_S) -> Iterator[dict]:
     """Tar shards → samples. A shard that yields fewer samples than its sizes.json entry
-    is counted as truncated (tarfile ends a cut-off stream silently)."""
+    is counted as truncated (tarfile ends a cut-off stream silently). A remote shard
+    whose read fails (connection refused or dropped, a pipe command failing) is opened
+    again after 1, 2, 4 s, skipping the samples already given (`shard_retries`); after
+    `retries` it is skipped and counted (`unreadable_shard`): a flaky connection does
+    not end a run, and a read that recovers loses nothing."""
     import webdataset as wds
 
     cache: dict = {}
     expand = wds.tarfile_to_samples(handler=_Skips(skips))
     for src in shards:
+        url = src["url"]
         n = 0
-        for sample in expand(iter([src])):
-            n += 1
-            yield sample
-        want = _shard_sizes(src["url"], cache)
+        if is_remote(url):
+            try:
+                want = _shard_sizes(url, cache, manifest)
+            except ValueError:
+                want = None
+            for sample in _read_remote(url, skips, retries, backoff_s, want):
+                n += 1
+                yield sample
+        else:
+            for sample in expand(iter([dict(src, url=_local_path(url))])):
+                n += 1
+                yield sample
+        try:
+            want = _shard_sizes(url, cache, manifest)
+        except ValueError as e:  # an unreachable sizes.json costs the check, not the run
+            logger.warning("cannot check the size of %s: %s", url, e)
+            want = None
         if want is not None and n < want:
             skips["truncated_shard"] += 1
-            logger.warning("shard %s ended after %d of its %d samples (truncated?)", src["url"], n, want)
+            logger.warning("shard %s ended after %d of its %d samples (truncated?)", url, n, want)
+
+
+def _read_remote(url: str, skips: Counter, retries: int, backoff_s: float,
+                 want: Optional[int] = None) -> Iterator[dict]:
+    import http.client
+    import tarfile
+    import time
+
+    from webdataset.handlers import reraise_exception
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    given = 0  # samples of this shard already yielded: skipped after a reopen
+    for attempt in range(retries + 1):
+        try:
+            with open_url(url) as stream:
+                files = tar_file_expander(iter([{"url": url, "stream": stream}]), handler=reraise_exception)
+                for i, sample in enumerate(group_by_keys(files, handler=reraise_exception)):
+                    if i < given:
+                        continue
+                    given += 1
+                    yield sample
+            if want is not None and given < want:  # a stream cut at a member boundary ends "cleanly"
+                raise EOFError(f"the stream ended after {given} of the {want} samples sizes.json lists")
+            return
+        except (OSError, http.client.HTTPException, tarfile.TarError, EOFError, ValueError) as e:
+            if attempt == retries:
+                skips["unreadable_shard"] += 1
+                logger.warning("skipping shard %s after %d attempts (%d samples read): %s",
+                               url, attempt + 1, given, e)
+                return
+            skips["shard_retries"] += 1
+            logger.warning("reading %s failed (%s); retrying in %.0f s", url, e, backoff_s * 2 ** attempt)
+            time.sleep(backoff_s * 2 ** attempt)

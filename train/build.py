@@ -71,8 +71,8 @@ def build_data(cfg: RunConfig, dist: DistInfo) -> RunData:
     tokenizer = load_tokenizer(tok_name)
     manifest = check_manifests(train_urls + [u for us in eval_sets.values() for u in us],
                                tokenizer_fingerprint(tokenizer), arch["text"].get("pad_id", 1),
-                               max_positions(arch), tok_name)
-    return RunData(train_urls, weights, eval_sets, tokenizer, manifest, count_samples(train_urls))
+                               max_positions(arch), tok_name, d.manifest)
+    return RunData(train_urls, weights, eval_sets, tokenizer, manifest, count_samples(train_urls, d.manifest))
 
 
 def build_model(cfg: RunConfig, tokenizer, manifest: Optional[dict] = None):
@@ -169,7 +169,7 @@ def build_stream(cfg: RunConfig, dist: DistInfo, data: RunData, pad_id: int) -> 
         data.train_urls, data.train_weights, d.batch_size, d.image_size, cfg.train.seed,
         dist.rank, dist.world_size, d.resampled, d.shuffle_buffer,
         ids_width=int(data.manifest["tokenizer"]["max_length"]), vocab_size=len(data.tokenizer),
-        length_buckets=d.length_buckets, pad_id=pad_id, resize_on=d.resize_on))
+        length_buckets=d.length_buckets, pad_id=pad_id, resize_on=d.resize_on, manifest=d.manifest))
 
 
 def _worker_init(_: int) -> None:

@@ -65,6 +65,10 @@ class DataConfig:
     """Sampling weight per source, '1::2' (resampled mode)."""
     val_shards: Optional[str] = None
     """Brace pattern of validation shards (recall at train.eval_every and at the end)."""
+    manifest: Optional[str] = None
+    """manifest.json of the shards when it is not beside them, as a path or URL (needed for
+    `pipe:` shards); sizes.json is read beside it. Shards may be local paths, `pipe:CMD`,
+    http(s):// or fsspec URLs (s3://, gs://, with its fsspec package installed)."""
     batch_size: int = 64
     """Per rank, per micro-step."""
     global_batch_size: int = 0

@@ -402,12 +402,13 @@ class Trainer:
             self.model, urls, self.cfg.data.image_size, self.dist.device, self.dist.rank,
             self.dist.world_size, self.cfg.data.batch_size, dtype, return_embeddings=True,
             lockstep=self.engine.partitioned, ids_width=int(self.manifest["tokenizer"]["max_length"]),
-            vocab_size=len(self.tokenizer))
+            vocab_size=len(self.tokenizer), manifest=self.cfg.data.manifest)
 
     def _log_retrieval_grids(self, img: torch.Tensor, keys: list, metas: list, k: int = 5) -> None:
         """Top-k validation images of each configured query, as TensorBoard images:
         where a person would rather look than read."""
         from phoclip.gallery import load_item_image
+        from phoclip.images import BadImage
         from phoclip.search import embed_texts
 
         # every rank embeds the queries (under ZeRO-3 a forward is a collective); rank 0 logs
@@ -419,8 +420,13 @@ class Trainer:
         for i, (query, idx) in enumerate(zip(self.cfg.train.eval_queries, top.tolist())):
             tiles = []
             for j in idx:
-                im = load_item_image({"shard": metas[j].get("__shard_url__", ""), "key": keys[j]}).resize((96, 96))
-                tiles.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+                try:
+                    im = load_item_image({"shard": metas[j].get("__shard_url__", ""), "key": keys[j]},
+                                         allow_remote=True).resize((96, 96))
+                    tiles.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+                except (BadImage, OSError, KeyError) as e:  # a picture is not worth the run
+                    logger.warning("retrieval grid: no picture for %s: %s", keys[j], e)
+                    tiles.append(torch.full((3, 96, 96), 128, dtype=torch.uint8))
             self.metrics.images(self.step, f"val_retrieval/{i}", torch.stack(tiles), query)
 
     def _build_query_processor(self):

@@ -1,0 +1,195 @@
+"""Shards anywhere: http(s) and pipe: shards read like local ones, manifest and sizes
+from the same place (or data.manifest), a connection dropped mid-shard retried without
+losing a sample, a shard that never comes skipped and counted; a 2-rank run streaming
+from a local HTTP server resumes after kill -9 with the same losses."""
+import http.server
+import itertools
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, kill_job, read_metrics, run_torchrun, torchrun_cmd, train_overrides
+from dist_utils import free_port
+from phoclip.shards import check_manifests, count_samples, expand_urls, read_shards, shard_name
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; `drop` (path -> remaining drops) cuts the connection after half
+    of the body (Content-Length announced in full, as a dying server does)."""
+
+    drop: dict = {}
+    served: Counter = Counter()
+
+    def log_message(self, *a):  # quiet
+        pass
+
+    def do_GET(self):
+        name = self.path.lstrip("/")
+        f = Path(self.directory) / name
+        type(self).served[name] += 1
+        if not f.is_file():
+            self.send_error(404)
+            return
+        data = f.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.drop.get(name, 0) != 0:
+            self.drop[name] -= 1
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)  # the socket dies mid-shard
+            return
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def server(shapes_shards):
+    shards, _, _ = shapes_shards
+    handler = type("H", (_Handler,), {"drop": {}, "served": Counter()})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                          lambda *a, **k: handler(*a, directory=str(shards), **k))
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", handler
+    srv.shutdown()
+    srv.server_close()
+
+
+def _keys(samples):
+    return [s["__key__"] for s in samples]
+
+
+def test_http_shards_read_like_local_ones_with_their_manifest(shapes_shards, server):
+    shards, tok, n = shapes_shards
+    base, _ = server
+    local = expand_urls(f"{shards}/train-{{000000..{n - 1:06d}}}.tar")[0]
+    remote = expand_urls(f"{base}/train-{{000000..{n - 1:06d}}}.tar")[0]
+    skips: Counter = Counter()
+    a = list(read_shards(({"url": u} for u in local), Counter()))
+    b = list(read_shards(({"url": u} for u in remote), skips))
+    assert _keys(a) == _keys(b) and len(a) > 100 and not skips
+    assert all(x["ids.npy"] == y["ids.npy"] and x["jpg"] == y["jpg"] for x, y in zip(a, b))
+    man = json.loads((shards / "manifest.json").read_text())
+    fp = man["tokenizer"]["fingerprint"]
+    assert check_manifests(remote, fp, 1, 128, "tok")["tokenizer"]["fingerprint"] == fp
+    assert count_samples(remote) == count_samples(local) == man["counts"]["train"]
+    with pytest.raises(ValueError, match="fingerprint"):
+        check_manifests(remote, "0" * 16, 1, 128, "tok")
+
+
+def test_pipe_shards_need_and_use_data_manifest(shapes_shards):
+    shards, _, n = shapes_shards
+    urls = [f"pipe:cat {shards}/train-{i:06d}.tar" for i in range(n)]
+    assert shard_name(urls[0]) == "train-000000.tar"
+    with pytest.raises(ValueError, match="data.manifest"):
+        count_samples(urls)
+    manifest = str(shards / "manifest.json")
+    assert count_samples(urls, manifest) == count_samples(expand_urls(f"{shards}/train-{{000000..{n - 1:06d}}}.tar")[0])
+    skips: Counter = Counter()
+    got = list(read_shards(({"url": u} for u in urls), skips, manifest))
+    assert len(got) == count_samples(urls, manifest) and not skips
+    # a command that fails is retried, then skipped and counted; the next shard is read
+    bad = [f"pipe:cat {shards}/no-such-000000.tar", urls[0]]
+    skips = Counter()
+    got = list(read_shards(({"url": u} for u in bad), skips, manifest, retries=1, backoff_s=0.01))
+    assert skips["unreadable_shard"] == 1 and skips["shard_retries"] == 1
+    assert len(got) == json.loads((shards / "sizes.json").read_text())["train-000000.tar"]
+
+
+def test_connection_dropped_mid_shard_is_retried_without_loss(shapes_shards, server):
+    shards, _, n = shapes_shards
+    base, handler = server
+    local = expand_urls(f"{shards}/train-{{000000..{n - 1:06d}}}.tar")[0]
+    remote = expand_urls(f"{base}/train-{{000000..{n - 1:06d}}}.tar")[0]
+    handler.drop.update({"train-000001.tar": 1, "train-000002.tar": 2})  # drops, then recovers
+    skips: Counter = Counter()
+    got = list(read_shards(({"url": u} for u in remote), skips, retries=3, backoff_s=0.01))
+    assert _keys(got) == _keys(read_shards(({"url": u} for u in local), Counter()))  # nothing lost or repeated
+    assert skips == Counter({"shard_retries": 3})
+    assert handler.served["train-000002.tar"] == 3
+    # a shard whose every read dies: what came before the cut is kept once, the rest is
+    # skipped and counted (unreadable + truncated); the run goes on with the next shard
+    handler.drop["train-000000.tar"] = -1
+    skips = Counter()
+    got = _keys(read_shards(({"url": u} for u in remote[:2]), skips, retries=2, backoff_s=0.01))
+    assert skips == Counter({"shard_retries": 2, "unreadable_shard": 1, "truncated_shard": 1})
+    first = _keys(read_shards(({"url": local[0]},), Counter()))
+    second = _keys(read_shards(({"url": local[1]},), Counter()))
+    k = len(got) - len(second)
+    assert 0 < k < len(first) and got == first[:k] + second
+
+
+def test_item_pictures_from_remote_shards_only_where_allowed(shapes_shards, server):
+    """The trainer's retrieval grid reads its own remote shards; an index handed to the
+    service cannot make it fetch URLs or run pipe: commands."""
+    from phoclip.gallery import load_item_image
+    from phoclip.images import BadImage
+
+    shards, _, _ = shapes_shards
+    base, _ = server
+    key = next(read_shards(({"url": f"{shards}/val-000000.tar"},), Counter()))["__key__"]
+    item = {"shard": f"{base}/val-000000.tar", "key": key}
+    assert load_item_image(item, allow_remote=True).size[0] > 0
+    with pytest.raises(BadImage, match="remote_shard"):
+        load_item_image(item)
+    with pytest.raises(BadImage, match="remote_shard"):
+        load_item_image({"shard": "pipe:touch /tmp/phoclip-pwned", "key": key}, allow_remote=True)
+    assert not os.path.exists("/tmp/phoclip-pwned")
+
+
+@pytest.mark.slow
+def test_two_ranks_train_from_http_and_resume_after_kill9(shapes_shards, tmp_path):
+    """`python -m http.server` on 127.0.0.1 serves the shards; 2 ranks train from it,
+    are killed with kill -9 and resume with --resume latest: every step's loss equals an
+    uninterrupted run's from the same server."""
+    shards, tok, n = shapes_shards
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                            "--directory", str(shards)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                import urllib.request
+
+                urllib.request.urlopen(f"{base}/manifest.json", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        kw = {"data.train_shards": f"{base}/train-{{000000..{n - 1:06d}}}.tar",
+              "data.val_shards": f"{base}/val-000000.tar", "data.resampled": False,
+              "train.max_steps": 10, "train.save_every": 3}
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        args = lambda run: ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(shards, tok, n, run, **kw)]
+        run_torchrun(2, "launch/train_ddp.py", args(tmp_path / "ref"))
+        ref = read_metrics(tmp_path / "ref")
+        run = tmp_path / "killed"
+        p = subprocess.Popen(torchrun_cmd(2, "launch/train_ddp.py", args(run)), env=env, cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        t0 = time.time()
+        while max(read_metrics(run) or [0]) < 5:
+            assert p.poll() is None, p.stdout.read()[-4000:]
+            assert time.time() - t0 < 180
+            time.sleep(0.05)
+        kill_job(p)
+        assert max(read_metrics(run)) < 10
+        r = run_torchrun(2, "launch/train_ddp.py", args(run) + ["--resume", "latest"])
+        assert "resumed from" in r.stderr
+        got = read_metrics(run)
+        assert sorted(got) == list(range(1, 11))
+        for s in range(1, 11):
+            assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
+        assert got[10]["skipped_samples"] == 0
+        val = read_metrics(run, "val")
+        assert val and val[10]["t2i_R@1"] == read_metrics(tmp_path / "ref", "val")[10]["t2i_R@1"]
+    finally:
+        srv.kill()
+        srv.wait()
