@@ -5,6 +5,20 @@
         --tokenizer vinai/phobert-large --segmenter vncorenlp --vncorenlp-dir /abs/vncorenlp
 
 Output: {train,val}-NNNNNN.tar (KEY.jpg, KEY.json, KEY.ids.npy), manifest.json, sizes.json.
+
+One job in N parts on N machines (any scheduler; launch/slurm/make_shards.sbatch is a
+SLURM array), then one merge:
+
+    python sharding/make_shards.py --source ... --out shards/vi --num-parts 8 --part $I
+    python sharding/make_shards.py --merge shards/vi
+
+An image belongs to the part its content hash says (sha256 mod N): every part reads and
+hashes every image, so byte-identical images always meet in one part (their captions and
+sources merge exactly as in one job), and the train/val split (by the same hash) is the
+single job's. Each part decodes, resizes, segments and tokenizes only its own images, into
+OUT/part-IIII/ (its own manifest, resumable on its own). The merge links every part's
+shards into OUT as one sequence and writes the global manifest.json and sizes.json: the
+same samples as the job run in one piece.
 """
 from __future__ import annotations
 
@@ -40,11 +54,14 @@ MANIFEST_VERSION = 1
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", action="append", required=True,
+    p.add_argument("--source", action="append",
                    help="FORMAT:ANNOTATIONS[:IMAGE_DIR][,split=train|val][,name=N]"
                         "[,image_field=F][,caption_field=F]; repeatable. FORMAT is one of: "
                         + ", ".join(sorted(READERS)))
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--num-parts", type=int, default=1, help="split the job into N parts (machines)")
+    p.add_argument("--part", type=int, default=0, help="which part this run makes (0..N-1)")
+    p.add_argument("--merge", metavar="OUT", help="merge the parts in OUT/part-*/ into OUT")
     p.add_argument("--tokenizer", default="vinai/phobert-large", help="hub name or local folder")
     p.add_argument("--segmenter", default="vncorenlp", choices=SEGMENTERS)
     p.add_argument("--vncorenlp-dir",
@@ -66,6 +83,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--text-batch", type=int, default=512, help="captions per segmentation batch")
     args = p.parse_args(argv)
+    if args.merge:
+        return args
+    if not args.source or not args.out:
+        p.error("--source and --out are required (or --merge OUT)")
+    if args.num_parts < 1 or not 0 <= args.part < args.num_parts:
+        p.error(f"--part must be in [0, --num-parts) = [0, {args.num_parts})")
     if not 0.0 <= args.val_fraction < 1.0:
         p.error("--val-fraction must be in [0, 1)")
     if args.shard_size < 1 or args.max_length < 4 or args.image_size < 8:
@@ -80,8 +103,19 @@ def _split_of(sha: str, seed: int, val_fraction: float) -> str:
     return "val" if h / 2**64 < val_fraction else "train"
 
 
-def collect(specs: list[SourceSpec], pool, max_pixels: int, max_bytes: int = MAX_FILE_BYTES):
-    """Read every source, hash every image, merge byte-identical images.
+def part_of(key: str, num_parts: int) -> int:
+    """The part an image belongs to: its sha256 (or, for an unreadable file, its path) mod N."""
+    if num_parts == 1:
+        return 0
+    h = key if len(key) == 64 and all(c in "0123456789abcdef" for c in key) else \
+        hashlib.sha256(key.encode()).hexdigest()
+    return int(h[:16], 16) % num_parts
+
+
+def collect(specs: list[SourceSpec], pool, max_pixels: int, max_bytes: int = MAX_FILE_BYTES,
+            num_parts: int = 1, part: int = 0):
+    """Read every source, hash every image, merge byte-identical images; keep the images
+    of `part` (of `num_parts`, by content hash) and count only their skips.
 
     Returns (samples by sha, skipped Counter, number of merged duplicate images)."""
     records: list[Record] = []
@@ -89,13 +123,16 @@ def collect(specs: list[SourceSpec], pool, max_pixels: int, max_bytes: int = MAX
     for spec in specs:
         n0 = len(records)
         records.extend(read_source(spec))
-        skipped.update(spec.skipped)
+        if part == 0:  # annotation-level skips (no image yet): counted by part 0 only
+            skipped.update(spec.skipped)
         logger.info("%s: %d images in %s", spec.source_name, len(records) - n0, spec.annotations)
     paths = sorted({str(r.path) for r in records})
     checks = check_images(paths, pool, max_pixels, max_bytes)
     samples: dict[str, dict] = {}
     for r in records:
         c = checks[str(r.path)]
+        if part_of(c.sha or str(r.path), num_parts) != part:
+            continue  # another part's image (all of its records go there)
         if c.sha is None:
             skipped[c.reason] += 1
             logger.warning("skipping image %s (%s): %s", r.path, r.source, c.reason)
@@ -134,6 +171,11 @@ def collect(specs: list[SourceSpec], pool, max_pixels: int, max_bytes: int = MAX
 def main(argv: Optional[Sequence[str]] = None) -> int:
     init_logger()
     args = parse_args(argv)
+    if args.merge:
+        try:
+            return merge_parts(Path(args.merge))
+        except ValueError as e:
+            raise SystemExit(f"make_shards --merge: {e}") from None
     t0 = time.time()
     try:
         specs = [SourceSpec.parse(s) for s in args.source]
@@ -149,6 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except EXPECTED_ERRORS as e:
         raise SystemExit(f"make_shards: {one_line(e)}") from None
     out = Path(args.out)
+    if args.num_parts > 1:
+        out = out / PART_DIR.format(args.part)
     out.mkdir(parents=True, exist_ok=True)
 
     pool = make_pool(args.workers)
@@ -164,11 +208,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
     try:
-        samples, skipped, merged = collect(specs, pool, args.max_pixels, args.max_image_bytes)
+        samples, skipped, merged = collect(specs, pool, args.max_pixels, args.max_image_bytes,
+                                           args.num_parts, args.part)
     except ValueError as e:  # an annotation file that cannot be read as its format says
         raise SystemExit(f"make_shards: {e}") from None
     t_read = time.time()
-    if not samples:
+    if not samples and args.num_parts == 1:
         raise SystemExit("no usable image-caption pair in the sources; see the warnings above")
 
     # split by image: a pinned source wins (val over train), else the seeded hash
@@ -273,6 +318,7 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
         "merged_duplicate_images": merged,
         "skipped": dict(sorted(skipped.items())),
         "shards": {sp: sorted(n for n in sizes if n.startswith(sp + "-")) for sp in ("train", "val")},
+        "part": {"index": args.part, "of": args.num_parts},
     }
     _write_json(out / "manifest.json", manifest)
     _write_json(out / "sizes.json", sizes)
@@ -283,6 +329,80 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
     if skipped:
         print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
     return 0
+
+
+PART_DIR = "part-{:04d}"
+
+
+def merge_parts(out: Path) -> int:
+    """Link every part's shards (OUT/part-IIII/) into OUT as one numbered sequence per
+    split (part order, then shard order) and write the global manifest.json and
+    sizes.json. Refuses parts of different jobs or settings, and a missing part."""
+    parts = sorted(out.glob("part-[0-9][0-9][0-9][0-9]"))
+    if not parts:
+        raise ValueError(f"no part-NNNN folders in {out}")
+    mans = []
+    for d in parts:
+        f = d / "manifest.json"
+        if not f.is_file():
+            raise ValueError(f"{d} has no manifest.json: that part has not finished")
+        mans.append(json.loads(f.read_text(encoding="utf-8")))
+    n = mans[0].get("part", {}).get("of")
+    got = sorted(m.get("part", {}).get("index") for m in mans)
+    if got != list(range(n or 0)):
+        raise ValueError(f"expected parts 0..{(n or 1) - 1} of {n}, found {got}")
+    same = ("tokenizer.fingerprint", "tokenizer.max_length", "tokenizer.pad_id", "segmenter.name",
+            "segmenter.version", "image", "split", "source_specs")
+    for key in same:
+        vals = {json.dumps(_get(m, key), sort_keys=True) for m in mans}
+        if len(vals) > 1:
+            raise ValueError(f"the parts disagree on {key}: {sorted(vals)}: not parts of one job")
+    sizes: dict[str, int] = {}
+    shards: dict[str, list] = {"train": [], "val": []}
+    for d, m in zip(parts, mans):
+        part_sizes = json.loads((d / "sizes.json").read_text())
+        for split in ("train", "val"):
+            for name in m["shards"][split]:
+                new = f"{split}-{len(shards[split]):06d}.tar"
+                dst = out / new
+                if dst.exists() and not os.path.samefile(dst, d / name):
+                    dst.unlink()  # an earlier merge's link to another file
+                if not dst.exists():
+                    try:
+                        os.link(d / name, dst)  # no copy on one filesystem
+                    except OSError:
+                        import shutil
+
+                        shutil.copyfile(d / name, dst)
+                sizes[new] = part_sizes[name]
+                shards[split].append(new)
+    total = dict(mans[0])
+    total.pop("part", None)
+    for key in ("counts", "captions"):
+        total[key] = {sp: sum(m[key][sp] for m in mans) for sp in ("train", "val")}
+    sources: dict = defaultdict(lambda: {"train": 0, "val": 0})
+    skipped: Counter = Counter()
+    for m in mans:
+        for src, c in m["sources"].items():
+            for sp in ("train", "val"):
+                sources[src][sp] += c.get(sp, 0)
+        skipped.update(m["skipped"])
+    total.update(sources={k: dict(v) for k, v in sorted(sources.items())}, skipped=dict(sorted(skipped.items())),
+                 merged_duplicate_images=sum(m["merged_duplicate_images"] for m in mans),
+                 shards=shards, merged_from={"parts": len(mans)})
+    total["tokenizer"] = dict(total["tokenizer"], truncated_captions=sum(
+        m["tokenizer"]["truncated_captions"] for m in mans))
+    _write_json(out / "sizes.json", sizes)
+    _write_json(out / "manifest.json", total)
+    print(f"merged {len(mans)} parts: {total['counts']['train']} train and {total['counts']['val']} val "
+          f"samples in {len(sizes)} shards in {out}")
+    return 0
+
+
+def _get(m: dict, dotted: str):
+    for k in dotted.split("."):
+        m = m.get(k) if isinstance(m, dict) else None
+    return m
 
 
 def _write_json(path: Path, obj) -> None:

@@ -271,3 +271,56 @@ def test_shards_read_back_with_plain_webdataset(tmp_path, tiny_tokenizer_dir, ma
     # the CLI really runs as a script
     r = subprocess.run([sys.executable, str(ROOT / "sharding/make_shards.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--source" in r.stdout
+
+
+def test_parts_then_merge_equal_one_job(tmp_path, tiny_tokenizer_dir, make_shards):
+    """--num-parts 2 --part 0/1 then --merge == one job: the same samples (keys, split,
+    token ids, captions, merged sources), with duplicates placed in both parts' inputs
+    still merged (identical images go to one part by content hash) and a broken image
+    counted once."""
+    ann, imgs = _dataset(tmp_path, 40, dup=[("3.jpg", "copy3.jpg"), ("5.jpg", "copy5.jpg")])
+    (imgs / "pinned7.jpg").write_bytes((imgs / "7.jpg").read_bytes())
+    (imgs / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "b.jsonl").write_text("\n".join([
+        json.dumps({"image": "pinned7.jpg", "caption": "kiểm tra"}),
+        json.dumps({"image": "copy3.jpg", "caption": "một bản sao khác"}, ensure_ascii=False),
+        json.dumps({"image": "broken.jpg", "caption": "hỏng"}, ensure_ascii=False)]), encoding="utf-8")
+    sources = [f"coco-jsonl:{ann}:{imgs}", f"coco-jsonl:{tmp_path}/b.jsonl:{imgs},split=val,name=pinned"]
+    extra = ["--val-fraction", "0.3", "--shard-size", "6"]
+    one, parted = tmp_path / "one", tmp_path / "parted"
+    run(make_shards, tiny_tokenizer_dir, one, *sources, extra=extra)
+    for i in (1, 0):  # any order, any machine
+        run(make_shards, tiny_tokenizer_dir, parted, *sources, extra=extra + ["--num-parts", "2", "--part", str(i)])
+    assert not (parted / "manifest.json").exists()
+    assert make_shards(["--merge", parted]) == 0
+
+    def content(out):
+        got = {}
+        for t in sorted(out.glob("*.tar")):
+            with tarfile.open(t) as tf:
+                files = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+            for name, data in files.items():
+                if name.endswith(".json"):
+                    key = name[:-5]
+                    meta = json.loads(data)
+                    got[key] = (t.name.split("-")[0], files[key + ".ids.npy"], sorted(meta["source"]),
+                                sorted(meta["captions"]), hashlib.sha256(files[key + ".jpg"]).hexdigest())
+        return got
+
+    a, b = content(one), content(parted)
+    assert len(a) == 40 and a == b
+    per_part = [json.loads((parted / f"part-{i:04d}" / "manifest.json").read_text())["counts"] for i in (0, 1)]
+    assert all(c["train"] + c["val"] > 0 for c in per_part)  # both parts did work
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, parted))
+    for key in ("counts", "captions", "sources", "skipped", "merged_duplicate_images", "tokenizer", "segmenter"):
+        assert m1[key] == m2[key], key
+    assert m1["skipped"].get("not_an_image", 0) + m1["skipped"].get("corrupt", 0) == 1
+    sizes = json.loads((parted / "sizes.json").read_text())
+    assert sorted(sizes) == sorted(p.name for p in parted.glob("*.tar"))
+    assert sum(sizes.values()) == 40
+    # a missing part is refused, not merged into a short dataset
+    import shutil
+
+    shutil.rmtree(parted / "part-0001")
+    with pytest.raises(SystemExit, match="expected parts 0..1"):
+        make_shards(["--merge", parted])
