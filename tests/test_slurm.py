@@ -82,3 +82,27 @@ def test_sbatch_forwards_the_signal_saves_requeues_and_resumes(shapes_shards, tm
     assert not (tmp_path / "scontrol.log").exists()
     assert sorted(read_metrics(run)) == list(range(1, stopped + 4))
     assert (run / "model" / "model.safetensors").is_file()
+
+
+def test_sharding_array_script_parts_and_merge(tmp_path, tiny_tokenizer_dir):
+    """launch/slurm/make_shards.sbatch as two array tasks would run it (SLURM's array
+    variables set by hand), then the documented merge: one complete dataset."""
+    import json
+
+    from test_sharding import _dataset
+
+    ann, imgs = _dataset(tmp_path, 24)
+    out = tmp_path / "shards"
+    venv_bin = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}", SLURM_ARRAY_TASK_COUNT="2",
+               SLURM_CPUS_PER_TASK="1", SOURCES=f"coco-jsonl:{ann}:{imgs}", OUT=str(out),
+               TOKENIZER=str(tiny_tokenizer_dir), SEGMENTER="none")
+    for task in ("0", "1"):
+        r = subprocess.run(["bash", "launch/slurm/make_shards.sbatch"], env=dict(env, SLURM_ARRAY_TASK_ID=task),
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, "sharding/make_shards.py", "--merge", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["counts"]["train"] + man["counts"]["val"] == 24 and man["merged_from"] == {"parts": 2}
