@@ -144,7 +144,9 @@ def collect(specs: list[SourceSpec], pool, max_pixels: int, max_bytes: int = MAX
             else:
                 caps.append(raw)
         s = samples.setdefault(c.sha, {"sha": c.sha, "sources": [], "image_ids": [], "paths": [],
-                                       "rel_paths": [], "captions": [], "pins": set()})
+                                       "rel_paths": [], "captions": [], "pins": set(), "origins": []})
+        if r.origin:
+            s["origins"].append(r.origin)
         s["sources"].append(r.source)
         s["image_ids"].append(r.image_id)
         s["paths"].append(str(r.path))
@@ -194,6 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_parts > 1:
         out = out / PART_DIR.format(args.part)
     out.mkdir(parents=True, exist_ok=True)
+    for i, spec in enumerate(specs):  # images held inside wds tars / parquet cells land here
+        spec.cache_dir = out / ".sources" / f"{i:02d}-{spec.source_name}"
 
     pool = make_pool(args.workers)
     try:
@@ -257,6 +261,8 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
                         "captions": [normalize_text(c) for c in s["captions"]],
                         "captions_raw": [strip_controls(c) for c in s["captions"]],
                         "captions_segmented": per_sample[sha][0]}
+                if s["origins"]:  # web-scale inputs: the original key and URL
+                    meta["origin"] = s["origins"]
                 items.append((sha[:24], s["paths"][0], meta, np.stack(per_sample[sha][1])))
             tasks.append(ShardTask(split, idx, str(out), args.image_size, args.jpeg_quality, items,
                                    args.max_pixels, args.max_image_bytes))

@@ -1,7 +1,10 @@
 """One reader per published dataset format.
 
 Every reader yields `Record`s: one image path with its captions (several per image
-where the format groups them). Readers never open images; that is the writer's job.
+where the format groups them). Readers never decode images; that is the writer's job.
+The web-scale sources (`wds:` tars as img2dataset writes them, `parquet:` tables with
+image bytes) hold their images inside the data: those are streamed out once into the
+job's cache folder (`SourceSpec.cache_dir`, under --out) and then handled like files.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class Record:
     captions: list[str]
     split: Optional[str] = None  # pinned split ('train' / 'val') or None for the seeded split
     rel: str = ""         # the path as the annotations give it, relative to the image folder
+    origin: Optional[dict] = None  # where a web-scale sample came from (key, url, shard)
 
 
 @dataclass
@@ -46,11 +50,17 @@ class SourceSpec:
     """Accept image paths that are absolute or lead out of the image folder ('..')."""
     skipped: Counter = field(default_factory=Counter)
     """Annotation entries this source could not use, by reason (reported in the manifest)."""
+    cache_dir: Optional[Path] = None
+    """Where images held inside the data (wds tars, parquet bytes) are written once."""
+    pattern: str = ""
+    """wds: the brace pattern of the input tars (paths, pipe:, http(s)://, fsspec URLs)."""
 
     @classmethod
     def parse(cls, spec: str) -> "SourceSpec":
         """Parse `FORMAT:ANNOTATIONS[:IMAGE_DIR][,key=value...]`."""
         head, *opts = spec.split(",")
+        if head.split(":", 1)[0] in ("wds", "parquet"):
+            return cls._parse_web(spec)
         parts = head.split(":")
         if len(parts) < 2 or len(parts) > 3:
             raise ValueError(f"--source {spec!r}: expected FORMAT:ANNOTATIONS[:IMAGE_DIR]"
@@ -80,6 +90,38 @@ class SourceSpec:
             else:
                 extra[k] = v
         return cls(fmt, ann, img_dir, options=extra, **kw)
+
+    @classmethod
+    def _parse_web(cls, spec: str) -> "SourceSpec":
+        """`wds:PATTERN[,opts]` (PATTERN may hold brace lists with commas and URLs with
+        colons) and `parquet:FILE[:IMAGE_DIR][,opts]`."""
+        fmt, rest = spec.split(":", 1)
+        segs = rest.split(",")
+        k = next((i for i, x in enumerate(segs) if i and "=" in x), len(segs))
+        head, opts = ",".join(segs[:k]), segs[k:]
+        kw: dict = {}
+        extra: dict = {}
+        for o in opts:
+            key, v = o.split("=", 1)
+            if key == "split":
+                if v not in ("train", "val"):
+                    raise ValueError(f"--source {spec!r}: split must be train or val, not {v!r}")
+                kw["split"] = v
+            elif key in ("name", "image_field", "caption_field"):
+                kw[key] = v
+            else:
+                extra[key] = v
+        if fmt == "wds":
+            if not head:
+                raise ValueError(f"--source {spec!r}: expected wds:PATTERN (e.g. data/{{00000..00009}}.tar)")
+            kw.setdefault("caption_field", "caption")
+            return cls(fmt, Path(head), None, pattern=head, options=extra, **kw)
+        file, _, img_dir = head.partition(":")
+        if not Path(file).is_file():
+            raise FileNotFoundError(f"--source {spec!r}: parquet file {file} does not exist")
+        if img_dir and not Path(img_dir).is_dir():
+            raise FileNotFoundError(f"--source {spec!r}: image folder {img_dir} does not exist")
+        return cls(fmt, Path(file), Path(img_dir) if img_dir else None, options=extra, **kw)
 
     @property
     def source_name(self) -> str:
@@ -310,7 +352,113 @@ def read_openviic(spec: SourceSpec) -> Iterator[Record]:
             yield rec
 
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+MAX_INLINE_IMAGE_BYTES = 64 << 20  # one image inside a tar or a parquet cell
+
+
+def _cache_image(spec: SourceSpec, rel: str, data: bytes) -> Path:
+    """Write an image held inside the data to the job's cache, once (atomic; a resumed
+    job finds it there)."""
+    if spec.cache_dir is None:
+        raise ValueError(f"{spec.format}: no cache folder for the images (make_shards sets one under --out)")
+    path = spec.cache_dir / rel
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
+
+
+def read_wds(spec: SourceSpec) -> Iterator[Record]:
+    """WebDataset tars as img2dataset writes them: KEY.jpg (or png/webp) + KEY.txt
+    and/or KEY.json (its `caption` field, or ,caption_field=NAME; `url`, `key` and
+    `status` recorded). Samples without an image (img2dataset's failed downloads) or
+    without a caption are counted. The tars may be local or remote (read with retries)."""
+    from phoclip.shards import expand_urls, read_shards, shard_name
+
+    urls = expand_urls(spec.pattern)[0]
+    reads: Counter = Counter()
+    for sample in read_shards(({"url": u} for u in urls), reads):
+        key = sample.get("__key__", "")
+        shard = shard_name(sample.get("__url__", "") or "input.tar")
+        meta: dict = {}
+        if "json" in sample:
+            try:
+                meta = json.loads(sample["json"])
+            except (ValueError, RecursionError):
+                meta = None
+            if not isinstance(meta, dict):
+                spec.skipped["bad_json"] += 1
+                continue
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            spec.skipped["no_image" if meta.get("status", "success") == "success" else "failed_download"] += 1
+            continue
+        data = sample[ext]
+        if len(data) > MAX_INLINE_IMAGE_BYTES:
+            spec.skipped["too_large_file"] += 1
+            continue
+        caps = _captions(spec, meta.get(spec.caption_field)) if spec.caption_field in meta else []
+        if "txt" in sample:
+            try:
+                txt = sample["txt"].decode("utf-8")
+            except UnicodeDecodeError:
+                spec.skipped["bad_caption_encoding"] += 1
+                txt = ""
+            if txt.strip() and txt not in caps:
+                caps.append(txt)
+        rel = f"{shard}/{key}.{ext}"
+        path = _cache_image(spec, rel, data)
+        origin = {"key": meta.get("key", key), "shard": sample.get("__url__", "")}
+        if meta.get("url"):
+            origin["url"] = meta["url"]
+        yield Record(spec.source_name, str(meta.get("key", key)), path, caps, spec.split, rel=rel, origin=origin)
+    spec.skipped.update({f"input_{k}": v for k, v in reads.items()})
+
+
+def read_parquet(spec: SourceSpec) -> Iterator[Record]:
+    """A parquet table, one row per image (or per caption: rows of one image group):
+    an image column holding a path (relative to IMAGE_DIR) or the image bytes (also
+    Hugging Face's {bytes, path} struct), and a caption column (text or list of texts).
+    Read in row batches: memory does not grow with the table."""
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(spec.annotations)
+    except Exception as e:  # pyarrow raises its own error types for a non-parquet file
+        raise ValueError(f"{spec.annotations}: not a readable parquet file ({e})") from None
+    cols = pf.schema_arrow.names
+    for c in (spec.image_field, spec.caption_field):
+        if c not in cols:
+            raise ValueError(f"{spec.annotations}: no column {c!r} in {cols} "
+                             "(set ,image_field=NAME / ,caption_field=NAME)")
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=[spec.image_field, spec.caption_field]):
+        images = batch.column(0).to_pylist()
+        captions = batch.column(1).to_pylist()
+        for img, cap in zip(images, captions):
+            row += 1
+            if isinstance(img, dict):  # {"bytes": ..., "path": ...}
+                img = img.get("bytes") or img.get("path")
+            if isinstance(img, (bytes, bytearray)):
+                if len(img) > MAX_INLINE_IMAGE_BYTES:
+                    spec.skipped["too_large_file"] += 1
+                    continue
+                rel = f"{spec.annotations.stem}/{row:09d}.img"
+                yield Record(spec.source_name, str(row), _cache_image(spec, rel, bytes(img)), _captions(spec, cap),
+                             spec.split, rel=rel, origin={"row": row, "file": spec.annotations.name})
+            elif isinstance(img, str):
+                rec = spec.record(img, img, _captions(spec, cap))
+                if rec is not None:
+                    yield rec
+            else:
+                spec.skipped["bad_image_field"] += 1
+
+
 READERS: dict[str, Callable[[SourceSpec], Iterator[Record]]] = {
+    "wds": read_wds,
+    "parquet": read_parquet,
     "coco-jsonl": read_coco_jsonl,
     "flickr8k-vi": read_flickr8k_vi,
     "ktvic": read_ktvic,

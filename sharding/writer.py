@@ -133,7 +133,9 @@ def write_shard(task: ShardTask) -> dict:
             for key, path, meta, ids in task.samples:
                 try:
                     data = read_file_capped(path, task.max_bytes)
-                    im = resize_shorter(decode_rgb(data, task.max_pixels), task.image_size)
+                    im = decode_rgb(data, task.max_pixels)  # always decoded: a check of the whole file
+                    jpg = data if keeps_bytes(data, im, task.image_size) else None
+                    im = resize_shorter(im, task.image_size)
                 except BadImage as e:
                     skipped[e.reason] += 1
                     lost.append(key)
@@ -142,7 +144,7 @@ def write_shard(task: ShardTask) -> dict:
                 meta = dict(meta, width=im.width, height=im.height)
                 tw.write({
                     "__key__": key,
-                    "jpg": encode_jpeg(im, task.quality),
+                    "jpg": jpg or encode_jpeg(im, task.quality),
                     "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8"),
                     "ids.npy": _npy_bytes(np.ascontiguousarray(ids, dtype=np.int32)),
                 })
@@ -155,6 +157,18 @@ def write_shard(task: ShardTask) -> dict:
     d.parent.mkdir(exist_ok=True)
     atomic_write_json(d, record)
     return record
+
+
+def keeps_bytes(data: bytes, im, size: int) -> bool:
+    """An input already in the shard's form - an upright RGB JPEG whose shorter side is at
+    most `size` - is stored as it came (no second lossy encode, e.g. img2dataset's
+    resized JPEGs); anything else is resized and re-encoded."""
+    try:
+        head = probe_image(data)
+        orientation = head.getexif().get(0x0112, 1)
+    except (BadImage, OSError, ValueError, SyntaxError):
+        return False
+    return head.format == "JPEG" and head.mode == "RGB" and orientation in (None, 1) and min(im.size) <= size
 
 
 def shard_plan(keys: list[str], shard_size: int) -> list[list[str]]:

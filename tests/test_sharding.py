@@ -324,3 +324,100 @@ def test_parts_then_merge_equal_one_job(tmp_path, tiny_tokenizer_dir, make_shard
     shutil.rmtree(parted / "part-0001")
     with pytest.raises(SystemExit, match="expected parts 0..1"):
         make_shards(["--merge", parted])
+
+
+# ----------------------------------------------------------------------------- web-scale sources
+
+def _img_bytes(seed, size, fmt="JPEG"):
+    buf = io.BytesIO()
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(arr, "RGB").save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _img2dataset_tars(d: Path):
+    """Two tars as img2dataset writes them (KEY.jpg + KEY.txt + KEY.json with url, key,
+    caption, status), with a failed download, a PNG, a byte-identical duplicate across
+    the tars and an image larger than the shard size."""
+    d.mkdir(parents=True)
+    rng = random.Random(5)
+    small = [_img_bytes(i, (30, 24)) for i in range(7)]
+    samples = [[], []]
+    for i in range(7):
+        key = f"{i:09d}"
+        cap = random_caption(rng)
+        samples[0].append({"__key__": key, "jpg": small[i], "txt": cap.encode(),
+                           "json": json.dumps({"url": f"https://example.vn/{i}.jpg", "key": key, "caption": cap,
+                                               "status": "success"}, ensure_ascii=False).encode()})
+    samples[0].append({"__key__": "000000007", "json": json.dumps({"url": "https://example.vn/gone.jpg",
+                       "key": "000000007", "status": "failed_to_download"}).encode()})
+    samples[1].append({"__key__": "000010000", "png": _img_bytes(50, (40, 30), "PNG"),
+                       "json": json.dumps({"url": "https://example.vn/p.png", "caption": "một hình vuông màu đỏ",
+                                           "status": "success"}, ensure_ascii=False).encode()})
+    samples[1].append({"__key__": "000010001", "jpg": small[2], "txt": "bản sao của ảnh hai".encode()})
+    samples[1].append({"__key__": "000010002", "jpg": _img_bytes(51, (120, 90)), "txt": "ảnh lớn".encode()})
+    for i, ss in enumerate(samples):
+        with tarfile.open(d / f"{i:05d}.tar", "w") as tf:
+            for smp in ss:
+                for ext, data in smp.items():
+                    if ext == "__key__":
+                        continue
+                    ti = tarfile.TarInfo(f"{smp['__key__']}.{ext}")
+                    ti.size = len(data)
+                    tf.addfile(ti, io.BytesIO(data))
+    return small
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_img2dataset_tars_resharded(tmp_path, tiny_tokenizer_dir, make_shards, remote):
+    """--source wds:PATTERN re-shards img2dataset output (local, or through a pipe:
+    command as for object storage): captions from .txt/.json, the original key and URL
+    recorded, failed downloads counted, duplicates merged, small JPEGs kept byte for
+    byte (no second encode), larger images resized."""
+    small = _img2dataset_tars(tmp_path / "i2d")
+    pattern = (f"pipe:cat {tmp_path}/i2d/{{00000..00001}}.tar" if remote else f"{tmp_path}/i2d/{{00000..00001}}.tar")
+    out = tmp_path / "out"
+    assert run(make_shards, tiny_tokenizer_dir, out, f"wds:{pattern},name=laion-vi",
+               extra=["--val-fraction", "0", "--image-size", "64"]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["counts"]["train"] == 9  # 7 + png + large; the duplicate merged
+    assert man["merged_duplicate_images"] == 1
+    assert man["skipped"]["failed_download"] == 1
+    got = read_all(out)
+    metas = {json.loads(v["json"])["origin"][0]["key"]: (json.loads(v["json"]), v) for v in got.values()}
+    m2, v2 = metas["000000002"]
+    assert sorted(o["key"] for o in m2["origin"]) == ["000000002", "000010001"]
+    assert "https://example.vn/2.jpg" in [o.get("url") for o in m2["origin"]]
+    assert len(m2["captions"]) == 2 and "bản sao của ảnh hai" in m2["captions"]
+    assert v2["jpg"] == small[2]  # kept as it came
+    big = next(v for m, v in metas.values() if "ảnh lớn" in m["captions"])
+    assert Image.open(io.BytesIO(big["jpg"])).size == (85, 64)  # shorter side 64
+    png = next(m for m, v in metas.values() if "một hình vuông màu đỏ" in m["captions"])
+    assert png["origin"][0]["url"] == "https://example.vn/p.png"
+
+
+def test_parquet_with_image_bytes_or_paths(tmp_path, tiny_tokenizer_dir, make_shards):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(2)
+    caps = [random_caption(rng) for _ in range(6)]
+    # Hugging Face datasets' image struct, and plain binary with a list of captions
+    pq.write_table(pa.table({"image": [{"bytes": _img_bytes(i, (30, 24)), "path": None} for i in range(3)],
+                             "text": caps[:3]}), tmp_path / "bytes.parquet")
+    pq.write_table(pa.table({"image": [_img_bytes(9, (30, 24))], "text": [[caps[3], caps[4]]]}),
+                   tmp_path / "raw.parquet")
+    for i in range(2):
+        make_image(tmp_path / "imgs" / f"{i}.jpg", 100 + i)
+    pq.write_table(pa.table({"file": ["0.jpg", "1.jpg", "../escape.jpg"], "caption": caps[3:6]}),
+                   tmp_path / "paths.parquet")
+    out = tmp_path / "out"
+    assert run(make_shards, tiny_tokenizer_dir, out, f"parquet:{tmp_path}/bytes.parquet,caption_field=text",
+               f"parquet:{tmp_path}/raw.parquet,caption_field=text",
+               f"parquet:{tmp_path}/paths.parquet:{tmp_path}/imgs,image_field=file",
+               extra=["--val-fraction", "0"]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["counts"]["train"] == 6 and man["captions"]["train"] == 7
+    assert man["skipped"]["outside_image_folder"] == 1
+    with pytest.raises(SystemExit, match="no column 'caption'"):
+        run(make_shards, tiny_tokenizer_dir, tmp_path / "out2", f"parquet:{tmp_path}/bytes.parquet")
