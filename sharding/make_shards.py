@@ -34,18 +34,17 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 
 from phoclip import __version__
 from phoclip.errors import EXPECTED_ERRORS, one_line
 from phoclip.fileio import atomic_write_json, atomic_write_text
 from phoclip.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from phoclip.log import init_logger
-from phoclip.text import (SEGMENTERS, TextProcessor, create_segmenter, load_tokenizer,
-                          normalize_text, strip_controls, tokenizer_fingerprint)
+from phoclip.text import (SEGMENTERS, create_segmenter, load_tokenizer, normalize_text, strip_controls,
+                          tokenizer_fingerprint)
 from phoclip_sharding.readers import READERS, Record, SourceSpec, read_source
-from phoclip_sharding.writer import (ShardTask, check_images, done_path, is_complete, make_pool, read_done,
-                             run_tasks, shard_plan)
+from phoclip_sharding.writer import (ShardTask, TextSettings, check_images, done_path, is_complete, make_pool,
+                                     read_done, run_tasks, shard_plan)
 
 logger = logging.getLogger("make_shards")
 
@@ -112,8 +111,42 @@ def part_of(key: str, num_parts: int) -> int:
     return int(h[:16], 16) % num_parts
 
 
+def _checked_images(paths: list[str], pool, max_pixels: int, max_bytes: int, journal: Optional[Path]):
+    """`check_images`, remembering each file's result by (size, mtime) in `journal`: a
+    resumed or repeated job re-hashes only the files that changed."""
+    from phoclip_sharding.writer import ImageCheck
+
+    seen: dict = {}
+    if journal is not None and journal.is_file():
+        try:
+            seen = json.loads(journal.read_text())
+            seen = seen if isinstance(seen, dict) and seen.get("limits") == [max_pixels, max_bytes] else {}
+        except (OSError, ValueError):
+            seen = {}
+    old = seen.get("files", {})
+    stamps, todo, out = {}, [], {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stamps[p] = [st.st_size, st.st_mtime_ns]
+        except OSError:
+            stamps[p] = None
+        rec = old.get(p)
+        if stamps[p] is not None and rec and rec[:2] == stamps[p]:
+            out[p] = ImageCheck(p, sha=rec[2], reason=rec[3])
+        else:
+            todo.append(p)
+    if todo and len(todo) < len(paths):
+        logger.info("hashing %d new or changed of %d images (the rest: %s)", len(todo), len(paths), journal)
+    out.update(check_images(todo, pool, max_pixels, max_bytes))
+    if journal is not None:
+        files = {p: [*stamps[p], c.sha, c.reason] for p, c in out.items() if stamps.get(p) is not None}
+        atomic_write_json(journal, {"limits": [max_pixels, max_bytes], "files": files})
+    return out
+
+
 def collect(specs: list[SourceSpec], pool, max_pixels: int, max_bytes: int = MAX_FILE_BYTES,
-            num_parts: int = 1, part: int = 0):
+            num_parts: int = 1, part: int = 0, journal: Optional[Path] = None):
     """Read every source, hash every image, merge byte-identical images; keep the images
     of `part` (of `num_parts`, by content hash) and count only their skips.
 
@@ -127,7 +160,7 @@ def collect(specs: list[SourceSpec], pool, max_pixels: int, max_bytes: int = MAX
             skipped.update(spec.skipped)
         logger.info("%s: %d images in %s", spec.source_name, len(records) - n0, spec.annotations)
     paths = sorted({str(r.path) for r in records})
-    checks = check_images(paths, pool, max_pixels, max_bytes)
+    checks = _checked_images(paths, pool, max_pixels, max_bytes, journal)
     samples: dict[str, dict] = {}
     for r in records:
         c = checks[str(r.path)]
@@ -213,7 +246,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
     try:
         samples, skipped, merged = collect(specs, pool, args.max_pixels, args.max_image_bytes,
-                                           args.num_parts, args.part)
+                                           args.num_parts, args.part, out / ".hashes.json")
     except ValueError as e:  # an annotation file that cannot be read as its format says
         raise SystemExit(f"make_shards: {e}") from None
     t_read = time.time()
@@ -225,24 +258,11 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
         s["split"] = ("val" if "val" in s["pins"] else "train" if "train" in s["pins"]
                       else _split_of(s["sha"], args.seed, args.val_fraction))
 
-    # text: normalise → segment → tokenize, once per caption, in batches
-    proc = TextProcessor(tokenizer, segmenter, args.max_length)
+    # text: normalise → segment → tokenize, once per caption, in the workers that write
+    # each shard (captions/s scale with --workers; a resumed job segments only the
+    # shards it still writes)
     order = sorted(samples)
-    flat = [(sha, i) for sha in order for i in range(len(samples[sha]["captions"]))]
-    texts = [samples[sha]["captions"][i] for sha, i in flat]
-    from tqdm import tqdm
-    seg_all: list[str] = []
-    ids_all = []
-    for b in tqdm(range(0, len(texts), args.text_batch), desc="text", unit="batch", disable=None):
-        seg, ids = proc(texts[b:b + args.text_batch])
-        seg_all.extend(seg)
-        ids_all.append(ids)
-    ids_all = np.concatenate(ids_all) if ids_all else np.zeros((0, args.max_length), np.int32)
-    per_sample: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
-    for (sha, _), sg, ids in zip(flat, seg_all, ids_all):
-        per_sample[sha][0].append(sg)
-        per_sample[sha][1].append(ids)
-    truncated = int(sum(1 for row in ids_all if row[-1] != tokenizer.pad_token_id))
+    text = TextSettings(args.tokenizer, args.segmenter, args.vncorenlp_dir, args.max_length, args.text_batch)
     t_text = time.time()
 
     # deterministic shard plan: keys sorted, then shuffled with the seed (mixes sources)
@@ -259,18 +279,17 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
                 meta = {"key": sha[:24], "sha256": sha, "split": split, "source": s["sources"],
                         "image_id": s["image_ids"], "path": s["rel_paths"],
                         "captions": [normalize_text(c) for c in s["captions"]],
-                        "captions_raw": [strip_controls(c) for c in s["captions"]],
-                        "captions_segmented": per_sample[sha][0]}
+                        "captions_raw": [strip_controls(c) for c in s["captions"]]}
                 if s["origins"]:  # web-scale inputs: the original key and URL
                     meta["origin"] = s["origins"]
-                items.append((sha[:24], s["paths"][0], meta, np.stack(per_sample[sha][1])))
+                items.append((sha[:24], s["paths"][0], meta, s["captions"]))
             tasks.append(ShardTask(split, idx, str(out), args.image_size, args.jpeg_quality, items,
-                                   args.max_pixels, args.max_image_bytes))
+                                   args.max_pixels, args.max_image_bytes, text))
 
     plan_hash = hashlib.sha256(json.dumps(
-        [[t.name, [(k, p, m["captions_segmented"]) for k, p, m, _ in t.samples]] for t in tasks]
+        [[t.name, [(k, p, caps) for k, p, _, caps in t.samples]] for t in tasks]
         + [args.image_size, args.jpeg_quality, args.max_length, tokenizer_fingerprint(tokenizer),
-           args.max_pixels, args.max_image_bytes]
+           args.max_pixels, args.max_image_bytes, segmenter.name, segmenter.version]
     ).encode()).hexdigest()[:16]
     plan_file = out / ".plan"
     if plan_file.exists() and plan_file.read_text().strip() != plan_hash:
@@ -286,7 +305,7 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
     logger.info("time: read+hash %.1fs, text %.1fs, plan %.1fs, images+shards %.1fs",
                 t_read - t0, t_text - t_read, t_plan - t_text, time.time() - t_plan)
 
-    sizes, lost = {}, set()
+    sizes, lost, truncated = {}, set(), 0
     for t in tasks:
         rec = read_done(out, t.name)
         if rec is None:
@@ -295,6 +314,7 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
         sizes[t.name] = rec["count"]
         skipped.update(rec["skipped"])
         lost.update(rec.get("lost_keys", []))
+        truncated += int(rec.get("truncated_captions", 0))
     # what was written: an image that failed to decode in its shard is not counted; a
     # merged image counts once for each of its sources
     written = [sha for sha in order if sha[:24] not in lost]

@@ -48,6 +48,30 @@ def check_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS,
     return ImageCheck(path, sha=hashlib.sha256(data).hexdigest())
 
 
+@dataclass(frozen=True)
+class TextSettings:
+    """How a worker prepares captions (normalise → segment → tokenize), built once per
+    worker process and reused for every shard it writes."""
+
+    tokenizer: str
+    segmenter: str
+    vncorenlp_dir: Optional[str]
+    max_length: int
+    batch: int = 512
+
+
+_TEXT: dict = {}  # TextSettings -> TextProcessor, per worker process
+
+
+def text_processor(t: TextSettings):
+    if t not in _TEXT:
+        from phoclip.text import TextProcessor, create_segmenter, load_tokenizer
+
+        _TEXT[t] = TextProcessor(load_tokenizer(t.tokenizer), create_segmenter(t.segmenter, t.vncorenlp_dir),
+                                 t.max_length)
+    return _TEXT[t]
+
+
 @dataclass
 class ShardTask:
     split: str
@@ -55,10 +79,12 @@ class ShardTask:
     out_dir: str
     image_size: int
     quality: int
-    # one entry per sample: (key, image path, metadata dict, ids int32 [n, L])
+    # one entry per sample: (key, image path, metadata dict, raw captions) with `text`
+    # set (the worker tokenizes), or (key, image path, metadata dict, ids int32 [n, L])
     samples: list
     max_pixels: int = MAX_IMAGE_PIXELS
     max_bytes: int = MAX_FILE_BYTES
+    text: Optional[TextSettings] = None
 
     @property
     def name(self) -> str:
@@ -128,9 +154,10 @@ def write_shard(task: ShardTask) -> dict:
     skipped: Counter = Counter()
     lost: list[str] = []  # keys planned for this shard whose image could not be written
     count = 0
+    segmented, ids_of, truncated = _prepare_text(task)
     with open(tmp, "wb") as f:
         with _TarShard(f) as tw:
-            for key, path, meta, ids in task.samples:
+            for (key, path, meta, _), seg, ids in zip(task.samples, segmented, ids_of):
                 try:
                     data = read_file_capped(path, task.max_bytes)
                     im = decode_rgb(data, task.max_pixels)  # always decoded: a check of the whole file
@@ -142,6 +169,8 @@ def write_shard(task: ShardTask) -> dict:
                     logger.warning("skipping %s: %s", path, e)
                     continue
                 meta = dict(meta, width=im.width, height=im.height)
+                if seg is not None:
+                    meta["captions_segmented"] = seg
                 tw.write({
                     "__key__": key,
                     "jpg": jpg or encode_jpeg(im, task.quality),
@@ -152,11 +181,35 @@ def write_shard(task: ShardTask) -> dict:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    record = {"name": task.name, "count": count, "skipped": dict(skipped), "lost_keys": lost}
+    record = {"name": task.name, "count": count, "skipped": dict(skipped), "lost_keys": lost,
+              "truncated_captions": truncated}
     d = done_path(out, task.name)
     d.parent.mkdir(exist_ok=True)
     atomic_write_json(d, record)
     return record
+
+
+def _prepare_text(task: ShardTask) -> tuple[list, list, int]:
+    """Every caption of the shard through the worker's TextProcessor, in batches:
+    per sample, segmented captions and ids int32 [n, L]; and how many captions were
+    truncated at max_length. Samples given with their ids already pass through."""
+    if task.text is None:
+        return [None] * len(task.samples), [ids for _, _, _, ids in task.samples], 0
+    proc = text_processor(task.text)
+    flat = [c for _, _, _, caps in task.samples for c in caps]
+    seg_all, ids_all = [], []
+    for b in range(0, len(flat), task.text.batch):
+        seg, ids = proc(flat[b:b + task.text.batch])
+        seg_all.extend(seg)
+        ids_all.append(ids)
+    ids = np.concatenate(ids_all) if ids_all else np.zeros((0, task.text.max_length), np.int32)
+    segmented, per_ids, i = [], [], 0
+    for _, _, _, caps in task.samples:
+        segmented.append(seg_all[i:i + len(caps)])
+        per_ids.append(ids[i:i + len(caps)])
+        i += len(caps)
+    truncated = int((ids[:, -1] != proc.tokenizer.pad_token_id).sum()) if len(ids) else 0
+    return segmented, per_ids, truncated
 
 
 def keeps_bytes(data: bytes, im, size: int) -> bool:

@@ -1,5 +1,6 @@
 """Sharding: every reader on its published format, bad inputs, text, splits, determinism."""
 import hashlib
+import os
 import io
 import json
 import random
@@ -421,3 +422,29 @@ def test_parquet_with_image_bytes_or_paths(tmp_path, tiny_tokenizer_dir, make_sh
     assert man["skipped"]["outside_image_folder"] == 1
     with pytest.raises(SystemExit, match="no column 'caption'"):
         run(make_shards, tiny_tokenizer_dir, tmp_path / "out2", f"parquet:{tmp_path}/bytes.parquet")
+
+
+def test_resume_does_only_the_remaining_work(tmp_path, tiny_tokenizer_dir, make_shards, monkeypatch):
+    """A resumed job re-hashes no unchanged image (the hash journal) and segments only
+    the captions of the shards it still writes (text runs in the shard workers); a
+    changed image is hashed again."""
+    import phoclip_sharding.writer as writer
+
+    ann, imgs = _dataset(tmp_path, 24)
+    out = tmp_path / "out"
+    extra = ["--shard-size", "6", "--val-fraction", "0"]
+    run(make_shards, tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}", extra=extra)
+    names = sorted(p.name for p in out.glob("*.tar"))
+    ref = (out / names[1]).read_bytes()
+    (out / names[1]).unlink()
+    hashed, segmented = [], []
+    real_check, real_prep = writer.check_image, writer._prepare_text
+    monkeypatch.setattr(writer, "check_image", lambda p, **k: hashed.append(p) or real_check(p, **k))
+    monkeypatch.setattr(writer, "_prepare_text", lambda t: segmented.append(t.name) or real_prep(t))
+    run(make_shards, tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}", extra=extra)
+    assert hashed == [] and segmented == [names[1]]
+    assert (out / names[1]).read_bytes() == ref
+    img = imgs / "3.jpg"
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
+    run(make_shards, tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}", extra=extra)  # same bytes: same job
+    assert hashed == [str(img)]
