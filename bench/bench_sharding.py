@@ -1,8 +1,9 @@
 """Sharding throughput: make_shards.py against a bare decode → resize → encode loop over
 the same images, with 1 and 2 workers; segmentation captions/s per backend;
-tokenization captions/s.
+tokenization captions/s; captions/s of the whole text stage inside make_shards with 1
+and 2 workers; and the peak RSS of make_shards (one process) at 10k and 100k images.
 
-    python bench/bench_sharding.py [--images 400]
+    python bench/bench_sharding.py [--images 1000] [--rss-images 10000 100000]
 """
 from __future__ import annotations
 
@@ -43,9 +44,44 @@ def bare(paths: list[str], workers: int) -> float:
     return len(paths) / (time.perf_counter() - t)
 
 
+def peak_rss_of(cmd: list[str]) -> tuple[float, float]:
+    """(peak RSS in MB, seconds) of a command run as a child process."""
+    import os
+    import subprocess
+
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, ru = os.wait4(p.pid, 0)
+    if status:
+        raise RuntimeError(f"{cmd[:4]} failed with status {status}")
+    return ru.ru_maxrss / 1024, time.perf_counter() - t
+
+
+def rss_rows(d: Path, counts: list[int]) -> list[tuple]:
+    """make_shards on N tiny generated images (--workers 1: everything in one process)."""
+    from phoclip.synthetic import make_dataset
+    from phoclip.text import build_phobert_tokenizer
+
+    rows, base = [], None
+    for n in counts:
+        work = d / f"rss{n}"
+        caps = make_dataset(work / "data", n_images=n, size=48)
+        tok = build_phobert_tokenizer([l.split("\t", 1)[1] for l in caps.read_text(encoding="utf-8").splitlines()],
+                                      work / "tok")
+        mb, dt = peak_rss_of([sys.executable, str(Path(__file__).resolve().parents[1] / "sharding/make_shards.py"),
+                              "--source", f"flickr8k-vi:{caps}:{work / 'data' / 'images'}", "--out", str(work / "sh"),
+                              "--tokenizer", str(tok), "--segmenter", "none", "--workers", "1",
+                              "--image-size", "48", "--shard-size", "1000"])
+        base = base or mb
+        rows.append((f"{n}", f"{mb:.0f}", f"{mb / base:.2f}x", f"{n / dt:.0f}"))
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--rss-images", type=int, nargs="*", default=[10000, 100000])
     args = ap.parse_args()
     from phoclip.text import (NoSegmenter, PyviSegmenter, UndertheseaSegmenter, build_phobert_tokenizer,
                               load_tokenizer, tokenize_captions)
@@ -87,6 +123,26 @@ def main() -> None:
         srows.append(("PhobertTokenizer (tokenize)", f"{len(many) / (time.perf_counter() - t):.0f}"))
         print(f"\ntext: {len(many)} captions, one process")
         print(table(srows, ("stage", "captions/s")))
+
+        # the text stage inside make_shards (it runs in the shard workers): 48 px images,
+        # so segmentation dominates; captions/s over the whole run
+        small = d / "small"
+        caps_s = __import__("phoclip.synthetic", fromlist=["make_dataset"]).make_dataset(
+            small / "data", n_images=2000, size=48)
+        n_caps = len(caps_s.read_text(encoding="utf-8").splitlines())
+        trows = []
+        for w in (1, 2):
+            t = time.perf_counter()
+            make_shards(["--source", f"flickr8k-vi:{caps_s}:{small / 'data' / 'images'}", "--out", str(small / f"o{w}"),
+                         "--tokenizer", str(tok_dir), "--segmenter", "underthesea", "--workers", str(w),
+                         "--image-size", "48", "--shard-size", "100", "--val-fraction", "0"])
+            trows.append((f"{w}", f"{n_caps / (time.perf_counter() - t):.0f}"))
+        print(f"\nmake_shards with underthesea, {n_caps} captions of 2000 small images")
+        print(table(trows, ("workers", "captions/s (whole job)")))
+
+        if args.rss_images:
+            print("\npeak RSS of make_shards (--workers 1, one process; tiny images, no segmenter)")
+            print(table(rss_rows(d, args.rss_images), ("images", "peak RSS MB", "vs first", "img/s")))
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

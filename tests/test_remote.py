@@ -3,7 +3,6 @@ from the same place (or data.manifest), a connection dropped mid-shard retried w
 losing a sample, a shard that never comes skipped and counted; a 2-rank run streaming
 from a local HTTP server resumes after kill -9 with the same losses."""
 import http.server
-import itertools
 import json
 import os
 import subprocess
