@@ -180,13 +180,28 @@ def _profile(fn, dev: torch.device, name: str, steps: int = 3) -> dict:
             "device_busy_share": round(busy / (wall * 1e3), 3) if wall else None}
 
 
+def bare_step(model, x: torch.Tensor, ids: torch.Tensor, optimizer, dev: torch.device):
+    """The bare loop's step: bf16 forward, the CLIP loss written out, backward, AdamW."""
+    import torch.nn.functional as F
+
+    def f():
+        with torch.autocast(dev.type, dtype=torch.bfloat16):
+            o = model(x, ids)
+            logits = o["logit_scale"] * o["image_features"] @ o["text_features"].T
+            lab = torch.arange(len(x), device=dev)
+            loss = (F.cross_entropy(logits, lab) + F.cross_entropy(logits.T, lab)) / 2
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return f
+
+
 def _fmt(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @section("step")
 def step(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: bool) -> dict:
-    import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
     from phoclip.transforms import normalize_images
@@ -209,16 +224,7 @@ def step(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: b
                  "image_size": size, "peak_bf16_tflops_datasheet": peak and peak / 1e12, "rows": []}
 
     def bare_fn(x, ids, optimizer):
-        def f():
-            with torch.autocast(dev.type, dtype=torch.bfloat16):
-                o = model(x, ids)
-                logits = o["logit_scale"] * o["image_features"] @ o["text_features"].T
-                lab = torch.arange(len(x), device=dev)
-                loss = (F.cross_entropy(logits, lab) + F.cross_entropy(logits.T, lab)) / 2
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return f
+        return bare_step(model, x, ids, optimizer, dev)
 
     for b in batches:
         cpu = {"images": full["images"][:b].clone(), "input_ids": full["input_ids"][:b].clone()}
@@ -292,7 +298,6 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
     share of ours trimmed; recompiles of the compiled run."""
     import random
 
-    import torch.nn.functional as F
     from bench_peer_openclip import openclip_model, openclip_step
     from bench_text_padding import caption_lengths, make_ids
 
@@ -333,19 +338,10 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
         model, opt = tr.model, tr.engine.optimizer
         x = _fmt(normalize_images(plain["images"].to(dev)), tr.channels_last)
 
-        def bare(idx):
-            def f():
-                with torch.autocast(dev.type, dtype=torch.bfloat16):
-                    o = model(x, idx)
-                    logits = o["logit_scale"] * o["image_features"] @ o["text_features"].T
-                    lab = torch.arange(len(x), device=dev)
-                    loss = (F.cross_entropy(logits, lab) + F.cross_entropy(logits.T, lab)) / 2
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            return f
-        row["bare_padded_sps"] = round(b / _time(bare(plain["input_ids"].to(dev)), dev, steps), 1)
-        row["bare_trimmed_sps"] = round(b / _time(bare(trim_padding(plain["input_ids"], 1, 8).to(dev)), dev, steps), 1)
+        row["bare_padded_sps"] = round(b / _time(bare_step(model, x, plain["input_ids"].to(dev), opt, dev),
+                                                 dev, steps), 1)
+        row["bare_trimmed_sps"] = round(b / _time(bare_step(model, x, trim_padding(plain["input_ids"], 1, 8).to(dev),
+                                                            opt, dev), dev, steps), 1)
         tr.cfg.data.trim_padding = 8  # the same trainer, trimming on
         row["ours_trimmed_sps"] = round(b / _time(lambda: tr.train_step([plain], sync=False), dev, steps), 1)
         # before #14's sync-free steps: the host read the flags and metrics every step

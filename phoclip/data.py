@@ -181,7 +181,7 @@ class ShardStream(IterableDataset):
                 good_at = opened
                 continue  # resume: replay the order, decode nothing
             rng = random.Random(_seed(*self._key("sample", c.seed, c.rank, logical, pos)))
-            try:
+            try:  # (decode_sample looked up here: tests count the stream's decodes)
                 img, all_ids, _ = decode_sample(sample, c.ids_width, c.vocab_size, with_meta=False)
             except BadImage as e:
                 skips[f"image_{e.reason}"] += 1

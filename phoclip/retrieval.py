@@ -12,9 +12,8 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from phoclip.images import BadImage
 from phoclip.model import trim_padding
-from phoclip.shards import BadSample, decode_sample, read_shards
+from phoclip.shards import decode_counted, read_shards
 from phoclip.transforms import image_to_tensor
 
 logger = logging.getLogger(__name__)
@@ -179,14 +178,10 @@ def eval_samples(urls: list[str], image_size: int, rank: int = 0, world_size: in
     skipped = skipped if skipped is not None else Counter()
     shards = ({"url": u} for u in urls[rank::world_size])
     for sample in read_shards(shards, skipped, manifest):
-        try:
-            img, ids, meta = decode_sample(sample, ids_width, vocab_size)
-        except BadImage as e:
-            skipped[f"image_{e.reason}"] += 1
+        decoded = decode_counted(sample, skipped, ids_width, vocab_size)
+        if decoded is None:
             continue
-        except BadSample as e:
-            skipped[e.reason] += 1
-            continue
+        img, ids, meta = decoded
         yield {"key": sample["__key__"], "image": image_to_tensor(img, image_size, train=False),
                "ids": torch.from_numpy(ids), "meta": meta,
                "url": sample.get("__url__", "")}

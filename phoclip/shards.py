@@ -321,6 +321,20 @@ def decode_sample(sample: dict, width: Optional[int] = None, vocab_size: Optiona
     return img, ids, meta
 
 
+def decode_counted(sample: dict, skips: Counter, width: Optional[int] = None, vocab_size: Optional[int] = None,
+                   with_meta: bool = True) -> Optional[tuple[Any, np.ndarray, dict]]:
+    """`decode_sample`, or None with the reason counted in `skips` (images as image_REASON)."""
+    from phoclip.images import BadImage
+
+    try:
+        return decode_sample(sample, width, vocab_size, with_meta)
+    except BadImage as e:
+        skips[f"image_{e.reason}"] += 1
+    except BadSample as e:
+        skips[e.reason] += 1
+    return None
+
+
 class _Skips:
     """Handler for webdataset's tar stages: count the error, keep going."""
 
