@@ -30,3 +30,13 @@ def test_exponent_floats_are_numbers_not_strings(tmp_path):
 def test_bad_overrides_are_refused_with_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config(None, [override])
+
+
+@pytest.mark.parametrize("name", ["phobert-large-rn50", "tiny-debug", "demo"])
+def test_every_run_config_resolves(name):
+    """The shipped YAML files load as written (YAML 1.1 reads `off` as a boolean: the
+    choice fields take it back as the word)."""
+    cfg = resolve_config(f"launch/configs/{name}.yaml", ["data.train_shards=x.tar"])
+    cfg.validate(world_size=1)
+    assert cfg.train.compile == "off" and cfg.data.resize_on == "worker"
+    assert resolve_config(None, ["train.compile=off", "train.channels_last=no"]).train.channels_last == "false"

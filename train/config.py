@@ -332,8 +332,10 @@ def _set_value(obj: Any, name: str, val: Any, key: str, raw: Any = None) -> None
         typ = next(a for a in typing.get_args(typ) if a is not type(None))
     choices = _choices(typ)
     if choices:  # a Literal: one place checks every field's choices
-        if isinstance(val, bool):  # YAML reads true/false as booleans
-            val = str(val).lower()
+        if isinstance(val, bool):  # YAML 1.1 reads true/false/on/off/yes/no as booleans
+            words = ([str(raw).strip().lower()] if raw is not None else []) + (
+                ["true", "on", "yes"] if val else ["false", "off", "no"])
+            val = next((w for w in words if w in choices), str(val).lower())
         if val not in choices:
             raise _choice_error(key, shown, choices)
         setattr(obj, name, val)
