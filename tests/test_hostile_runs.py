@@ -206,6 +206,8 @@ def test_no_readable_training_sample_stops_in_bounded_time_with_a_clear_error(sh
 def test_sigterm_ends_a_run_stuck_waiting_for_data_promptly(shapes_shards, tmp_path):
     """A shard that never delivers a byte (a FIFO nobody writes; a hung mount): the run
     waits for data, and SIGTERM must still end it, with its loader worker."""
+    from phoclip_train.trainer import STUCK_WAIT_S
+
     shards, tok, _ = shapes_shards
     d = tmp_path / "stuck"
     d.mkdir()
@@ -217,7 +219,12 @@ def test_sigterm_ends_a_run_stuck_waiting_for_data_promptly(shapes_shards, tmp_p
     p = subprocess.Popen(torchrun_cmd(1, "launch/train_ddp.py", args), env=ENV, cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        time.sleep(20)  # built, and waiting for its first batch
+        # built, and waiting for its first batch: its loader worker exists (the build takes
+        # 10-25 s on a loaded 2-core machine), then longer than STUCK_WAIT_S without a batch
+        t0 = time.time()
+        while len(process_tree(p.pid)) < 3 and p.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.5)
+        time.sleep(STUCK_WAIT_S + 3)
         tree = process_tree(p.pid)
         assert p.poll() is None and len(tree) >= 3  # agent, rank, loader worker
         p.send_signal(signal.SIGTERM)
