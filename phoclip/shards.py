@@ -149,14 +149,20 @@ def read_small(url: str, max_bytes: int = MAX_CATALOGUE_BYTES) -> bytes:
     return data
 
 
-def _exists(url: str) -> bool:
-    if is_remote(url):
-        try:
-            read_small(url)
-            return True
-        except (OSError, ValueError):
-            return False
-    return os.path.isfile(_local_path(url))
+def read_optional(url: str) -> Optional[bytes]:
+    """`read_small`, or None where the file does not exist (a local path that is not a
+    regular file, HTTP 404, an fsspec FileNotFoundError). Read once: a remote file is not
+    fetched to test that it exists. Other failures (refused, timed out) raise OSError."""
+    if not is_remote(url):
+        return read_small(url) if os.path.isfile(_local_path(url)) else None
+    try:
+        return read_small(url)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if getattr(e, "code", None) == 404:  # urllib's HTTPError
+            return None
+        raise
 
 
 def expand_urls(spec: str, weights: Optional[str] = None) -> tuple[list[str], list[float]]:
@@ -185,11 +191,12 @@ MANIFEST_KEYS = {"tokenizer.fingerprint": str, "tokenizer.name": str, "tokenizer
                  "tokenizer.max_length": int, "segmenter.name": str, "counts": dict}
 
 
-def read_manifest(path: str | os.PathLike) -> dict:
-    """A manifest.json, checked: a file with missing keys or wrong types is refused with
-    a message naming the file and the key (not a KeyError later)."""
+def read_manifest(path: str | os.PathLike, data: Optional[bytes] = None) -> dict:
+    """A manifest.json (`data`: its bytes, already read), checked: a file with missing
+    keys or wrong types is refused with a message naming the file and the key (not a
+    KeyError later)."""
     try:
-        m = json.loads(read_small(str(path)).decode("utf-8"))
+        m = json.loads((read_small(str(path)) if data is None else data).decode("utf-8"))
     except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"{path}: not a readable manifest ({type(e).__name__}: {e})") from None
     if not isinstance(m, dict):
@@ -207,7 +214,11 @@ def manifest_for(url: str, manifest: Optional[str] = None) -> Optional[dict]:
     """The manifest.json of a shard (beside it, or `manifest`), if any (checked by
     `read_manifest`)."""
     p = manifest or _join(catalogue_dir(url), "manifest.json")
-    return read_manifest(p) if _exists(p) else None
+    try:
+        data = read_optional(p)
+    except OSError as e:
+        raise ValueError(f"{p}: cannot be read ({e})") from None
+    return None if data is None else read_manifest(p, data)
 
 
 def check_manifests(urls: Iterable[str], fingerprint: str, pad_id: int, max_positions: int,
@@ -352,7 +363,8 @@ def _shard_sizes(url: str, cache: dict, manifest: Optional[str] = None) -> Optio
     if d not in cache:
         f = _join(d, "sizes.json")
         try:
-            sizes = json.loads(read_small(f).decode("utf-8")) if _exists(f) else {}
+            data = read_optional(f)
+            sizes = json.loads(data.decode("utf-8")) if data is not None else {}
         except (OSError, ValueError, RecursionError) as e:
             raise ValueError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
         if not isinstance(sizes, dict) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0

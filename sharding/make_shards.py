@@ -131,8 +131,8 @@ def _checked_images(paths: list[str], pool, max_pixels: int, max_bytes: int, jou
             stamps[p] = [st.st_size, st.st_mtime_ns]
         except OSError:
             stamps[p] = None
-        rec = old.get(p)
-        if stamps[p] is not None and rec and rec[:2] == stamps[p]:
+        rec = old.get(p) if isinstance(old, dict) else None
+        if stamps[p] is not None and isinstance(rec, list) and len(rec) == 4 and rec[:2] == stamps[p]:
             out[p] = ImageCheck(p, sha=rec[2], reason=rec[3])
         else:
             todo.append(p)
@@ -209,7 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.merge:
         try:
             return merge_parts(Path(args.merge))
-        except ValueError as e:
+        except (ValueError, KeyError, TypeError, OSError) as e:  # a damaged part folder
             raise SystemExit(f"make_shards --merge: {e}") from None
     t0 = time.time()
     try:
@@ -372,7 +372,10 @@ def merge_parts(out: Path) -> int:
         f = d / "manifest.json"
         if not f.is_file():
             raise ValueError(f"{d} has no manifest.json: that part has not finished")
-        mans.append(json.loads(f.read_text(encoding="utf-8")))
+        m = json.loads(f.read_text(encoding="utf-8"))
+        if not (isinstance(m, dict) and isinstance(m.get("part"), dict) and isinstance(m.get("shards"), dict)):
+            raise ValueError(f"{f}: not a part manifest written by make_shards --num-parts")
+        mans.append(m)
     n = mans[0].get("part", {}).get("of")
     got = sorted(m.get("part", {}).get("index") for m in mans)
     if got != list(range(n or 0)):

@@ -102,6 +102,8 @@ class SourceSpec:
         kw: dict = {}
         extra: dict = {}
         for o in opts:
+            if "=" not in o:
+                raise ValueError(f"--source {spec!r}: option {o!r} is not key=value")
             key, v = o.split("=", 1)
             if key == "split":
                 if v not in ("train", "val"):

@@ -448,3 +448,13 @@ def test_resume_does_only_the_remaining_work(tmp_path, tiny_tokenizer_dir, make_
     os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
     run(make_shards, tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}", extra=extra)  # same bytes: same job
     assert hashed == [str(img)]
+
+
+def test_web_source_and_merge_refuse_damaged_input_in_one_line(tmp_path, tiny_tokenizer_dir, make_shards):
+    with pytest.raises(SystemExit, match="option 'junk' is not key=value"):
+        run(make_shards, tiny_tokenizer_dir, tmp_path / "o", f"wds:{tmp_path}/x.tar,name=a,junk")
+    part = tmp_path / "m" / "part-0000"
+    part.mkdir(parents=True)
+    (part / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a part manifest"):
+        make_shards(["--merge", tmp_path / "m"])

@@ -62,6 +62,22 @@ class Trainer:
             self.lock.release()
             raise
 
+    @property
+    def tokenizer(self):
+        return self.data.tokenizer
+
+    @property
+    def manifest(self) -> dict:
+        return self.data.manifest
+
+    @property
+    def train_urls(self) -> list:
+        return self.data.train_urls
+
+    @property
+    def eval_sets(self) -> dict:
+        return self.data.eval_sets
+
     def _claim_run_dir(self) -> None:
         """One job per run folder, and a fresh run never lands silently on an old one."""
         self.lock.acquire()
@@ -85,8 +101,6 @@ class Trainer:
             logger.info("train.precision=auto: %s on %s", t.precision, dist_info.device)
         # data first: bad shards are refused before any model is built
         self.data = build_data(cfg, dist_info)
-        self.tokenizer, self.manifest = self.data.tokenizer, self.data.manifest
-        self.train_urls, self.eval_sets = self.data.train_urls, self.data.eval_sets
         # the retrieval grids segment their queries as the shards were: refuse now, not
         # silently at the first validation, when that segmenter cannot be built
         self._query_proc = self._build_query_processor() if t.eval_queries and self.data.val_urls else None
