@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import sys
 import time
 from collections import Counter, defaultdict
@@ -42,9 +41,10 @@ from phoclip.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from phoclip.log import init_logger
 from phoclip.text import (SEGMENTERS, create_segmenter, load_tokenizer, normalize_text, strip_controls,
                           tokenizer_fingerprint)
-from phoclip_sharding.readers import READERS, Record, SourceSpec, read_source
+from phoclip_sharding.readers import READERS, SourceSpec, read_source
+from phoclip_sharding.store import STORE_NAME, JobStore, lock_folder
 from phoclip_sharding.writer import (ShardTask, TextSettings, check_images, done_path, is_complete, make_pool,
-                                     read_done, run_tasks, shard_plan)
+                                     read_done, run_tasks)
 
 logger = logging.getLogger("make_shards")
 
@@ -111,96 +111,120 @@ def part_of(key: str, num_parts: int) -> int:
     return int(h[:16], 16) % num_parts
 
 
-def _checked_images(paths: list[str], pool, max_pixels: int, max_bytes: int, journal: Optional[Path]):
-    """`check_images`, remembering each file's result by (size, mtime) in `journal`: a
-    resumed or repeated job re-hashes only the files that changed."""
-    from phoclip_sharding.writer import ImageCheck
-
-    seen: dict = {}
-    if journal is not None and journal.is_file():
-        try:
-            seen = json.loads(journal.read_text())
-            seen = seen if isinstance(seen, dict) and seen.get("limits") == [max_pixels, max_bytes] else {}
-        except (OSError, ValueError):
-            seen = {}
-    old = seen.get("files", {})
-    stamps, todo, out = {}, [], {}
-    for p in paths:
-        try:
-            st = os.stat(p)
-            stamps[p] = [st.st_size, st.st_mtime_ns]
-        except OSError:
-            stamps[p] = None
-        rec = old.get(p) if isinstance(old, dict) else None
-        if stamps[p] is not None and isinstance(rec, list) and len(rec) == 4 and rec[:2] == stamps[p]:
-            out[p] = ImageCheck(p, sha=rec[2], reason=rec[3])
-        else:
-            todo.append(p)
-    if todo and len(todo) < len(paths):
-        logger.info("hashing %d new or changed of %d images (the rest: %s)", len(todo), len(paths), journal)
-    out.update(check_images(todo, pool, max_pixels, max_bytes))
-    if journal is not None:
-        files = {p: [*stamps[p], c.sha, c.reason] for p, c in out.items() if stamps.get(p) is not None}
-        atomic_write_json(journal, {"limits": [max_pixels, max_bytes], "files": files})
-    return out
+RECORD_BATCH = 10_000  # records read from the sources per store transaction
+HASH_PAGE = 8_192      # image paths hashed per page
 
 
-def collect(specs: list[SourceSpec], pool, max_pixels: int, max_bytes: int = MAX_FILE_BYTES,
-            num_parts: int = 1, part: int = 0, journal: Optional[Path] = None):
+def _hash_images(store: JobStore, pool, max_pixels: int, max_bytes: int) -> None:
+    """Give every image path of the records a current entry in the store's hash journal:
+    files whose (size, mtime) match their entry are not read again; the rest are hashed
+    in the pool, a page at a time."""
+    new = total = 0
+    for paths in store.path_pages(HASH_PAGE):
+        known = store.journal(paths)
+        stamps, todo = {}, []
+        for p in paths:
+            try:
+                st = os.stat(p)
+                stamps[p] = (st.st_size, st.st_mtime_ns)
+            except OSError:
+                stamps[p] = (None, None)
+            old = known.get(p)
+            if stamps[p][0] is None or old is None or tuple(old[:2]) != stamps[p]:
+                todo.append(p)
+        total += len(paths)
+        new += len(todo)
+        checks = check_images(todo, pool, max_pixels, max_bytes)
+        store.put_hashes((p, *stamps[p], c.sha, c.reason) for p, c in checks.items())
+    if new < total:
+        logger.info("hashed %d new or changed of %d images (the rest: unchanged since %s)", new, total, store.path)
+
+
+def collect(specs: list[SourceSpec], pool, store: JobStore, max_pixels: int, max_bytes: int = MAX_FILE_BYTES,
+            num_parts: int = 1, part: int = 0, seed: int = 0, val_fraction: float = 0.0):
     """Read every source, hash every image, merge byte-identical images; keep the images
-    of `part` (of `num_parts`, by content hash) and count only their skips.
+    of `part` (of `num_parts`, by content hash), count only their skips, and give each a
+    split. Everything streams through `store`: memory does not grow with the job.
 
-    Returns (samples by sha, skipped Counter, number of merged duplicate images)."""
-    records: list[Record] = []
+    Returns (number of samples, skipped Counter, number of merged duplicate images)."""
+    store.begin_run([max_pixels, max_bytes])
     skipped: Counter = Counter()
     for spec in specs:
-        n0 = len(records)
-        records.extend(read_source(spec))
+        n, batch = 0, []
+        for r in read_source(spec):
+            batch.append((r.source, r.image_id, str(r.path), r.rel or r.path.name, r.captions, r.split, r.origin))
+            if len(batch) >= RECORD_BATCH:
+                store.add_records(batch)
+                n, batch = n + len(batch), []
+        store.add_records(batch)
+        n += len(batch)
         if part == 0:  # annotation-level skips (no image yet): counted by part 0 only
             skipped.update(spec.skipped)
-        logger.info("%s: %d images in %s", spec.source_name, len(records) - n0, spec.annotations)
-    paths = sorted({str(r.path) for r in records})
-    checks = _checked_images(paths, pool, max_pixels, max_bytes, journal)
-    samples: dict[str, dict] = {}
-    for r in records:
-        c = checks[str(r.path)]
-        if part_of(c.sha or str(r.path), num_parts) != part:
+        logger.info("%s: %d images in %s", spec.source_name, n, spec.annotations)
+    store.index_records()
+    _hash_images(store, pool, max_pixels, max_bytes)
+    for path, source, reason in store.bad_records():
+        if part_of(path, num_parts) == part:
+            skipped[reason] += 1
+            logger.warning("skipping image %s (%s): %s", path, source, reason)
+
+    merged, rows = 0, []
+    for sha, group in store.record_groups():
+        if part_of(sha, num_parts) != part:
             continue  # another part's image (all of its records go there)
-        if c.sha is None:
-            skipped[c.reason] += 1
-            logger.warning("skipping image %s (%s): %s", r.path, r.source, c.reason)
+        s = {"sources": [], "image_ids": [], "paths": [], "rel_paths": [], "captions": [], "pins": set(),
+             "origins": []}
+        seen: set = set()
+        for source, image_id, path, rel, captions, pin, origin in group:
+            if origin:
+                s["origins"].append(origin)
+            s["sources"].append(source)
+            s["image_ids"].append(image_id)
+            s["paths"].append(path)
+            s["rel_paths"].append(rel)
+            if pin:
+                s["pins"].add(pin)
+            for raw in captions:
+                norm = normalize_text(raw)
+                if not norm:
+                    skipped["empty_caption"] += 1
+                elif norm in seen:
+                    skipped["duplicate_caption"] += 1
+                else:
+                    seen.add(norm)
+                    s["captions"].append(raw)
+        if not s["captions"]:
+            skipped["no_caption"] += 1
+            logger.warning("skipping image %s: it has no non-empty caption", s["paths"][0])
             continue
-        caps = []
-        for raw in r.captions:
-            if not normalize_text(raw):
-                skipped["empty_caption"] += 1
-            else:
-                caps.append(raw)
-        s = samples.setdefault(c.sha, {"sha": c.sha, "sources": [], "image_ids": [], "paths": [],
-                                       "rel_paths": [], "captions": [], "pins": set(), "origins": []})
-        if r.origin:
-            s["origins"].append(r.origin)
-        s["sources"].append(r.source)
-        s["image_ids"].append(r.image_id)
-        s["paths"].append(str(r.path))
-        s["rel_paths"].append(r.rel or r.path.name)
-        if r.split:
-            s["pins"].add(r.split)
-        seen = {normalize_text(x) for x in s["captions"]}
-        for raw in caps:
-            if normalize_text(raw) in seen:
-                skipped["duplicate_caption"] += 1
-                continue
-            seen.add(normalize_text(raw))
-            s["captions"].append(raw)
-    for sha in [k for k, s in samples.items() if not s["captions"]]:
-        skipped["no_caption"] += 1
-        logger.warning("skipping image %s: it has no non-empty caption", samples[sha]["paths"][0])
-        del samples[sha]
-    merged = sum(len(s["paths"]) - 1 for s in samples.values())
+        merged += len(s["paths"]) - 1
+        # split by image: a pinned source wins (val over train), else the seeded hash
+        split = ("val" if "val" in s["pins"] else "train" if "train" in s["pins"]
+                 else _split_of(sha, seed, val_fraction))
+        # paths relative to each source's image folder: shards travel between machines,
+        # and a machine's absolute paths are nobody else's business
+        meta = {"key": sha[:24], "sha256": sha, "split": split, "source": s["sources"],
+                "image_id": s["image_ids"], "path": s["rel_paths"],
+                "captions": [normalize_text(c) for c in s["captions"]],
+                "captions_raw": [strip_controls(c) for c in s["captions"]]}
+        if s["origins"]:  # web-scale inputs: the original key and URL
+            meta["origin"] = s["origins"]
+        rows.append((sha, split, _shard_order(sha, seed, split), len(s["captions"]), s["paths"][0], meta,
+                     s["captions"]))
+        if len(rows) >= RECORD_BATCH:
+            store.add_samples(rows)
+            rows = []
+    store.add_samples(rows)
+    store.index_samples()
     if merged:
         logger.info("merged %d byte-identical duplicate images", merged)
-    return samples, skipped, merged
+    return store.count(), skipped, merged
+
+
+def _shard_order(sha: str, seed: int, split: str) -> str:
+    """A sample's place in its split's shard sequence: a seeded hash, i.e. a shuffle
+    (mixing sources) that needs no list of the whole split in memory."""
+    return hashlib.sha256(f"{seed}:{split}:order:{sha}".encode()).hexdigest()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -229,108 +253,100 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_parts > 1:
         out = out / PART_DIR.format(args.part)
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock_folder(out)  # two jobs writing one folder would interleave shards
     for i, spec in enumerate(specs):  # images held inside wds tars / parquet cells land here
         spec.cache_dir = out / ".sources" / f"{i:02d}-{spec.source_name}"
 
     pool = make_pool(args.workers)
+    store = None
     try:
-        return _run(args, specs, tokenizer, segmenter, out, pool, t0)
+        store = JobStore(out / STORE_NAME)
+        return _run_job(args, tokenizer, segmenter, out, pool, t0, specs, store)
     except EXPECTED_ERRORS as e:
         raise SystemExit(f"make_shards: {one_line(e)}") from None
     finally:
         if pool is not None:
             pool.close()
             pool.join()
+        if store is not None:
+            store.close()
+        lock.close()
 
 
-def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
+def _run_job(args, tokenizer, segmenter, out: Path, pool, t0: float, specs, store: JobStore) -> int:
     try:
-        samples, skipped, merged = collect(specs, pool, args.max_pixels, args.max_image_bytes,
-                                           args.num_parts, args.part, out / ".hashes.json")
+        n_samples, skipped, merged = collect(specs, pool, store, args.max_pixels, args.max_image_bytes,
+                                             args.num_parts, args.part, args.seed, args.val_fraction)
     except ValueError as e:  # an annotation file that cannot be read as its format says
         raise SystemExit(f"make_shards: {e}") from None
     t_read = time.time()
-    if not samples and args.num_parts == 1:
+    if not n_samples and args.num_parts == 1:
         raise SystemExit("no usable image-caption pair in the sources; see the warnings above")
-
-    # split by image: a pinned source wins (val over train), else the seeded hash
-    for s in samples.values():
-        s["split"] = ("val" if "val" in s["pins"] else "train" if "train" in s["pins"]
-                      else _split_of(s["sha"], args.seed, args.val_fraction))
 
     # text: normalise → segment → tokenize, once per caption, in the workers that write
     # each shard (captions/s scale with --workers; a resumed job segments only the
     # shards it still writes)
-    order = sorted(samples)
     text = TextSettings(args.tokenizer, args.segmenter, args.vncorenlp_dir, args.max_length, args.text_batch)
-    t_text = time.time()
 
-    # deterministic shard plan: keys sorted, then shuffled with the seed (mixes sources)
-    tasks = []
-    for split in ("train", "val"):
-        keys = [sha for sha in order if samples[sha]["split"] == split]
-        random.Random(f"{args.seed}:{split}").shuffle(keys)
-        for idx, chunk in enumerate(shard_plan(keys, args.shard_size)):
-            items = []
-            for sha in chunk:
-                s = samples[sha]
-                # paths relative to each source's image folder: shards travel between
-                # machines, and a machine's absolute paths are nobody else's business
-                meta = {"key": sha[:24], "sha256": sha, "split": split, "source": s["sources"],
-                        "image_id": s["image_ids"], "path": s["rel_paths"],
-                        "captions": [normalize_text(c) for c in s["captions"]],
-                        "captions_raw": [strip_controls(c) for c in s["captions"]]}
-                if s["origins"]:  # web-scale inputs: the original key and URL
-                    meta["origin"] = s["origins"]
-                items.append((sha[:24], s["paths"][0], meta, s["captions"]))
-            tasks.append(ShardTask(split, idx, str(out), args.image_size, args.jpeg_quality, items,
-                                   args.max_pixels, args.max_image_bytes, text))
+    def tasks():
+        """The deterministic shard plan, a shard at a time: each split in the seeded
+        order of its samples' hashes, cut every --shard-size samples."""
+        for split in ("train", "val"):
+            for idx, rows in enumerate(store.shard_rows(split, args.shard_size)):
+                items = [(sha[:24], path, meta, caps) for sha, path, meta, caps in rows]
+                yield ShardTask(split, idx, str(out), args.image_size, args.jpeg_quality, items,
+                                args.max_pixels, args.max_image_bytes, text)
 
-    plan_hash = hashlib.sha256(json.dumps(
-        [[t.name, [(k, p, caps) for k, p, _, caps in t.samples]] for t in tasks]
-        + [args.image_size, args.jpeg_quality, args.max_length, tokenizer_fingerprint(tokenizer),
-           args.max_pixels, args.max_image_bytes, segmenter.name, segmenter.version]
-    ).encode()).hexdigest()[:16]
+    plan = hashlib.sha256()
+    names, todo = [], 0
+    for t in tasks():
+        names.append(t.name)
+        todo += 0 if is_complete(out, t.name) else len(t.samples)
+        plan.update(json.dumps([t.name, [(k, p, caps) for k, p, _, caps in t.samples]]).encode())
+    plan.update(json.dumps([args.image_size, args.jpeg_quality, args.max_length, tokenizer_fingerprint(tokenizer),
+                            args.max_pixels, args.max_image_bytes, segmenter.name, segmenter.version]).encode())
+    plan_hash = plan.hexdigest()[:16]
     plan_file = out / ".plan"
     if plan_file.exists() and plan_file.read_text().strip() != plan_hash:
         raise SystemExit(f"{out} holds shards of a different job (inputs or settings changed). "
                          "Use a new --out folder, or delete the old one.")
     atomic_write_text(plan_file, plan_hash)
 
-    todo = [t for t in tasks if not is_complete(out, t.name)]
-    if len(todo) < len(tasks):
-        logger.info("resuming: %d of %d shards already complete", len(tasks) - len(todo), len(tasks))
+    if todo < n_samples:
+        logger.info("resuming: %d of %d samples already in complete shards", n_samples - todo, n_samples)
     t_plan = time.time()
-    run_tasks(todo, pool, sum(len(t.samples) for t in todo))
-    logger.info("time: read+hash %.1fs, text %.1fs, plan %.1fs, images+shards %.1fs",
-                t_read - t0, t_text - t_read, t_plan - t_text, time.time() - t_plan)
+    run_tasks((t for t in tasks() if not is_complete(out, t.name)), pool, todo)
+    logger.info("time: read+hash %.1fs, plan %.1fs, images+text+shards %.1fs",
+                t_read - t0, t_plan - t_read, time.time() - t_plan)
 
     sizes, lost, truncated = {}, set(), 0
-    for t in tasks:
-        rec = read_done(out, t.name)
+    for name in names:
+        rec = read_done(out, name)
         if rec is None:
-            raise SystemExit(f"make_shards: {done_path(out, t.name)} is missing or unreadable after "
+            raise SystemExit(f"make_shards: {done_path(out, name)} is missing or unreadable after "
                              "writing its shard (disk full?); run the same command again")
-        sizes[t.name] = rec["count"]
+        sizes[name] = rec["count"]
         skipped.update(rec["skipped"])
         lost.update(rec.get("lost_keys", []))
         truncated += int(rec.get("truncated_captions", 0))
     # what was written: an image that failed to decode in its shard is not counted; a
     # merged image counts once for each of its sources
-    written = [sha for sha in order if sha[:24] not in lost]
     counts = {sp: sum(n for name, n in sizes.items() if name.startswith(sp + "-")) for sp in ("train", "val")}
     per_source: dict = defaultdict(lambda: {"train": 0, "val": 0})
-    for sha in written:
-        for src in set(samples[sha]["sources"]):
-            per_source[src][samples[sha]["split"]] += 1
+    captions = {"train": 0, "val": 0}
+    for sha, split, n_caps, sources in store.sample_stats():
+        if sha[:24] in lost:
+            continue
+        captions[split] += n_caps
+        for src in set(sources):
+            per_source[src][split] += 1
 
     manifest = {
         "format_version": MANIFEST_VERSION,
         "phoclip_version": __version__,
         "counts": counts,
-        "captions": {sp: sum(len(samples[sha]["captions"]) for sha in written
-                             if samples[sha]["split"] == sp) for sp in ("train", "val")},
-        "sources": {k: dict(v) for k, v in per_source.items()},
+        "captions": captions,
+        "sources": {k: dict(v) for k, v in sorted(per_source.items())},
         "source_specs": args.source,
         "tokenizer": {"name": args.tokenizer, "class": type(tokenizer).__name__,
                       "fingerprint": tokenizer_fingerprint(tokenizer),
@@ -343,7 +359,7 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
         "split": {"seed": args.seed, "val_fraction": args.val_fraction, "by": "image_sha256"},
         "merged_duplicate_images": merged,
         "skipped": dict(sorted(skipped.items())),
-        "shards": {sp: sorted(n for n in sizes if n.startswith(sp + "-")) for sp in ("train", "val")},
+        "shards": {sp: [n for n in names if n.startswith(sp + "-")] for sp in ("train", "val")},
         "part": {"index": args.part, "of": args.num_parts},
     }
     _write_json(out / "manifest.json", manifest)
@@ -351,7 +367,7 @@ def _run(args, specs, tokenizer, segmenter, out: Path, pool, t0: float) -> int:
     dt = time.time() - t0
     total = counts["train"] + counts["val"]
     print(f"wrote {total} samples ({counts['train']} train, {counts['val']} val) in "
-          f"{len(tasks)} shards to {out} in {dt:.1f}s ({total / max(dt, 1e-9):.1f} img/s)")
+          f"{len(names)} shards to {out} in {dt:.1f}s ({total / max(dt, 1e-9):.1f} img/s)")
     if skipped:
         print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
     return 0

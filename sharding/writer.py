@@ -224,11 +224,6 @@ def keeps_bytes(data: bytes, im, size: int) -> bool:
     return head.format == "JPEG" and head.mode == "RGB" and orientation in (None, 1) and min(im.size) <= size
 
 
-def shard_plan(keys: list[str], shard_size: int) -> list[list[str]]:
-    """Consecutive chunks of `shard_size` keys."""
-    return [keys[i:i + shard_size] for i in range(0, len(keys), shard_size)]
-
-
 def make_pool(workers: int):
     """One pool of `workers` processes for both phases, or None to work in-process.
     spawn, not fork: the parent may hold a JVM (VnCoreNLP) or threads."""
@@ -239,19 +234,37 @@ def make_pool(workers: int):
     return mp.get_context("spawn").Pool(workers)
 
 
-def run_tasks(tasks: Iterable[ShardTask], pool, total: int) -> list[dict]:
-    """Write shards in the pool (None: in this process), a shard per task."""
+def run_tasks(tasks: Iterable[ShardTask], pool, total: int) -> int:
+    """Write shards in the pool (None: in this process), a shard per task; returns how
+    many were written. At most two shards per worker are handed out at a time: `tasks`
+    may be a lazy plan of a job far larger than memory."""
+    from collections import deque
+
     from tqdm import tqdm
 
-    tasks = list(tasks)
-    results = []
-    sizes = {t.name: len(t.samples) for t in tasks}
-    it = map(write_shard, tasks) if pool is None else pool.imap_unordered(write_shard, tasks)
+    n = 0
     with tqdm(total=total, unit="img", desc="shards", disable=None) as bar:
-        for r in it:
-            bar.update(sizes[r["name"]])
-            results.append(r)
-    return results
+        if pool is None:
+            for t in tasks:
+                write_shard(t)
+                bar.update(len(t.samples))
+                n += 1
+            return n
+        window = 2 * max(1, getattr(pool, "_processes", 1))
+        pending: deque = deque()
+        for t in tasks:
+            pending.append((len(t.samples), pool.apply_async(write_shard, (t,))))
+            while len(pending) >= window or (pending and pending[0][1].ready()):
+                size, res = pending.popleft()
+                res.get()
+                bar.update(size)
+                n += 1
+        while pending:
+            size, res = pending.popleft()
+            res.get()
+            bar.update(size)
+            n += 1
+    return n
 
 
 def check_images(paths: list[str], pool, max_pixels: int = MAX_IMAGE_PIXELS,

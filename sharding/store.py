@@ -1,0 +1,201 @@
+"""A make_shards job's working state on disk, so that the parent's memory does not grow
+with the job.
+
+One SQLite file per output folder (per part: OUT/part-IIII/.job.sqlite) holds
+
+- `hashes`: every image file's content hash or the reason it is unusable, keyed by
+  path with the file's (size, mtime): the journal that spares a resumed or repeated job
+  re-hashing files that did not change;
+- `records`: what the sources said, one row per (image file, annotation entry), in
+  reading order (rebuilt on every run: reading annotations is cheap, hashing is not);
+- `samples`: one row per image of this part after merging byte-identical files, with
+  its split, its place in the shard order and its shard metadata.
+
+The job streams through it: sources are read into `records` in batches, image paths
+are hashed page by page, samples are built one image group at a time from a sorted
+query, and shards are planned from a query ordered by each sample's seeded hash. What
+the parent holds at any time is one batch, one page or one shard, never the job.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+logger = logging.getLogger(__name__)
+
+STORE_NAME = ".job.sqlite"
+SCHEMA_VERSION = "1"
+
+
+class JobStore:
+    """The SQLite working state of one output folder (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.conn = self._open()
+        except sqlite3.DatabaseError as e:  # a damaged store: it is a cache, start afresh
+            logger.warning("%s is not a usable job store (%s); starting a new one (images are hashed again)",
+                           self.path, e)
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(str(self.path) + suffix).unlink(missing_ok=True)
+            self.conn = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT)")
+        row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is not None and row[0] != SCHEMA_VERSION:
+            conn.execute("DROP TABLE IF EXISTS hashes")
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        conn.execute("CREATE TABLE IF NOT EXISTS hashes(path TEXT PRIMARY KEY, size INTEGER, "
+                     "mtime INTEGER, sha TEXT, reason TEXT)")
+        return conn
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ------------------------------------------------------------------ run tables
+    def begin_run(self, limits: list) -> None:
+        """Fresh `records` and `samples` for this run; the hash journal is kept when the
+        image limits (pixels, bytes) are the same as the last run's."""
+        c = self.conn
+        row = c.execute("SELECT value FROM meta WHERE key='limits'").fetchone()
+        if row is None or json.loads(row[0]) != limits:
+            c.execute("DELETE FROM hashes")
+            c.execute("INSERT OR REPLACE INTO meta VALUES ('limits', ?)", (json.dumps(limits),))
+        c.executescript("""
+            DROP TABLE IF EXISTS records;
+            DROP TABLE IF EXISTS samples;
+            CREATE TABLE records(id INTEGER PRIMARY KEY, source TEXT, image_id TEXT, path TEXT, rel TEXT,
+                                 captions TEXT, pin TEXT, origin TEXT);
+            CREATE TABLE samples(sha TEXT PRIMARY KEY, split TEXT, ord TEXT, n_captions INTEGER,
+                                 path TEXT, meta TEXT, captions TEXT);
+        """)
+
+    def add_records(self, rows: Iterable[tuple]) -> None:
+        """(source, image_id, path, rel, captions, pin, origin) rows, in reading order."""
+        c = self.conn
+        c.execute("BEGIN")
+        c.executemany("INSERT INTO records(source, image_id, path, rel, captions, pin, origin) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      ((s, i, p, r, json.dumps(caps, ensure_ascii=False), pin,
+                        json.dumps(o, ensure_ascii=False) if o else None) for s, i, p, r, caps, pin, o in rows))
+        c.execute("COMMIT")
+
+    def index_records(self) -> None:
+        self.conn.execute("CREATE INDEX IF NOT EXISTS records_path ON records(path)")
+
+    # ------------------------------------------------------------------ hashing
+    def path_pages(self, page: int) -> Iterator[list[str]]:
+        """The distinct image paths of the records, sorted, `page` at a time."""
+        last = ""
+        while True:
+            rows = self.conn.execute("SELECT DISTINCT path FROM records WHERE path > ? ORDER BY path LIMIT ?",
+                                     (last, page)).fetchall()
+            if not rows:
+                return
+            yield [r[0] for r in rows]
+            last = rows[-1][0]
+
+    def journal(self, paths: list[str]) -> dict[str, tuple]:
+        """Journal entries of `paths`: path -> (size, mtime, sha, reason)."""
+        out = {}
+        for i in range(0, len(paths), 500):
+            chunk = paths[i:i + 500]
+            q = "SELECT path, size, mtime, sha, reason FROM hashes WHERE path IN (%s)" % ",".join("?" * len(chunk))
+            for p, size, mtime, sha, reason in self.conn.execute(q, chunk):
+                out[p] = (size, mtime, sha, reason)
+        return out
+
+    def put_hashes(self, rows: Iterable[tuple]) -> None:
+        """(path, size, mtime, sha, reason) rows; size/mtime None for a file that could
+        not be stat'ed (never trusted on a later run)."""
+        c = self.conn
+        c.execute("BEGIN")
+        c.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?)", rows)
+        c.execute("COMMIT")
+
+    def bad_records(self) -> Iterator[tuple[str, str, str]]:
+        """(path, source, reason) of every record whose image is unusable, in reading order."""
+        return self.conn.execute("SELECT r.path, r.source, h.reason FROM records r JOIN hashes h ON h.path = r.path "
+                                 "WHERE h.sha IS NULL ORDER BY r.id")
+
+    def record_groups(self) -> Iterator[tuple[str, list[tuple]]]:
+        """(sha, records) per usable image, sha order; records in reading order as
+        (source, image_id, path, rel, captions, pin, origin)."""
+        cur = self.conn.execute(
+            "SELECT h.sha, r.source, r.image_id, r.path, r.rel, r.captions, r.pin, r.origin "
+            "FROM records r JOIN hashes h ON h.path = r.path WHERE h.sha IS NOT NULL ORDER BY h.sha, r.id")
+        sha, group = None, []
+        for row in cur:
+            if row[0] != sha:
+                if group:
+                    yield sha, group
+                sha, group = row[0], []
+            s, image_id, path, rel, caps, pin, origin = row[1:]
+            group.append((s, image_id, path, rel, json.loads(caps), pin, json.loads(origin) if origin else None))
+        if group:
+            yield sha, group
+
+    # ------------------------------------------------------------------ samples
+    def add_samples(self, rows: list[tuple]) -> None:
+        """(sha, split, ord, n_captions, path, meta dict, raw captions) rows."""
+        c = self.conn
+        c.execute("BEGIN")
+        c.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      ((sha, split, order, n, path, json.dumps(meta, ensure_ascii=False),
+                        json.dumps(caps, ensure_ascii=False)) for sha, split, order, n, path, meta, caps in rows))
+        c.execute("COMMIT")
+
+    def index_samples(self) -> None:
+        self.conn.execute("CREATE INDEX IF NOT EXISTS samples_order ON samples(split, ord)")
+
+    def count(self, split: Optional[str] = None) -> int:
+        if split is None:
+            return self.conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+        return self.conn.execute("SELECT COUNT(*) FROM samples WHERE split = ?", (split,)).fetchone()[0]
+
+    def shard_rows(self, split: str, shard_size: int) -> Iterator[list[tuple]]:
+        """The samples of `split` in shard order, `shard_size` at a time, as
+        (sha, image path, meta dict, raw captions)."""
+        cur = self.conn.cursor()
+        cur.execute("SELECT sha, path, meta, captions FROM samples WHERE split = ? ORDER BY ord", (split,))
+        while True:
+            rows = cur.fetchmany(shard_size)
+            if not rows:
+                return
+            yield [(sha, path, json.loads(meta), json.loads(caps)) for sha, path, meta, caps in rows]
+
+    def sample_stats(self) -> Iterator[tuple[str, str, int, list[str]]]:
+        """(sha, split, number of captions, sources) of every sample."""
+        for sha, split, n, meta in self.conn.execute("SELECT sha, split, n_captions, meta FROM samples"):
+            yield sha, split, n, json.loads(meta)["source"]
+
+
+def lock_folder(folder: Path):
+    """An exclusive lock on FOLDER/.lock for this process's lifetime (released when the
+    returned file is closed or the process ends): two jobs writing one folder would
+    interleave shards. Refused in one line when another job holds it."""
+    import fcntl
+
+    f = open(Path(folder) / ".lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        who = f.read().strip()
+        f.close()
+        raise SystemExit(f"make_shards: another job is writing to {folder} ({who or 'lock held'}; "
+                         f"{Path(folder) / '.lock'}); wait for it or use another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    f.flush()
+    return f
