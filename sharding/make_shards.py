@@ -36,15 +36,15 @@ from typing import Optional, Sequence
 
 from phoclip import __version__
 from phoclip.errors import EXPECTED_ERRORS, one_line
-from phoclip.fileio import atomic_write_json, atomic_write_text
+from phoclip.fileio import atomic_write_json
 from phoclip.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from phoclip.log import init_logger
 from phoclip.text import (SEGMENTERS, create_segmenter, load_tokenizer, normalize_text, strip_controls,
                           tokenizer_fingerprint)
 from phoclip_sharding.readers import READERS, SourceSpec, read_source
 from phoclip_sharding.store import STORE_NAME, JobStore, lock_folder
-from phoclip_sharding.writer import (ShardTask, TextSettings, check_images, done_path, is_complete, make_pool,
-                                     read_done, run_tasks)
+from phoclip_sharding.output import Output, default_staging, is_url
+from phoclip_sharding.writer import ShardTask, TextSettings, check_images, make_pool, run_tasks
 
 logger = logging.getLogger("make_shards")
 
@@ -57,7 +57,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="FORMAT:ANNOTATIONS[:IMAGE_DIR][,split=train|val][,name=N]"
                         "[,image_field=F][,caption_field=F]; repeatable. FORMAT is one of: "
                         + ", ".join(sorted(READERS)))
-    p.add_argument("--out", help="output folder")
+    p.add_argument("--out", help="output folder, or an fsspec URL (s3://bucket/vi, gs://..., file://...): "
+                                 "each finished shard is uploaded atomically")
+    p.add_argument("--staging", help="with a URL --out: the local folder where shards are written before "
+                                     "upload, with the job's hash journal and source cache "
+                                     "(default: ~/.cache/phoclip/make_shards/HASH)")
     p.add_argument("--num-parts", type=int, default=1, help="split the job into N parts (machines)")
     p.add_argument("--part", type=int, default=0, help="which part this run makes (0..N-1)")
     p.add_argument("--merge", metavar="OUT", help="merge the parts in OUT/part-*/ into OUT")
@@ -232,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.merge:
         try:
-            return merge_parts(Path(args.merge))
+            return merge_parts(args.merge)
         except (ValueError, KeyError, TypeError, OSError) as e:  # a damaged part folder
             raise SystemExit(f"make_shards --merge: {e}") from None
     t0 = time.time()
@@ -249,9 +253,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         segmenter = create_segmenter(args.segmenter, args.vncorenlp_dir)
     except EXPECTED_ERRORS as e:
         raise SystemExit(f"make_shards: {one_line(e)}") from None
-    out = Path(args.out)
-    if args.num_parts > 1:
-        out = out / PART_DIR.format(args.part)
+    url = None
+    if is_url(args.out):  # shards go to object storage through a local staging folder
+        url = args.out.rstrip("/") + (f"/{PART_DIR.format(args.part)}" if args.num_parts > 1 else "")
+        out = Path(args.staging) if args.staging else default_staging(url, args.part)
+        logger.info("writing to %s through the staging folder %s", url, out)
+    else:
+        out = Path(args.out)
+        if args.num_parts > 1:
+            out = out / PART_DIR.format(args.part)
     out.mkdir(parents=True, exist_ok=True)
     lock = lock_folder(out)  # two jobs writing one folder would interleave shards
     for i, spec in enumerate(specs):  # images held inside wds tars / parquet cells land here
@@ -261,7 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     store = None
     try:
         store = JobStore(out / STORE_NAME)
-        return _run_job(args, tokenizer, segmenter, out, pool, t0, specs, store)
+        return _run_job(args, tokenizer, segmenter, Output(out, url), pool, t0, specs, store)
     except EXPECTED_ERRORS as e:
         raise SystemExit(f"make_shards: {one_line(e)}") from None
     finally:
@@ -273,7 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lock.close()
 
 
-def _run_job(args, tokenizer, segmenter, out: Path, pool, t0: float, specs, store: JobStore) -> int:
+def _run_job(args, tokenizer, segmenter, output: Output, pool, t0: float, specs, store: JobStore) -> int:
+    out = output.local
     try:
         n_samples, skipped, merged = collect(specs, pool, store, args.max_pixels, args.max_image_bytes,
                                              args.num_parts, args.part, args.seed, args.val_fraction)
@@ -295,35 +306,34 @@ def _run_job(args, tokenizer, segmenter, out: Path, pool, t0: float, specs, stor
             for idx, rows in enumerate(store.shard_rows(split, args.shard_size)):
                 items = [(sha[:24], path, meta, caps) for sha, path, meta, caps in rows]
                 yield ShardTask(split, idx, str(out), args.image_size, args.jpeg_quality, items,
-                                args.max_pixels, args.max_image_bytes, text)
+                                args.max_pixels, args.max_image_bytes, text, remote=output.url)
 
     plan = hashlib.sha256()
     names, todo = [], 0
     for t in tasks():
         names.append(t.name)
-        todo += 0 if is_complete(out, t.name) else len(t.samples)
+        todo += 0 if output.is_complete(t.name) else len(t.samples)
         plan.update(json.dumps([t.name, [(k, p, caps) for k, p, _, caps in t.samples]]).encode())
     plan.update(json.dumps([args.image_size, args.jpeg_quality, args.max_length, tokenizer_fingerprint(tokenizer),
                             args.max_pixels, args.max_image_bytes, segmenter.name, segmenter.version]).encode())
     plan_hash = plan.hexdigest()[:16]
-    plan_file = out / ".plan"
-    if plan_file.exists() and plan_file.read_text().strip() != plan_hash:
-        raise SystemExit(f"{out} holds shards of a different job (inputs or settings changed). "
+    old_plan = output.read_text(".plan")
+    if old_plan is not None and old_plan.strip() != plan_hash:
+        raise SystemExit(f"{output} holds shards of a different job (inputs or settings changed). "
                          "Use a new --out folder, or delete the old one.")
-    atomic_write_text(plan_file, plan_hash)
+    output.write_text(".plan", plan_hash)
 
     if todo < n_samples:
         logger.info("resuming: %d of %d samples already in complete shards", n_samples - todo, n_samples)
     t_plan = time.time()
-    run_tasks((t for t in tasks() if not is_complete(out, t.name)), pool, todo)
+    run_tasks((t for t in tasks() if not output.is_complete(t.name)), pool, todo)
     logger.info("time: read+hash %.1fs, plan %.1fs, images+text+shards %.1fs",
                 t_read - t0, t_plan - t_read, time.time() - t_plan)
 
     sizes, lost, truncated = {}, set(), 0
-    for name in names:
-        rec = read_done(out, name)
+    for name, rec in output.read_done(names).items():
         if rec is None:
-            raise SystemExit(f"make_shards: {done_path(out, name)} is missing or unreadable after "
+            raise SystemExit(f"make_shards: {output}/.done/{name}.json is missing or unreadable after "
                              "writing its shard (disk full?); run the same command again")
         sizes[name] = rec["count"]
         skipped.update(rec["skipped"])
@@ -362,12 +372,12 @@ def _run_job(args, tokenizer, segmenter, out: Path, pool, t0: float, specs, stor
         "shards": {sp: [n for n in names if n.startswith(sp + "-")] for sp in ("train", "val")},
         "part": {"index": args.part, "of": args.num_parts},
     }
-    _write_json(out / "manifest.json", manifest)
-    _write_json(out / "sizes.json", sizes)
+    output.write_json("manifest.json", manifest)
+    output.write_json("sizes.json", sizes)
     dt = time.time() - t0
     total = counts["train"] + counts["val"]
     print(f"wrote {total} samples ({counts['train']} train, {counts['val']} val) in "
-          f"{len(names)} shards to {out} in {dt:.1f}s ({total / max(dt, 1e-9):.1f} img/s)")
+          f"{len(names)} shards to {output} in {dt:.1f}s ({total / max(dt, 1e-9):.1f} img/s)")
     if skipped:
         print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
     return 0
@@ -376,21 +386,82 @@ def _run_job(args, tokenizer, segmenter, out: Path, pool, t0: float, specs, stor
 PART_DIR = "part-{:04d}"
 
 
-def merge_parts(out: Path) -> int:
+class _Folder:
+    """The few file operations a merge needs, on a local folder (hard links, no copy)
+    or on an fsspec URL (server-side copies; small files written atomically)."""
+
+    def __init__(self, out: str) -> None:
+        self.url = out.rstrip("/") if is_url(out) else None
+        if self.url:
+            from fsspec.core import url_to_fs
+
+            self.fs, root = url_to_fs(self.url)
+            self.root = root.rstrip("/")
+            self.fs.invalidate_cache()
+        else:
+            self.root = str(Path(out))
+
+    def __str__(self) -> str:
+        return self.url or self.root
+
+    def parts(self) -> list[str]:
+        pat = "part-[0-9][0-9][0-9][0-9]"
+        if self.url:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.root}/{pat}"))
+        return sorted(p.name for p in Path(self.root).glob(pat))
+
+    def read(self, rel: str) -> Optional[bytes]:
+        try:
+            if self.url:
+                return self.fs.cat_file(f"{self.root}/{rel}")
+            return (Path(self.root) / rel).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            return None
+
+    def link(self, src: str, dst: str) -> None:
+        if self.url:
+            self.fs.copy(f"{self.root}/{src}", f"{self.root}/{dst}")
+            return
+        s, d = Path(self.root) / src, Path(self.root) / dst
+        if d.exists() and not os.path.samefile(d, s):
+            d.unlink()  # an earlier merge's link to another file
+        if not d.exists():
+            try:
+                os.link(s, d)  # no copy on one filesystem
+            except OSError:
+                import shutil
+
+                shutil.copyfile(s, d)
+
+    def write_json(self, rel: str, obj) -> None:
+        if self.url:
+            from phoclip_sharding.output import Output
+
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                Output(Path(tmp), self.url).write_json(rel, obj)
+        else:
+            _write_json(Path(self.root) / rel, obj)
+
+
+def merge_parts(out: str | Path) -> int:
     """Link every part's shards (OUT/part-IIII/) into OUT as one numbered sequence per
     split (part order, then shard order) and write the global manifest.json and
-    sizes.json. Refuses parts of different jobs or settings, and a missing part."""
-    parts = sorted(out.glob("part-[0-9][0-9][0-9][0-9]"))
+    sizes.json. OUT may be a local folder or the URL the parts were written to. Refuses
+    parts of different jobs or settings, and a missing part."""
+    folder = _Folder(str(out))
+    parts = folder.parts()
     if not parts:
-        raise ValueError(f"no part-NNNN folders in {out}")
+        raise ValueError(f"no part-NNNN folders in {folder}")
     mans = []
     for d in parts:
-        f = d / "manifest.json"
-        if not f.is_file():
-            raise ValueError(f"{d} has no manifest.json: that part has not finished")
-        m = json.loads(f.read_text(encoding="utf-8"))
+        data = folder.read(f"{d}/manifest.json")
+        if data is None:
+            raise ValueError(f"{folder}/{d} has no manifest.json: that part has not finished")
+        m = json.loads(data.decode("utf-8"))
         if not (isinstance(m, dict) and isinstance(m.get("part"), dict) and isinstance(m.get("shards"), dict)):
-            raise ValueError(f"{f}: not a part manifest written by make_shards --num-parts")
+            raise ValueError(f"{folder}/{d}/manifest.json: not a part manifest written by make_shards --num-parts")
         mans.append(m)
     n = mans[0].get("part", {}).get("of")
     got = sorted(m.get("part", {}).get("index") for m in mans)
@@ -405,20 +476,14 @@ def merge_parts(out: Path) -> int:
     sizes: dict[str, int] = {}
     shards: dict[str, list] = {"train": [], "val": []}
     for d, m in zip(parts, mans):
-        part_sizes = json.loads((d / "sizes.json").read_text())
+        data = folder.read(f"{d}/sizes.json")
+        if data is None:
+            raise ValueError(f"{folder}/{d} has no sizes.json: that part has not finished")
+        part_sizes = json.loads(data)
         for split in ("train", "val"):
             for name in m["shards"][split]:
                 new = f"{split}-{len(shards[split]):06d}.tar"
-                dst = out / new
-                if dst.exists() and not os.path.samefile(dst, d / name):
-                    dst.unlink()  # an earlier merge's link to another file
-                if not dst.exists():
-                    try:
-                        os.link(d / name, dst)  # no copy on one filesystem
-                    except OSError:
-                        import shutil
-
-                        shutil.copyfile(d / name, dst)
+                folder.link(f"{d}/{name}", new)
                 sizes[new] = part_sizes[name]
                 shards[split].append(new)
     total = dict(mans[0])
@@ -437,10 +502,10 @@ def merge_parts(out: Path) -> int:
                  shards=shards, merged_from={"parts": len(mans)})
     total["tokenizer"] = dict(total["tokenizer"], truncated_captions=sum(
         m["tokenizer"]["truncated_captions"] for m in mans))
-    _write_json(out / "sizes.json", sizes)
-    _write_json(out / "manifest.json", total)
+    folder.write_json("sizes.json", sizes)
+    folder.write_json("manifest.json", total)
     print(f"merged {len(mans)} parts: {total['counts']['train']} train and {total['counts']['val']} val "
-          f"samples in {len(sizes)} shards in {out}")
+          f"samples in {len(sizes)} shards in {folder}")
     return 0
 
 

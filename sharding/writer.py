@@ -85,6 +85,7 @@ class ShardTask:
     max_pixels: int = MAX_IMAGE_PIXELS
     max_bytes: int = MAX_FILE_BYTES
     text: Optional[TextSettings] = None
+    remote: Optional[str] = None  # --out URL the finished shard is uploaded to
 
     @property
     def name(self) -> str:
@@ -137,9 +138,13 @@ def read_done(out_dir: Path | str, shard_name: str) -> Optional[dict]:
         rec = json.loads(done_path(out_dir, shard_name).read_text())
     except (OSError, ValueError):
         return None
-    ok = (isinstance(rec, dict) and rec.get("name") == shard_name and isinstance(rec.get("count"), int)
-          and isinstance(rec.get("skipped"), dict) and isinstance(rec.get("lost_keys", []), list))
-    return rec if ok else None
+    return rec if valid_done(rec, shard_name) else None
+
+
+def valid_done(rec, shard_name: str) -> bool:
+    """Whether `rec` is a well-formed completion record of `shard_name`."""
+    return (isinstance(rec, dict) and rec.get("name") == shard_name and isinstance(rec.get("count"), int)
+            and isinstance(rec.get("skipped"), dict) and isinstance(rec.get("lost_keys", []), list))
 
 
 def is_complete(out_dir: Path | str, shard_name: str) -> bool:
@@ -186,6 +191,10 @@ def write_shard(task: ShardTask) -> dict:
     d = done_path(out, task.name)
     d.parent.mkdir(exist_ok=True)
     atomic_write_json(d, record)
+    if task.remote:  # --out URL: upload the shard, then its record
+        from phoclip_sharding.output import publish_shard
+
+        publish_shard(task.out_dir, task.remote, task.name)
     return record
 
 

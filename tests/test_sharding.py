@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import unicodedata
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -448,6 +449,13 @@ def test_resume_does_only_the_remaining_work(tmp_path, tiny_tokenizer_dir, make_
     os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
     run(make_shards, tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}", extra=extra)  # same bytes: same job
     assert hashed == [str(img)]
+    # a damaged job store is only a cache: a warning, every image hashed again, same shards
+    (out / ".job.sqlite").write_bytes(b"not a database" * 100)
+    for suffix in ("-wal", "-shm"):
+        (out / (".job.sqlite" + suffix)).unlink(missing_ok=True)
+    hashed.clear()
+    run(make_shards, tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}", extra=extra)
+    assert len(hashed) == 24 and (out / names[1]).read_bytes() == ref
 
 
 def test_web_source_and_merge_refuse_damaged_input_in_one_line(tmp_path, tiny_tokenizer_dir, make_shards):
@@ -458,3 +466,131 @@ def test_web_source_and_merge_refuse_damaged_input_in_one_line(tmp_path, tiny_to
     (part / "manifest.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="not a part manifest"):
         make_shards(["--merge", tmp_path / "m"])
+
+
+# ----------------------------------------------------------------------------- --out URL
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 endpoint on 127.0.0.1 (moto's server) with bucket `bkt`, configured for
+    every process the test starts through the standard AWS variables."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    for k, v in dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
+                     AWS_ENDPOINT_URL_S3=f"http://{host}:{port}", NO_PROXY="127.0.0.1").items():
+        monkeypatch.setenv(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached client would talk to an earlier port
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("bkt")
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    srv.stop()
+
+
+def test_out_url_uploads_shards_to_s3_and_resumes_from_the_bucket(tmp_path, tiny_tokenizer_dir, make_shards,
+                                                                   s3, monkeypatch):
+    """make_shards --out s3://...: the bucket gets the same shards, manifest and sizes as a
+    local run; the library reads them back from there; a resumed job asks the bucket what
+    is done (a shard lost, a shard whose .done record never arrived: both written again,
+    nothing else), from any staging folder; a different job at the URL is refused."""
+    import phoclip_sharding.writer as writer
+    from phoclip.shards import count_samples, manifest_for, read_shards
+
+    ann, imgs = _dataset(tmp_path, 24)
+    src = f"coco-jsonl:{ann}:{imgs}"
+    extra = ["--shard-size", "6", "--val-fraction", "0.2"]
+    local = tmp_path / "local"
+    run(make_shards, tiny_tokenizer_dir, local, src, extra=extra)
+    run(make_shards, tiny_tokenizer_dir, "s3://bkt/vi", src,
+        extra=extra + ["--workers", "2", "--staging", str(tmp_path / "stage")])
+    names = sorted(p.name for p in local.glob("*.tar"))
+    assert sorted(p.rsplit("/", 1)[-1] for p in s3.glob("bkt/vi/*.tar")) == names and len(names) >= 4
+    for n in names:
+        assert s3.cat_file(f"bkt/vi/{n}") == (local / n).read_bytes(), n
+    assert json.loads(s3.cat_file("bkt/vi/sizes.json")) == json.loads((local / "sizes.json").read_text())
+    man = json.loads(s3.cat_file("bkt/vi/manifest.json"))
+    assert man["counts"] == json.loads((local / "manifest.json").read_text())["counts"]
+    assert not list((tmp_path / "stage").glob("*.tar"))  # uploaded shards leave the staging folder
+    assert not s3.glob("bkt/vi/*.tmp*")
+
+    # the bucket reads back as training and evaluation read it
+    urls = [f"s3://bkt/vi/{n}" for n in names]
+    assert manifest_for(urls[0])["counts"] == man["counts"]
+    assert count_samples(urls) == sum(man["counts"].values())
+    skips = Counter()
+    keys = sorted(s["__key__"] for s in read_shards(({"url": u} for u in urls), skips))
+    assert keys == sorted(read_all(local)) and not skips
+
+    # resume: one shard lost, one without its .done record (died between the uploads)
+    s3.rm(f"bkt/vi/{names[1]}")
+    s3.rm(f"bkt/vi/.done/{names[2]}.json")
+    segmented = []
+    real_prep = writer._prepare_text
+    monkeypatch.setattr(writer, "_prepare_text", lambda t: segmented.append(t.name) or real_prep(t))
+    run(make_shards, tiny_tokenizer_dir, "s3://bkt/vi", src, extra=extra + ["--staging", str(tmp_path / "stage")])
+    assert sorted(segmented) == [names[1], names[2]]
+    for n in names:
+        assert s3.cat_file(f"bkt/vi/{n}") == (local / n).read_bytes(), n
+    # another machine (another staging folder) finds everything done in the bucket
+    segmented.clear()
+    run(make_shards, tiny_tokenizer_dir, "s3://bkt/vi/", src, extra=extra + ["--staging", str(tmp_path / "other")])
+    assert segmented == []
+    with pytest.raises(SystemExit, match="different job"):
+        run(make_shards, tiny_tokenizer_dir, "s3://bkt/vi", src,
+            extra=["--shard-size", "5", "--staging", str(tmp_path / "stage")])
+
+    # parts on two machines straight into the bucket, merged there: the local job's samples
+    for i in (0, 1):
+        run(make_shards, tiny_tokenizer_dir, "s3://bkt/parts", src,
+            extra=extra + ["--num-parts", "2", "--part", str(i), "--staging", str(tmp_path / f"p{i}")])
+    make_shards(["--merge", "s3://bkt/parts"])
+    merged = json.loads(s3.cat_file("bkt/parts/manifest.json"))
+    assert merged["counts"] == man["counts"] and merged["captions"] == man["captions"]
+    sizes = json.loads(s3.cat_file("bkt/parts/sizes.json"))
+    assert sorted(sizes) == sorted(p.rsplit("/", 1)[-1] for p in s3.glob("bkt/parts/*.tar"))
+    keys = sorted(s["__key__"] for s in read_shards(({"url": f"s3://bkt/parts/{n}"} for n in sizes), skips))
+    assert keys == sorted(read_all(local))
+
+
+def test_out_file_url_renames_into_place(tmp_path, tiny_tokenizer_dir, make_shards):
+    """A URL with a rename (file://): each shard is uploaded under a temporary name and
+    renamed; the result is the local run's, and no temporary name is left."""
+    ann, imgs = _dataset(tmp_path, 12)
+    src = f"coco-jsonl:{ann}:{imgs}"
+    run(make_shards, tiny_tokenizer_dir, tmp_path / "local", src, extra=["--shard-size", "5"])
+    run(make_shards, tiny_tokenizer_dir, f"file://{tmp_path}/remote", src,
+        extra=["--shard-size", "5", "--staging", str(tmp_path / "stage")])
+    names = sorted(p.name for p in (tmp_path / "local").glob("*.tar"))
+    assert names == sorted(p.name for p in (tmp_path / "remote").glob("*.tar"))
+    for n in names:
+        assert (tmp_path / "remote" / n).read_bytes() == (tmp_path / "local" / n).read_bytes()
+    assert not [p for p in (tmp_path / "remote").rglob("*") if ".tmp" in p.name]
+    assert sorted(p.name for p in (tmp_path / "remote" / ".done").iterdir()) == [n + ".json" for n in names]
+
+
+def test_a_second_job_on_the_same_folder_is_refused(tmp_path, tiny_tokenizer_dir, make_shards):
+    """Two jobs writing one output folder would interleave shards: the second is refused
+    in one line while the first holds the folder's lock."""
+    from phoclip_sharding.store import lock_folder
+
+    ann, imgs = _dataset(tmp_path, 4)
+    out = tmp_path / "out"
+    out.mkdir()
+    held = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                             "from phoclip_sharding.store import lock_folder; f = lock_folder(sys.argv[2]); "
+                             "print('locked', flush=True); time.sleep(60)", str(ROOT), str(out)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert held.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match="another job is writing to .*pid"):
+            run(make_shards, tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}")
+    finally:
+        held.kill()
+        held.wait()
+    lock_folder(out).close()  # released when its holder dies
+    run(make_shards, tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}")
+    assert (out / "manifest.json").is_file()

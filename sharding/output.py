@@ -1,0 +1,155 @@
+"""Where a make_shards job writes: a local folder, or an fsspec URL (s3://, gs://,
+file://, ...) fed from a local staging folder.
+
+With a URL, each shard is written and checked in the staging folder as usual, then
+uploaded by the worker that wrote it, then its `.done` record; only then is the local
+copy removed. The upload is atomic: on a filesystem with a rename (file://, local
+mounts) it goes to a temporary name and is renamed; on an object store a PUT makes the
+object visible only once it is complete, so it goes straight to its name. A reader of
+the bucket never sees half a shard, and a shard without its `.done` record (the job
+died between the two) is written again by the next run. The remote side is the truth:
+a resumed job, on this machine or another, asks the bucket which shards are done.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from phoclip.fileio import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def is_url(out: str) -> bool:
+    """An output given as a URL (anything with a scheme), not a local path."""
+    return "://" in str(out)
+
+
+def _fs(url: str):
+    try:
+        from fsspec.core import url_to_fs
+    except ImportError as e:  # pragma: no cover - fsspec is a requirement
+        raise OSError(f"{url}: writing to a URL needs fsspec") from e
+    try:
+        return url_to_fs(url)
+    except (ImportError, ValueError) as e:  # e.g. s3:// without s3fs installed
+        raise OSError(f"{url}: cannot write there ({e}); install the matching fsspec package "
+                      "(s3fs, gcsfs, adlfs)") from None
+
+
+def _has_rename(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocols))
+
+
+def upload_atomic(fs, local: str, remote: str) -> None:
+    """Upload one file so that `remote` appears whole or not at all."""
+    if _has_rename(fs):
+        fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{remote}.tmp{os.getpid()}"
+        fs.put_file(local, tmp)
+        fs.mv(tmp, remote)
+    else:
+        fs.put_file(local, remote)
+
+
+def default_staging(url: str, part: int) -> Path:
+    """A stable local folder per (URL, part): a re-run on this machine finds its hash
+    journal and source cache there again."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "phoclip" / "make_shards"
+    return base / hashlib.sha256(f"{url}#{part}".encode()).hexdigest()[:16]
+
+
+class Output:
+    """A job's output folder: `local` is where shards are written (the folder itself, or
+    the staging folder of a URL); `url` is set when they are published elsewhere."""
+
+    def __init__(self, local: Path, url: Optional[str] = None) -> None:
+        self.local = Path(local)
+        self.url = url.rstrip("/") if url else None
+        self._listing: Optional[set] = None
+        if self.url:
+            self.fs, self.root = _fs(self.url)
+            self.root = self.root.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.url or str(self.local)
+
+    def _remote(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def refresh(self) -> None:
+        """List the remote folder once (shards and .done records): `is_complete` then
+        asks this listing, not the store, once per shard."""
+        if not self.url:
+            return
+        found = set()
+        self.fs.invalidate_cache()  # fsspec caches listings per process; the bucket is the truth
+        for sub in ("", ".done"):
+            try:
+                paths = self.fs.ls(f"{self.root}/{sub}" if sub else self.root, detail=False)
+            except FileNotFoundError:
+                continue
+            found |= {(f"{sub}/" if sub else "") + p.rstrip("/").rsplit("/", 1)[-1] for p in paths}
+        self._listing = found
+
+    def is_complete(self, name: str) -> bool:
+        from phoclip_sharding.writer import is_complete
+
+        if not self.url:
+            return is_complete(self.local, name)
+        if self._listing is None:
+            self.refresh()
+        return name in self._listing and f".done/{name}.json" in self._listing
+
+    def read_done(self, names: list[str]) -> dict[str, Optional[dict]]:
+        """The `.done` records of `names` (None where missing or unreadable)."""
+        from phoclip_sharding.writer import read_done, valid_done
+
+        if not self.url:
+            return {n: read_done(self.local, n) for n in names}
+        paths = {self._remote(f".done/{n}.json"): n for n in names}
+        got = self.fs.cat(list(paths), on_error="return") if paths else {}
+        out = {}
+        for path, name in paths.items():
+            data = got.get(path)
+            try:
+                rec = json.loads(data) if isinstance(data, bytes) else None
+            except ValueError:
+                rec = None
+            out[name] = rec if valid_done(rec, name) else None
+        return out
+
+    def read_text(self, name: str) -> Optional[str]:
+        if not self.url:
+            p = self.local / name
+            return p.read_text() if p.is_file() else None
+        try:
+            return self.fs.cat_file(self._remote(name)).decode()
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.local / name, text)
+        if self.url:
+            upload_atomic(self.fs, str(self.local / name), self._remote(name))
+
+    def write_json(self, name: str, obj) -> None:
+        atomic_write_json(self.local / name, obj, indent=2, sort_keys=True)
+        if self.url:
+            upload_atomic(self.fs, str(self.local / name), self._remote(name))
+
+
+def publish_shard(local_dir: str, url: str, name: str) -> None:
+    """In the worker that wrote it: upload a finished shard, then its `.done` record, then
+    drop the local copy of the shard."""
+    fs, root = _fs(url)
+    root = root.rstrip("/")
+    local = Path(local_dir)
+    upload_atomic(fs, str(local / name), f"{root}/{name}")
+    upload_atomic(fs, str(local / ".done" / f"{name}.json"), f"{root}/.done/{name}.json")
+    (local / name).unlink()
