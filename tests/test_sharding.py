@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import tarfile
+import time
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -396,6 +397,68 @@ def test_img2dataset_tars_resharded(tmp_path, tiny_tokenizer_dir, make_shards, r
     assert Image.open(io.BytesIO(big["jpg"])).size == (85, 64)  # shorter side 64
     png = next(m for m, v in metas.values() if "một hình vuông màu đỏ" in m["captions"])
     assert png["origin"][0]["url"] == "https://example.vn/p.png"
+
+
+@pytest.mark.slow
+def test_real_img2dataset_output_resharded(tmp_path, tiny_tokenizer_dir, make_shards):
+    """img2dataset itself downloads a URL list from `python -m http.server` on 127.0.0.1
+    (images of several sizes, a broken file, a 404) into WebDataset tars, and
+    `--source wds:` re-shards them: one sample per downloaded image, its caption, key and
+    URL recorded, img2dataset's resized JPEG kept byte for byte."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from dist_utils import free_port
+
+    www = tmp_path / "www"
+    rng = random.Random(5)
+    rows = []
+    for i in range(6):
+        make_image(www / f"{i}.jpg", i, size=(90 + 20 * i, 70 + 7 * i))
+        rows.append((f"{i}.jpg", random_caption(rng) + f" số {i}"))
+    (www / "broken.jpg").write_bytes(b"not an image at all")
+    rows += [("broken.jpg", "ảnh hỏng"), ("missing.jpg", "ảnh không có")]
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                            "--directory", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        urls = [f"http://127.0.0.1:{port}/{name}" for name, _ in rows]
+        pq.write_table(pa.table({"url": urls, "caption": [c for _, c in rows]}), tmp_path / "urls.parquet")
+        import urllib.request
+
+        for _ in range(100):  # the server is up
+            try:
+                urllib.request.urlopen(urls[0], timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        i2d = Path(sys.executable).with_name("img2dataset")
+        subprocess.run([str(i2d), "--url_list", str(tmp_path / "urls.parquet"), "--input_format", "parquet",
+                        "--url_col", "url", "--caption_col", "caption", "--output_format", "webdataset",
+                        "--output_folder", str(tmp_path / "i2d"), "--image_size", "64", "--resize_mode", "keep_ratio",
+                        "--processes_count", "1", "--thread_count", "4", "--enable_wandb", "False"],
+                       check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        srv.kill()
+        srv.wait()
+    tars = sorted((tmp_path / "i2d").glob("*.tar"))
+    assert len(tars) == 1
+    out = tmp_path / "out"
+    run(make_shards, tiny_tokenizer_dir, out, f"wds:{tars[0]},name=web",
+        extra=["--val-fraction", "0", "--image-size", "64"])
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["counts"]["train"] == 6 and man["sources"] == {"web": {"train": 6, "val": 0}}
+    with tarfile.open(tars[0]) as tf:
+        i2d_jpgs = {m.name.split(".")[0]: tf.extractfile(m).read() for m in tf.getmembers() if m.name.endswith(".jpg")}
+    by_url = {}
+    for v in read_all(out).values():
+        meta = json.loads(v["json"])
+        (origin,) = meta["origin"]
+        by_url[origin["url"]] = meta
+        assert v["jpg"] == i2d_jpgs[origin["key"]]  # img2dataset's JPEG, not encoded again
+        assert min(meta["width"], meta["height"]) == 64
+    assert sorted(by_url) == sorted(urls[:6])
+    for (name, cap), url in zip(rows[:6], urls):
+        assert by_url[url]["captions"] == [unicodedata.normalize("NFC", cap)]
 
 
 def test_parquet_with_image_bytes_or_paths(tmp_path, tiny_tokenizer_dir, make_shards):
