@@ -4,6 +4,7 @@ tokenization captions/s; captions/s of the whole text stage inside make_shards w
 and 2 workers; and the peak RSS of make_shards (one process) at 10k and 100k images.
 
     python bench/bench_sharding.py [--images 1000] [--rss-images 10000 100000]
+        [--sections images text workers rss]
 """
 from __future__ import annotations
 
@@ -82,6 +83,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--rss-images", type=int, nargs="*", default=[10000, 100000])
+    ap.add_argument("--sections", nargs="*", default=["images", "text", "workers", "rss"],
+                    choices=["images", "text", "workers", "rss"])
     args = ap.parse_args()
     from phoclip.text import (NoSegmenter, PyviSegmenter, UndertheseaSegmenter, build_phobert_tokenizer,
                               load_tokenizer, tokenize_captions)
@@ -96,7 +99,7 @@ def main() -> None:
         tok_dir = build_phobert_tokenizer(seg.segment(texts), d / "tok")
         rows = []
         res = {}
-        for w in (1, 2):
+        for w in ((1, 2) if "images" in args.sections else ()):
             b = bare(paths, w)
             out = d / f"shards{w}"
             t = time.perf_counter()
@@ -106,41 +109,44 @@ def main() -> None:
             ours = args.images / (time.perf_counter() - t)
             res[w] = (ours, b)
             rows.append((f"{w} worker(s)", f"{ours:.0f}", f"{b:.0f}", f"{ours / b:.2f}x"))
-        print(f"\nsharding: {args.images} JPEGs 640x480 → shorter side 256; {machine()}")
-        print(table(rows, ("workers", "make_shards img/s", "bare loop img/s", "ours/bare")))
-        print(f"scaling 1→2 workers: ours {res[2][0] / res[1][0]:.2f}x, bare {res[2][1] / res[1][1]:.2f}x")
+        if rows:
+            print(f"\nsharding: {args.images} JPEGs 640x480 → shorter side 256; {machine()}")
+            print(table(rows, ("workers", "make_shards img/s", "bare loop img/s", "ours/bare")))
+            print(f"scaling 1→2 workers: ours {res[2][0] / res[1][0]:.2f}x, bare {res[2][1] / res[1][1]:.2f}x")
 
-        many = (texts * (6000 // len(texts) + 1))[:6000]
-        srows = []
-        for s in (UndertheseaSegmenter(), PyviSegmenter(), NoSegmenter()):
+        if "text" in args.sections:
+            many = (texts * (6000 // len(texts) + 1))[:6000]
+            srows = []
+            for s in (UndertheseaSegmenter(), PyviSegmenter(), NoSegmenter()):
+                t = time.perf_counter()
+                s.segment(many)
+                srows.append((s.name, f"{len(many) / (time.perf_counter() - t):.0f}"))
+            tok = load_tokenizer(str(tok_dir))
+            segd = seg.segment(many)
             t = time.perf_counter()
-            s.segment(many)
-            srows.append((s.name, f"{len(many) / (time.perf_counter() - t):.0f}"))
-        tok = load_tokenizer(str(tok_dir))
-        segd = seg.segment(many)
-        t = time.perf_counter()
-        tokenize_captions(tok, segd, 70)
-        srows.append(("PhobertTokenizer (tokenize)", f"{len(many) / (time.perf_counter() - t):.0f}"))
-        print(f"\ntext: {len(many)} captions, one process")
-        print(table(srows, ("stage", "captions/s")))
+            tokenize_captions(tok, segd, 70)
+            srows.append(("PhobertTokenizer (tokenize)", f"{len(many) / (time.perf_counter() - t):.0f}"))
+            print(f"\ntext: {len(many)} captions, one process")
+            print(table(srows, ("stage", "captions/s")))
 
-        # the text stage inside make_shards (it runs in the shard workers): 48 px images,
-        # so segmentation dominates; captions/s over the whole run
-        small = d / "small"
-        caps_s = __import__("phoclip.synthetic", fromlist=["make_dataset"]).make_dataset(
-            small / "data", n_images=2000, size=48)
-        n_caps = len(caps_s.read_text(encoding="utf-8").splitlines())
-        trows = []
-        for w in (1, 2):
-            t = time.perf_counter()
-            make_shards(["--source", f"flickr8k-vi:{caps_s}:{small / 'data' / 'images'}", "--out", str(small / f"o{w}"),
-                         "--tokenizer", str(tok_dir), "--segmenter", "underthesea", "--workers", str(w),
-                         "--image-size", "48", "--shard-size", "100", "--val-fraction", "0"])
-            trows.append((f"{w}", f"{n_caps / (time.perf_counter() - t):.0f}"))
-        print(f"\nmake_shards with underthesea, {n_caps} captions of 2000 small images")
-        print(table(trows, ("workers", "captions/s (whole job)")))
+        if "workers" in args.sections:
+            # the text stage inside make_shards (it runs in the shard workers): 48 px images,
+            # so segmentation dominates; captions/s over the whole run
+            small = d / "small"
+            caps_s = __import__("phoclip.synthetic", fromlist=["make_dataset"]).make_dataset(
+                small / "data", n_images=2000, size=48)
+            n_caps = len(caps_s.read_text(encoding="utf-8").splitlines())
+            trows = []
+            for w in (1, 2):
+                t = time.perf_counter()
+                make_shards(["--source", f"flickr8k-vi:{caps_s}:{small / 'data' / 'images'}", "--out", str(small / f"o{w}"),
+                             "--tokenizer", str(tok_dir), "--segmenter", "underthesea", "--workers", str(w),
+                             "--image-size", "48", "--shard-size", "100", "--val-fraction", "0"])
+                trows.append((f"{w}", f"{n_caps / (time.perf_counter() - t):.0f}"))
+            print(f"\nmake_shards with underthesea, {n_caps} captions of 2000 small images")
+            print(table(trows, ("workers", "captions/s (whole job)")))
 
-        if args.rss_images:
+        if args.rss_images and "rss" in args.sections:
             print("\npeak RSS of make_shards (--workers 1, one process; tiny images, no segmenter)")
             print(table(rss_rows(d, args.rss_images), ("images", "peak RSS MB", "vs first", "img/s")))
     finally:
