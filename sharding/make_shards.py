@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import sys
 import time
 from collections import Counter, defaultdict
@@ -44,7 +45,7 @@ from phoclip.text import (SEGMENTERS, create_segmenter, load_tokenizer, normaliz
 from phoclip_sharding.readers import READERS, SourceSpec, read_source
 from phoclip_sharding.store import STORE_NAME, JobStore, lock_folder
 from phoclip_sharding.output import Output, default_staging, is_url
-from phoclip_sharding.writer import ShardTask, TextSettings, check_images, make_pool, run_tasks
+from phoclip_sharding.writer import ShardTask, TextSettings, check_images, make_pool, run_tasks, without_torch
 
 logger = logging.getLogger("make_shards")
 
@@ -90,6 +91,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         return args
     if not args.source or not args.out:
         p.error("--source and --out are required (or --merge OUT)")
+    if args.staging and not is_url(args.out):
+        p.error("--staging is for an --out URL (shards go to OUT directly otherwise)")
     if args.num_parts < 1 or not 0 <= args.part < args.num_parts:
         p.error(f"--part must be in [0, --num-parts) = [0, {args.num_parts})")
     if not 0.0 <= args.val_fraction < 1.0:
@@ -274,6 +277,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run_job(args, tokenizer, segmenter, Output(out, url), pool, t0, specs, store)
     except EXPECTED_ERRORS as e:
         raise SystemExit(f"make_shards: {one_line(e)}") from None
+    except sqlite3.Error as e:  # e.g. the disk holding the job store is full
+        raise SystemExit(f"make_shards: {out / STORE_NAME}: {e}") from None
     finally:
         if pool is not None:
             pool.close()
@@ -520,4 +525,5 @@ def _write_json(path: Path, obj) -> None:
 
 
 if __name__ == "__main__":
+    without_torch()  # this command never runs a model (in-process callers keep their torch)
     sys.exit(main())

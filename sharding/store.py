@@ -38,7 +38,7 @@ class JobStore:
         self.path = Path(path)
         try:
             self.conn = self._open()
-        except sqlite3.DatabaseError as e:  # a damaged store: it is a cache, start afresh
+        except sqlite3.DatabaseError as e:  # a damaged or foreign store: it is a cache, start afresh
             logger.warning("%s is not a usable job store (%s); starting a new one (images are hashed again)",
                            self.path, e)
             for suffix in ("", "-wal", "-shm", "-journal"):
@@ -47,6 +47,7 @@ class JobStore:
 
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None)
+        conn.execute("PRAGMA trusted_schema=OFF")  # the file is data: no functions from its schema
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT)")
@@ -56,6 +57,7 @@ class JobStore:
         conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
         conn.execute("CREATE TABLE IF NOT EXISTS hashes(path TEXT PRIMARY KEY, size INTEGER, "
                      "mtime INTEGER, sha TEXT, reason TEXT)")
+        conn.execute("SELECT path, size, mtime, sha, reason FROM hashes LIMIT 1").fetchall()  # our schema
         return conn
 
     def close(self) -> None:

@@ -240,7 +240,15 @@ def make_pool(workers: int):
         return None
     import multiprocessing as mp
 
-    return mp.get_context("spawn").Pool(workers)
+    return mp.get_context("spawn").Pool(workers, initializer=without_torch)
+
+
+def without_torch() -> None:
+    """For a process that only tokenizes (the pure-Python PhobertTokenizer): keep
+    transformers from importing torch, which costs seconds and hundreds of MB per spawned
+    worker and is never used there. Must run before transformers is imported."""
+    os.environ.setdefault("USE_TORCH", "0")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its notice that no torch was found
 
 
 def run_tasks(tasks: Iterable[ShardTask], pool, total: int) -> int:

@@ -657,3 +657,23 @@ def test_a_second_job_on_the_same_folder_is_refused(tmp_path, tiny_tokenizer_dir
     lock_folder(out).close()  # released when its holder dies
     run(make_shards, tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}")
     assert (out / "manifest.json").is_file()
+
+
+def test_small_store_batches_and_pages_give_the_same_shards(tmp_path, tiny_tokenizer_dir, make_shards, monkeypatch):
+    """The job streams through its store in batches (records, samples) and pages (image
+    paths to hash): cutting them tiny changes nothing in the output, duplicates included."""
+    import phoclip_sharding.make_shards as ms
+
+    ann, imgs = _dataset(tmp_path, 30, dup=[("3.jpg", "copy3.jpg"), ("8.jpg", "copy8.jpg")])
+    extra = ["--shard-size", "7", "--val-fraction", "0.2"]
+    run(make_shards, tiny_tokenizer_dir, tmp_path / "a", f"coco-jsonl:{ann}:{imgs}", extra=extra)
+    monkeypatch.setattr(ms, "RECORD_BATCH", 4)
+    monkeypatch.setattr(ms, "HASH_PAGE", 5)
+    run(make_shards, tiny_tokenizer_dir, tmp_path / "b", f"coco-jsonl:{ann}:{imgs}", extra=extra)
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
+    assert names == sorted(p.name for p in (tmp_path / "b").glob("*.tar")) and len(names) >= 4
+    for n in names:
+        assert (tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes(), n
+    for f in ("manifest.json", "sizes.json"):
+        assert (tmp_path / "a" / f).read_text() == (tmp_path / "b" / f).read_text()
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["merged_duplicate_images"] == 2
