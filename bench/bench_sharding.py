@@ -83,6 +83,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--rss-images", type=int, nargs="*", default=[10000, 100000])
+    ap.add_argument("--text-images", type=int, default=8000,
+                    help="small images (3 captions each) of the text-in-workers run: long enough that "
+                         "a spawned worker's start (imports, segmenter, tokenizer: ~3 s) is amortised")
     ap.add_argument("--sections", nargs="*", default=["images", "text", "workers", "rss"],
                     choices=["images", "text", "workers", "rss"])
     args = ap.parse_args()
@@ -134,7 +137,7 @@ def main() -> None:
             # so segmentation dominates; captions/s over the whole run
             small = d / "small"
             caps_s = __import__("phoclip.synthetic", fromlist=["make_dataset"]).make_dataset(
-                small / "data", n_images=2000, size=48)
+                small / "data", n_images=args.text_images, size=48)
             n_caps = len(caps_s.read_text(encoding="utf-8").splitlines())
             trows = []
             for w in (1, 2):
@@ -143,7 +146,7 @@ def main() -> None:
                              "--tokenizer", str(tok_dir), "--segmenter", "underthesea", "--workers", str(w),
                              "--image-size", "48", "--shard-size", "100", "--val-fraction", "0"])
                 trows.append((f"{w}", f"{n_caps / (time.perf_counter() - t):.0f}"))
-            print(f"\nmake_shards with underthesea, {n_caps} captions of 2000 small images")
+            print(f"\nmake_shards with underthesea, {n_caps} captions of {args.text_images} small images")
             print(table(trows, ("workers", "captions/s (whole job)")))
 
         if args.rss_images and "rss" in args.sections:
