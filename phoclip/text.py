@@ -182,11 +182,22 @@ def create_segmenter(name: str, vncorenlp_dir: str | None = None) -> Segmenter:
 # ----------------------------------------------------------------------------- tokenizer
 
 def load_tokenizer(name_or_path: str):
-    """The PhoBERT tokenizer (or any transformers tokenizer) by hub name or local folder."""
-    from transformers import AutoTokenizer
-
+    """The PhoBERT tokenizer (or any transformers tokenizer) by hub name or local folder.
+    A local folder whose tokenizer_config.json names PhobertTokenizer loads that class
+    directly: AutoTokenizer's import chain (generation utilities, scikit-learn) costs
+    seconds per process and gives the same class."""
+    phobert = False
+    cfg = Path(name_or_path) / "tokenizer_config.json"
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        phobert = cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("tokenizer_class") == "PhobertTokenizer"
+    except (OSError, ValueError, AttributeError):
+        pass  # AutoTokenizer reports what is wrong with the folder
+    if phobert:
+        from transformers import PhobertTokenizer as cls
+    else:
+        from transformers import AutoTokenizer as cls
+    try:
+        return cls.from_pretrained(name_or_path)
     except OSError as e:
         raise SetupError(
             f"cannot load tokenizer {name_or_path!r}: {e}\n"
