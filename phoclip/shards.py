@@ -13,7 +13,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
-from phoclip.images import decode_rgb
+from phoclip.images import MAX_FILE_BYTES, decode_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -374,18 +374,54 @@ def _shard_sizes(url: str, cache: dict, manifest: Optional[str] = None) -> Optio
     return cache[d].get(shard_name(url))
 
 
+MAX_MEMBER_BYTES = MAX_FILE_BYTES  # no member of a shard (image, ids, json) is larger
+
+
+def tar_files(stream, url: str, skips: Counter, raise_errors: bool = False,
+              max_bytes: Optional[int] = None) -> Iterator[dict]:
+    """A tar stream's regular files as webdataset's `{fname, data, __url__}` records (its
+    `tar_file_expander`, whose `group_by_keys` groups them into samples), except that a
+    member larger than `max_bytes` (default MAX_MEMBER_BYTES) is passed over unread and
+    counted (`oversized_member`): a hostile tar cannot make a reader hold gigabytes. A
+    damaged stream ends the shard, counted (`corrupt_shard`), or raises with
+    `raise_errors` (the remote reader retries)."""
+    import re
+    import tarfile
+    import zlib
+
+    cap = MAX_MEMBER_BYTES if max_bytes is None else max_bytes
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for m in tar:
+                if not m.isreg() or re.match(r"__[^/]*__($|/)", m.name):
+                    continue
+                if m.size > cap:
+                    skips["oversized_member"] += 1
+                    logger.warning("%s: member %s is %d bytes, over the %d-byte cap; skipped unread",
+                                   url, m.name, m.size, cap)
+                    continue
+                data = tar.extractfile(m).read()
+                tar.members = []  # stream mode would keep every header of the shard
+                yield {"fname": m.name, "data": data, "__url__": url}
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        if raise_errors:
+            raise
+        _Skips(skips)(e)
+
+
 def read_shards(shards: Iterable[dict], skips: Counter, manifest: Optional[str] = None,
-                retries: int = RETRIES, backoff_s: float = BACKOFF_S) -> Iterator[dict]:
+                retries: int = RETRIES, backoff_s: float = BACKOFF_S,
+                max_member_bytes: Optional[int] = None) -> Iterator[dict]:
     """Tar shards → samples. A shard that yields fewer samples than its sizes.json entry
     is counted as truncated (tarfile ends a cut-off stream silently). A remote shard
     whose read fails (connection refused or dropped, a pipe command failing) is opened
     again after 1, 2, 4 s, skipping the samples already given (`shard_retries`); after
     `retries` it is skipped and counted (`unreadable_shard`): a flaky connection does
-    not end a run, and a read that recovers loses nothing."""
-    import webdataset as wds
+    not end a run, and a read that recovers loses nothing. A tar member over
+    `max_member_bytes` (default MAX_MEMBER_BYTES) is skipped unread (`oversized_member`)."""
+    from webdataset.tariterators import group_by_keys
 
     cache: dict = {}
-    expand = wds.tarfile_to_samples(handler=_Skips(skips))
     for src in shards:
         url = src["url"]
         n = 0
@@ -394,13 +430,19 @@ def read_shards(shards: Iterable[dict], skips: Counter, manifest: Optional[str] 
                 want = _shard_sizes(url, cache, manifest)
             except ValueError:
                 want = None
-            for sample in _read_remote(url, skips, retries, backoff_s, want):
+            for sample in _read_remote(url, skips, retries, backoff_s, want, max_member_bytes):
                 n += 1
                 yield sample
         else:
-            for sample in expand(iter([dict(src, url=_local_path(url))])):
-                n += 1
-                yield sample
+            path = _local_path(url)
+            try:
+                with open(path, "rb") as f:
+                    for sample in group_by_keys(tar_files(f, path, skips, max_bytes=max_member_bytes),
+                                                handler=_Skips(skips)):
+                        n += 1
+                        yield sample
+            except OSError as e:  # a missing or unreadable shard file
+                _Skips(skips)(e)
         try:
             want = _shard_sizes(url, cache, manifest)
         except ValueError as e:  # an unreachable sizes.json costs the check, not the run
@@ -412,19 +454,19 @@ def read_shards(shards: Iterable[dict], skips: Counter, manifest: Optional[str] 
 
 
 def _read_remote(url: str, skips: Counter, retries: int, backoff_s: float,
-                 want: Optional[int] = None) -> Iterator[dict]:
+                 want: Optional[int] = None, max_member_bytes: Optional[int] = None) -> Iterator[dict]:
     import http.client
     import tarfile
     import time
 
     from webdataset.handlers import reraise_exception
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    from webdataset.tariterators import group_by_keys
 
     given = 0  # samples of this shard already yielded: skipped after a reopen
     for attempt in range(retries + 1):
         try:
             with open_url(url) as stream:
-                files = tar_file_expander(iter([{"url": url, "stream": stream}]), handler=reraise_exception)
+                files = tar_files(stream, url, skips, raise_errors=True, max_bytes=max_member_bytes)
                 for i, sample in enumerate(group_by_keys(files, handler=reraise_exception)):
                     if i < given:
                         continue
