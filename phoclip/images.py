@@ -54,7 +54,7 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im.load()
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)  # not a copy of every upright photo
     except (OSError, SyntaxError, ValueError, TypeError) as e:
         raise BadImage("corrupt", str(e)) from e
     return to_rgb(im)
