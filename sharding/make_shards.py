@@ -12,8 +12,9 @@ SLURM array), then one merge:
     python sharding/make_shards.py --source ... --out shards/vi --num-parts 8 --part $I
     python sharding/make_shards.py --merge shards/vi
 
-An image belongs to the part its content hash says (sha256 mod N): every part reads and
-hashes every image, so byte-identical images always meet in one part (their captions and
+An image belongs to the part its content hash says (sha256 mod N; a file that cannot be
+read, by its path): every part reads and hashes every image, so byte-identical images
+always meet in one part (their captions and
 sources merge exactly as in one job), and the train/val split (by the same hash) is the
 single job's. Each part decodes, resizes, segments and tokenizes only its own images, into
 OUT/part-IIII/ (its own manifest, resumable on its own). The merge links every part's
@@ -42,7 +43,7 @@ from phoclip.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from phoclip.log import init_logger
 from phoclip.text import (SEGMENTERS, create_segmenter, load_tokenizer, normalize_text, strip_controls,
                           tokenizer_fingerprint)
-from phoclip_sharding.readers import READERS, SourceSpec, read_source
+from phoclip_sharding.readers import READERS, SourceSpec, part_of, read_source
 from phoclip_sharding.store import STORE_NAME, JobStore, lock_folder
 from phoclip_sharding.output import Output, default_staging, is_url
 from phoclip_sharding.writer import ShardTask, TextSettings, check_images, make_pool, run_tasks, without_torch
@@ -109,15 +110,6 @@ def _split_of(sha: str, seed: int, val_fraction: float) -> str:
     return "val" if h / 2**64 < val_fraction else "train"
 
 
-def part_of(key: str, num_parts: int) -> int:
-    """The part an image belongs to: its sha256 (or, for an unreadable file, its path) mod N."""
-    if num_parts == 1:
-        return 0
-    h = key if len(key) == 64 and all(c in "0123456789abcdef" for c in key) else \
-        hashlib.sha256(key.encode()).hexdigest()
-    return int(h[:16], 16) % num_parts
-
-
 RECORD_BATCH = 10_000  # records read from the sources per store transaction
 HASH_PAGE = 8_192      # image paths hashed per page
 
@@ -170,8 +162,8 @@ def collect(specs: list[SourceSpec], pool, store: JobStore, max_pixels: int, max
         logger.info("%s: %d images in %s", spec.source_name, n, spec.annotations)
     store.index_records()
     _hash_images(store, pool, max_pixels, max_bytes)
-    for path, source, reason in store.bad_records():
-        if part_of(path, num_parts) == part:
+    for path, source, reason, sha in store.bad_records():
+        if part_of(sha or path, num_parts) == part:
             skipped[reason] += 1
             logger.warning("skipping image %s (%s): %s", path, source, reason)
 
@@ -269,6 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lock = lock_folder(out)  # two jobs writing one folder would interleave shards
     for i, spec in enumerate(specs):  # images held inside wds tars / parquet cells land here
         spec.cache_dir = out / ".sources" / f"{i:02d}-{spec.source_name}"
+        spec.part = (args.part, args.num_parts)  # ... only this part's
 
     pool = make_pool(args.workers)
     store = None

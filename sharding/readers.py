@@ -9,6 +9,7 @@ job's cache folder (`SourceSpec.cache_dir`, under --out) and then handled like f
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -20,6 +21,17 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 logger = logging.getLogger(__name__)
+
+
+def part_of(key: str, num_parts: int) -> int:
+    """The part an image belongs to: its sha256 (or, for a file that cannot be read, its
+    path) mod N. The same function decides for files (after hashing) and for images held
+    inside tars and parquet cells (before they are cached)."""
+    if num_parts == 1:
+        return 0
+    h = key if len(key) == 64 and all(c in "0123456789abcdef" for c in key) else \
+        hashlib.sha256(key.encode()).hexdigest()
+    return int(h[:16], 16) % num_parts
 
 
 @dataclass
@@ -54,6 +66,14 @@ class SourceSpec:
     """Where images held inside the data (wds tars, parquet bytes) are written once."""
     pattern: str = ""
     """wds: the brace pattern of the input tars (paths, pipe:, http(s)://, fsspec URLs)."""
+    part: tuple = (0, 1)
+    """(part, number of parts) of the job: images held inside the data that belong to
+    another part (by content hash) are not cached nor listed here."""
+
+    def owns(self, data: bytes) -> bool:
+        """Whether an image held inside the data belongs to this part of the job."""
+        part, n = self.part
+        return n == 1 or part_of(hashlib.sha256(data).hexdigest(), n) == part
 
     @classmethod
     def parse(cls, spec: str) -> "SourceSpec":
@@ -410,6 +430,8 @@ def read_wds(spec: SourceSpec) -> Iterator[Record]:
                 txt = ""
             if txt.strip() and txt not in caps:
                 caps.append(txt)
+        if not spec.owns(data):
+            continue  # another part's image (its captions counted above, as in one job)
         rel = f"{shard}/{key}.{ext}"
         path = _cache_image(spec, rel, data)
         origin = {"key": meta.get("key", key), "shard": sample.get("__url__", "")}
@@ -447,8 +469,11 @@ def read_parquet(spec: SourceSpec) -> Iterator[Record]:
                 if len(img) > MAX_INLINE_IMAGE_BYTES:
                     spec.skipped["too_large_file"] += 1
                     continue
+                caps = _captions(spec, cap)
+                if not spec.owns(bytes(img)):
+                    continue  # another part's image (its captions counted, as in one job)
                 rel = f"{spec.annotations.stem}/{row:09d}.img"
-                yield Record(spec.source_name, str(row), _cache_image(spec, rel, bytes(img)), _captions(spec, cap),
+                yield Record(spec.source_name, str(row), _cache_image(spec, rel, bytes(img)), caps,
                              spec.split, rel=rel, origin={"row": row, "file": spec.annotations.name})
             elif isinstance(img, str):
                 rec = spec.record(img, img, _captions(spec, cap))

@@ -3,7 +3,7 @@ with the job.
 
 One SQLite file per output folder (per part: OUT/part-IIII/.job.sqlite) holds
 
-- `hashes`: every image file's content hash or the reason it is unusable, keyed by
+- `hashes`: every image file's content hash and the reason it is unusable (if so), keyed by
   path with the file's (size, mtime): the journal that spares a resumed or repeated job
   re-hashing files that did not change;
 - `records`: what the sources said, one row per (image file, annotation entry), in
@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Optional
 logger = logging.getLogger(__name__)
 
 STORE_NAME = ".job.sqlite"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: unusable but readable files keep their hash (their part)
 
 
 class JobStore:
@@ -124,17 +124,18 @@ class JobStore:
         c.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?)", rows)
         c.execute("COMMIT")
 
-    def bad_records(self) -> Iterator[tuple[str, str, str]]:
-        """(path, source, reason) of every record whose image is unusable, in reading order."""
-        return self.conn.execute("SELECT r.path, r.source, h.reason FROM records r JOIN hashes h ON h.path = r.path "
-                                 "WHERE h.sha IS NULL ORDER BY r.id")
+    def bad_records(self) -> Iterator[tuple[str, str, str, Optional[str]]]:
+        """(path, source, reason, sha or None) of every record whose image is unusable,
+        in reading order."""
+        return self.conn.execute("SELECT r.path, r.source, h.reason, h.sha FROM records r "
+                                 "JOIN hashes h ON h.path = r.path WHERE h.reason IS NOT NULL ORDER BY r.id")
 
     def record_groups(self) -> Iterator[tuple[str, list[tuple]]]:
         """(sha, records) per usable image, sha order; records in reading order as
         (source, image_id, path, rel, captions, pin, origin)."""
         cur = self.conn.execute(
             "SELECT h.sha, r.source, r.image_id, r.path, r.rel, r.captions, r.pin, r.origin "
-            "FROM records r JOIN hashes h ON h.path = r.path WHERE h.sha IS NOT NULL ORDER BY h.sha, r.id")
+            "FROM records r JOIN hashes h ON h.path = r.path WHERE h.reason IS NULL ORDER BY h.sha, r.id")
         sha, group = None, []
         for row in cur:
             if row[0] != sha:

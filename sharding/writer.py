@@ -39,13 +39,18 @@ class ImageCheck:
 def check_image(path: str, max_pixels: int = MAX_IMAGE_PIXELS,
                 max_bytes: int = MAX_FILE_BYTES) -> ImageCheck:
     """Hash an image file and read its header; classify what is wrong with it (the
-    reasons of `read_file_capped` and `probe_image`)."""
+    reasons of `read_file_capped` and `probe_image`). A file that could be read has its
+    hash even when it is not a usable image: the hash decides its part."""
     try:
         data = read_file_capped(path, max_bytes)
-        probe_image(data, max_pixels)
     except BadImage as e:
         return ImageCheck(path, reason=e.reason)
-    return ImageCheck(path, sha=hashlib.sha256(data).hexdigest())
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        probe_image(data, max_pixels)
+    except BadImage as e:
+        return ImageCheck(path, sha=sha, reason=e.reason)
+    return ImageCheck(path, sha=sha)
 
 
 @dataclass(frozen=True)

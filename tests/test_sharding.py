@@ -399,6 +399,30 @@ def test_img2dataset_tars_resharded(tmp_path, tiny_tokenizer_dir, make_shards, r
     assert png["origin"][0]["url"] == "https://example.vn/p.png"
 
 
+def test_parts_cache_only_their_own_inline_images(tmp_path, tiny_tokenizer_dir, make_shards):
+    """With --num-parts, an image held inside a wds tar is hashed as it is read and only
+    the part that owns it caches it (each image cached once over all parts, not once per
+    part); the merged parts hold the single job's samples, counts and skips."""
+    _img2dataset_tars(tmp_path / "i2d")
+    src = f"wds:{tmp_path}/i2d/{{00000..00001}}.tar,name=laion-vi"
+    extra = ["--val-fraction", "0.3", "--image-size", "64"]
+    one, parted = tmp_path / "one", tmp_path / "parted"
+    run(make_shards, tiny_tokenizer_dir, one, src, extra=extra)
+    for i in (0, 1):
+        run(make_shards, tiny_tokenizer_dir, parted, src, extra=extra + ["--num-parts", "2", "--part", str(i)])
+    make_shards(["--merge", parted])
+
+    def cached(d):
+        return len([p for p in (d / ".sources").rglob("*") if p.is_file()])
+
+    per_part = [cached(parted / f"part-{i:04d}") for i in (0, 1)]
+    assert cached(one) == 10 and sum(per_part) == 10 and all(per_part)  # 10 images inside the tars
+    m1, m2 = (json.loads((d / "manifest.json").read_text()) for d in (one, parted))
+    for key in ("counts", "captions", "sources", "skipped", "merged_duplicate_images"):
+        assert m1[key] == m2[key], key
+    assert sorted(read_all(one)) == sorted(read_all(parted))
+
+
 @pytest.mark.slow
 def test_real_img2dataset_output_resharded(tmp_path, tiny_tokenizer_dir, make_shards):
     """img2dataset itself downloads a URL list from `python -m http.server` on 127.0.0.1
