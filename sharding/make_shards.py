@@ -38,7 +38,6 @@ from typing import Optional, Sequence
 
 from phoclip import __version__
 from phoclip.errors import EXPECTED_ERRORS, one_line
-from phoclip.fileio import atomic_write_json
 from phoclip.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from phoclip.log import init_logger
 from phoclip.text import (SEGMENTERS, create_segmenter, load_tokenizer, normalize_text, strip_controls,
@@ -267,7 +266,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     store = None
     try:
         store = JobStore(out / STORE_NAME)
-        return _run_job(args, tokenizer, segmenter, Output(out, url), pool, t0, specs, store)
+        return _run_job(args, tokenizer, segmenter, Output(out, url), pool, t0, specs, store, lock)
     except EXPECTED_ERRORS as e:
         raise SystemExit(f"make_shards: {one_line(e)}") from None
     except sqlite3.Error as e:  # e.g. the disk holding the job store is full
@@ -278,10 +277,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pool.join()
         if store is not None:
             store.close()
-        lock.close()
+        lock.release()
 
 
-def _run_job(args, tokenizer, segmenter, output: Output, pool, t0: float, specs, store: JobStore) -> int:
+def _run_job(args, tokenizer, segmenter, output: Output, pool, t0: float, specs, store: JobStore,
+             lock) -> int:
     out = output.local
     try:
         n_samples, skipped, merged = collect(specs, pool, store, args.max_pixels, args.max_image_bytes,
@@ -302,6 +302,7 @@ def _run_job(args, tokenizer, segmenter, output: Output, pool, t0: float, specs,
         order of its samples' hashes, cut every --shard-size samples."""
         for split in ("train", "val"):
             for idx, rows in enumerate(store.shard_rows(split, args.shard_size)):
+                lock.refresh()  # about once per finished shard: a live job's lock never looks stale
                 items = [(sha[:24], path, meta, caps) for sha, path, meta, caps in rows]
                 yield ShardTask(split, idx, str(out), args.image_size, args.jpeg_quality, items,
                                 args.max_pixels, args.max_image_bytes, text, remote=output.url)
@@ -384,71 +385,19 @@ def _run_job(args, tokenizer, segmenter, output: Output, pool, t0: float, specs,
 PART_DIR = "part-{:04d}"
 
 
-class _Folder:
-    """The few file operations a merge needs, on a local folder (hard links, no copy)
-    or on an fsspec URL (server-side copies; small files written atomically)."""
-
-    def __init__(self, out: str) -> None:
-        self.url = out.rstrip("/") if is_url(out) else None
-        if self.url:
-            from fsspec.core import url_to_fs
-
-            self.fs, root = url_to_fs(self.url)
-            self.root = root.rstrip("/")
-            self.fs.invalidate_cache()
-        else:
-            self.root = str(Path(out))
-
-    def __str__(self) -> str:
-        return self.url or self.root
-
-    def parts(self) -> list[str]:
-        pat = "part-[0-9][0-9][0-9][0-9]"
-        if self.url:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.root}/{pat}"))
-        return sorted(p.name for p in Path(self.root).glob(pat))
-
-    def read(self, rel: str) -> Optional[bytes]:
-        try:
-            if self.url:
-                return self.fs.cat_file(f"{self.root}/{rel}")
-            return (Path(self.root) / rel).read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            return None
-
-    def link(self, src: str, dst: str) -> None:
-        if self.url:
-            self.fs.copy(f"{self.root}/{src}", f"{self.root}/{dst}")
-            return
-        s, d = Path(self.root) / src, Path(self.root) / dst
-        if d.exists() and not os.path.samefile(d, s):
-            d.unlink()  # an earlier merge's link to another file
-        if not d.exists():
-            try:
-                os.link(s, d)  # no copy on one filesystem
-            except OSError:
-                import shutil
-
-                shutil.copyfile(s, d)
-
-    def write_json(self, rel: str, obj) -> None:
-        if self.url:
-            from phoclip_sharding.output import Output
-
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                Output(Path(tmp), self.url).write_json(rel, obj)
-        else:
-            _write_json(Path(self.root) / rel, obj)
-
-
 def merge_parts(out: str | Path) -> int:
     """Link every part's shards (OUT/part-IIII/) into OUT as one numbered sequence per
     split (part order, then shard order) and write the global manifest.json and
     sizes.json. OUT may be a local folder or the URL the parts were written to. Refuses
     parts of different jobs or settings, and a missing part."""
-    folder = _Folder(str(out))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as staging:  # a URL's small files are written here first
+        url = str(out) if is_url(str(out)) else None
+        return _merge(Output(Path(staging) if url else Path(out), url))
+
+
+def _merge(folder: Output) -> int:
     parts = folder.parts()
     if not parts:
         raise ValueError(f"no part-NNNN folders in {folder}")
@@ -511,10 +460,6 @@ def _get(m: dict, dotted: str):
     for k in dotted.split("."):
         m = m.get(k) if isinstance(m, dict) else None
     return m
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_json(path, obj, indent=2, sort_keys=True)
 
 
 if __name__ == "__main__":

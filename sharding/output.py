@@ -124,14 +124,43 @@ class Output:
             out[name] = rec if valid_done(rec, name) else None
         return out
 
-    def read_text(self, name: str) -> Optional[str]:
-        if not self.url:
-            p = self.local / name
-            return p.read_text() if p.is_file() else None
+    def read(self, name: str) -> Optional[bytes]:
+        """The bytes of a file of the output (`name` may hold a folder), or None."""
         try:
-            return self.fs.cat_file(self._remote(name)).decode()
-        except FileNotFoundError:
+            if self.url:
+                return self.fs.cat_file(self._remote(name))
+            return (self.local / name).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+
+    def read_text(self, name: str) -> Optional[str]:
+        data = self.read(name)
+        return None if data is None else data.decode()
+
+    def parts(self) -> list[str]:
+        """The part-NNNN folders of a job made in parts."""
+        pat = "part-[0-9][0-9][0-9][0-9]"
+        if self.url:
+            self.fs.invalidate_cache()
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.root}/{pat}"))
+        return sorted(p.name for p in self.local.glob(pat))
+
+    def link(self, src: str, dst: str) -> None:
+        """`dst` becomes `src`'s content: a hard link locally (no copy on one
+        filesystem), a server-side copy at a URL."""
+        if self.url:
+            self.fs.copy(self._remote(src), self._remote(dst))
+            return
+        s, d = self.local / src, self.local / dst
+        if d.exists() and not os.path.samefile(d, s):
+            d.unlink()  # an earlier merge's link to another file
+        if not d.exists():
+            try:
+                os.link(s, d)
+            except OSError:
+                import shutil
+
+                shutil.copyfile(s, d)
 
     def write_text(self, name: str, text: str) -> None:
         atomic_write_text(self.local / name, text)
@@ -139,6 +168,7 @@ class Output:
             upload_atomic(self.fs, str(self.local / name), self._remote(name))
 
     def write_json(self, name: str, obj) -> None:
+        (self.local / name).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.local / name, obj, indent=2, sort_keys=True)
         if self.url:
             upload_atomic(self.fs, str(self.local / name), self._remote(name))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sqlite3
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
@@ -183,22 +182,15 @@ class JobStore:
 
 
 def lock_folder(folder: Path):
-    """An exclusive lock on FOLDER/.lock for this process's lifetime (released when the
-    returned file is closed or the process ends): two jobs writing one folder would
-    interleave shards. Refused in one line when another job holds it."""
-    import fcntl
+    """One job per output folder, with the lock a run folder has (`RunLock`: host and pid
+    in FOLDER/.lock; a dead holder's lock is taken over): two jobs writing one folder
+    would interleave shards. Refused in one line while another job holds it. The caller
+    refreshes it as shards complete and releases it at the end."""
+    from phoclip_train.lock import RunLock, RunLockedError
 
-    f = open(Path(folder) / ".lock", "a+")
+    lock = RunLock(folder)
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        who = f.read().strip()
-        f.close()
-        raise SystemExit(f"make_shards: another job is writing to {folder} ({who or 'lock held'}; "
-                         f"{Path(folder) / '.lock'}); wait for it or use another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-    f.flush()
-    return f
+        lock.acquire()
+    except RunLockedError as e:
+        raise SystemExit(f"make_shards: another job is writing to {folder}: {e}") from None
+    return lock

@@ -678,7 +678,7 @@ def test_a_second_job_on_the_same_folder_is_refused(tmp_path, tiny_tokenizer_dir
     finally:
         held.kill()
         held.wait()
-    lock_folder(out).close()  # released when its holder dies
+    lock_folder(out).release()  # a dead holder's lock is taken over
     run(make_shards, tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}")
     assert (out / "manifest.json").is_file()
 
