@@ -148,22 +148,9 @@ class ShardStream(IterableDataset):
         logical = (wid + self.start_batch) % nworkers
         skips: Counter = Counter(self.skipped.get(logical, {}))
         start = self.positions.get(logical, 0)
-        opened = 0  # shards of this stream opened so far: what a new layout must not reread
-        good_at = 0  # `opened` when this stream last decoded a sample
-        give_up = max(8, min(2 * len(c.urls), 64))
-
-        def counted(shards):
-            nonlocal opened
-            for sh in shards:
-                if opened - good_at >= give_up:
-                    # all shards unreadable or missing (or nearly): stop, do not spin forever
-                    raise NoReadableSamples(
-                        f"no sample could be read from the last {opened - good_at} shards this stream "
-                        f"opened (e.g. {sh['url']}; skipped so far: {dict(skips)}); check data.train_shards")
-                opened += 1
-                yield sh
-
-        samples = read_shards(counted(self._shards(logical, nworkers)), skips, c.manifest)
+        health = ShardHealth(max(8, min(2 * len(c.urls), 64)), skips)
+        shards = health.track_shards(self._shards(logical, nworkers))
+        samples = health.track_samples(read_shards(shards, skips, c.manifest))
         shuffled = seeded_shuffle(samples, c.shuffle_buffer,
                                   random.Random(_seed(*self._key("shuffle", c.seed, c.rank, logical))))
         pos = 0
@@ -178,18 +165,20 @@ class ShardStream(IterableDataset):
         for sample in shuffled:
             pos += 1
             if pos <= start:
-                good_at = opened
+                health.decoded(sample, True)
                 continue  # resume: replay the order, decode nothing
             rng = random.Random(_seed(*self._key("sample", c.seed, c.rank, logical, pos)))
             try:  # (decode_sample looked up here: tests count the stream's decodes)
                 img, all_ids, _ = decode_sample(sample, c.ids_width, c.vocab_size, with_meta=False)
             except BadImage as e:
                 skips[f"image_{e.reason}"] += 1
+                health.decoded(sample, False)
                 continue
             except BadSample as e:
                 skips[e.reason] += 1
+                health.decoded(sample, False)
                 continue
-            good_at = opened
+            health.decoded(sample, True)
             if on_device:
                 box = random_crop_box(img.size, rng)
                 images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
@@ -216,7 +205,7 @@ class ShardStream(IterableDataset):
                 last = j == len(groups) - 1
                 batch = {"input_ids": torch.stack([ids[i] for i in g]), "keys": [keys[i] for i in g],
                          "worker": logical, "position": pos if last else block_start,
-                         "block_done": 0 if last else j + 1, "opened": opened, "skipped": dict(skips)}
+                         "block_done": 0 if last else j + 1, "opened": health.opened, "skipped": dict(skips)}
                 if on_device:
                     batch.update(pad_images([images[i] for i in g]))
                     batch["boxes"] = torch.tensor([boxes[i] for i in g], dtype=torch.int32)
@@ -225,6 +214,77 @@ class ShardStream(IterableDataset):
                 yield batch
             images, ids, keys, boxes = [], [], [], []
             block_start, skip_batches = pos, 0
+
+
+class ShardHealth:
+    """The stream's give-up rule: stop when `give_up` shards in a row turned out wholly
+    unreadable, not spin for ever on missing or corrupt data.
+
+    A shard counts as unreadable once it is *settled*: read to its end (the next shard
+    was opened) and every sample it gave was decoded, none of them successfully (a shard
+    that gave no sample at all settles when the next one is opened). Any sample decoded
+    successfully resets the count. Counting settled shards, not shards opened, keeps the
+    rule independent of the shuffle buffer and the shard size: filling a large buffer
+    opens many shards before any sample is decoded, and those are not unreadable."""
+
+    def __init__(self, give_up: int, skips: Counter) -> None:
+        self.give_up, self.skips = give_up, skips
+        self.opened = 0  # shards opened so far: what a new layout must not reread
+        self.unreadable = 0  # settled unreadable shards since the last good sample
+        self._pending: dict[int, list] = {}  # shard -> [samples given, decoded, good, read to its end]
+        self._url: dict[int, str] = {}
+
+    def track_shards(self, shards: Iterable[dict]) -> Iterator[dict]:
+        """Pass shards through, numbering them; opening one ends the previous one's read."""
+        for sh in shards:
+            if self.opened:
+                self._ended(self.opened - 1)
+            self._pending[self.opened] = [0, 0, 0, False]
+            self._url[self.opened] = sh["url"]
+            self.opened += 1
+            yield sh
+        if self.opened:
+            self._ended(self.opened - 1)
+
+    def track_samples(self, samples: Iterable[dict]) -> Iterator[dict]:
+        """Tag each sample with the shard it came from (the one opened last)."""
+        for s in samples:
+            shard = self.opened - 1
+            self._pending[shard][0] += 1
+            s["__shard__"] = shard
+            yield s
+
+    def decoded(self, sample: dict, ok: bool) -> None:
+        """Record one sample's outcome (resume replays count as good)."""
+        shard = sample.get("__shard__")
+        st = self._pending.get(shard)
+        if st is None:
+            return
+        st[1] += 1
+        if ok:
+            st[2] += 1
+            self.unreadable = 0
+        self._settle(shard)
+
+    def _ended(self, shard: int) -> None:
+        st = self._pending.get(shard)
+        if st is not None:
+            st[3] = True
+            self._settle(shard)
+
+    def _settle(self, shard: int) -> None:
+        given, decoded, good, ended = self._pending[shard]
+        if not ended or decoded < given:
+            return
+        del self._pending[shard]
+        url = self._url.pop(shard)
+        if good:
+            return
+        self.unreadable += 1
+        if self.unreadable >= self.give_up:
+            raise NoReadableSamples(
+                f"no sample could be read from the last {self.unreadable} shards this stream "
+                f"settled (e.g. {url}; skipped so far: {dict(self.skips)}); check data.train_shards")
 
 
 def group_by_length(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:

@@ -208,3 +208,99 @@ def test_another_rank_count_in_resampled_mode_draws_afresh(shapes_shards):
     s = ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, 0, 1, True, 8, layout=lay))
     assert next(iter(s))["keys"] != first  # not a replay of the run's first samples
 
+
+
+def _small_shards(shards, n, tmp_path, per_shard=5, count=4):
+    """`count` shards of `per_shard` samples each, re-cut from the fixture's shards."""
+    import webdataset as wds
+
+    samples = []
+    for u in _urls(shards, n):
+        with tarfile.open(u) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+        for k in sorted({m.split(".")[0] for m in members}):
+            samples.append({"__key__": k, **{e: members[f"{k}.{e}"] for e in ("jpg", "ids.npy", "json")
+                                              if f"{k}.{e}" in members}})
+    d = tmp_path / "small"
+    d.mkdir()
+    shutil.copy(shards / "manifest.json", d)
+    sizes = {}
+    for i in range(count):
+        name = f"train-{i:06d}.tar"
+        with open(d / name, "wb") as f, wds.TarWriter(f, encoder=False) as tw:
+            for s in samples[i * per_shard:(i + 1) * per_shard]:
+                tw.write(s)
+        sizes[name] = per_shard
+    (d / "sizes.json").write_text(json.dumps(sizes))
+    return d, expand_urls(f"{d}/train-{{000000..{count - 1:06d}}}.tar")[0]
+
+
+def test_a_truncated_shard_does_not_stop_a_stream_whose_buffer_spans_many_shards(shapes_shards, tmp_path):
+    """Regression: filling a 32-sample shuffle buffer opens ~7 shards of 5 before any
+    sample is decoded; those opens were counted as 'no sample read' and a healthy rank
+    stopped with NoReadableSamples. Only shards settled unreadable count."""
+    shards, _, n = shapes_shards
+    d, urls = _small_shards(shards, n, tmp_path)
+    t = d / "train-000002.tar"
+    t.write_bytes(t.read_bytes()[: t.stat().st_size // 2])
+    for rank, buf in itertools.product((0, 1), (32, 64)):
+        s = ShardStream(StreamConfig(urls, [1.0] * 4, 4, 32, 0, rank, 2, True, buf))
+        batches = list(itertools.islice(iter(s), 12))
+        assert len(batches) == 12 and all(len(b["keys"]) == 4 for b in batches)
+        assert batches[-1]["skipped"].get("truncated_shard", 0) >= 1
+
+
+def test_stream_gives_up_on_shards_that_are_all_unreadable(shapes_shards, tmp_path):
+    """The rule still ends a stream that can never read a sample: missing files (no
+    sample at all), and shards whose every sample fails to decode, whatever the buffer."""
+    from phoclip.data import NoReadableSamples
+
+    shards, _, n = shapes_shards
+    d, urls = _small_shards(shards, n, tmp_path)
+    missing = [str(d / f"gone-{i}.tar") for i in range(4)]
+    with pytest.raises(NoReadableSamples, match="no sample could be read from the last 8 shards"):
+        next(iter(ShardStream(StreamConfig(missing, [1.0] * 4, 4, 32, 0, 0, 1, True, 32))))
+    import webdataset as wds
+
+    for u in urls:  # every sample's ids garbage: shards are read whole, nothing decodes
+        with tarfile.open(u) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+        with open(u, "wb") as f, wds.TarWriter(f, encoder=False) as tw:
+            for k in sorted({m.split(".")[0] for m in members}):
+                tw.write({"__key__": k, "jpg": members[f"{k}.jpg"], "ids.npy": b"\x93NUMPY garbage"})
+    for buf in (1, 32, 200):
+        with pytest.raises(NoReadableSamples) as e:
+            next(iter(ShardStream(StreamConfig(urls, [1.0] * 4, 4, 32, 0, 0, 1, True, buf))))
+        assert "bad_ids" in str(e.value)
+
+
+@pytest.mark.parametrize("header_edit", [(b"(", b"(("), (b")", b""), (b"'shape'", b"'shape"),
+                                         (b"{", b"{" * 3000)])
+def test_a_malformed_ids_header_is_one_skipped_sample(shapes_shards, tmp_path, header_edit):
+    """numpy's header parser raises tokenize.TokenError for an unclosed bracket (not a
+    ValueError); whatever it raises, the sample is skipped and counted, the stream goes on."""
+    import io
+
+    import numpy as np
+    import webdataset as wds
+
+    from phoclip.shards import BadSample, decode_ids
+
+    buf = io.BytesIO()
+    np.save(buf, np.ones((2, 8), np.int64))
+    bad = buf.getvalue().replace(*header_edit, 1)
+    with pytest.raises(BadSample, match="bad_ids"):
+        decode_ids(bad)
+    shards, _, n = shapes_shards
+    d, urls = _small_shards(shards, n, tmp_path)
+    with tarfile.open(urls[0]) as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    k = sorted({m.split(".")[0] for m in members})[0]
+    with open(urls[0], "wb") as f, wds.TarWriter(f, encoder=False) as tw:
+        tw.write({"__key__": "bad", "jpg": members[f"{k}.jpg"], "ids.npy": bad})
+        for key in sorted({m.split(".")[0] for m in members}):
+            tw.write({"__key__": key, **{e: members[f"{key}.{e}"] for e in ("jpg", "ids.npy")}})
+    s = ShardStream(StreamConfig(urls, [1.0] * 4, 4, 32, 0, 0, 1, False, 1))
+    batches = list(itertools.islice(iter(s), 5))  # one epoch: 20 good samples
+    assert sum(len(b["keys"]) for b in batches) == 20 and "bad" not in sum((b["keys"] for b in batches), [])
+    assert batches[-1]["skipped"] == {"bad_ids": 1}
