@@ -288,8 +288,9 @@ def decode_ids(data: bytes, width: Optional[int] = None, vocab_size: Optional[in
         if read_header is None:
             raise ValueError(f"unknown .npy version {version}")
         shape, fortran, dtype = read_header(f)
-    except (ValueError, EOFError, SyntaxError, TypeError) as e:
-        raise BadSample("bad_ids", f"not a .npy array ({e})") from None
+    except Exception as e:  # noqa: BLE001 -- numpy's header parser raises ValueError, SyntaxError,
+        # tokenize.TokenError (an unclosed bracket), RecursionError...: any of them is one bad sample
+        raise BadSample("bad_ids", f"not a .npy array ({type(e).__name__}: {e})") from None
     if dtype.hasobject or dtype.kind not in "iu" or len(shape) != 2 or fortran:
         raise BadSample("bad_ids", f"expected a 2-d integer array, got {dtype} {shape}")
     n, length = shape
