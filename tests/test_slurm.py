@@ -14,8 +14,6 @@ import pytest
 from conftest import ROOT, kill_job, read_metrics, train_overrides
 from dist_utils import free_port
 
-pytestmark = pytest.mark.slow
-
 SRUN = """#!/bin/bash
 # stand-in srun: drop srun's own options, run the task in place (signals reach it directly)
 while [[ "$1" == --* ]]; do shift; done
@@ -43,6 +41,7 @@ def _env(tmp_path, run, **extra):
                 OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
+@pytest.mark.slow
 def test_sbatch_forwards_the_signal_saves_requeues_and_resumes(shapes_shards, tmp_path):
     shards, tok, n = shapes_shards
     run = tmp_path / "run"
@@ -84,6 +83,7 @@ def test_sbatch_forwards_the_signal_saves_requeues_and_resumes(shapes_shards, tm
     assert (run / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_sharding_array_script_parts_and_merge(tmp_path, tiny_tokenizer_dir):
     """launch/slurm/make_shards.sbatch as two array tasks would run it (SLURM's array
     variables set by hand), then the documented merge: one complete dataset."""
@@ -106,3 +106,63 @@ def test_sharding_array_script_parts_and_merge(tmp_path, tiny_tokenizer_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     man = json.loads((out / "manifest.json").read_text())
     assert man["counts"]["train"] + man["counts"]["val"] == 24 and man["merged_from"] == {"parts": 2}
+
+
+def test_sbatch_requeues_a_signal_that_comes_before_srun(tmp_path):
+    """SLURM's warning signal may come while the batch shell is still setting up (here:
+    while it asks scontrol for the node list): the job is requeued and exits 0, srun is
+    never started (it used to die of the signal, not requeued)."""
+    run = tmp_path / "run"
+    env = _env(tmp_path, run)
+    asked, srun_ran = tmp_path / "asked", tmp_path / "srun_ran"
+    (tmp_path / "bin" / "scontrol").write_text(f"""#!/bin/bash
+case "$1 $2" in
+  "show hostnames") touch "{asked}"; sleep 2; echo 127.0.0.1 ;;
+  requeue*) echo "requeue $2" >> "$SCONTROL_LOG" ;;
+  *) exit 1 ;;
+esac
+""")
+    (tmp_path / "bin" / "srun").write_text(f'#!/bin/bash\ntouch "{srun_ran}"\n')
+    p = subprocess.Popen(["bash", "launch/slurm/train.sbatch"], env=env, cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0 = time.time()
+        while not asked.exists():
+            assert p.poll() is None and time.time() - t0 < 30, p.stdout.read()
+            time.sleep(0.02)
+        p.send_signal(signal.SIGUSR1)
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            kill_job(p)
+    assert p.returncode == 0, out
+    assert "batch shell got USR1" in out and "stopped before training started" in out, out
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert not srun_ran.exists()
+
+
+def test_sharding_script_takes_source_paths_with_spaces(tmp_path, tiny_tokenizer_dir):
+    """SOURCES holds one source per line, each taken whole: a dataset folder whose name
+    has a space (and a glob character) reaches make_shards intact (it used to be split
+    into words)."""
+    import json
+
+    from test_sharding import _dataset
+
+    data = tmp_path / "my data [v1]"
+    data.mkdir()
+    ann, imgs = _dataset(data, 6)
+    other = tmp_path / "other set"
+    other.mkdir()
+    ann2, imgs2 = _dataset(other, 4)
+    out = tmp_path / "out dir"
+    venv_bin = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ['PATH']}", SLURM_ARRAY_TASK_COUNT="1",
+               SLURM_ARRAY_TASK_ID="0", SLURM_CPUS_PER_TASK="1", OUT=str(out), TOKENIZER=str(tiny_tokenizer_dir),
+               SEGMENTER="none", SOURCES=f"coco-jsonl:{ann}:{imgs}\n  coco-jsonl:{ann2}:{imgs2},name=other\n")
+    r = subprocess.run(["bash", "launch/slurm/make_shards.sbatch"], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["counts"]["train"] + man["counts"]["val"] == 6  # the other set's 4 images are copies of 4 of these
+    assert {k: sum(v.values()) for k, v in man["sources"].items()} == {"coco-jsonl": 6, "other": 4}
