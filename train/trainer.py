@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,6 +24,7 @@ from phoclip_train.distributed import DistInfo, all_reduce_max
 from phoclip_train.engine import precision_dtype
 from phoclip_train.lock import RunLock
 from phoclip_train.metrics import RunLogger
+from phoclip_train.signals import STUCK_WAIT_S, StoppedWaitingForData, StopSignal  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +33,6 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-class StoppedWaitingForData(RuntimeError):
-    pass
-
-
-STUCK_WAIT_S = 5.0  # a data wait longer than this is not a step about to finish
 
 
 class Trainer:
@@ -50,8 +45,7 @@ class Trainer:
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self._nf = None  # device counters [streak, total since the last read] (no host sync)
-        self._stop = False
-        self._waiting_since: Optional[float] = None  # set while the loop waits for a batch
+        self.stop_signal = StopSignal(STUCK_WAIT_S, lambda: self.ckpt.latest())
         self._last_val: Optional[dict] = None  # the newest validation metrics (model card)
         self.lock = RunLock(self.run_dir)
         if dist_info.is_main:
@@ -186,31 +180,25 @@ class Trainer:
                        meta, extra=lambda d: self.tokenizer.save_pretrained(str(d / "tokenizer")))
 
     # ------------------------------------------------------------------ the loop
-    def _on_sigterm(self, signum, frame) -> None:
-        if self._waiting_since is not None and time.time() - self._waiting_since > STUCK_WAIT_S:
-            # no batch has come for a while (unreadable or unreachable data): there is no
-            # step to finish, and waiting on would ignore the signal
-            raise StoppedWaitingForData(
-                f"stopped by signal {signum} after {time.time() - self._waiting_since:.0f} s without a "
-                f"batch; the newest checkpoint ({self.ckpt.latest()}) is where --resume latest continues")
-        logger.warning("received signal %d: saving a checkpoint at the end of this step", signum)
-        self._stop = True
-
     def should_continue(self) -> bool:
         return self.step < self.cfg.train.max_steps
 
     def train(self) -> dict:
+        """Loop until train.max_steps (or a stop signal); evaluate, save and export."""
+        with self.stop_signal.installed():
+            return self._loop()
+
+    def _loop(self) -> dict:
         t = self.cfg.train
-        prev = signal.signal(signal.SIGTERM, self._on_sigterm)
         loader = build_loader(self.stream, self.cfg.data.workers, pin_memory=self.dist.device.type == "cuda")
         it = iter(loader)
         last: dict = {}
         t_log, n_log, wait = time.time(), 0, 0.0
         try:
             while self.should_continue():
-                t0 = self._waiting_since = time.time()
-                batches = [next(it) for _ in range(t.accum_steps)]
-                self._waiting_since = None
+                t0 = time.time()
+                with self.stop_signal.waiting():
+                    batches = [next(it) for _ in range(t.accum_steps)]
                 wait += time.time() - t0
                 for b in batches:
                     self.tracker.update(b)
@@ -256,7 +244,6 @@ class Trainer:
             self.export()
             return last
         finally:
-            signal.signal(signal.SIGTERM, prev)
             close_loader(it)
 
     def is_sync_step(self, step: int) -> bool:
@@ -372,7 +359,7 @@ class Trainer:
         if logit_scale is None:
             with eng.gathered():
                 logit_scale = self.model.logit_scale.detach().clamp(max=self.model.logit_scale_max).exp()
-        stop = torch.tensor([float(self._stop)], device=total.device)
+        stop = torch.tensor([float(self.stop_signal.requested)], device=total.device)
         all_reduce_max(stop)  # every rank stops at the same step
         values = torch.cat([self._nf, stop,
                             torch.stack([total.detach().float(), *(losses[k].detach().float() for k in names),
