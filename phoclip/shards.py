@@ -8,6 +8,9 @@ import io
 import json
 import logging
 import os
+import signal
+import sys
+import time
 from collections import Counter
 from typing import Any, Iterable, Iterator, Optional
 
@@ -65,53 +68,158 @@ def _join(d: str, name: str) -> str:
     return f"{d}/{name}" if is_remote(d) else os.path.join(d, name)
 
 
+# A remote read slower than LOW_SPEED_BYTES per second over LOW_SPEED_TIME_S is given up
+# (curl's --speed-limit / --speed-time): a server that trickles a byte every 20 s never
+# trips a per-read timeout, and would hold a rank without a step, or a warning, for ever.
+# The reader then retries and, in the end, skips and counts the shard.
+LOW_SPEED_BYTES = 1024
+LOW_SPEED_TIME_S = 60.0
+
+
+class TooSlow(TimeoutError):
+    """A shard's bytes arrive too slowly (see LOW_SPEED_BYTES / LOW_SPEED_TIME_S)."""
+
+
+class _LowSpeedGuard:
+    """Measures a stream's rate in windows of LOW_SPEED_TIME_S; raises TooSlow when a
+    window brought fewer than LOW_SPEED_BYTES per second."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.t0, self.n = time.monotonic(), 0
+
+    def left(self) -> float:
+        """Seconds until the current window closes."""
+        return max(0.0, LOW_SPEED_TIME_S - (time.monotonic() - self.t0))
+
+    def got(self, n: int) -> None:
+        self.n += n
+        dt = time.monotonic() - self.t0
+        if dt >= LOW_SPEED_TIME_S:
+            if self.n < LOW_SPEED_BYTES * dt:
+                raise TooSlow(f"{self.what}: {self.n} bytes in {dt:.0f} s, under the "
+                              f"{LOW_SPEED_BYTES} bytes/s floor (phoclip.shards.LOW_SPEED_BYTES)")
+            self.t0, self.n = time.monotonic(), 0
+
+
+def _pipe_child_setup() -> None:  # runs in the child between fork and exec
+    # a DataLoader worker ignores SIGTERM (the main process owns the shutdown), and ignored
+    # signals survive exec: give the command the default dispositions back, so that the
+    # job's SIGTERM ends it, and make it die with the worker that reads it
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+
+def _load_prctl():
+    if sys.platform != "linux":
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _load_prctl()
+
+
 class _PipeStream(io.RawIOBase):
-    """stdout of a shell command; a non-zero exit is an error at the end of the stream."""
+    """stdout of a shell command; a non-zero exit is an error at the end of the stream.
+    A command that sends nothing (or too little) for LOW_SPEED_TIME_S is killed (TooSlow);
+    its stderr goes to a temporary file (a chatty command cannot block on a full pipe)."""
 
     def __init__(self, cmd: str) -> None:
         import subprocess
+        import tempfile
 
         self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=self.err, bufsize=0,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_pipe_child_setup)
+        self.guard = _LowSpeedGuard(f"pipe:{cmd}")
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
+        import select
+
+        fd = self.proc.stdout.fileno()
+        while not select.select([fd], [], [], self.guard.left())[0]:
+            self.guard.got(0)  # the window closed with no byte: raises unless it was fast enough
         n = self.proc.stdout.readinto(b)
         if not n:
             rc = self.proc.wait()
             if rc != 0:
-                err = self.proc.stderr.read(2000).decode(errors="replace").strip().splitlines()
+                self.err.seek(0, os.SEEK_END)
+                self.err.seek(max(0, self.err.tell() - 2000))
+                err = self.err.read().decode(errors="replace").strip().splitlines()
                 raise OSError(f"pipe:{self.cmd} exited with {rc}: {err[-1] if err else ''}")
+            return 0
+        self.guard.got(n)
         return n
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            _kill_tree(self.proc.pid)  # the shell and what it started (curl | ..., sleep)
         self.proc.wait()
         self.proc.stdout.close()
-        self.proc.stderr.close()
+        self.err.close()
         super().close()
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants (Linux: found through /proc; elsewhere the
+    process alone)."""
+    children: dict[int, list[int]] = {}
+    try:
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat", "rb") as f:
+                        ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                children.setdefault(ppid, []).append(int(d))
+    except OSError:
+        pass
+    todo, tree = [pid], []
+    while todo:
+        q = todo.pop()
+        tree.append(q)
+        todo.extend(children.get(q, ()))
+    for q in tree:
+        try:
+            os.kill(q, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 class _HTTPBody(io.RawIOBase):
     """An HTTP response body that raises when the connection ends before Content-Length
-    (http.client returns a short read silently there)."""
+    (http.client returns a short read silently there), or when it arrives too slowly."""
 
-    def __init__(self, resp) -> None:
+    def __init__(self, resp, url: str = "") -> None:
         self.resp, self.got = resp, 0
         n = resp.headers.get("Content-Length")
         self.want = int(n) if n and n.isdigit() else None
+        self.guard = _LowSpeedGuard(url or "HTTP body")
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:
-        n = self.resp.readinto(b)
+        data = self.resp.read1(len(b))  # one socket read: readinto waits to fill all of b
+        n = len(data)
+        b[:n] = data
         self.got += n
         if not n and self.want is not None and self.got < self.want:
             raise OSError(f"connection closed after {self.got} of {self.want} bytes")
+        if n:
+            self.guard.got(n)
         return n
 
     def close(self) -> None:
@@ -119,22 +227,46 @@ class _HTTPBody(io.RawIOBase):
         super().close()
 
 
-def open_url(url: str, timeout: float = 60.0):
+class _Guarded(io.RawIOBase):
+    """Any binary stream (an fsspec file), measured by the low-speed rule."""
+
+    def __init__(self, f, what: str) -> None:
+        self.f, self.guard = f, _LowSpeedGuard(what)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        n = len(data)
+        b[:n] = data
+        if n:
+            self.guard.got(n)
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def open_url(url: str, timeout: Optional[float] = None):
     """A binary stream of a local path, file://, `pipe:CMD`, http(s):// (urllib) or an
-    fsspec URL (s3://, gs://, ... when the matching fsspec package is installed)."""
+    fsspec URL (s3://, gs://, ... when the matching fsspec package is installed). Remote
+    streams slower than the low-speed floor raise TooSlow (see LOW_SPEED_BYTES)."""
     if url.startswith("pipe:"):
         return io.BufferedReader(_PipeStream(url[5:]), 1 << 20)
     if url.startswith(("http://", "https://")):
         import urllib.request
 
-        return io.BufferedReader(_HTTPBody(urllib.request.urlopen(url, timeout=timeout)), 1 << 20)
+        resp = urllib.request.urlopen(url, timeout=timeout or LOW_SPEED_TIME_S)
+        return io.BufferedReader(_HTTPBody(resp, url), 1 << 20)
     if is_remote(url):
         try:
             import fsspec
         except ImportError as e:
             raise OSError(f"{url}: reading this URL needs fsspec (pip install fsspec s3fs/gcsfs)") from e
         try:
-            return fsspec.open(url, "rb").open()
+            return io.BufferedReader(_Guarded(fsspec.open(url, "rb").open(), url), 1 << 20)
         except (ImportError, ValueError) as e:  # the scheme's package is missing
             raise OSError(f"{url}: {e}") from e
     return open(_local_path(url), "rb")

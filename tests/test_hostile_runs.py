@@ -204,29 +204,27 @@ def test_no_readable_training_sample_stops_in_bounded_time_with_a_clear_error(sh
 
 
 def test_sigterm_ends_a_run_stuck_waiting_for_data_promptly(shapes_shards, tmp_path):
-    """A shard that never delivers a byte (a FIFO nobody writes; a hung mount): the run
-    waits for data, and SIGTERM must still end it, with its loader worker."""
-    from phoclip_train.trainer import STUCK_WAIT_S
-
+    """A shard that never delivers a byte (a `pipe:` command that hangs; a hung mount):
+    the run waits for data, and SIGTERM must still end it, with its loader worker and the
+    hung command, also when the signal comes in the wait's first seconds (it used to set
+    the stop flag and wait on for ever)."""
     shards, tok, _ = shapes_shards
-    d = tmp_path / "stuck"
-    d.mkdir()
-    shutil.copy(shards / "manifest.json", d)
-    os.mkfifo(d / "train-000000.tar")
-    (d / "sizes.json").write_text(json.dumps({"train-000000.tar": 30}))
+    marker = f"phoclip-stuck-{os.getpid()}"
     args = ["--config", "launch/configs/tiny-debug.yaml",
-            *train_overrides(d, tok, 1, tmp_path / "run", **{"data.val_shards": "null"})]
+            *train_overrides(shards, tok, 1, tmp_path / "run", **{
+                "data.val_shards": "null", "data.manifest": shards / "manifest.json",
+                "data.train_shards": f"'pipe:sleep 600; echo {marker}; cat {shards}/train-000000.tar'"})]
     p = subprocess.Popen(torchrun_cmd(1, "launch/train_ddp.py", args), env=ENV, cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        # built, and waiting for its first batch: its loader worker exists (the build takes
-        # 10-25 s on a loaded 2-core machine), then longer than STUCK_WAIT_S without a batch
+        # built, and waiting for its first batch: the hung command runs (the build takes
+        # 10-25 s on a loaded 2-core machine); the signal comes at once
         t0 = time.time()
-        while len(process_tree(p.pid)) < 3 and p.poll() is None and time.time() - t0 < 120:
-            time.sleep(0.5)
-        time.sleep(STUCK_WAIT_S + 3)
+        while len(process_tree(p.pid)) < 4 and p.poll() is None and time.time() - t0 < 120:
+            time.sleep(0.3)
+        time.sleep(0.5)
         tree = process_tree(p.pid)
-        assert p.poll() is None and len(tree) >= 3  # agent, rank, loader worker
+        assert p.poll() is None and len(tree) >= 4  # agent, rank, loader worker, the command
         p.send_signal(signal.SIGTERM)
         t0 = time.time()
         out, _ = p.communicate(timeout=40)
@@ -237,6 +235,11 @@ def test_sigterm_ends_a_run_stuck_waiting_for_data_promptly(shapes_shards, tmp_p
     assert "without a batch" in out, out[-3000:]
     time.sleep(1)
     assert not [q for q in tree if os.path.exists(f"/proc/{q}") and _not_zombie(q)], "processes left behind"
+    assert not _pgrep(marker), "the hung pipe: command outlived the run"
+
+
+def _pgrep(pattern: str) -> list[str]:
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
 
 
 def _not_zombie(pid: int) -> bool:

@@ -21,9 +21,11 @@ from phoclip.shards import check_manifests, count_samples, expand_urls, read_sha
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves a folder; `drop` (path -> remaining drops) cuts the connection after half
-    of the body (Content-Length announced in full, as a dying server does)."""
+    of the body (Content-Length announced in full, as a dying server does); `trickle`
+    sends a byte every 0.2 s."""
 
     drop: dict = {}
+    trickle: set = set()
     served: Counter = Counter()
 
     def log_message(self, *a):  # quiet
@@ -40,6 +42,15 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
+        if name in self.trickle:  # a byte every 0.2 s, for at most 30 s
+            for b in data[:150]:
+                try:
+                    self.wfile.write(bytes([b]))
+                    self.wfile.flush()
+                except OSError:
+                    return
+                time.sleep(0.2)
+            return
         if self.drop.get(name, 0) != 0:
             self.drop[name] -= 1
             self.wfile.write(data[:len(data) // 2])
@@ -52,7 +63,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture
 def server(shapes_shards):
     shards, _, _ = shapes_shards
-    handler = type("H", (_Handler,), {"drop": {}, "served": Counter()})
+    handler = type("H", (_Handler,), {"drop": {}, "trickle": set(), "served": Counter()})
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                           lambda *a, **k: handler(*a, directory=str(shards), **k))
     t = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -192,3 +203,83 @@ def test_two_ranks_train_from_http_and_resume_after_kill9(shapes_shards, tmp_pat
     finally:
         srv.kill()
         srv.wait()
+
+
+@pytest.fixture
+def slow_floor(monkeypatch):
+    """The low-speed rule on a 1 s window (60 s in production)."""
+    import phoclip.shards as sh
+
+    monkeypatch.setattr(sh, "LOW_SPEED_TIME_S", 1.0)
+    return sh
+
+
+def test_a_shard_that_trickles_is_given_up_and_counted(shapes_shards, server, slow_floor):
+    """A server sending a byte every 0.2 s never trips a per-read timeout; the low-speed
+    floor gives the shard up (retried, then skipped and counted) and the next is read."""
+    shards, _, n = shapes_shards
+    base, handler = server
+    handler.trickle.add("train-000000.tar")
+    t0 = time.time()
+    skips: Counter = Counter()
+    got = list(read_shards(({"url": f"{base}/train-{i:06d}.tar"} for i in (0, 1)), skips,
+                           retries=1, backoff_s=0.01))
+    assert time.time() - t0 < 10
+    assert skips["unreadable_shard"] == 1 and skips["shard_retries"] == 1
+    assert _keys(got) == _keys(read_shards(({"url": f"{shards}/train-000001.tar"},), Counter()))
+
+
+def test_a_pipe_command_that_hangs_is_given_up_and_its_processes_ended(shapes_shards, slow_floor):
+    shards, _, _ = shapes_shards
+    manifest = str(shards / "manifest.json")
+    marker = f"phoclip-hang-{os.getpid()}"
+    hung = f"pipe:sleep 30; echo {marker} >/dev/null; cat {shards}/train-000000.tar"
+    skips: Counter = Counter()
+    t0 = time.time()
+    got = list(read_shards(({"url": u} for u in (hung, f"pipe:cat {shards}/train-000001.tar")), skips,
+                           manifest, retries=1, backoff_s=0.01))
+    assert time.time() - t0 < 10 and got
+    assert skips["unreadable_shard"] == 1 and skips["shard_retries"] == 1
+    time.sleep(0.3)
+    left = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert not left, "the hung command's shell or its sleep outlived the read"
+
+
+def test_pipe_commands_take_sigterm_and_die_with_their_reader(shapes_shards):
+    """A loader worker ignores SIGTERM; its pipe: commands must not inherit that: a job's
+    SIGTERM to the process group ends them, and a reader killed -9 takes its shell along."""
+    import signal
+
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+              "from phoclip.shards import open_url\n"
+              "f = open_url('pipe:sleep 60; cat /dev/null')\n"
+              "print(f.raw.proc.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    for how in ("group_sigterm", "reader_kill9"):
+        p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True, cwd=ROOT)
+        try:
+            sh = int(p.stdout.readline())
+            status = Path(f"/proc/{sh}/status").read_text()
+            ignored = int(next(ln for ln in status.splitlines() if ln.startswith("SigIgn:")).split()[1], 16)
+            assert not ignored & (1 << (signal.SIGTERM - 1)), "the command inherited an ignored SIGTERM"
+            if how == "group_sigterm":
+                os.killpg(p.pid, signal.SIGTERM)  # as torchrun and SLURM do
+            else:
+                p.kill()
+            t0 = time.time()
+            while _alive(sh) and time.time() - t0 < 5:
+                time.sleep(0.1)
+            assert not _alive(sh), how
+            if how == "group_sigterm":
+                assert p.poll() is None  # the reader itself ignores it, as a worker does
+        finally:
+            kill_job(p)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
