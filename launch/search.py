@@ -97,10 +97,10 @@ def _search(args) -> int:
         if not args.json:
             for it, t in zip(items, top):
                 print(f"{_shown(it.get('path') or it.get('key'))}: "
-                      + ", ".join(f"{_shown(g)} ({s:.2f})" for g, s in t))
+                      + (", ".join(f"{_shown(g)} ({s:.2f})" for g, s in t) or "(skipped: damaged index row)"))
         if args.labels:
             lab = dict(l.split("\t", 1) for l in Path(args.labels).read_text(encoding="utf-8").splitlines() if "\t" in l)
-            pairs = [(t[0][0], lab.get(it["path"], lab.get(it["key"]))) for it, t in zip(items, top)]
+            pairs = [(t[0][0], lab.get(it["path"], lab.get(it["key"]))) for it, t in zip(items, top) if t]
             pairs = [(a, b.strip()) for a, b in pairs if b is not None]
             acc = zero_shot_accuracy([a for a, _ in pairs], [b for _, b in pairs])
             out["zero_shot_accuracy"] = acc

@@ -1,7 +1,9 @@
 """The embedding index: a folder of fp16 embeddings (`images.npy`, `captions.npy`), one
 JSON line per item (`images.jsonl`, `captions.jsonl`) and `index.json` with the model's
 fingerprint: searching with another model is refused, since its embeddings would live
-in another space. Exact top-k (chunked matmul) or FAISS."""
+in another space. Exact top-k (chunked matmul) or FAISS. Rows that are not finite unit
+vectors (a damaged file) are counted and skipped at load, with a warning: a NaN row would
+otherwise be rank 1 for every query, and its score is not even JSON."""
 from __future__ import annotations
 
 import io
@@ -18,6 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 INDEX_META = "index.json"
+NORM_TOLERANCE = 0.05  # |norm - 1| of a stored row; fp16 rounding stays under 1e-3
 
 
 @dataclass
@@ -47,6 +50,7 @@ class EmbeddingIndex:
                 or not isinstance(m.get("count"), dict)):
             raise ValueError(f"{meta_f}: not an index description (model_fingerprint, model, dim, count)")
         self._emb: dict[str, torch.Tensor] = {}
+        self._bad: dict[str, torch.Tensor] = {}  # ids of rows skipped at load, per kind
         self._items: dict[str, list[dict]] = {}
         self._faiss: dict = {}
 
@@ -55,6 +59,8 @@ class EmbeddingIndex:
         return self.meta["model_fingerprint"]
 
     def embeddings(self, kind: str) -> torch.Tensor:
+        """The [N, dim] fp32 embeddings of `kind` ("images" or "captions"), loaded and
+        checked once; rows listed by `bad_ids` are zeroed and never returned by `search`."""
         if kind not in self._emb:
             f = self.folder / f"{kind}.npy"
             if not f.is_file():
@@ -75,8 +81,15 @@ class EmbeddingIndex:
                 raise ValueError(f"{self.folder / (kind + '.jsonl')}: {len(self.items(kind))} lines for "
                                  f"{a.shape[0]} embeddings; the index is damaged: rebuild it")
             # fp16 on disk; fp32 in memory on CPU, where fp16 matmuls are slow
-            self._emb[kind] = torch.from_numpy(np.array(a, dtype=np.float32))
+            x = torch.from_numpy(np.array(a, dtype=np.float32))
+            self._bad[kind] = _bad_rows(x, f)
+            self._emb[kind] = x
         return self._emb[kind]
+
+    def bad_ids(self, kind: str) -> torch.Tensor:
+        """Ids of the rows of `kind` that were not finite unit vectors at load (skipped)."""
+        self.embeddings(kind)
+        return self._bad[kind]
 
     def items(self, kind: str) -> list[dict]:
         if kind not in self._items:
@@ -95,6 +108,7 @@ class EmbeddingIndex:
         return self._items[kind]
 
     def check_model(self, model) -> None:
+        """Refuse a model other than the one that built the index (fingerprint, width)."""
         from phoclip.model import model_fingerprint
 
         fp = getattr(model, "fingerprint", None) or model_fingerprint(model)  # ONNX: recorded at export
@@ -102,16 +116,29 @@ class EmbeddingIndex:
             raise ValueError(f"index {self.folder} was built with model {self.fingerprint} "
                              f"({self.meta.get('model')}), not {fp}: rebuild the index or search "
                              "with the model that built it")
+        dim = model.config.get("embed_dim")
+        if dim != self.meta["dim"]:
+            raise ValueError(f"index {self.folder} holds {self.meta['dim']}-wide embeddings, the model "
+                             f"makes {dim}-wide ones: rebuild the index with this model")
 
     def search(self, queries: torch.Tensor, k: int = 25, kind: str = "images",
                backend: str = "exact", chunk: int = 262144) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k scores and ids for each query row; exact by default."""
+        """Top-k scores and ids for each query row; exact by default. Rows skipped at
+        load are never returned (fewer than k results when fewer good rows exist)."""
         emb = self.embeddings(kind)
+        bad = self._bad[kind]
         q = queries.float()
-        k = min(k, emb.shape[0])
-        if backend == "faiss":
-            return self._search_faiss(q, k, kind)
-        return exact_topk(q, emb, k, chunk)
+        k = min(k, emb.shape[0] - len(bad))
+        if k <= 0:
+            return torch.empty(q.shape[0], 0), torch.empty(q.shape[0], 0, dtype=torch.long)
+        # fetch enough that k good rows remain after dropping any skipped ones
+        kk = k + len(bad)
+        s, i = self._search_faiss(q, kk, kind) if backend == "faiss" else exact_topk(q, emb, kk, chunk)
+        if len(bad):
+            keep = ~torch.isin(i, bad)
+            order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]
+            s, i = s.gather(1, order), i.gather(1, order)
+        return s, i
 
     def _search_faiss(self, q, k, kind):
         import faiss
@@ -123,6 +150,23 @@ class EmbeddingIndex:
             self._faiss[kind] = ix
         s, i = self._faiss[kind].search(np.ascontiguousarray(q.numpy()), k)
         return torch.from_numpy(s), torch.from_numpy(i)
+
+
+def _bad_rows(x: torch.Tensor, f: Path, chunk: int = 65536) -> torch.Tensor:
+    """Ids of rows that are not finite unit vectors (zeroed in place), with one warning."""
+    bad = []
+    for s in range(0, x.shape[0], chunk):
+        part = x[s:s + chunk]
+        norm = torch.linalg.vector_norm(part, dim=1)  # NaN or inf for a non-finite row
+        ok = torch.isfinite(norm) & ((norm - 1).abs() <= NORM_TOLERANCE)
+        bad.append((~ok).nonzero().flatten() + s)
+    ids = torch.cat(bad) if bad else torch.empty(0, dtype=torch.long)
+    if len(ids):
+        x[ids] = 0
+        logger.warning("%s: %d of %d rows are not finite unit vectors (ids %s%s): skipped, they are "
+                       "never returned; rebuild the index to search them", f, len(ids), x.shape[0],
+                       ", ".join(map(str, ids[:5].tolist())), ", ..." if len(ids) > 5 else "")
+    return ids
 
 
 def exact_topk(q: torch.Tensor, emb: torch.Tensor, k: int, chunk: int = 262144):

@@ -86,20 +86,25 @@ def _matches(index, q, k, kind, backend):
 def zero_shot_tags(model, index: EmbeddingIndex, tags: Sequence[str], text_processor,
                    templates: Sequence[str] = DEFAULT_TEMPLATES, k: int = 3) -> list[list[tuple[str, float]]]:
     """Top-k tags for every image of the index; each tag's embedding is the normalised
-    mean of its prompt templates' embeddings (as open_clip builds zero-shot classifiers)."""
+    mean of its prompt templates' embeddings (as open_clip builds zero-shot classifiers).
+    An image whose index row was skipped at load (not a finite unit vector) gets []."""
     index.check_model(model)
     W = tag_embeddings(model, tags, text_processor, templates)
     sc = index.embeddings("images") @ W.T
     top = sc.topk(min(k, len(tags)), dim=1)
-    return [[(tags[int(j)], float(v)) for v, j in zip(vs, js)] for vs, js in zip(top.values, top.indices)]
+    bad = set(index.bad_ids("images").tolist())
+    return [[] if n in bad else [(tags[int(j)], float(v)) for v, j in zip(vs, js)]
+            for n, (vs, js) in enumerate(zip(top.values, top.indices))]
 
 
-def tag_embeddings(model, tags, text_processor, templates=DEFAULT_TEMPLATES) -> torch.Tensor:
-    rows = []
-    for t in tags:
-        e = embed_texts(model, text_processor, [tpl.format(t) for tpl in templates]).mean(0)
-        rows.append(torch.nn.functional.normalize(e, dim=0))
-    return torch.stack(rows)
+def tag_embeddings(model, tags: Sequence[str], text_processor, templates: Sequence[str] = DEFAULT_TEMPLATES,
+                   batch: int = 256) -> torch.Tensor:
+    """[len(tags), dim]: each tag's normalised mean over its prompt templates, embedded
+    in batches (one forward per `batch` prompts, not one per tag)."""
+    prompts = [tpl.format(t) for t in tags for tpl in templates]
+    emb = torch.cat([embed_texts(model, text_processor, prompts[s:s + batch])
+                     for s in range(0, len(prompts), batch)])
+    return torch.nn.functional.normalize(emb.view(len(tags), len(templates), -1).mean(1), dim=1)
 
 
 def zero_shot_accuracy(predicted: Sequence[str], labels: Sequence[str]) -> float:
