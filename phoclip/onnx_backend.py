@@ -79,7 +79,9 @@ def export_onnx(model, folder: str | os.PathLike, opset: int = 17) -> Path:
 
 
 class OnnxModel:
-    """The model's two towers on onnxruntime, with `PhoCLIP`'s encoding interface."""
+    """The model's two towers on onnxruntime, with `PhoCLIP`'s encoding interface.
+    Checked at load: a file onnxruntime refuses, or a tower that does not turn one probe
+    input into one finite `embed_dim`-wide row, is refused with a ValueError naming it."""
 
     def __init__(self, folder: str | os.PathLike, providers: Optional[list] = None) -> None:
         import onnxruntime as ort
@@ -88,13 +90,23 @@ class OnnxModel:
         if not (d / "meta.json").is_file():
             raise FileNotFoundError(f"{folder} has no ONNX export ({ONNX_DIR}/meta.json): run "
                                     f"python launch/export_model.py {folder} {folder} --format onnx")
-        meta = json.loads((d / "meta.json").read_text())
-        self.config = meta["config"]
-        self.fingerprint = meta["fingerprint"]
-        self.pad_id = int(self.config["text"].get("pad_id", 1))
+        try:
+            meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
+            self.config = meta["config"]
+            self.fingerprint = str(meta["fingerprint"])
+            self.pad_id = int(self.config["text"].get("pad_id", 1))
+            dim = int(self.config["embed_dim"])
+            size = int(self.config["vision"].get("image_size", 224))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            raise ValueError(f"{d / 'meta.json'}: not an ONNX export description "
+                             f"({type(e).__name__}: {e})") from None
         providers = providers or ort.get_available_providers()
-        self._image = ort.InferenceSession(str(d / "image.onnx"), providers=providers)
-        self._text = ort.InferenceSession(str(d / "text.onnx"), providers=providers)
+        self._image = _session(ort, d / "image.onnx", providers)
+        self._text = _session(ort, d / "text.onnx", providers)
+        # one probe per tower: a wrong graph answers 500 to every query otherwise
+        ids = torch.tensor([[0, 4, 2, self.pad_id]])
+        _probe(d / "image.onnx", lambda: self.encode_image(torch.zeros(1, 3, size, size)), dim)
+        _probe(d / "text.onnx", lambda: self.encode_text(ids), dim)
 
     def eval(self) -> "OnnxModel":
         return self
@@ -106,3 +118,31 @@ class OnnxModel:
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = input_ids.detach().long().cpu().numpy()
         return torch.from_numpy(self._text.run(None, {"input_ids": x})[0])
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _session(ort, f: Path, providers: list):
+    """An onnxruntime session for `f`; any refusal (missing, not ONNX, bad graph) is one
+    ValueError naming the file."""
+    if not f.is_file():
+        raise FileNotFoundError(f"{f}: missing from the ONNX export; re-export the model")
+    try:
+        return ort.InferenceSession(str(f), providers=providers)
+    except Exception as e:  # onnxruntime's own classes (InvalidProtobuf, Fail, ...), not a bug here
+        raise ValueError(f"{f}: onnxruntime refuses it ({type(e).__name__}: {_first_line(e)}); "
+                         "re-export the model") from None
+
+
+def _probe(f: Path, run, dim: int) -> None:
+    try:
+        out = run()
+    except Exception as e:  # a graph with other inputs, or one that fails at run time
+        raise ValueError(f"{f}: fails on a probe input ({type(e).__name__}: {_first_line(e)}); "
+                         "re-export the model") from None
+    if out.ndim != 2 or tuple(out.shape) != (1, dim) or not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{f}: gives {tuple(out.shape)} {'finite' if torch.isfinite(out).all() else 'non-finite'} "
+                         f"embeddings for one probe input, the model's embed_dim is {dim}: re-export the model")
