@@ -9,7 +9,7 @@ import logging
 import os
 import tarfile
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,30 +19,44 @@ from phoclip.index import Match
 logger = logging.getLogger(__name__)
 
 
-def load_item_image(item: dict, allow_remote: bool = False):
-    """The picture behind an index item: a file path or a member of a shard. A remote
-    shard (http(s)/fsspec) is read only with `allow_remote` (the trainer's own shards;
-    an index handed to the service may not make it fetch URLs), and a `pipe:` command
-    is never run from here."""
+def load_item_image(item: dict, allow_remote: bool = False, max_bytes: Optional[int] = None):
+    """The picture behind an index item: a file path or a member of a shard, decoded
+    safely (`load_item_bytes` + `decode_rgb`). Raises BadImage (or OSError, KeyError)."""
+    from phoclip.images import decode_rgb
+
+    return decode_rgb(load_item_bytes(item, allow_remote, max_bytes))
+
+
+def load_item_bytes(item: dict, allow_remote: bool = False, max_bytes: Optional[int] = None) -> bytes:
+    """The encoded bytes of an index item's picture, at most `max_bytes` (default
+    `phoclip.images.MAX_FILE_BYTES`): a file path or a member of a shard; a larger file or
+    member is refused from its size, unread. A remote shard (http(s)/fsspec) is read only
+    with `allow_remote` (the trainer's own shards; an index handed to the service may not
+    make it fetch URLs), and a `pipe:` command is never run from here."""
     import stat
 
-    from phoclip.images import BadImage, decode_rgb, read_image_file
+    from phoclip.images import MAX_FILE_BYTES, BadImage, read_file_capped
     from phoclip.shards import is_remote
 
+    cap = MAX_FILE_BYTES if max_bytes is None else max_bytes
     shard = item.get("shard")
     if shard and is_remote(shard):
         if not allow_remote or shard.startswith("pipe:"):
             raise BadImage("remote_shard", f"{shard}: not opened from here")
-        return decode_rgb(_remote_member(shard, item["key"] + ".jpg"))
-    if item.get("shard"):
+        return _remote_member(shard, item["key"] + ".jpg", cap)
+    if shard:
         # only a regular file is opened: an index naming a FIFO must not hang the
         # service's thumbnail route
-        if not stat.S_ISREG(os.stat(item["shard"]).st_mode):
-            raise BadImage("not_a_file", f"{item['shard']} is not a regular file")
-        with tarfile.open(item["shard"]) as tf:
-            data = tf.extractfile(tf.getmember(item["key"] + ".jpg")).read()
-        return decode_rgb(data)
-    return read_image_file(item["path"])
+        if not stat.S_ISREG(os.stat(shard).st_mode):
+            raise BadImage("not_a_file", f"{shard} is not a regular file")
+        with tarfile.open(shard) as tf:
+            m = tf.getmember(item["key"] + ".jpg")
+            if not m.isreg():
+                raise BadImage("not_a_file", f"{shard}/{m.name} is not a regular member")
+            if m.size > cap:  # a sparse or crafted member would cost its whole size
+                raise BadImage("too_large_file", f"{shard}/{m.name}: {m.size} bytes > {cap}")
+            return tf.extractfile(m).read(cap + 1)
+    return read_file_capped(item["path"], cap)
 
 
 def _remote_member(url: str, name: str, max_bytes: int = 64 << 20) -> bytes:
