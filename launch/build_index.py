@@ -88,8 +88,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", help="brace pattern of shards (indexes images and captions): paths, "
-                                      "pipe:CMD, http(s):// or fsspec URLs")
+    src.add_argument("--shards", help="shards (indexes images and captions): a shard folder (or its "
+                                      "manifest.json; with --split), or a brace pattern of paths, pipe:CMD, "
+                                      "http(s):// or fsspec URLs")
+    p.add_argument("--split", default="val", choices=("train", "val"),
+                   help="with a shard folder: which of its splits (default: val)")
     p.add_argument("--manifest", help="manifest.json of the shards when not beside them (pipe: shards)")
     src.add_argument("--images", help="a folder of images (searched recursively)")
     p.add_argument("--out", required=True)
@@ -108,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         skipped: Counter = Counter()
         others = 0
         if args.shards:
-            urls = expand_urls(args.shards)[0]
+            urls = expand_urls(args.shards, split=args.split)[0]
             tok = load_tokenizer(tok_name)
             manifest = check_manifests(urls, tokenizer_fingerprint(tok), model.pad_id,
                                        model.text.config.max_position_embeddings - 2, tok_name, args.manifest)

@@ -120,13 +120,33 @@ def format_references(res: dict, rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def source_slug(args: argparse.Namespace) -> str:
+    """A file-name-safe name of what is evaluated: the benchmark's dataset, or the shards'
+    folder and split (`vi-val`), or the pattern's first file."""
+    import re
+
+    if args.benchmark:
+        fmt, _, rest = args.benchmark.partition(":")
+        name = re.search(r",name=([^,:]+)", rest)
+        raw = f"{fmt}-{name.group(1)}" if name else f"{fmt}-{Path(rest.split(':')[0]).stem}"
+    else:
+        src = args.shards.split("::")[0].rstrip("/")
+        if src.endswith("manifest.json"):
+            src = src[: -len("manifest.json")].rstrip("/")
+        stem = Path(src.split("{")[0].rstrip("-_/") or src).name or "shards"
+        raw = f"{stem}-{args.split}" if "{" not in src and not src.endswith(".tar") else stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("._") or "shards"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     init_logger(rank=launcher_rank())
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder, run folder or checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", help="brace pattern of evaluation shards: paths, pipe:CMD, http(s):// "
-                                      "or fsspec URLs")
+    src.add_argument("--shards", help="evaluation shards: a shard folder (or its manifest.json; with --split), "
+                                      "or a brace pattern of paths, pipe:CMD, http(s):// or fsspec URLs")
+    p.add_argument("--split", default="val", choices=("train", "val"),
+                   help="with a shard folder: which of its splits (default: val)")
     p.add_argument("--manifest", help="manifest.json of the shards when not beside them (pipe: shards)")
     src.add_argument("--benchmark", help="FORMAT:ANNOTATIONS:IMAGES of a published test split "
                                          "(the make_shards reader formats; ',name=N' names the dataset)")
@@ -135,9 +155,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--vncorenlp-dir", help="VnCoreNLP model folder (default: $VNCORENLP_DIR)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, help="default: the model's")
-    p.add_argument("--out", help="results JSON (default: beside the model)")
+    p.add_argument("--out", help="results JSON (default: MODEL/eval-SOURCE.json, named after the shards "
+                                 "or the benchmark)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing results file")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    out = Path(args.out) if args.out else Path(args.model) / f"eval-{source_slug(args)}.json"
+    if out.exists() and not args.force:
+        print(f"evaluate: {out} exists (results of an earlier evaluation); pass --force to overwrite it, "
+              "or --out elsewhere", file=sys.stderr)
+        return 2
     info = init_distributed(args.device)
     try:
         model, tok_name = load_for_inference(args.model, str(info.device))
@@ -145,7 +172,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.benchmark:
             res = evaluate_benchmark(args, model, tok_name, size, info)
         else:
-            urls = expand_urls(args.shards)[0]
+            urls = expand_urls(args.shards, split=args.split)[0]
             tok = load_tokenizer(tok_name)
             manifest = check_manifests(urls, tokenizer_fingerprint(tok), model.pad_id,
                                        model.text.config.max_position_embeddings - 2, tok_name, args.manifest)
@@ -154,7 +181,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   ids_width=manifest["tokenizer"]["max_length"], vocab_size=len(tok),
                                   manifest=args.manifest)
         if info.is_main:
-            out = Path(args.out) if args.out else Path(args.model) / "eval.json"
             atomic_write_json(out, res, indent=2)
             print(format_table(res))
             if args.benchmark:

@@ -297,11 +297,13 @@ def read_optional(url: str) -> Optional[bytes]:
         raise
 
 
-def expand_urls(spec: str, weights: Optional[str] = None) -> tuple[list[str], list[float]]:
+def expand_urls(spec: str, weights: Optional[str] = None, split: str = "train") -> tuple[list[str], list[float]]:
     """`a/train-{000000..000009}.tar::b/train-{000000..000003}.tar` → urls, per-url weights.
 
-    `weights` ("1::2") gives each source's sampling weight. Every local shard must exist;
-    remote ones (`pipe:`, http(s)://, fsspec URLs) are read when the stream reaches them."""
+    A source may also be a shard folder (`shards/vi`, `s3://bucket/vi/`) or its
+    `manifest.json`: its `split` shards, as the manifest lists them. `weights` ("1::2")
+    gives each source's sampling weight. Every local shard must exist; remote ones
+    (`pipe:`, http(s)://, fsspec URLs) are read when the stream reaches them."""
     import braceexpand
 
     parts = [p for p in spec.split("::") if p]
@@ -310,7 +312,7 @@ def expand_urls(spec: str, weights: Optional[str] = None) -> tuple[list[str], li
         raise ValueError(f"{len(ws)} weights given for {len(parts)} shard sources in {spec!r}")
     urls, url_w = [], []
     for part, w in zip(parts, ws):
-        expanded = list(braceexpand.braceexpand(part))
+        expanded = _split_shards(part, split) if _names_a_folder(part) else list(braceexpand.braceexpand(part))
         for u in expanded:
             urls.append(u)
             url_w.append(w)
@@ -319,6 +321,38 @@ def expand_urls(spec: str, weights: Optional[str] = None) -> tuple[list[str], li
         raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. "
                                 f"{missing[0]}; check data.train_shards / data.val_shards")
     return urls, url_w
+
+
+def _names_a_folder(part: str) -> bool:
+    if part.startswith("pipe:") or "{" in part:
+        return False
+    if part.endswith(("manifest.json", "/")):
+        return True
+    return not is_remote(part) and os.path.isdir(_local_path(part))
+
+
+def _split_shards(part: str, split: str) -> list[str]:
+    """A shard folder's (or its manifest's) shards of one split, as manifest.json lists them."""
+    man = part if part.endswith("manifest.json") else _join(part.rstrip("/") or "/", "manifest.json")
+    folder = _dirname(man)
+    try:
+        data = read_optional(man)
+    except OSError as e:
+        raise ValueError(f"{man}: cannot be read ({e})") from None
+    if data is None:
+        raise FileNotFoundError(f"{part}: no manifest.json there; give a shard folder made by make_shards, "
+                                "its manifest.json, or a brace pattern such as 'shards/train-{000000..000009}.tar'")
+    m = read_manifest(man, data)
+    names = m.get("shards", {}).get(split) if isinstance(m.get("shards"), dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..")
+                                              for n in names):
+        raise ValueError(f"{man}: 'shards.{split}' is missing or not a list of shard file names")
+    if not names:
+        avail = sorted(k for k, v in m["shards"].items() if v)
+        raise ValueError(f"{man}: no {split} shards (it has: {', '.join(avail) or 'none'})")
+    return [_join(folder, n) for n in names]
+
+
 MANIFEST_KEYS = {"tokenizer.fingerprint": str, "tokenizer.name": str, "tokenizer.pad_id": int,
                  "tokenizer.max_length": int, "segmenter.name": str, "counts": dict}
 
