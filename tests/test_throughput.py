@@ -305,3 +305,23 @@ def test_stream_ships_decoded_images_for_device_resize(shapes_shards):
         assert b["images"].shape[-1] == 64 and b["boxes"].shape == (4, 4)  # shards hold 64 px images
         diff = (resize_on_device(b["images"], b["boxes"], 32).int() - a["images"].int()).abs()
         assert diff.float().mean() < 0.3 and diff.max() <= 1
+
+
+def test_each_checkpoint_is_saved_and_logged_once_and_the_end_is_evaluated_before_its_save(
+        shapes_shards, tmp_path, caplog):
+    """A run whose last step is a save step used to save (and log) that step twice: once
+    in the loop, again after the final evaluation."""
+    import json
+    import logging
+
+    tr = _trainer(shapes_shards, tmp_path, **{"train.max_steps": 4, "train.save_every": 2, "data.workers": 0,
+                                              "train.eval_every": 0})
+    try:
+        with caplog.at_level(logging.INFO, logger="phoclip_train.checkpoint"):
+            tr.train()
+    finally:
+        tr.close()
+    saves = [r.getMessage() for r in caplog.records if r.getMessage().startswith("saved checkpoint")]
+    assert [s.rsplit("/", 1)[1] for s in saves] == ["step_00000002", "step_00000004"], saves
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "meta.json").read_text())
+    assert meta["evaluation"] and "t2i_R@1" in meta["evaluation"]  # the end's evaluation is in it

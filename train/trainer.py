@@ -47,6 +47,8 @@ class Trainer:
         self._nf = None  # device counters [streak, total since the last read] (no host sync)
         self.stop_signal = StopSignal(STUCK_WAIT_S, lambda: self.ckpt.latest())
         self._last_val: Optional[dict] = None  # the newest validation metrics (model card)
+        self._saved: Optional[tuple] = None  # (step, evaluation) of the newest checkpoint
+        self._eval_step: Optional[int] = None  # the step of the newest evaluation
         self.lock = RunLock(self.run_dir)
         if dist_info.is_main:
             self._claim_run_dir()
@@ -170,6 +172,11 @@ class Trainer:
                        " (set data.global_batch_size to keep it)", self.step)
 
     def save(self) -> None:
+        """Checkpoint this step (collective), once: the end of a run whose last step was a
+        save step saves again only if an evaluation has run since (its figures go in meta)."""
+        if self._saved == (self.step, id(self._last_val)):
+            return
+        self._saved = (self.step, id(self._last_val))
         # the model's resolved config and the tokenizer travel with every checkpoint, so
         # exporting one needs neither the hub nor the files the run started from
         meta = {"samples_seen": self.samples_seen, "nonfinite_total": self.nonfinite_total,
@@ -230,7 +237,8 @@ class Trainer:
                         f"{self.step}); the weights are those from before the fault, saved in "
                         f"{self.ckpt.latest()}. Look for bad data, lower the learning rates, set "
                         "train.grad_clip=1.0, or switch fp16 to train.precision=bf16")
-                if self.cfg.train.eval_every and self.step % t.eval_every == 0 and self.eval_sets:
+                if self.eval_sets and ((t.eval_every and self.step % t.eval_every == 0)
+                                       or self.step == t.max_steps):  # the end: before its save
                     last.update(self.evaluate())
                 if stop:
                     self.save()
@@ -238,7 +246,7 @@ class Trainer:
                     return last
                 if self.step % t.save_every == 0:
                     self.save()
-            if self.eval_sets and not (t.eval_every and self.step % t.eval_every == 0):
+            if self.eval_sets and self._eval_step != self.step:  # resumed at max_steps: nothing ran
                 last.update(self.evaluate())
             self.save()
             self.export()
@@ -381,6 +389,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Recall on the validation shards and on every named set of train.eval_sets,
         each logged under its own name (metrics.jsonl kind, TensorBoard prefix)."""
+        self._eval_step = self.step
         out = {}
         for name, urls in self.eval_sets.items():
             res, img, keys, metas = self._evaluate_set(urls)
