@@ -40,3 +40,32 @@ def test_every_run_config_resolves(name):
     cfg.validate(world_size=1)
     assert cfg.train.compile == "off" and cfg.data.resize_on == "worker"
     assert resolve_config(None, ["train.compile=off", "train.channels_last=no"]).train.channels_last == "false"
+
+
+def test_yaml_syntax_errors_are_one_line_naming_the_key_or_file_and_how_to_quote(tmp_path, shapes_shards):
+    """#26: an unquoted brace pattern inside train.eval_sets={...} raised a yaml ParserError
+    traceback; the README's example itself was one."""
+    from phoclip_train.config import ConfigError, resolve_config
+
+    with pytest.raises(ConfigError) as e:
+        resolve_config(None, ["train.eval_sets={a: s/val-{000000..000001}.tar}"])
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("override train.eval_sets=") and "column 11" in msg
+    assert "needs quotes" in msg
+    cfg = resolve_config(None, ['train.eval_sets={a: "s/val-{000000..000001}.tar"}', "train.eval_sets.b=s/x"])
+    assert cfg.train.eval_sets == {"a": "s/val-{000000..000001}.tar", "b": "s/x"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: [1,\n")
+    with pytest.raises(ConfigError, match=r"config file .*bad.yaml: not valid YAML at line 3"):
+        resolve_config(str(bad))
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="expected a mapping of config groups"):
+        resolve_config(str(bad))
+    # the README's example, as written there, resolves (a shard folder needs no quotes)
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = re.search(r"`(train\.eval_sets='[^`]*')`", readme).group(1)
+    key, value = example.split("=", 1)
+    assert resolve_config(None, [f"{key}={value.strip(chr(39))}"]).train.eval_sets

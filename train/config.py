@@ -31,8 +31,19 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _load_yaml(text) -> Any:
-    return yaml.load(text, Loader=_Loader)
+def _load_yaml(text, where: str = "") -> Any:
+    """YAML → Python; a syntax error is one ConfigError naming `where` (a file, or the
+    override `key=value`), the line and column, and how to quote."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
+        problem = getattr(e, "problem", None) or type(e).__name__
+        hint = ("; a value with braces, colons or commas (a brace pattern inside a mapping) needs "
+                "quotes, e.g. train.eval_sets='{ktvic: \"shards/val-{000000..000004}.tar\"}'"
+                if where.startswith("override") else "")
+        raise ConfigError(f"{where or 'YAML'}: not valid YAML at {at}: {problem}{hint}") from None
 
 
 class ConfigError(ValueError):
@@ -290,10 +301,11 @@ def _set(obj: Any, dotted: str, raw: str) -> None:
         if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
             raise ConfigError(f"unknown config key {dotted!r}")
         obj = getattr(obj, p)
+    value = _load_yaml(raw, f"override {dotted}={raw}")
     if isinstance(obj, dict):  # inside a free-form field, e.g. model.overrides.vision
-        obj[last] = _load_yaml(raw)
+        obj[last] = value
     else:
-        _set_value(obj, last, _load_yaml(raw), dotted, raw)
+        _set_value(obj, last, value, dotted, raw)
 
 
 def apply_tree(cfg: Any, tree: dict, prefix: str = "") -> None:
@@ -382,8 +394,11 @@ def resolve_config(config_file: Optional[str], overrides: Sequence[str] = ()) ->
     if config_file:
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file {config_file} does not exist")
-        with open(config_file) as f:
-            tree = _load_yaml(f) or {}
+        with open(config_file, encoding="utf-8") as f:
+            tree = _load_yaml(f, f"config file {config_file}") or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {config_file}: expected a mapping of config groups "
+                              f"(data:, model:, train:, ...), got {type(tree).__name__}")
         apply_tree(cfg, tree)
     for o in overrides:
         if "=" not in o:
