@@ -11,17 +11,13 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from phoclip.log import init_logger
-from phoclip_train.config import ConfigError, resolve_config
-from phoclip_train.distributed import cleanup, init_distributed, launcher_rank
-from phoclip.errors import EXPECTED_ERRORS, one_line
-from phoclip_train.trainer import NonFiniteError, StoppedWaitingForData, Trainer
+# heavy imports (torch, the trainer) come after the arguments are parsed: --help is instant
 
 logger = logging.getLogger("phoclip_train.launch")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: Optional[Sequence[str]] = None, doc: Optional[str] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run config (launch/configs/)")
     p.add_argument("--resume", help="'latest' or a checkpoint folder")
     p.add_argument("--deepspeed_config", help="DeepSpeed JSON (selects the DeepSpeed engine)")
@@ -31,9 +27,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp") -> int:
+def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp", doc: Optional[str] = None) -> int:
+    args = parse_args(argv, doc)
+    from phoclip.errors import EXPECTED_ERRORS, one_line
+    from phoclip.log import init_logger
+    from phoclip_train.config import ConfigError, resolve_config
+    from phoclip_train.distributed import cleanup, init_distributed, launcher_rank
+    from phoclip_train.trainer import NonFiniteError, StoppedWaitingForData, Trainer
+
     init_logger(rank=launcher_rank())
-    args = parse_args(argv)
     try:
         cfg = resolve_config(args.config, args.overrides)
         if args.resume:

@@ -11,4 +11,4 @@ import sys
 from train_ddp import main  # this script's folder is on sys.path: one entry point, one loop
 
 if __name__ == "__main__":
-    sys.exit(main(engine="deepspeed"))
+    sys.exit(main(engine="deepspeed", doc=__doc__))
