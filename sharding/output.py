@@ -19,7 +19,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from phoclip.fileio import atomic_write_json, atomic_write_text
+from phoclip.fileio import atomic_open, atomic_write_json, atomic_write_text, read_regular
+
+MAX_META_BYTES = 256 << 20  # a manifest, sizes.json, .plan or .done record of the output
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +49,24 @@ def _has_rename(fs) -> bool:
 
 
 def upload_atomic(fs, local: str, remote: str) -> None:
-    """Upload one file so that `remote` appears whole or not at all."""
+    """Upload one file so that `remote` appears whole or not at all. On a local
+    filesystem (file://) it is copied to an unpredictable, exclusively created temporary
+    name, fsynced and renamed: a link planted at a temporary or final name is never
+    written through."""
     if _has_rename(fs):
         fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{remote}.tmp{os.getpid()}"
-        fs.put_file(local, tmp)
-        fs.mv(tmp, remote)
+        _copy_atomic(Path(local), Path(remote))
     else:
         fs.put_file(local, remote)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """`dst` becomes a copy of the regular file `src` (not followed if it is a link)."""
+    import shutil
+
+    fd = os.open(src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f, atomic_open(dst) as out:
+        shutil.copyfileobj(f, out, 1 << 20)
 
 
 def default_staging(url: str, part: int) -> Path:
@@ -129,8 +141,9 @@ class Output:
         try:
             if self.url:
                 return self.fs.cat_file(self._remote(name))
-            return (self.local / name).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            # a file of a folder others may write: no link, FIFO or device, a size cap
+            return read_regular(self.local / name, MAX_META_BYTES, follow_links=False)
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def read_text(self, name: str) -> Optional[str]:
@@ -138,29 +151,49 @@ class Output:
         return None if data is None else data.decode()
 
     def parts(self) -> list[str]:
-        """The part-NNNN folders of a job made in parts."""
+        """The part-NNNN folders of a job made in parts; locally, one that is a link (to
+        a folder elsewhere) is refused."""
         pat = "part-[0-9][0-9][0-9][0-9]"
         if self.url:
             self.fs.invalidate_cache()
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.root}/{pat}"))
-        return sorted(p.name for p in self.local.glob(pat))
+        found = sorted(self.local.glob(pat))
+        for p in found:
+            if p.is_symlink():
+                raise ValueError(f"{p}: a link, not a part folder; refused")
+        return [p.name for p in found]
 
     def link(self, src: str, dst: str) -> None:
         """`dst` becomes `src`'s content: a hard link locally (no copy on one
-        filesystem), a server-side copy at a URL."""
+        filesystem), a server-side copy at a URL. Locally `src` must be a regular file
+        (not a link), and `dst` is replaced by a rename, never written through: a link
+        planted at `dst` is replaced, its target untouched."""
         if self.url:
             self.fs.copy(self._remote(src), self._remote(dst))
             return
-        s, d = self.local / src, self.local / dst
-        if d.exists() and not os.path.samefile(d, s):
-            d.unlink()  # an earlier merge's link to another file
-        if not d.exists():
-            try:
-                os.link(s, d)
-            except OSError:
-                import shutil
+        import secrets
+        import stat
 
-                shutil.copyfile(s, d)
+        s, d = self.local / src, self.local / dst
+        st = os.lstat(s)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{s}: not a regular file (a link?); refused")
+        try:
+            if os.path.samestat(os.lstat(d), st):
+                return  # an earlier merge's link to this very file
+        except FileNotFoundError:
+            pass
+        tmp = d.with_name(f".{d.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            os.link(s, tmp, follow_symlinks=False)  # link() creates tmp exclusively
+        except OSError:  # another filesystem, or links not supported: an atomic copy
+            _copy_atomic(s, d)
+            return
+        try:
+            os.replace(tmp, d)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def write_text(self, name: str, text: str) -> None:
         atomic_write_text(self.local / name, text)

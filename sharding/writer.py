@@ -3,7 +3,7 @@
 Phase 1 hashes every image file (so byte-identical images under several names or
 sources become one sample and cannot leak across splits) and reads only its header.
 Phase 2 writes each shard in one worker process: decode → RGB → resize → JPEG →
-tar under a temporary name → rename; a small `.done` record written after the rename
+tar under an unpredictable temporary name → rename; a small `.done` record written after the rename
 marks the shard complete, so an interrupted job re-run skips it.
 """
 from __future__ import annotations
@@ -20,13 +20,14 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from phoclip.fileio import atomic_write_json
+from phoclip.fileio import atomic_open, atomic_write_json, real_dir
 from phoclip.images import (MAX_FILE_BYTES, MAX_IMAGE_PIXELS, BadImage, decode_rgb, encode_jpeg,
                             probe_image, read_file_capped, resize_shorter)
 
 logger = logging.getLogger(__name__)
 
 SHARD_PATTERN = "{split}-{index:06d}.tar"
+MAX_DONE_BYTES = 64 << 20  # a completion record (its lost_keys list may be long)
 
 
 @dataclass
@@ -139,9 +140,11 @@ def done_path(out_dir: Path | str, shard_name: str) -> Path:
 def read_done(out_dir: Path | str, shard_name: str) -> Optional[dict]:
     """A shard's completion record, or None when it is missing or unreadable (a shard
     whose record cannot be trusted is written again, never assumed done)."""
-    try:
-        rec = json.loads(done_path(out_dir, shard_name).read_text())
-    except (OSError, ValueError):
+    from phoclip.fileio import read_regular
+
+    try:  # never through a link, nor from a FIFO or device planted in the output folder
+        rec = json.loads(read_regular(done_path(out_dir, shard_name), MAX_DONE_BYTES, follow_links=False))
+    except (OSError, ValueError, RecursionError):
         return None
     return rec if valid_done(rec, shard_name) else None
 
@@ -153,19 +156,27 @@ def valid_done(rec, shard_name: str) -> bool:
 
 
 def is_complete(out_dir: Path | str, shard_name: str) -> bool:
-    return read_done(out_dir, shard_name) is not None and (Path(out_dir) / shard_name).is_file()
+    """A shard with its completion record, itself a regular file (not a link to one)."""
+    import stat
+
+    if read_done(out_dir, shard_name) is None:
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(Path(out_dir) / shard_name).st_mode)
+    except OSError:
+        return False
 
 
 def write_shard(task: ShardTask) -> dict:
     """Write one shard atomically; returns {name, count, skipped: {reason: n}}."""
     out = Path(task.out_dir)
-    final = out / task.name
-    tmp = out / (task.name + f".tmp{os.getpid()}")
     skipped: Counter = Counter()
     lost: list[str] = []  # keys planned for this shard whose image could not be written
     count = 0
     segmented, ids_of, truncated = _prepare_text(task)
-    with open(tmp, "wb") as f:
+    # an unpredictable temporary name, created exclusively, renamed over the final name:
+    # a link planted in OUT at either name is never written through
+    with atomic_open(out / task.name) as f:
         with _TarShard(f) as tw:
             for (key, path, meta, _), seg, ids in zip(task.samples, segmented, ids_of):
                 try:
@@ -188,13 +199,10 @@ def write_shard(task: ShardTask) -> dict:
                     "ids.npy": _npy_bytes(np.ascontiguousarray(ids, dtype=np.int32)),
                 })
                 count += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
     record = {"name": task.name, "count": count, "skipped": dict(skipped), "lost_keys": lost,
               "truncated_captions": truncated}
     d = done_path(out, task.name)
-    d.parent.mkdir(exist_ok=True)
+    real_dir(d.parent)
     atomic_write_json(d, record)
     if task.remote:  # --out URL: upload the shard, then its record
         from phoclip_sharding.output import publish_shard
