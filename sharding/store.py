@@ -29,12 +29,62 @@ logger = logging.getLogger(__name__)
 STORE_NAME = ".job.sqlite"
 SCHEMA_VERSION = "2"  # 2: unusable but readable files keep their hash (their part)
 
+# Every object the store may hold, created by exactly these statements. A store holding
+# anything else (a trigger, a view, another table or index, a table of another shape)
+# was not made by us: it is rebuilt, never used (a trigger would run on our inserts).
+SCHEMA = {
+    "meta": "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT)",
+    "hashes": "CREATE TABLE hashes(path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, sha TEXT, reason TEXT)",
+    "records": "CREATE TABLE records(id INTEGER PRIMARY KEY, source TEXT, image_id TEXT, path TEXT, rel TEXT, "
+               "captions TEXT, pin TEXT, origin TEXT)",
+    "samples": "CREATE TABLE samples(sha TEXT PRIMARY KEY, split TEXT, ord TEXT, n_captions INTEGER, "
+               "path TEXT, meta TEXT, captions TEXT)",
+    "records_path": "CREATE INDEX records_path ON records(path)",
+    "samples_order": "CREATE INDEX samples_order ON samples(split, ord)",
+}
+
+
+class ForeignStore(sqlite3.DatabaseError):
+    """The store's schema holds objects this program did not create."""
+
+
+def _expected_master() -> set:
+    """sqlite_master as SCHEMA makes it (autoindexes of the primary keys included)."""
+    mem = sqlite3.connect(":memory:")
+    try:
+        for sql in SCHEMA.values():
+            mem.execute(sql)
+        return set(mem.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+    finally:
+        mem.close()
+
+
+def _check_store_file(path: Path) -> None:
+    """The store and its journal files must be plain files of ours: a link (to another
+    database, whose tables the job would empty), a device or a file owned by someone else
+    (planted in a shared folder) is refused in one line, never opened."""
+    import os
+    import stat
+
+    for p in (path, *(Path(str(path) + s) for s in ("-wal", "-shm", "-journal"))):
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        why = ("is a link" if stat.S_ISLNK(st.st_mode) else "is not a regular file" if not stat.S_ISREG(st.st_mode)
+               else f"is owned by uid {st.st_uid}, not by us" if hasattr(os, "geteuid") and st.st_uid != os.geteuid()
+               else "has other hard links" if st.st_nlink > 1 else None)
+        if why:
+            raise OSError(f"{p}: the job store {why}; refused (it is only a cache: remove it, "
+                          "or use an output folder only you can write)")
+
 
 class JobStore:
     """The SQLite working state of one output folder (see the module docstring)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        _check_store_file(self.path)
         try:
             self.conn = self._open()
         except sqlite3.DatabaseError as e:  # a damaged or foreign store: it is a cache, start afresh
@@ -46,17 +96,24 @@ class JobStore:
 
     def _open(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None)
-        conn.execute("PRAGMA trusted_schema=OFF")  # the file is data: no functions from its schema
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT)")
-        row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        if row is not None and row[0] != SCHEMA_VERSION:
-            conn.execute("DROP TABLE IF EXISTS hashes")
-        conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
-        conn.execute("CREATE TABLE IF NOT EXISTS hashes(path TEXT PRIMARY KEY, size INTEGER, "
-                     "mtime INTEGER, sha TEXT, reason TEXT)")
-        conn.execute("SELECT path, size, mtime, sha, reason FROM hashes LIMIT 1").fetchall()  # our schema
+        try:
+            conn.execute("PRAGMA trusted_schema=OFF")  # the file is data: no functions from its schema
+            # before anything is written (a trigger fires on our first insert): only our objects
+            found = set(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"))
+            foreign = sorted(f"{t} {n}" for t, n, _, _ in found - _expected_master())
+            if foreign:
+                raise ForeignStore(f"it holds objects this program did not create: {', '.join(foreign[:5])}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(SCHEMA["meta"].replace("TABLE", "TABLE IF NOT EXISTS", 1))
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is not None and row[0] != SCHEMA_VERSION:
+                conn.execute("DROP TABLE IF EXISTS hashes")
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            conn.execute(SCHEMA["hashes"].replace("TABLE", "TABLE IF NOT EXISTS", 1))
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     def close(self) -> None:
@@ -71,14 +128,10 @@ class JobStore:
         if row is None or json.loads(row[0]) != limits:
             c.execute("DELETE FROM hashes")
             c.execute("INSERT OR REPLACE INTO meta VALUES ('limits', ?)", (json.dumps(limits),))
-        c.executescript("""
-            DROP TABLE IF EXISTS records;
-            DROP TABLE IF EXISTS samples;
-            CREATE TABLE records(id INTEGER PRIMARY KEY, source TEXT, image_id TEXT, path TEXT, rel TEXT,
-                                 captions TEXT, pin TEXT, origin TEXT);
-            CREATE TABLE samples(sha TEXT PRIMARY KEY, split TEXT, ord TEXT, n_captions INTEGER,
-                                 path TEXT, meta TEXT, captions TEXT);
-        """)
+        c.execute("DROP TABLE IF EXISTS records")
+        c.execute("DROP TABLE IF EXISTS samples")
+        c.execute(SCHEMA["records"])
+        c.execute(SCHEMA["samples"])
 
     def add_records(self, rows: Iterable[tuple]) -> None:
         """(source, image_id, path, rel, captions, pin, origin) rows, in reading order."""
@@ -91,7 +144,7 @@ class JobStore:
         c.execute("COMMIT")
 
     def index_records(self) -> None:
-        self.conn.execute("CREATE INDEX IF NOT EXISTS records_path ON records(path)")
+        self.conn.execute(SCHEMA["records_path"].replace("INDEX", "INDEX IF NOT EXISTS", 1))
 
     # ------------------------------------------------------------------ hashing
     def path_pages(self, page: int) -> Iterator[list[str]]:
@@ -157,7 +210,7 @@ class JobStore:
         c.execute("COMMIT")
 
     def index_samples(self) -> None:
-        self.conn.execute("CREATE INDEX IF NOT EXISTS samples_order ON samples(split, ord)")
+        self.conn.execute(SCHEMA["samples_order"].replace("INDEX", "INDEX IF NOT EXISTS", 1))
 
     def count(self, split: Optional[str] = None) -> int:
         if split is None:
@@ -186,11 +239,16 @@ def lock_folder(folder: Path):
     in FOLDER/.lock; a dead holder's lock is taken over): two jobs writing one folder
     would interleave shards. Refused in one line while another job holds it. The caller
     refreshes it as shards complete and releases it at the end."""
-    from phoclip_train.lock import RunLock, RunLockedError
+    from phoclip.errors import one_line
+    from phoclip_train.lock import LockFileError, RunLock, RunLockedError
 
     lock = RunLock(folder)
     try:
         lock.acquire()
+    except LockFileError as e:
+        raise SystemExit(f"make_shards: {one_line(e)}") from None
     except RunLockedError as e:
         raise SystemExit(f"make_shards: another job is writing to {folder}: {e}") from None
+    except OSError as e:  # the folder cannot be written, say
+        raise SystemExit(f"make_shards: {folder}: {one_line(e)}") from None
     return lock

@@ -126,3 +126,102 @@ def test_a_sharding_job_never_writes_through_links_planted_in_its_output(tmp_pat
         _shard(tiny_tokenizer_dir, out2, f"coco-jsonl:{ann}:{imgs}")
     assert ".done: a link" in _one_line(e)
     assert list(elsewhere.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- the job store
+
+def _db(path: Path, *sql: str) -> None:
+    c = sqlite3.connect(path)
+    for s in sql:
+        c.execute(s)
+    c.commit()
+    c.close()
+
+
+def test_a_job_store_that_is_a_link_or_not_ours_is_refused(tmp_path, tiny_tokenizer_dir):
+    ann, imgs = _dataset(tmp_path, 4)
+    other = tmp_path / "other.db"
+    _db(other, "CREATE TABLE records(x)", "INSERT INTO records VALUES (42)",
+        "CREATE TABLE samples(y)", "INSERT INTO samples VALUES (7)")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(other, out / ".job.sqlite")
+    with pytest.raises(SystemExit) as e:
+        _shard(tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}")
+    assert ".job.sqlite: the job store is a link; refused" in _one_line(e)
+    c = sqlite3.connect(other)
+    assert c.execute("SELECT * FROM records").fetchall() == [(42,)]  # was emptied with no message
+    assert c.execute("SELECT * FROM samples").fetchall() == [(7,)]
+    c.close()
+    # a store planted by another user
+    (out / ".job.sqlite").unlink()
+    _db(out / ".job.sqlite", "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT)")
+    if os.geteuid() != 0:
+        pytest.skip("planting a file of another user needs root")
+    os.chown(out / ".job.sqlite", 4242, -1)
+    with pytest.raises(SystemExit) as e:
+        _shard(tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}")
+    assert "not by us" in _one_line(e)
+
+
+@pytest.mark.parametrize("planted", [
+    # every image's hash made one: 40 images would become 1 sample
+    "CREATE TRIGGER collapse AFTER INSERT ON hashes BEGIN UPDATE hashes SET sha = "
+    "'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa' WHERE path = NEW.path; END",
+    "CREATE VIEW v AS SELECT * FROM hashes",
+    "CREATE TABLE extra(x)",
+])
+def test_a_job_store_with_objects_we_did_not_create_is_rebuilt(tmp_path, tiny_tokenizer_dir, planted):
+    ann, imgs = _dataset(tmp_path, 12)
+    out = tmp_path / "out"
+    out.mkdir()
+    _db(out / ".job.sqlite", "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT)",
+        "CREATE TABLE hashes(path TEXT PRIMARY KEY, size INTEGER, mtime INTEGER, sha TEXT, reason TEXT)", planted)
+    assert _shard(tiny_tokenizer_dir, out, f"coco-jsonl:{ann}:{imgs}") == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["counts"]["train"] + man["counts"]["val"] == 12
+    c = sqlite3.connect(out / ".job.sqlite")
+    names = {n for (n,) in c.execute("SELECT name FROM sqlite_master")}
+    c.close()
+    assert not names & {"collapse", "v", "extra"}, names
+
+
+# ----------------------------------------------------------------------------- locks
+
+def test_a_lock_that_is_a_folder_or_a_fifo_or_holds_an_impossible_pid_is_one_line(tmp_path, tiny_tokenizer_dir):
+    import socket
+
+    from phoclip.errors import EXPECTED_ERRORS, one_line
+    from phoclip_train.lock import RunLock, RunLockedError
+
+    old = time.time() - 7200  # older than any staleness limit
+    d = tmp_path / "run"
+    (d / ".lock").mkdir(parents=True)
+    os.utime(d / ".lock", (old, old))
+    with pytest.raises(RunLockedError) as e:
+        RunLock(d).acquire()
+    assert f"{d / '.lock'}: the lock file is a folder" in one_line(e.value)
+    assert (d / ".lock").is_dir()  # never removed
+    ann, imgs = _dataset(tmp_path, 2)
+    with pytest.raises(SystemExit) as e:  # make_shards takes the same lock
+        _shard(tiny_tokenizer_dir, d, f"coco-jsonl:{ann}:{imgs}")
+    assert "the lock file is a folder" in _one_line(e)
+
+    fifo_dir = tmp_path / "fifo"
+    fifo_dir.mkdir()
+    os.mkfifo(fifo_dir / ".lock")
+    with _unblocked(fifo_dir / ".lock"), pytest.raises(RunLockedError, match="is not a regular file"):
+        RunLock(fifo_dir).acquire()
+
+    # a 20-digit pid of this host: no such process can exist (os.kill overflowed)
+    p = tmp_path / "pid"
+    p.mkdir()
+    (p / ".lock").write_text(json.dumps({"host": socket.gethostname(), "pid": 10**19 + 7}))
+    with pytest.raises(EXPECTED_ERRORS) as e:  # fresh: judged by its age, refused
+        RunLock(p).acquire()
+    assert "is in use by pid 10000000000000000007" in one_line(e.value)
+    os.utime(p / ".lock", (old, old))
+    lock = RunLock(p)
+    lock.acquire()  # stale: taken over
+    assert json.loads((p / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()

@@ -24,7 +24,15 @@ class RunLockedError(SetupError):
     pass
 
 
+class LockFileError(RunLockedError):
+    """The lock's path holds something this program never writes (a folder, a link)."""
+
+
 _HELD: dict = {}  # lock path -> how many RunLocks of this process hold it (re-entrant)
+
+
+MAX_LOCK_BYTES = 4096  # what we write is ~80 bytes; anything far larger is not our lock
+MAX_PID = 2**31 - 1     # os.kill overflows beyond a C int; no system has pids this large
 
 
 def _alive(pid: int) -> bool:
@@ -37,6 +45,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _valid_pid(pid) -> bool:
+    return isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid <= MAX_PID
+
+
+def _show(v) -> str:
+    """A value read from someone's lock file, safe for a one-line message."""
+    return "?" if v is None else "".join(c if c.isprintable() else "?" for c in str(v))[:80]
+
+
 class RunLock:
     def __init__(self, run_dir: str | os.PathLike, stale_after_s: float = 1800.0) -> None:
         self.path = Path(run_dir) / ".lock"
@@ -44,27 +61,45 @@ class RunLock:
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
         self.held = False
 
-    def _holder(self) -> Optional[dict]:
+    def _check_file(self) -> None:
+        """A lock that is a folder, a link or a device is not one we wrote: refused in
+        one line, never read (a FIFO would block), followed or removed."""
+        import stat
+
         try:
-            h = json.loads(self.path.read_text())
-            return h if isinstance(h, dict) else {}
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a link" if stat.S_ISLNK(st.st_mode)
+                    else "not a regular file")
+            raise LockFileError(f"{self.path}: the lock file is {kind}, not a lock this program wrote; "
+                                 "remove it if no job is using this folder")
+
+    def _holder(self) -> Optional[dict]:
+        from phoclip.fileio import read_regular
+
+        try:
+            h = json.loads(read_regular(self.path, MAX_LOCK_BYTES, follow_links=False))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}  # unreadable: judged by its age alone
+        return h if isinstance(h, dict) else {}
 
     def _stale(self, h: dict) -> Optional[str]:
         try:
-            age = time.time() - self.path.stat().st_mtime
+            age = time.time() - os.lstat(self.path).st_mtime
         except FileNotFoundError:
             return "gone"
-        if h.get("host") == self.me["host"] and isinstance(h.get("pid"), int):
+        # a pid no process can have (not an int, 20 digits): judged by its age alone
+        if h.get("host") == self.me["host"] and _valid_pid(h.get("pid")):
             return None if _alive(h["pid"]) else f"its process {h['pid']} is gone"
         return f"not refreshed for {age:.0f} s" if age > self.stale_after_s else None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        key = str(self.path.resolve())
+        key = str(self.path.parent.resolve() / self.path.name)  # the lock itself may be a link
         if _HELD.get(key):  # this process holds it already (e.g. two Trainers in one program)
             _HELD[key] += 1
             self.held = True
@@ -73,17 +108,18 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
+                self._check_file()
                 h = self._holder()
                 if h is None:
                     continue  # released meanwhile
                 why = self._stale(h)
                 if why is None:
                     raise RunLockedError(
-                        f"{self.path.parent} is in use by pid {h.get('pid')} on {h.get('host')} "
-                        f"(since {h.get('since', '?')}): another job, or the ranks of a killed job "
+                        f"{self.path.parent} is in use by pid {_show(h.get('pid'))} on {_show(h.get('host'))} "
+                        f"(since {_show(h.get('since', '?'))}): another job, or the ranks of a killed job "
                         f"still running. Stop them, or use another run_dir; if that job is surely "
                         f"gone, delete {self.path}")
-                logger.warning("taking over the stale lock %s (%s, held by %s)", self.path, why, h)
+                logger.warning("taking over the stale lock %s (%s, held by %s)", self.path, why, _show(h))
                 try:
                     os.unlink(self.path)
                 except FileNotFoundError:
@@ -106,7 +142,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.held:
-            key = str(self.path.resolve())
+            key = str(self.path.parent.resolve() / self.path.name)  # the lock itself may be a link
             _HELD[key] = _HELD.get(key, 1) - 1
             self.held = False
             if _HELD[key] > 0:
