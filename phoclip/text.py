@@ -52,6 +52,17 @@ def resolve_vncorenlp_dir(flag: str | os.PathLike | None = None) -> Path:
     return Path(d).absolute()  # py_vncorenlp chdirs; a relative path would break
 
 
+MAX_CAPTION_CHARS = 4096
+"""Captions are cut to this many characters before anything else touches them (NFC,
+segmentation, tokenization). PhoBERT reads at most a few hundred tokens, i.e. far fewer
+characters; a hostile multi-megabyte line would otherwise take gigabytes to segment."""
+
+
+def cap_text(text: str, limit: int = MAX_CAPTION_CHARS) -> str:
+    """`text` cut to at most `limit` characters (the cut is the caller's to count)."""
+    return text if len(text) <= limit else text[:limit]
+
+
 def normalize_text(text: str) -> str:
     """Unicode NFC, control characters and terminal escapes removed, all whitespace runs
     to one space, stripped.
@@ -235,7 +246,11 @@ class TextProcessor:
         self.max_length = max_length
 
     def __call__(self, texts: Sequence[str]) -> tuple[list[str], np.ndarray]:
-        seg = self.segmenter.segment([normalize_text(t) for t in texts])
+        cut = [cap_text(t) for t in texts]  # before NFC and segmentation, whose cost grows with length
+        n_cut = sum(len(a) != len(b) for a, b in zip(cut, texts))
+        if n_cut:
+            logger.warning("cut %d text(s) over %d characters to that length", n_cut, MAX_CAPTION_CHARS)
+        seg = self.segmenter.segment([normalize_text(t) for t in cut])
         return seg, tokenize_captions(self.tokenizer, seg, self.max_length)
 
 

@@ -38,11 +38,12 @@ from typing import Optional, Sequence
 
 from phoclip import __version__
 from phoclip.errors import EXPECTED_ERRORS, one_line
+from phoclip.fileio import real_dir
 from phoclip.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from phoclip.log import init_logger
 from phoclip.text import (SEGMENTERS, create_segmenter, load_tokenizer, normalize_text, strip_controls,
                           tokenizer_fingerprint)
-from phoclip_sharding.readers import READERS, SourceSpec, part_of, read_source
+from phoclip_sharding.readers import MAX_ANNOTATION_BYTES, READERS, SourceSpec, part_of, read_source
 from phoclip_sharding.store import STORE_NAME, JobStore, lock_folder
 from phoclip_sharding.output import Output, default_staging, is_url
 from phoclip_sharding.writer import ShardTask, TextSettings, check_images, make_pool, run_tasks, without_torch
@@ -79,6 +80,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="refuse image files larger than this, unread")
     p.add_argument("--encoding", default="utf-8",
                    help="text encoding of the annotation files (per source: ,encoding=NAME)")
+    p.add_argument("--max-annotation-bytes", type=int, default=MAX_ANNOTATION_BYTES,
+                   help="refuse annotation files (json, jsonl, csv, txt: read whole) larger than this, unread")
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="accept image paths that are absolute or lead out of the image folder")
     p.add_argument("--val-fraction", type=float, default=0.05)
@@ -99,8 +102,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--val-fraction must be in [0, 1)")
     if args.shard_size < 1 or args.max_length < 4 or args.image_size < 8:
         p.error("--shard-size >= 1, --max-length >= 4 and --image-size >= 8 are required")
-    if args.max_pixels < 1 or args.max_image_bytes < 1:
-        p.error("--max-pixels and --max-image-bytes must be positive")
+    if args.max_pixels < 1 or args.max_image_bytes < 1 or args.max_annotation_bytes < 1:
+        p.error("--max-pixels, --max-image-bytes and --max-annotation-bytes must be positive")
     return args
 
 
@@ -242,6 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if "encoding=" not in text:
             spec.encoding = args.encoding
         spec.allow_outside = args.allow_outside_paths
+        spec.max_bytes = args.max_annotation_bytes
     try:
         tokenizer = load_tokenizer(args.tokenizer)
         segmenter = create_segmenter(args.segmenter, args.vncorenlp_dir)
@@ -256,10 +260,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = Path(args.out)
         if args.num_parts > 1:
             out = out / PART_DIR.format(args.part)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.num_parts > 1 and not url:
+            real_dir(out)  # a part folder planted as a link would send the part's files elsewhere
+    except OSError as e:
+        raise SystemExit(f"make_shards: {one_line(e)}") from None
     lock = lock_folder(out)  # two jobs writing one folder would interleave shards
     for i, spec in enumerate(specs):  # images held inside wds tars / parquet cells land here
-        spec.cache_dir = out / ".sources" / f"{i:02d}-{spec.source_name}"
+        spec.cache_dir = out / ".sources" / f"{i:02d}-{spec.source_name.replace('/', '_')}"
         spec.part = (args.part, args.num_parts)  # ... only this part's
 
     pool = make_pool(args.workers)

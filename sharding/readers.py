@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from phoclip.fileio import atomic_write_bytes, read_regular, real_dir
+from phoclip.text import MAX_CAPTION_CHARS, cap_text
+
 logger = logging.getLogger(__name__)
+
+MAX_ANNOTATION_BYTES = 2 << 30
+"""Annotation files (json, jsonl, csv, txt) are read whole: larger ones are refused unread
+(make_shards --max-annotation-bytes). Web-scale data comes as wds tars or parquet,
+which are streamed and not capped by this."""
 
 
 def part_of(key: str, num_parts: int) -> int:
@@ -69,6 +77,8 @@ class SourceSpec:
     part: tuple = (0, 1)
     """(part, number of parts) of the job: images held inside the data that belong to
     another part (by content hash) are not cached nor listed here."""
+    max_bytes: int = MAX_ANNOTATION_BYTES
+    """The largest annotation file read (it is read whole)."""
 
     def owns(self, data: bytes) -> bool:
         """Whether an image held inside the data belongs to this part of the job."""
@@ -92,6 +102,8 @@ class SourceSpec:
         ann = Path(parts[1])
         if not ann.exists():
             raise FileNotFoundError(f"--source {spec!r}: annotation file {ann} does not exist")
+        if not ann.is_file():  # a folder, a FIFO (blocks forever), a device (/dev/zero never ends)
+            raise ValueError(f"--source {spec!r}: annotation file {ann} is not a regular file")
         img_dir = Path(parts[2]) if len(parts) == 3 and parts[2] else None
         if img_dir is not None and not img_dir.is_dir():
             raise FileNotFoundError(f"--source {spec!r}: image folder {img_dir} does not exist")
@@ -174,18 +186,29 @@ class SourceSpec:
                       rel=os.path.normpath(filename))
 
 
+def _cap(spec: SourceSpec, caption: str) -> str:
+    """A caption cut to MAX_CAPTION_CHARS before anything else reads it (counted as
+    `long_caption_cut`): NFC and segmentation of a multi-megabyte line cost gigabytes."""
+    if len(caption) <= MAX_CAPTION_CHARS:
+        return caption
+    spec.skipped["long_caption_cut"] += 1
+    logger.warning("%s: a caption of %d characters cut to %d", spec.annotations, len(caption), MAX_CAPTION_CHARS)
+    return cap_text(caption)
+
+
 def _captions(spec: SourceSpec, value) -> list[str]:
     """A caption field → its captions: a string is one caption (never one per
-    character), a list holds several; anything else is counted, not reinterpreted."""
+    character), a list holds several; anything else is counted, not reinterpreted.
+    Every caption is cut to MAX_CAPTION_CHARS (`_cap`)."""
     if value is None:
         return []
     if isinstance(value, str):
-        return [value]
+        return [_cap(spec, value)]
     if isinstance(value, list):
         out = []
         for c in value:
             if isinstance(c, str):
-                out.append(c)
+                out.append(_cap(spec, c))
             elif c is not None:
                 spec.skipped["non_string_caption"] += 1
         return out
@@ -209,7 +232,8 @@ def _group(spec: SourceSpec, pairs: Iterator[tuple[str, str, object]]) -> Iterat
 def _read_text(spec: SourceSpec) -> str:
     """The whole annotation file, decoded; a file in another encoding is refused with
     the byte offset where decoding failed (or read with ,encoding=NAME)."""
-    data = spec.annotations.read_bytes()
+    # never read a FIFO, a device or an unbounded file: refused in one line naming it
+    data = read_regular(spec.annotations, spec.max_bytes)
     enc = spec.encoding
     try:
         return data.decode("utf-8-sig" if enc.lower().replace("_", "-") in ("utf-8", "utf8") else enc)
@@ -378,17 +402,39 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MAX_INLINE_IMAGE_BYTES = 64 << 20  # one image inside a tar or a parquet cell
 
 
+def _safe_rel(rel: str) -> str:
+    """`rel` as a path that stays inside the cache folder: a tar member named
+    `../../x.jpg`, `/abs/x.jpg` or a name too long for the filesystem (a hostile tar)
+    becomes a name derived from its hash."""
+    comps = rel.split("/")
+    if all(c not in ("", ".", "..") and "\0" not in c and len(c.encode("utf-8", "replace")) <= 200
+           for c in comps):
+        return rel
+    digest = hashlib.sha256(rel.encode("utf-8", "replace")).hexdigest()[:32]
+    return f"_unsafe_names/{digest}{os.path.splitext(comps[-1])[1][:8]}"
+
+
 def _cache_image(spec: SourceSpec, rel: str, data: bytes) -> Path:
     """Write an image held inside the data to the job's cache, once (atomic; a resumed
-    job finds it there)."""
+    job finds it there). Every folder on the way must be a real folder (not a link
+    planted in a shared output folder), and the file is written under an unpredictable
+    temporary name, then renamed."""
+    import stat
+
     if spec.cache_dir is None:
         raise ValueError(f"{spec.format}: no cache folder for the images (make_shards sets one under --out)")
-    path = spec.cache_dir / rel
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+    rel = _safe_rel(rel)
+    real_dir(spec.cache_dir.parent)  # OUT/.sources: neither a link
+    folder = real_dir(spec.cache_dir)
+    for comp in rel.split("/")[:-1]:
+        folder = real_dir(folder / comp)
+    path = folder / rel.split("/")[-1]
+    try:
+        cached = stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        cached = False
+    if not cached:  # a cache: not fsynced (a file damaged by a power cut is an unusable image, counted)
+        atomic_write_bytes(path, data, durable=False)
     return path
 
 
@@ -428,6 +474,7 @@ def read_wds(spec: SourceSpec) -> Iterator[Record]:
             except UnicodeDecodeError:
                 spec.skipped["bad_caption_encoding"] += 1
                 txt = ""
+            txt = _cap(spec, txt)
             if txt.strip() and txt not in caps:
                 caps.append(txt)
         if not spec.owns(data):

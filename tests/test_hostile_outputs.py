@@ -186,6 +186,96 @@ def test_a_job_store_with_objects_we_did_not_create_is_rebuilt(tmp_path, tiny_to
     assert not names & {"collapse", "v", "extra"}, names
 
 
+# ----------------------------------------------------------------------------- captions and annotation files
+
+def test_captions_are_cut_before_normalisation_and_segmentation(tmp_path, tiny_tokenizer_dir):
+    from phoclip.text import TextProcessor, load_tokenizer
+
+    cap = 10_000  # "a few thousand characters": far beyond what max_length tokens could use
+
+    seen = []
+
+    class Recording:
+        name, version = "rec", "0"
+
+        def segment(self, texts):
+            seen.extend(len(t) for t in texts)
+            return list(texts)
+
+    proc = TextProcessor(load_tokenizer(str(tiny_tokenizer_dir)), Recording(), 16)
+    _, ids = proc(["con chó " * 100_000, "một con mèo"])
+    assert ids.shape == (2, 16) and 1000 < max(seen) <= cap
+
+    # at sharding (and benchmark reading: the same readers): cut as read, counted
+    imgs = tmp_path / "imgs"
+    make_image(imgs / "a.jpg", 1)
+    make_image(imgs / "b.jpg", 2)
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"image": "a.jpg", "caption": "con chó " * 25_000}, ensure_ascii=False) + "\n"
+        + json.dumps({"image": "b.jpg", "caption": "một con mèo"}, ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "out"
+    _shard(tiny_tokenizer_dir, out, f"coco-jsonl:{tmp_path / 'a.jsonl'}:{imgs}", "--val-fraction", "0")
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["skipped"]["long_caption_cut"] == 1 and man["counts"]["train"] == 2
+    from conftest import read_all
+
+    raw = sorted((json.loads(s["json"])["captions_raw"][0] for s in read_all(out).values()), key=len)
+    assert raw[0] == "một con mèo" and 1000 < len(raw[1]) <= cap and raw[1].startswith("con chó con chó")
+
+
+def test_annotation_files_that_are_not_regular_or_too_large_are_refused_in_one_line(tmp_path, tiny_tokenizer_dir):
+    from phoclip_sharding.readers import SourceSpec, read_source
+
+    imgs = tmp_path / "imgs"
+    make_image(imgs / "a.jpg", 1)
+    fifo = tmp_path / "ann.jsonl"
+    os.mkfifo(fifo)
+    with _unblocked(fifo):
+        with pytest.raises(SystemExit) as e:
+            _shard(tiny_tokenizer_dir, tmp_path / "o1", f"coco-jsonl:{fifo}:{imgs}")
+    assert f"annotation file {fifo} is not a regular file" in _one_line(e)
+    # the reader itself (what evaluate.py --benchmark calls), given the FIFO directly
+    with _unblocked(fifo):
+        with pytest.raises(OSError, match="not a regular file"):
+            list(read_source(SourceSpec("coco-jsonl", fifo, imgs)))
+    # a file over the cap is refused unread
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"image": "a.jpg", "caption": "một con mèo"}, ensure_ascii=False) * 10)
+    with pytest.raises(SystemExit) as e:
+        _shard(tiny_tokenizer_dir, tmp_path / "o2", f"coco-jsonl:{big}:{imgs}", "--max-annotation-bytes", 100)
+    assert f"{big}: {big.stat().st_size} bytes, over the 100-byte cap" in _one_line(e)
+
+
+def test_an_annotation_file_that_is_dev_zero_is_refused_not_read(tmp_path, tiny_tokenizer_dir):
+    """In a process of its own with its memory capped: reading /dev/zero never ends."""
+    imgs = tmp_path / "imgs"
+    make_image(imgs / "a.jpg", 1)
+    os.symlink("/dev/zero", tmp_path / "ann.jsonl")
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+            "from phoclip_sharding.make_shards import main; main(sys.argv[1:])")
+    r = subprocess.run([sys.executable, "-c", code, "--source", f"coco-jsonl:{tmp_path / 'ann.jsonl'}:{imgs}",
+                        "--out", str(tmp_path / "o"), "--tokenizer", str(tiny_tokenizer_dir), *ARGS],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, USE_TORCH="0"))
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "ann.jsonl is not a regular file" in r.stderr.strip().splitlines()[-1], r.stderr[-3000:]
+
+
+def test_images_held_in_hostile_tars_are_cached_inside_the_cache_folder(tmp_path):
+    """A wds tar member named `../../x.jpg` (its key holds the path) is cached under a
+    hashed name inside the job's cache, not written outside it."""
+    from phoclip_sharding.readers import SourceSpec, _cache_image
+
+    spec = SourceSpec("wds", Path("x.tar"), None, cache_dir=tmp_path / "out" / ".sources" / "00-wds")
+    for rel in ("x.tar/../../../../evil.jpg", f"{tmp_path}/abs/evil.jpg", "x.tar/" + "a" * 300 + ".jpg"):
+        path = _cache_image(spec, rel, b"image bytes")
+        assert path.resolve().is_relative_to(spec.cache_dir.resolve()) and path.read_bytes() == b"image bytes"
+    assert not list(tmp_path.glob("**/evil.jpg"))
+    os.symlink(tmp_path, spec.cache_dir / "linked")  # a folder on the way planted as a link
+    with pytest.raises(OSError, match="linked: a link"):
+        _cache_image(spec, "linked/a.jpg", b"image bytes")
+    assert not (tmp_path / "a.jpg").exists()
+
+
 # ----------------------------------------------------------------------------- locks
 
 def test_a_lock_that_is_a_folder_or_a_fifo_or_holds_an_impossible_pid_is_one_line(tmp_path, tiny_tokenizer_dir):
