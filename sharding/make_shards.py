@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import sys
 import time
@@ -406,37 +407,99 @@ def merge_parts(out: str | Path) -> int:
         return _merge(Output(Path(staging) if url else Path(out), url))
 
 
+_SPLITS = ("train", "val")
+_SHARD_NAME = {sp: re.compile(rf"{sp}-[0-9]{{6}}\.tar") for sp in _SPLITS}  # the writer's SHARD_PATTERN
+_SAME = ("tokenizer.fingerprint", "tokenizer.max_length", "tokenizer.pad_id", "segmenter.name",
+         "segmenter.version", "image", "split", "source_specs")
+
+
+def _json_file(folder: Output, name: str):
+    """A JSON file of the output, or None when missing; refused in one line naming it
+    when it is not JSON or nested too deeply to parse."""
+    data = folder.read(name)
+    if data is None:
+        return None
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise ValueError(f"{folder}/{name}: JSON nested too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"{folder}/{name}: not valid JSON ({e})") from None
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _load_part(folder: Output, d: str) -> tuple[dict, dict]:
+    """A finished part's manifest and sizes, checked so that merging cannot reach outside
+    the output nor give other samples than the part says: shard names are the writer's
+    plain names, each listed once with a count in sizes.json, and they add up to the
+    part's counts. Refused in one line naming the file."""
+    where = f"{folder}/{d}/manifest.json"
+    m = _json_file(folder, f"{d}/manifest.json")
+    if m is None:
+        raise ValueError(f"{folder}/{d} has no manifest.json: that part has not finished")
+    part = m.get("part") if isinstance(m, dict) else None
+    if not (isinstance(part, dict) and isinstance(m.get("shards"), dict) and isinstance(m.get("counts"), dict)
+            and _count(part.get("index")) and _count(part.get("of")) and part["of"] >= 1
+            and all(isinstance(m["shards"].get(sp), list) and _count(m["counts"].get(sp)) for sp in _SPLITS)):
+        raise ValueError(f"{where}: not a part manifest written by make_shards --num-parts")
+    if d != PART_DIR.format(part["index"]):
+        raise ValueError(f"{where}: says it is part {part['index']}, but lies in {d}")
+    if not (all(isinstance(m.get(k), dict) for k in ("captions", "sources", "skipped", "tokenizer"))
+            and all(_count(m["captions"].get(sp)) for sp in _SPLITS)
+            and all(isinstance(c, dict) and all(_count(c.get(sp, 0)) for sp in _SPLITS)
+                    for c in m["sources"].values())
+            and all(_count(v) for v in m["skipped"].values())
+            and _count(m.get("merged_duplicate_images")) and _count(m["tokenizer"].get("truncated_captions"))):
+        raise ValueError(f"{where}: counts missing or not non-negative integers; not a manifest make_shards wrote")
+    sizes = _json_file(folder, f"{d}/sizes.json")
+    if sizes is None:
+        raise ValueError(f"{folder}/{d} has no sizes.json: that part has not finished")
+    if not isinstance(sizes, dict):
+        raise ValueError(f"{folder}/{d}/sizes.json: not an object shard -> sample count")
+    for sp in _SPLITS:
+        names = m["shards"][sp]
+        for name in names:
+            if not (isinstance(name, str) and _SHARD_NAME[sp].fullmatch(name)):
+                raise ValueError(f"{where}: {sp} shard name {name!r} is not a plain {sp}-NNNNNN.tar name; refused")
+            if not _count(sizes.get(name)):
+                raise ValueError(f"{folder}/{d}/sizes.json: no sample count for {name}")
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"{where}: {sp} shard {dup} is listed more than once; refused")
+        total = sum(sizes[n] for n in names)
+        if total != m["counts"][sp]:
+            raise ValueError(f"{where}: counts.{sp} is {m['counts'][sp]} but its shards hold {total} "
+                             f"samples (sizes.json); refused")
+    return m, sizes
+
+
 def _merge(folder: Output) -> int:
     parts = folder.parts()
     if not parts:
         raise ValueError(f"no part-NNNN folders in {folder}")
-    mans = []
-    for d in parts:
-        data = folder.read(f"{d}/manifest.json")
-        if data is None:
-            raise ValueError(f"{folder}/{d} has no manifest.json: that part has not finished")
-        m = json.loads(data.decode("utf-8"))
-        if not (isinstance(m, dict) and isinstance(m.get("part"), dict) and isinstance(m.get("shards"), dict)):
-            raise ValueError(f"{folder}/{d}/manifest.json: not a part manifest written by make_shards --num-parts")
-        mans.append(m)
-    n = mans[0].get("part", {}).get("of")
-    got = sorted(m.get("part", {}).get("index") for m in mans)
-    if got != list(range(n or 0)):
-        raise ValueError(f"expected parts 0..{(n or 1) - 1} of {n}, found {got}")
-    same = ("tokenizer.fingerprint", "tokenizer.max_length", "tokenizer.pad_id", "segmenter.name",
-            "segmenter.version", "image", "split", "source_specs")
-    for key in same:
-        vals = {json.dumps(_get(m, key), sort_keys=True) for m in mans}
-        if len(vals) > 1:
-            raise ValueError(f"the parts disagree on {key}: {sorted(vals)}: not parts of one job")
+    loaded = [_load_part(folder, d) for d in parts]  # every part checked before anything is linked
+    mans = [m for m, _ in loaded]
+    n = mans[0]["part"]["of"]
+    for d, m in zip(parts, mans):
+        if m["part"]["of"] != n:
+            raise ValueError(f"{folder}/{d}/manifest.json: part of a {m['part']['of']}-part job, but "
+                             f"{folder}/{parts[0]}/manifest.json is of a {n}-part job: not parts of one job")
+    got = [m["part"]["index"] for m in mans]
+    if len(got) != n or got != list(range(len(got))):
+        raise ValueError(f"expected parts 0..{n - 1} of {n}, found {got}")
+    for key in _SAME:
+        ref = json.dumps(_get(mans[0], key), sort_keys=True)
+        for d, m in zip(parts, mans):
+            if json.dumps(_get(m, key), sort_keys=True) != ref:
+                raise ValueError(f"{folder}/{d}/manifest.json disagrees with {folder}/{parts[0]}/manifest.json "
+                                 f"on {key}: not parts of one job")
     sizes: dict[str, int] = {}
     shards: dict[str, list] = {"train": [], "val": []}
-    for d, m in zip(parts, mans):
-        data = folder.read(f"{d}/sizes.json")
-        if data is None:
-            raise ValueError(f"{folder}/{d} has no sizes.json: that part has not finished")
-        part_sizes = json.loads(data)
-        for split in ("train", "val"):
+    for d, (m, part_sizes) in zip(parts, loaded):
+        for split in _SPLITS:
             for name in m["shards"][split]:
                 new = f"{split}-{len(shards[split]):06d}.tar"
                 folder.link(f"{d}/{name}", new)
@@ -445,12 +508,12 @@ def _merge(folder: Output) -> int:
     total = dict(mans[0])
     total.pop("part", None)
     for key in ("counts", "captions"):
-        total[key] = {sp: sum(m[key][sp] for m in mans) for sp in ("train", "val")}
+        total[key] = {sp: sum(m[key][sp] for m in mans) for sp in _SPLITS}
     sources: dict = defaultdict(lambda: {"train": 0, "val": 0})
     skipped: Counter = Counter()
     for m in mans:
         for src, c in m["sources"].items():
-            for sp in ("train", "val"):
+            for sp in _SPLITS:
                 sources[src][sp] += c.get(sp, 0)
         skipped.update(m["skipped"])
     total.update(sources={k: dict(v) for k, v in sorted(sources.items())}, skipped=dict(sorted(skipped.items())),

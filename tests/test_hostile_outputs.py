@@ -128,6 +128,104 @@ def test_a_sharding_job_never_writes_through_links_planted_in_its_output(tmp_pat
     assert list(elsewhere.iterdir()) == []
 
 
+# ----------------------------------------------------------------------------- --merge and part manifests
+
+@pytest.fixture(scope="module")
+def parted(tmp_path_factory, tiny_tokenizer_dir):
+    """A 40-image job made in 2 parts (not merged), and part 1 of the same sources made
+    as a 3-part job."""
+    d = tmp_path_factory.mktemp("parted")
+    ann, imgs = _dataset(d, 40)
+    src = f"coco-jsonl:{ann}:{imgs}"
+    for i in (0, 1):
+        _shard(tiny_tokenizer_dir, d / "two", src, "--num-parts", 2, "--part", i, "--shard-size", 6)
+    _shard(tiny_tokenizer_dir, d / "three", src, "--num-parts", 3, "--part", 1, "--shard-size", 6)
+    return d
+
+
+def _edit(path: Path, fn) -> None:
+    obj = json.loads(path.read_text())
+    fn(obj)
+    path.write_text(json.dumps(obj))
+
+
+def _plant_outside_shard(out: Path) -> None:
+    """A shard name leading out of the part folder, with a count that adds up."""
+    (out.parent / "secret.tar").write_text("outside")
+    first = _first_train(out)
+    _edit(out / "part-0000" / "manifest.json",
+          lambda m: m["shards"]["train"].__setitem__(m["shards"]["train"].index(first), "../../secret.tar"))
+    _edit(out / "part-0000" / "sizes.json", lambda s: s.update({"../../secret.tar": s[first]}))
+
+
+def _first_train(out: Path) -> str:
+    return sorted(p.name for p in (out / "part-0000").glob("train-*.tar"))[0]
+
+
+def _other_num_parts(out: Path) -> None:
+    shutil.rmtree(out / "part-0001")
+    shutil.copytree(out.parent / "three" / "part-0001", out / "part-0001")
+
+
+def _listed_twice(out: Path) -> None:
+    _edit(out / "part-0000" / "manifest.json", lambda m: m["shards"]["train"].append(m["shards"]["train"][0]))
+
+
+def _sizes_disagree(out: Path) -> None:
+    _edit(out / "part-0000" / "sizes.json", lambda s: s.update({_first_train(out): s[_first_train(out)] + 5}))
+
+
+def _deeply_nested(out: Path) -> None:
+    (out / "part-0001" / "manifest.json").write_text("[" * 200_000 + "]" * 200_000)
+
+
+def _part_folder_link(out: Path) -> None:
+    shutil.move(out / "part-0001", out.parent / "p1-elsewhere")
+    os.symlink(out.parent / "p1-elsewhere", out / "part-0001")
+
+
+def _shard_is_a_link(out: Path) -> None:
+    shard = out / "part-0000" / _first_train(out)
+    (out.parent / "secret.tar").write_bytes(shard.read_bytes())
+    shard.unlink()
+    os.symlink(out.parent / "secret.tar", shard)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_plant_outside_shard, r"part-0000/manifest.json: train shard name '\.\./\.\./secret\.tar' is not a plain"),
+    (_other_num_parts, r"part-0001/manifest.json: part of a 3-part job, but .*part-0000/manifest.json is of a 2-part"),
+    (_listed_twice, r"part-0000/manifest.json: train shard train-\d{6}\.tar is listed more than once"),
+    (_sizes_disagree, r"part-0000/manifest.json: counts.train is \d+ but its shards hold \d+ samples"),
+    (_deeply_nested, r"part-0001/manifest.json: JSON nested too deeply"),
+    (_part_folder_link, r"part-0001: a link, not a part folder"),
+    (_shard_is_a_link, r"part-0000/train-\d{6}\.tar: not a regular file"),
+])
+def test_merge_refuses_part_manifests_it_cannot_trust(parted, tmp_path, damage, message):
+    out = tmp_path / "job" / "out"
+    shutil.copytree(parted / "two", out, symlinks=True)
+    shutil.copytree(parted / "three", out.parent / "three", symlinks=True)
+    damage(out)
+    with pytest.raises(SystemExit) as e:
+        run_make_shards(["--merge", out])
+    assert __import__("re").search(message, _one_line(e)), _one_line(e)
+    assert not (out / "manifest.json").exists()
+    secret = tmp_path / "job" / "secret.tar"
+    if secret.exists():  # nothing from outside was linked into OUT
+        assert not [p for p in out.glob("*.tar") if os.path.samefile(p, secret)]
+
+
+def test_merge_replaces_a_link_planted_at_a_merged_name(parted, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(parted / "two", out, symlinks=True)
+    target = tmp_path / "outside" / "made.tar"
+    target.parent.mkdir()
+    os.symlink(target, out / "train-000000.tar")  # dangling: a copy through it would create `target`
+    assert run_make_shards(["--merge", out]) == 0
+    assert not target.exists() and not (out / "train-000000.tar").is_symlink()
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["counts"]["train"] + man["counts"]["val"] == 40
+
+
 # ----------------------------------------------------------------------------- the job store
 
 def _db(path: Path, *sql: str) -> None:
