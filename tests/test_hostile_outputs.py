@@ -413,3 +413,48 @@ def test_a_lock_that_is_a_folder_or_a_fifo_or_holds_an_impossible_pid_is_one_lin
     lock.acquire()  # stale: taken over
     assert json.loads((p / ".lock").read_text())["pid"] == os.getpid()
     lock.release()
+
+
+# ----------------------------------------------------------------------------- model configs
+
+def _checkpoint(folder: Path, meta: dict) -> Path:
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({}, folder / "rank00000.pt")
+    torch.save({"model": {}}, folder / "state.pt")
+    (folder / "meta.json").write_text(json.dumps(dict({"step": 1, "world_size": 1}, **meta)))
+    return folder
+
+
+def _model_folder(folder: Path, edit) -> Path:
+    from phoclip.model import CONFIG_DIR, CONFIG_NAME
+
+    cfg = json.loads((CONFIG_DIR / "tiny-debug.json").read_text())
+    edit(cfg)
+    folder.mkdir(parents=True)
+    (folder / CONFIG_NAME).write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: _checkpoint(d, {}), "meta.json: neither 'model_config' nor 'config'"),
+    (lambda d: _checkpoint(d, {"model_config": {"embed_dim": -1}}),
+     "meta.json model_config: model config embed_dim must be a positive integer, not -1"),
+    (lambda d: _checkpoint(d, {"config": {"model": {"name": "tiny-debug", "overrides": {"embed_dim": -4}}}}),
+     "meta.json config: model config embed_dim must be a positive integer, not -4"),
+    (lambda d: _model_folder(d, lambda c: c.pop("embed_dim")),
+     "phoclip_config.json: model config embed_dim must be a positive integer, not None"),
+    (lambda d: _model_folder(d, lambda c: c["text"]["hf_config"].update(hidden_size=-64)),
+     "phoclip_config.json: model config text.hf_config.hidden_size must be a positive integer, not -64"),
+    (lambda d: _model_folder(d, lambda c: c["vision"].update(image_size=0)),
+     "phoclip_config.json: model config vision.image_size must be a positive integer, not 0"),
+])
+def test_model_configs_that_cannot_be_built_are_refused_in_one_line(tmp_path, make, message):
+    from phoclip.errors import EXPECTED_ERRORS, one_line
+    from phoclip_train.export import load_for_inference
+
+    folder = make(tmp_path / "m")
+    with pytest.raises(EXPECTED_ERRORS) as e:  # what the entry points print in one line
+        load_for_inference(str(folder))
+    assert f"{folder}/" in one_line(e.value) and message in one_line(e.value), one_line(e.value)

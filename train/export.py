@@ -52,25 +52,31 @@ def model_from_checkpoint(ckpt: Path, device: str = "cpu"):
     from phoclip_train.config import RunConfig, apply_tree
     from phoclip_train.build import build_model
 
+    from phoclip.errors import CheckpointError
     from phoclip_train.checkpoint import verify_checkpoint
 
     # before zero_to_fp32 or torch.load(weights_only=False) inside DeepSpeed touch it
     meta = verify_checkpoint(ckpt)
     tok_name = str(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
+    where = f"{ckpt / 'meta.json'}"
     if "model_config" in meta:
         # the resolved architecture the run trained (text tower config included): no hub,
         # no pretrained-weights file needed, the checkpoint holds every weight
+        from phoclip.loading import check_model_config
         from phoclip.model import PhoCLIP
 
-        mc = json.loads(json.dumps(meta["model_config"]))
+        mc = json.loads(json.dumps(check_model_config(meta["model_config"], f"{where} model_config")))
         mc["vision"]["pretrained"] = False
         mc["vision"].pop("weights_file", None)
         mc["text"]["pretrained"] = False
         tok_name = tok_name or mc["text"].get("tokenizer")
         model = PhoCLIP(mc)
     else:  # checkpoints written before the model config was saved in them
+        if not isinstance(meta.get("config"), dict):
+            raise CheckpointError(f"{where}: neither 'model_config' nor 'config': the model cannot be rebuilt")
         cfg = RunConfig()
         apply_tree(cfg, meta["config"])
+        check_resolved_config(cfg, where)
         tok_name = tok_name or cfg.model.tokenizer or get_model_config(cfg.model.name)["text"].get("tokenizer")
         cfg.model.overrides.setdefault("vision", {})["pretrained"] = False
         cfg.model.overrides.setdefault("text", {})["pretrained"] = False
@@ -94,6 +100,22 @@ def model_from_checkpoint(ckpt: Path, device: str = "cpu"):
         raise RuntimeError(f"checkpoint {ckpt} does not fit its config: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
     return model.to(device).eval(), tok_name
+
+
+def check_resolved_config(cfg, where: str) -> None:
+    """The architecture an old checkpoint's run config names, with its overrides, checked
+    as a saved model config is (`phoclip.loading.check_model_config`): one line, not a
+    torch traceback, for a negative size."""
+    import copy
+
+    from phoclip.loading import check_model_config
+    from phoclip.model import _deep_update, get_model_config
+
+    arch = _deep_update(get_model_config(cfg.model.name), copy.deepcopy(dict(cfg.model.overrides)))
+    text = arch.get("text")
+    if isinstance(text, dict) and text.get("hf_model") is None and text.get("hf_config") is None:
+        text["hf_config"] = {}  # filled from the tokenizer by build_model
+    check_model_config(arch, f"{where} config")
 
 
 def _zero_state_dict(ckpt: Path) -> dict:
