@@ -269,7 +269,25 @@ def open_url(url: str, timeout: Optional[float] = None):
             return io.BufferedReader(_Guarded(fsspec.open(url, "rb").open(), url), 1 << 20)
         except (ImportError, ValueError) as e:  # the scheme's package is missing
             raise OSError(f"{url}: {e}") from e
-    return open(_local_path(url), "rb")
+    return open_local(_local_path(url))
+
+
+def open_local(path: str):
+    """A local file (shard, manifest) opened for reading; a FIFO (which would block for ever), a
+    device or a folder at its name is an OSError naming it, found without blocking."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path}: not a regular file (a FIFO, device or folder); skipped unread")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_small(url: str, max_bytes: int = MAX_CATALOGUE_BYTES) -> bytes:
@@ -603,7 +621,7 @@ def read_shards(shards: Iterable[dict], skips: Counter, manifest: Optional[str] 
         else:
             path = _local_path(url)
             try:
-                with open(path, "rb") as f:
+                with open_local(path) as f:
                     for sample in group_by_keys(tar_files(f, path, skips, max_bytes=max_member_bytes),
                                                 handler=_Skips(skips)):
                         n += 1

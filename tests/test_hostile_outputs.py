@@ -458,3 +458,47 @@ def test_model_configs_that_cannot_be_built_are_refused_in_one_line(tmp_path, ma
     with pytest.raises(EXPECTED_ERRORS) as e:  # what the entry points print in one line
         load_for_inference(str(folder))
     assert f"{folder}/" in one_line(e.value) and message in one_line(e.value), one_line(e.value)
+
+
+def test_checkpoint_files_never_write_through_planted_links(tmp_path):
+    """A run folder others can write: links at the save's temporary folder or at a rank
+    file's name are replaced, never written through."""
+    import torch
+
+    from phoclip_train.checkpoint import Checkpointer
+
+    class _Engine:  # the checkpointer only asks the engine to write its files into a folder
+        def save(self, folder):
+            torch.save({"w": torch.ones(2)}, folder / "model.pt")
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("precious")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000002.tmp").symlink_to(outside, target_is_directory=True)
+    ck = Checkpointer(run, 3, 0, 1)
+    final = ck.save(2, _Engine(), {"data": {}}, {"note": "x"})
+    assert victim.read_text() == "precious" and sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+    assert (final / "rank00000.pt").is_file() and not (final / "rank00000.pt").is_symlink()
+    # a link at the final rank file's name in a re-save of the same step is replaced
+    (final / "rank00000.pt").unlink()
+    (final / "rank00000.pt").symlink_to(victim)
+    ck.save(2, _Engine(), {"data": {}}, {"note": "y"})
+    assert victim.read_text() == "precious"
+
+
+def test_a_local_shard_that_is_a_fifo_is_skipped_not_waited_on(tmp_path):
+    """make_shards --source wds: and training read local tars; a FIFO at a shard's name
+    blocked the reader for ever."""
+    from collections import Counter
+
+    from phoclip.shards import read_shards
+
+    fifo = tmp_path / "train-000000.tar"
+    os.mkfifo(fifo)
+    skips: Counter = Counter()
+    t0 = time.time()
+    assert list(read_shards([{"url": str(fifo)}], skips)) == []
+    assert time.time() - t0 < 5 and skips["corrupt_shard"] == 1

@@ -25,12 +25,12 @@ _STEP = re.compile(r"^step_(\d{8})$")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
+    """torch.save through `atomic_open`: a random, exclusively created temporary name (no
+    link planted in the run folder is written through), fsynced, then renamed."""
+    from phoclip.fileio import atomic_open
+
+    with atomic_open(path) as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # The only classes a DeepSpeed (0.19) checkpoint pickles besides tensors and containers
@@ -152,6 +152,8 @@ class Checkpointer:
         final = self.dir / f"step_{step:08d}"
         tmp = self.dir / f"step_{step:08d}.tmp"
         if self.rank == 0:
+            if tmp.is_symlink():  # planted: remove the link, never what it points at
+                tmp.unlink()
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
