@@ -310,17 +310,20 @@ def test_stream_ships_decoded_images_for_device_resize(shapes_shards):
 def test_each_checkpoint_is_saved_and_logged_once_and_the_end_is_evaluated_before_its_save(
         shapes_shards, tmp_path, caplog):
     """A run whose last step is a save step used to save (and log) that step twice: once
-    in the loop, again after the final evaluation."""
+    in the loop, again after the final evaluation. Its log lines say step N/total and ETA."""
     import json
     import logging
 
     tr = _trainer(shapes_shards, tmp_path, **{"train.max_steps": 4, "train.save_every": 2, "data.workers": 0,
                                               "train.eval_every": 0})
     try:
-        with caplog.at_level(logging.INFO, logger="phoclip_train.checkpoint"):
+        with caplog.at_level(logging.INFO, logger="phoclip_train"):
             tr.train()
     finally:
         tr.close()
+    said = [r.getMessage() for r in caplog.records]
+    # says where it is: step N/total with samples/s and an ETA on every log line
+    assert any(m.startswith("step 4/4 ") and "samples/s ETA 0:00" in m for m in said), said
     saves = [r.getMessage() for r in caplog.records if r.getMessage().startswith("saved checkpoint")]
     assert [s.rsplit("/", 1)[1] for s in saves] == ["step_00000002", "step_00000004"], saves
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "meta.json").read_text())

@@ -96,13 +96,21 @@ class Trainer:
             t.precision = auto_precision(dist_info.device)
             logger.info("train.precision=auto: %s on %s", t.precision, dist_info.device)
         # data first: bad shards are refused before any model is built
+        t0 = time.time()
+        logger.info("reading the shard catalogue (%s)", cfg.data.train_shards)
         self.data = build_data(cfg, dist_info)
+        logger.info("data: %d train shards, %d samples; %d evaluation set(s)", len(self.data.train_urls),
+                    self.data.dataset_size, len(self.data.eval_sets))
         # the retrieval grids segment their queries as the shards were: refuse now, not
         # silently at the first validation, when that segmenter cannot be built
         self._query_proc = self._build_query_processor() if t.eval_queries and self.data.val_urls else None
 
         torch.manual_seed(t.seed)  # identical initial weights on every rank
+        logger.info("building the model %s", cfg.model.name)
         model = build_model(cfg, self.tokenizer, self.manifest)
+        logger.info("building the %s engine%s", t.engine, " (DeepSpeed compiles its CPU Adam op once per "
+                    "machine: a few minutes the first time, cached in TORCH_EXTENSIONS_DIR)"
+                    if t.engine == "deepspeed" and dist_info.device.type == "cpu" else "")
         self.channels_last = wants_channels_last(cfg, dist_info.device)
         self.engine = build_engine(cfg, dist_info, model)
         self.model = self.engine.model
@@ -117,6 +125,7 @@ class Trainer:
         self.metrics = RunLogger(self.run_dir, dist_info.is_main)
         torch.manual_seed(t.seed + 1000 * dist_info.rank)  # dropout differs per rank
         self._resume()
+        logger.info("built in %.0f s; training to step %d", time.time() - t0, t.max_steps)
 
     # ------------------------------------------------------------------ resume / save
     def _resume(self) -> None:
@@ -201,6 +210,7 @@ class Trainer:
         it = iter(loader)
         last: dict = {}
         t_log, n_log, wait = time.time(), 0, 0.0
+        last_step = self.step
         try:
             while self.should_continue():
                 t0 = time.time()
@@ -224,9 +234,11 @@ class Trainer:
                                    nonfinite_steps=self.nonfinite_total)
                     self.metrics.log(self.step, metrics)
                     self.lock.refresh()
-                    logger.info("step %d loss %.4f lr %.2e scale %.2f %.1f samples/s",
-                                self.step, metrics["loss"], metrics["lr"], metrics["logit_scale"],
-                                metrics["samples_per_s"])
+                    eta = (t.max_steps - self.step) * dt / max(1, self.step - last_step)
+                    last_step = self.step
+                    logger.info("step %d/%d loss %.4f lr %.2e scale %.2f %.1f samples/s ETA %s",
+                                self.step, t.max_steps, metrics["loss"], metrics["lr"], metrics["logit_scale"],
+                                metrics["samples_per_s"], _hms(eta))
                     t_log, n_log, wait = time.time(), 0, 0.0
                 if "loss" in metrics:  # read on this step (see is_sync_step)
                     last = metrics
@@ -472,3 +484,8 @@ def manifest_summary(manifest: dict) -> dict:
     return {k: manifest.get(k) for k in ("counts", "captions", "sources", "tokenizer", "segmenter")}
 
 
+def _hms(seconds: float) -> str:
+    """12:34:56 (or 4:05 under an hour)."""
+    m, sec = divmod(int(max(0, seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
