@@ -389,7 +389,35 @@ def _run_job(args, tokenizer, segmenter, output: Output, pool, t0: float, specs,
           f"{len(names)} shards to {output} in {dt:.1f}s ({total / max(dt, 1e-9):.1f} img/s)")
     if skipped:
         print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
+    print(shard_patterns(str(output), manifest["shards"]))
     return 0
+
+
+def brace_pattern(names: list[str]) -> str:
+    """`train-000000.tar ... train-000007.tar` → `train-{000000..000007}.tar` (names that do
+    not form one run are joined with commas: `{a,b}`)."""
+    import re
+
+    if len(names) == 1:
+        return names[0]
+    m = [re.fullmatch(r"(.*-)(\d+)(\.tar)", n) for n in sorted(names)]
+    if all(m) and len({(x.group(1), x.group(3), len(x.group(2))) for x in m}) == 1:
+        nums = [int(x.group(2)) for x in m]
+        if nums == list(range(nums[0], nums[0] + len(nums))):
+            a, w = m[0], len(m[0].group(2))
+            return f"{a.group(1)}{{{nums[0]:0{w}d}..{nums[-1]:0{w}d}}}{a.group(3)}"
+    return "{" + ",".join(sorted(names)) + "}"
+
+
+def shard_patterns(folder: str, shards: dict) -> str:
+    """What to pass to training and evaluation: the folder itself, or each split's exact pattern."""
+    sep = "" if folder.endswith("/") else "/"
+    lines = [f"shards: pass the folder ({folder}) with a split, or these patterns:"]
+    for sp in _SPLITS:
+        if shards.get(sp):
+            key = "data.train_shards" if sp == "train" else "data.val_shards / evaluate --shards"
+            lines.append(f"  {sp:5} {folder}{sep}{brace_pattern(shards[sp])}   ({key})")
+    return "\n".join(lines)
 
 
 PART_DIR = "part-{:04d}"
@@ -525,6 +553,7 @@ def _merge(folder: Output) -> int:
     folder.write_json("manifest.json", total)
     print(f"merged {len(mans)} parts: {total['counts']['train']} train and {total['counts']['val']} val "
           f"samples in {len(sizes)} shards in {folder}")
+    print(shard_patterns(str(folder), shards))
     return 0
 
 

@@ -72,3 +72,27 @@ def test_evaluation_results_are_named_after_their_source_and_never_overwritten(t
     (tmp_path / "mine.json").write_text("{}")
     code, out = _evaluate(["--model", model, "--shards", shards, "--out", tmp_path / "mine.json"], capsys)
     assert code == 2 and "mine.json exists" in out.err
+
+
+def test_make_shards_prints_the_exact_patterns_it_wrote(coco_dataset, tiny_tokenizer_dir, tmp_path, capsys):
+    """#26: the user had to write the brace pattern by hand; make_shards prints it, and
+    each printed pattern expands to exactly the shards of its split."""
+    from conftest import run_make_shards
+
+    from phoclip_sharding.make_shards import brace_pattern
+
+    assert brace_pattern(["val-000000.tar"]) == "val-000000.tar"
+    assert brace_pattern([f"train-{i:06d}.tar" for i in (2, 0, 1)]) == "train-{000000..000002}.tar"
+    assert brace_pattern(["train-000000.tar", "train-000002.tar"]) == "{train-000000.tar,train-000002.tar}"
+    ann, images, _ = coco_dataset
+    out = tmp_path / "shards"
+    assert run_make_shards(["--source", f"coco-jsonl:{ann}:{images}", "--out", str(out), "--tokenizer",
+                            str(tiny_tokenizer_dir), "--segmenter", "none", "--shard-size", "4",
+                            "--val-fraction", "0.3", "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    man = json.loads((out / "manifest.json").read_text())
+    for split in ("train", "val"):
+        line = next(ln for ln in printed.splitlines() if ln.strip().startswith(split + " "))
+        pattern = line.split()[1]
+        assert sorted(expand_urls(pattern)[0]) == sorted(str(out / n) for n in man["shards"][split])
+    assert f"pass the folder ({out})" in printed
