@@ -516,3 +516,42 @@ def test_the_openapi_schema_matches_what_the_service_answers(env):
     code, headers, body = _get(env.base + "/search?q=" + "x" * 100_000)
     detail = _one_error(code, headers, body)
     assert code == 422 and len(body) < 400 and "xxxxxxxxxx" not in detail and "512" in detail
+
+
+# ----------------------------------------------------------------------------- the command
+
+@pytest.mark.slow  # a second process importing torch: ~15 s on 2 cores
+def test_the_command_serves_with_its_limits(env, tmp_path):
+    """`python launch/serve.py --index ...` as README shows it, with the flags wired in."""
+    import os
+    import subprocess
+
+    from dist_utils import free_port
+
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    p = subprocess.Popen([sys.executable, "launch/serve.py", "--index", str(env.idx), "--port", str(port),
+                          "--header-timeout", "1", "--max-upload-mb", "0.5"], cwd=ROOT, stdout=log,
+                         stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        base, t0 = f"http://127.0.0.1:{port}", time.time()
+        while True:
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except OSError:
+                assert p.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.time() - t0 < 120, "the server did not come up"
+                time.sleep(0.3)
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        t0 = time.monotonic()
+        assert _closed_within(s, 5)[0] and time.monotonic() - t0 < 3  # --header-timeout 1
+        s.close()
+        code, _, body = _post(base + "/search/image", {}, {"file": ("a.jpg", b"\xff" * (600 << 10))})
+        assert code == 413 and "bytes" in body["detail"]  # --max-upload-mb 0.5
+        assert _get(base + "/health")[0] == 200
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+        log.close()
+    assert "serving 8 images" in (tmp_path / "serve.log").read_text()
