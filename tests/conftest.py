@@ -181,3 +181,114 @@ def kill_job(proc) -> None:
         except ProcessLookupError:
             pass
     proc.wait()
+
+
+# ----------------------------------------------------------------------------- entry points in process
+
+_LAUNCH_MODULES: dict = {}
+
+
+def launch_main(script: str, argv) -> int:
+    """launch/<script>.py's main(argv) in this process, as open_clip's training tests call
+    theirs: the same parsing, checks, messages and exit code as the command, without the
+    10-20 s of a new interpreter importing the trainer stack. Output goes to sys.stdout and
+    sys.stderr (read it with capsys). The entry points' logger set-up replaces the root
+    logger's handlers (pytest's among them): they are put back after, and a process group
+    is never left behind."""
+    import importlib.util
+    import logging
+
+    mod = _LAUNCH_MODULES.get(script)
+    if mod is None:
+        spec = importlib.util.spec_from_file_location(f"phoclip_launch_{script}", ROOT / "launch" / f"{script}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _LAUNCH_MODULES[script] = mod
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        return mod.main([str(a) for a in argv])
+    finally:
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_main(argv) -> tuple[int, str]:
+    """launch/train_ddp.py main(argv) in this process, as a single process (no launcher
+    variables): (exit code, what it logged)."""
+    import io
+
+    from phoclip_train import lock
+
+    buf, old_err = io.StringIO(), sys.stderr
+    sys.stderr = buf  # init_logger's handler writes to the sys.stderr of its call
+    held = dict(lock._HELD)
+    try:
+        rc = launch_main("train_ddp", argv)
+    finally:
+        sys.stderr = old_err
+    if rc != 0:
+        # A refusal raised while claiming the run folder (Trainer._claim_run_dir: "already
+        # holds checkpoints") leaves the run lock held: the command's process then exits
+        # and the next run takes the stale lock over. Do here what that exit does.
+        for key in set(lock._HELD) - set(held):
+            del lock._HELD[key]
+            Path(key).unlink(missing_ok=True)
+    return rc, buf.getvalue()
+
+
+TINY = "launch/configs/tiny-debug.yaml"
+
+
+def train_args(shapes_shards, run_dir: Path, **kw) -> list[str]:
+    shards, tok, n = shapes_shards
+    return ["--config", TINY, *train_overrides(shards, tok, n, run_dir, **kw)]
+
+
+# ----------------------------------------------------------------------------- shared runs
+
+@pytest.fixture(scope="session")
+def tiny_run(shapes_shards, tmp_path_factory) -> Path:
+    """A short single-process run of train_ddp.main (4 steps, checkpoints at 2 and 4, the
+    exported model): read by many tests; copy it (shutil.copytree) before damaging it."""
+    run = tmp_path_factory.mktemp("tiny") / "run"
+    rc, log = train_main(train_args(shapes_shards, run, **{"train.max_steps": 4, "train.save_every": 2,
+                                                           "train.keep_last": 3}))
+    assert rc == 0, log[-4000:]
+    return run
+
+
+# One 2-rank schedule that several launched tests share: the uninterrupted reference a
+# killed and resumed run must match step for step (kill -9, a crashed rank, HTTP shards),
+# and the folder test_train reads (checkpoints kept, TensorBoard, validation, resume).
+REFERENCE = {"train.max_steps": 24, "train.save_every": 3, "train.keep_last": 2,
+             "train.eval_queries": '["hình tròn màu đỏ"]'}
+
+
+def reference_args(shapes_shards, run_dir: Path, resampled: bool, **kw) -> list[str]:
+    return train_args(shapes_shards, run_dir, **{**REFERENCE, "data.resampled": resampled, **kw})
+
+
+def _reference_run(shapes_shards, tmp_path_factory, resampled: bool) -> Path:
+    run = tmp_path_factory.mktemp("reference") / "run"
+    run_torchrun(2, "launch/train_ddp.py", reference_args(shapes_shards, run, resampled), timeout=400)
+    return run
+
+
+@pytest.fixture(scope="session")
+def reference_run(shapes_shards, tmp_path_factory) -> Path:
+    """2 ranks under torchrun, 24 steps, epoch order (not resampled). Read only."""
+    return _reference_run(shapes_shards, tmp_path_factory, False)
+
+
+@pytest.fixture(scope="session")
+def reference_run_resampled(shapes_shards, tmp_path_factory) -> Path:
+    """The same schedule with shards drawn (resampled). Read only."""
+    return _reference_run(shapes_shards, tmp_path_factory, True)

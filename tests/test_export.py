@@ -1,37 +1,37 @@
 """Shipping the model: the model card in every exported folder, from_pretrained, and both
 towers as ONNX, checked against PyTorch and used by search through onnxruntime."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, run_torchrun, train_overrides
+from conftest import launch_main, train_main, train_overrides
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def trained(shapes_shards, tmp_path_factory):
-    shards, tok, n = shapes_shards
-    run = tmp_path_factory.mktemp("exp") / "run"
-    run_torchrun(1, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
-        shards, tok, n, run, **{"train.max_steps": 4, "train.save_every": 4})])
+@pytest.fixture()
+def trained(tiny_run):
+    """The shared 4-step run (conftest.tiny_run): read only."""
+    return tiny_run
+
+
+@pytest.fixture()
+def cli(capsys):
+    """launch/<script>.py main(argv) in this process; must succeed; returns its stdout."""
+    def run(script, *args):
+        rc = launch_main(script, args)
+        out = capsys.readouterr()
+        assert rc == 0, out.out[-2000:] + out.err[-3000:]
+        return out.out
     return run
 
 
-def _cli(*args):
-    r = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r
-
-
-def test_every_export_path_writes_a_model_card_and_from_pretrained_loads_it(trained, tmp_path):
+def test_every_export_path_writes_a_model_card_and_from_pretrained_loads_it(trained, tmp_path, cli):
     import phoclip
     from phoclip.model import model_fingerprint
 
-    _cli("launch/export_model.py", trained / "checkpoints" / "step_00000004", tmp_path / "exported")
+    cli("export_model", trained / "checkpoints" / "step_00000004", tmp_path / "exported")
     for folder in (trained / "model", tmp_path / "exported"):
         card = (folder / "README.md").read_text()
         for needle in ("# PhoCLIP model: tiny-debug", "## Architecture", "test_resnet", "word segmentation with "
@@ -47,14 +47,13 @@ def test_every_export_path_writes_a_model_card_and_from_pretrained_loads_it(trai
     torch.testing.assert_close(a.encode_image(x), b.encode_image(x))
 
 
-def test_onnx_towers_match_pytorch_and_search_runs_on_onnxruntime(trained, shapes_shards, tmp_path):
+def test_onnx_towers_match_pytorch_and_search_runs_on_onnxruntime(trained, shapes_shards, tmp_path, cli):
     import phoclip
     from phoclip.model import model_fingerprint
     from phoclip.onnx_backend import OnnxModel
 
     out = tmp_path / "onnx_model"
-    r = _cli("launch/export_model.py", trained, out, "--format", "onnx")
-    assert "checked against PyTorch" in r.stdout
+    assert "checked against PyTorch" in cli("export_model", trained, out, "--format", "onnx")
     assert (out / "onnx" / "image.onnx").is_file() and (out / "onnx" / "text.onnx").is_file()
     torch_model, onnx_model = phoclip.load_model(out).eval(), OnnxModel(out)
     g = torch.Generator().manual_seed(5)
@@ -70,18 +69,18 @@ def test_onnx_towers_match_pytorch_and_search_runs_on_onnxruntime(trained, shape
     assert meta["fingerprint"] == model_fingerprint(torch_model) and max(meta["max_abs_diff"].values()) <= 1e-3
     # search: the same results from the ONNX encoders as from PyTorch
     shards = shapes_shards[0]
-    _cli("launch/build_index.py", "--model", out, "--shards", shards / "val-000000.tar", "--out", tmp_path / "idx")
+    cli("build_index", "--model", out, "--shards", shards / "val-000000.tar", "--out", tmp_path / "idx")
     q = "hai hình tròn màu đỏ"
     res = {}
     for backend in ("exact", "onnx"):
-        r = _cli("launch/search.py", "--index", tmp_path / "idx", q, "--k", "5", "--json", "--backend", backend)
-        res[backend] = json.loads(r.stdout)["text_to_image"][q]
+        out = cli("search", "--index", tmp_path / "idx", q, "--k", "5", "--json", "--backend", backend)
+        res[backend] = json.loads(out)["text_to_image"][q]
     assert [m["id"] for m in res["onnx"]] == [m["id"] for m in res["exact"]]
     for a, b in zip(res["onnx"], res["exact"]):
         assert a["score"] == pytest.approx(b["score"], abs=1e-3)
 
 
-def test_benchmark_evaluation_from_a_published_annotation_file(trained, shapes_shards, tmp_path):
+def test_benchmark_evaluation_from_a_published_annotation_file(trained, shapes_shards, tmp_path, cli):
     """evaluate.py --benchmark reads a test split in its published format (here the same
     200 images as Flickr8k-vi captions and as KTVIC JSON), prepares captions with the
     model's segmenter and tokenizer, and scores every image and every caption; published
@@ -99,14 +98,14 @@ def test_benchmark_evaluation_from_a_published_annotation_file(trained, shapes_s
     res = {}
     for name, spec in (("flickr", f"flickr8k-vi:{data / 'captions_vi.txt'}:{data / 'images'}"),
                        ("ktvic", f"ktvic:{tmp_path / 'test_data.json'}:{data / 'images'}")):
-        r = _cli("launch/evaluate.py", "--model", trained, "--benchmark", spec, "--references", refs,
-                 "--out", tmp_path / f"{name}.json")
+        out = cli("evaluate", "--model", trained, "--benchmark", spec, "--references", refs,
+                  "--out", tmp_path / f"{name}.json")
         res[name] = json.loads((tmp_path / f"{name}.json").read_text())
-        assert "text→image" in r.stdout
+        assert "text→image" in out
         if name == "ktvic":
-            assert "Example et al. 2099" in r.stdout and "12.5" in r.stdout and "not this one" not in r.stdout
+            assert "Example et al. 2099" in out and "12.5" in out and "not this one" not in out
         else:
-            assert "no published results listed" in r.stdout
+            assert "no published results listed" in out
     a, b = res["flickr"], res["ktvic"]
     assert a["n_images"] == b["n_images"] == 200 and a["n_captions"] == b["n_captions"] == len(lines)
     for k in ("t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_R@10", "t2i_mean_rank"):
@@ -118,10 +117,11 @@ def test_named_eval_sets_are_evaluated_and_logged_separately(shapes_shards, tmp_
 
     shards, tok, n = shapes_shards
     run = tmp_path / "run"
-    run_torchrun(1, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
+    rc, log = train_main(["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
         shards, tok, n, run, **{"train.max_steps": 2, "train.save_every": 2,
                                 "train.eval_sets": "{again: '" + str(shards / "val-000000.tar") + "', "
                                                    "trainpart: '" + str(shards / "train-000000.tar") + "'}"})])
+    assert rc == 0, log[-4000:]
     val, again, part = (read_metrics(run, k)[2] for k in ("val", "val_again", "val_trainpart"))
     assert again["t2i_R@1"] == val["t2i_R@1"] and again["n_images"] == val["n_images"]  # the same shards
     assert part["n_images"] == 30 and part["n_images"] != val["n_images"]

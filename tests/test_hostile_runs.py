@@ -16,22 +16,33 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, kill_job, process_tree, read_metrics, run_torchrun, torchrun_cmd, train_overrides
+from conftest import (ROOT, kill_job, launch_main, process_tree, read_metrics, torchrun_cmd,
+                      train_args, train_main, train_overrides)
 
 pytestmark = pytest.mark.slow  # real runs of the entry points
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
+# The entry points' refusals are checked through their main(argv) in this process: the
+# same checks, message and exit code as the command, without a new interpreter each.
+# Launches stay where only a launch proves it: signals, killed processes, two jobs.
 
-def _cli(script, *args, timeout=300):
-    return subprocess.run([sys.executable, f"launch/{script}.py", *map(str, args)], capture_output=True,
-                          text=True, env=ENV, cwd=ROOT, timeout=timeout)
 
-
-def _one_line_refusal(r, *needles):
-    assert r.returncode != 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+def _refused(capsys, script, *args, needles=()):
+    """launch/<script>.py refuses: exit code 2, its message on stderr, no traceback."""
+    rc = launch_main(script, args)
+    out = capsys.readouterr()
+    assert rc == 2, out.out[-2000:] + out.err[-2000:]
+    assert "Traceback" not in out.err, out.err[-3000:]
     for n in needles:
-        assert n in r.stderr, (n, r.stderr[-3000:])
+        assert n in out.err, (n, out.err[-3000:])
+    return out.err
+
+
+def _ok(capsys, script, *args):
+    rc = launch_main(script, args)
+    out = capsys.readouterr()
+    assert rc == 0, out.out[-2000:] + out.err[-3000:]
+    return out.out
 
 
 class _Evil:
@@ -44,19 +55,9 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.fixture(scope="module")
-def tiny_run(shapes_shards, tmp_path_factory):
-    """A short real run (2 checkpoints) to copy and damage."""
-    shards, tok, n = shapes_shards
-    run = tmp_path_factory.mktemp("tiny") / "run"
-    run_torchrun(1, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
-        shards, tok, n, run, **{"train.max_steps": 4, "train.save_every": 2, "train.keep_last": 3})])
-    return run
-
-
 # ----------------------------------------------------------------------------- code execution
 
-def test_a_crafted_deepspeed_checkpoint_runs_no_code_anywhere(tiny_run, shapes_shards, tmp_path):
+def test_a_crafted_deepspeed_checkpoint_runs_no_code_anywhere(tiny_run, shapes_shards, tmp_path, capsys):
     from phoclip.errors import CheckpointError
     from phoclip_train.checkpoint import Checkpointer, verify_checkpoint
 
@@ -80,21 +81,19 @@ def test_a_crafted_deepspeed_checkpoint_runs_no_code_anywhere(tiny_run, shapes_s
     with pytest.raises(CheckpointError, match="--resume .*mp_rank_00_model_states.pt"):
         Checkpointer(run, 3, 0, 1).resolve(str(bad))
     shards = shapes_shards[0]
-    _one_line_refusal(_cli("export_model", bad, tmp_path / "out"), "mp_rank_00_model_states.pt", "system")
-    _one_line_refusal(_cli("evaluate", "--model", bad, "--shards", f"{shards}/val-000000.tar"), "refused")
-    _one_line_refusal(_cli("build_index", "--model", bad, "--shards", f"{shards}/val-000000.tar",
-                           "--out", tmp_path / "idx"), "refused")
+    _refused(capsys, "export_model", bad, tmp_path / "out", needles=("mp_rank_00_model_states.pt", "system"))
+    _refused(capsys, "evaluate", "--model", bad, "--shards", f"{shards}/val-000000.tar", needles=("refused",))
+    _refused(capsys, "build_index", "--model", bad, "--shards", f"{shards}/val-000000.tar",
+             "--out", tmp_path / "idx", needles=("refused",))
     # an index whose index.json points at the crafted checkpoint
     idx = tmp_path / "index"
     idx.mkdir()
     (idx / "index.json").write_text(json.dumps({"model_fingerprint": "0" * 16, "model": str(bad), "dim": 64,
                                                 "count": {"images": 0, "captions": 0}}))
-    _one_line_refusal(_cli("search", "--index", idx, "con chó"), "refused")
-    # and training: resuming from it under torchrun
-    shards, tok, n = shapes_shards
-    r = run_torchrun(1, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
-        shards, tok, n, run, **{"train.max_steps": 8}), "--resume", str(bad)], check=False)
-    assert r.returncode != 0 and "mp_rank_00_model_states.pt: refused" in r.stderr  # torchrun: 1
+    _refused(capsys, "search", "--index", idx, "con chó", needles=("refused",))
+    # and training: resuming from it
+    rc, log = train_main(train_args(shapes_shards, run, **{"train.max_steps": 8}) + ["--resume", str(bad)])
+    assert rc == 2 and "mp_rank_00_model_states.pt: refused" in log, log[-3000:]
     assert not marker.exists()
 
 
@@ -169,17 +168,17 @@ def test_bad_token_ids_and_metadata_are_skipped_and_counted_by_reason(shapes_sha
     assert len(got) == 8 and dict(counted) == {"bad_ids_range": 2, "bad_ids_shape": 2, "bad_json": 1}
 
 
-def test_evaluation_and_training_report_what_they_skipped(tiny_run, shapes_shards, tmp_path):
+def test_evaluation_and_training_report_what_they_skipped(tiny_run, shapes_shards, tmp_path, capsys):
     shards, tok, n = shapes_shards
     d, urls = _bad_samples_dir(shards, tmp_path)
-    r = _cli("evaluate", "--model", tiny_run, "--shards", urls[0], "--out", tmp_path / "e.json")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "skipped samples: bad_ids_range 2, bad_ids_shape 2, bad_json 1" in r.stdout
+    out = _ok(capsys, "evaluate", "--model", tiny_run, "--shards", urls[0], "--out", tmp_path / "e.json")
+    assert "skipped samples: bad_ids_range 2, bad_ids_shape 2, bad_json 1" in out
     assert json.loads((tmp_path / "e.json").read_text())["skipped"]["bad_json"] == 1
     run = tmp_path / "run"
-    run_torchrun(1, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
+    rc, log = train_main(["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
         d, tok, n, run, **{"data.train_shards": urls[0], "data.val_shards": urls[0], "train.max_steps": 4,
                            "data.batch_size": 6, "train.save_every": 100})])
+    assert rc == 0, log[-4000:]
     m = read_metrics(run)
     assert m[4]["skipped"]["bad_ids_range"] >= 2 and m[4]["skipped"]["bad_ids_shape"] >= 2
     assert read_metrics(run, "val")[4]["skipped"] == {"bad_ids_range": 2, "bad_ids_shape": 2, "bad_json": 1}
@@ -196,11 +195,11 @@ def test_no_readable_training_sample_stops_in_bounded_time_with_a_clear_error(sh
         sizes[f"train-{i:06d}.tar"] = 30
     (d / "sizes.json").write_text(json.dumps(sizes))
     t0 = time.time()
-    r = run_torchrun(1, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
-        d, tok, 3, tmp_path / "run", **{"data.val_shards": "null"})], check=False, timeout=120)
-    assert r.returncode != 0 and time.time() - t0 < 90
-    assert "refused: phoclip.data.NoReadableSamples: no sample could be read from the last" in r.stderr
-    assert "phoclip/data.py\", line" not in r.stderr  # one line from the rank, not its traceback
+    rc, log = train_main(["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
+        d, tok, 3, tmp_path / "run", **{"data.val_shards": "null"})])
+    assert rc == 2 and time.time() - t0 < 90, log[-3000:]
+    assert "refused: phoclip.data.NoReadableSamples: no sample could be read from the last" in log
+    assert "phoclip/data.py\", line" not in log  # one line, not its traceback
 
 
 def test_sigterm_ends_a_run_stuck_waiting_for_data_promptly(shapes_shards, tmp_path):
@@ -256,10 +255,11 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_unless_resumed_or_overwritte
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     args = ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(shards, tok, n, run, **{"train.max_steps": 2})]
-    r = run_torchrun(1, "launch/train_ddp.py", args, check=False)
-    assert r.returncode != 0 and "already holds checkpoints (newest step_00000004)" in r.stderr
+    rc, log = train_main(args)
+    assert rc == 2 and "already holds checkpoints (newest step_00000004)" in log, log[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
-    run_torchrun(1, "launch/train_ddp.py", args + ["train.overwrite=true", "train.save_every=1"])
+    rc, log = train_main(args + ["train.overwrite=true", "train.save_every=1"])
+    assert rc == 0, log[-4000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
     assert sorted(read_metrics(run)) == [1, 2]
     assert not (run / ".lock").exists()  # released on exit
@@ -309,8 +309,8 @@ def test_a_second_job_is_refused_while_the_first_trains_and_ranks_die_with_their
         while max(read_metrics(run) or [0]) < 3:
             assert p.poll() is None and time.time() - t0 < 120, p.stdout.read()[-3000:] if p.poll() else ""
             time.sleep(0.1)
-        r = run_torchrun(1, "launch/train_ddp.py", args + ["--resume", "latest"], check=False)
-        assert r.returncode != 0 and "is in use by pid" in r.stderr
+        rc, log = train_main(args + ["--resume", "latest"])  # a second job, here in this process
+        assert rc == 2 and "is in use by pid" in log, log[-3000:]
         # kill the torchrun agent only: its ranks get SIGTERM (parent-death signal), save
         # at the end of their step and exit, instead of training on as orphans
         ranks = [q for q in process_tree(p.pid) if q != p.pid]
@@ -327,10 +327,9 @@ def test_a_second_job_is_refused_while_the_first_trains_and_ranks_die_with_their
     ckpts = sorted(c.name for c in (run / "checkpoints").iterdir())
     assert ckpts and int(ckpts[-1][5:]) == max(read_metrics(run))  # saved where they stopped
     assert not (run / ".lock").exists()
-    r = run_torchrun(1, "launch/train_ddp.py",
-                     [a if not a.startswith("train.max_steps") else f"train.max_steps={killed_at + 4}" for a in args]
-                     + ["--resume", "latest"])
-    assert "resumed from" in r.stderr
+    rc, log = train_main([a if not a.startswith("train.max_steps") else f"train.max_steps={killed_at + 4}"
+                          for a in args] + ["--resume", "latest"])
+    assert rc == 0 and "resumed from" in log, log[-3000:]
 
 
 def test_a_checkpoint_of_an_existing_step_is_replaced_whole(tmp_path):
@@ -370,45 +369,45 @@ def test_resume_latest_falls_back_to_the_newest_checkpoint_that_verifies(tiny_ru
 
 # ----------------------------------------------------------------------------- manifests, indexes
 
-def test_a_manifest_with_missing_keys_or_wrong_types_is_refused_naming_the_key(tiny_run, shapes_shards, tmp_path):
+def test_a_manifest_with_missing_keys_or_wrong_types_is_refused_naming_the_key(tiny_run, shapes_shards, tmp_path,
+                                                                                capsys):
     shards = shapes_shards[0]
     d = tmp_path / "s"
     shutil.copytree(shards, d)
     man = json.loads((d / "manifest.json").read_text())
     del man["tokenizer"]["pad_id"]
     (d / "manifest.json").write_text(json.dumps(man))
-    r = _cli("evaluate", "--model", tiny_run, "--shards", d / "val-000000.tar")
-    _one_line_refusal(r, "manifest.json: key tokenizer.pad_id is missing or not a int")
+    _refused(capsys, "evaluate", "--model", tiny_run, "--shards", d / "val-000000.tar",
+             needles=("manifest.json: key tokenizer.pad_id is missing or not a int",))
     man["tokenizer"]["pad_id"] = 1
     man["tokenizer"]["max_length"] = "24"
     (d / "manifest.json").write_text(json.dumps(man))
-    _one_line_refusal(_cli("build_index", "--model", tiny_run, "--shards", d / "val-000000.tar", "--out",
-                           tmp_path / "i"), "key tokenizer.max_length")
+    _refused(capsys, "build_index", "--model", tiny_run, "--shards", d / "val-000000.tar", "--out", tmp_path / "i",
+             needles=("key tokenizer.max_length",))
 
 
-def test_build_index_from_shards_checks_the_manifest_against_the_model(tiny_run, shapes_shards, tmp_path):
+def test_build_index_from_shards_checks_the_manifest_against_the_model(tiny_run, shapes_shards, tmp_path, capsys):
     d = tmp_path / "s"
     shutil.copytree(shapes_shards[0], d)
     man = json.loads((d / "manifest.json").read_text())
     man["tokenizer"]["fingerprint"] = "0" * 16
     (d / "manifest.json").write_text(json.dumps(man))
-    _one_line_refusal(_cli("build_index", "--model", tiny_run, "--shards", d / "val-000000.tar", "--out",
-                           tmp_path / "i"), "do not fit the model's tokenizer")
+    _refused(capsys, "build_index", "--model", tiny_run, "--shards", d / "val-000000.tar", "--out", tmp_path / "i",
+             needles=("do not fit the model's tokenizer",))
 
 
-def test_an_index_whose_files_disagree_is_refused_and_written_whole(tiny_run, shapes_shards, tmp_path):
+def test_an_index_whose_files_disagree_is_refused_and_written_whole(tiny_run, shapes_shards, tmp_path, capsys):
     from phoclip.index import EmbeddingIndex
 
     idx = tmp_path / "idx"
-    r = _cli("build_index", "--model", tiny_run, "--shards", shapes_shards[0] / "val-000000.tar", "--out", idx)
-    assert r.returncode == 0, r.stderr[-2000:]
+    _ok(capsys, "build_index", "--model", tiny_run, "--shards", shapes_shards[0] / "val-000000.tar", "--out", idx)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temporary folder left
     n = EmbeddingIndex(idx).embeddings("images").shape[0]
     with open(idx / "images.jsonl", "a") as f:
         f.write(json.dumps({"key": "extra"}) + "\n")
     with pytest.raises(ValueError, match=f"images.jsonl: {n + 1} lines for {n} embeddings"):
         EmbeddingIndex(idx).embeddings("images")
-    _one_line_refusal(_cli("search", "--index", idx, "hai hình tròn"), "images.jsonl", "lines for")
+    _refused(capsys, "search", "--index", idx, "hai hình tròn", needles=("images.jsonl", "lines for"))
     # a header that claims more rows than the file holds is refused, not allocated
     import io
 
@@ -421,12 +420,12 @@ def test_an_index_whose_files_disagree_is_refused_and_written_whole(tiny_run, sh
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "keep.jpg").write_bytes(b"mine")
-    _one_line_refusal(_cli("build_index", "--model", tiny_run, "--shards", shapes_shards[0] / "val-000000.tar",
-                           "--out", photos), "is not an index")
+    _refused(capsys, "build_index", "--model", tiny_run, "--shards", shapes_shards[0] / "val-000000.tar",
+             "--out", photos, needles=("is not an index",))
     assert (photos / "keep.jpg").read_bytes() == b"mine"
 
 
-def test_search_never_prints_terminal_control_characters(tiny_run, tmp_path):
+def test_search_never_prints_terminal_control_characters(tiny_run, tmp_path, capsys):
     from phoclip.model import load_model
     from phoclip.index import write_index
 
@@ -436,6 +435,5 @@ def test_search_never_prints_terminal_control_characters(tiny_run, tmp_path):
     write_index(idx, model, str(tiny_run / "model"), emb,
                 [{"key": f"k{i}", "path": f"/x/\x1b]0;pwn\x07{i}.jpg", "caption": "\x1b[2Jxoá màn hình"}
                  for i in range(3)])
-    r = _cli("search", "--index", idx, "hai hình tròn", "--k", "3")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "\x1b" not in r.stdout and "\x07" not in r.stdout and "xoá màn hình" in r.stdout
+    out = _ok(capsys, "search", "--index", idx, "hai hình tròn", "--k", "3")
+    assert "\x1b" not in out and "\x07" not in out and "xoá màn hình" in out
