@@ -2,18 +2,17 @@
 
 VnCoreNLP's model cannot be downloaded here (py_vncorenlp fetches it from GitHub), so
 the third-party `py_vncorenlp` module is replaced by a stand-in, registered under its
-name on PYTHONPATH, that segments with underthesea. Everything of ours runs for real:
+name on sys.path (and PYTHONPATH), that segments with underthesea. Everything of ours runs for real:
 resolving the model folder (flag → VNCORENLP_DIR → error naming both), recording the
 segmenter in the manifest, the checkpoints and every exported model folder, the
 training query grids, and search preparing queries with the model's segmenter."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, torchrun_cmd
+from conftest import ROOT, launch_main, run_make_shards, train_main, train_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +35,11 @@ class VnCoreNLP:
 '''
 
 
-@pytest.fixture(scope="module")
-def vncorenlp_env(tmp_path_factory):
+@pytest.fixture()
+def vncorenlp_env(tmp_path_factory, monkeypatch):
+    """The stand-in importable as py_vncorenlp in this process (and in processes it
+    starts), a model folder, a `java` on PATH; VNCORENLP_DIR unset. The entry points run
+    in this process through their main(argv)."""
     d = tmp_path_factory.mktemp("vnc")
     (d / "site" / "py_vncorenlp").mkdir(parents=True)
     (d / "site" / "py_vncorenlp" / "__init__.py").write_text(STANDIN)
@@ -47,39 +49,56 @@ def vncorenlp_env(tmp_path_factory):
     (d / "bin").mkdir()
     (d / "bin" / "java").write_text("#!/bin/sh\nexit 0\n")  # VnCoreNLP's Java check; never run
     (d / "bin" / "java").chmod(0o755)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(d / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               PATH=f"{d / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    env.pop("VNCORENLP_DIR", None)
-    return env, model
+    monkeypatch.syspath_prepend(str(d / "site"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(d / "site"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PATH", f"{d / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("VNCORENLP_DIR", raising=False)
+    monkeypatch.delitem(sys.modules, "py_vncorenlp", raising=False)
+    monkeypatch.chdir(ROOT)  # the stand-in chdirs, as the real one does; ours must cope
+    return model
 
 
-def _run(cmd, env, ok=True, timeout=400):
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=timeout)
+def _main(capsys, script, *args, ok=True):
+    """(exit code, stdout + stderr) of launch/<script>.py main(argv), or of make_shards."""
+    if script == "make_shards":
+        try:
+            rc = run_make_shards(list(args))
+        except SystemExit as e:  # its refusals leave through sys.exit(message)
+            rc, msg = (e.code, "") if isinstance(e.code, int) else (1, str(e.code))
+            out = capsys.readouterr()
+            return rc, out.out + out.err + msg
+    elif script == "train_ddp":
+        rc, log = train_main(args)
+        out = capsys.readouterr()
+        text = out.out + out.err + log
+        if ok:
+            assert rc == 0, text[-5000:]
+        return rc, text
+    else:
+        rc = launch_main(script, args)
+    out = capsys.readouterr()
     if ok:
-        assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
-    return r
+        assert rc == 0, (out.out + out.err)[-5000:]
+    return rc, out.out + out.err
 
 
-def test_vncorenlp_shards_train_export_index_search(vncorenlp_env, tmp_path):
+def test_vncorenlp_shards_train_export_index_search(vncorenlp_env, tmp_path, capsys, monkeypatch):
     from phoclip.synthetic import make_dataset
     from phoclip.text import UndertheseaSegmenter, build_phobert_tokenizer
 
-    env, model_dir = vncorenlp_env
-    with_dir = dict(env, VNCORENLP_DIR=str(model_dir))
+    model_dir = vncorenlp_env
     caps = make_dataset(tmp_path / "data", n_images=120, size=64, seed=5)
     lines = caps.read_text(encoding="utf-8").splitlines()
     tok = build_phobert_tokenizer(UndertheseaSegmenter().segment([l.split("\t", 1)[1] for l in lines]),
                                   tmp_path / "tok")
-    shard_cmd = [sys.executable, "sharding/make_shards.py", "--source",
-                 f"flickr8k-vi:{caps}:{tmp_path / 'data' / 'images'}", "--out", tmp_path / "shards",
-                 "--tokenizer", tok, "--segmenter", "vncorenlp", "--max-length", "24", "--image-size", "64",
-                 "--val-fraction", "0.2", "--shard-size", "40", "--workers", "1"]
+    shard_args = ["--source", f"flickr8k-vi:{caps}:{tmp_path / 'data' / 'images'}", "--out", tmp_path / "shards",
+                  "--tokenizer", tok, "--segmenter", "vncorenlp", "--max-length", "24", "--image-size", "64",
+                  "--val-fraction", "0.2", "--shard-size", "40", "--workers", "1"]
     # neither the flag nor VNCORENLP_DIR: one line naming both
-    r = _run(shard_cmd, env, ok=False)
-    assert r.returncode != 0 and "--vncorenlp-dir" in r.stderr + r.stdout and "VNCORENLP_DIR" in r.stderr + r.stdout
-    _run(shard_cmd, with_dir)  # the environment variable alone is enough
+    rc, text = _main(capsys, "make_shards", *shard_args, ok=False)
+    assert rc != 0 and "--vncorenlp-dir" in text and "VNCORENLP_DIR" in text
+    monkeypatch.setenv("VNCORENLP_DIR", str(model_dir))
+    _main(capsys, "make_shards", *shard_args)  # the environment variable alone is enough
     man = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert man["segmenter"]["name"] == "vncorenlp" and man["segmenter"]["version"].startswith("VnCoreNLP-1.2")
     n_train = len(man["shards"]["train"])
@@ -90,15 +109,17 @@ def test_vncorenlp_shards_train_export_index_search(vncorenlp_env, tmp_path):
              "train.max_steps=6", "train.save_every=3", "train.eval_every=3",
              'train.eval_queries=["hai hình tròn màu đỏ"]']
     # the training query grids need the segmenter too: refused at start, not silently off
-    r = _run(torchrun_cmd(1, "launch/train_ddp.py", train), env, ok=False)
-    assert r.returncode != 0 and "VNCORENLP_DIR" in r.stderr and "train.eval_queries=[]" in r.stderr
-    r = _run(torchrun_cmd(2, "launch/train_ddp.py", train), with_dir)
+    monkeypatch.delenv("VNCORENLP_DIR")
+    rc, text = _main(capsys, "train_ddp", *train, ok=False)
+    assert rc == 2 and "VNCORENLP_DIR" in text and "train.eval_queries=[]" in text, text[-3000:]
+    monkeypatch.setenv("VNCORENLP_DIR", str(model_dir))
+    _main(capsys, "train_ddp", *train)
     events = b"".join(f.read_bytes() for f in (run / "tensorboard").rglob("events*"))
     assert b"val_retrieval/0" in events  # the grid was logged
     # every export path records the segmenter: the end-of-run export, export_model.py, and
     # a run folder without an exported model (a run stopped by SIGTERM) loaded from its checkpoint
-    _run([sys.executable, "launch/export_model.py", run / "checkpoints" / "step_00000006",
-          tmp_path / "exported"], env)
+    monkeypatch.delenv("VNCORENLP_DIR")
+    _main(capsys, "export_model", run / "checkpoints" / "step_00000006", tmp_path / "exported")
     for folder in (run / "model", tmp_path / "exported"):
         tc = json.loads((folder / "phoclip_config.json").read_text())["text"]
         assert tc["segmenter"] == "vncorenlp" and tc["segmenter_version"] == man["segmenter"]["version"]
@@ -108,16 +129,16 @@ def test_vncorenlp_shards_train_export_index_search(vncorenlp_env, tmp_path):
 
     shutil.rmtree(run / "model")  # as a SIGTERM-stopped run leaves it
     idx = tmp_path / "index"
-    _run([sys.executable, "launch/build_index.py", "--model", run, "--shards",
-          f"{tmp_path}/shards/val-000000.tar", "--out", idx], env)
+    _main(capsys, "build_index", "--model", run, "--shards", f"{tmp_path}/shards/val-000000.tar", "--out", idx)
     q = "hai hình tròn màu đỏ ở góc trên bên trái"
-    r = _run([sys.executable, "launch/search.py", "--index", idx, q, "--k", "3", "--json"], env, ok=False)
-    assert r.returncode != 0 and "--vncorenlp-dir" in r.stderr and "VNCORENLP_DIR" in r.stderr
-    r = _run([sys.executable, "launch/search.py", "--index", idx, q, "--k", "3", "--json"], with_dir)
-    assert len(json.loads(r.stdout)["text_to_image"][q]) == 3
-    r = _run([sys.executable, "launch/search.py", "--index", idx, q, "--k", "3", "--json",
-              "--vncorenlp-dir", model_dir], env)
-    assert len(json.loads(r.stdout)["text_to_image"][q]) == 3
+    rc, text = _main(capsys, "search", "--index", idx, q, "--k", "3", "--json", ok=False)
+    assert rc != 0 and "--vncorenlp-dir" in text and "VNCORENLP_DIR" in text
+    monkeypatch.setenv("VNCORENLP_DIR", str(model_dir))
+    _, text = _main(capsys, "search", "--index", idx, q, "--k", "3", "--json")
+    assert len(json.loads(text)["text_to_image"][q]) == 3
+    monkeypatch.delenv("VNCORENLP_DIR")
+    _, text = _main(capsys, "search", "--index", idx, q, "--k", "3", "--json", "--vncorenlp-dir", model_dir)
+    assert len(json.loads(text)["text_to_image"][q]) == 3
 
 
 def _umask() -> int:
@@ -126,7 +147,7 @@ def _umask() -> int:
     return m
 
 
-def test_exporting_a_checkpoint_needs_no_pretrained_weights_file(shapes_shards, tmp_path):
+def test_exporting_a_checkpoint_needs_no_pretrained_weights_file(shapes_shards, tmp_path, capsys):
     """A run started from local ImageNet weights (vision.weights_file): its checkpoints
     hold every weight and the resolved architecture, so exporting one later (on another
     machine, the weights file gone) must not need that file."""
@@ -134,20 +155,20 @@ def test_exporting_a_checkpoint_needs_no_pretrained_weights_file(shapes_shards, 
     import torch
     from safetensors.torch import save_file
 
-    from conftest import run_torchrun, train_overrides
     from phoclip.model import load_model
 
     shards, tok, n = shapes_shards
     w = tmp_path / "test_resnet.safetensors"
     save_file(timm.create_model("test_resnet").state_dict(), str(w))
     run = tmp_path / "run"
-    run_torchrun(1, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
+    rc, log = train_main(["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
         shards, tok, n, run, **{"train.max_steps": 2, "train.save_every": 2,
                                 "model.overrides": json.dumps({"vision": {"weights_file": str(w)}})})])
+    assert rc == 0, log[-4000:]
     w.unlink()
-    r = _run([sys.executable, "launch/export_model.py", run / "checkpoints" / "step_00000002",
-              tmp_path / "exported"], dict(os.environ))
-    assert "model written to" in r.stdout
+    assert launch_main("export_model", [run / "checkpoints" / "step_00000002", tmp_path / "exported"]) == 0
+    out = capsys.readouterr().out
+    assert "model written to" in out
     a, b = load_model(tmp_path / "exported").eval(), load_model(run / "model").eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(a.encode_image(x), b.encode_image(x))
