@@ -200,9 +200,13 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / INDEX_META).is_file())):
         raise ValueError(f"{out} exists and is not an index: refusing to replace it (choose an "
                          "empty or new --out folder)")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    import secrets
+    import tempfile
+
+    # a new folder under a random name (mkdtemp: created exclusively, never a planted link)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o755)
     for kind, emb, items in (("images", images, image_items), ("captions", captions, caption_items)):
         if emb is None:
             continue
@@ -218,7 +222,7 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
             "count": {"images": 0 if images is None else int(images.shape[0]),
                       "captions": 0 if captions is None else int(captions.shape[0])}}
     atomic_write_json(tmp / INDEX_META, meta, indent=2)
-    old = out.with_name(f".{out.name}.old{os.getpid()}")
+    old = out.with_name(f".{out.name}.old.{secrets.token_hex(8)}")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)

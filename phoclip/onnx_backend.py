@@ -49,6 +49,8 @@ def export_onnx(model, folder: str | os.PathLike, opset: int = 17) -> Path:
     from phoclip.fileio import atomic_write_json
     from phoclip.model import model_fingerprint
 
+    from phoclip.fileio import create_temp, fsync_dir
+
     model = model.float().eval()
     out = Path(folder) / ONNX_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -56,13 +58,17 @@ def export_onnx(model, folder: str | os.PathLike, opset: int = 17) -> Path:
     with torch.no_grad():
         for kind, x, name, axes in (("image", images[:2], "images", {0: "batch"}),
                                     ("text", ids[:2, :9], "input_ids", {0: "batch", 1: "sequence"})):
-            tmp = out / f".{kind}.onnx.tmp"
+            # a random name created exclusively: a link planted at a fixed name would be
+            # written through by the exporter
+            fd, tmp = create_temp(out / f"{kind}.onnx")
+            os.close(fd)
             # eval wrappers: the exporter restores the wrapper's mode afterwards, and a
             # wrapper left in train mode would put BatchNorm back on batch statistics
             torch.onnx.export(_Tower(model, kind).eval(), (x,), str(tmp), input_names=[name], output_names=["embedding"],
                               dynamic_axes={name: axes, "embedding": {0: "batch"}}, opset_version=opset,
                               dynamo=False)
             os.replace(tmp, out / f"{kind}.onnx")
+            fsync_dir(out)
     diffs = {}
     with torch.no_grad():
         for kind, x, name in (("image", images, "images"), ("text", ids, "input_ids")):

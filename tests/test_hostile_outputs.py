@@ -502,3 +502,34 @@ def test_a_local_shard_that_is_a_fifo_is_skipped_not_waited_on(tmp_path):
     t0 = time.time()
     assert list(read_shards([{"url": str(fifo)}], skips)) == []
     assert time.time() - t0 < 5 and skips["corrupt_shard"] == 1
+
+
+def test_index_and_onnx_exports_never_write_through_links_at_their_old_temporary_names(
+        tmp_path, tiny_tokenizer_dir):
+    """The index's `.NAME.tmpPID` folder and the ONNX exporter's `.KIND.onnx.tmp` were fixed
+    names, followed when planted as links; both are now random, exclusively created."""
+    import torch
+
+    import phoclip
+    from phoclip.index import EmbeddingIndex, write_index
+    from phoclip.onnx_backend import export_onnx
+    from phoclip.text import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    model = phoclip.create_model("tiny-debug", embed_dim=16, text={"hf_config": {"vocab_size": len(tok)}}).eval()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim"
+    victim.write_text("precious")
+    out = tmp_path / "index"
+    (tmp_path / f".index.tmp{os.getpid()}").symlink_to(outside, target_is_directory=True)
+    emb = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    write_index(out, model, "m", emb, [{"key": str(i), "path": "", "caption": ""} for i in range(3)])
+    assert EmbeddingIndex(out).embeddings("images").shape == (3, 16)
+    model_dir = tmp_path / "model"
+    (model_dir / "onnx").mkdir(parents=True)
+    for kind in ("image", "text"):
+        (model_dir / "onnx" / f".{kind}.onnx.tmp").symlink_to(victim)
+    export_onnx(model, model_dir)
+    assert victim.read_text() == "precious" and sorted(p.name for p in outside.iterdir()) == ["victim"]
+    assert (model_dir / "onnx" / "text.onnx").stat().st_size > 1000
