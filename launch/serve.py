@@ -46,7 +46,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from phoclip.errors import EXPECTED_ERRORS, one_line
 from phoclip.gallery import load_item_bytes
-from phoclip.images import BadImage, decode_rgb, probe_image
+from phoclip.images import BadImage, decode_rgb
 from phoclip.index import EmbeddingIndex
 from phoclip.log import init_logger
 from phoclip.search import DEFAULT_TEMPLATES, embed_images, embed_texts, query_processor, tag_embeddings
@@ -156,30 +156,10 @@ JPEG = {"description": "a JPEG thumbnail", "content": {"image/jpeg": {"schema": 
 
 # ----------------------------------------------------------------------------- images
 
-def decode_cost(mode: str, width: int, height: int) -> int:
-    """Peak bytes to decode an image of this mode and size to RGB here: Pillow's storage
-    (4 bytes a pixel for RGB and every multi-band mode, 2 for 16-bit grey) plus the
-    conversions (16-bit, 32-bit and float images pass through float64 arrays in
-    `phoclip.images.to_rgb`; alpha is composed over white through two RGBA copies)."""
-    stored = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        extra = 3 * 8 + 1 + 4
-    elif mode in ("RGBA", "LA", "PA", "La", "RGBa", "P"):  # P: maybe a transparent palette
-        extra = 3 * 4
-    else:
-        extra = 0 if mode == "RGB" else 4
-    return width * height * (stored + extra)
-
-
 def decode_upload(data: bytes, max_decode_bytes: int):
-    """An RGB image from untrusted bytes: the pixel cap, then the decoded-bytes cap from
-    the header alone, then `decode_rgb`. Raises BadImage."""
-    im = probe_image(data, MAX_UPLOAD_PIXELS)
-    cost = decode_cost(im.mode, im.width, im.height)
-    if cost > max_decode_bytes:
-        raise BadImage("too_large", f"{im.width}x{im.height} {im.mode} needs {cost >> 20} MB to "
-                                    f"decode, over {max_decode_bytes >> 20} MB")
-    return decode_rgb(data, MAX_UPLOAD_PIXELS)
+    """An RGB image from untrusted bytes: the upload pixel cap and the decoded-bytes cap,
+    both from the header alone, then the decode (`decode_rgb`). Raises BadImage."""
+    return decode_rgb(data, MAX_UPLOAD_PIXELS, max_decode_bytes)
 
 
 def _finite(emb: torch.Tensor, what: str) -> torch.Tensor:

@@ -44,12 +44,37 @@ def probe_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     return im
 
 
-def decode_rgb(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+# Peak memory to decode one image, checked from its header before decoding: the pixel
+# cap alone lets a 16-bit or RGBA image under it cost several times more.
+MAX_DECODE_BYTES = 1 << 30
+
+
+def decode_cost(mode: str, width: int, height: int) -> int:
+    """Peak bytes to decode an image of this mode and size to RGB: Pillow's storage (4
+    bytes a pixel for RGB and every multi-band mode, 2 for 16-bit grey) plus what
+    `to_rgb` adds (16-bit, 32-bit and float images pass through one float32 array and an
+    8-bit copy; alpha is composed over white through two RGBA copies)."""
+    stored = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        extra = 4 + 1 + 4
+    elif mode in ("RGBA", "LA", "PA", "La", "RGBa", "P"):  # P: maybe a transparent palette
+        extra = 3 * 4
+    else:
+        extra = 0 if mode == "RGB" else 4
+    return width * height * (stored + extra)
+
+
+def decode_rgb(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS,
+               max_decode_bytes: int = MAX_DECODE_BYTES) -> Image.Image:
     """Decode bytes to an upright RGB image: EXIF orientation applied (phone photos;
     captions say left and right), alpha composed over white, 16-bit and float images
     scaled to 8 bits, CMYK/palette/grey converted. Raises BadImage(reason) for empty,
-    non-image, truncated or huge input."""
+    non-image, truncated or huge input (pixels, or bytes to decode: `decode_cost`)."""
     im = probe_image(data, max_pixels)
+    cost = decode_cost(im.mode, im.width, im.height)
+    if cost > max_decode_bytes:
+        raise BadImage("too_large", f"{im.width}x{im.height} {im.mode} needs {cost >> 20} MB to decode, "
+                                    f"over {max_decode_bytes >> 20} MB")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -100,12 +125,15 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         import numpy as np
 
-        a = np.asarray(im, dtype=np.float64)
+        a = np.array(im, dtype=np.float32)  # one working copy, scaled in place
         if im.mode == "F":
-            a = a * 255.0 if a.size and a.max() <= 1.0 else a
+            if a.size and a.max() <= 1.0:
+                a *= 255.0
         elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
-            a = a / 257.0  # the 16-bit range onto 0-255
-        im = Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "L")
+            a /= 257.0  # the 16-bit range onto 0-255
+        a += 0.5
+        np.clip(a, 0, 255, out=a)
+        im = Image.fromarray(a.astype(np.uint8), "L")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):

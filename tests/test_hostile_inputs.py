@@ -269,3 +269,29 @@ def test_a_huge_tar_member_is_skipped_unread(tmp_path):
     assert "jpg" not in got[1] and got[2]["txt"] == b"last"
     assert skips == Counter({"oversized_member": 1})
     assert peak < 8 << 20  # never held the 48 MiB
+
+
+def test_decode_counts_bytes_per_pixel_not_only_pixels():
+    """#23: the pixel cap let a 16-bit or RGBA image under it cost several times more; the
+    shared decoder (sharding, training, search) refuses from the header what would take
+    more than MAX_DECODE_BYTES, and scales 16-bit images without float64 copies."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from phoclip.images import BadImage, decode_cost, decode_rgb
+
+    buf = io.BytesIO()
+    Image.new("I;16", (3000, 3000)).save(buf, format="PNG")
+    cost = decode_cost("I;16", 3000, 3000)
+    with pytest.raises(BadImage) as e:
+        decode_rgb(buf.getvalue(), max_decode_bytes=cost - 1)
+    assert e.value.reason == "too_large" and "I;16 needs" in str(e.value)
+    assert decode_rgb(buf.getvalue(), max_decode_bytes=cost).size == (3000, 3000)
+    a = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+    im = Image.fromarray(a, "I;16")
+    b = io.BytesIO()
+    im.save(b, format="PNG")
+    got = np.asarray(decode_rgb(b.getvalue()))[..., 0]
+    assert got.max() == round(a.max() / 257) and got.min() == 0  # scaled, not clipped white
