@@ -68,13 +68,15 @@ def _search(args) -> int:
         if args.html:
             print(f"gallery: {write_gallery(args.html, args.queries, res)}")
         if not args.json:
+            with_captions = any(m.item.get("caption") for r in res for m in r)
             for q, r in zip(args.queries, res):
                 print(f"\nquery: {strip_controls(q)}")
-                print(f"{'rank':>4} {'score':>7}  image  (its first caption)")
+                print(f"{'rank':>4} {'cosine':>7}  image" + ("  (its first caption)" if with_captions else ""))
                 for m in r:
                     # index items are data: never let them drive the terminal
-                    print(f"{m.rank:>4} {m.score:7.3f}  {_shown(m.item.get('path') or m.item.get('key'))}  "
-                          f"({_shown(m.item.get('caption'))})")
+                    cap = _shown(m.item.get("caption"))
+                    print(f"{m.rank:>4} {m.score:7.3f}  {_shown(m.item.get('path') or m.item.get('key'))}"
+                          + (f"  ({cap})" if cap else ""))
     if args.image:
         ims = []
         for f in args.image:
@@ -85,19 +87,26 @@ def _search(args) -> int:
         res = find_captions(model, index, ims, args.k, args.backend)
         out["image_to_text"] = {f: [vars(m) for m in r] for f, r in zip(args.image, res)}
         if not args.json:
+            images = index.items("images")
             for f, r in zip(args.image, res):
                 print(f"\nimage: {_shown(f)}")
+                print(f"{'rank':>4} {'cosine':>7}  caption  [the indexed image it describes]")
                 for m in r:
-                    print(f"{m.rank:>4} {m.score:7.3f}  {_shown(m.item.get('caption'))}")
+                    j = m.item.get("image")
+                    src = images[j] if isinstance(j, int) and 0 <= j < len(images) else {}
+                    print(f"{m.rank:>4} {m.score:7.3f}  {_shown(m.item.get('caption'))}  "
+                          f"[{_shown(src.get('path') or src.get('key') or '?')}]")
     if args.tags:
         tags = [t.strip() for t in Path(args.tags).read_text(encoding="utf-8").splitlines() if t.strip()]
         top = zero_shot_tags(model, index, tags, proc, DEFAULT_TEMPLATES, args.k)
         items = index.items("images")
         out["tags"] = {it["path"] or it["key"]: t for it, t in zip(items, top)}
         if not args.json:
+            print(f"top {args.k} of {len(tags)} tags per image (cosine similarity of the image and the tag's "
+                  "prompts; higher is closer, compare within an image):")
             for it, t in zip(items, top):
                 print(f"{_shown(it.get('path') or it.get('key'))}: "
-                      + (", ".join(f"{_shown(g)} ({s:.2f})" for g, s in t) or "(skipped: damaged index row)"))
+                      + (", ".join(f"{_shown(g)} (cos {s:.2f})" for g, s in t) or "(skipped: damaged index row)"))
         if args.labels:
             lab = dict(l.split("\t", 1) for l in Path(args.labels).read_text(encoding="utf-8").splitlines() if "\t" in l)
             pairs = [(t[0][0], lab.get(it["path"], lab.get(it["key"]))) for it, t in zip(items, top) if t]

@@ -49,7 +49,8 @@ from phoclip.gallery import load_item_bytes
 from phoclip.images import BadImage, decode_rgb
 from phoclip.index import EmbeddingIndex
 from phoclip.log import init_logger
-from phoclip.search import DEFAULT_TEMPLATES, embed_images, embed_texts, query_processor, tag_embeddings
+from phoclip.search import (DEFAULT_TEMPLATES, caption_matches, embed_images, embed_texts, query_processor,
+                            tag_embeddings)
 from phoclip.text import strip_controls
 
 logger = logging.getLogger("serve")
@@ -228,13 +229,11 @@ class Service:
         s, i = self.index.search(emb, k, "images")
         out = {"images": [self._image_hit(r + 1, float(s[0, r]), int(i[0, r])) for r in range(s.shape[1])],
                "captions": []}
-        if self.has_captions:
-            caps = self.index.items("captions")
-            s, i = self.index.search(emb, k, "captions")
-            out["captions"] = [{"rank": r + 1, "score": round(float(s[0, r]), 4),
-                                "caption": strip_controls(str(caps[int(i[0, r])].get("caption", ""))),
-                                "image": _int_or_none(caps[int(i[0, r])].get("image"))}
-                               for r in range(s.shape[1])]
+        if self.has_captions:  # distinct captions: one caption of several images is listed once
+            out["captions"] = [{"rank": m.rank, "score": round(m.score, 4),
+                                "caption": strip_controls(str(m.item.get("caption", ""))),
+                                "image": _int_or_none(m.item.get("image"))}
+                               for m in caption_matches(self.index, emb, k)[0]]
         return out
 
     def usable(self, item_id: int) -> bool:

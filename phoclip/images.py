@@ -37,8 +37,8 @@ def probe_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage("too_large", str(e)) from e
-    except Image.UnidentifiedImageError as e:
-        raise BadImage("not_an_image", str(e)) from e
+    except Image.UnidentifiedImageError as e:  # its text names a BytesIO object, not the file
+        raise BadImage("not_an_image", "not in an image format Pillow reads") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise BadImage("corrupt", str(e)) from e
     return im

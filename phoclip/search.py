@@ -70,10 +70,33 @@ def find_matches(model, index: EmbeddingIndex, queries: Sequence[str], text_proc
 
 def find_captions(model, index: EmbeddingIndex, images: Sequence, k: int = 25,
                   backend: str = "exact") -> list[list[Match]]:
-    """Image → text: the k best captions of the index for each PIL image."""
+    """Image → text: the k best *distinct* captions of the index for each PIL image (a
+    caption shared by several images, or written twice, is listed once, at its best)."""
     index.check_model(model)
     q = embed_images(model, images, model.config["vision"].get("image_size", 224))
-    return _matches(index, q, k, "captions", backend)
+    return caption_matches(index, q, k, backend)
+
+
+def caption_matches(index: EmbeddingIndex, q: torch.Tensor, k: int, backend: str = "exact",
+                    over_fetch: int = 4) -> list[list[Match]]:
+    """The k best captions for each query row, duplicates of a caption's text dropped
+    (searched `over_fetch` x k deep, then ranked again)."""
+    s, i = index.search(q, k * over_fetch, "captions", backend)
+    items = index.items("captions")
+    out = []
+    for a in range(s.shape[0]):
+        seen, row = set(), []
+        for r in range(s.shape[1]):
+            it = items[int(i[a, r])]
+            text = " ".join(str(it.get("caption") or "").split()).casefold()
+            if text in seen:
+                continue
+            seen.add(text)
+            row.append(Match(len(row) + 1, float(s[a, r]), int(i[a, r]), it))
+            if len(row) == k:
+                break
+        out.append(row)
+    return out
 
 
 def _matches(index, q, k, kind, backend):
