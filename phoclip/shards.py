@@ -628,6 +628,8 @@ def read_shards(shards: Iterable[dict], skips: Counter, manifest: Optional[str] 
                         yield sample
             except OSError as e:  # a missing or unreadable shard file
                 _Skips(skips)(e)
+        if url.startswith("pipe:") and manifest is None:
+            continue  # no catalogue to check against (make_shards --source wds:'pipe:...')
         try:
             want = _shard_sizes(url, cache, manifest)
         except ValueError as e:  # an unreachable sizes.json costs the check, not the run
