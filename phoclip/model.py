@@ -12,8 +12,9 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -149,6 +150,110 @@ def trim_padding(input_ids: torch.Tensor, pad_id: int, multiple_of: int = 1) -> 
     return input_ids if n == input_ids.shape[1] else input_ids[:, :n]
 
 
+DEFAULT_TEXT_CHUNKS = 6
+"""Most length groups `plan_text_chunks` splits a batch's captions into (data.text_chunks)."""
+CHUNK_MIN_ROWS = 8
+"""Fewest captions in one group: a forward of a handful of rows wastes a GPU."""
+CHUNK_COST_TOKENS = {"cpu": 64, "cuda": 2048}
+"""What one more text-tower forward costs, in computed tokens, by device type: a split is
+made only where it saves more than this per extra group. On a CPU, about the memory
+traffic of one more weight-gradient pass; on a GPU an eager forward+backward's host-side
+dispatch (~10-15 ms for phobert-large) is worth ~2k tokens of its compute: an estimate,
+not yet measured (bench/gpu_check.py measures it: bench/RESULTS.md). Other devices: the
+cuda figure."""
+
+
+class TextChunks(NamedTuple):
+    """A batch's captions in length groups (`plan_text_chunks`): the text tower runs once
+    per group, each group trimmed to its own longest caption, and the features are put
+    back in batch order. Host-side sizes and widths: no device read to split."""
+
+    order: torch.Tensor    # [B] rows sorted by caption length, shortest first
+    restore: torch.Tensor  # [B] the inverse permutation: features back in batch order
+    sizes: tuple           # rows per group, along `order`
+    widths: tuple          # columns per group: its longest caption, rounded up
+
+    def split(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """The groups' ids, each cut to its width (contiguous: compiled code and ONNX
+        sessions get plain tensors)."""
+        rows = input_ids.index_select(0, self.order.to(input_ids.device))
+        return [g[:, :w].contiguous() for g, w in zip(rows.split(list(self.sizes)), self.widths)]
+
+    def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-group outputs (in `split`'s order) → rows in batch order."""
+        return torch.cat(parts)[self.restore.to(parts[0].device)]
+
+    def to(self, device, non_blocking: bool = False) -> "TextChunks":
+        return self._replace(order=self.order.to(device, non_blocking=non_blocking),
+                             restore=self.restore.to(device, non_blocking=non_blocking))
+
+    @property
+    def computed_tokens(self) -> int:
+        return sum(s * w for s, w in zip(self.sizes, self.widths))
+
+
+def caption_lengths(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Each row's length: up to and including its last non-pad token (at least 1)."""
+    pos = torch.arange(1, input_ids.shape[1] + 1)
+    return torch.where(input_ids != pad_id, pos, 0).amax(1).clamp(min=1)
+
+
+def plan_text_chunks(input_ids: torch.Tensor, pad_id: int, max_chunks: int = DEFAULT_TEXT_CHUNKS,
+                     multiple_of: int = 8, min_rows: Optional[int] = None,
+                     chunk_cost: Optional[int] = None, device: Any = "cuda") -> Optional[TextChunks]:
+    """Split a batch's captions into at most `max_chunks` groups by length, so the text
+    tower computes about the real tokens instead of every row at the longest caption's
+    width. Exact as trimming is (pads are masked; positions count only real tokens):
+    every caption's embedding, the loss over the whole batch and every gradient are
+    those of the padded batch; only dropout draws its masks in other shapes.
+
+    The groups minimise computed tokens (rows x width, widths rounded up to
+    `multiple_of`, so `train.compile` sees few shapes) + `chunk_cost` per group, each of
+    at least `min_rows` rows (defaults: CHUNK_COST_TOKENS of the `device` the tower runs
+    on, CHUNK_MIN_ROWS). None when one group is best (then trim_padding alone). Call it
+    on the CPU ids, as trim_padding: it reads the lengths."""
+    min_rows = max(1, CHUNK_MIN_ROWS if min_rows is None else min_rows)
+    if chunk_cost is None:
+        kind = torch.device(device).type
+        chunk_cost = CHUNK_COST_TOKENS.get(kind, CHUNK_COST_TOKENS["cuda"])
+    n, width = input_ids.shape if input_ids.ndim == 2 else (0, 0)
+    if max_chunks < 2 or n < 2 * min_rows or width == 0:
+        return None
+    m = max(1, multiple_of)
+    lengths = caption_lengths(input_ids, pad_id)
+    widths = ((lengths + m - 1) // m * m).clamp(max=width)
+    order = torch.sort(widths, stable=True).indices
+    w = widths[order].tolist()
+    # cut points worth trying: where the rounded width changes, and min_rows-steps
+    # before them (a group that an optimal split leaves at exactly min_rows rows)
+    edges = [i for i in range(1, n) if w[i] != w[i - 1]] + [n]
+    cuts = sorted({e - k * min_rows for e in edges for k in range(max_chunks)} & set(range(min_rows, n + 1)))
+    if cuts[-1] != n:
+        return None
+    pos = np.array([0] + cuts)
+    last_w = np.array([0] + [w[c - 1] for c in cuts])
+    rows = pos[None, :] - pos[:, None]                      # [from, to]
+    step = np.where(rows >= min_rows, rows * last_w[None, :], np.inf)
+    best = np.full(len(pos), np.inf)
+    best[0] = 0.0
+    choice, plans = [], []
+    for g in range(1, max_chunks + 1):
+        total = best[:, None] + step
+        choice.append(total.argmin(0))
+        best = total.min(0)
+        plans.append(best[-1] + chunk_cost * g)
+    g = int(np.argmin(plans)) + 1  # the first minimum: fewer groups on a tie
+    if g == 1:
+        return None
+    bounds, j = [], len(pos) - 1
+    for k in range(g - 1, -1, -1):
+        bounds.append(int(pos[j]))
+        j = int(choice[k][j])
+    bounds = [0] + bounds[::-1]
+    sizes = tuple(b - a for a, b in zip(bounds, bounds[1:]))
+    return TextChunks(order, torch.argsort(order), sizes, tuple(w[b - 1] for b in bounds[1:]))
+
+
 class PhoCLIP(nn.Module):
     """Image and text towers + projection heads + temperature.
 
@@ -188,20 +293,30 @@ class PhoCLIP(nn.Module):
         x = self.image_head(self.visual(images))
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_text(self, input_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        mask = (input_ids != self.pad_id).long()
-        h = self.text(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        if self.pooling == "cls":
-            pooled = h[:, 0]
+    def encode_text(self, input_ids: torch.Tensor, normalize: bool = True,
+                    chunks: Optional[TextChunks] = None) -> torch.Tensor:
+        """Text features; with `chunks` (`plan_text_chunks` of the CPU ids) the tower runs
+        once per length group and the pooled rows return to batch order before the
+        head: the same features, for about the real tokens' compute."""
+        if chunks is None:
+            pooled = self._pool_text(input_ids)
         else:
-            m = mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
+            pooled = chunks.merge([self._pool_text(x) for x in chunks.split(input_ids)])
         x = self.text_head(pooled)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _pool_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = (input_ids != self.pad_id).long()
+        h = self.text(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        if self.pooling == "cls":
+            return h[:, 0]
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
+                text_chunks: Optional[TextChunks] = None) -> dict[str, torch.Tensor]:
         out = {"image_features": self.encode_image(images),
-               "text_features": self.encode_text(input_ids),
+               "text_features": self.encode_text(input_ids, chunks=text_chunks),
                # clamped here too: engines that keep master weights (DeepSpeed) undo an
                # in-place clamp of the module's copy at their next step
                "logit_scale": self.logit_scale.clamp(max=self.logit_scale_max).exp().squeeze()}

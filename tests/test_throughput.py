@@ -78,7 +78,7 @@ def test_trainer_trims_before_the_forward(shapes_shards, tmp_path):
     for trim in (0, 1):
         tr = _trainer(shapes_shards, tmp_path / str(trim), **{"data.trim_padding": trim})
         batch = next(iter(tr.stream))
-        (img, ids), = tr.device_inputs([batch])
+        (img, ids, _), = tr.device_inputs([batch])
         widths[trim] = ids.shape[1]
         longest = int((batch["input_ids"] != 1).sum(1).max())
         losses[trim] = tr.train_step([batch])["loss"]
@@ -126,10 +126,11 @@ class _SyncCounter(torch.overrides.TorchFunctionMode):
     """Records every device→host read (item, tolist, bool, float, int) made in our code
     (not in tests or third-party packages). On this CPU-only machine every tensor is a
     host tensor, so the reads of tensors that stay on the host in a GPU run are listed
-    by function: `trim_padding` reads the CPU batch's ids before their copy."""
+    by function: `trim_padding` and `plan_text_chunks` read the CPU batch's ids before
+    their copy."""
 
     READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__"}
-    HOST_SIDE = {"trim_padding", "resize_on_device"}  # the ids; the crop boxes
+    HOST_SIDE = {"trim_padding", "plan_text_chunks", "resize_on_device"}  # the ids; the crop boxes
 
     def __init__(self):
         super().__init__()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from phoclip.data import StreamLayout, StreamTracker, relayout
-from phoclip.model import trim_padding
+from phoclip.model import plan_text_chunks, trim_padding
 from phoclip.retrieval import evaluate_shards
 from phoclip.transforms import normalize_images, resize_on_device
 from phoclip_train.build import (auto_precision, build_data, build_engine, build_loader, build_loss,
@@ -277,10 +277,13 @@ class Trainer:
     def device_inputs(self, batches: list[dict]) -> list[tuple]:
         """Batches → device inputs; uint8 pixels (the stream's) are normalised there,
         float images are taken as already normalised; the ids are trimmed to the
-        batch's longest caption on the CPU, before the copy (data.trim_padding)."""
+        batch's longest caption on the CPU, before the copy (data.trim_padding), and
+        their length groups planned there (data.text_chunks; one forward under ZeRO-3,
+        where every forward gathers the weights). Each input: (images, ids, chunks)."""
         dev, dt = self.dist.device, self.engine.input_dtype
         out = []
         trim = self.cfg.data.trim_padding
+        groups = 1 if self.engine.partitioned else self.cfg.data.text_chunks
         for b in batches:
             img = b["images"].to(dev, non_blocking=True)
             if "boxes" in b:  # data.resize_on=device: the crop is resized here
@@ -289,9 +292,11 @@ class Trainer:
             if self.channels_last:
                 img = img.contiguous(memory_format=torch.channels_last)
             ids = b["input_ids"]
+            chunks = None
             if trim:
                 ids = trim_padding(ids, self.model.pad_id, trim)
-            out.append((img, ids.to(dev, non_blocking=True)))
+                chunks = plan_text_chunks(ids, self.model.pad_id, groups, trim, device=dev)
+            out.append((img, ids.to(dev, non_blocking=True), chunks.to(dev, non_blocking=True) if chunks else None))
         return out
 
 
@@ -424,7 +429,8 @@ class Trainer:
             self.model, urls, self.cfg.data.image_size, self.dist.device, self.dist.rank,
             self.dist.world_size, self.cfg.data.batch_size, dtype, return_embeddings=True,
             lockstep=self.engine.partitioned, ids_width=int(self.manifest["tokenizer"]["max_length"]),
-            vocab_size=len(self.tokenizer), manifest=self.cfg.data.manifest)
+            vocab_size=len(self.tokenizer), manifest=self.cfg.data.manifest,
+            text_chunks=self.cfg.data.text_chunks)
 
     def _log_retrieval_grids(self, img: torch.Tensor, keys: list, metas: list, k: int = 5) -> None:
         """Top-k validation images of each configured query, as TensorBoard images:
