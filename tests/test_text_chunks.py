@@ -3,6 +3,7 @@ through the text tower in length groups, each cut to its own longest caption, an
 back in batch order. The features, the loss over the whole batch and every parameter's
 gradient must be the single padded forward's, for each pooling and engine."""
 import itertools
+import logging
 
 import pytest
 import torch
@@ -249,3 +250,28 @@ def test_evaluation_embeds_the_same_in_groups(monkeypatch):
     assert n_one == 1 and len(calls) - n_one >= 2
     torch.testing.assert_close(grouped[1], one[1], rtol=1e-5, atol=1e-6)
     assert torch.equal(grouped[2], one[2])
+
+
+@pytest.mark.slow
+def test_compiled_text_tower_in_groups_matches_eager_with_few_graphs():
+    """train.compile: groups of varying rows and widths compile a bounded number of
+    graphs (static, then dynamic sizes), with the eager features and gradients."""
+    from phoclip_train.build import compile_stats
+
+    torch._dynamo.reset()
+    eager, compiled = _model("mean").train(), _model("mean").train()
+    compiled.text.compile()
+    shapes = set()
+    for seed in range(4):
+        ids = trim_padding(_ids(_lengths(48, seed), seed=seed), PAD, 8)
+        plan = plan_text_chunks(ids, PAD, 4, 8, min_rows=4, chunk_cost=0)
+        shapes.update(tuple(x.shape) for x in plan.split(ids))
+        images = torch.randn(48, 3, 32, 32)
+        (f_e, _, g_e), (f_c, _, g_c) = (_loss_and_grads(m, images, ids, plan) for m in (eager, compiled))
+        torch.testing.assert_close(f_c, f_e, rtol=1e-4, atol=1e-5)
+        for n in g_e:
+            torch.testing.assert_close(g_c[n], g_e[n], rtol=1e-3, atol=1e-4, msg=n)
+    stats = compile_stats()
+    logging.getLogger(__name__).info("compile: %s for %d group shapes", stats, len(shapes))
+    assert len(shapes) >= 8, shapes
+    assert stats["graphs"] <= 4, (stats, shapes)
