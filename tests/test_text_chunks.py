@@ -120,6 +120,24 @@ def test_chunked_text_tower_gives_the_padded_features_loss_and_gradients(pooling
                                    rtol=1e-5, atol=1e-6)
 
 
+def test_chunked_text_tower_in_bf16_close_to_one_forward():
+    """bf16 autocast: the weight casts are cached, so each weight's gradient is summed
+    over the groups in bf16 - a few more roundings than one forward's single GEMM, well
+    inside bf16's own error (the same check as fp32 vs bf16 in test_model)."""
+    model = _model("mean").train()
+    ids = _ids(_lengths(48, 4))
+    images = torch.randn(48, 3, 32, 32)
+    plan = plan_text_chunks(trim_padding(ids, PAD, 8), PAD, 6, 8, min_rows=4, chunk_cost=0)
+    assert plan is not None and len(plan.sizes) >= 3
+    grads = []
+    for x, chunks in ((ids, None), (trim_padding(ids, PAD, 8), plan)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss, g = _loss_and_grads(model, images, x, chunks)
+        grads.append(torch.cat([v.flatten().float() for _, v in sorted(g.items())]))
+    assert torch.isfinite(grads[1]).all()
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.999
+
+
 def test_chunked_text_tower_under_grad_checkpointing():
     model = _model("cls").train()
     ids = _ids(_lengths(32, 3))
