@@ -227,12 +227,17 @@ def train_main(argv) -> tuple[int, str]:
 
     from phoclip_train import lock
 
+    import torch
+
     buf, old_err = io.StringIO(), sys.stderr
     sys.stderr = buf  # init_logger's handler writes to the sys.stderr of its call
     held = dict(lock._HELD)
-    try:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_torchrun's OMP_NUM_THREADS=1: on a busy 2-core machine
+    try:                      # spinning OpenMP threads made each step seconds long
         rc = launch_main("train_ddp", argv)
     finally:
+        torch.set_num_threads(threads)
         sys.stderr = old_err
     if rc != 0:
         # A refusal raised while claiming the run folder (Trainer._claim_run_dir: "already

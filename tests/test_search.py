@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_torchrun, train_overrides
+from conftest import ROOT, train_main, train_overrides
 from dist_utils import run_distributed
 
 pytestmark = pytest.mark.slow
@@ -13,13 +13,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(shapes_shards, tmp_path_factory):
+    """150 steps of the global batch of 32 (in this process: train_ddp.main as one process;
+    the same global batch as 2 ranks of 16, without a launcher)."""
     shards, tok, n = shapes_shards
     run = tmp_path_factory.mktemp("trained") / "run"
-    run_torchrun(2, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml",
-                 *train_overrides(shards, tok, n, run, **{"train.max_steps": 150, "train.log_every": 50,
-                                                          "train.save_every": 1000, "data.batch_size": 16,
-                                                          "optim.lr_text": 2e-3, "optim.lr_image": 2e-3})],
-                 timeout=600)
+    rc, log = train_main(["--config", "launch/configs/tiny-debug.yaml",
+                          *train_overrides(shards, tok, n, run, **{"train.max_steps": 150, "train.log_every": 50,
+                                                                   "train.save_every": 1000, "data.batch_size": 32,
+                                                                   "optim.lr_text": 2e-3, "optim.lr_image": 2e-3})])
+    assert rc == 0, log[-4000:]
     return run
 
 
@@ -116,7 +118,7 @@ def _extract(rank, world, model_dir, shards, out):
 
 def test_distributed_extraction_equals_single_process(trained, shapes_shards, tmp_path):
     shards, _, _ = shapes_shards
-    run_distributed(_extract, 1, (str(trained), str(shards), str(tmp_path / "one.pt")))
+    _extract(0, 1, str(trained), str(shards), str(tmp_path / "one.pt"))  # one process: this one
     run_distributed(_extract, 2, (str(trained), str(shards), str(tmp_path / "two.pt")))
     a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     order = [b["keys"].index(k) for k in a["keys"]]
