@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-1/2 (bf16 on CPU, gloo) through the same entry point, loop and layout."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -199,3 +200,94 @@ def test_zero2_fp16_json_runs_where_the_cpu_has_fp16_else_is_refused_in_one_line
         assert r.returncode != 0
         assert "refused: Type fp16 is not supported on your device" in r.stderr
         assert "Traceback" not in r.stderr
+
+
+def _adam_steps(ckpt) -> set:
+    """AdamW's step count as DeepSpeed's own optimizer files hold it (every rank, every group)."""
+    out = set()
+    for f in (ckpt / "deepspeed").glob("*optim_states.pt"):
+        sd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        st = sd["base_optimizer_state"] if "base_optimizer_state" in sd else sd["optimizer_state_dict"]
+        out |= {int(v["step"]) for v in st["state"].values()}
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_on_another_number_of_ranks_continues_the_run(shapes_shards, tmp_path, stage):
+    """ZeRO-2/3, 2 ranks -> 1 -> 2 in one schedule of 20 steps (fp32): a reference run on
+    2 ranks; its step 8 resumed on 1 rank; that run's step 16 resumed on 2 ranks. Each
+    resume goes through DeepSpeed's universal checkpoint and must continue the run, not
+    restart it (the known trap: a load without error, then the loss of a fresh model):
+    - the temperature right after the resume is the saved one, exactly (logged before the
+      step updates it: the same whatever the batch);
+    - the loss right after the resume is the plateau the run had reached (~ln 16), not the
+      first steps' loss;
+    - AdamW's step count in DeepSpeed's own files continues (16, then 20), every group's
+      learning rate at every step is the reference's (schedule position and per-group
+      hyperparameters), the loaded state matches the saved fingerprint;
+    - data.global_batch_size keeps 16 samples a step (1 rank accumulates 2 micro-batches)
+      and the data order continues as on DDP (relayout)."""
+    ds_json = str(_fp32_json(tmp_path, f"zero{stage}_bf16.json"))
+    kw = {"data.resampled": False, "data.global_batch_size": 16, "train.max_steps": 20, "train.save_every": 8,
+          "train.keep_last": 5, "optim.lr_head": 1e-2, "optim.lr_image": 3e-3, "optim.lr_text": 3e-3}
+    runs = {name: tmp_path / name for name in ("ref", "one", "two")}
+
+    def launch(nproc, name, resume_from=None):
+        run = runs[name]
+        if resume_from is not None:
+            (run / "checkpoints").mkdir(parents=True)
+            shutil.copytree(resume_from, run / "checkpoints" / resume_from.name)
+        args = _args(shapes_shards, run, ds_json, **kw) + (["--resume", "latest"] if resume_from else [])
+        return run_torchrun(nproc, "launch/train_deepspeed.py", args, timeout=400).stderr
+
+    launch(2, "ref")
+    out1 = launch(1, "one", runs["ref"] / "checkpoints" / "step_00000008")
+    out2 = launch(2, "two", runs["one"] / "checkpoints" / "step_00000016")
+    ref, one, two = (read_metrics(runs[n]) for n in ("ref", "one", "two"))
+    assert sorted(one) == list(range(9, 21)) and sorted(two) == list(range(17, 21))
+    for out, (a, b), prev, m, k in ((out1, (2, 1), ref, one, 9), (out2, (1, 2), one, two, 17)):
+        assert f"written by {a} ranks, this run has {b}: converting it to DeepSpeed's universal" in out, out[-3000:]
+        assert f"loaded DeepSpeed state verified against deepspeed_state.json: weights, AdamW moments, " \
+               f"optimizer step {k - 1}, 6 parameter groups, schedule at step {k - 1}" in out, out[-3000:]
+        assert f"written by {a} ranks x 1 workers, this run has {b} x 1: the data order continues" in out
+        assert "global batch 16 -> 16" in out
+        assert m[k]["logit_scale"] == pytest.approx(prev[k]["logit_scale"], rel=1e-6)
+        assert m[k]["loss"] == pytest.approx(prev[k]["loss"], abs=0.08), (m[k]["loss"], prev[k]["loss"])
+        assert m[k]["loss"] < ref[1]["loss"] - 0.15, (m[k]["loss"], ref[1]["loss"])
+        for s in m:
+            assert m[s]["lrs"] == pytest.approx(ref[s]["lrs"], rel=1e-9), s
+            if s - 1 in m:  # 16 samples a step whatever the ranks
+                assert m[s]["epoch"] - m[s - 1]["epoch"] == pytest.approx(16 / 171, rel=1e-6), s
+    assert _adam_steps(runs["one"] / "checkpoints" / "step_00000016") == {16}
+    assert _adam_steps(runs["two"] / "checkpoints" / "step_00000020") == {20}
+    assert not list((runs["one"] / "checkpoints").glob("*.universal.tmp"))  # the conversion is removed
+
+
+def test_deepspeed_state_fingerprint_and_stage_change_refused(tmp_path):
+    """The loaded state is compared with the saved fingerprint: a reset moment, step or
+    group is named; a change of ZeRO stage is refused in one line before anything loads."""
+    from types import SimpleNamespace
+
+    from phoclip.errors import CheckpointError
+    from phoclip_train.ds_engine import DeepSpeedEngine, compare_summaries
+
+    saved = {"params": {"w": {"fp32": [4.0, 1.5], "exp_avg": [0.25, -0.1]}}, "numel": {"w": 8},
+             "buffers": {"bn.running_var": [8.0, 2.0]}, "step": [8.0, 8.0],
+             "groups": [{"name": "head", "lr": 1e-3, "weight_decay": 0.2}],
+             "scheduler": {"last_epoch": 8, "base_lrs": [1e-3]}}
+    assert compare_summaries(saved, json.loads(json.dumps(saved))) == []
+    now = json.loads(json.dumps(saved))
+    now["params"]["w"]["exp_avg"] = [0.0, 0.0]
+    now["step"] = [1.0, 1.0]
+    now["groups"][0]["weight_decay"] = 0.0
+    now["buffers"]["bn.running_var"] = [8.0, 0.0]
+    bad = compare_summaries(saved, now)
+    assert bad == ["w exp_avg differs", "buffer bn.running_var differs", "optimizer step [1.0, 1.0] instead of "
+                   "[8.0, 8.0]", "parameter group head: weight_decay 0.0 instead of 0.2"], bad
+    ck = tmp_path / "step_00000008"
+    (ck / "deepspeed").mkdir(parents=True)
+    (ck / "deepspeed_state.json").write_text(json.dumps({"zero_stage": 2, "world_size": 2}))
+    eng = SimpleNamespace(ds=SimpleNamespace(zero_optimization_stage=lambda: 3))
+    with pytest.raises(CheckpointError, match="written under ZeRO stage 2, this run uses stage 3: a change of "
+                                              "ZeRO stage is not supported"):
+        DeepSpeedEngine.load(eng, ck)
