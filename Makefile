@@ -3,26 +3,37 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup test test-fast demo bench clean browser
+.PHONY: setup test test-fast lint demo bench clean browser
 
 setup: $(STAMP)
 
 # torch/torchvision first, pinned by constraints.txt so no later install can move them;
-# GPU users: see README "Bring your own CUDA torch".
-$(STAMP): requirements.txt constraints.txt pyproject.toml
+# GPU users: see README "Bring your own CUDA torch". The runtime (requirements.txt) and
+# the service/ONNX extras (requirements-serve.txt) for the demo; test tooling on top for
+# `make test` (requirements-dev.txt).
+$(STAMP): requirements.txt requirements-serve.txt constraints.txt pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
-	$(VPY) -m pip install -q -c constraints.txt -r requirements.txt
+	$(VPY) -m pip install -q -c constraints.txt -r requirements.txt -r requirements-serve.txt
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+$(DEVSTAMP): $(STAMP) requirements-dev.txt
+	$(VPY) -m pip install -q -c constraints.txt -r requirements-dev.txt
+	touch $(DEVSTAMP)
+
+# the linter, in seconds (part of make test)
+lint: $(DEVSTAMP)
+	$(VENV)/bin/ruff check phoclip train sharding launch tests bench
+
 # both print the slowest tests and the whole run's test time (issue #25: <= 15 min for
 # `make test`, <= 3 min for `make test-fast` on a 2-core machine)
-test: $(STAMP) browser
+test: $(DEVSTAMP) lint browser
 	@t0=$$(date +%s); $(VPY) -m pytest -q --durations=15 tests; rc=$$?; \
 	  echo "make test: $$(( $$(date +%s) - t0 )) s of test time (exit $$rc)"; exit $$rc
 
@@ -34,7 +45,7 @@ browser:
 	    apt-get install -y -qq chromium chromium-driver >/dev/null) || \
 	    echo "chromium not installed (needs root): the browser test will skip"; }
 
-test-fast: $(STAMP)
+test-fast: $(DEVSTAMP) lint
 	@t0=$$(date +%s); $(VPY) -m pytest -q --durations=10 -m "not slow" tests; rc=$$?; \
 	  echo "make test-fast: $$(( $$(date +%s) - t0 )) s of test time (exit $$rc)"; exit $$rc
 

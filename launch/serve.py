@@ -636,9 +636,11 @@ figcaption{font-size:13px;margin-top:4px;overflow-wrap:anywhere}.score{color:#77
 <h1>PhoCLIP — tìm ảnh bằng tiếng Việt</h1>
 <form id="f"><input id="q" name="q" autocomplete="off" placeholder="Ví dụ: một con chó chạy trên bãi cỏ">
 <button id="go" type="submit">Tìm</button></form>
-<div id="drop">Kéo thả một ảnh vào đây (hoặc <label><u>chọn ảnh</u><input id="file" type="file" accept="image/*" hidden></label>) để tìm ảnh tương tự và chú thích phù hợp</div>
+<div id="drop">Kéo thả một ảnh vào đây (hoặc <label><u>chọn ảnh</u>
+<input id="file" type="file" accept="image/*" hidden></label>) để tìm ảnh tương tự và chú thích phù hợp</div>
 <div id="status"></div><ol id="captions"></ol><div id="grid"></div>
-<div id="pager"><button id="prev" type="button" hidden>← Trang trước</button><button id="next" type="button" hidden>Trang sau →</button></div>
+<div id="pager"><button id="prev" type="button" hidden>← Trang trước</button>
+<button id="next" type="button" hidden>Trang sau →</button></div>
 <script src="/app.js"></script></body></html>
 """
 

@@ -116,7 +116,7 @@ def read_regular(path: str | os.PathLike, max_bytes: int, follow_links: bool = T
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _CLOEXEC | (0 if follow_links else _NOFOLLOW)
     try:
         fd = os.open(path, flags)
-    except OSError as e:
+    except OSError:
         if not follow_links and os.path.islink(path):
             raise OSError(f"{path}: a link, not a file; refused") from None
         raise

@@ -328,7 +328,6 @@ def test_a_job_waits_for_a_worker_only_so_long(env):
 
 
 def test_decoded_bytes_are_capped_not_just_pixels(env):
-    serve = env.serve
     # 6300x6300 16-bit grey: 39.7M pixels, under the pixel cap, in a 77 kB PNG; decoding it
     # here would take ~0.4 GB (2 bytes a pixel, then a float32 working array), over the
     # service's --max-decode-mb
