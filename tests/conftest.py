@@ -239,13 +239,7 @@ def train_main(argv) -> tuple[int, str]:
     finally:
         torch.set_num_threads(threads)
         sys.stderr = old_err
-    if rc != 0:
-        # A refusal raised while claiming the run folder (Trainer._claim_run_dir: "already
-        # holds checkpoints") leaves the run lock held: the command's process then exits
-        # and the next run takes the stale lock over. Do here what that exit does.
-        for key in set(lock._HELD) - set(held):
-            del lock._HELD[key]
-            Path(key).unlink(missing_ok=True)
+    assert set(lock._HELD) == set(held), "a finished or refused run left its run lock held"
     return rc, buf.getvalue()
 
 

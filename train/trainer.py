@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from phoclip.data import StreamLayout, StreamTracker, relayout
-from phoclip.model import plan_text_chunks, trim_padding
+from phoclip.model import trim_padding
 from phoclip.retrieval import evaluate_shards
 from phoclip.transforms import normalize_images, resize_on_device
 from phoclip_train.build import (auto_precision, build_data, build_engine, build_loader, build_loss,
@@ -50,9 +50,9 @@ class Trainer:
         self._saved: Optional[tuple] = None  # (step, evaluation) of the newest checkpoint
         self._eval_step: Optional[int] = None  # the step of the newest evaluation
         self.lock = RunLock(self.run_dir)
-        if dist_info.is_main:
-            self._claim_run_dir()
-        try:
+        try:  # a refusal while claiming or building releases the run folder's lock
+            if dist_info.is_main:
+                self._claim_run_dir()
             self._build()
         except BaseException:
             self.lock.release()
@@ -278,12 +278,11 @@ class Trainer:
         """Batches → device inputs; uint8 pixels (the stream's) are normalised there,
         float images are taken as already normalised; the ids are trimmed to the
         batch's longest caption on the CPU, before the copy (data.trim_padding), and
-        their length groups planned there (data.text_chunks; one forward under ZeRO-3,
-        where every forward gathers the weights). Each input: (images, ids, chunks)."""
+        the captions packed into rows there (data.pack_captions). Each input: (images,
+        ids, packing or None)."""
         dev, dt = self.dist.device, self.engine.input_dtype
         out = []
         trim = self.cfg.data.trim_padding
-        groups = 1 if self.engine.partitioned else self.cfg.data.text_chunks
         for b in batches:
             img = b["images"].to(dev, non_blocking=True)
             if "boxes" in b:  # data.resize_on=device: the crop is resized here
@@ -292,11 +291,11 @@ class Trainer:
             if self.channels_last:
                 img = img.contiguous(memory_format=torch.channels_last)
             ids = b["input_ids"]
-            chunks = None
             if trim:
                 ids = trim_padding(ids, self.model.pad_id, trim)
-                chunks = plan_text_chunks(ids, self.model.pad_id, groups, trim, device=dev)
-            out.append((img, ids.to(dev, non_blocking=True), chunks.to(dev, non_blocking=True) if chunks else None))
+            packing = self.model.pack_text(ids) if self.cfg.data.pack_captions else None
+            out.append((img, ids.to(dev, non_blocking=True),
+                        packing.to(dev, non_blocking=True) if packing else None))
         return out
 
 
@@ -430,7 +429,7 @@ class Trainer:
             self.dist.world_size, self.cfg.data.batch_size, dtype, return_embeddings=True,
             lockstep=self.engine.partitioned, ids_width=int(self.manifest["tokenizer"]["max_length"]),
             vocab_size=len(self.tokenizer), manifest=self.cfg.data.manifest,
-            text_chunks=self.cfg.data.text_chunks)
+            pack_captions=self.cfg.data.pack_captions)
 
     def _log_retrieval_grids(self, img: torch.Tensor, keys: list, metas: list, k: int = 5) -> None:
         """Top-k validation images of each configured query, as TensorBoard images:
