@@ -1,7 +1,10 @@
 """`make demo`, run as a newcomer (and CI) runs it: the whole pipeline on the built-in
-dataset must finish and reach the recall bar (measured ~64% R@1 against 0.8% chance)."""
+dataset must finish, and the recall table it prints must be the evaluation's and clear the
+bar (the figures measured at a commit are in bench/RESULTS.md). What the demo's steps do in
+detail (shards, training, checkpoints, index, gallery) is proven by their own tests."""
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -21,11 +24,13 @@ def test_make_demo_end_to_end_beats_chance(tmp_path):
     res = json.loads((out / "eval.json").read_text())
     chance = 100.0 / res["n_images"]
     assert res["n_images"] >= 100
-    assert res["t2i_R@1"] >= max(R1_BAR, 10 * chance), res
-    assert res["i2t_R@1"] >= max(R1_BAR, 10 * chance), res
-    assert res["t2i_R@5"] >= 50 and res["i2t_R@5"] >= 50, res
-    # the demo printed the table, the search results and where to look
-    assert "chance" in r.stdout and "query:" in r.stdout and "tensorboard --logdir" in r.stdout
-    page = (out / "search.html").read_text(encoding="utf-8")
-    assert page.count("data:image/jpeg;base64,") == 5
-    assert list((out / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    # the table the newcomer reads: both directions, R@1/5/10 with chance, equal to eval.json
+    table = r.stdout.split("=== PhoCLIP demo: recall on held-out images (percent) ===", 1)[1]
+    for d, name in (("t2i", "text→image"), ("i2t", "image→text")):
+        row = next(ln for ln in table.splitlines() if ln.startswith(name))
+        printed = {int(k): float(v) for k, v in re.findall(r"R@(\d+)\s+([\d.]+) \(chance", row)}
+        assert printed == {k: round(res[f"{d}_R@{k}"], 1) for k in (1, 5, 10)}, (row, res)
+        assert printed[1] >= max(R1_BAR, 10 * chance) and printed[5] >= 50, row
+    # and where to go next: the gallery, TensorBoard, the service
+    assert "query:" in r.stdout and "tensorboard --logdir" in r.stdout and "launch/serve.py --index" in r.stdout
+    assert (out / "search.html").is_file()
