@@ -4,7 +4,9 @@ Our AdamW with the per-module parameter groups goes in as a client optimizer (so
 three learning rates hold), our warmup+cosine LambdaLR as the client scheduler (DeepSpeed
 steps it at each accumulation boundary, as the DDP engine does). Batch size,
 accumulation, clipping and precision come from the run config: the JSON may leave them
-"auto"; a value that disagrees with the run config is refused."""
+"auto"; a value that disagrees with the run config is refused. Checkpoints resume on the
+same or another number of ranks (DeepSpeed's universal checkpoint), checked against a
+fingerprint of the saved state: see `DeepSpeedEngine.save` and `load`."""
 from __future__ import annotations
 
 import argparse
@@ -339,7 +341,8 @@ def compare_summaries(saved: dict, now: dict, rtol: float = 1e-7, buffers: bool 
                 bad.append(f"{n} {k} differs")
     for n, (sq, ws) in (saved.get("buffers", {}) if buffers else {}).items():
         sq2, ws2 = now["buffers"].get(n, (math.nan, math.nan))
-        if not (abs(sq - sq2) <= rtol * max(abs(sq), 1e-30) and abs(ws - ws2) <= rtol * (abs(ws) + math.sqrt(sq) + 1e-30)):
+        bound = abs(ws) + math.sqrt(max(sq, 0.0)) + 1e-30
+        if not (abs(sq - sq2) <= rtol * max(abs(sq), 1e-30) and abs(ws - ws2) <= rtol * bound):
             bad.append(f"buffer {n} differs")
     if saved.get("step") != now.get("step"):
         bad.append(f"optimizer step {now.get('step')} instead of {saved.get('step')}")
