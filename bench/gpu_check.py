@@ -13,11 +13,16 @@ Sections, each timed and guarded, each writing its figures to $OUT/gpu_results.j
   throughput  (issue #14) realistic caption lengths at batch 256 and 512: ours padded /
            trimmed / bucketed, the bare loop on padded and trimmed ids, open_clip's own
            model config and step on the same towers, device-busy share; then compiled
+  packing  (issue #28) captions packed into rows (data.pack_captions) at batch
+           64/256/512: the text tower alone (padded / trimmed / packed / flat: the same
+           real tokens with no padding) and Trainer.train_step trimmed vs packed vs flat
+           (target: packed >= 0.85x flat's real tokens/s)
   e2e      torchrun launch/train_ddp.py on the real recipe (random weights) fed by the
            loader with workers, then evaluate.py, build_index.py and search.py on the
            exported model: the whole pipeline on CUDA, and whether the loader keeps up
 
     python bench/gpu_check.py              # on the GPU machine
+    python bench/gpu_check.py --sections packing   # issue #28 only (~3 min)
     python bench/gpu_check.py --smoke      # tiny model on the CPU: checks this script
 """
 from __future__ import annotations
@@ -321,7 +326,7 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
         return Trainer(cfg, DistInfo(device=dev))
 
     for b in batches:
-        tr = trainer(b, **{"data.trim_padding": 0})
+        tr = trainer(b, **{"data.trim_padding": 0, "data.pack_captions": "false"})
         vocab = min(len(tr.tokenizer), tr.model.text.config.vocab_size)
         full = next(iter(tr.stream))
         lengths = caption_lengths(4 * b, seed=b)
@@ -347,6 +352,9 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
         # before #14's sync-free steps: the host read the flags and metrics every step
         row["ours_trimmed_read_every_step_sps"] = round(b / _time(lambda: tr.train_step([plain], sync=True),
                                                                   dev, steps), 1)
+        tr.cfg.data.pack_captions = True  # #28: captions packed into rows (the default)
+        row["ours_packed_sps"] = round(b / _time(lambda: tr.train_step([plain], sync=False), dev, steps), 1)
+        tr.cfg.data.pack_captions = False
         # bucketed: the mean over the block's batches of similar length
         t_b = sum(_time(lambda g=g: tr.train_step([{"images": plain["images"], "input_ids": ids[g]}], sync=False),
                         dev, max(2, steps // 4), warmup=1) for g in grouped) / len(grouped)
@@ -402,11 +410,91 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
         def f():
             tr.train_step([bs[k[0] % 4]], sync=False)
             k[0] += 1
-        res["compile"]["ours_trimmed_compiled_sps"] = round(b / _time(f, dev, steps), 1)
+        res["compile"]["ours_packed_compiled_sps"] = round(b / _time(f, dev, steps), 1)  # the defaults
         res["compile"].update(compile_stats())
         tr.close()
     return res
 
+
+def _tower_step(model, dev: torch.device):
+    """The text tower's bf16 forward+backward (encode_text, packed or not)."""
+    def f(x, packing):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = model.encode_text(x, packing=packing).float().sum()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return f
+
+
+@section("packing")
+def packing(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: bool) -> dict:
+    """Issue #28: captions packed into rows, on realistic caption lengths
+    (bench_text_padding). tower: encode_text forward+backward alone per mode (the same
+    captions; flat: the same real tokens, every caption at the batch's mean length, no
+    padding at all); step: Trainer.train_step trimmed vs packed vs flat."""
+    from bench_text_padding import MODES, caption_lengths, make_ids, text_modes
+
+    from phoclip_train.config import resolve_config
+    from phoclip_train.distributed import DistInfo
+    from phoclip_train.trainer import Trainer
+
+    size = 64 if smoke else 224
+    config = "launch/configs/tiny-debug.yaml" if smoke else "launch/configs/phobert-large-rn50.yaml"
+    cfg = resolve_config(str(ROOT / config), [
+        f"run_dir={work / 'packing_run'}", "train.max_steps=100000", "train.log_every=100000",
+        "train.sync_every=100000", "train.save_every=100000", *_overrides(work, size, max(batches), smoke)])
+    tr = Trainer(cfg, DistInfo(device=dev))
+    model = tr.model
+    vocab = min(len(tr.tokenizer), model.text.config.vocab_size)
+    full = next(iter(tr.stream))
+    res: dict = {"tower": [], "step": []}
+    tower = _tower_step(model, dev)
+    for b in batches:
+        lengths = caption_lengths(b * steps, seed=b)
+        modes = text_modes(make_ids(lengths, vocab, torch.Generator().manual_seed(b)), lengths, b, steps, 0, vocab)
+        row, flat = {"batch": b, "mean_caption_tokens": round(float(lengths.mean()), 1)}, None
+        for name, xs in modes.items():
+            dev_xs = [(x.to(dev), p.to(dev) if p else None) for x, p in xs]
+            k = [0]
+
+            def f():
+                tower(*dev_xs[k[0] % len(dev_xs)])
+                k[0] += 1
+            t = _time(f, dev, steps)
+            real = sum(int((x != 1).sum()) for x, _ in xs) / len(xs)
+            computed = sum(p.computed_tokens if p else x.numel() for x, p in xs) / len(xs)
+            row[name] = {"samples_per_s": round(b / t, 1), "real_tokens_per_s": round(real / t),
+                         "real_over_computed": round(real / computed, 3)}
+            if name == MODES["flat"]:
+                flat = real / t
+        for v in row.values():
+            if isinstance(v, dict):
+                v["vs_flat"] = round(v["real_tokens_per_s"] / flat, 3)
+        res["tower"].append(row)
+        print(json.dumps(row), flush=True)
+
+        # the whole step, the same trainer: trimmed (packing off), packed, flat
+        imgs = full["images"][:b]
+        if imgs.shape[0] < b:
+            imgs = imgs.repeat(-(-b // imgs.shape[0]), 1, 1, 1)[:b]
+        srow = {"batch": b}
+        for name, ids, pack in (("trimmed", modes[MODES["padded"]][0][0], False),
+                                ("packed", modes[MODES["padded"]][0][0], True),
+                                ("flat", modes[MODES["flat"]][0][0], False)):
+            batch = {"images": imgs.clone(), "input_ids": ids.clone()}
+            if dev.type == "cuda":
+                batch = {k: v.pin_memory() for k, v in batch.items()}
+            tr.cfg.data.pack_captions = pack
+            t = _time(lambda: tr.train_step([batch], sync=False), dev, steps)
+            srow[name] = {"samples_per_s": round(b / t, 1), "real_tokens_per_s": round(int((ids != 1).sum()) / t)}
+        for v in srow.values():
+            if isinstance(v, dict):
+                v["vs_flat"] = round(v["real_tokens_per_s"] / srow["flat"]["real_tokens_per_s"], 3)
+        res["step"].append(srow)
+        print(json.dumps(srow), flush=True)
+        _out().write_text(json.dumps(dict(RESULTS, packing=res), indent=2))
+    tr.close()
+    return res
 
 @section("e2e")
 def e2e(work: Path, batch: int, steps: int, workers: int, smoke: bool) -> dict:
@@ -463,8 +551,10 @@ def main() -> None:
     ap.add_argument("--tp-batches", type=int, nargs="+", default=[256, 512],
                     help="batches of the throughput section (padding/trim/bucket/compile, bare, open_clip)")
     ap.add_argument("--compile", default="default", choices=["off", "default", "max-autotune"])
-    ap.add_argument("--sections", nargs="+", default=["step", "throughput", "e2e"],
-                    choices=["step", "throughput", "e2e"], help="after env, data and loader")
+    ap.add_argument("--pack-batches", type=int, nargs="+", default=[64, 256, 512],
+                    help="batches of the packing section (#28)")
+    ap.add_argument("--sections", nargs="+", default=["step", "throughput", "packing", "e2e"],
+                    choices=["step", "throughput", "packing", "e2e"], help="after env, data and loader")
     args = ap.parse_args()
     from phoclip.log import init_logger
 
@@ -472,6 +562,7 @@ def main() -> None:
     if args.smoke:
         args.batches, args.steps, args.images, args.workers = [8, 16], 2, 240, [2]
         args.tp_batches = [8]
+        args.pack_batches = [16, 32]
         args.e2e_steps, args.e2e_batch = 6, 16
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if dev.type == "cuda":
@@ -488,6 +579,10 @@ def main() -> None:
         torch.cuda.empty_cache()
     if "throughput" in args.sections:
         throughput(work, dev, args.tp_batches, args.steps, args.smoke, args.compile)
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    if "packing" in args.sections:
+        packing(work, dev, args.pack_batches, args.steps, args.smoke)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     if "e2e" in args.sections:

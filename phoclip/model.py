@@ -5,6 +5,7 @@ The model is pure: no ranks, no launcher state. Parallelism is the trainer's job
 """
 from __future__ import annotations
 
+import bisect
 import copy
 import hashlib
 import json
@@ -14,7 +15,6 @@ import os
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -150,46 +150,31 @@ def trim_padding(input_ids: torch.Tensor, pad_id: int, multiple_of: int = 1) -> 
     return input_ids if n == input_ids.shape[1] else input_ids[:, :n]
 
 
-DEFAULT_TEXT_CHUNKS = 6
-"""Most length groups `plan_text_chunks` splits a batch's captions into (data.text_chunks)."""
-CHUNK_MIN_ROWS = 8
-"""Fewest captions in one group: a forward of a handful of rows wastes a GPU."""
-CHUNK_COST_TOKENS = {"cpu": 64, "cuda": 2048}
-"""What one more text-tower forward costs, in computed tokens, by device type: a split is
-made only where it saves more than this per extra group. On a CPU, about the memory
-traffic of one more weight-gradient pass; on a GPU an eager forward+backward's host-side
-dispatch (~10-15 ms for phobert-large) is worth ~2k tokens of its compute: an estimate,
-not yet measured (bench/gpu_check.py measures it: bench/RESULTS.md). Other devices: the
-cuda figure."""
+PACK_ROW_TOKENS = 128
+"""Row length of `pack_captions` (raised to the longest caption where that is longer):
+longer rows fill a little better, shorter ones cost less attention (each token's
+attention spans its row, masked to its own caption)."""
+
+# where a tower numbers the first token of a caption (its position ids then count up):
+# RoBERTa-style embeddings start after the padding index, BERT-style at 0
+_FIRST_POSITION = {"roberta": "pad+1", "xlm-roberta": "pad+1", "camembert": "pad+1", "bert": 0}
 
 
-class TextChunks(NamedTuple):
-    """A batch's captions in length groups (`plan_text_chunks`): the text tower runs once
-    per group, each group trimmed to its own longest caption, and the features are put
-    back in batch order. Host-side sizes and widths: no device read to split."""
+class TextPacking(NamedTuple):
+    """A batch's captions packed end to end into rows (`pack_captions`)."""
 
-    order: torch.Tensor    # [B] rows sorted by caption length, shortest first
-    restore: torch.Tensor  # [B] the inverse permutation: features back in batch order
-    sizes: tuple           # rows per group, along `order`
-    widths: tuple          # columns per group: its longest caption, rounded up
+    ids: torch.Tensor        # [R, P] token ids; pad where a row has room left
+    positions: torch.Tensor  # [R, P] each token's position id, as in its padded row
+    segments: torch.Tensor   # [R, P] the caption each slot holds; -1: room left
+    gather: torch.Tensor     # [B, Lmax] each caption's slots in the flattened rows (R*P: none)
+    lengths: torch.Tensor    # [B] tokens per caption
 
-    def split(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        """The groups' ids, each cut to its width (contiguous: compiled code and ONNX
-        sessions get plain tensors)."""
-        rows = input_ids.index_select(0, self.order.to(input_ids.device))
-        return [g[:, :w].contiguous() for g, w in zip(rows.split(list(self.sizes)), self.widths)]
-
-    def merge(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """Per-group outputs (in `split`'s order) → rows in batch order."""
-        return torch.cat(parts)[self.restore.to(parts[0].device)]
-
-    def to(self, device, non_blocking: bool = False) -> "TextChunks":
-        return self._replace(order=self.order.to(device, non_blocking=non_blocking),
-                             restore=self.restore.to(device, non_blocking=non_blocking))
+    def to(self, device, non_blocking: bool = False) -> "TextPacking":
+        return TextPacking(*(t.to(device, non_blocking=non_blocking) for t in self))
 
     @property
     def computed_tokens(self) -> int:
-        return sum(s * w for s, w in zip(self.sizes, self.widths))
+        return self.ids.numel()
 
 
 def caption_lengths(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
@@ -198,60 +183,46 @@ def caption_lengths(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return torch.where(input_ids != pad_id, pos, 0).amax(1).clamp(min=1)
 
 
-def plan_text_chunks(input_ids: torch.Tensor, pad_id: int, max_chunks: int = DEFAULT_TEXT_CHUNKS,
-                     multiple_of: int = 8, min_rows: Optional[int] = None,
-                     chunk_cost: Optional[int] = None, device: Any = "cuda") -> Optional[TextChunks]:
-    """Split a batch's captions into at most `max_chunks` groups by length, so the text
-    tower computes about the real tokens instead of every row at the longest caption's
-    width. Exact as trimming is (pads are masked; positions count only real tokens):
-    every caption's embedding, the loss over the whole batch and every gradient are
-    those of the padded batch; only dropout draws its masks in other shapes.
+def pack_captions(input_ids: torch.Tensor, pad_id: int, first_position: int,
+                  row_tokens: int = PACK_ROW_TOKENS) -> TextPacking:
+    """Pack a batch's captions end to end into rows of `row_tokens` (best fit, longest
+    first), so one text-tower forward computes about the real tokens (~0.95-0.98 of
+    them at realistic lengths) instead of every caption at the batch's longest.
 
-    The groups minimise computed tokens (rows x width, widths rounded up to
-    `multiple_of`, so `train.compile` sees few shapes) + `chunk_cost` per group, each of
-    at least `min_rows` rows (defaults: CHUNK_COST_TOKENS of the `device` the tower runs
-    on, CHUNK_MIN_ROWS). None when one group is best (then trim_padding alone). Call it
-    on the CPU ids, as trim_padding: it reads the lengths."""
-    min_rows = max(1, CHUNK_MIN_ROWS if min_rows is None else min_rows)
-    if chunk_cost is None:
-        kind = torch.device(device).type
-        chunk_cost = CHUNK_COST_TOKENS.get(kind, CHUNK_COST_TOKENS["cuda"])
-    n, width = input_ids.shape if input_ids.ndim == 2 else (0, 0)
-    if max_chunks < 2 or n < 2 * min_rows or width == 0:
-        return None
-    m = max(1, multiple_of)
+    Exact: a block-diagonal attention mask keeps each caption's attention on its own
+    tokens, its position ids are those of its padded row (`first_position` upwards),
+    and every other layer works token by token; so each caption's embedding, the loss
+    over the whole batch and every gradient are those of the padded batch (dropout draws
+    its masks in another shape). Call it on the CPU ids, as trim_padding: it reads the
+    lengths."""
     lengths = caption_lengths(input_ids, pad_id)
-    widths = ((lengths + m - 1) // m * m).clamp(max=width)
-    order = torch.sort(widths, stable=True).indices
-    w = widths[order].tolist()
-    # cut points worth trying: where the rounded width changes, and min_rows-steps
-    # before them (a group that an optimal split leaves at exactly min_rows rows)
-    edges = [i for i in range(1, n) if w[i] != w[i - 1]] + [n]
-    cuts = sorted({e - k * min_rows for e in edges for k in range(max_chunks)} & set(range(min_rows, n + 1)))
-    if cuts[-1] != n:
-        return None
-    pos = np.array([0] + cuts)
-    last_w = np.array([0] + [w[c - 1] for c in cuts])
-    rows = pos[None, :] - pos[:, None]                      # [from, to]
-    step = np.where(rows >= min_rows, rows * last_w[None, :], np.inf)
-    best = np.full(len(pos), np.inf)
-    best[0] = 0.0
-    choice, plans = [], []
-    for g in range(1, max_chunks + 1):
-        total = best[:, None] + step
-        choice.append(total.argmin(0))
-        best = total.min(0)
-        plans.append(best[-1] + chunk_cost * g)
-    g = int(np.argmin(plans)) + 1  # the first minimum: fewer groups on a tie
-    if g == 1:
-        return None
-    bounds, j = [], len(pos) - 1
-    for k in range(g - 1, -1, -1):
-        bounds.append(int(pos[j]))
-        j = int(choice[k][j])
-    bounds = [0] + bounds[::-1]
-    sizes = tuple(b - a for a, b in zip(bounds, bounds[1:]))
-    return TextChunks(order, torch.argsort(order), sizes, tuple(w[b - 1] for b in bounds[1:]))
+    n = input_ids.shape[0]
+    L = lengths.tolist()
+    P = max(row_tokens, -(-max(L) // 8) * 8)
+    row, off = [0] * n, [0] * n
+    rooms, rows = [], 0  # (room left, row), sorted: the first that fits fits best
+    for i in sorted(range(n), key=lambda i: -L[i]):
+        j = bisect.bisect_left(rooms, (L[i], -1))
+        if j == len(rooms):
+            room, r = P, rows
+            rows += 1
+        else:
+            room, r = rooms.pop(j)
+        row[i], off[i] = r, P - room
+        if room > L[i]:
+            bisect.insort(rooms, (room - L[i], r))
+    tok = torch.repeat_interleave(torch.arange(n), lengths)               # each token's caption
+    k = torch.arange(len(tok)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    dest = torch.tensor(row)[tok] * P + torch.tensor(off)[tok] + k        # its slot
+    ids = torch.full((rows * P,), pad_id, dtype=input_ids.dtype)
+    ids[dest] = input_ids[tok, k]
+    positions = torch.full((rows * P,), first_position, dtype=torch.long)
+    positions[dest] = first_position + k
+    segments = torch.full((rows * P,), -1, dtype=torch.long)
+    segments[dest] = tok
+    gather = torch.full((n, max(L)), rows * P, dtype=torch.long)
+    gather[tok, k] = dest
+    return TextPacking(ids.view(rows, P), positions.view(rows, P), segments.view(rows, P), gather, lengths)
 
 
 class PhoCLIP(nn.Module):
@@ -286,6 +257,10 @@ class PhoCLIP(nn.Module):
         self.pooling = config["text"].get("pooling", "cls")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"text.pooling must be cls or mean, not {self.pooling!r}")
+        first = _FIRST_POSITION.get(self.text.config.model_type)
+        if getattr(self.text.config, "position_embedding_type", "absolute") != "absolute":
+            first = None  # relative positions are measured inside the attention: no packing
+        self._first_position = self.pad_id + 1 if first == "pad+1" else first
         self._image_locked = False
 
     # ------------------------------------------------------------------ encoders
@@ -294,16 +269,23 @@ class PhoCLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, input_ids: torch.Tensor, normalize: bool = True,
-                    chunks: Optional[TextChunks] = None) -> torch.Tensor:
-        """Text features; with `chunks` (`plan_text_chunks` of the CPU ids) the tower runs
-        once per length group and the pooled rows return to batch order before the
-        head: the same features, for about the real tokens' compute."""
-        if chunks is None:
+                    packing: Optional[TextPacking] = None) -> torch.Tensor:
+        """Text features; with `packing` (`pack_text` of the CPU ids) one forward over the
+        captions packed into rows, the same features for about the real tokens' compute
+        (`input_ids` are then not read)."""
+        if packing is None:
             pooled = self._pool_text(input_ids)
         else:
-            pooled = chunks.merge([self._pool_text(x) for x in chunks.split(input_ids)])
+            pooled = self._pool_packed(packing.to(input_ids.device, non_blocking=True))
         x = self.text_head(pooled)
         return F.normalize(x, dim=-1) if normalize else x
+
+    def pack_text(self, input_ids: torch.Tensor) -> Optional[TextPacking]:
+        """`pack_captions` for this text tower (CPU ids); None where the tower cannot take
+        packed rows (position ids it numbers in another way, relative positions)."""
+        if self._first_position is None or input_ids.ndim != 2 or input_ids.shape[0] == 0:
+            return None
+        return pack_captions(input_ids, self.pad_id, self._first_position)
 
     def _pool_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         mask = (input_ids != self.pad_id).long()
@@ -313,10 +295,20 @@ class PhoCLIP(nn.Module):
         m = mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
+    def _pool_packed(self, p: TextPacking) -> torch.Tensor:
+        # block-diagonal [R, P, P]: a slot attends to the slots of its own caption (the
+        # room left in a row is one more block, so no row of the mask is empty)
+        mask = (p.segments[:, :, None] == p.segments[:, None, :]).long()
+        h = self.text(input_ids=p.ids, attention_mask=mask, position_ids=p.positions).last_hidden_state
+        flat = torch.cat([h.reshape(-1, h.shape[-1]), h.new_zeros(1, h.shape[-1])])  # slot R*P: zeros
+        if self.pooling == "cls":
+            return flat[p.gather[:, 0]]
+        return flat[p.gather].sum(1) / p.lengths[:, None].to(h.dtype)
+
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
-                text_chunks: Optional[TextChunks] = None) -> dict[str, torch.Tensor]:
+                text_packing: Optional[TextPacking] = None) -> dict[str, torch.Tensor]:
         out = {"image_features": self.encode_image(images),
-               "text_features": self.encode_text(input_ids, chunks=text_chunks),
+               "text_features": self.encode_text(input_ids, packing=text_packing),
                # clamped here too: engines that keep master weights (DeepSpeed) undo an
                # in-place clamp of the module's copy at their next step
                "logit_scale": self.logit_scale.clamp(max=self.logit_scale_max).exp().squeeze()}

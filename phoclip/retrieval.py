@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from phoclip.model import DEFAULT_TEXT_CHUNKS, plan_text_chunks, trim_padding
+from phoclip.model import trim_padding
 from phoclip.shards import decode_counted, read_shards
 from phoclip.transforms import image_to_tensor
 
@@ -64,14 +64,13 @@ def chance_recall(n_images: int, k: int) -> float:
 @torch.no_grad()
 def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_size: int = 64,
                   autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
-                  lockstep: bool = False, text_chunks: int = DEFAULT_TEXT_CHUNKS):
+                  lockstep: bool = False, pack_captions: bool = True):
     """Embed images and all their captions. Returns (image feats [N,D], text feats [M,D],
     text_to_image [M] (local indices), keys [N], metas [N]).
 
-    text_chunks: the captions of a batch go through the text tower in up to this many
-    groups of similar length (`plan_text_chunks`; the same embeddings, less padding
-    computed); 0 or 1: one forward. Off with lockstep: ranks would run different
-    numbers of forwards.
+    pack_captions: a batch's captions go through the text tower packed into rows
+    (`PhoCLIP.pack_text`: the same embeddings, about the real tokens computed); models
+    without `pack_text` (ONNX) get the trimmed batch.
 
     lockstep: every rank of the process group runs the same number of image and text
     forwards (a rank out of samples, or with a batch without captions, runs a one-row
@@ -103,14 +102,11 @@ def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_si
             elif lockstep:
                 model.encode_image(torch.zeros(1, 3, size, size, device=device))
             ids = torch.cat([b["ids"] for b in buf]) if buf else torch.zeros(0, 2)
-            chunks = None
             if ids.shape[0] and hasattr(model, "pad_id"):  # no compute on padding (exact)
                 ids = trim_padding(ids, model.pad_id, 8)
-                if not lockstep:
-                    chunks = plan_text_chunks(ids, model.pad_id, text_chunks, 8, device=device)
-            if chunks is not None:  # any encode_text (ONNX too): one call per length group
-                txt_f.append(chunks.merge([model.encode_text(x.to(device)).float().cpu()
-                                           for x in chunks.split(ids)]))
+            packing = model.pack_text(ids) if pack_captions and ids.shape[0] and hasattr(model, "pack_text") else None
+            if packing is not None:  # one forward, still: lockstep holds
+                txt_f.append(model.encode_text(ids.to(device), packing=packing.to(device)).float().cpu())
             elif ids.shape[0]:  # a folder of photos has no captions
                 txt_f.append(model.encode_text(ids.to(device)).float().cpu())
             elif lockstep:
@@ -161,16 +157,16 @@ def evaluate_shards(model, urls: list[str], image_size: int, device: torch.devic
                     autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
                     return_embeddings: bool = False, lockstep: bool = False,
                     ids_width: Optional[int] = None, vocab_size: Optional[int] = None,
-                    manifest: Optional[str] = None, text_chunks: int = DEFAULT_TEXT_CHUNKS):
+                    manifest: Optional[str] = None, pack_captions: bool = True):
     """Embed the shards (each rank its part), gather, and compute the recalls; the
     samples skipped (by reason, all ranks) are in the result as `skipped`. With
     return_embeddings: (metrics, image features, keys, metas). `lockstep` and
-    `text_chunks`: see `embed_samples`. `ids_width`/`vocab_size`: see `decode_ids`."""
+    `pack_captions`: see `embed_samples`. `ids_width`/`vocab_size`: see `decode_ids`."""
 
     skipped: Counter = Counter()
     parts = embed_samples(model, eval_samples(urls, image_size, rank, world_size, skipped, ids_width,
                                               vocab_size, manifest), device, batch_size, autocast_dtype, progress, lockstep,
-                          text_chunks)
+                          pack_captions)
     img, txt, t2i, keys, metas = gather_embeddings(*parts, world_size)
     skipped = gather_counts(skipped, world_size)
     if img.shape[0] == 0:

@@ -1,17 +1,15 @@
-"""Text compute that follows the real tokens (data.text_chunks): a batch's captions go
-through the text tower in length groups, each cut to its own longest caption, and come
-back in batch order. The features, the loss over the whole batch and every parameter's
-gradient must be the single padded forward's, for each pooling and engine."""
-import itertools
+"""Text compute that follows the real tokens (data.pack_captions): a batch's captions are
+packed end to end into rows, one text-tower forward, a block-diagonal attention mask and
+each caption's own position ids. The features, the loss over the whole batch and every
+parameter's gradient must be the padded forward's, for each pooling and engine."""
 import logging
 
 import pytest
 import torch
 
-import phoclip.model as pm
 from dist_utils import run_distributed
 from phoclip.loss import ClipLoss
-from phoclip.model import caption_lengths, create_model, plan_text_chunks, trim_padding
+from phoclip.model import caption_lengths, create_model, pack_captions, trim_padding
 
 PAD = 1
 
@@ -25,129 +23,118 @@ def _ids(lengths, width=40, vocab=100, seed=0):
     return ids
 
 
-def _lengths(n, seed=0):
+def _lengths(n, seed=0, median=12.0):
     """Realistic mix: mostly short captions, a few long ones (the width trimming keeps)."""
     g = torch.Generator().manual_seed(seed)
-    return (torch.exp(torch.log(torch.tensor(12.0)) + 0.5 * torch.randn(n, generator=g))
+    return (torch.exp(torch.log(torch.tensor(median)) + 0.5 * torch.randn(n, generator=g))
             .round().clamp(3, 40).long().tolist())
 
 
-def test_plan_is_a_permutation_with_groups_cut_to_their_longest_caption():
+def test_packing_puts_each_caption_whole_in_one_row():
     ids = _ids(_lengths(64))
-    plan = plan_text_chunks(ids, PAD, 4, 8, min_rows=8, chunk_cost=0)
-    assert plan is not None and 2 <= len(plan.sizes) <= 4
-    assert sorted(plan.order.tolist()) == list(range(64))
-    assert torch.equal(plan.order[plan.restore], torch.arange(64))
-    assert sum(plan.sizes) == 64 and min(plan.sizes) >= 8
-    assert all(w % 8 == 0 or w == ids.shape[1] for w in plan.widths)
-    lengths = caption_lengths(ids, PAD)
-    for x, w, rows in zip(plan.split(ids), plan.widths, plan.order.split(list(plan.sizes))):
-        assert x.shape == (len(rows), w) and x.is_contiguous()
-        assert int(lengths[rows].max()) <= w  # no real token is cut
-        assert torch.equal(x, ids[rows, :w])
-    assert plan.computed_tokens < trim_padding(ids, PAD, 8).numel() * 0.8
-    # merge puts each group's rows back in batch order
-    row_of = torch.arange(64)[:, None].expand(64, ids.shape[1])
-    assert torch.equal(plan.merge([x[:, 0] for x in plan.split(row_of)]), torch.arange(64))
+    p = pack_captions(ids, PAD, first_position=PAD + 1, row_tokens=64)
+    rows, P = p.ids.shape
+    assert P == 64 and torch.equal(p.lengths, caption_lengths(ids, PAD))
+    flat_ids, flat_pos, flat_seg = p.ids.reshape(-1), p.positions.reshape(-1), p.segments.reshape(-1)
+    for i, n in enumerate(p.lengths.tolist()):
+        slots = p.gather[i, :n]
+        assert torch.equal(flat_ids[slots], ids[i, :n])                        # its tokens, in order
+        assert torch.equal(flat_pos[slots], torch.arange(n) + PAD + 1)         # its padded row's positions
+        assert (flat_seg[slots] == i).all() and len(set((slots // P).tolist())) == 1  # one row
+        assert torch.equal(slots, slots[0] + torch.arange(n))                  # contiguous
+        assert (p.gather[i, n:] == rows * P).all()                             # the rest: the zero slot
+    assert int((flat_seg >= 0).sum()) == int(p.lengths.sum())                  # nothing else in the rows
+    assert (flat_ids[flat_seg < 0] == PAD).all()
+    assert p.computed_tokens < 1.2 * int(p.lengths.sum()) < trim_padding(ids, PAD, 8).numel()
+    # a caption longer than the row length widens the rows
+    long = _ids([90, 5, 7], width=96)
+    assert pack_captions(long, PAD, 2, row_tokens=64).ids.shape[1] == 96
 
 
-def test_plan_is_optimal_against_brute_force():
-    """The candidate cut points lose nothing: every split of the sorted rows into at most
-    3 groups of >= min_rows, searched exhaustively, costs no less."""
-    for seed in range(12):
-        lengths = _lengths(30, seed)
-        ids = _ids(lengths)
-        for mult, min_rows, cost in ((8, 4, 0), (1, 3, 0), (4, 5, 20), (8, 4, 60)):
-            w = sorted(min(-(-n // mult) * mult, 40) for n in lengths)
-            best = 30 * w[-1] + cost
-            for g in (2, 3):
-                for cuts in itertools.combinations(range(1, 30), g - 1):
-                    b = (0, *cuts, 30)
-                    if min(y - x for x, y in zip(b, b[1:])) < min_rows:
-                        continue
-                    best = min(best, sum((y - x) * w[y - 1] for x, y in zip(b, b[1:])) + cost * g)
-            plan = plan_text_chunks(ids, PAD, 3, mult, min_rows, cost)
-            got = 30 * w[-1] + cost if plan is None else plan.computed_tokens + cost * len(plan.sizes)
-            assert got == best, (seed, mult, min_rows, cost, plan)
+def test_packing_fills_rows_at_realistic_lengths():
+    """PhoBERT caption lengths (median 22, tail to 70) at batch 256: rows of 128 hold
+    >= 95% real tokens (trimming alone: ~36%)."""
+    ids = _ids(_lengths(256, 1, median=22.0), width=70, vocab=1000)
+    p = pack_captions(ids, PAD, 2)
+    assert int(p.lengths.sum()) / p.computed_tokens > 0.95
 
 
-def test_no_split_where_it_cannot_pay():
-    ids = _ids(_lengths(64))
-    assert plan_text_chunks(ids, PAD, 4, device="cpu") is not None
-    assert plan_text_chunks(ids[:32], PAD, 4, device="cuda") is None  # a GPU forward's fixed cost
-    assert plan_text_chunks(ids, PAD, 1) is None  # off
-    assert plan_text_chunks(ids, PAD, 0) is None
-    assert plan_text_chunks(ids[:15], PAD, 4, min_rows=8) is None  # too few rows for two groups
-    assert plan_text_chunks(_ids([9] * 64), PAD, 4, chunk_cost=0) is None  # one width
-    assert plan_text_chunks(ids, PAD, 4, chunk_cost=10 ** 6) is None  # an extra forward costs more
-    assert plan_text_chunks(torch.zeros(0, 40, dtype=torch.long), PAD, 4) is None
-
-
-def _model(pooling):
+def _model(pooling, **text):
     torch.manual_seed(0)
-    return create_model("tiny-debug", text={"pooling": pooling, "hf_config": {"vocab_size": 100}})
+    return create_model("tiny-debug", text={"pooling": pooling, "hf_config": {"vocab_size": 100, **text}})
 
 
-def _loss_and_grads(model, images, ids, chunks):
+def _loss_and_grads(model, images, ids, packing):
     model.zero_grad(set_to_none=True)
-    out = model(images, ids, chunks)
+    out = model(images, ids, packing)
     loss = ClipLoss()(**out)["contrastive_loss"]
     loss.backward()
     return out["text_features"].detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                                           if p.grad is not None}
 
 
+def _assert_same(a, b):
+    (f0, l0, g0), (f1, l1, g1) = a, b
+    torch.testing.assert_close(f1, f0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert set(g0) == set(g1) and len(g0) > 30
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_chunked_text_tower_gives_the_padded_features_loss_and_gradients(pooling):
-    """Padded to 40, trimmed, and in length groups: the same text features, the same
-    contrastive loss over the whole batch and the same gradient on every parameter."""
+def test_packed_text_tower_gives_the_padded_features_loss_and_gradients(pooling):
+    """Padded to 40 vs packed into rows: the same text features, the same contrastive
+    loss over the whole batch and the same gradient on every parameter."""
     model = _model(pooling).train()
     ids = _ids(_lengths(48))
     images = torch.randn(48, 3, 32, 32)
-    plan = plan_text_chunks(trim_padding(ids, PAD, 8), PAD, 4, 8, min_rows=4, chunk_cost=0)
-    assert plan is not None and len(plan.sizes) >= 3
-    (f_pad, l_pad, g_pad), (f_ch, l_ch, g_ch) = (_loss_and_grads(model, images, ids, None),
-                                                 _loss_and_grads(model, images, trim_padding(ids, PAD, 8), plan))
-    torch.testing.assert_close(f_ch, f_pad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(l_ch, l_pad, rtol=1e-5, atol=1e-6)
-    assert set(g_pad) == set(g_ch) and len(g_pad) > 30
-    for n in g_pad:
-        torch.testing.assert_close(g_ch[n], g_pad[n], rtol=1e-4, atol=1e-5, msg=n)
-    # without gradient too (evaluation), and the plan may live on the ids' device already
-    model.eval()
+    packing = model.pack_text(ids)
+    assert packing is not None and packing.computed_tokens < 0.5 * ids.numel()
+    _assert_same(_loss_and_grads(model, images, ids, None), _loss_and_grads(model, images, ids, packing))
+    model.eval()  # without gradient too (evaluation)
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_text(ids, chunks=plan.to("cpu")), model.encode_text(ids),
+        torch.testing.assert_close(model.encode_text(ids, packing=packing), model.encode_text(ids),
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_text_tower_in_bf16_close_to_one_forward():
-    """bf16 autocast: the weight casts are cached, so each weight's gradient is summed
-    over the groups in bf16 - a few more roundings than one forward's single GEMM, well
-    inside bf16's own error (the same check as fp32 vs bf16 in test_model)."""
-    model = _model("mean").train()
-    ids = _ids(_lengths(48, 4))
-    images = torch.randn(48, 3, 32, 32)
-    plan = plan_text_chunks(trim_padding(ids, PAD, 8), PAD, 6, 8, min_rows=4, chunk_cost=0)
-    assert plan is not None and len(plan.sizes) >= 3
-    grads = []
-    for x, chunks in ((ids, None), (trim_padding(ids, PAD, 8), plan)):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            _, loss, g = _loss_and_grads(model, images, x, chunks)
-        grads.append(torch.cat([v.flatten().float() for _, v in sorted(g.items())]))
-    assert torch.isfinite(grads[1]).all()
-    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.999
+def test_bert_tower_packs_exactly_and_relative_positions_do_not_pack():
+    """BERT numbers positions from 0 (RoBERTa after the padding index): packing follows
+    the tower; a tower with relative positions gets no packing (the trimmed batch)."""
+    model = _model("mean", model_type="bert").train()
+    assert type(model.text).__name__ == "BertModel"
+    ids = _ids(_lengths(32, 2))
+    packing = model.pack_text(ids)
+    assert packing is not None and int(packing.positions.min()) == 0
+    images = torch.randn(32, 3, 32, 32)
+    _assert_same(_loss_and_grads(model, images, ids, None), _loss_and_grads(model, images, ids, packing))
+    rel = _model("cls", model_type="bert", position_embedding_type="relative_key")
+    assert rel.pack_text(ids) is None
 
 
-def test_chunked_text_tower_under_grad_checkpointing():
+def test_packed_text_tower_under_grad_checkpointing():
     model = _model("cls").train()
     ids = _ids(_lengths(32, 3))
     images = torch.randn(32, 3, 32, 32)
-    plan = plan_text_chunks(ids, PAD, 4, 8, min_rows=4, chunk_cost=0)
-    ref = _loss_and_grads(model, images, ids, None)[2]
+    ref = _loss_and_grads(model, images, ids, None)
     model.set_grad_checkpointing(True)
-    got = _loss_and_grads(model, images, ids, plan)[2]
-    for n in ref:
-        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-5, msg=n)
+    _assert_same(ref, _loss_and_grads(model, images, ids, model.pack_text(ids)))
+
+
+def test_packed_text_tower_in_bf16_close_to_the_padded_batch():
+    """bf16 autocast: packed and padded differ only by bf16 rounding, and are as close to
+    the fp32 gradients as each other (the fp32-vs-bf16 check of test_model)."""
+    model = _model("mean").train()
+    ids = _ids(_lengths(48, 4))
+    images = torch.randn(48, 3, 32, 32)
+    grads = {}
+    for name, packing, bf16 in (("fp32", None, False), ("padded", None, True), ("packed", model.pack_text(ids), True)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            g = _loss_and_grads(model, images, ids, packing)[2]
+        grads[name] = torch.cat([v.flatten().float() for _, v in sorted(g.items())])
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(grads[a], grads[b], dim=0))  # noqa: E731
+    assert cos("padded", "packed") > 0.999
+    assert abs(cos("fp32", "packed") - cos("fp32", "padded")) < 2e-3
 
 
 def _ddp_worker(rank, world, pooling):
@@ -155,16 +142,13 @@ def _ddp_worker(rank, world, pooling):
 
     model = _model(pooling).train()
     ddp = DDP(model)
-    ids = _ids(_lengths(32, seed=rank))  # each rank its own captions
+    ids = _ids(_lengths(32, seed=rank))  # each rank its own captions (and number of rows)
     images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
-    plan = plan_text_chunks(trim_padding(ids, PAD, 8), PAD, 4, 8, min_rows=4, chunk_cost=0)
-    assert plan is not None and len(plan.sizes) >= 2
     loss_fn = ClipLoss(rank=rank, world_size=world)  # negatives from both ranks
     grads = []
-    for x, chunks in ((ids, None), (trim_padding(ids, PAD, 8), plan)):
+    for packing in (None, model.pack_text(ids)):
         model.zero_grad(set_to_none=True)
-        loss = loss_fn(**ddp(images, x, chunks))["contrastive_loss"]
-        loss.backward()  # DDP averages the gradients over the ranks
+        loss_fn(**ddp(images, ids, packing))["contrastive_loss"].backward()  # DDP averages over ranks
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert len(grads[0]) > 30 and set(grads[0]) == set(grads[1])
     for n in grads[0]:
@@ -183,29 +167,25 @@ def _deepspeed_worker(rank, world, stage):
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     results = []
-    for chunked in (False, True):
+    for packed in (False, True):
         model = _model("mean").train()
         cfg = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,
-               # threshold 0: ZeRO-3 partitions even this tiny model's weights, so every
-               # group's forward gathers them (both ranks plan the same number of groups)
+               # threshold 0: ZeRO-3 partitions even this tiny model's weights, so the
+               # forward gathers them (each rank its own number of packed rows)
                "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-               "zero_allow_untested_optimizer": True,
-               "gradient_clipping": 0.0}
+               "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                           config=cfg)
-        ids = _ids(_lengths(16), seed=rank)  # same lengths, other tokens on each rank
+        ids = _ids(_lengths(16, seed=rank))
         images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
-        plan = plan_text_chunks(trim_padding(ids, PAD, 8), PAD, 4, 8, min_rows=4, chunk_cost=0)
-        assert plan is not None and len(plan.sizes) >= 2
-        x, chunks = (trim_padding(ids, PAD, 8), plan) if chunked else (ids, None)
-        loss = ClipLoss(rank=rank, world_size=world)(**engine(images, x, chunks))["contrastive_loss"]
+        packing = model.pack_text(ids) if packed else None
+        loss = ClipLoss(rank=rank, world_size=world)(**engine(images, ids, packing))["contrastive_loss"]
         engine.backward(loss)
         engine.step()  # SGD with lr 1: the step is the gradient
         with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):
             results.append({n: p.detach().clone() for n, p in model.named_parameters()})
     before = {n: p.detach() for n, p in _model("mean").named_parameters()}
-    moved = sum(not torch.equal(before[n], results[0][n]) for n in before)
-    assert moved > 30
+    assert sum(not torch.equal(before[n], results[0][n]) for n in before) > 30
     for n in results[0]:
         torch.testing.assert_close(results[1][n], results[0][n], rtol=1e-4, atol=1e-5, msg=n)
 
@@ -214,66 +194,55 @@ def _deepspeed_worker(rank, world, stage):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_same_step(stage):
     """ZeRO-2 and ZeRO-3 (2 gloo ranks, fp32, SGD with lr 1): the step made from the
-    chunked forward is the padded forward's. The trainer still runs one forward under
-    ZeRO-3: there every forward gathers the weights, so ranks would have to agree on
-    the number of groups, and each group costs one more gather of the whole tower."""
+    packed forward is the padded forward's; still one forward, so ZeRO-3's per-forward
+    gathers are as many as before and the ranks stay in step."""
     pytest.importorskip("deepspeed")
     run_distributed(_deepspeed_worker, 2, (stage,))
 
 
-def test_trainer_chunks_give_the_same_steps(shapes_shards, tmp_path, monkeypatch):
-    """The trainer plans groups on the CPU ids and its steps (losses over two steps, so
-    the first step's gradients count) equal one forward's; a step between reads still
-    reads nothing from the device; under ZeRO-3 it plans none."""
+def test_trainer_packs_and_steps_as_padded(shapes_shards, tmp_path):
+    """The trainer packs the CPU ids; its losses over two steps (the first step's
+    gradients count in the second) equal the unpacked trainer's; a step between reads
+    still reads nothing from the device."""
     from test_throughput import _SyncCounter, _trainer
 
-    monkeypatch.setattr(pm, "CHUNK_COST_TOKENS", {"cpu": 0, "cuda": 0})
-    monkeypatch.setattr(pm, "CHUNK_MIN_ROWS", 2)
     losses, used = {}, {}
-    for k in (1, 4):
-        tr = _trainer(shapes_shards, tmp_path / str(k), **{"data.text_chunks": k, "data.trim_padding": 1,
-                                                           "data.batch_size": 16})
+    for pack in (False, True):
+        tr = _trainer(shapes_shards, tmp_path / str(pack), **{"data.pack_captions": pack, "data.batch_size": 16})
         it = iter(tr.stream)
         batches = [next(it) for _ in range(2)]
-        used[k] = [tr.device_inputs([b])[0][2] for b in batches]
-        losses[k] = [tr.train_step([b])["loss"] for b in batches]
-        if k == 4:
-            b = next(it)
-            assert tr.device_inputs([b])[0][2] is not None
+        used[pack] = [tr.device_inputs([b])[0][2] for b in batches]
+        losses[pack] = [tr.train_step([b])["loss"] for b in batches]
+        if pack:
             with _SyncCounter() as sc:
-                assert tr.train_step([b], sync=False) == {"_stop": False}
+                assert tr.train_step([next(it)], sync=False) == {"_stop": False}
             assert sc.ours == [], sc.ours
-            tr.engine.partitioned = True  # as ZeRO-3 reports it
-            assert tr.device_inputs(batches[:1])[0][2] is None
         tr.close()
-    assert used[1] == [None, None] and all(c is not None and len(c.sizes) >= 2 for c in used[4])
-    assert losses[4] == pytest.approx(losses[1], rel=1e-5)
+    assert used[False] == [None, None] and all(p is not None for p in used[True])
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
-def test_evaluation_embeds_the_same_in_groups(monkeypatch):
+def test_evaluation_embeds_the_same_packed():
     from phoclip.retrieval import embed_samples
 
-    monkeypatch.setattr(pm, "CHUNK_COST_TOKENS", {"cpu": 0, "cuda": 0})
-    monkeypatch.setattr(pm, "CHUNK_MIN_ROWS", 2)
     model = _model("cls")
     lengths = _lengths(40, 5)
     samples = [{"key": str(i), "image": torch.randn(3, 64, 64), "ids": _ids(lengths[4 * i:4 * i + 4], seed=i)}
                for i in range(10)]
     calls = []
     real = model.encode_text
-    monkeypatch.setattr(model, "encode_text", lambda x, *a, **k: calls.append(x.shape) or real(x, *a, **k))
-    one = embed_samples(model, samples, torch.device("cpu"), batch_size=10, text_chunks=1)
-    n_one = len(calls)
-    grouped = embed_samples(model, samples, torch.device("cpu"), batch_size=10, text_chunks=4)
-    assert n_one == 1 and len(calls) - n_one >= 2
-    torch.testing.assert_close(grouped[1], one[1], rtol=1e-5, atol=1e-6)
-    assert torch.equal(grouped[2], one[2])
+    model.encode_text = lambda x, *a, **k: calls.append(k.get("packing")) or real(x, *a, **k)
+    plain = embed_samples(model, samples, torch.device("cpu"), batch_size=10, pack_captions=False)
+    packed = embed_samples(model, samples, torch.device("cpu"), batch_size=10)
+    assert calls[0] is None and calls[1] is not None
+    torch.testing.assert_close(packed[1], plain[1], rtol=1e-5, atol=1e-6)
+    assert torch.equal(packed[2], plain[2])
 
 
 @pytest.mark.slow
-def test_compiled_text_tower_in_groups_matches_eager_with_few_graphs():
-    """train.compile: groups of varying rows and widths compile a bounded number of
-    graphs (static, then dynamic sizes), with the eager features and gradients."""
+def test_compiled_text_tower_packed_matches_eager_with_few_graphs():
+    """train.compile: packed batches of different row counts compile a bounded number of
+    graphs (static, then a dynamic row count), with the eager features and gradients."""
     from phoclip_train.build import compile_stats
 
     torch._dynamo.reset()
@@ -281,15 +250,15 @@ def test_compiled_text_tower_in_groups_matches_eager_with_few_graphs():
     compiled.text.compile()
     shapes = set()
     for seed in range(4):
-        ids = trim_padding(_ids(_lengths(48, seed), seed=seed), PAD, 8)
-        plan = plan_text_chunks(ids, PAD, 4, 8, min_rows=4, chunk_cost=0)
-        shapes.update(tuple(x.shape) for x in plan.split(ids))
-        images = torch.randn(48, 3, 32, 32)
-        (f_e, _, g_e), (f_c, _, g_c) = (_loss_and_grads(m, images, ids, plan) for m in (eager, compiled))
+        ids = _ids(_lengths(24 + 12 * seed, seed), seed=seed)
+        packing = eager.pack_text(ids)
+        shapes.add(tuple(packing.ids.shape))
+        images = torch.randn(ids.shape[0], 3, 32, 32)
+        (f_e, _, g_e), (f_c, _, g_c) = (_loss_and_grads(m, images, ids, packing) for m in (eager, compiled))
         torch.testing.assert_close(f_c, f_e, rtol=1e-4, atol=1e-5)
         for n in g_e:
             torch.testing.assert_close(g_c[n], g_e[n], rtol=1e-3, atol=1e-4, msg=n)
     stats = compile_stats()
-    logging.getLogger(__name__).info("compile: %s for %d group shapes", stats, len(shapes))
-    assert len(shapes) >= 8, shapes
+    logging.getLogger(__name__).info("compile: %s for %d packed shapes", stats, len(shapes))
+    assert len(shapes) >= 3, shapes
     assert stats["graphs"] <= 4, (stats, shapes)

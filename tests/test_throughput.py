@@ -126,11 +126,11 @@ class _SyncCounter(torch.overrides.TorchFunctionMode):
     """Records every device→host read (item, tolist, bool, float, int) made in our code
     (not in tests or third-party packages). On this CPU-only machine every tensor is a
     host tensor, so the reads of tensors that stay on the host in a GPU run are listed
-    by function: `trim_padding` and `plan_text_chunks` read the CPU batch's ids before
+    by function: `trim_padding` and `pack_captions` read the CPU batch's ids before
     their copy."""
 
     READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__"}
-    HOST_SIDE = {"trim_padding", "plan_text_chunks", "resize_on_device"}  # the ids; the crop boxes
+    HOST_SIDE = {"trim_padding", "pack_captions", "resize_on_device"}  # the ids; the crop boxes
 
     def __init__(self):
         super().__init__()

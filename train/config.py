@@ -99,16 +99,15 @@ class DataConfig:
     """Cut each batch's token ids after its longest caption, rounded up to a multiple of
     this (8: tensor-core friendly, and few distinct shapes for train.compile); exact, the
     same loss and gradients as the padded batch. 0: keep every row at the shards' max length."""
-    text_chunks: int = 6
-    """Run the text tower on a batch's captions in up to this many groups of similar
-    length, each cut after its own longest caption (rounded up as trim_padding), and put
-    the features back in batch order: the compute follows the real tokens, not the one
-    long caption of the batch. Exact: every caption's embedding, the loss over the whole
-    batch (the same negatives) and every gradient are those of one padded forward. In
-    training and evaluation; a group holds 8 captions or more, and a split is made only
-    where it saves more than the extra forward costs (phoclip.model.plan_text_chunks).
-    One forward under ZeRO-3 (each forward gathers the weights) and when trim_padding=0.
-    0 or 1: off, one forward per batch."""
+    pack_captions: bool = True
+    """Pack each batch's captions end to end into rows of 128 tokens for the text tower
+    (on the CPU ids, before the copy), so it computes about the real tokens (~0.95-0.98
+    of them at realistic lengths) in one forward, instead of every caption at the
+    batch's longest. Exact: a block-diagonal attention mask and the captions' own
+    position ids give every caption's embedding, the loss over the whole batch (the same
+    negatives) and every gradient of the padded batch. In training and evaluation, with
+    DDP, DeepSpeed (ZeRO-3 too: still one forward) and train.compile. Text towers that
+    number positions otherwise (not BERT/RoBERTa) run the trimmed batch. false: off."""
     length_buckets: int = 0
     """Group samples of similar caption length into the same batch, so trimming cuts more:
     the stream then fills a pool of `length_buckets` x batch_size decoded samples and
@@ -227,7 +226,7 @@ class RunConfig:
         if t.compile != "off" and t.engine == "deepspeed":
             raise ConfigError("train.compile works with train.engine=ddp only (not built for "
                               "DeepSpeed); set train.compile=off")
-        for k in ("trim_padding", "length_buckets", "text_chunks"):
+        for k in ("trim_padding", "length_buckets"):
             if getattr(d, k) < 0:
                 raise ConfigError(f"data.{k} must be >= 0, not {getattr(d, k)}")
         if t.sync_every < 1:
