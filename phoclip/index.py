@@ -71,8 +71,9 @@ class EmbeddingIndex:
                 # memory-mapped first: a header claiming more rows than the file holds is
                 # refused here, not allocated
                 a = np.load(f, allow_pickle=False, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{f}: not a readable embedding array ({e})") from None
+            except Exception as e:  # noqa: BLE001 -- numpy's header parser raises ValueError,
+                # SyntaxError, tokenize.TokenError (an unclosed bracket)...: one refusal for all
+                raise ValueError(f"{f}: not a readable embedding array ({type(e).__name__}: {e})") from None
             want = self.meta["count"].get(kind)
             if a.ndim != 2 or a.shape[1] != self.meta["dim"] or a.shape[0] != want or a.dtype.kind != "f":
                 raise ValueError(f"{f}: shape {a.shape} {a.dtype}, but {INDEX_META} says "

@@ -533,3 +533,23 @@ def test_index_and_onnx_exports_never_write_through_links_at_their_old_temporary
     export_onnx(model, model_dir)
     assert victim.read_text() == "precious" and sorted(p.name for p in outside.iterdir()) == ["victim"]
     assert (model_dir / "onnx" / "text.onnx").stat().st_size > 1000
+
+
+def test_an_index_array_with_a_malformed_header_is_refused_in_one_line(tmp_path, tiny_tokenizer_dir):
+    """#23: the index loader had decode_ids' gap: an unclosed bracket in the .npy header
+    raised tokenize.TokenError, a traceback instead of a refusal naming the file."""
+    import torch
+
+    import phoclip
+    from phoclip.index import EmbeddingIndex, write_index
+    from phoclip.text import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    model = phoclip.create_model("tiny-debug", embed_dim=16, text={"hf_config": {"vocab_size": len(tok)}}).eval()
+    out = tmp_path / "index"
+    write_index(out, model, "m", torch.nn.functional.normalize(torch.randn(3, 16), dim=-1),
+                [{"key": str(i), "path": "", "caption": ""} for i in range(3)])
+    f = out / "images.npy"
+    f.write_bytes(f.read_bytes().replace(b"(3, 16)", b"(3, 16 ", 1))
+    with pytest.raises(ValueError, match=r"images.npy: not a readable embedding array \(TokenError"):
+        EmbeddingIndex(out).embeddings("images")
