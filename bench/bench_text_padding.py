@@ -74,7 +74,7 @@ def text_modes(ids: torch.Tensor, lengths: np.ndarray, batch: int, steps: int, b
     trimmed = [trim_padding(x, 1, 8) for x in plain]
     modes = {MODES["padded"]: [(x, None) for x in plain],
              MODES["trimmed"]: [(x, None) for x in trimmed],
-             MODES["packed"]: [(x, pack_captions(x, 1, 2, 128)) for x in trimmed]}  # RoBERTa positions
+             MODES["packed"]: [(x, pack_captions(x, 1, "roberta", 128)) for x in trimmed]}
     if buckets:
         grouped = []
         for blk in range(0, batch * steps * buckets, batch * buckets):

@@ -155,9 +155,9 @@ PACK_ROW_TOKENS = 128
 longer rows fill a little better, shorter ones cost less attention (each token's
 attention spans its row, masked to its own caption)."""
 
-# where a tower numbers the first token of a caption (its position ids then count up):
-# RoBERTa-style embeddings start after the padding index, BERT-style at 0
-_FIRST_POSITION = {"roberta": "pad+1", "xlm-roberta": "pad+1", "camembert": "pad+1", "bert": 0}
+# how a tower numbers the positions of a padded row: RoBERTa-style counts the real tokens
+# after the padding index (pads get the padding index), BERT-style numbers every slot from 0
+POSITION_STYLES = {"roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta", "bert": "bert"}
 
 
 class TextPacking(NamedTuple):
@@ -166,8 +166,9 @@ class TextPacking(NamedTuple):
     ids: torch.Tensor        # [R, P] token ids; pad where a row has room left
     positions: torch.Tensor  # [R, P] each token's position id, as in its padded row
     segments: torch.Tensor   # [R, P] the caption each slot holds; -1: room left
-    gather: torch.Tensor     # [B, Lmax] each caption's slots in the flattened rows (R*P: none)
-    lengths: torch.Tensor    # [B] tokens per caption
+    gather: torch.Tensor     # [B, Lmax] each caption's real tokens' slots in the flattened rows (R*P: none)
+    lengths: torch.Tensor    # [B] real (non-pad) tokens per caption
+    starts: torch.Tensor     # [B] each caption's first slot in the flattened rows
 
     def to(self, device, non_blocking: bool = False) -> "TextPacking":
         return TextPacking(*(t.to(device, non_blocking=non_blocking) for t in self))
@@ -183,21 +184,24 @@ def caption_lengths(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return torch.where(input_ids != pad_id, pos, 0).amax(1).clamp(min=1)
 
 
-def pack_captions(input_ids: torch.Tensor, pad_id: int, first_position: int,
+def pack_captions(input_ids: torch.Tensor, pad_id: int, position_style: str = "roberta",
                   row_tokens: int = PACK_ROW_TOKENS) -> TextPacking:
     """Pack a batch's captions end to end into rows of `row_tokens` (best fit, longest
     first), so one text-tower forward computes about the real tokens (~0.95-0.98 of
     them at realistic lengths) instead of every caption at the batch's longest.
 
     Exact: a block-diagonal attention mask keeps each caption's attention on its own
-    tokens, its position ids are those of its padded row (`first_position` upwards),
-    and every other layer works token by token; so each caption's embedding, the loss
-    over the whole batch and every gradient are those of the padded batch (dropout draws
-    its masks in another shape). Call it on the CPU ids, as trim_padding: it reads the
-    lengths."""
-    lengths = caption_lengths(input_ids, pad_id)
+    real tokens, its position ids are those of its padded row (`position_style`, see
+    POSITION_STYLES), and every other layer works token by token; so each caption's
+    embedding, the loss over the whole batch and every gradient are those of the padded
+    batch (dropout draws its masks in another shape). A pad inside a caption stays what
+    it is in the padded row: never a key, not pooled. Call it on the CPU ids, as
+    trim_padding: it reads the lengths."""
+    if position_style not in ("roberta", "bert"):
+        raise ValueError(f"position_style must be roberta or bert, not {position_style!r}")
+    span = caption_lengths(input_ids, pad_id)  # up to the last real token
     n = input_ids.shape[0]
-    L = lengths.tolist()
+    L = span.tolist()
     P = max(row_tokens, -(-max(L) // 8) * 8)
     row, off = [0] * n, [0] * n
     rooms, rows = [], 0  # (room left, row), sorted: the first that fits fits best
@@ -211,18 +215,25 @@ def pack_captions(input_ids: torch.Tensor, pad_id: int, first_position: int,
         row[i], off[i] = r, P - room
         if room > L[i]:
             bisect.insort(rooms, (room - L[i], r))
-    tok = torch.repeat_interleave(torch.arange(n), lengths)               # each token's caption
-    k = torch.arange(len(tok)) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    dest = torch.tensor(row)[tok] * P + torch.tensor(off)[tok] + k        # its slot
+    tok = torch.repeat_interleave(torch.arange(n), span)                 # each token's caption
+    k = torch.arange(len(tok)) - torch.repeat_interleave(span.cumsum(0) - span, span)
+    dest = torch.tensor(row)[tok] * P + torch.tensor(off)[tok] + k       # its slot
     ids = torch.full((rows * P,), pad_id, dtype=input_ids.dtype)
     ids[dest] = input_ids[tok, k]
-    positions = torch.full((rows * P,), first_position, dtype=torch.long)
-    positions[dest] = first_position + k
+    real = (input_ids != pad_id)[:, :max(L)]
+    if position_style == "roberta":  # as create_position_ids_from_input_ids
+        pos = torch.where(real, pad_id + real.long().cumsum(1), pad_id)
+    else:
+        pos = torch.arange(max(L)).expand(n, -1)
+    positions = torch.full((rows * P,), pad_id if position_style == "roberta" else 0, dtype=torch.long)
+    positions[dest] = pos[tok, k]
     segments = torch.full((rows * P,), -1, dtype=torch.long)
     segments[dest] = tok
     gather = torch.full((n, max(L)), rows * P, dtype=torch.long)
-    gather[tok, k] = dest
-    return TextPacking(ids.view(rows, P), positions.view(rows, P), segments.view(rows, P), gather, lengths)
+    gather[tok, k] = torch.where(real[tok, k], dest, rows * P)  # pads inside a caption: not pooled
+    starts = torch.tensor(row) * P + torch.tensor(off)
+    return TextPacking(ids.view(rows, P), positions.view(rows, P), segments.view(rows, P), gather,
+                       real.sum(1), starts)
 
 
 class PhoCLIP(nn.Module):
@@ -257,10 +268,9 @@ class PhoCLIP(nn.Module):
         self.pooling = config["text"].get("pooling", "cls")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"text.pooling must be cls or mean, not {self.pooling!r}")
-        first = _FIRST_POSITION.get(self.text.config.model_type)
+        self._position_style = POSITION_STYLES.get(self.text.config.model_type)
         if getattr(self.text.config, "position_embedding_type", "absolute") != "absolute":
-            first = None  # relative positions are measured inside the attention: no packing
-        self._first_position = self.pad_id + 1 if first == "pad+1" else first
+            self._position_style = None  # relative positions are measured in the attention: no packing
         self._image_locked = False
 
     # ------------------------------------------------------------------ encoders
@@ -283,9 +293,9 @@ class PhoCLIP(nn.Module):
     def pack_text(self, input_ids: torch.Tensor) -> Optional[TextPacking]:
         """`pack_captions` for this text tower (CPU ids); None where the tower cannot take
         packed rows (position ids it numbers in another way, relative positions)."""
-        if self._first_position is None or input_ids.ndim != 2 or input_ids.shape[0] == 0:
+        if self._position_style is None or input_ids.ndim != 2 or 0 in input_ids.shape:
             return None
-        return pack_captions(input_ids, self.pad_id, self._first_position)
+        return pack_captions(input_ids, self.pad_id, self._position_style)
 
     def _pool_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         mask = (input_ids != self.pad_id).long()
@@ -296,14 +306,16 @@ class PhoCLIP(nn.Module):
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
     def _pool_packed(self, p: TextPacking) -> torch.Tensor:
-        # block-diagonal [R, P, P]: a slot attends to the slots of its own caption (the
-        # room left in a row is one more block, so no row of the mask is empty)
-        mask = (p.segments[:, :, None] == p.segments[:, None, :]).long()
+        # block-diagonal [R, P, P]: a slot attends to the real tokens of its own caption,
+        # as in its padded row (the room left in a row is one more block of its own, so
+        # no row of the mask is empty)
+        key = (p.ids != self.pad_id) | (p.segments < 0)
+        mask = ((p.segments[:, :, None] == p.segments[:, None, :]) & key[:, None, :]).long()
         h = self.text(input_ids=p.ids, attention_mask=mask, position_ids=p.positions).last_hidden_state
         flat = torch.cat([h.reshape(-1, h.shape[-1]), h.new_zeros(1, h.shape[-1])])  # slot R*P: zeros
-        if self.pooling == "cls":
-            return flat[p.gather[:, 0]]
-        return flat[p.gather].sum(1) / p.lengths[:, None].to(h.dtype)
+        if self.pooling == "cls":  # the caption's first slot, whatever it holds (as h[:, 0])
+            return flat[p.starts]
+        return flat[p.gather].sum(1) / p.lengths[:, None].clamp(min=1).to(h.dtype)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor,
                 text_packing: Optional[TextPacking] = None) -> dict[str, torch.Tensor]:

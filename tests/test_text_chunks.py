@@ -32,7 +32,7 @@ def _lengths(n, seed=0, median=12.0):
 
 def test_packing_puts_each_caption_whole_in_one_row():
     ids = _ids(_lengths(64))
-    p = pack_captions(ids, PAD, first_position=PAD + 1, row_tokens=64)
+    p = pack_captions(ids, PAD, "roberta", row_tokens=64)
     rows, P = p.ids.shape
     assert P == 64 and torch.equal(p.lengths, caption_lengths(ids, PAD))
     flat_ids, flat_pos, flat_seg = p.ids.reshape(-1), p.positions.reshape(-1), p.segments.reshape(-1)
@@ -48,14 +48,14 @@ def test_packing_puts_each_caption_whole_in_one_row():
     assert p.computed_tokens < 1.2 * int(p.lengths.sum()) < trim_padding(ids, PAD, 8).numel()
     # a caption longer than the row length widens the rows
     long = _ids([90, 5, 7], width=96)
-    assert pack_captions(long, PAD, 2, row_tokens=64).ids.shape[1] == 96
+    assert pack_captions(long, PAD, "roberta", row_tokens=64).ids.shape[1] == 96
 
 
 def test_packing_fills_rows_at_realistic_lengths():
     """PhoBERT caption lengths (median 22, tail to 70) at batch 256: rows of 128 hold
     >= 95% real tokens (trimming alone: ~36%)."""
     ids = _ids(_lengths(256, 1, median=22.0), width=70, vocab=1000)
-    p = pack_captions(ids, PAD, 2)
+    p = pack_captions(ids, PAD)
     assert int(p.lengths.sum()) / p.computed_tokens > 0.95
 
 
@@ -96,6 +96,18 @@ def test_packed_text_tower_gives_the_padded_features_loss_and_gradients(pooling)
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(ids, packing=packing), model.encode_text(ids),
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("model_type", ["roberta", "bert"])
+def test_pads_inside_captions_stay_pads(pooling, model_type):
+    """Hostile ids: a pad inside a caption, a caption that starts with one. Packed, each
+    is what it is in the padded row (not a key, not pooled, its position id)."""
+    model = _model(pooling, model_type=model_type).train()
+    ids = _ids(_lengths(24, 6))
+    ids[0, 3], ids[1, 0], ids[2, 1:3] = PAD, PAD, PAD
+    images = torch.randn(24, 3, 32, 32)
+    _assert_same(_loss_and_grads(model, images, ids, None), _loss_and_grads(model, images, ids, model.pack_text(ids)))
 
 
 def test_bert_tower_packs_exactly_and_relative_positions_do_not_pack():
