@@ -44,6 +44,10 @@ def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp", doc: Optiona
             cfg.train.engine, cfg.train.deepspeed_config = "deepspeed", args.deepspeed_config
         elif engine == "deepspeed":
             cfg.train.engine = "deepspeed"
+        if cfg.train.engine == "deepspeed" and cfg.train.deepspeed_config:
+            from phoclip_train.ds_engine import check_ds_precision
+
+            check_ds_precision(cfg.train.deepspeed_config, cfg)  # before anything is built
     except ConfigError as e:
         logger.error("bad configuration: %s", e)
         return 2

@@ -69,3 +69,27 @@ def test_yaml_syntax_errors_are_one_line_naming_the_key_or_file_and_how_to_quote
     example = re.search(r"`(train\.eval_sets='[^`]*')`", readme).group(1)
     key, value = example.split("=", 1)
     assert resolve_config(None, [f"{key}={value.strip(chr(39))}"]).train.eval_sets
+
+
+def test_a_deepspeed_precision_mismatch_is_refused_before_anything_is_built(tmp_path):
+    """#26: tiny-debug (fp32) with a shipped bf16 JSON was refused after ~2 minutes (model,
+    DeepSpeed's op build); now from the files alone, pointing at the fp32 JSON, which runs."""
+    import json
+    import time
+
+    from conftest import ROOT, train_main
+    from phoclip_train.config import resolve_config
+    from phoclip_train.ds_engine import check_ds_precision
+
+    t0 = time.time()
+    rc, log = train_main(["--config", "launch/configs/tiny-debug.yaml", "--deepspeed_config",
+                          "launch/deepspeed/zero2_bf16.json", "data.train_shards=/nonexistent/x.tar",
+                          f"run_dir={tmp_path / 'run'}", "train.precision=fp32"])
+    assert rc == 2 and time.time() - t0 < 10
+    assert "zero2_bf16.json trains in bf16 but train.precision=fp32" in log and "zero2_fp32.json" in log, log
+    assert not (tmp_path / "run").exists()
+    cfg = resolve_config(str(ROOT / "launch/configs/tiny-debug.yaml"), ["data.train_shards=x"])
+    assert check_ds_precision(str(ROOT / "launch/deepspeed/zero2_fp32.json"), cfg) == cfg.train.precision == "fp32"
+    tiny = json.loads((ROOT / "launch/deepspeed/zero2_fp32.json").read_text())
+    bf16 = json.loads((ROOT / "launch/deepspeed/zero2_bf16.json").read_text())
+    assert tiny == {k: v for k, v in bf16.items() if k != "torch_autocast"}  # the same ZeRO-2, in fp32

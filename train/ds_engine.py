@@ -33,12 +33,39 @@ STATE_FILE = "deepspeed_state.json"  # beside DS_TAG: layout + fingerprint of th
 _KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
-def resolve_ds_config(path: str, cfg, world_size: int) -> dict:
-    """Fill "auto" from the run config; refuse values that disagree with it."""
+def read_ds_json(path: str) -> dict:
+    """A DeepSpeed JSON config, or a one-line ConfigError naming it."""
     try:
-        ds = json.loads(Path(path).read_text())
+        ds = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"DeepSpeed config {path} does not exist") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConfigError(f"DeepSpeed config {path}: not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"DeepSpeed config {path}: expected a JSON object")
+    return ds
+
+
+def check_ds_precision(path: str, cfg) -> str:
+    """The JSON's precision against train.precision (which `auto` takes from the JSON),
+    decided from the file alone: called before anything is built (a mismatch used to be
+    found after the model and DeepSpeed's op build, minutes in)."""
+    ds = read_ds_json(path)
+    ds_prec = ("fp16" if ds.get("fp16", {}).get("enabled") else
+               "bf16" if ds.get("bf16", {}).get("enabled") or ds.get("torch_autocast", {}).get("enabled")
+               else "fp32")
+    if cfg.train.precision == "auto":
+        cfg.train.precision = ds_prec
+    if ds_prec != cfg.train.precision:
+        tiny = " (launch/deepspeed/zero2_fp32.json is the fp32 one, for tiny-debug and CPUs)" if ds_prec != "fp32" else ""
+        raise ConfigError(f"{path} trains in {ds_prec} but train.precision={cfg.train.precision}; "
+                          f"set train.precision={ds_prec} or pick the matching JSON{tiny}")
+    return ds_prec
+
+
+def resolve_ds_config(path: str, cfg, world_size: int) -> dict:
+    """Fill "auto" from the run config; refuse values that disagree with it."""
+    ds = read_ds_json(path)
     want = {"train_micro_batch_size_per_gpu": cfg.data.batch_size,
             "gradient_accumulation_steps": cfg.train.accum_steps,
             "train_batch_size": cfg.data.batch_size * cfg.train.accum_steps * world_size,
@@ -54,14 +81,7 @@ def resolve_ds_config(path: str, cfg, world_size: int) -> dict:
                    "gradient_clipping": "train.grad_clip"}[k]
             raise ConfigError(f"{path}: {k}={cur} disagrees with the run config ({src} gives {v}); "
                               f"set it to \"auto\" or change {src}")
-    ds_prec = ("fp16" if ds.get("fp16", {}).get("enabled") else
-               "bf16" if ds.get("bf16", {}).get("enabled") or ds.get("torch_autocast", {}).get("enabled")
-               else "fp32")
-    if cfg.train.precision == "auto":
-        cfg.train.precision = ds_prec
-    if ds_prec != cfg.train.precision:
-        raise ConfigError(f"{path} trains in {ds_prec} but train.precision={cfg.train.precision}; "
-                          f"set train.precision={ds_prec} or pick the matching JSON")
+    check_ds_precision(path, cfg)
     for key in ("optimizer", "scheduler"):
         if key in ds:
             raise ConfigError(f"{path}: remove the '{key}' block: PhoCLIP passes its own AdamW with "
