@@ -59,9 +59,10 @@ def test_packing_fills_rows_at_realistic_lengths():
     assert int(p.lengths.sum()) / p.computed_tokens > 0.95
 
 
-def _model(pooling, **text):
+def _model(pooling, attn="sdpa", **hf_config):
     torch.manual_seed(0)
-    return create_model("tiny-debug", text={"pooling": pooling, "hf_config": {"vocab_size": 100, **text}})
+    return create_model("tiny-debug", text={"pooling": pooling, "attn_implementation": attn,
+                                            "hf_config": {"vocab_size": 100, **hf_config}})
 
 
 def _loss_and_grads(model, images, ids, packing):
@@ -82,11 +83,14 @@ def _assert_same(a, b):
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_packed_text_tower_gives_the_padded_features_loss_and_gradients(pooling):
+def test_packed_text_tower_gives_the_padded_features_loss_and_gradients(pooling, attn):
     """Padded to 40 vs packed into rows: the same text features, the same contrastive
-    loss over the whole batch and the same gradient on every parameter."""
-    model = _model(pooling).train()
+    loss over the whole batch and the same gradient on every parameter (SDPA and eager
+    attention: both take the block-diagonal mask)."""
+    model = _model(pooling, attn).train()
+    assert model.text.config._attn_implementation == attn
     ids = _ids(_lengths(48))
     images = torch.randn(48, 3, 32, 32)
     packing = model.pack_text(ids)
