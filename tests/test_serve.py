@@ -12,9 +12,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 
 import pytest
+
+from http_utils import multipart
 from PIL import Image
 
 from conftest import ROOT, run_torchrun, train_overrides
@@ -73,16 +74,8 @@ def _get(url):
 
 
 def _post(url, fields: dict, files: dict):
-    boundary = uuid.uuid4().hex
-    body = io.BytesIO()
-    for k, v in fields.items():
-        body.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode())
-    for k, (name, data) in files.items():
-        body.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"; filename=\"{name}\"\r\n"
-                   f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
-    body.write(f"--{boundary}--\r\n".encode())
-    req = urllib.request.Request(url, data=body.getvalue(), method="POST",
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    data, ctype = multipart(fields, files)
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": ctype})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())

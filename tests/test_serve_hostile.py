@@ -21,9 +21,10 @@ import types
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 
 import pytest
+
+from http_utils import multipart
 import torch
 from PIL import Image
 
@@ -124,16 +125,8 @@ def _get(url, method="GET", timeout=10):
 
 
 def _post(url, fields: dict, files: dict, timeout=30):
-    boundary = uuid.uuid4().hex
-    body = io.BytesIO()
-    for k, v in fields.items():
-        body.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode())
-    for k, (name, data) in files.items():
-        body.write(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"; filename=\"{name}\"\r\n"
-                   f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
-    body.write(f"--{boundary}--\r\n".encode())
-    req = urllib.request.Request(url, data=body.getvalue(), method="POST",
-                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    data, ctype = multipart(fields, files)
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": ctype})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.headers, json.loads(r.read())
