@@ -1,7 +1,7 @@
 """Compute spent on padding: forward+backward of the real phobert-large text tower
 (random init from its published config; no download) on batches of realistic caption
 lengths: padded to max_length (70), trimmed to each batch's longest caption (what
-data.trim_padding does), packed end to end into rows of 128 tokens (data.pack_captions:
+data.trim_padding does), packed end to end into rows of that width (data.pack_captions:
 one forward, a block-diagonal attention mask), optionally grouped by length across
 batches first (data.length_buckets), and - the yardstick - the same real tokens with no
 padding at all (every caption of the batch at its mean length); the modes take turns on
@@ -60,7 +60,7 @@ def make_ids(lengths, vocab: int, g: torch.Generator) -> torch.Tensor:
 
 
 MODES = {"padded": "padded to 70", "trimmed": "trimmed (data.trim_padding=8)",
-         "packed": "packed into rows of 128 (data.pack_captions)",
+         "packed": "packed into rows (data.pack_captions)",
          "bucketed": "bucketed x{n} + trimmed", "flat": "flat: the same tokens, every caption at the mean length"}
 
 
@@ -74,7 +74,7 @@ def text_modes(ids: torch.Tensor, lengths: np.ndarray, batch: int, steps: int, b
     trimmed = [trim_padding(x, 1, 8) for x in plain]
     modes = {MODES["padded"]: [(x, None) for x in plain],
              MODES["trimmed"]: [(x, None) for x in trimmed],
-             MODES["packed"]: [(x, pack_captions(x, 1, "roberta", 128)) for x in trimmed]}
+             MODES["packed"]: [(x, pack_captions(x, 1, "roberta")) for x in trimmed]}
     if buckets:
         grouped = []
         for blk in range(0, batch * steps * buckets, batch * buckets):

@@ -52,8 +52,8 @@ def test_packing_puts_each_caption_whole_in_one_row():
 
 
 def test_packing_fills_rows_at_realistic_lengths():
-    """PhoBERT caption lengths (median 22, tail to 70) at batch 256: rows of 128 hold
-    >= 95% real tokens (trimming alone: ~36%)."""
+    """PhoBERT caption lengths (median 22, tail to 70) at batch 256: rows as wide as the
+    longest caption hold >= 95% real tokens (trimming alone: ~36%)."""
     ids = _ids(_lengths(256, 1, median=22.0), width=70, vocab=1000)
     p = pack_captions(ids, PAD)
     assert int(p.lengths.sum()) / p.computed_tokens > 0.95
@@ -126,6 +126,13 @@ def test_bert_tower_packs_exactly_and_relative_positions_do_not_pack():
     _assert_same(_loss_and_grads(model, images, ids, None), _loss_and_grads(model, images, ids, packing))
     rel = _model("cls", model_type="bert", position_embedding_type="relative_key")
     assert rel.pack_text(ids) is None
+
+
+def test_no_packing_where_it_saves_little():
+    model = _model("cls")
+    assert model.pack_text(_ids([20] * 16, width=24)) is None  # one length: rows as many as captions
+    assert model.pack_text(_ids([20] * 16, width=40)) is not None  # untrimmed: packing trims them
+    assert model.pack_text(torch.zeros(0, 40, dtype=torch.long)) is None
 
 
 def test_packed_text_tower_under_grad_checkpointing():

@@ -100,10 +100,10 @@ class DataConfig:
     this (8: tensor-core friendly, and few distinct shapes for train.compile); exact, the
     same loss and gradients as the padded batch. 0: keep every row at the shards' max length."""
     pack_captions: bool = True
-    """Pack each batch's captions end to end into rows of 128 tokens for the text tower
-    (on the CPU ids, before the copy), so it computes about the real tokens (~0.95-0.98
-    of them at realistic lengths) in one forward, instead of every caption at the
-    batch's longest. Exact: a block-diagonal attention mask and the captions' own
+    """Pack each batch's captions end to end into rows as wide as its longest caption
+    (on the CPU ids, before the copy), so the text tower computes about the real tokens
+    (~0.95-0.98 of them at realistic lengths) in one forward, instead of every caption
+    at the batch's longest. Exact: a block-diagonal attention mask and the captions' own
     position ids give every caption's embedding, the loss over the whole batch (the same
     negatives) and every gradient of the padded batch. In training and evaluation, with
     DDP, DeepSpeed (ZeRO-3 too: still one forward) and train.compile. Text towers that
