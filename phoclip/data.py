@@ -231,16 +231,14 @@ class ShardHealth:
         self.give_up, self.skips = give_up, skips
         self.opened = 0  # shards opened so far: what a new layout must not reread
         self.unreadable = 0  # settled unreadable shards since the last good sample
-        self._pending: dict[int, list] = {}  # shard -> [samples given, decoded, good, read to its end]
-        self._url: dict[int, str] = {}
+        self._pending: dict[int, list] = {}  # shard -> [samples given, decoded, good, read to its end, url]
 
     def track_shards(self, shards: Iterable[dict]) -> Iterator[dict]:
         """Pass shards through, numbering them; opening one ends the previous one's read."""
         for sh in shards:
             if self.opened:
                 self._ended(self.opened - 1)
-            self._pending[self.opened] = [0, 0, 0, False]
-            self._url[self.opened] = sh["url"]
+            self._pending[self.opened] = [0, 0, 0, False, sh["url"]]
             self.opened += 1
             yield sh
         if self.opened:
@@ -273,11 +271,10 @@ class ShardHealth:
             self._settle(shard)
 
     def _settle(self, shard: int) -> None:
-        given, decoded, good, ended = self._pending[shard]
+        given, decoded, good, ended, url = self._pending[shard]
         if not ended or decoded < given:
             return
         del self._pending[shard]
-        url = self._url.pop(shard)
         if good:
             return
         self.unreadable += 1
