@@ -73,7 +73,7 @@ def coco_dataset(tmp_path) -> tuple[Path, Path, dict]:
 
 
 def run_make_shards(args: list[str]) -> int:
-    from phoclip_sharding.make_shards import main
+    from phoclip_sharding.cli import main
 
     return main([str(a) for a in args])
 

@@ -350,7 +350,7 @@ def test_an_annotation_file_that_is_dev_zero_is_refused_not_read(tmp_path, tiny_
     make_image(imgs / "a.jpg", 1)
     os.symlink("/dev/zero", tmp_path / "ann.jsonl")
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
-            "from phoclip_sharding.make_shards import main; main(sys.argv[1:])")
+            "from phoclip_sharding.cli import main; main(sys.argv[1:])")
     r = subprocess.run([sys.executable, "-c", code, "--source", f"coco-jsonl:{tmp_path / 'ann.jsonl'}:{imgs}",
                         "--out", str(tmp_path / "o"), "--tokenizer", str(tiny_tokenizer_dir), *ARGS],
                        cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, USE_TORCH="0"))

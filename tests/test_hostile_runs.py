@@ -268,7 +268,7 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_unless_resumed_or_overwritte
 def test_run_folder_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, caplog):
     from phoclip_train.lock import RunLock, RunLockedError
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from train.lock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from phoclip_train.lock import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
     try:

@@ -61,7 +61,7 @@ def test_installed_package_names_are_unambiguous(monkeypatch):
     program outside the repository would: the repository and tests folders off sys.path."""
     import importlib.util
 
-    import phoclip_sharding.make_shards  # noqa: F401
+    import phoclip_sharding.cli  # noqa: F401
     import phoclip_train.trainer  # noqa: F401
 
     here = {ROOT, ROOT / "tests"}

@@ -686,7 +686,7 @@ def test_a_second_job_on_the_same_folder_is_refused(tmp_path, tiny_tokenizer_dir
 def test_small_store_batches_and_pages_give_the_same_shards(tmp_path, tiny_tokenizer_dir, make_shards, monkeypatch):
     """The job streams through its store in batches (records, samples) and pages (image
     paths to hash): cutting them tiny changes nothing in the output, duplicates included."""
-    import phoclip_sharding.make_shards as ms
+    import phoclip_sharding.cli as ms
 
     ann, imgs = _dataset(tmp_path, 30, dup=[("3.jpg", "copy3.jpg"), ("8.jpg", "copy8.jpg")])
     extra = ["--shard-size", "7", "--val-fraction", "0.2"]

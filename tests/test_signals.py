@@ -1,4 +1,4 @@
-"""SIGTERM in the training loop (train/signals.py), in process: a signal during a step
+"""SIGTERM in the training loop (train/phoclip_train/signals.py), in process: a signal during a step
 asks for a stop at its end; a signal during a data wait abandons the wait once it has
 lasted STUCK_WAIT_S, also when the signal came in the wait's first moments."""
 import os

@@ -1,6 +1,6 @@
 """One small interface over DDP and DeepSpeed: wrap, backward, step, save, load.
 
-The training loop (train/trainer.py) only talks to an `Engine`; there is one loop."""
+The training loop (train/phoclip_train/trainer.py) only talks to an `Engine`; there is one loop."""
 from __future__ import annotations
 
 import contextlib

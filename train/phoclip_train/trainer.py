@@ -90,7 +90,7 @@ class Trainer:
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     def _build(self) -> None:
-        """The run's parts, built once (train/build.py); the rest of the class loops."""
+        """The run's parts, built once (train/phoclip_train/build.py); the rest of the class loops."""
         cfg, dist_info, t = self.cfg, self.dist, self.cfg.train
         if t.precision == "auto" and t.engine != "deepspeed":  # DeepSpeed: its JSON decides
             t.precision = auto_precision(dist_info.device)
