@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -99,9 +100,21 @@ class DeepSpeedEngine(Engine):
         self.accum_steps = cfg.train.accum_steps
         self.device = device
         self.ckpt_dir = Path(cfg.run_dir) / "checkpoints"  # where a conversion goes (see load)
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
-            model_parameters=None)
+        alone = world_size == 1 and not torch.distributed.is_initialized() and "LOCAL_RANK" not in os.environ
+        if alone:
+            # started without a launcher (`python launch/train_deepspeed.py`, or main() in
+            # process): DeepSpeed would look for MPI (mpi4py) and assert on LOCAL_RANK; one
+            # process is a process group of one, its own local rank 0 while DeepSpeed starts
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                                 store=torch.distributed.HashStore(), rank=0, world_size=1)
+            os.environ["LOCAL_RANK"] = "0"
+        try:
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+                model_parameters=None)
+        finally:
+            if alone:
+                del os.environ["LOCAL_RANK"]
         self.model = self.ds.module
         self.wrapped = self.ds
         self._micro = 0
