@@ -1,0 +1,269 @@
+"""Pictures of a run: one PNG of its training curves (loss, learning rates, samples/s,
+validation recall) drawn from the run folder's metrics.jsonl, so a run can be seen
+without starting TensorBoard. Works on a finished run and on one still being written:
+a torn last line (the writer mid-line) or any other unreadable line is skipped and
+counted, never an error.
+
+    phoclip-plot runs/NAME                    # writes runs/NAME/curves.png
+    python -m phoclip_train.plots runs/NAME --out curves.png
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import stat
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from phoclip.fileio import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+METRICS_NAME = "metrics.jsonl"
+CURVES_NAME = "curves.png"
+# A line longer than this is not one of ours (a metrics line is well under 4 KiB): skipped
+MAX_LINE_BYTES = 1 << 20
+# Points per curve: a long run has millions of logged steps; the picture cannot show more
+MAX_POINTS = 4000
+RECALL_KEYS = ("t2i_R@1", "i2t_R@1", "t2i_R@5", "i2t_R@5", "t2i_R@10", "i2t_R@10")
+
+
+class PlotError(ValueError):
+    """A run folder we cannot draw (no metrics, nothing usable in them); one line."""
+
+
+@dataclass
+class RunMetrics:
+    """What metrics.jsonl holds: the last line logged for each step (a resumed run logs
+    again the steps after its checkpoint), per kind ("train", "val", "val_NAME")."""
+
+    by_kind: dict[str, dict[int, dict]] = field(default_factory=dict)
+    skipped_lines: int = 0
+
+    def steps(self, kind: str) -> list[int]:
+        return sorted(self.by_kind.get(kind, {}))
+
+    def series(self, kind: str, key: str, sub: Optional[str] = None) -> tuple[list[int], list[float]]:
+        """(steps, values) of one number; `sub` reads a key of a nested dict (lrs)."""
+        rows = self.by_kind.get(kind, {})
+        xs, ys = [], []
+        for s in sorted(rows):
+            v = rows[s].get(key)
+            if sub is not None:
+                v = v.get(sub) if isinstance(v, dict) else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                xs.append(s)
+                ys.append(float(v))
+        return xs, ys
+
+    @property
+    def val_kinds(self) -> list[str]:
+        return sorted(k for k in self.by_kind if k == "val" or k.startswith("val_"))
+
+
+def read_metrics(path: str | os.PathLike) -> RunMetrics:
+    """Parse a metrics.jsonl (a run folder or the file itself). Lines that are not a
+    whole JSON object with an integer `step` and a string `kind` (a torn last line while
+    the run writes, a truncated file) are skipped and counted. A missing file, or one
+    that is not a regular file (a FIFO would block), raises PlotError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_NAME
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise PlotError(f"{path}: no metrics file (not a run folder, or the run has not logged a step yet)") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise PlotError(f"{path}: not a regular file")
+    out = RunMetrics()
+    with open(path, "rb") as f:
+        for raw in f:
+            # a line without its newline is the one the trainer is writing now (or was
+            # writing when it was killed): never trust it
+            if not raw.endswith(b"\n") or len(raw) > MAX_LINE_BYTES:
+                out.skipped_lines += 1
+                continue
+            try:
+                m = json.loads(raw)
+            except (ValueError, RecursionError):
+                out.skipped_lines += 1
+                continue
+            if (not isinstance(m, dict) or not isinstance(m.get("kind"), str)
+                    or not isinstance(m.get("step"), int) or isinstance(m.get("step"), bool)):
+                out.skipped_lines += 1
+                continue
+            out.by_kind.setdefault(m["kind"], {})[m["step"]] = m
+    return out
+
+
+def _thin(xs: list[int], ys: list[float]) -> tuple[list[int], list[float]]:
+    """At most MAX_POINTS points, evenly strided, the last one kept."""
+    if len(xs) <= MAX_POINTS:
+        return xs, ys
+    stride = math.ceil(len(xs) / MAX_POINTS)
+    idx = list(range(0, len(xs), stride))
+    if idx[-1] != len(xs) - 1:
+        idx.append(len(xs) - 1)
+    return [xs[i] for i in idx], [ys[i] for i in idx]
+
+
+def _lr_groups(m: RunMetrics) -> list[str]:
+    """The learning-rate groups to draw: a `_no_decay` twin is drawn only when its curve
+    differs from its group's (it shares the rate in every shipped config)."""
+    names: list[str] = []
+    for row in m.by_kind.get("train", {}).values():
+        for g in row.get("lrs") or {}:
+            if g not in names:
+                names.append(g)
+    keep = []
+    for g in names:
+        base = g[:-len("_no_decay")] if g.endswith("_no_decay") else None
+        if base in names and m.series("train", "lrs", g) == m.series("train", "lrs", base):
+            continue
+        keep.append(g)
+    return keep
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _draw(m: RunMetrics, title: str):
+    """The figure: 2x2 panels. Built on matplotlib's object API with the Agg canvas (no
+    pyplot state, no display), so it is safe inside a training process."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 8), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    (ax_loss, ax_lr), (ax_speed, ax_val) = fig.subplots(2, 2)
+    fig.suptitle(title)
+
+    xs, ys = m.series("train", "loss")
+    if xs:
+        ax_loss.plot(*_thin(xs, ys), lw=1, label="loss")
+        cx, cy = m.series("train", "contrastive_loss")
+        if cy and cy != ys:  # a second line only when a regulariser makes them differ
+            ax_loss.plot(*_thin(cx, cy), lw=1, label="contrastive")
+            ax_loss.legend(loc="upper right")
+        ax_loss.set_ylabel("training loss")
+    else:
+        _empty(ax_loss, "no training step logged yet")
+    ax_loss.set_title("loss")
+
+    groups = _lr_groups(m)
+    for g in groups:
+        ax_lr.plot(*_thin(*m.series("train", "lrs", g)), lw=1, label=g)
+    if not groups:
+        xs, ys = m.series("train", "lr")
+        if xs:
+            ax_lr.plot(*_thin(xs, ys), lw=1, label="lr")
+            groups = ["lr"]
+    if groups:
+        peaks = [max(ys) for ys in (m.series("train", "lrs", g)[1] for g in groups) if ys]
+        if peaks and min(peaks) > 0 and max(peaks) / min(peaks) >= 10:
+            # the groups' rates differ by orders of magnitude (the recipe: 1e-5 text, 1e-3
+            # heads); a warmup or decay that reaches 0 is left out of a log axis, not drawn at -inf
+            ax_lr.set_yscale("log", nonpositive="mask")
+        ax_lr.legend(loc="best", fontsize="small")
+        ax_lr.set_ylabel("learning rate")
+    else:
+        _empty(ax_lr, "no learning rates logged yet")
+    ax_lr.set_title("learning rates")
+
+    xs, ys = m.series("train", "samples_per_s")
+    if xs:
+        ax_speed.plot(*_thin(xs, ys), lw=1, color="tab:green")
+        ax_speed.set_ylabel("samples/s (all ranks)")
+        ax_speed.set_ylim(bottom=0)
+        wx, wy = m.series("train", "data_wait_s")
+        if wx:
+            ax_wait = ax_speed.twinx()
+            ax_wait.plot(*_thin(wx, wy), lw=0.8, color="tab:gray", alpha=0.4)
+            ax_wait.set_ylabel("data wait per logged interval (s)", color="tab:gray")
+            ax_wait.set_ylim(bottom=0)
+            ax_speed.set_zorder(ax_wait.get_zorder() + 1)  # samples/s drawn over the wait
+            ax_speed.patch.set_visible(False)
+    else:
+        _empty(ax_speed, "no throughput logged yet")
+    ax_speed.set_title("throughput")
+
+    drawn = 0
+    for kind in m.val_kinds:
+        name = "" if kind == "val" else kind[len("val_"):] + " "
+        for key in RECALL_KEYS[:2] if len(m.val_kinds) > 1 else RECALL_KEYS:
+            vx, vy = m.series(kind, key)
+            if vx:
+                ax_val.plot(vx, vy, marker="o", ms=3, lw=1, label=f"{name}{key}")
+                drawn += 1
+    if drawn:
+        ax_val.set_ylabel("recall (%)")
+        ax_val.set_ylim(0, 100)
+        ax_val.legend(loc="best", fontsize="small")
+    else:
+        _empty(ax_val, "no validation yet")
+    ax_val.set_title("validation recall")
+
+    for ax in (ax_loss, ax_lr, ax_speed, ax_val):
+        if ax.has_data():
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    return fig
+
+
+def render_curves(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Draw the run's training curves into a PNG (default `RUN_DIR/curves.png`), written
+    atomically, and return its path. Works while the run is still writing. A folder
+    without metrics, or whose metrics hold no usable line, raises PlotError."""
+    run_dir = Path(run_dir)
+    m = read_metrics(run_dir)
+    if not m.by_kind:
+        raise PlotError(f"{run_dir / METRICS_NAME}: no usable metrics line "
+                        f"({m.skipped_lines} skipped); nothing to draw")
+    if m.skipped_lines:
+        log.info("%s: %d unreadable line(s) skipped (a line being written, or a torn file)",
+                 run_dir / METRICS_NAME, m.skipped_lines)
+    steps = m.steps("train")
+    title = f"{run_dir.resolve().name}: step {steps[-1] if steps else 0}"
+    fig = _draw(m, title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    out = Path(out) if out is not None else run_dir / CURVES_NAME
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="phoclip-plot", description="Draw a run's training curves (loss, learning "
+                                "rates, samples/s, validation recall) from RUN_DIR/metrics.jsonl into a PNG; "
+                                "also while the run is going.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("run_dir", help="the run folder (holds metrics.jsonl)")
+    p.add_argument("--out", default=None, help="the PNG to write (default: RUN_DIR/curves.png)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`phoclip-plot RUN_DIR [--out PNG]`: prints the PNG's path; a refusal is one line
+    on stderr and exit status 1."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        path = render_curves(args.run_dir, args.out)
+    except (PlotError, OSError) as e:
+        print(f"phoclip-plot: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
