@@ -3,17 +3,53 @@ is, how its text is prepared, what it was trained on and how, how well it does, 
 to load it."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Optional
+
+CURVES_NAME = "curves.png"
+
+# The five lines of the Python API (phoclip.load), as README.md shows them, and a batch
+API_EXAMPLE = [
+    "import phoclip",
+    "model = phoclip.load(\"THIS_FOLDER\")                       # or backend=\"onnx\" for an ONNX export",
+    "img = model.embed_images([\"photo.jpg\"])                   # paths or PIL images -> L2-normalised [n, d]",
+    "txt = model.embed_texts([\"Một con chó chạy trên bãi cỏ\"]) # raw Vietnamese: normalisation, segmentation, "
+    "tokenisation handled",
+    "print(model.similarity(img, txt))                         # cosine matrix [n_images, n_texts]",
+]
+BATCH_EXAMPLE = [
+    "from pathlib import Path",
+    "photos = sorted(Path(\"~/Pictures\").expanduser().rglob(\"*.jpg\"))",
+    "img = model.embed_images(photos, batch_size=64)            # batched; progress is logged for long lists",
+    "txt = model.embed_texts([\"con mèo\", \"xe đạp\", \"bãi biển\"], batch_size=256)",
+    "best = model.similarity(txt, img).argmax(dim=1)            # the best photo for each text",
+]
 
 
 def _table(rows: list[tuple[str, object]]) -> str:
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows if v not in (None, "", {})])
 
 
+def attach_curves(folder: str | os.PathLike, curves_png: str | os.PathLike) -> str:
+    """Copy a run's training-curves PNG (phoclip_train.plots) into a model folder,
+    atomically, as `curves.png`; returns the name for `model_card(curves=...)`. A file
+    that is not a regular PNG is refused (ValueError naming it), so a card never links a
+    picture that is not there."""
+    from phoclip.fileio import atomic_write_bytes, read_regular
+
+    data = read_regular(curves_png, max_bytes=64 << 20)
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ValueError(f"{curves_png}: not a PNG image; not attached to the model card")
+    atomic_write_bytes(Path(folder) / CURVES_NAME, data)
+    return CURVES_NAME
+
+
 def model_card(config: dict, training: Optional[dict] = None, data: Optional[dict] = None,
-               evaluation: Optional[dict] = None, fingerprint: str = "") -> str:
+               evaluation: Optional[dict] = None, fingerprint: str = "", curves: Optional[str] = None) -> str:
     """Markdown for a model folder. `training`: the run config (RunConfig.to_dict());
-    `data`: the shards' manifest summary; `evaluation`: the last validation metrics."""
+    `data`: the shards' manifest summary; `evaluation`: the last validation metrics;
+    `curves`: the training-curves picture's name inside the folder (`attach_curves`)."""
     v, t = config.get("vision", {}), config.get("text", {})
     hc = t.get("hf_config") or {}
     arch = [("image tower", f"timm `{v.get('timm_model')}` at {v.get('image_size', 224)} px"),
@@ -53,11 +89,12 @@ def model_card(config: dict, training: Optional[dict] = None, data: Optional[dic
                   "| " + " | ".join(keys) + " | images |", "|" + "---|" * (len(keys) + 1),
                   "| " + " | ".join(f"{evaluation[k]:.1f}" for k in keys)
                   + f" | {int(evaluation.get('n_images', 0))} |"]
-    parts += ["", "## Use", "", "```python", "import phoclip", "model = phoclip.load_model(\"THIS_FOLDER\")  "
-              "# or phoclip.PhoCLIP.from_pretrained(\"THIS_FOLDER\")",
-              "from phoclip.search import query_processor, embed_texts",
-              "proc = query_processor(model, \"THIS_FOLDER/tokenizer\")",
-              "emb = embed_texts(model, proc, [\"một con chó chạy trên bãi cỏ\"])", "```", "",
+    if curves:
+        parts += ["", "## Training curves", "", f"![loss, learning rates, samples/s and validation recall]({curves})"]
+    parts += ["", "## Use", "", "```python", *API_EXAMPLE, "```", "", "Many photos and texts at once:", "",
+              "```python", *BATCH_EXAMPLE, "```", "",
+              "The bare PyTorch module (for fine-tuning): `phoclip.load_model(\"THIS_FOLDER\")` "
+              "(= `phoclip.PhoCLIP.from_pretrained`).",
               "Search service: `python launch/serve.py --index INDEX --model THIS_FOLDER`; ONNX: "
               "`python launch/export_model.py THIS_FOLDER OUT --format onnx`.", ""]
     return "\n".join(parts)

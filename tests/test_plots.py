@@ -130,3 +130,32 @@ def test_the_command_writes_the_png_and_prints_its_path(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(out) and out.read_bytes()[:8] == PNG_MAGIC
     assert not (run / "curves.png").exists()
+
+
+def test_the_model_card_shows_the_curves_and_the_python_api(tiny_run, tmp_path):
+    """The exported model card embeds the run's picture (copied into the folder, linked
+    relatively) and teaches the five-line API plus a batch; a non-PNG is not attached."""
+    import ast
+
+    from phoclip.card import API_EXAMPLE, BATCH_EXAMPLE, attach_curves, model_card
+    from phoclip_train.plots import render_curves
+
+    png = render_curves(_copy_run(tiny_run, tmp_path))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    name = attach_curves(folder, png)
+    assert (folder / name).read_bytes() == png.read_bytes()
+    cfg = {"name": "tiny", "embed_dim": 16, "vision": {"timm_model": "test_resnet"}, "text": {}}
+    card = model_card(cfg, curves=name)
+    assert f"![loss, learning rates, samples/s and validation recall]({name})" in card
+    assert "## Training curves" not in model_card(cfg)
+    for line in API_EXAMPLE + BATCH_EXAMPLE:
+        assert line in card
+    assert "phoclip.load(" in card and "batch_size=" in card and "phoclip.load_model" in card
+    ast.parse("\n".join(API_EXAMPLE + BATCH_EXAMPLE))  # the card's code is Python as written
+
+    (tmp_path / "fake.png").write_text("not a picture")
+    with pytest.raises(ValueError, match=r"fake.png: not a PNG image"):
+        attach_curves(folder, tmp_path / "fake.png")
+    with pytest.raises(OSError, match="not a regular file"):
+        attach_curves(folder, "/dev/zero")

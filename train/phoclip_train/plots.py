@@ -76,13 +76,15 @@ def read_metrics(path: str | os.PathLike) -> RunMetrics:
     if path.is_dir():
         path = path / METRICS_NAME
     try:
-        st = os.stat(path)
+        # non-blocking open, then fstat: a FIFO planted at the name is refused, not waited on
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise PlotError(f"{path}: no metrics file (not a run folder, or the run has not logged a step yet)") from None
-    if not stat.S_ISREG(st.st_mode):
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
         raise PlotError(f"{path}: not a regular file")
     out = RunMetrics()
-    with open(path, "rb") as f:
+    with os.fdopen(fd, "rb") as f:
         for raw in f:
             # a line without its newline is the one the trainer is writing now (or was
             # writing when it was killed): never trust it
