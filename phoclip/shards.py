@@ -64,7 +64,8 @@ def _dirname(url: str) -> str:
     return os.path.dirname(_local_path(url)) or "."
 
 
-def _join(d: str, name: str) -> str:
+def join_url(d: str, name: str) -> str:
+    """`name` inside the folder `d` (a local path or a URL)."""
     return f"{d}/{name}" if is_remote(d) else os.path.join(d, name)
 
 
@@ -351,8 +352,9 @@ def _names_a_folder(part: str) -> bool:
 
 def _split_shards(part: str, split: str) -> list[str]:
     """A shard folder's (or its manifest's) shards of one split, as manifest.json lists them."""
-    man = part if part.endswith("manifest.json") else _join(part.rstrip("/") or "/", "manifest.json")
-    folder = _dirname(man)
+    from phoclip.manifest import Manifest
+
+    man = part if part.endswith("manifest.json") else join_url(part.rstrip("/") or "/", "manifest.json")
     try:
         data = read_optional(man)
     except OSError as e:
@@ -360,80 +362,20 @@ def _split_shards(part: str, split: str) -> list[str]:
     if data is None:
         raise FileNotFoundError(f"{part}: no manifest.json there; give a shard folder made by make_shards, "
                                 "its manifest.json, or a brace pattern such as 'shards/train-{000000..000009}.tar'")
-    m = read_manifest(man, data)
-    names = m.get("shards", {}).get(split) if isinstance(m.get("shards"), dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..")
-                                              for n in names):
-        raise ValueError(f"{man}: 'shards.{split}' is missing or not a list of shard file names")
-    if not names:
-        avail = sorted(k for k, v in m["shards"].items() if v)
-        raise ValueError(f"{man}: no {split} shards (it has: {', '.join(avail) or 'none'})")
-    return [_join(folder, n) for n in names]
-
-
-MANIFEST_KEYS = {"tokenizer.fingerprint": str, "tokenizer.name": str, "tokenizer.pad_id": int,
-                 "tokenizer.max_length": int, "segmenter.name": str, "counts": dict}
-
-
-def read_manifest(path: str | os.PathLike, data: Optional[bytes] = None) -> dict:
-    """A manifest.json (`data`: its bytes, already read), checked: a file with missing
-    keys or wrong types is refused with a message naming the file and the key (not a
-    KeyError later)."""
-    try:
-        m = json.loads((read_small(str(path)) if data is None else data).decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: not a readable manifest ({type(e).__name__}: {e})") from None
-    if not isinstance(m, dict):
-        raise ValueError(f"{path}: a manifest is a JSON object")
-    for key, typ in MANIFEST_KEYS.items():
-        v: Any = m
-        for part in key.split("."):
-            v = v.get(part) if isinstance(v, dict) else None
-        if not isinstance(v, typ) or isinstance(v, bool):
-            raise ValueError(f"{path}: key {key} is missing or not a {typ.__name__}")
-    return m
-
-
-def manifest_for(url: str, manifest: Optional[str] = None) -> Optional[dict]:
-    """The manifest.json of a shard (beside it, or `manifest`), if any (checked by
-    `read_manifest`)."""
-    p = manifest or _join(catalogue_dir(url), "manifest.json")
-    try:
-        data = read_optional(p)
-    except OSError as e:
-        raise ValueError(f"{p}: cannot be read ({e})") from None
-    return None if data is None else read_manifest(p, data)
+    return [join_url(_dirname(man), n) for n in Manifest.read(man, data).split_shards(split)]
 
 
 def check_manifests(urls: Iterable[str], fingerprint: str, pad_id: int, max_positions: int,
                     tokenizer_name: str, manifest: Optional[str] = None) -> dict:
-    """Refuse shards tokenized with another tokenizer; returns the (first) manifest.
-    `manifest`: where it is when not beside the shards (data.manifest; pipe: shards)."""
-    seen: dict[str, dict] = {}
-    for u in urls:
-        d = catalogue_dir(u, manifest)
-        if d not in seen:
-            m = manifest_for(u, manifest)
-            if m is None:
-                raise FileNotFoundError(f"no manifest.json {'at ' + manifest if manifest else 'beside ' + u}: "
-                                        "shards must be made by sharding/make_shards.py")
-            seen[d] = m
-    for d, m in seen.items():
-        t = m["tokenizer"]
-        problems = []
-        if t["fingerprint"] != fingerprint:
-            problems.append(f"tokenizer fingerprint {t['fingerprint']} ({t['name']}) != "
-                            f"{fingerprint} ({tokenizer_name})")
-        if t["pad_id"] != pad_id:
-            problems.append(f"pad id {t['pad_id']} != model's {pad_id}")
-        if t["max_length"] > max_positions:
-            problems.append(f"max length {t['max_length']} > the text encoder's {max_positions} positions")
-        if problems:
-            raise ValueError(f"shards in {d} do not fit the model's tokenizer: "
-                             + "; ".join(problems)
-                             + f". Re-shard them with --tokenizer {tokenizer_name}, or train "
-                               f"with model.tokenizer={t['name']}.")
-    return next(iter(seen.values()))
+    """Refuse shards tokenized with another tokenizer; returns the (first) manifest as
+    its JSON object. The model's side given as values; `phoclip.manifest.check_shards_fit`
+    takes the tokenizer and model themselves and returns the typed `Manifest`."""
+    from phoclip.manifest import same_width, shard_manifests
+
+    mans = list(shard_manifests(urls, manifest).values())
+    for m in mans:
+        m.check_fits_values(fingerprint, pad_id, max_positions, tokenizer_name)
+    return same_width(mans).to_dict()
 
 
 def count_samples(urls: Iterable[str], manifest: Optional[str] = None) -> int:
@@ -443,7 +385,7 @@ def count_samples(urls: Iterable[str], manifest: Optional[str] = None) -> int:
     for u in urls:
         n = _shard_sizes(u, cache, manifest)
         if n is None:
-            raise ValueError(f"{u} is not listed in {_join(catalogue_dir(u, manifest), 'sizes.json')}")
+            raise ValueError(f"{u} is not listed in {join_url(catalogue_dir(u, manifest), 'sizes.json')}")
         total += n
     return total
 
@@ -546,7 +488,7 @@ class _Skips:
 def _shard_sizes(url: str, cache: dict, manifest: Optional[str] = None) -> Optional[int]:
     d = catalogue_dir(url, manifest)
     if d not in cache:
-        f = _join(d, "sizes.json")
+        f = join_url(d, "sizes.json")
         try:
             data = read_optional(f)
             sizes = json.loads(data.decode("utf-8")) if data is not None else {}
