@@ -9,11 +9,9 @@ data.global_batch_size to keep the global batch): the ZeRO checkpoint is convert
 DeepSpeed's universal checkpoint at resume time, in the run's checkpoints folder, and the
 loaded state is checked against the one saved. The ZeRO stage must stay the same.
 """
-from __future__ import annotations
-
 import sys
 
-from train_ddp import main  # this script's folder is on sys.path: one entry point, one loop
+from phoclip_cli.train import main  # one entry point, one loop: this one selects the DeepSpeed engine
 
 if __name__ == "__main__":
     sys.exit(main(engine="deepspeed", doc=__doc__))

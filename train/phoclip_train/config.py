@@ -317,15 +317,18 @@ def _set(obj: Any, dotted: str, raw: str) -> None:
         _set_value(obj, last, value, dotted, raw)
 
 
-def apply_tree(cfg: Any, tree: dict, prefix: str = "") -> None:
-    """Set every field of a nested dict (a YAML file, a checkpoint's saved config)."""
+def apply_tree(cfg: Any, tree: dict, prefix: str = "", sources: Optional[dict] = None, origin: str = "") -> None:
+    """Set every field of a nested dict (a YAML file, a checkpoint's saved config);
+    with `sources`, record `origin` under each dotted key set."""
     for k, v in tree.items():
         key = f"{prefix}{k}"
         sub = getattr(cfg, k, None) if dataclasses.is_dataclass(cfg) else None
         if isinstance(v, dict) and dataclasses.is_dataclass(sub):
-            apply_tree(sub, v, key + ".")
+            apply_tree(sub, v, key + ".", sources, origin)
         else:
             _set_value(cfg, k, v, key)
+            if sources is not None:
+                sources[key] = origin
 
 
 def _field_type(obj: Any, name: str) -> Any:
@@ -397,8 +400,11 @@ def _set_value(obj: Any, name: str, val: Any, key: str, raw: Any = None) -> None
     setattr(obj, name, val)
 
 
-def resolve_config(config_file: Optional[str], overrides: Sequence[str] = ()) -> RunConfig:
-    """defaults → YAML file → `a.b=value` overrides (values parsed as YAML)."""
+def resolve_config(config_file: Optional[str], overrides: Sequence[str] = (),
+                   sources: Optional[dict] = None) -> RunConfig:
+    """defaults → YAML file → `a.b=value` overrides (values parsed as YAML). With
+    `sources` (a dict), where each value set came from: {dotted key: "YAML file PATH" or
+    "override"} (keys not in it kept their default)."""
     cfg = RunConfig()
     if config_file:
         if not os.path.isfile(config_file):
@@ -408,13 +414,61 @@ def resolve_config(config_file: Optional[str], overrides: Sequence[str] = ()) ->
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {config_file}: expected a mapping of config groups "
                               f"(data:, model:, train:, ...), got {type(tree).__name__}")
-        apply_tree(cfg, tree)
+        apply_tree(cfg, tree, sources=sources, origin=f"YAML file {config_file}")
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not key=value (e.g. train.max_steps=20)")
         k, v = o.split("=", 1)
         _set(cfg, k.strip(), v)
+        if sources is not None:
+            sources[k.strip()] = "override"
     return cfg
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string under it in the class body) of a config
+    dataclass, on one line: what --help and --print-config show."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+
+
+def config_groups() -> list[tuple[str, str]]:
+    """(name, what it holds) of each top-level field of RunConfig, groups and plain fields."""
+    docs = field_docs(RunConfig)
+    return [(f.name, docs.get(f.name, "")) for f in dataclasses.fields(RunConfig)]
+
+
+def describe_config(cfg: RunConfig, sources: Optional[dict] = None) -> str:
+    """The resolved config, one field per entry: `key = value`, where it came from
+    (default, YAML file, override) and the default, then the field's doc."""
+    sources = sources or {}
+    lines: list[str] = []
+
+    def walk(obj: Any, default: Any, prefix: str) -> None:
+        docs = field_docs(type(obj))
+        for f in dataclasses.fields(obj):
+            key, v = prefix + f.name, getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                lines.append(f"\n[{key}] {docs.get(f.name, '')}")
+                walk(v, getattr(default, f.name), key + ".")
+                continue
+            src = sources.get(key) or next((s for k, s in sources.items() if k.startswith(key + ".")), "default")
+            d = getattr(default, f.name)
+            shown = lambda x: yaml.safe_dump(_plain(x), default_flow_style=True, allow_unicode=True, width=1 << 16
+                                             ).strip().removesuffix("...").strip()
+            origin = "default" if src == "default" else f"{src}; default {shown(d)}"
+            lines.append(f"{key} = {shown(v)}    ({origin})")
+            if docs.get(f.name):
+                lines.append(f"    {docs[f.name]}")
+
+    walk(cfg, RunConfig(), "")
+    return "\n".join(lines).lstrip("\n")
 
 
 def save_config(cfg: RunConfig, path: str) -> None:

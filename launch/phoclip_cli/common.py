@@ -1,0 +1,44 @@
+"""What every command shares: a help formatter that shows defaults and keeps the
+description's layout, and the refusal that torchrun reports as the root cause.
+
+Nothing heavy is imported here: `--help` must answer before torch is loaded."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written (its example commands keep their lines) and each
+    flag's default after its meaning, unless the help already says it or there is none
+    worth saying (an unset option, a switch that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def record_refusal(message: str, exit_code: int = 2) -> None:
+    """Under torchrun (torch.distributed.elastic), write our one-line message into the
+    error file the agent reads (env TORCHELASTIC_ERROR_FILE), so its failure summary names
+    it as the root cause instead of "To enable traceback see: ...". Elsewhere: nothing.
+
+    torchrun's reader takes `{"message": str, "timestamp": int}` as is (the `@record`
+    decorator writes a dict with a Python traceback; a refusal has none worth showing).
+    A file already there (an earlier failure of this process) is kept: the first
+    failure is the root cause."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):
+        return
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "x", encoding="utf-8") as f:
+            json.dump({"message": f"{message} (exit code {exit_code})", "timestamp": int(time.time())}, f)
+        os.replace(tmp, path)
+    except OSError:  # the report is a courtesy: the exit code and our log line still say it
+        pass
