@@ -47,15 +47,10 @@ def _evaluate(argv, capsys):
 
 def test_evaluation_results_are_named_after_their_source_and_never_overwritten(tmp_path, shapes_shards, capsys):
     shards = shapes_shards[0]
-    sys.path.insert(0, str(ROOT / "launch"))
-    try:
-        from evaluate import source_slug
-    finally:
-        sys.path.remove(str(ROOT / "launch"))
-    import argparse
+    from phoclip.evaluation import source_slug
 
-    def slug(**kw):
-        return source_slug(argparse.Namespace(**{"benchmark": None, "shards": None, "split": "val", **kw}))
+    def slug(benchmark=None, shards=None, split="val"):
+        return source_slug(benchmark, shards, split)
 
     assert slug(shards="shards/vi") == "vi-val"
     assert slug(shards="shards/vi/manifest.json", split="train") == "vi-train"
