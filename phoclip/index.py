@@ -20,6 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 INDEX_META = "index.json"
+PATHS_RELATIVE = "relative to the index folder"  # index.json's `paths`: how item paths and the model are written
 NORM_TOLERANCE = 0.05  # |norm - 1| of a stored row; fp16 rounding stays under 1e-3
 
 
@@ -49,6 +50,11 @@ class EmbeddingIndex:
                 or not isinstance(m.get("model"), str) or not isinstance(m.get("dim"), int)
                 or not isinstance(m.get("count"), dict)):
             raise ValueError(f"{meta_f}: not an index description (model_fingerprint, model, dim, count)")
+        # paths written relative to the index folder (indexes built since they are): resolved
+        # here, so the index works from any directory and moved together with its images
+        self.relative = m.get("paths") == PATHS_RELATIVE
+        self.recorded_model = m["model"]
+        m["model"] = self.resolve_path(m["model"])
         self._emb: dict[str, torch.Tensor] = {}
         self._bad: dict[str, torch.Tensor] = {}  # ids of rows skipped at load, per kind
         self._items: dict[str, list[dict]] = {}
@@ -92,7 +98,27 @@ class EmbeddingIndex:
         self.embeddings(kind)
         return self._bad[kind]
 
+    def resolve_path(self, p: str) -> str:
+        """A path the index recorded, as usable from here: relative paths are read against
+        the index folder where that exists, else against where the index was built
+        (`built_in`: the images stayed, the index moved); absolute paths, URLs and paths
+        of an index written before paths were relative (they were relative to the
+        builder's working directory) are kept as written."""
+        places = self.candidates(p)
+        return next((c for c in places if os.path.exists(c)), places[0])
+
+    def candidates(self, p: str) -> list[str]:
+        """Where a recorded path may be, in the order `resolve_path` tries them."""
+        if not self.relative or not p or os.path.isabs(p) or "://" in p or p.startswith("pipe:"):
+            return [p]
+        places = [os.path.normpath(os.path.join(os.path.abspath(self.folder), p))]
+        built = self.meta.get("built_in")
+        if isinstance(built, str) and os.path.isabs(built):
+            places.append(os.path.normpath(os.path.join(built, p)))
+        return places
+
     def items(self, kind: str) -> list[dict]:
+        """The JSON item of each row of `kind`; its `path` and local `shard` usable from here."""
         if kind not in self._items:
             f = self.folder / f"{kind}.jsonl"
             out = []
@@ -102,6 +128,9 @@ class EmbeddingIndex:
                         it = json.loads(line)
                         if not isinstance(it, dict):
                             raise ValueError("not an object")
+                        for k in ("path", "shard"):
+                            if isinstance(it.get(k), str):
+                                it[k] = self.resolve_path(it[k])
                         out.append(it)
             except (OSError, ValueError, RecursionError) as e:
                 raise ValueError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
@@ -191,7 +220,10 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
                 image_items: list[dict], captions: Optional[torch.Tensor] = None,
                 caption_items: Optional[list[dict]] = None, source: str = "") -> Path:
     """Write an index folder (fp16 embeddings + items + fingerprint), whole or not at all:
-    into a temporary folder beside it, fsynced, then renamed over the old index."""
+    into a temporary folder beside it, fsynced, then renamed over the old index. The
+    model's path and the items' local `path`/`shard` are written relative to the index
+    folder, with the folder's absolute path at build time (`built_in`), so that the index
+    works from any directory and when moved with its images (`EmbeddingIndex.resolve_path`)."""
     import shutil
 
     from phoclip.fileio import atomic_write_bytes, atomic_write_json, fsync_dir
@@ -208,9 +240,11 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     os.chmod(tmp, 0o755)
+    home = os.path.abspath(out)
     for kind, emb, items in (("images", images, image_items), ("captions", captions, caption_items)):
         if emb is None:
             continue
+        items = [{k: _relative(v, home) if k in ("path", "shard") else v for k, v in it.items()} for it in items]
         if len(items) != emb.shape[0]:
             raise ValueError(f"{len(items)} {kind} items for {emb.shape[0]} embeddings")
         buf = io.BytesIO()
@@ -218,7 +252,8 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
         atomic_write_bytes(tmp / f"{kind}.npy", buf.getvalue())
         atomic_write_bytes(tmp / f"{kind}.jsonl", "".join(
             json.dumps(it, ensure_ascii=False) + "\n" for it in items).encode("utf-8"))
-    meta = {"model_fingerprint": model_fingerprint(model), "model": model_name,
+    meta = {"model_fingerprint": model_fingerprint(model), "model": _relative(model_name, home),
+            "paths": PATHS_RELATIVE, "built_in": home,
             "dim": int(model.config["embed_dim"]), "source": source,
             "count": {"images": 0 if images is None else int(images.shape[0]),
                       "captions": 0 if captions is None else int(captions.shape[0])}}
@@ -230,3 +265,11 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
     shutil.rmtree(old, ignore_errors=True)
     fsync_dir(out.parent)
     return out
+
+
+def _relative(p, home: str):
+    """A local path that exists, relative to `home`; anything else (URLs, `pipe:`, names
+    that are not files, non-text) as given."""
+    if not isinstance(p, str) or not p or "://" in p or p.startswith("pipe:") or not os.path.exists(p):
+        return p
+    return os.path.relpath(os.path.abspath(p), home)

@@ -6,6 +6,7 @@ items scoring strictly higher)."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from typing import Iterable, Iterator, Optional
 
@@ -17,6 +18,41 @@ from phoclip.shards import decode_counted, read_shards
 from phoclip.transforms import image_to_tensor
 
 logger = logging.getLogger(__name__)
+
+
+class ProgressLog:
+    """Progress of a long loop as log lines, at most one per `every_s` seconds (and one at
+    the end): done / total, rate and time left. Through logging, not a terminal bar, so a
+    SLURM log or a pipe shows it too."""
+
+    def __init__(self, what: str, total: Optional[int] = None, unit: str = "images", every_s: float = 10.0,
+                 enabled: bool = True, log: logging.Logger = logger) -> None:
+        self.what, self.total, self.unit, self.every_s, self.enabled, self.log = what, total, unit, every_s, enabled, log
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int) -> None:
+        """Count `n` more done; log a line when `every_s` has passed since the last one."""
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and now - self.last >= self.every_s:
+            self.last = now
+            self.log.info("%s", self.line(now))
+
+    def line(self, now: Optional[float] = None) -> str:
+        """`what: done / total unit (pct), rate/s, ~left` (total and time left when known)."""
+        elapsed = max((now or time.monotonic()) - self.start, 1e-9)
+        rate = self.done / elapsed
+        of = f" / {self.total:,}" if self.total else ""
+        pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        left = (f", ~{(self.total - self.done) / rate:.0f} s left"
+                if self.total and rate > 0 and self.done < self.total else "")
+        return f"{self.what}: {self.done:,}{of} {self.unit}{pct}, {rate:.1f} {self.unit}/s, {elapsed:.0f} s{left}"
+
+    def close(self) -> None:
+        """The final line (when enabled)."""
+        if self.enabled:
+            self.log.info("%s (done)", self.line())
 
 
 def _summ(ranks: torch.Tensor, prefix: str, ks=(1, 5, 10)) -> dict[str, float]:
@@ -64,9 +100,13 @@ def chance_recall(n_images: int, k: int) -> float:
 @torch.no_grad()
 def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_size: int = 64,
                   autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
-                  lockstep: bool = False, pack_captions: bool = True):
+                  lockstep: bool = False, pack_captions: bool = True, total: Optional[int] = None,
+                  progress_every_s: float = 10.0):
     """Embed images and all their captions. Returns (image feats [N,D], text feats [M,D],
     text_to_image [M] (local indices), keys [N], metas [N]).
+
+    progress: log a line every `progress_every_s` seconds (images done / `total` when
+    known, rate, time left) and one at the end.
 
     pack_captions: a batch's captions go through the text tower packed into rows
     (`PhoCLIP.pack_text`: the same embeddings, about the real tokens computed); models
@@ -78,14 +118,13 @@ def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_si
     (ZeRO-3 gathers each layer's weights), so ranks with fewer samples do not hang."""
     from itertools import islice
 
-    from tqdm import tqdm
-
     model.eval()
     img_f, txt_f, t2i, keys, metas = [], [], [], [], []
     ctx = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else \
         (lambda: torch.autocast(device.type, enabled=False))
     size = int(model.config["vision"].get("image_size", 224))
-    it = iter(tqdm(samples, desc="embedding", unit="img", disable=not progress))
+    it = iter(samples)
+    bar = ProgressLog("embedding", total, enabled=progress, every_s=progress_every_s)
     while True:
         buf = list(islice(it, batch_size))
         if lockstep:
@@ -116,6 +155,8 @@ def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_si
             t2i.extend([base + i] * b["ids"].shape[0])
             keys.append(b["key"])
             metas.append(dict(b.get("meta", {}), **{"__shard_url__": b.get("url", "")}))  # webdataset-style: not a caption field
+        bar.update(len(buf))
+    bar.close()
     d = model.config["embed_dim"]
     cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, d)
     return cat(img_f), cat(txt_f), torch.tensor(t2i, dtype=torch.long), keys, metas
@@ -161,12 +202,20 @@ def evaluate_shards(model, urls: list[str], image_size: int, device: torch.devic
     """Embed the shards (each rank its part), gather, and compute the recalls; the
     samples skipped (by reason, all ranks) are in the result as `skipped`. With
     return_embeddings: (metrics, image features, keys, metas). `lockstep` and
-    `pack_captions`: see `embed_samples`. `ids_width`/`vocab_size`: see `decode_ids`."""
+    `pack_captions`: see `embed_samples`. `ids_width`/`vocab_size`: see `decode_ids`.
+    With `progress`, the lines count against this rank's share of the samples (sizes.json)."""
+    from phoclip.shards import count_samples
 
     skipped: Counter = Counter()
+    total = None
+    if progress:
+        try:
+            total = count_samples(urls[rank::world_size], manifest)
+        except (ValueError, OSError):  # shards without sizes.json: progress without a total
+            total = None
     parts = embed_samples(model, eval_samples(urls, image_size, rank, world_size, skipped, ids_width,
                                               vocab_size, manifest), device, batch_size, autocast_dtype, progress, lockstep,
-                          pack_captions)
+                          pack_captions, total)
     img, txt, t2i, keys, metas = gather_embeddings(*parts, world_size)
     skipped = gather_counts(skipped, world_size)
     if img.shape[0] == 0:

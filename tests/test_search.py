@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, train_main, train_overrides
+from conftest import train_main, train_overrides
 from dist_utils import run_distributed
 
 pytestmark = pytest.mark.slow
@@ -26,12 +26,9 @@ def trained(shapes_shards, tmp_path_factory):
 
 
 def _main(module, args):
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(module, ROOT / "launch" / f"{module}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main([str(a) for a in args])
+    return importlib.import_module(f"phoclip_cli.{module}").main([str(a) for a in args])
 
 
 def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, capsys):

@@ -2,12 +2,13 @@
 image → text lists each caption once and names the image it describes; a photo index
 (no captions) prints no empty "()"; tag scores are labelled; a skipped file's reason
 names no Python object."""
-import sys
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, make_image
+from conftest import make_image
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +37,8 @@ def index(tmp_path_factory, tiny_tokenizer_dir):
 
 
 def _search(argv, capsys):
-    sys.path.insert(0, str(ROOT / "launch"))
-    try:
-        import search
-    finally:
-        sys.path.remove(str(ROOT / "launch"))
+    from phoclip_cli import search
+
     code = search.main([str(a) for a in argv])
     return code, capsys.readouterr()
 
@@ -69,3 +67,50 @@ def test_a_photo_index_prints_no_empty_captions_and_tags_are_labelled(index, cap
         _search(["--index", d / "photo_index", "--image", bad], capsys)
     assert str(e.value).endswith("notes.jpg: not_an_image: not in an image format Pillow reads")
     assert "BytesIO" not in str(e.value)
+
+
+def test_an_index_works_from_any_directory_and_moved_with_its_photos(tmp_path, tiny_tokenizer_dir, monkeypatch,
+                                                                      capsys):
+    """#26: an index recorded its model and photos as the builder's working directory
+    saw them; now relative to the index folder: it is searched from elsewhere and after
+    moving together with its photos; a model that moved away is named, with the override."""
+    import json
+    import shutil
+
+    import phoclip
+    from phoclip.index import write_index
+    from phoclip.text import load_tokenizer
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    model = phoclip.create_model("tiny-debug", embed_dim=32, text={"hf_config": {"vocab_size": len(tok)}})
+    model.config["text"].update(segmenter="none", max_length=32)
+    work = tmp_path / "work"
+    model.save_pretrained(work / "model", tokenizer=tok)
+    [make_image(work / "album" / "photos" / f"p{i}.jpg", i) for i in range(3)]
+    monkeypatch.chdir(work)  # the builder's paths are relative to its working directory, as the CLI's are
+    img = torch.nn.functional.normalize(torch.randn(3, 32), dim=-1)
+    write_index("album/index", model.eval(), "model", img,
+                [{"key": f"k{i}", "path": f"album/photos/p{i}.jpg", "caption": ""} for i in range(3)])
+
+    def paths_found(index_dir):
+        code, out = _search(["--index", index_dir, "một con chó", "--k", "3", "--json"], capsys)
+        assert code == 0, out.err
+        found = [m["item"]["path"] for m in json.loads(out.out)["text_to_image"]["một con chó"]]
+        assert len(found) == 3 and all(Path(p).is_file() for p in found), found
+        return found
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert all(p.startswith(str(work / "album" / "photos")) for p in paths_found(work / "album" / "index"))
+    shutil.move(str(work / "album"), str(tmp_path / "moved"))  # the index with its photos
+    assert all(p.startswith(str(tmp_path / "moved" / "photos")) for p in paths_found(tmp_path / "moved" / "index"))
+    shutil.move(str(work / "model"), str(tmp_path / "model_elsewhere"))
+    code, out = _search(["--index", tmp_path / "moved" / "index", "một con chó"], capsys)
+    err = out.err.strip()
+    assert code == 2 and "\n" not in err and "index.json" in err and "--model" in err, err
+    assert str(work / "model") in err, err  # the path the index led to, named
+    code, out = _search(["--index", tmp_path / "moved" / "index", "một con chó", "--model",
+                         tmp_path / "model_elsewhere"], capsys)
+    assert code == 0, out.err
