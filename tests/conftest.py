@@ -186,6 +186,8 @@ def kill_job(proc) -> None:
 # ----------------------------------------------------------------------------- entry points in process
 
 _LAUNCH_MODULES: dict = {}
+_CLI_MODULES = {"train_ddp": "phoclip_cli.train", "evaluate": "phoclip_cli.evaluate",
+                "build_index": "phoclip_cli.build_index", "search": "phoclip_cli.search"}
 
 
 def launch_main(script: str, argv) -> int:
@@ -195,10 +197,13 @@ def launch_main(script: str, argv) -> int:
     sys.stderr (read it with capsys). The entry points' logger set-up replaces the root
     logger's handlers (pytest's among them): they are put back after, and a process group
     is never left behind."""
+    import importlib
     import importlib.util
     import logging
 
     mod = _LAUNCH_MODULES.get(script)
+    if mod is None and script in _CLI_MODULES:  # thin scripts: their main lives in phoclip_cli
+        mod = importlib.import_module(_CLI_MODULES[script])
     if mod is None:
         spec = importlib.util.spec_from_file_location(f"phoclip_launch_{script}", ROOT / "launch" / f"{script}.py")
         mod = importlib.util.module_from_spec(spec)
