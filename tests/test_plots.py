@@ -145,6 +145,8 @@ def test_the_model_card_shows_the_curves_and_the_python_api(tiny_run, tmp_path):
     folder.mkdir()
     name = attach_curves(folder, png)
     assert (folder / name).read_bytes() == png.read_bytes()
+    assert attach_curves(folder, folder / name) == name  # drawn straight into the folder: kept as is
+    assert (folder / name).read_bytes() == png.read_bytes()
     cfg = {"name": "tiny", "embed_dim": 16, "vision": {"timm_model": "test_resnet"}, "text": {}}
     card = model_card(cfg, curves=name)
     assert f"![loss, learning rates, samples/s and validation recall]({name})" in card
