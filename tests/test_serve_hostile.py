@@ -89,18 +89,28 @@ def env(tiny_tokenizer_dir, tmp_path_factory):
     idx = d / "index"
     write_index(idx, model, str(d / "model"), emb, items, caps,
                 [{"caption": f"chú thích {i}", "image": i} for i in range(4)])
-    serve = _launch_module("serve")
+    from phoclip import serve
+
     service = serve.Service(str(idx), device="cpu")
-    with _running(serve, service, serve.Limits(**LIMITS)) as (app, port):
+    with _running(service, _settings()) as (app, port):
         yield types.SimpleNamespace(base=f"http://127.0.0.1:{port}", port=port, service=service, app=app,
                                     idx=idx, d=d, model=model, serve=serve, tok=tiny_tokenizer_dir)
 
 
+def _settings(**over):
+    """The service's settings with this file's small limits, on a free port."""
+    from phoclip.serve import Settings
+
+    return Settings(**dict(LIMITS, host="127.0.0.1", port=0, **over))
+
+
 @contextlib.contextmanager
-def _running(serve, service, limits):
-    """The app over `service` served by `serve.make_server` in a thread, on a free port."""
-    app = serve.create_app(service, limits=limits)
-    server = serve.make_server(app, "127.0.0.1", 0, limits)
+def _running(service, settings):
+    """The app over `service` served by `phoclip.serve.make_server` in a thread, on a free port."""
+    from phoclip.serve import create_app, make_server
+
+    app = create_app(service, settings)
+    server = make_server(app, settings)
     t = threading.Thread(target=server.run, daemon=True)
     t.start()
     t0 = time.time()
@@ -279,9 +289,7 @@ def test_heavy_requests_run_off_the_event_loop_and_excess_gets_a_quick_503(env, 
 
 
 def test_over_the_connection_cap_the_longest_idle_one_makes_room(env):
-    serve = env.serve
-    limits = serve.Limits(**dict(LIMITS, header_timeout=30.0, max_connections=10))
-    with _running(serve, env.service, limits) as (_, port):
+    with _running(env.service, _settings(header_timeout=30.0, max_connections=10)) as (_, port):
         idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(10)]
         try:
             time.sleep(0.2)
@@ -445,7 +453,7 @@ def test_onnx_towers_that_do_not_fit_are_refused_at_load_in_one_line(env, tmp_pa
     with pytest.raises(ValueError, match=r"text\.onnx: gives \(1, 32\) finite embeddings .* embed_dim is 64"):
         OnnxModel(bad)
     # the service refuses it at start, in one line naming the file, instead of starting healthy
-    serve = env.serve
+    serve = _launch_module("serve")  # the command: launch/serve.py
     assert serve.main(["--index", str(env.idx), "--model", str(bad), "--backend", "onnx"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("serve: ") and "text.onnx" in err and "Traceback" not in err
@@ -470,12 +478,12 @@ def test_onnx_towers_that_do_not_fit_are_refused_at_load_in_one_line(env, tmp_pa
 def test_thumbnail_sources_are_read_up_to_a_cap(env, caplog):
     code, headers, body = _get(env.base + "/thumb/0")
     assert code == 200 and headers["Content-Type"] == "image/jpeg" and Image.open(io.BytesIO(body)).size[0] > 0
-    with caplog.at_level(logging.WARNING, logger="serve"):
+    with caplog.at_level(logging.WARNING, logger="phoclip.serve"):
         t0 = time.monotonic()
         code, headers, body = _get(env.base + f"/thumb/{BIG_ID}")
         assert code == 404 and time.monotonic() - t0 < 2  # refused from the member's header
     assert _one_error(code, headers, body) == "thumbnail unavailable"
-    lines = [r.getMessage() for r in caplog.records if r.name == "serve"]
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("phoclip.serve")]
     assert any(f"no thumbnail for item {BIG_ID}: too_large_file" in l and "209715200 bytes > 65536" in l
                for l in lines), lines
 

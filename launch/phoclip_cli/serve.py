@@ -1,0 +1,137 @@
+"""A search service over an index: a JSON API and a Vietnamese search page.
+
+    python launch/serve.py --index index/ [--model runs/exp1] --host 127.0.0.1 --port 8080
+    open http://127.0.0.1:8080/
+
+The model and the index are loaded once (GPU when present; `--backend onnx` runs the
+encoders on onnxruntime) and probed: a model whose embeddings do not fit the index is
+refused at start, not with a 500 for every query. The page keeps its query in the URL
+(?q=, ?like=ID, &item=ID), so results can be shared. The API (schema: /openapi.json):
+    GET|HEAD /health                     status, index size, backend, model fingerprint
+    GET  /search?q=TEXT&k=24&offset=0    text → image
+    POST /search/image (multipart 'file') image → text (shard indexes) and image → image
+    GET  /items/ID, /items/ID/similar    an indexed image's captions and source; more like it
+    GET  /tags, POST /tags               the tag vocabulary (--tags); zero-shot tags of a 'file' or an 'id'
+    GET  /thumb/ID, /photo/ID            JPEGs of indexed image ID (only indexed items)
+Every request is untrusted: bodies are capped as they stream, images are refused before
+decoding past --max-decode-mb, decoding and embedding run in at most --cpu-jobs worker
+threads (past --cpu-queue waiting jobs or --cpu-wait seconds: 503 with Retry-After), and
+idle or slow connections are cut (--header-timeout, --body-timeout, --max-connections).
+The service itself is phoclip.serve; this is its command line.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+logger = logging.getLogger("serve")
+
+MB = 1 << 20
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags; defaults come from `phoclip.serve.Settings` (one place)."""
+    from phoclip.serve.settings import Settings
+
+    d = Settings()
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--index", required=True, help="an index folder (launch/build_index.py)")
+    p.add_argument("--model", help="a model folder, run folder or checkpoint (default: the model the index was built with)")
+    p.add_argument("--host", default=d.host)
+    p.add_argument("--port", type=int, default=d.port)
+    p.add_argument("--backend", choices=("torch", "onnx"), default=d.backend,
+                   help="onnx: embed with onnxruntime (export_model.py --format onnx first)")
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--vncorenlp-dir", help="VnCoreNLP model folder (default: $VNCORENLP_DIR)")
+    p.add_argument("--tags", help="the page's zero-shot tags: a file with one Vietnamese tag per line "
+                                  "(default: a few everyday subjects)")
+    p.add_argument("--max-upload-mb", type=float, default=d.max_upload / MB)
+    p.add_argument("--max-decode-mb", type=float, default=d.max_decode_bytes / MB,
+                   help="memory one image may take to decode; larger images are refused unread")
+    p.add_argument("--max-thumb-source-mb", type=float, default=d.max_thumb_source / MB,
+                   help="bytes read for one thumbnail's source file or shard member")
+    p.add_argument("--cpu-jobs", type=int, default=d.cpu_jobs, help="decodes and embeddings at once")
+    p.add_argument("--cpu-queue", type=int, default=d.cpu_queue,
+                   help="jobs that may wait for a worker; more get 503 with Retry-After")
+    p.add_argument("--cpu-wait", type=float, default=d.cpu_wait,
+                   help="seconds a job may wait for a worker before it gets 503")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help="seconds a connection has to send a request head")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help="seconds a request has to send its body")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open connections; past it the one idle longest is closed")
+    return p
+
+
+def read_tags(path: str) -> tuple[str, ...]:
+    """One tag a line (blank lines skipped); refused in one line naming the file when it
+    is unreadable, empty or has too many or too long tags."""
+    from phoclip.fileio import read_regular
+    from phoclip.serve.settings import MAX_QUERY_CHARS, MAX_TAGS
+
+    try:
+        text = read_regular(path, 1 << 20).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    tags = tuple(dict.fromkeys(t.strip() for t in text.splitlines() if t.strip()))
+    if not 0 < len(tags) <= MAX_TAGS or any(len(t) > MAX_QUERY_CHARS for t in tags):
+        raise ValueError(f"{path}: give 1..{MAX_TAGS} tags, one per line, each under {MAX_QUERY_CHARS} characters "
+                         f"(it has {len(tags)})")
+    return tags
+
+
+def settings_from_args(args: argparse.Namespace):
+    """`phoclip.serve.Settings` from parsed flags (raises pydantic's ValidationError)."""
+    from phoclip.serve.settings import Settings
+
+    extra = {"tags": read_tags(args.tags)} if args.tags else {}
+    return Settings(index=args.index, model=args.model, backend=args.backend, device=args.device,
+                    vncorenlp_dir=args.vncorenlp_dir, host=args.host, port=args.port,
+                    max_upload=int(args.max_upload_mb * MB), max_decode_bytes=int(args.max_decode_mb * MB),
+                    max_thumb_source=int(args.max_thumb_source_mb * MB), cpu_jobs=args.cpu_jobs,
+                    cpu_queue=args.cpu_queue, cpu_wait=args.cpu_wait, header_timeout=args.header_timeout,
+                    body_timeout=args.body_timeout, max_connections=args.max_connections, **extra)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, load and probe the model and index, serve until stopped. 2: refused."""
+    from pydantic import ValidationError
+
+    from phoclip.errors import EXPECTED_ERRORS, one_line
+    from phoclip.log import init_logger
+    from phoclip.text import strip_controls
+
+    p = build_parser()
+    args = p.parse_args(argv)
+    init_logger()
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as e:
+        err = e.errors()[0]
+        flag = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-")
+        p.error(f"{flag}: {err['msg']}")
+    except EXPECTED_ERRORS as e:
+        p.error(strip_controls(one_line(e)))
+    from phoclip.serve import Service, create_app, make_server
+    from phoclip.serve.server import raise_open_files_limit
+
+    try:
+        service = Service.from_settings(settings)
+    except EXPECTED_ERRORS as e:
+        print(f"serve: {strip_controls(one_line(e))}", file=sys.stderr)
+        return 2
+    raise_open_files_limit()
+    server = make_server(create_app(service, settings), settings)
+    logger.info("serving %d images of %s on http://%s:%d/ (%s)", len(service.items), Path(settings.index),
+                settings.host, settings.port, settings.backend)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
