@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from phoclip_cli.common import HelpFormatter
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 QUERY = "hai hình tròn màu đỏ ở góc trên bên trái"
@@ -24,11 +26,11 @@ def run(cmd: list[str], **kw) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="demo_out")
-    p.add_argument("--images", type=int, default=1200)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out", default="demo_out", help="folder for everything the demo makes (replaced; under the repository)")
+    p.add_argument("--images", type=int, default=1200, help="synthetic images to make")
     p.add_argument("--steps", type=int, default=None, help="override train.max_steps")
-    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=2, help="training processes under torchrun")
     args = p.parse_args(argv)
     out = ROOT / args.out
     t0 = time.time()

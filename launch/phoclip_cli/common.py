@@ -27,8 +27,9 @@ def record_refusal(message: str, exit_code: int = 2) -> None:
     error file the agent reads (env TORCHELASTIC_ERROR_FILE), so its failure summary names
     it as the root cause instead of "To enable traceback see: ...". Elsewhere: nothing.
 
-    torchrun's reader takes `{"message": str, "timestamp": int}` as is (the `@record`
-    decorator writes a dict with a Python traceback; a refusal has none worth showing).
+    The layout is the one torch's `@record` decorator writes, with our line where it puts
+    the Python traceback (torchrun shows `py_callstack` as the root cause; a refusal has
+    no traceback worth showing), so torchrun also records our exit code in it.
     A file already there (an earlier failure of this process) is kept: the first
     failure is the root cause."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
@@ -38,7 +39,9 @@ def record_refusal(message: str, exit_code: int = 2) -> None:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "x", encoding="utf-8") as f:
-            json.dump({"message": f"{message} (exit code {exit_code})", "timestamp": int(time.time())}, f)
+            line = f"{message} (exit code {exit_code})"
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, f)
         os.replace(tmp, path)
     except OSError:  # the report is a courtesy: the exit code and our log line still say it
         pass
