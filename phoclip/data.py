@@ -1,8 +1,13 @@
-"""The shard reader pipeline: a list of small stages over our WebDataset shards.
+"""The shard reader pipeline: a list of small stages over our WebDataset shards, composed
+in one place (`ShardStream.__iter__`):
 
-    shard urls → (node, worker) split or seeded resampling → tar → samples
-      → seeded shuffle buffer → [skip to the resume position, no decoding]
-      → decode + transform + pick a caption (per-sample seeded RNG) → batches
+    shards        epoch_shards (rank::world, then worker) | resampled_shards (seeded draws)
+    → ShardHealth.track_shards / read_shards / ShardHealth.track_samples   (tar → samples)
+    → seeded_shuffle                                                      (shuffle buffer)
+    → skip_to             resume: drop the positions consumed before the checkpoint, undecoded
+    → decode_counted_stage  bad samples dropped, counted by reason, their shard told
+    → augment             crop + caption pick (per-sample seeded RNG)
+    → fixed_blocks → batched(BatchMaker)   blocks of k batches, by caption length if k > 1
 
 Every random choice is seeded from (seed, epoch or stream position, rank, worker), so a
 run's data order is a pure function of its config, and the position of each worker's
@@ -22,8 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from phoclip.images import BadImage
-from phoclip.shards import BadSample, decode_sample, read_shards
+from phoclip.shards import decode_counted, read_shards
 from phoclip.transforms import image_to_tensor, pad_images, random_crop_box
 
 logger = logging.getLogger(__name__)
@@ -133,15 +137,13 @@ class ShardStream(IterableDataset):
         salt = self.cfg.layout.salt
         return (parts[0], salt, *parts[1:]) if salt else parts
 
-    def _shards(self, logical: int, nworkers: int) -> Iterator[dict]:
+    def _rng(self, what: str, logical: int, *more: Any) -> random.Random:
+        """The seeded generator of one of the stream's random choices."""
         c = self.cfg
-        if c.resampled:
-            rng = random.Random(_seed(*self._key("shards", c.seed, c.rank, logical)))
-            while True:
-                yield {"url": rng.choices(c.urls, weights=c.weights)[0]}
-        yield from epoch_shards(c.urls, c.seed, c.layout, c.rank, c.world_size, logical, nworkers)
+        return random.Random(_seed(*self._key(what, c.seed, c.rank, logical, *more)))
 
     def __iter__(self) -> Iterator[dict]:
+        """The pipeline, stage by stage (each stage a generator below)."""
         c = self.cfg
         info = get_worker_info()
         wid, nworkers = (info.id, info.num_workers) if info else (0, 1)
@@ -149,71 +151,135 @@ class ShardStream(IterableDataset):
         skips: Counter = Counter(self.skipped.get(logical, {}))
         start = self.positions.get(logical, 0)
         health = ShardHealth(max(8, min(2 * len(c.urls), 64)), skips)
-        shards = health.track_shards(self._shards(logical, nworkers))
+
+        if c.resampled:
+            shards = resampled_shards(c.urls, c.weights, self._rng("shards", logical))
+        else:
+            shards = epoch_shards(c.urls, c.seed, c.layout, c.rank, c.world_size, logical, nworkers)
+        shards = health.track_shards(shards)
         samples = health.track_samples(read_shards(shards, skips, c.manifest))
-        shuffled = seeded_shuffle(samples, c.shuffle_buffer,
-                                  random.Random(_seed(*self._key("shuffle", c.seed, c.rank, logical))))
-        pos = 0
-        # samples are decoded in blocks: one batch, or length_buckets batches regrouped
-        # by caption length. A checkpoint inside a block resumes at the block's start
-        # (re-decoding it) and drops the block's batches already consumed
-        k = max(1, c.length_buckets)
-        on_device = c.resize_on == "device"
-        block_start, skip_batches = start, self.block_done.get(logical, 0)
-        restore_skips = Counter(skips) if skip_batches else None
-        images, ids, keys, boxes = [], [], [], []
-        for sample in shuffled:
-            pos += 1
-            if pos <= start:
-                health.decoded(sample, True)
-                continue  # resume: replay the order, decode nothing
-            rng = random.Random(_seed(*self._key("sample", c.seed, c.rank, logical, pos)))
-            try:  # (decode_sample looked up here: tests count the stream's decodes)
-                img, all_ids, _ = decode_sample(sample, c.ids_width, c.vocab_size, with_meta=False)
-            except BadImage as e:
-                skips[f"image_{e.reason}"] += 1
-                health.decoded(sample, False)
-                continue
-            except BadSample as e:
-                skips[e.reason] += 1
-                health.decoded(sample, False)
-                continue
+        samples = seeded_shuffle(samples, c.shuffle_buffer, self._rng("shuffle", logical))
+        numbered = skip_to(enumerate(samples, 1), start, health)
+        decoded = decode_counted_stage(numbered, skips, health, c.ids_width, c.vocab_size)
+        examples = augment(decoded, lambda pos: self._rng("sample", logical, pos), c.image_size,
+                           c.resize_on == "device")
+        blocks = fixed_blocks(examples, c.batch_size * max(1, c.length_buckets))
+        yield from batched(blocks, BatchMaker(c, logical, health, skips, start, self.block_done.get(logical, 0),
+                                              lambda block_start: self._rng("buckets", logical, block_start)))
+
+
+def resampled_shards(urls: list, weights: list, rng: random.Random) -> Iterator[dict]:
+    """Shards drawn with replacement, by weight, for ever (data.resampled=true)."""
+    while True:
+        yield {"url": rng.choices(urls, weights=weights)[0]}
+
+
+def skip_to(numbered: Iterable[tuple[int, dict]], start: int, health: "ShardHealth") -> Iterator[tuple[int, dict]]:
+    """Resume: drop the first `start` (position, sample) pairs undecoded (they were
+    consumed before the checkpoint; the shard health counts them as good)."""
+    for pos, sample in numbered:
+        if pos <= start:
             health.decoded(sample, True)
-            if on_device:
-                box = random_crop_box(img.size, rng)
-                images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-                boxes.append(box)
-            else:
-                images.append(image_to_tensor(img, c.image_size, True, rng, normalize=False))
-            ids.append(torch.from_numpy(all_ids[rng.randrange(all_ids.shape[0])].copy()))
-            keys.append(sample.get("__key__", ""))
-            if len(images) < c.batch_size * k:
+            continue
+        yield pos, sample
+
+
+def decode_counted_stage(numbered: Iterable[tuple[int, dict]], skips: Counter, health: "ShardHealth",
+                         width: Optional[int], vocab_size: Optional[int]) -> Iterator[tuple[int, dict, Any, Any]]:
+    """(position, sample) → (position, sample, PIL image, ids [n, L]); a bad sample is
+    dropped and counted by reason (`phoclip.shards.decode_counted`), and its shard told."""
+    for pos, sample in numbered:
+        out = decode_counted(sample, skips, width, vocab_size, with_meta=False)
+        health.decoded(sample, out is not None)
+        if out is not None:
+            yield pos, sample, out[0], out[1]
+
+
+@dataclass
+class Example:
+    """One training example: the stream position of its sample, the finished crop (or
+    the decoded image and its crop box), and the one caption row picked."""
+
+    pos: int
+    key: str
+    image: torch.Tensor
+    ids: torch.Tensor
+    box: Optional[tuple] = None
+
+
+def augment(decoded: Iterable[tuple[int, dict, Any, Any]], rng_at: Any, image_size: int,
+            on_device: bool) -> Iterator[Example]:
+    """The random crop and the caption pick, from a generator seeded by the sample's
+    stream position (`rng_at(pos)`): the same sample at the same place gets the same
+    crop and caption, however the stream was resumed."""
+    for pos, sample, img, all_ids in decoded:
+        rng = rng_at(pos)
+        box = None
+        if on_device:  # ship the decoded image and its box; the device crops and resizes
+            box = random_crop_box(img.size, rng)
+            image = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+        else:
+            image = image_to_tensor(img, image_size, True, rng, normalize=False)
+        ids = torch.from_numpy(all_ids[rng.randrange(all_ids.shape[0])].copy())
+        yield Example(pos, sample.get("__key__", ""), image, ids, box)
+
+
+def fixed_blocks(examples: Iterable[Example], size: int) -> Iterator[list[Example]]:
+    """Consecutive lists of `size` examples, each yielded as soon as it is full (a
+    partial last one is dropped: the stream is infinite)."""
+    block: list[Example] = []
+    for ex in examples:
+        block.append(ex)
+        if len(block) == size:
+            yield block
+            block = []
+
+
+class BatchMaker:
+    """Cuts a block of k x batch_size examples into k batches (k = length_buckets, or 1),
+    regrouped by caption length when k > 1, each tagged with what the trainer keeps
+    (`StreamTracker`). A checkpoint inside a block resumes at the block's start: the block
+    is decoded again, its batches already consumed (`skip_batches`) are dropped, and its
+    skips, already counted before the checkpoint, are restored rather than counted twice."""
+
+    def __init__(self, cfg: StreamConfig, logical: int, health: "ShardHealth", skips: Counter, start: int,
+                 skip_batches: int, bucket_rng: Any) -> None:
+        self.cfg, self.logical, self.health, self.skips = cfg, logical, health, skips
+        self.block_start, self.skip_batches, self.bucket_rng = start, skip_batches, bucket_rng
+        self.restore_skips = Counter(skips) if skip_batches else None
+
+    def __call__(self, block: list[Example]) -> Iterator[dict]:
+        c = self.cfg
+        if self.restore_skips is not None:
+            self.skips.clear()
+            self.skips.update(self.restore_skips)
+            self.restore_skips = None
+        if c.length_buckets <= 1:
+            groups = [list(range(len(block)))]
+        else:
+            lengths = [int((ex.ids != c.pad_id).sum()) for ex in block]
+            groups = group_by_length(lengths, c.batch_size, self.bucket_rng(self.block_start))
+        pos = block[-1].pos
+        for j, g in enumerate(groups):
+            if j < self.skip_batches:
                 continue
-            if restore_skips is not None:  # the resumed block's skips were counted before
-                skips.clear()
-                skips.update(restore_skips)
-                restore_skips = None
-            if k == 1:
-                groups = [list(range(len(images)))]
+            last = j == len(groups) - 1
+            batch = {"input_ids": torch.stack([block[i].ids for i in g]), "keys": [block[i].key for i in g],
+                     "worker": self.logical, "position": pos if last else self.block_start,
+                     "block_done": 0 if last else j + 1, "opened": self.health.opened, "skipped": dict(self.skips)}
+            if c.resize_on == "device":
+                batch.update(pad_images([block[i].image for i in g]))
+                batch["boxes"] = torch.tensor([block[i].box for i in g], dtype=torch.int32)
             else:
-                lengths = [int((row != c.pad_id).sum()) for row in ids]
-                groups = group_by_length(lengths, c.batch_size, random.Random(
-                    _seed(*self._key("buckets", c.seed, c.rank, logical, block_start))))
-            for j, g in enumerate(groups):
-                if j < skip_batches:
-                    continue
-                last = j == len(groups) - 1
-                batch = {"input_ids": torch.stack([ids[i] for i in g]), "keys": [keys[i] for i in g],
-                         "worker": logical, "position": pos if last else block_start,
-                         "block_done": 0 if last else j + 1, "opened": health.opened, "skipped": dict(skips)}
-                if on_device:
-                    batch.update(pad_images([images[i] for i in g]))
-                    batch["boxes"] = torch.tensor([boxes[i] for i in g], dtype=torch.int32)
-                else:
-                    batch["images"] = torch.stack([images[i] for i in g])
-                yield batch
-            images, ids, keys, boxes = [], [], [], []
-            block_start, skip_batches = pos, 0
+                batch["images"] = torch.stack([block[i].image for i in g])
+            yield batch
+        self.block_start, self.skip_batches = pos, 0
+
+
+def batched(blocks: Iterable[list[Example]], make: BatchMaker) -> Iterator[dict]:
+    """Blocks → batches (`BatchMaker`)."""
+    for block in blocks:
+        yield from make(block)
 
 
 class ShardHealth:

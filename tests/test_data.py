@@ -57,12 +57,12 @@ def test_seeded_order_and_exact_resume_without_decoding(shapes_shards, monkeypat
             tr.update(b)
         resumed = _stream(urls, resampled=resampled)
         resumed.load_state_dict(tr.state_dict())
-        import phoclip.data as data
+        import phoclip.shards as shards_mod  # the stream's one decode-and-count calls it
         calls = []
-        real = data.decode_sample
-        monkeypatch.setattr(data, "decode_sample", lambda s, *a, **k: calls.append(1) or real(s, *a, **k))
+        real = shards_mod.decode_sample
+        monkeypatch.setattr(shards_mod, "decode_sample", lambda s, *a, **k: calls.append(1) or real(s, *a, **k))
         rest = list(itertools.islice(iter(resumed), 3))
-        monkeypatch.setattr(data, "decode_sample", real)
+        monkeypatch.setattr(shards_mod, "decode_sample", real)
         assert len(calls) == 3 * 4  # only the samples it yields are decoded
         for a, b in zip(rest, ref[5:]):
             assert a["keys"] == b["keys"]
