@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO-1/2 (bf16 on CPU, gloo) through the same entry point, loop and layout."""
+"""DeepSpeed ZeRO-1/2/3 (fp32 and bf16 on CPU, gloo) through the same entry point, loop and
+layout: one shared set of launched runs per ZeRO stage, refusals in process."""
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, kill_job, read_metrics, run_torchrun, train_overrides
+from conftest import ROOT, kill_job, launch_main, read_metrics, run_torchrun, torchrun_cmd, train_main, train_overrides
 from dist_utils import free_port
 
 pytestmark = pytest.mark.slow
@@ -28,10 +29,10 @@ def run_ds(args, timeout=400):
     return r
 
 
-def _kill9_after(args, run, step: int) -> dict:
-    """Launch with deepspeed, SIGKILL every process of the job once `step` is logged;
-    check nothing trains on after the kill. Returns the metrics logged."""
-    p = subprocess.Popen(ds_cmd(args), env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+def _kill9_after(cmd, run, step: int) -> dict:
+    """Launch `cmd`, SIGKILL every process of the job once `step` is logged; check nothing
+    trains on after the kill. Returns the metrics logged."""
+    p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, start_new_session=True)
     t0 = time.time()
     while max(read_metrics(run) or [0]) < step:
@@ -53,153 +54,100 @@ def _args(shapes_shards, run, ds_json, **kw):
             *train_overrides(shards, tok, n, run, **base)]
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_bf16_learns_with_per_group_lrs(shapes_shards, tmp_path, stage):
-    run = tmp_path / f"z{stage}"
-    run_ds(_args(shapes_shards, run, f"launch/deepspeed/zero{stage}_bf16.json",
-                 **{"train.precision": "bf16", "train.max_steps": 12, "train.save_every": 100}))
-    m = read_metrics(run)
-    assert sorted(m) == list(range(1, 13))
-    first = sum(m[s]["loss"] for s in (1, 2, 3)) / 3
-    last = sum(m[s]["loss"] for s in (10, 11, 12)) / 3
-    assert last < first - 0.05, (first, last)
-    lrs = m[2]["lrs"]
-    assert lrs["image"] == pytest.approx(1e-3) and lrs["text"] == pytest.approx(1e-3)
-    assert lrs["head"] == pytest.approx(3e-3)
-    assert all(torch.isfinite(torch.tensor(s["grad_norm"])) for s in m.values())
-
-
-def test_first_step_equals_ddp_resume_and_export(shapes_shards, tmp_path):
-    # fp32 ZeRO-2: the first-step loss must equal the DDP trainer's on the same seed and data
-    ds_json = json.loads((ROOT / "launch/deepspeed/zero2_bf16.json").read_text())
-    ds_json.pop("torch_autocast")
-    fp32 = tmp_path / "zero2_fp32.json"
-    fp32.write_text(json.dumps(ds_json))
-    ddp = tmp_path / "ddp"
-    shards, tok, n = shapes_shards
-    run_torchrun(2, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml",
-                 *train_overrides(shards, tok, n, ddp, **{"train.max_steps": 2, "data.batch_size": 8})])
-    run = tmp_path / "ds"
-    args = _args(shapes_shards, run, str(fp32), **{"train.max_steps": 40, "train.save_every": 3})
-    m = _kill9_after(args, run, 7)
-    assert m[1]["loss"] == pytest.approx(read_metrics(ddp)[1]["loss"], rel=1e-5)
-    # resume under torchrun this time: DeepSpeed reads torchrun's environment
-    args2 = [a if not a.startswith("train.max_steps=") else "train.max_steps=9" for a in args]
-    r = run_torchrun(2, "launch/train_deepspeed.py", args2 + ["--resume", "latest"], timeout=400)
-    assert "resumed from" in r.stderr and "step_00000006" in r.stderr
-    m2 = read_metrics(run)
-    assert sorted(m2) == list(range(1, 10))
-    assert m2[7]["loss"] == pytest.approx(m[7]["loss"], rel=1e-4)  # same state, same data
-    # the ZeRO checkpoint converts to the plain model folder, which gives the trained embeddings
-    from phoclip.model import load_model
-
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("export_model", ROOT / "launch" / "export_model.py")
-    export_model = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export_model)
-    export = export_model.export
-
-    out = export(run / "checkpoints" / "step_00000009", tmp_path / "exported")
-    a, b = load_model(out).eval(), load_model(run / "model").eval()
-    x = torch.randn(3, 3, 32, 32)
-    ids = torch.randint(4, 20, (3, 10))
-    torch.testing.assert_close(a.encode_image(x), b.encode_image(x))
-    torch.testing.assert_close(a.encode_text(ids), b.encode_text(ids))
-
-
-def test_ds_json_disagreeing_with_run_config_refused(shapes_shards, tmp_path):
-    bad = json.loads((ROOT / "launch/deepspeed/zero2_bf16.json").read_text())
-    bad["train_micro_batch_size_per_gpu"] = 5
-    f = tmp_path / "bad.json"
-    f.write_text(json.dumps(bad))
-    r = subprocess.run(ds_cmd(_args(shapes_shards, tmp_path / "r", f, **{"train.precision": "bf16"})),
-                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
-    assert r.returncode != 0
-    assert "train_micro_batch_size_per_gpu=5 disagrees" in r.stdout + r.stderr
-    from phoclip_train.config import ConfigError, resolve_config
-    from phoclip_train.ds_engine import resolve_ds_config
-
-    cfg = resolve_config(None, ["train.precision=fp32", "data.train_shards=x"])
-    with pytest.raises(ConfigError, match="trains in bf16"):
-        resolve_ds_config(str(ROOT / "launch/deepspeed/zero2_bf16.json"), cfg, 2)
-
-
-def _fp32_json(tmp_path, name):
+def _fp32_json(folder, name):
     ds_json = json.loads((ROOT / f"launch/deepspeed/{name}").read_text())
     ds_json.pop("torch_autocast")
-    f = tmp_path / name.replace("bf16", "fp32")
+    f = folder / name.replace("bf16", "fp32")
     f.write_text(json.dumps(ds_json))
     return f
 
 
-def test_zero3_learns_resumes_after_kill9_and_exports_the_trained_model(shapes_shards, tmp_path):
+# ----------------------------------------------------------------------------- shared runs
+# What each ZeRO stage must show, from one set of fp32 runs per stage (fp32: DeepSpeed's
+# step is then the DDP trainer's to float precision, and the run's own validation is what
+# evaluate.py computes on the export):
+#   ref   2 ranks, one 20-step schedule, killed with -9 after step 9 and resumed from its
+#         step 8 under torchrun (DeepSpeed reads torchrun's environment);
+#   one   ref's step 12 resumed on 1 rank (global batch kept: 2 micro-batches a step);
+#   two   one's step 16 resumed on 2 ranks.
+# A 2-step DDP run of the same config gives the first step DeepSpeed's must equal.
+ZERO_KW = {"data.resampled": False, "data.global_batch_size": 16, "train.max_steps": 20, "train.save_every": 4,
+           "train.keep_last": 5, "optim.lr_head": 1e-2, "optim.lr_image": 3e-3, "optim.lr_text": 3e-3,
+           "train.eval_every": 7, "train.eval_queries": '["hai hình tròn màu đỏ"]'}
+_ZERO_RUNS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def ddp_first_steps(shapes_shards, tmp_path_factory):
+    run = tmp_path_factory.mktemp("ds_ddp") / "ddp"
+    shards, tok, n = shapes_shards
+    run_torchrun(2, "launch/train_ddp.py", ["--config", "launch/configs/tiny-debug.yaml",
+                 *train_overrides(shards, tok, n, run, **{**ZERO_KW, "train.max_steps": 2})])
+    return read_metrics(run)
+
+
+@pytest.fixture(scope="module")
+def zero_runs(shapes_shards, tmp_path_factory):
+    """stage -> the shared runs of that ZeRO stage (built on first use, then read only):
+    {"ref", "one", "two"} folders, "killed" (ref's metrics at the kill), "logs" (stderr)."""
+    def get(stage: int) -> dict:
+        if stage in _ZERO_RUNS:
+            return _ZERO_RUNS[stage]
+        base = tmp_path_factory.mktemp(f"zero{stage}")
+        ds_json = str(_fp32_json(base, f"zero{stage}_bf16.json"))
+        runs = {name: base / name for name in ("ref", "one", "two")}
+        logs = {}
+
+        def launch(nproc, name, resume_from=None):
+            run = runs[name]
+            if resume_from is not None and not (run / "checkpoints").exists():
+                (run / "checkpoints").mkdir(parents=True)
+                shutil.copytree(resume_from, run / "checkpoints" / resume_from.name)
+            args = _args(shapes_shards, run, ds_json, **ZERO_KW) + (["--resume", "latest"] if resume_from else [])
+            return run_torchrun(nproc, "launch/train_deepspeed.py", args, timeout=400).stderr
+
+        killed = _kill9_after(torchrun_cmd(2, "launch/train_deepspeed.py",
+                                           _args(shapes_shards, runs["ref"], ds_json, **ZERO_KW)), runs["ref"], 9)
+        logs["ref"] = launch(2, "ref", runs["ref"] / "checkpoints" / "step_00000008")
+        logs["one"] = launch(1, "one", runs["ref"] / "checkpoints" / "step_00000012")
+        logs["two"] = launch(2, "two", runs["one"] / "checkpoints" / "step_00000016")
+        _ZERO_RUNS[stage] = {**runs, "killed": killed, "logs": logs}
+        return _ZERO_RUNS[stage]
+    return get
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_first_step_equals_ddp(zero_runs, ddp_first_steps, stage):
+    ref = read_metrics(zero_runs(stage)["ref"])
+    assert ref[1]["loss"] == pytest.approx(ddp_first_steps[1]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_learns_validates_and_logs(zero_runs, stage):
     """ZeRO-3 partitions every parameter: the logged temperature, validation (rank 1 holds
     no validation shard: the ranks must still run the same forwards), the retrieval grids
-    and the export must all work on slices. fp32 so that the run's own validation and
-    evaluate.py on the exported model compute the very same numbers."""
-    run = tmp_path / "z3"
-    args = _args(shapes_shards, run, str(_fp32_json(tmp_path, "zero3_bf16.json")),
-                 **{"train.max_steps": 14, "train.save_every": 3, "train.eval_every": 7,
-                    "train.eval_queries": '["hai hình tròn màu đỏ"]'})
-    m = _kill9_after(args, run, 8)
-    assert 7 in read_metrics(run, "val")  # validation ran with one rank out of shards
-    r = run_torchrun(2, "launch/train_deepspeed.py", args + ["--resume", "latest"], timeout=400)
-    assert "resumed from" in r.stderr
-    m2 = read_metrics(run)
-    assert sorted(m2) == list(range(1, 15))
-    assert m2[8]["loss"] == pytest.approx(m[8]["loss"], rel=1e-4)  # same state, same data
-    first = sum(m2[s]["loss"] for s in (1, 2, 3)) / 3
-    last = sum(m2[s]["loss"] for s in (12, 13, 14)) / 3
+    and TensorBoard must all work on slices."""
+    run = zero_runs(stage)["ref"]
+    m = read_metrics(run)
+    assert sorted(m) == list(range(1, 21))
+    first = sum(m[s]["loss"] for s in (1, 2, 3)) / 3
+    last = sum(m[s]["loss"] for s in (18, 19, 20)) / 3
     assert last < first - 0.05, (first, last)
-    scales = [m2[s]["logit_scale"] for s in m2]
+    assert m[2]["lrs"]["head"] == pytest.approx(1e-2) and m[2]["lrs"]["image"] == pytest.approx(3e-3)
+    assert all(torch.isfinite(torch.tensor(s["grad_norm"])) for s in m.values())
+    scales = [m[s]["logit_scale"] for s in m]
     assert all(0 < v <= 100 for v in scales) and len(set(scales)) > 1  # read, and it moves
+    assert sorted(read_metrics(run, "val")) == [7, 14, 20]  # validation ran with one rank out of shards
     assert list((run / "tensorboard").rglob("events*"))
 
-    # the end-of-run export holds whole tensors, equal to those gathered from the ZeRO-3
-    # checkpoint by export_model.py, and evaluate.py on it reproduces the run's own
-    # last validation: the exported model is the trained one
-    from safetensors.torch import load_file
 
-    from phoclip.model import load_model
-
-    w = load_file(str(run / "model" / "model.safetensors"))
-    assert all(t.numel() > 0 for t in w.values())
-    r = subprocess.run([sys.executable, "launch/export_model.py", str(run / "checkpoints" / "step_00000014"),
-                        str(tmp_path / "exported")], capture_output=True, text=True, env=ENV, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = load_model(tmp_path / "exported").eval(), load_model(run / "model").eval()
-    x = torch.randn(3, 3, 32, 32)
-    ids = torch.randint(4, 20, (3, 10))
-    torch.testing.assert_close(a.encode_image(x), b.encode_image(x))
-    torch.testing.assert_close(a.encode_text(ids), b.encode_text(ids))
-    shards = shapes_shards[0]
-    r = subprocess.run([sys.executable, "launch/evaluate.py", "--model", str(run / "model"), "--shards",
-                        f"{shards}/val-000000.tar", "--out", str(tmp_path / "eval.json")],
-                       capture_output=True, text=True, env=ENV, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ev = json.loads((tmp_path / "eval.json").read_text())
-    val = read_metrics(run, "val")[14]
-    for k in ("t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_mean_rank"):
-        assert ev[k] == pytest.approx(val[k], abs=1e-6), k
-
-
-def test_zero2_fp16_json_runs_where_the_cpu_has_fp16_else_is_refused_in_one_line(shapes_shards, tmp_path):
-    """DeepSpeed's CPU accelerator enables fp16 only where oneDNN has fp16 kernels
-    (AVX512-FP16/AMX-FP16 CPUs: `torch.ops.mkldnn._is_mkldnn_fp16_supported()`); this
-    machine's CPU has none, and DeepSpeed refuses the fp16 JSON in `initialize`. There it
-    must end as one line and exit 2; where the CPU allows, it must train."""
-    run = tmp_path / "fp16"
-    r = subprocess.run(ds_cmd(_args(shapes_shards, run, "launch/deepspeed/zero2_fp16.json",
-                                    **{"train.precision": "fp16", "train.max_steps": 6})),
-                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=400)
-    if torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        assert r.returncode == 0, r.stderr[-4000:]
-        assert sorted(read_metrics(run)) == list(range(1, 7))
-    else:
-        assert r.returncode != 0
-        assert "refused: Type fp16 is not supported on your device" in r.stderr
-        assert "Traceback" not in r.stderr
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_resumes_after_kill9_where_it_stopped(zero_runs, stage):
+    runs = zero_runs(stage)
+    assert "resumed from" in runs["logs"]["ref"] and "step_00000008" in runs["logs"]["ref"]
+    m = read_metrics(runs["ref"])
+    assert m[9]["loss"] == pytest.approx(runs["killed"][9]["loss"], rel=1e-4)  # same state, same data
+    assert m[9]["logit_scale"] == pytest.approx(runs["killed"][9]["logit_scale"], rel=1e-6)
 
 
 def _adam_steps(ckpt) -> set:
@@ -213,39 +161,24 @@ def _adam_steps(ckpt) -> set:
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_resume_on_another_number_of_ranks_continues_the_run(shapes_shards, tmp_path, stage):
-    """ZeRO-2/3, 2 ranks -> 1 -> 2 in one schedule of 20 steps (fp32): a reference run on
-    2 ranks; its step 8 resumed on 1 rank; that run's step 16 resumed on 2 ranks. Each
-    resume goes through DeepSpeed's universal checkpoint and must continue the run, not
-    restart it (the known trap: a load without error, then the loss of a fresh model):
+def test_resume_on_another_number_of_ranks_continues_the_run(zero_runs, stage):
+    """ZeRO-2/3, 2 ranks -> 1 -> 2 in one schedule of 20 steps: ref's step 12 resumed on
+    1 rank; that run's step 16 resumed on 2 ranks. Each resume goes through DeepSpeed's
+    universal checkpoint and must continue the run, not restart it (the known trap: a
+    load without error, then the loss of a fresh model):
     - the temperature right after the resume is the saved one, exactly (logged before the
       step updates it: the same whatever the batch);
-    - the loss right after the resume is the plateau the run had reached (~ln 16), not the
-      first steps' loss;
+    - the loss right after the resume is the one the run had reached, not the first steps';
     - AdamW's step count in DeepSpeed's own files continues (16, then 20), every group's
       learning rate at every step is the reference's (schedule position and per-group
       hyperparameters), the loaded state matches the saved fingerprint;
     - data.global_batch_size keeps 16 samples a step (1 rank accumulates 2 micro-batches)
       and the data order continues as on DDP (relayout)."""
-    ds_json = str(_fp32_json(tmp_path, f"zero{stage}_bf16.json"))
-    kw = {"data.resampled": False, "data.global_batch_size": 16, "train.max_steps": 20, "train.save_every": 8,
-          "train.keep_last": 5, "optim.lr_head": 1e-2, "optim.lr_image": 3e-3, "optim.lr_text": 3e-3}
-    runs = {name: tmp_path / name for name in ("ref", "one", "two")}
-
-    def launch(nproc, name, resume_from=None):
-        run = runs[name]
-        if resume_from is not None:
-            (run / "checkpoints").mkdir(parents=True)
-            shutil.copytree(resume_from, run / "checkpoints" / resume_from.name)
-        args = _args(shapes_shards, run, ds_json, **kw) + (["--resume", "latest"] if resume_from else [])
-        return run_torchrun(nproc, "launch/train_deepspeed.py", args, timeout=400).stderr
-
-    launch(2, "ref")
-    out1 = launch(1, "one", runs["ref"] / "checkpoints" / "step_00000008")
-    out2 = launch(2, "two", runs["one"] / "checkpoints" / "step_00000016")
+    runs = zero_runs(stage)
     ref, one, two = (read_metrics(runs[n]) for n in ("ref", "one", "two"))
-    assert sorted(one) == list(range(9, 21)) and sorted(two) == list(range(17, 21))
-    for out, (a, b), prev, m, k in ((out1, (2, 1), ref, one, 9), (out2, (1, 2), one, two, 17)):
+    assert sorted(one) == list(range(13, 21)) and sorted(two) == list(range(17, 21))
+    for out, (a, b), prev, m, k in ((runs["logs"]["one"], (2, 1), ref, one, 13),
+                                    (runs["logs"]["two"], (1, 2), one, two, 17)):
         assert f"written by {a} ranks, this run has {b}: converting it to DeepSpeed's universal" in out, out[-3000:]
         assert f"loaded DeepSpeed state verified against deepspeed_state.json: weights, AdamW moments, " \
                f"optimizer step {k - 1}, 6 parameter groups, schedule at step {k - 1}" in out, out[-3000:]
@@ -261,6 +194,87 @@ def test_resume_on_another_number_of_ranks_continues_the_run(shapes_shards, tmp_
     assert _adam_steps(runs["one"] / "checkpoints" / "step_00000016") == {16}
     assert _adam_steps(runs["two"] / "checkpoints" / "step_00000020") == {20}
     assert not list((runs["one"] / "checkpoints").glob("*.universal.tmp"))  # the conversion is removed
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_checkpoint_exports_the_trained_model(zero_runs, shapes_shards, tmp_path, stage):
+    """The end-of-run export holds whole tensors, equal to those gathered from the ZeRO
+    checkpoint by export_model.py, and evaluate.py on it reproduces the run's own last
+    validation: the exported model is the trained one."""
+    from safetensors.torch import load_file
+
+    from phoclip.model import load_model
+
+    run = zero_runs(stage)["ref"]
+    w = load_file(str(run / "model" / "model.safetensors"))
+    assert all(t.numel() > 0 for t in w.values())
+    assert launch_main("export_model", [run / "checkpoints" / "step_00000020", tmp_path / "exported"]) == 0
+    a, b = load_model(tmp_path / "exported").eval(), load_model(run / "model").eval()
+    x = torch.randn(3, 3, 32, 32)
+    ids = torch.randint(4, 20, (3, 10))
+    torch.testing.assert_close(a.encode_image(x), b.encode_image(x))
+    torch.testing.assert_close(a.encode_text(ids), b.encode_text(ids))
+    shards = shapes_shards[0]
+    assert launch_main("evaluate", ["--model", run / "model", "--shards", f"{shards}/val-000000.tar",
+                                    "--out", tmp_path / "eval.json"]) == 0
+    ev = json.loads((tmp_path / "eval.json").read_text())
+    val = read_metrics(run, "val")[20]
+    for k in ("t2i_R@1", "t2i_R@5", "i2t_R@1", "i2t_mean_rank"):
+        assert ev[k] == pytest.approx(val[k], abs=1e-6), k
+
+
+# ----------------------------------------------------------------------------- bf16, refusals
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_bf16_learns_with_per_group_lrs(shapes_shards, tmp_path, stage):
+    """The shipped bf16 JSONs as written, through DeepSpeed's own launcher."""
+    run = tmp_path / f"z{stage}"
+    run_ds(_args(shapes_shards, run, f"launch/deepspeed/zero{stage}_bf16.json",
+                 **{"train.precision": "bf16", "train.max_steps": 12, "train.save_every": 100}))
+    m = read_metrics(run)
+    assert sorted(m) == list(range(1, 13))
+    first = sum(m[s]["loss"] for s in (1, 2, 3)) / 3
+    last = sum(m[s]["loss"] for s in (10, 11, 12)) / 3
+    assert last < first - 0.05, (first, last)
+    lrs = m[2]["lrs"]
+    assert lrs["image"] == pytest.approx(1e-3) and lrs["text"] == pytest.approx(1e-3)
+    assert lrs["head"] == pytest.approx(3e-3)
+    assert all(torch.isfinite(torch.tensor(s["grad_norm"])) for s in m.values())
+
+
+def test_ds_json_disagreeing_with_run_config_refused(shapes_shards, tmp_path):
+    """In process (train_deepspeed's main): the refusal comes before DeepSpeed starts."""
+    bad = json.loads((ROOT / "launch/deepspeed/zero2_bf16.json").read_text())
+    bad["train_micro_batch_size_per_gpu"] = 5
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps(bad))
+    rc, log = train_main(_args(shapes_shards, tmp_path / "r", f, **{"train.precision": "bf16"}))
+    assert rc == 2, log[-3000:]
+    assert "train_micro_batch_size_per_gpu=5 disagrees" in log
+    from phoclip_train.config import ConfigError, resolve_config
+    from phoclip_train.ds_engine import resolve_ds_config
+
+    cfg = resolve_config(None, ["train.precision=fp32", "data.train_shards=x"])
+    with pytest.raises(ConfigError, match="trains in bf16"):
+        resolve_ds_config(str(ROOT / "launch/deepspeed/zero2_bf16.json"), cfg, 2)
+
+
+def test_zero2_fp16_json_runs_where_the_cpu_has_fp16_else_is_refused_in_one_line(shapes_shards, tmp_path):
+    """DeepSpeed's CPU accelerator enables fp16 only where oneDNN has fp16 kernels
+    (AVX512-FP16/AMX-FP16 CPUs: `torch.ops.mkldnn._is_mkldnn_fp16_supported()`); this
+    machine's CPU has none, and DeepSpeed refuses the fp16 JSON in `initialize`. There it
+    must end as one line and exit 2; where the CPU allows, it must train. In process: one
+    process started without a launcher is a DeepSpeed job of one."""
+    run = tmp_path / "fp16"
+    rc, log = train_main(_args(shapes_shards, run, "launch/deepspeed/zero2_fp16.json",
+                               **{"train.precision": "fp16", "train.max_steps": 6}))
+    if torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        assert rc == 0, log[-4000:]
+        assert sorted(read_metrics(run)) == list(range(1, 7))
+    else:
+        assert rc == 2, log[-4000:]
+        assert "refused: Type fp16 is not supported on your device" in log
+        assert "Traceback" not in log
 
 
 def test_deepspeed_state_fingerprint_and_stage_change_refused(tmp_path):
