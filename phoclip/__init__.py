@@ -1,16 +1,25 @@
 """PhoCLIP: a Vietnamese CLIP (ResNet50 + PhoBERT) and the library its pipeline uses.
 
+    import phoclip
+    model = phoclip.load("runs/demo/export")
+    img = model.embed_images(["photo.jpg"])
+    txt = model.embed_texts(["Một con chó chạy trên bãi cỏ"])
+    print(model.similarity(img, txt))
+
 Heavy modules (torch, timm, transformers) load on first use, so that light consumers
 (the sharding workers) start fast.
 """
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "list_models", "load_model", "PhoCLIP", "__version__"]
+__all__ = ["load", "PhoCLIPModel", "create_model", "list_models", "load_model", "PhoCLIP", "__version__"]
+
+_FROM = {"load": "api", "PhoCLIPModel": "api", "create_model": "model", "list_models": "model",
+         "load_model": "model", "PhoCLIP": "model"}
 
 
 def __getattr__(name):
-    if name in ("create_model", "list_models", "load_model", "PhoCLIP"):
-        from phoclip import model
+    if name in _FROM:
+        import importlib
 
-        return getattr(model, name)
+        return getattr(importlib.import_module(f"phoclip.{_FROM[name]}"), name)
     raise AttributeError(f"module 'phoclip' has no attribute {name!r}")

@@ -1,12 +1,17 @@
-"""Load a trained model for evaluation, search and serving from a model folder (config
-+ safetensors + tokenizer) or a run folder's exported `model/`: no training code is
-imported. Training checkpoints are the training package's business
-(`phoclip_train.export.load_for_inference` accepts them too, and calls this first)."""
+"""Loading a trained model for inference, without the training package: the one
+resolution of a path (an exported model folder, a run folder - its exported `model/`,
+else its newest checkpoint that verifies -, a checkpoint folder, or an ONNX export) to
+an encoder and its tokenizer. `phoclip.load` (phoclip/api.py) wraps it for users; the
+entry points (evaluate, build_index, search, serve) use the same call."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +87,7 @@ def read_model_config(folder: Path) -> dict:
     return check_model_config(cfg, str(f))
 
 
-def model_folder(path: str) -> Optional[Path]:
+def model_folder(path: str | os.PathLike) -> Optional[Path]:
     """The saved model at `path`: the folder itself, or a run folder's `model/`."""
     from phoclip.model import CONFIG_NAME
 
@@ -93,29 +98,91 @@ def model_folder(path: str) -> Optional[Path]:
     return None
 
 
-def load_model_folder(path: str, device: str = "cpu"):
-    """(model, tokenizer name or folder) from a model folder or a run folder's `model/`."""
-    from phoclip.model import load_model, model_tokenizer_path
+class Loaded(NamedTuple):
+    """What `load_encoder` found: the encoder (a `PhoCLIP` in eval mode, or an
+    `OnnxModel`) and its tokenizer (a folder or a hub name)."""
 
-    folder = model_folder(path)
-    if folder is None:
-        raise NotAModelFolder(f"{path}: not a model folder (phoclip_config.json + model.safetensors) "
-                              "nor a run folder with an exported model/")
-    read_model_config(folder)  # a config that would not build is refused here, in one line
-    return load_model(folder, device), model_tokenizer_path(folder)
+    module: Any
+    tokenizer_path: Optional[str]
 
 
-def load_encoder(path: str, backend: str = "torch", device: str = "cpu", loader=load_model_folder):
-    """(model, tokenizer) for search and serving: the PyTorch model (`loader`, by default
-    `load_model_folder`) or, with backend="onnx", its ONNX export run by onnxruntime (a
-    model folder, or a run folder's exported model, made by `export_model.py --format onnx`)."""
-    if backend != "onnx":
-        return loader(path, device)
+BACKENDS = ("torch", "onnx")
+
+
+def load_encoder(path: str | os.PathLike, backend: str = "torch", device: str | torch.device = "cpu") -> Loaded:
+    """The one way a trained model is loaded for inference. `path`: an exported model
+    folder, a run folder (its exported `model/`, else its newest checkpoint that
+    verifies), a checkpoint folder (`runs/NAME/checkpoints/step_N`: only the model's
+    weights are read, weights_only=True, after the whole folder verified), or with
+    backend="onnx" a model folder with an ONNX export (`phoclip-export ... --format
+    onnx`; its `onnx/` folder is accepted too). Refusals are one line naming the path."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    p = Path(path)
+    if backend == "onnx":
+        from phoclip.onnx_backend import ONNX_DIR, OnnxModel
+
+        folder = model_folder(p.parent if p.name == ONNX_DIR and not model_folder(p) else p)
+        if folder is None:
+            raise NotAModelFolder(f"{path}: the onnx backend needs an exported model folder with an ONNX "
+                                  "export (or a run folder with one): python launch/export_model.py "
+                                  "SRC OUT --format onnx")
+        read_model_config(folder)
+        return Loaded(OnnxModel(folder), _tokenizer_path(folder))
+    folder = model_folder(p)
+    if folder is not None:
+        from phoclip.model import load_model  # checks the config first: one line, not a torch traceback
+
+        return Loaded(load_model(folder, device).eval(), _tokenizer_path(folder))
+    from phoclip.checkpoints import newest_verified
+
+    ckpt = p
+    if (p / "checkpoints").is_dir():
+        ckpt = newest_verified(p)
+        if ckpt is None:
+            raise NotAModelFolder(f"{path}: a run folder with no exported model and no complete checkpoint")
+    if not (ckpt / "meta.json").is_file():
+        raise NotAModelFolder(f"{path}: not a model folder (phoclip_config.json + model.safetensors), "
+                              "run folder or checkpoint folder")
+    logger.info("loading the model of checkpoint %s", ckpt)
+    return Loaded(*model_from_checkpoint(ckpt, device))
+
+
+def checkpoint_model_config(ckpt: Path, meta: dict) -> dict:
+    """The architecture a checkpoint recorded (meta.json `model_config`), checked, made
+    to build without the hub or any pretrained file (the checkpoint holds every weight)."""
+    import json
+
+    from phoclip.errors import CheckpointError
+
+    where = f"{Path(ckpt) / 'meta.json'}"
+    if "model_config" not in meta:
+        raise CheckpointError(f"{where}: no 'model_config' (written before checkpoints recorded it): "
+                              f"export it first, python launch/export_model.py {ckpt} OUT")
+    mc = json.loads(json.dumps(check_model_config(meta["model_config"], f"{where} model_config")))
+    mc["vision"]["pretrained"] = False
+    mc["vision"].pop("weights_file", None)
+    mc["text"]["pretrained"] = False
+    return mc
+
+
+def model_from_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer name or folder) from a training checkpoint folder
+    that records its model config: verified first (every .pt weights_only-loadable),
+    then the model's weights only."""
+    from phoclip.checkpoints import load_checkpoint_weights, verify_checkpoint
+    from phoclip.model import PhoCLIP
+
+    ckpt = Path(ckpt)
+    meta = verify_checkpoint(ckpt)  # before zero_to_fp32 (weights_only=False inside DeepSpeed) touches it
+    mc = checkpoint_model_config(ckpt, meta)
+    tok = str(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else mc["text"].get("tokenizer")
+    model = load_checkpoint_weights(PhoCLIP(mc), ckpt)
+    return model.to(device).eval(), tok
+
+
+def _tokenizer_path(folder: Path) -> Optional[str]:
+    """Where a saved model's tokenizer is (a folder inside it, or the hub name)."""
     from phoclip.model import model_tokenizer_path
-    from phoclip.onnx_backend import OnnxModel
 
-    folder = model_folder(path)
-    if folder is None:
-        raise NotAModelFolder(f"{path}: the onnx backend needs a model folder (or a run folder with one)")
-    read_model_config(folder)
-    return OnnxModel(folder), model_tokenizer_path(folder)
+    return model_tokenizer_path(folder)

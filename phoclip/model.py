@@ -383,7 +383,8 @@ class PhoCLIP(nn.Module):
     # ------------------------------------------------------------------ persistence
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> "PhoCLIP":
-        """Load a folder written by `save_pretrained` (same as `phoclip.load_model`)."""
+        """Load a folder written by `save_pretrained` (`load_model`; for inference with
+        text preparation included, `phoclip.load`)."""
         return load_model(folder, map_location)
 
     def save_pretrained(self, folder: str | os.PathLike, tokenizer=None, training: Optional[dict] = None,
@@ -452,21 +453,30 @@ def create_model(name: str = "phobert-large-rn50", **overrides: Any) -> PhoCLIP:
 
 
 def load_model(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> PhoCLIP:
-    """Load a model saved by `save_pretrained` (no hub access needed)."""
+    """Load a model folder saved by `save_pretrained` (no hub access needed); its config
+    is checked first (`phoclip.loading.read_model_config`). Most callers want
+    `phoclip.load`, which also takes run and checkpoint folders and ONNX exports."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from phoclip.loading import read_model_config
+
     folder = Path(folder)
-    cfg_file = folder / CONFIG_NAME
-    if not cfg_file.is_file():
+    if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder} is not a saved PhoCLIP model (no {CONFIG_NAME}); "
                                 "export a checkpoint first (see README, 'Evaluation and search')")
-    cfg = json.loads(cfg_file.read_text())
-    model = PhoCLIP(cfg)
-    missing, unexpected = model.load_state_dict(load_file(str(folder / WEIGHTS_NAME),
-                                                          device=str(map_location)), strict=False)
+    model = PhoCLIP(read_model_config(folder))
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: missing; re-export the model")
+    try:
+        sd = load_file(str(weights), device=str(map_location))
+    except SafetensorError as e:
+        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"weights in {folder} do not fit its config: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise ValueError(f"{weights}: weights do not fit {CONFIG_NAME}: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
     return model.to(map_location)  # load_state_dict copies into the module's own (CPU) tensors
 
 

@@ -7,7 +7,29 @@ import torch
 
 from conftest import launch_main, train_main, train_overrides
 
-pytestmark = pytest.mark.slow
+
+def test_export_command_answers_help_at_once_and_documents_every_flag():
+    """`python launch/export_model.py --help` parses before any heavy import; the
+    command's parser (phoclip_train.export.build_parser, behind phoclip-export) has help
+    text for every argument."""
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    from phoclip_train.export import build_parser
+
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "export_model.py"), "--help"], capture_output=True,
+                       text=True, timeout=60)
+    took = time.monotonic() - t
+    assert r.returncode == 0 and "--format" in r.stdout, r.stderr
+    assert took < 5, f"--help took {took:.1f} s"
+    undocumented = [a.dest for a in build_parser()._actions if not a.help]
+    assert not undocumented, undocumented
+
+
+slow = pytest.mark.slow
 
 
 @pytest.fixture()
@@ -27,6 +49,25 @@ def cli(capsys):
     return run
 
 
+@slow
+def test_a_run_folder_without_an_export_exports_its_newest_verified_checkpoint(trained, tmp_path, cli):
+    import shutil
+
+    import phoclip
+    from phoclip.model import model_fingerprint
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("model", "tensorboard"))
+    (run / "checkpoints" / "step_00000004" / "state.pt").write_bytes(b"torn")  # passed over
+    out = cli("export_model", run, tmp_path / "out")
+    assert f"model written to {tmp_path / 'out'}" in out
+    want = phoclip.load(trained / "checkpoints" / "step_00000002")
+    assert model_fingerprint(phoclip.load(tmp_path / "out").module) == model_fingerprint(want.module)
+    rc = launch_main("export_model", [tmp_path / "nothing", tmp_path / "out2"])
+    assert rc == 2 and not (tmp_path / "out2").exists()
+
+
+@slow
 def test_every_export_path_writes_a_model_card_and_from_pretrained_loads_it(trained, tmp_path, cli):
     import phoclip
     from phoclip.model import model_fingerprint
@@ -36,7 +77,7 @@ def test_every_export_path_writes_a_model_card_and_from_pretrained_loads_it(trai
         card = (folder / "README.md").read_text()
         for needle in ("# PhoCLIP model: tiny-debug", "## Architecture", "test_resnet", "word segmentation with "
                        "underthesea", "max 24 tokens", "## Training", "| steps | 4 |", "## Data",
-                       "| images (train / val) | 171 / 29 |", "## Evaluation", "t2i_R@1", "phoclip.load_model",
+                       "| images (train / val) | 171 / 29 |", "## Evaluation", "t2i_R@1", "phoclip.load(",
                        "weights fingerprint"):
             assert needle in card, (folder, needle)
         m = phoclip.PhoCLIP.from_pretrained(folder)
@@ -47,6 +88,7 @@ def test_every_export_path_writes_a_model_card_and_from_pretrained_loads_it(trai
     torch.testing.assert_close(a.encode_image(x), b.encode_image(x))
 
 
+@slow
 def test_onnx_towers_match_pytorch_and_search_runs_on_onnxruntime(trained, shapes_shards, tmp_path, cli):
     import phoclip
     from phoclip.model import model_fingerprint
@@ -80,6 +122,7 @@ def test_onnx_towers_match_pytorch_and_search_runs_on_onnxruntime(trained, shape
         assert a["score"] == pytest.approx(b["score"], abs=1e-3)
 
 
+@slow
 def test_benchmark_evaluation_from_a_published_annotation_file(trained, shapes_shards, tmp_path, cli):
     """evaluate.py --benchmark reads a test split in its published format (here the same
     200 images as Flickr8k-vi captions and as KTVIC JSON), prepares captions with the
@@ -112,6 +155,7 @@ def test_benchmark_evaluation_from_a_published_annotation_file(trained, shapes_s
         assert a[k] == pytest.approx(b[k]), k  # one protocol, whatever the format
 
 
+@slow
 def test_named_eval_sets_are_evaluated_and_logged_separately(shapes_shards, tmp_path):
     from conftest import read_metrics
 

@@ -87,6 +87,27 @@ def test_save_load_roundtrip_exact(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+
+def test_load_model_refuses_a_folder_that_does_not_fit_in_one_line(tmp_path):
+    """A saved folder whose weights do not fit its config, or whose weights file is torn,
+    is refused naming the file (a ValueError the entry points print as one line)."""
+    import json
+
+    m = tiny()
+    m.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "phoclip_config.json").read_text())
+    cfg["text"]["hf_config"]["num_hidden_layers"] = 1
+    (tmp_path / "m" / "phoclip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"m/model.safetensors: weights do not fit phoclip_config.json: .*unexpected"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        load_model(tmp_path / "m")
+    cfg["embed_dim"] = 0
+    (tmp_path / "m" / "phoclip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="phoclip_config.json: model config embed_dim must be a positive integer"):
+        phoclip.PhoCLIP.from_pretrained(tmp_path / "m")
+
 def test_param_groups_exact():
     m = tiny()
     groups = m.param_groups(1e-4, 1e-5, 1e-3, 0.1)

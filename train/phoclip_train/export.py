@@ -1,77 +1,52 @@
-"""Rebuild a trained model from a training checkpoint (DDP state.pt or a DeepSpeed ZeRO
-checkpoint). Model and run folders are loaded by `phoclip.loading`, which calls this
-only for checkpoint folders."""
+"""Export: a training checkpoint (DDP `state.pt` or a DeepSpeed ZeRO checkpoint), a run
+folder or a model folder -> the plain model folder (config + safetensors + tokenizer +
+model card) that `phoclip.load` reads; optionally both towers as ONNX too.
+
+    phoclip-export runs/exp1/checkpoints/step_00020000 runs/exp1/export
+    python launch/export_model.py runs/exp1 runs/exp1/export --format onnx
+
+Loading a model for inference is the library's (`phoclip.load`, phoclip/loading.py: no
+training code). Export may use the training package: a checkpoint written before runs
+recorded their model config is rebuilt here from its run config."""
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
-
-def load_for_inference(path: str, device: str = "cpu"):
-    """(model, tokenizer name or folder) from a model folder, a run folder (its exported
-    model, else its newest checkpoint that verifies) or a checkpoint folder: what the
-    entry points (evaluate, build_index, search, serve) accept."""
-    from phoclip.loading import NotAModelFolder, load_model_folder
-
-    try:
-        return load_model_folder(path, device)
-    except NotAModelFolder:
-        pass
-    p = ckpt = Path(path)
-    if (p / "checkpoints").is_dir():
-        from phoclip_train.checkpoint import Checkpointer
-
-        ckpt = Checkpointer(p, 1, 0, 1).resolve("latest")  # the newest that verifies
-        if ckpt is None:
-            raise FileNotFoundError(f"run {p} has no exported model and no complete checkpoint")
-    if (ckpt / "meta.json").is_file():
-        return model_from_checkpoint(ckpt, device)
-    raise FileNotFoundError(f"{path}: not a model folder (phoclip_config.json + model.safetensors), "
-                            "run folder or checkpoint folder")
+FORMATS = ("safetensors", "onnx")
 
 
-def load_encoder(path: str, backend: str = "torch", device: str = "cpu"):
-    """`phoclip.loading.load_encoder`, with checkpoints accepted for the torch backend."""
-    from phoclip.loading import load_encoder as library_load_encoder
-
-    return library_load_encoder(path, backend, device, loader=load_for_inference)
-
-
-def model_from_checkpoint(ckpt: Path, device: str = "cpu"):
-    """Rebuild the model from the config saved in a checkpoint and load its weights:
-    a DDP `state.pt`, or a DeepSpeed ZeRO checkpoint (partitions gathered to fp32).
-    Returns (model, tokenizer name or folder)."""
-    import json
-
-    from phoclip.model import get_model_config
-    from phoclip.text import load_tokenizer
-    from phoclip_train.config import RunConfig, apply_tree
-    from phoclip_train.build import build_model
-
+def model_from_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer name or folder) from a checkpoint folder, verified
+    first (`phoclip.checkpoints.verify_checkpoint`); only the model's weights are read.
+    A checkpoint that records its model config is rebuilt as `phoclip.load` rebuilds it;
+    an older one from its run config (the training package's `build_model`)."""
+    from phoclip.checkpoints import load_checkpoint_weights, verify_checkpoint
     from phoclip.errors import CheckpointError
-    from phoclip_train.checkpoint import verify_checkpoint
+    from phoclip.loading import checkpoint_model_config
+    from phoclip.model import PhoCLIP, get_model_config
+    from phoclip.text import load_tokenizer
 
-    # before zero_to_fp32 or torch.load(weights_only=False) inside DeepSpeed touch it
-    meta = verify_checkpoint(ckpt)
+    ckpt = Path(ckpt)
+    meta = verify_checkpoint(ckpt)  # before zero_to_fp32 (weights_only=False inside DeepSpeed) touches it
     tok_name = str(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
     where = f"{ckpt / 'meta.json'}"
     if "model_config" in meta:
-        # the resolved architecture the run trained (text tower config included): no hub,
-        # no pretrained-weights file needed, the checkpoint holds every weight
-        from phoclip.loading import check_model_config
-        from phoclip.model import PhoCLIP
-
-        mc = json.loads(json.dumps(check_model_config(meta["model_config"], f"{where} model_config")))
-        mc["vision"]["pretrained"] = False
-        mc["vision"].pop("weights_file", None)
-        mc["text"]["pretrained"] = False
+        mc = checkpoint_model_config(ckpt, meta)
         tok_name = tok_name or mc["text"].get("tokenizer")
         model = PhoCLIP(mc)
     else:  # checkpoints written before the model config was saved in them
+        from phoclip_train.build import build_model
+        from phoclip_train.config import RunConfig, apply_tree
+
         if not isinstance(meta.get("config"), dict):
             raise CheckpointError(f"{where}: neither 'model_config' nor 'config': the model cannot be rebuilt")
         cfg = RunConfig()
@@ -81,25 +56,7 @@ def model_from_checkpoint(ckpt: Path, device: str = "cpu"):
         cfg.model.overrides.setdefault("vision", {})["pretrained"] = False
         cfg.model.overrides.setdefault("text", {})["pretrained"] = False
         model = build_model(cfg, load_tokenizer(tok_name))
-    if (ckpt / "state.pt").is_file():
-        sd = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)["model"]
-    else:
-        sd = _zero_state_dict(ckpt)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing:
-        # buffers (BatchNorm statistics) are not in ZeRO's fp32 partitions: take them
-        # from the module state DeepSpeed saved beside them
-        from phoclip_train.ds_engine import DS_TAG
-
-        mp = ckpt / DS_TAG / "mp_rank_00_model_states.pt"
-        if mp.is_file():
-            mod = torch.load(mp, map_location="cpu", weights_only=True)["module"]
-            model.load_state_dict({k: mod[k] for k in missing if k in mod}, strict=False)
-            missing = [k for k in missing if k not in mod]
-    if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} does not fit its config: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
-    return model.to(device).eval(), tok_name
+    return load_checkpoint_weights(model, ckpt).to(device).eval(), tok_name
 
 
 def check_resolved_config(cfg, where: str) -> None:
@@ -118,10 +75,100 @@ def check_resolved_config(cfg, where: str) -> None:
     check_model_config(arch, f"{where} config")
 
 
-def _zero_state_dict(ckpt: Path) -> dict:
-    """Full fp32 weights gathered from a ZeRO (stage 1-3) checkpoint's partitions."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def load_for_inference(path: str, device: str = "cpu"):
+    """(model, tokenizer) for what `phoclip.load` accepts, and also checkpoints older
+    than the recorded model config (rebuilt by `model_from_checkpoint`). Inference entry
+    points use `phoclip.load`; this is for callers that may import training code."""
+    from phoclip.checkpoints import newest_verified
+    from phoclip.loading import load_encoder, model_folder
 
-    from phoclip_train.ds_engine import DS_TAG
+    p = Path(path)
+    if model_folder(p) is None:
+        ckpt = newest_verified(p) if (p / "checkpoints").is_dir() else p
+        if ckpt is not None and (ckpt / "meta.json").is_file():
+            return model_from_checkpoint(ckpt, device)
+    return tuple(load_encoder(p, "torch", device))
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+
+
+def load_encoder(path: str, backend: str = "torch", device: str = "cpu"):
+    """`phoclip.loading.load_encoder`. Kept only until the service (launch/serve.py)
+    imports it from the library (or calls `phoclip.load`); nothing else uses it."""
+    from phoclip.loading import load_encoder as library_load_encoder
+
+    return library_load_encoder(path, backend, device)
+
+def export_checkpoint(ckpt: Path, out: Path) -> Path:
+    """Write the checkpoint's model (and tokenizer, and its card) as a plain model folder."""
+    from phoclip.checkpoints import read_meta
+    from phoclip.text import load_tokenizer
+
+    model, tok_name = model_from_checkpoint(ckpt)  # verifies the checkpoint first
+    meta = read_meta(ckpt)
+    return model.save_pretrained(out, tokenizer=load_tokenizer(tok_name), training=meta.get("config"),
+                                 data=meta.get("data"), evaluation=meta.get("evaluation"))
+
+
+def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> Path:
+    """A checkpoint, run folder (its exported model, else its newest checkpoint that
+    verifies) or model folder -> the plain model folder `out`; with fmt="onnx" also both
+    towers as ONNX in `out/onnx/`, checked against PyTorch. Returns `out`."""
+    import shutil
+
+    from phoclip.checkpoints import newest_verified
+    from phoclip.loading import NotAModelFolder, model_folder
+    from phoclip.model import load_model
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
+    src, out = Path(src), Path(out)
+    folder = model_folder(src)
+    if folder is not None:
+        if out.resolve() != folder.resolve():
+            shutil.copytree(folder, out, dirs_exist_ok=True)
+    else:
+        ckpt = newest_verified(src) if (src / "checkpoints").is_dir() else src
+        if ckpt is None or not (ckpt / "meta.json").is_file():
+            raise NotAModelFolder(f"{src}: not a checkpoint, model folder or run folder with a model or checkpoint")
+        logger.info("exporting checkpoint %s", ckpt)
+        export_checkpoint(ckpt, out)
+    if fmt == "onnx":
+        from phoclip.onnx_backend import export_onnx
+
+        logger.info("ONNX towers written to %s (checked against PyTorch)", export_onnx(load_model(out), out))
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The export command's arguments (no heavy imports: --help answers at once)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint folder (runs/NAME/checkpoints/step_N), a run folder (its "
+                                      "exported model, else its newest checkpoint that verifies) or a model folder")
+    p.add_argument("out", help="the model folder to write (may be the model folder itself with --format onnx)")
+    p.add_argument("--format", choices=FORMATS, default="safetensors",
+                   help="onnx: also both towers as ONNX (dynamic batch and length) in OUT/onnx/, "
+                        "checked against PyTorch")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`phoclip-export` / `python launch/export_model.py`: 0 on success, 2 with a one-line
+    message for a refused input."""
+    args = build_parser().parse_args(argv)
+    from phoclip.errors import EXPECTED_ERRORS, one_line
+    from phoclip.log import init_logger
+
+    init_logger()
+    try:
+        out = export(args.checkpoint, args.out, args.format)
+    except EXPECTED_ERRORS as e:
+        print(f"export: {one_line(e)}", file=sys.stderr)
+        return 2
+    if args.format == "onnx":
+        print(f"ONNX towers written to {out / 'onnx'} (checked against PyTorch)")
+    print(f"model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

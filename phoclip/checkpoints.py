@@ -1,0 +1,162 @@
+"""Reading a training checkpoint's model for inference, without the training package:
+is the folder complete and safe (every .pt loads with weights_only=True before anything
+that unpickles freely - DeepSpeed's zero_to_fp32 - touches it), which is the newest one
+that verifies, and the model's weights out of it. Writing checkpoints, and the rest of
+their state (optimizer, data position, RNG), is the trainer's (`phoclip_train.checkpoint`)."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from phoclip.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+DS_TAG = "deepspeed"  # the folder inside a checkpoint that holds DeepSpeed's own files
+MAX_META_BYTES = 64 << 20
+
+# The only classes a DeepSpeed (0.19) checkpoint pickles besides tensors and containers
+# (found by torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-1/2/3 bf16, fp32
+# and fp16 checkpoints). Each is plain data; nothing else may be unpickled.
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def deepspeed_globals() -> list:
+    """The classes of DEEPSPEED_SAFE_GLOBALS this DeepSpeed has (none without DeepSpeed)."""
+    import importlib
+
+    out = []
+    for name in DEEPSPEED_SAFE_GLOBALS:
+        mod, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(mod), attr))
+        except (ImportError, AttributeError):  # another DeepSpeed version, or none: not allowed then
+            pass
+    return out
+
+
+def verify_torch_file(f: Path, allow: Sequence = ()) -> None:
+    """Refuse a .pt file that does not load with weights_only=True (plus the `allow`ed
+    classes): one crafted file must not run code when DeepSpeed or zero_to_fp32, which
+    load with weights_only=False, read it. Tensors are memory-mapped, not read."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            try:
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                torch.load(f, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
+    except Exception as e:  # every failure is a refusal, whatever the unpickler raised
+        why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line),
+                   str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise CheckpointError(f"{f}: refused, not loadable with weights_only=True: {why}") from None
+
+
+def read_meta(path: Path) -> dict:
+    """A checkpoint's meta.json, with its integer `step` and `world_size`; CheckpointError
+    naming the file otherwise."""
+    from phoclip.fileio import read_regular
+
+    f = Path(path) / "meta.json"
+    try:
+        meta = json.loads(read_regular(f, MAX_META_BYTES))
+    except RecursionError:
+        raise CheckpointError(f"{f}: unreadable (JSON nested too deeply)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("step", "world_size")):
+        raise CheckpointError(f"{f}: no integer 'step' and 'world_size'")
+    return meta
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """A checkpoint folder that is complete and safe to load: meta.json readable, every
+    rank's state and the engine's files present, every .pt file loadable with
+    weights_only=True. Returns its meta; raises CheckpointError naming the problem."""
+    path = Path(path)
+    meta = read_meta(path)
+    missing = [f"rank{r:05d}.pt" for r in range(meta["world_size"]) if not (path / f"rank{r:05d}.pt").is_file()]
+    ds = path / DS_TAG
+    if ds.is_dir():  # ZeRO-1/2: mp_rank_00_model_states.pt; ZeRO-3: one model_states per rank
+        if not list(ds.glob("*model_states.pt")):
+            missing.append(f"{DS_TAG}/*model_states.pt")
+        missing += [f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(meta["world_size"])
+                    if not (ds / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file()]
+    elif not (path / "state.pt").is_file():
+        missing.append("state.pt")
+    if missing:
+        raise CheckpointError(f"{path}: incomplete, missing {', '.join(missing)}")
+    allow = deepspeed_globals() if ds.is_dir() else []
+    for f in sorted(path.rglob("*.pt")):
+        verify_torch_file(f, allow)
+    return meta
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """A run folder's complete checkpoints (step_N/ with a meta.json), oldest first."""
+    d = Path(run_dir) / "checkpoints"
+    if not d.is_dir():
+        return []
+    out = [p for p in d.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
+    return sorted(out, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def newest_verified(run_dir: Path) -> Optional[Path]:
+    """The newest checkpoint of a run that verifies, saying why newer ones were passed
+    over; None when there is none; CheckpointError when there are some and none verifies
+    (never fall back silently to nothing)."""
+    why = []
+    for p in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(p)
+            return p
+        except CheckpointError as e:
+            logger.warning("passing over checkpoint %s: %s", p.name, e)
+            why.append(str(e))
+    if why:
+        raise CheckpointError(f"none of the {len(why)} checkpoints in {Path(run_dir) / 'checkpoints'} "
+                              f"verifies (newest: {why[0]})")
+    return None
+
+
+def load_checkpoint_weights(model: torch.nn.Module, ckpt: Path) -> torch.nn.Module:
+    """Load a verified checkpoint's model weights into `model`: a DDP `state.pt`'s
+    "model" (weights_only=True), or a DeepSpeed ZeRO checkpoint's partitions gathered to
+    fp32 (its BatchNorm statistics from the module state saved beside them). Only the
+    model is read; every key must fit."""
+    ckpt = Path(ckpt)
+    if (ckpt / "state.pt").is_file():
+        sd = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(sd, dict) or not isinstance(sd.get("model"), dict):
+            raise CheckpointError(f"{ckpt / 'state.pt'}: holds no 'model' state")
+        sd = sd["model"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing:
+        # buffers (BatchNorm statistics) are not in ZeRO's fp32 partitions: take them
+        # from the module state DeepSpeed saved beside them
+        mp = ckpt / DS_TAG / "mp_rank_00_model_states.pt"
+        if mp.is_file():
+            with torch.serialization.safe_globals(deepspeed_globals()):
+                mod = torch.load(mp, map_location="cpu", weights_only=True)["module"]
+            model.load_state_dict({k: mod[k] for k in missing if k in mod}, strict=False)
+            missing = [k for k in missing if k not in mod]
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: weights do not fit its model config: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return model
