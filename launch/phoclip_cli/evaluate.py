@@ -84,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from phoclip.shards import check_manifests, expand_urls
     from phoclip.text import load_tokenizer, tokenizer_fingerprint
     from phoclip_train.distributed import cleanup, init_distributed, launcher_rank
-    from phoclip_train.export import load_for_inference
+    from phoclip.loading import load_encoder
 
     init_logger(rank=launcher_rank())
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{source_slug(args.benchmark, args.shards, args.split)}.json"
@@ -94,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     info = init_distributed(args.device)
     try:
-        model, tok_name = load_for_inference(args.model, str(info.device))
+        model, tok_name = load_encoder(args.model, device=info.device)
         size = args.image_size or model.config["vision"].get("image_size", 224)
         if args.benchmark:
             res = evaluate_benchmark(args, model, tok_name, size, info)
