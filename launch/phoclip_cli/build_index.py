@@ -59,12 +59,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from phoclip.shards import check_manifests, count_samples, expand_urls
     from phoclip.text import load_tokenizer, tokenizer_fingerprint
     from phoclip_train.distributed import cleanup, init_distributed, launcher_rank
-    from phoclip_train.export import load_for_inference
+    from phoclip.loading import load_encoder
 
     init_logger(rank=launcher_rank())
     info = init_distributed(args.device)
     try:
-        model, tok_name = load_for_inference(args.model, str(info.device))
+        model, tok_name = load_encoder(args.model, device=info.device)
         size = model.config["vision"].get("image_size", 224)
         skipped: Counter = Counter()
         others, total = 0, None
