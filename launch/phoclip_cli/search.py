@@ -67,7 +67,7 @@ def _search(args: argparse.Namespace) -> int:
     from phoclip.search import (DEFAULT_TEMPLATES, find_captions, find_matches, query_processor, zero_shot_accuracy,
                                 zero_shot_tags)
     from phoclip.text import strip_controls
-    from phoclip_train.export import load_encoder
+    from phoclip.loading import load_encoder
 
     index = EmbeddingIndex(args.index)
     if not args.model and not os.path.exists(index.meta["model"]):
