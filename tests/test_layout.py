@@ -20,6 +20,45 @@ def _imports(tree):
 
 
 TRAINING = ("phoclip_train", "phoclip_sharding", "train", "sharding")
+# the inference commands: what evaluation, index building, search and serving run
+INFERENCE_COMMANDS = ("evaluate", "build_index", "search", "serve")
+# Imports of training code the inference commands still make that are not model loading
+# (distributed set-up, the annotation readers): each is a debt, listed so that none is
+# added; an entry that no longer exists fails the test, so the list only shrinks.
+KNOWN_DEBTS = {
+    ("evaluate", "phoclip_train.distributed"), ("evaluate", "phoclip_sharding.readers"),
+    ("build_index", "phoclip_train.distributed"),
+}
+
+
+def _module_file(mod: str):
+    """The file of one of our importable modules (phoclip.*, phoclip_cli.*), else None."""
+    top, *rest = mod.split(".")
+    base = {"phoclip": ROOT / "phoclip", "phoclip_cli": ROOT / "launch" / "phoclip_cli"}.get(top)
+    if base is None:
+        return None
+    p = base.joinpath(*rest)
+    for f in (p / "__init__.py", p.with_suffix(".py")):
+        if f.is_file():
+            return f
+    return None
+
+
+def _reaches_training(entry: Path) -> dict[str, list[str]]:
+    """Every training module `entry` imports, directly or through our own modules (at
+    any depth, function-level imports included): {module: the import chain}."""
+    seen, found, todo = {entry}, {}, [(entry, [entry.relative_to(ROOT).as_posix()])]
+    while todo:
+        f, chain = todo.pop()
+        for mod in _imports(ast.parse(f.read_text())):
+            if mod.split(".")[0] in TRAINING:
+                found.setdefault(mod, chain + [mod])
+                continue
+            nxt = _module_file(mod)
+            if nxt is not None and nxt not in seen:
+                seen.add(nxt)
+                todo.append((nxt, chain + [mod]))
+    return found
 
 
 def test_library_imports_no_training_code_and_reads_no_launcher_state():
@@ -33,6 +72,24 @@ def test_library_imports_no_training_code_and_reads_no_launcher_state():
             if isinstance(node, ast.Constant) and node.value in LAUNCHER_VARS:
                 bad.append(f"{f.relative_to(ROOT)}:{node.lineno} reads {node.value}")
     assert not bad, bad
+
+
+def test_inference_commands_import_no_training_code():
+    """evaluate, build_index, search and serve (the launch/ scripts and their phoclip_cli
+    mains), with every library module they reach, import nothing from phoclip_train or
+    phoclip_sharding: loading a model for inference is the library's (`phoclip.load`)."""
+    bad, debts = [], set()
+    for name in INFERENCE_COMMANDS:
+        for entry in (ROOT / "launch" / f"{name}.py", ROOT / "launch" / "phoclip_cli" / f"{name}.py"):
+            if not entry.is_file():
+                continue
+            for mod, chain in _reaches_training(entry).items():
+                if (name, mod) in KNOWN_DEBTS:
+                    debts.add((name, mod))
+                else:
+                    bad.append(" -> ".join(chain))
+    assert not bad, bad
+    assert debts == KNOWN_DEBTS, f"paid off, remove from KNOWN_DEBTS: {sorted(KNOWN_DEBTS - debts)}"
 
 
 _LOAD = r"""
