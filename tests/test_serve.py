@@ -24,6 +24,7 @@ from dist_utils import free_port
 pytestmark = pytest.mark.slow
 ARTIFACTS = ROOT / "test-artifacts"
 PAYLOAD = "<b>đậm</b><img src=x onerror=\"document.title='pwned'\">"
+TAGS = ["hình tròn", "hình vuông", "hình tam giác", "màu đỏ", "màu xanh lá", "màu vàng"]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +44,12 @@ def served(shapes_shards, tmp_path_factory):
     items = [json.loads(l) for l in (idx / "images.jsonl").read_text().splitlines()]
     (idx / "images.jsonl").write_text("".join(json.dumps(dict(it, caption=PAYLOAD + it["caption"]),
                                                          ensure_ascii=False) + "\n" for it in items))
+    (d / "tags.txt").write_text("\n".join(TAGS) + "\n", encoding="utf-8")
     port = free_port()
     log = open(d / "serve.log", "w")
     p = subprocess.Popen([sys.executable, "launch/serve.py", "--index", str(idx), "--port", str(port),
-                          "--max-upload-mb", "1"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                          "--max-upload-mb", "1", "--tags", str(d / "tags.txt")], cwd=ROOT, stdout=log,
+                         stderr=subprocess.STDOUT,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     base = f"http://127.0.0.1:{port}"
     t0 = time.time()
@@ -113,6 +116,23 @@ def test_api_search_page_thumbnails_image_search_and_tags(served):
     assert code == 200 and len(res["tags"]) == 2 and res["tags"][0]["score"] >= res["tags"][1]["score"]
     code, res = _post(base + "/tags", {"tags": "hình tròn\nhình vuông", "id": "0"}, {})
     assert code == 200 and {t["tag"] for t in res["tags"]} == {"hình tròn", "hình vuông"}
+    # what the page asks: the vocabulary, an item's captions and source, more like it, a larger photo
+    assert json.loads(_get(base + "/tags")[2]) == {"tags": TAGS}
+    assert h["backend"] == "torch" and h["dim"] == 64 and h["index_bytes"] > h["images"] * 64 and h["skipped"] == 0
+    code, _, body = _get(base + "/items/0")
+    item = json.loads(body)
+    assert code == 200 and item["captions"][0] == PAYLOAD + items[0]["caption"] and len(item["captions"]) >= 2
+    assert len({" ".join(c.split()).casefold() for c in item["captions"]}) == len(item["captions"])  # distinct
+    assert item["source"] and item["photo"] == "/photo/0"
+    code, _, body = _get(base + "/items/0/similar?k=5")
+    like = json.loads(body)["results"]
+    assert code == 200 and [r["rank"] for r in like] == [1, 2, 3, 4, 5] and 0 not in {r["id"] for r in like}
+    code, _, body = _get(base + "/items/0/similar?k=5&offset=5")
+    assert [r["rank"] for r in json.loads(body)["results"]] == [6, 7, 8, 9, 10]
+    code, headers, body = _get(base + "/photo/0")
+    assert code == 200 and headers["Content-Type"] == "image/jpeg" and Image.open(io.BytesIO(body)).size[0] > 0
+    for path in (f"/items/{len(items)}", f"/items/{len(items)}/similar", f"/photo/{len(items)}", "/items/-1"):
+        assert _get(base + path)[0] == 404, path
 
 
 def test_hostile_requests_get_4xx_and_the_service_stays_up(served):
@@ -176,41 +196,112 @@ def _browser(tmp_path):
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
-def test_the_page_in_a_real_browser_searches_shows_thumbnails_and_escapes_captions(served, tmp_path):
+def _query(drv) -> dict:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(drv.current_url).query))
+
+
+def _thumbs_loaded(drv) -> bool:
+    return drv.execute_script("const t = [...document.querySelectorAll('#grid img.thumb')];"
+                              "return t.length >= 5 && t.every(i => i.complete && i.naturalWidth > 0)")
+
+
+def test_the_page_in_a_real_browser(served, tmp_path):
+    """Search, paging and the back button, a shared URL, the detail view (captions, tags,
+    more like this, keyboard), an uploaded query with its preview, a phone-sized window;
+    captions written as text throughout. Screenshots land in test-artifacts/."""
+    from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     base, idx, items, shards = served
+    q = "hai hình tròn màu đỏ"
+    ARTIFACTS.mkdir(exist_ok=True)
     drv = _browser(tmp_path)
+    wait = WebDriverWait(drv, 60)
+    status = lambda d: d.find_element(By.ID, "status").text  # noqa: E731
     try:
+        # the empty state says what to try: the tag vocabulary, each a link that searches it
         drv.get(base + "/")
         assert "PhoCLIP" in drv.title
-        box = drv.find_element(By.ID, "q")
-        box.send_keys("hai hình tròn màu đỏ", Keys.ENTER)
-        WebDriverWait(drv, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid img.thumb")) >= 5)
-        WebDriverWait(drv, 60).until(lambda d: d.execute_script(
-            "return [...document.querySelectorAll('#grid img.thumb')].every(i => i.complete && i.naturalWidth > 0)"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#suggest a.tag")) == len(TAGS))
+        assert drv.find_element(By.ID, "empty").is_displayed() and "ảnh" in drv.find_element(By.ID, "meta").text
+        # "/" puts the cursor in the search box; Enter searches; the query goes into the URL
+        ActionChains(drv).send_keys("/").perform()
+        assert drv.switch_to.active_element.get_attribute("id") == "q"
+        drv.switch_to.active_element.send_keys(q, Keys.ENTER)
+        wait.until(lambda d: "Kết quả 1–24" in status(d) and _thumbs_loaded(d))
+        assert _query(drv) == {"q": q}
         figs = drv.find_elements(By.CSS_SELECTOR, "#grid figcaption")
-        assert all(PAYLOAD in f.text for f in figs)  # shown as text...
+        assert len(figs) == 24 and all(PAYLOAD in f.text for f in figs)  # shown as text...
         assert not drv.find_elements(By.CSS_SELECTOR, "#grid b, #grid img:not(.thumb)")  # ...never as markup
-        assert drv.title != "pwned"
-        assert "Kết quả 1–24" in drv.find_element(By.ID, "status").text
-        drv.find_element(By.ID, "next").click()  # paging
-        WebDriverWait(drv, 30).until(lambda d: "Kết quả 25–" in d.find_element(By.ID, "status").text)
-        drv.find_element(By.ID, "prev").click()
-        WebDriverWait(drv, 30).until(lambda d: "Kết quả 1–24" in d.find_element(By.ID, "status").text)
-        # search by image through the file input (what a drop does)
+        ids = [int(a.get_attribute("data-id")) for a in drv.find_elements(By.CSS_SELECTOR, "#grid figure a")]
+        assert len(set(ids)) == len(ids)
+        drv.save_screenshot(str(ARTIFACTS / "serve_page.png"))
+        # paging, and the back button walks back through it
+        drv.find_element(By.ID, "next").click()
+        wait.until(lambda d: "Kết quả 25–" in status(d))
+        assert _query(drv) == {"q": q, "p": "1"}
+        drv.back()
+        wait.until(lambda d: "Kết quả 1–24" in status(d) and _query(d) == {"q": q})
+        # the detail view: a larger photo, every caption (as text), tags, its source
+        drv.find_elements(By.CSS_SELECTOR, "#grid figure a")[0].click()
+        wait.until(lambda d: d.execute_script("return document.getElementById('detail').open"))
+        assert _query(drv) == {"q": q, "item": str(ids[0])}
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#d-captions li")) >= 2
+                   and len(d.find_elements(By.CSS_SELECTOR, "#d-tags a.tag")) == 5
+                   and d.execute_script("const i = document.getElementById('d-photo');"
+                                        "return i.complete && i.naturalWidth > 0"))
+        caps = [li.text for li in drv.find_elements(By.CSS_SELECTOR, "#d-captions li")]
+        assert caps[0].startswith(PAYLOAD) and len(set(caps)) == len(caps)
+        assert {a.text.split()[0] for a in drv.find_elements(By.CSS_SELECTOR, "#d-tags a.tag")} <= {
+            w for t in TAGS for w in t.split()}
+        assert not drv.find_elements(By.CSS_SELECTOR, "#detail b") and drv.title != "pwned"
+        assert items[ids[0]]["key"] in drv.find_element(By.ID, "d-source").text
+        drv.save_screenshot(str(ARTIFACTS / "serve_detail.png"))
+        # → shows the next result; Esc closes, and the URL follows
+        drv.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)
+        wait.until(lambda d: _query(d).get("item") == str(ids[1]))
+        drv.switch_to.active_element.send_keys(Keys.ESCAPE)
+        wait.until(lambda d: not d.execute_script("return document.getElementById('detail').open"))
+        assert _query(drv) == {"q": q}
+        # a shared URL opens the same results and the same detail view
+        drv.get(f"{base}/?{urllib.parse.urlencode({'q': q, 'item': ids[2]})}")
+        wait.until(lambda d: d.execute_script("return document.getElementById('detail').open")
+                   and "Kết quả 1–24" in status(d))
+        assert items[ids[2]]["key"] in drv.find_element(By.ID, "d-title").text
+        # more like this: image → image from that item, the item itself left out; back returns
+        drv.find_element(By.ID, "d-similar").click()
+        wait.until(lambda d: _query(d) == {"like": str(ids[2])} and "Ảnh giống" in status(d) and _thumbs_loaded(d))
+        like = [int(a.get_attribute("data-id")) for a in drv.find_elements(By.CSS_SELECTOR, "#grid figure a")]
+        assert ids[2] not in like and len(like) == 24
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#query-tags a.tag")) == 5)
+        assert not drv.find_element(By.ID, "detail").get_attribute("open")
+        drv.back()
+        wait.until(lambda d: _query(d) == {"q": q, "item": str(ids[2])}
+                   and d.execute_script("return document.getElementById('detail').open"))
+        # a tag is a search
+        drv.find_elements(By.CSS_SELECTOR, "#d-tags a.tag")[0].click()
+        wait.until(lambda d: "Kết quả 1–24" in status(d) and _query(d).get("q") in TAGS)
+        # search by image through the file input (what a drop does): its preview, tags, captions
         img = tmp_path / "query.jpg"
         img.write_bytes(_val_images(shards, 1)[0])
         drv.find_element(By.ID, "file").send_keys(str(img))
-        WebDriverWait(drv, 60).until(lambda d: "Ảnh tương tự" in d.find_element(By.ID, "status").text)
-        assert len(drv.find_elements(By.CSS_SELECTOR, "#captions li")) >= 1
-        drv.find_element(By.ID, "q").clear()
-        drv.find_element(By.ID, "q").send_keys("hai hình tròn màu đỏ", Keys.ENTER)
-        WebDriverWait(drv, 60).until(lambda d: "Kết quả 1–24" in d.find_element(By.ID, "status").text)
-        ARTIFACTS.mkdir(exist_ok=True)
-        drv.save_screenshot(str(ARTIFACTS / "serve_page.png"))
+        wait.until(lambda d: "Ảnh tương tự" in status(d) and len(d.find_elements(By.CSS_SELECTOR, "#query-tags a.tag")) == 5)
+        assert drv.execute_script("const i = document.getElementById('preview');"
+                                  "return i.src.startsWith('blob:') && i.complete && i.naturalWidth > 0")
+        found = [li.find_element(By.TAG_NAME, "a").text for li in drv.find_elements(By.CSS_SELECTOR, "#captions li")]
+        assert 1 <= len(found) <= 5 and len(set(found)) == len(found)
+        drv.back()  # back to the tag's results
+        wait.until(lambda d: "Kết quả 1–24" in status(d) and _query(d).get("q") in TAGS)
+        assert not drv.find_element(By.ID, "query").is_displayed()
+        # a phone: one column of controls, nothing wider than the screen
+        drv.set_window_size(390, 844)
+        drv.get(f"{base}/?{urllib.parse.urlencode({'q': q})}")
+        wait.until(lambda d: "Kết quả 1–24" in status(d) and _thumbs_loaded(d))
+        assert drv.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        drv.save_screenshot(str(ARTIFACTS / "serve_phone.png"))
     finally:
         drv.quit()
-    assert (ARTIFACTS / "serve_page.png").stat().st_size > 10_000
+    for name in ("serve_page.png", "serve_detail.png", "serve_phone.png"):
+        assert (ARTIFACTS / name).stat().st_size > 10_000, name

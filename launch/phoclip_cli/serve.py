@@ -30,41 +30,44 @@ from typing import Optional, Sequence
 logger = logging.getLogger("serve")
 
 MB = 1 << 20
+# settings given in other units on the command line
+_FLAG_OF = {"max_upload": "--max-upload-mb", "max_decode_bytes": "--max-decode-mb",
+            "max_thumb_source": "--max-thumb-source-mb"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command's flags; defaults come from `phoclip.serve.Settings` (one place)."""
+    """The command's flags; defaults and meanings come from `phoclip.serve.Settings` (one
+    place: its field docstrings)."""
     from phoclip.serve.settings import Settings
 
+    from phoclip_cli.common import HelpFormatter
+
     d = Settings()
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--index", required=True, help="an index folder (launch/build_index.py)")
+
+    def doc(field: str) -> str:
+        return " ".join((Settings.model_fields[field].description or "").split())
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--index", required=True, help=doc("index"))
     p.add_argument("--model", help="a model folder, run folder or checkpoint (default: the model the index was built with)")
-    p.add_argument("--host", default=d.host)
-    p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--backend", choices=("torch", "onnx"), default=d.backend,
-                   help="onnx: embed with onnxruntime (export_model.py --format onnx first)")
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--vncorenlp-dir", help="VnCoreNLP model folder (default: $VNCORENLP_DIR)")
+    p.add_argument("--host", default=d.host, help="the address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=d.port, help="the port to listen on (0: a free one)")
+    p.add_argument("--backend", choices=("torch", "onnx"), default=d.backend, help=doc("backend"))
+    p.add_argument("--device", default=d.device, help=doc("device"))
+    p.add_argument("--vncorenlp-dir", help=doc("vncorenlp_dir"))
     p.add_argument("--tags", help="the page's zero-shot tags: a file with one Vietnamese tag per line "
                                   "(default: a few everyday subjects)")
-    p.add_argument("--max-upload-mb", type=float, default=d.max_upload / MB)
+    p.add_argument("--max-upload-mb", type=float, default=d.max_upload / MB,
+                   help="MB one uploaded image may take; a request body over it gets 413 as it streams, "
+                        "chunked or not, and is not read further")
     p.add_argument("--max-decode-mb", type=float, default=d.max_decode_bytes / MB,
-                   help="memory one image may take to decode; larger images are refused unread")
+                   help="MB of memory one image may take to decode; larger images are refused from their "
+                        "header, unread")
     p.add_argument("--max-thumb-source-mb", type=float, default=d.max_thumb_source / MB,
-                   help="bytes read for one thumbnail's source file or shard member")
-    p.add_argument("--cpu-jobs", type=int, default=d.cpu_jobs, help="decodes and embeddings at once")
-    p.add_argument("--cpu-queue", type=int, default=d.cpu_queue,
-                   help="jobs that may wait for a worker; more get 503 with Retry-After")
-    p.add_argument("--cpu-wait", type=float, default=d.cpu_wait,
-                   help="seconds a job may wait for a worker before it gets 503")
-    p.add_argument("--header-timeout", type=float, default=d.header_timeout,
-                   help="seconds a connection has to send a request head")
-    p.add_argument("--body-timeout", type=float, default=d.body_timeout,
-                   help="seconds a request has to send its body")
-    p.add_argument("--max-connections", type=int, default=d.max_connections,
-                   help="open connections; past it the one idle longest is closed")
+                   help="MB read for one thumbnail's source file or shard member (more: 404, logged)")
+    for field, kind in (("cpu_jobs", int), ("cpu_queue", int), ("cpu_wait", float), ("header_timeout", float),
+                        ("body_timeout", float), ("max_connections", int)):
+        p.add_argument("--" + field.replace("_", "-"), type=kind, default=getattr(d, field), help=doc(field))
     return p
 
 
@@ -113,7 +116,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         settings = settings_from_args(args)
     except ValidationError as e:
         err = e.errors()[0]
-        flag = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-")
+        field = str(err["loc"][0]) if err["loc"] else ""
+        flag = _FLAG_OF.get(field, "--" + field.replace("_", "-"))
         p.error(f"{flag}: {err['msg']}")
     except EXPECTED_ERRORS as e:
         p.error(strip_controls(one_line(e)))
