@@ -585,7 +585,8 @@ def test_out_url_uploads_shards_to_s3_and_resumes_from_the_bucket(tmp_path, tiny
     is done (a shard lost, a shard whose .done record never arrived: both written again,
     nothing else), from any staging folder; a different job at the URL is refused."""
     import phoclip_sharding.writer as writer
-    from phoclip.shards import count_samples, manifest_for, read_shards
+    from phoclip.manifest import manifest_for
+    from phoclip.shards import count_samples, read_shards
 
     ann, imgs = _dataset(tmp_path, 24)
     src = f"coco-jsonl:{ann}:{imgs}"
@@ -606,7 +607,7 @@ def test_out_url_uploads_shards_to_s3_and_resumes_from_the_bucket(tmp_path, tiny
 
     # the bucket reads back as training and evaluation read it
     urls = [f"s3://bkt/vi/{n}" for n in names]
-    assert manifest_for(urls[0])["counts"] == man["counts"]
+    assert manifest_for(urls[0]).counts == man["counts"]
     assert count_samples(urls) == sum(man["counts"].values())
     skips = Counter()
     keys = sorted(s["__key__"] for s in read_shards(({"url": u} for u in urls), skips))
@@ -686,7 +687,7 @@ def test_a_second_job_on_the_same_folder_is_refused(tmp_path, tiny_tokenizer_dir
 def test_small_store_batches_and_pages_give_the_same_shards(tmp_path, tiny_tokenizer_dir, make_shards, monkeypatch):
     """The job streams through its store in batches (records, samples) and pages (image
     paths to hash): cutting them tiny changes nothing in the output, duplicates included."""
-    import phoclip_sharding.cli as ms
+    import phoclip_sharding.collect as ms
 
     ann, imgs = _dataset(tmp_path, 30, dup=[("3.jpg", "copy3.jpg"), ("8.jpg", "copy8.jpg")])
     extra = ["--shard-size", "7", "--val-fraction", "0.2"]
