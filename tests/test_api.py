@@ -226,3 +226,53 @@ def test_a_model_without_a_tokenizer_embeds_images_and_refuses_texts_naming_it(m
     assert model.embed_images(photos[:2]).shape == (2, 64)
     with pytest.raises(ValueError, match=f"{ckpt}: the model records no tokenizer"):
         model.embed_texts(TEXTS)
+
+
+def _python_blocks(text: str) -> list[str]:
+    import re
+
+    return [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "phoclip.load" in b]
+
+
+def _loaded_paths(code: str) -> list[str]:
+    """The string paths the code passes to phoclip.load / phoclip.load_model."""
+    import ast
+
+    out = []
+    for node in ast.walk(ast.parse(code)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("load", "load_model")
+                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            out.append(node.args[0].value)
+    return out
+
+
+def test_the_documented_python_examples_run_as_written(model_dir, photos, tmp_path, monkeypatch):
+    """Every Python example that loads a model (README.md, docs/*.md, the model card's
+    text) runs as written, the folders and photos it names made in a scratch folder: the
+    documented API cannot drift from the code."""
+    from conftest import ROOT
+    from phoclip.card import API_EXAMPLE, BATCH_EXAMPLE
+
+    sources = {f.relative_to(ROOT).as_posix(): _python_blocks(f.read_text(encoding="utf-8"))
+               for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] if f.is_file()}
+    sources["model card"] = ["\n".join(API_EXAMPLE).replace("THIS_FOLDER", "card_model"), "\n".join(BATCH_EXAMPLE)]
+    assert sum(map(len, sources.values())) >= 3, sources  # the README's two, the card's two at least
+    for n, (where, blocks) in enumerate(sources.items()):
+        page = tmp_path / str(n)  # each page its own folder: one page's runs/X/export is not another's run folder
+        (page / "Pictures").mkdir(parents=True)
+        for i, p in enumerate(photos):
+            shutil.copy(p, page / "Pictures" / f"p{i}.jpg")
+        shutil.copy(photos[0], page / "photo.jpg")
+        monkeypatch.chdir(page)
+        monkeypatch.setenv("HOME", str(page))
+        scope: dict = {}  # one namespace per page: a later block uses the model of an earlier one
+        for code in blocks:
+            for path in _loaded_paths(code):
+                if not (page / path).exists():
+                    shutil.copytree(model_dir, page / path)
+            try:
+                exec(compile(code, where, "exec"), scope)
+            except Exception as e:  # which page and block, not only the exception
+                raise AssertionError(f"{where}: the example fails ({type(e).__name__}: {e}):\n{code}") from e
+        if "model" in scope and hasattr(scope["model"], "embed_texts"):
+            assert scope["model"].backend == "torch"
