@@ -91,13 +91,6 @@ def load_for_inference(path: str, device: str = "cpu"):
 
 
 
-def load_encoder(path: str, backend: str = "torch", device: str = "cpu"):
-    """`phoclip.loading.load_encoder`. Kept only until the service (launch/serve.py)
-    imports it from the library (or calls `phoclip.load`); nothing else uses it."""
-    from phoclip.loading import load_encoder as library_load_encoder
-
-    return library_load_encoder(path, backend, device)
-
 def export_checkpoint(ckpt: Path, out: Path) -> Path:
     """Write the checkpoint's model (and tokenizer, and its card) as a plain model folder."""
     from phoclip.checkpoints import read_meta
