@@ -131,20 +131,15 @@ class Manifest:
         if not _typed(version, int) or not 1 <= version <= FORMAT_VERSION:
             raise ManifestError(f"{where}: manifest format_version {version!r} is not one this code reads "
                                 f"(1..{FORMAT_VERSION}); upgrade phoclip or re-shard")
-        for key, typ in REQUIRED.items():
-            v: Any = obj
-            for part in key.split("."):
-                v = v.get(part) if isinstance(v, dict) else None
-            if not _typed(v, typ):
-                raise ManifestError(f"{where}: key {key} is missing or not a {typ.__name__}")
-        t, s = obj["tokenizer"], obj["segmenter"]
+        t, s = obj.get("tokenizer"), obj.get("segmenter")
+        t, s = (t if isinstance(t, dict) else {}), (s if isinstance(s, dict) else {})
         part = obj.get("part")
         known = {f.name for f in fields(cls)} - {"extra", "where"}
         m = cls(
-            tokenizer=TokenizerInfo(t["name"], t["fingerprint"], t["pad_id"], t["max_length"], t.get("class"),
-                                    t.get("vocab_size"), t.get("truncated_captions")),
-            segmenter=SegmenterInfo(s["name"], s.get("version")),
-            counts=obj["counts"], shards=obj.get("shards", {}), captions=obj.get("captions"),
+            tokenizer=TokenizerInfo(t.get("name"), t.get("fingerprint"), t.get("pad_id"), t.get("max_length"),
+                                    t.get("class"), t.get("vocab_size"), t.get("truncated_captions")),
+            segmenter=SegmenterInfo(s.get("name"), s.get("version")),
+            counts=obj.get("counts"), shards=obj.get("shards", {}), captions=obj.get("captions"),
             sources=obj.get("sources"), source_specs=obj.get("source_specs"), image=obj.get("image"),
             split=obj.get("split"), merged_duplicate_images=obj.get("merged_duplicate_images"),
             skipped=obj.get("skipped", {}),
@@ -158,6 +153,11 @@ class Manifest:
         """The types and values every reader relies on; ManifestError naming the key."""
         w = self.where
         t = self.tokenizer
+        required = {"tokenizer.fingerprint": t.fingerprint, "tokenizer.name": t.name, "tokenizer.pad_id": t.pad_id,
+                    "tokenizer.max_length": t.max_length, "segmenter.name": self.segmenter.name, "counts": self.counts}
+        for key, v in required.items():
+            if not _typed(v, REQUIRED[key]):
+                raise ManifestError(f"{w}: key {key} is missing or not a {REQUIRED[key].__name__}")
         if t.pad_id < 0 or t.max_length < 1:
             raise ManifestError(f"{w}: tokenizer.pad_id {t.pad_id} / max_length {t.max_length} out of range")
         optional = {"tokenizer.vocab_size": (t.vocab_size, _count), "tokenizer.truncated_captions":
@@ -182,7 +182,7 @@ class Manifest:
     def split_shards(self, split: str) -> list[str]:
         """The shard file names of one split, refused unless plain names (a manifest
         cannot point a reader outside its folder)."""
-        names = self.shards.get(split)
+        names = self.shards.get(split) if isinstance(self.shards, dict) else None
         if not isinstance(names, list) or not all(_plain_name(n) for n in names):
             raise ManifestError(f"{self.where}: 'shards.{split}' is missing or not a list of shard file names")
         if not names:
