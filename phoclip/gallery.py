@@ -84,24 +84,48 @@ def _thumb_b64(item: dict, size: int = 160) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def page_style() -> str:
+    """The search page's style sheet (phoclip/serve/static/style.css, package data): the
+    gallery looks like the service's page."""
+    from importlib import resources
+
+    return (resources.files("phoclip") / "serve" / "static" / "style.css").read_text(encoding="utf-8")
+
+
+def _card(m: Match) -> str:
+    """One result as the page draws it: the picture, its rank and score, its caption."""
+    from phoclip.text import strip_controls
+
+    def text(x) -> str:
+        return html.escape(strip_controls(str(x or "")))
+
+    b64 = _thumb_b64(m.item)
+    label = text(m.item.get("caption") or m.item.get("key") or m.item.get("path"))
+    pic = f"<img class='thumb' src='data:image/jpeg;base64,{b64}' alt='{label}'>" if b64 else ""
+    src = text(m.item.get("path") or m.item.get("key"))
+    return (f"<figure class='card' data-src='{src}' title='{src}'><div class='pic'>{pic}</div>"
+            f"<figcaption><div class='score'><span>#{m.rank}</span><span>{m.score:.3f}</span></div>"
+            f"<div class='caption'>{label}</div></figcaption></figure>")
+
+
 def write_gallery(path: str | os.PathLike, queries: Sequence[str], results: list[list[Match]]) -> Path:
-    """A self-contained HTML page: thumbnails inlined as data URIs, with scores."""
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>PhoCLIP search</title>",
-             "<style>body{font-family:sans-serif}figure{display:inline-block;margin:4px;"
-             "text-align:center;font-size:12px}img{display:block;max-width:160px}</style></head><body>"]
+    """A self-contained HTML page of text → image results that looks like the service's
+    search page (its style sheet inlined, the same cards): thumbnails inlined as data
+    URIs, no script, every index text escaped. Written atomically."""
+    from phoclip.fileio import atomic_write_text
+
+    parts = ["<!doctype html><html lang='vi'><head><meta charset='utf-8'>",
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+             f"<title>PhoCLIP — {html.escape(' · '.join(queries))}</title><style>{page_style()}</style></head><body>",
+             "<header class='top'><span class='brand'>PhoCLIP <span>tìm ảnh bằng tiếng Việt</span></span>",
+             f"<span class='meta'>{len(queries)} truy vấn</span></header><main class='gallery'>"]
     for q, res in zip(queries, results):
-        parts.append(f"<h2>{html.escape(q)}</h2><div>")
-        for m in res:
-            b64 = _thumb_b64(m.item)
-            label = html.escape(m.item.get("caption") or m.item.get("key") or m.item.get("path", ""))
-            src = html.escape(m.item.get("path") or m.item.get("key", ""))
-            parts.append(f"<figure data-src='{src}'><img src='data:image/jpeg;base64,{b64}' "
-                         f"alt='{label}'><figcaption>#{m.rank} {m.score:.3f}<br>{label}</figcaption></figure>")
-        parts.append("</div>")
-    parts.append("</body></html>")
-    out = Path(path)
-    out.write_text("".join(parts), encoding="utf-8")
-    return out
+        parts.append(f"<section><h2>«{html.escape(q)}»</h2>")
+        parts.append(f"<div class='grid'>{''.join(_card(m) for m in res)}</div>" if res else
+                     "<p class='none'>Không có kết quả</p>")
+        parts.append("</section>")
+    parts.append("</main></body></html>")
+    return atomic_write_text(path, "".join(parts))
 
 
 def write_embedding_map(path: str | os.PathLike, emb: torch.Tensor, labels: Sequence[str],
