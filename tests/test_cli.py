@@ -105,9 +105,7 @@ def test_every_script_answers_help_fast(script):
 
 # entry points whose flags still lack help, in files other helpers own (named in the report):
 # expected to fail until they are documented, then they pass as the others
-_UNDOCUMENTED = {"launch/serve.py": "phoclip_cli/serve.py: --host --port --device --max-upload-mb",
-                 "phoclip_cli.serve:main": "phoclip_cli/serve.py: --host --port --device --max-upload-mb",
-                 "sharding/make_shards.py": "phoclip_sharding/cli.py: --segmenter --max-length --jpeg-quality ...",
+_UNDOCUMENTED = {"sharding/make_shards.py": "phoclip_sharding/cli.py: --segmenter --max-length --jpeg-quality ...",
                  "phoclip_sharding.cli:main": "phoclip_sharding/cli.py: --segmenter --max-length --jpeg-quality ..."}
 
 
@@ -194,3 +192,21 @@ def test_torchrun_names_our_refusal_as_the_root_cause():
     assert "exitcode  : 2" in root, out[-3000:]
     assert "traceback : bad configuration: unknown config key 'train.bogus' (exit code 2)" in root, out[-3000:]
     assert "To enable traceback" not in out
+
+
+@pytest.mark.slow
+def test_the_training_command_derives_the_accumulation_from_the_global_batch(shapes_shards, tmp_path):
+    """validate() no longer sets train.accum_steps: the command decides it from
+    data.global_batch_size and the ranks, and the run records it."""
+    import yaml
+
+    from conftest import train_main, train_overrides
+
+    shards, tok, n = shapes_shards
+    run = tmp_path / "run"
+    rc, log = train_main(["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
+        shards, tok, n, run, **{"train.max_steps": 2, "data.global_batch_size": 16, "train.save_every": 2,
+                                "data.val_shards": "null"})])
+    assert rc == 0, log[-3000:]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["accum_steps"] == 2 and saved["data"]["global_batch_size"] == 16

@@ -93,3 +93,37 @@ def test_a_deepspeed_precision_mismatch_is_refused_before_anything_is_built(tmp_
     tiny = json.loads((ROOT / "launch/deepspeed/zero2_fp32.json").read_text())
     bf16 = json.loads((ROOT / "launch/deepspeed/zero2_bf16.json").read_text())
     assert tiny == {k: v for k, v in bf16.items() if k != "torch_autocast"}  # the same ZeRO-2, in fp32
+
+
+def test_validate_only_checks_and_the_accumulation_is_derived_apart():
+    """#24: validate() changed train.accum_steps as it checked; now it only checks, and the
+    accumulation a global batch implies is asked for (accum_steps_for) by whoever builds the run."""
+    import copy
+
+    cfg = resolve_config(None, ["data.train_shards=x", "data.batch_size=4", "data.global_batch_size=32"])
+    before = copy.deepcopy(cfg)
+    cfg.validate(world_size=2)
+    assert cfg == before and cfg.train.accum_steps == 1
+    assert cfg.accum_steps_for(2) == 4 and cfg.accum_steps_for(8) == 1 and cfg.accum_steps_for(1) == 8
+    assert cfg.accum_steps_for(3) == 1  # 32 over 3 x 4 does not divide: validate refuses it
+    with pytest.raises(ConfigError, match="not a multiple of data.batch_size x ranks = 4 x 3"):
+        cfg.validate(world_size=3)
+    plain = resolve_config(None, ["train.accum_steps=3"])
+    assert plain.accum_steps_for(4) == 3
+
+
+def test_resolution_records_where_each_value_came_from(tmp_path):
+    from phoclip_train.config import describe_config, field_docs, RunConfig, TrainConfig
+
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  seed: 7\n")
+    sources: dict = {}
+    cfg = resolve_config(str(f), ["train.max_steps=5", "model.overrides.vision={pretrained: false}"], sources)
+    assert sources == {"train.seed": f"YAML file {f}", "train.max_steps": "override",
+                       "model.overrides.vision": "override"}
+    text = describe_config(cfg, sources)
+    assert f"train.seed = 7    (YAML file {f}; default 0)" in text
+    assert "model.overrides = {vision: {pretrained: false}}    (override; default {})" in text
+    assert "train.log_every = 10    (default)" in text
+    assert field_docs(TrainConfig)["max_steps"] == "Optimizer steps of the whole run (the schedule's length)."
+    assert set(field_docs(RunConfig)) == {"run_dir", "resume", "model", "data", "optim", "train"}

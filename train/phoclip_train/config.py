@@ -1,7 +1,9 @@
 """Typed run config, resolved as defaults → YAML file → `key=value` overrides.
 
 Each field's docstring-comment says what it is; `validate()` refuses impossible
-settings before any work is done.
+settings before any work is done, and only checks: settings derived from the config and
+the machine (accumulation from the global batch, precision 'auto') are decided once by
+the run builder.
 """
 from __future__ import annotations
 
@@ -218,9 +220,22 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     """The loop: steps, precision, engine, logging, evaluation, checkpoints."""
 
+    def accum_steps_for(self, world_size: int) -> int:
+        """The micro-batches per optimizer step on `world_size` ranks: derived from
+        data.global_batch_size when it is set and divides evenly (`validate` refuses it
+        otherwise), else train.accum_steps. A derived setting: the run builder applies it;
+        nothing here changes the config."""
+        d = self.data
+        per_step = d.batch_size * world_size
+        if d.global_batch_size > 0 and per_step > 0 and d.global_batch_size % per_step == 0:
+            return d.global_batch_size // per_step
+        return self.train.accum_steps
+
     def validate(self, world_size: int = 1) -> None:
-        """Refuse impossible combinations (choices of one field are checked as it is
-        set, against its `Literal` type, in `_set_value`)."""
+        """Refuse impossible combinations; only checks, never changes a value (derived
+        settings, e.g. `accum_steps_for`, precision 'auto', are decided by the run
+        builder). Choices of one field are checked as it is set, against its `Literal`
+        type, in `_set_value`."""
         t, d = self.train, self.data
         _check_choices(self)
         if t.compile != "off" and t.engine == "deepspeed":
@@ -244,7 +259,6 @@ class RunConfig:
             if d.global_batch_size < 0 or d.global_batch_size % per_step:
                 raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
                                   f"data.batch_size x ranks = {d.batch_size} x {world_size}")
-            t.accum_steps = d.global_batch_size // per_step
         if not d.train_shards:
             raise ConfigError("data.train_shards is empty: pass data.train_shards=PATTERN")
         if self.optim.warmup_steps < 0:
