@@ -304,3 +304,32 @@ def test_a_malformed_ids_header_is_one_skipped_sample(shapes_shards, tmp_path, h
     batches = list(itertools.islice(iter(s), 5))  # one epoch: 20 good samples
     assert sum(len(b["keys"]) for b in batches) == 20 and "bad" not in sum((b["keys"] for b in batches), [])
     assert batches[-1]["skipped"] == {"bad_ids": 1}
+
+
+def test_stream_stages_resume_skip_and_one_decode_and_count(shapes_shards):
+    """The stages on their own: skip_to drops the consumed positions undecoded (their
+    shard counts them as read well); decode_counted_stage drops a bad sample, counts its
+    reason once and tells its shard; fixed_blocks yields a block as soon as it is full."""
+    from collections import Counter
+
+    from phoclip.data import ShardHealth, decode_counted_stage, fixed_blocks, skip_to
+
+    shards, _, n = shapes_shards
+    with tarfile.open(_urls(shards, n)[0]) as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+    k = sorted({m.split(".")[0] for m in members})[0]
+    good = {"__key__": k, "jpg": members[f"{k}.jpg"], "ids.npy": members[f"{k}.ids.npy"]}
+    bad = {"__key__": "bad", "jpg": members[f"{k}.jpg"], "ids.npy": b"not npy"}
+    skips: Counter = Counter()
+    health = ShardHealth(2, skips)
+    shard_samples = [dict(good), dict(bad), dict(good), dict(good)]
+    tagged = list(health.track_samples(s for sh in health.track_shards([{"url": "a"}]) for s in shard_samples))
+    kept = list(skip_to(enumerate(tagged, 1), 1, health))
+    assert [p for p, _ in kept] == [2, 3, 4]
+    out = list(decode_counted_stage(kept, skips, health, None, None))
+    assert [p for p, *_ in out] == [3, 4] and skips == {"bad_ids": 1}
+    assert out[0][3].ndim == 2 and out[0][2].size[0] > 0  # ids [n, L], a PIL image
+    pulled = []
+    blocks = fixed_blocks((pulled.append(i) or i for i in range(7)), 3)
+    assert next(blocks) == [0, 1, 2] and pulled == [0, 1, 2]  # nothing read ahead of the block
+    assert list(blocks) == [[3, 4, 5]]  # the partial last block is dropped

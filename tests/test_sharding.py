@@ -318,6 +318,11 @@ def test_parts_then_merge_equal_one_job(tmp_path, tiny_tokenizer_dir, make_shard
     for key in ("counts", "captions", "sources", "skipped", "merged_duplicate_images", "tokenizer", "segmenter"):
         assert m1[key] == m2[key], key
     assert m1["skipped"].get("not_an_image", 0) + m1["skipped"].get("corrupt", 0) == 1
+    from phoclip.manifest import Manifest
+
+    merged = Manifest.read(parted / "manifest.json")  # the merge writes a manifest every reader takes
+    assert merged.part is None and merged.merged_from == {"parts": 2} and merged.shards == m2["shards"]
+    assert Manifest.read(one / "manifest.json").part.of == 1
     sizes = json.loads((parted / "sizes.json").read_text())
     assert sorted(sizes) == sorted(p.name for p in parted.glob("*.tar"))
     assert sum(sizes.values()) == 40
