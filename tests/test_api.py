@@ -276,3 +276,27 @@ def test_the_documented_python_examples_run_as_written(model_dir, photos, tmp_pa
                 raise AssertionError(f"{where}: the example fails ({type(e).__name__}: {e}):\n{code}") from e
         if "model" in scope and hasattr(scope["model"], "embed_texts"):
             assert scope["model"].backend == "torch"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_zero_checkpoint_loads_as_the_trained_model(shapes_shards, tmp_path, stage):
+    """A DeepSpeed ZeRO checkpoint (partitions gathered to fp32 after the folder verified,
+    BatchNorm statistics from the module state) loads through phoclip.load, without
+    training code, as the model the run exported at its end."""
+    from conftest import ROOT, run_torchrun, train_overrides
+    from phoclip.model import model_fingerprint
+
+    shards, tok, n = shapes_shards
+    ds_json = json.loads((ROOT / "launch" / "deepspeed" / f"zero{stage}_bf16.json").read_text())
+    ds_json.pop("torch_autocast")  # fp32: no bf16 on this CPU
+    (tmp_path / "ds.json").write_text(json.dumps(ds_json))
+    run = tmp_path / "run"
+    run_torchrun(2, "launch/train_deepspeed.py", [
+        "--config", "launch/configs/tiny-debug.yaml", "--deepspeed_config", str(tmp_path / "ds.json"),
+        *train_overrides(shards, tok, n, run, **{"train.max_steps": 2, "train.save_every": 2})], timeout=400)
+    exported = phoclip.load(run / "model", device="cpu")
+    ckpt = phoclip.load(run / "checkpoints" / "step_00000002", device="cpu")
+    assert model_fingerprint(ckpt.module) == model_fingerprint(exported.module)
+    texts = ["hai hình tròn màu đỏ", "một tam giác"]
+    torch.testing.assert_close(ckpt.embed_texts(texts), exported.embed_texts(texts))
