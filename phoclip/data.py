@@ -21,7 +21,7 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -207,7 +207,7 @@ class Example:
     box: Optional[tuple] = None
 
 
-def augment(decoded: Iterable[tuple[int, dict, Any, Any]], rng_at: Any, image_size: int,
+def augment(decoded: Iterable[tuple[int, dict, Any, Any]], rng_at: Callable[[int], random.Random], image_size: int,
             on_device: bool) -> Iterator[Example]:
     """The random crop and the caption pick, from a generator seeded by the sample's
     stream position (`rng_at(pos)`): the same sample at the same place gets the same
@@ -243,7 +243,7 @@ class BatchMaker:
     skips, already counted before the checkpoint, are restored rather than counted twice."""
 
     def __init__(self, cfg: StreamConfig, logical: int, health: "ShardHealth", skips: Counter, start: int,
-                 skip_batches: int, bucket_rng: Any) -> None:
+                 skip_batches: int, bucket_rng: Callable[[int], random.Random]) -> None:
         self.cfg, self.logical, self.health, self.skips = cfg, logical, health, skips
         self.block_start, self.skip_batches, self.bucket_rng = start, skip_batches, bucket_rng
         self.restore_skips = Counter(skips) if skip_batches else None

@@ -291,16 +291,14 @@ def text_positions(model: Any) -> int:
     RoBERTa reserves (positions count from padding_idx + 1). `model`: a PhoCLIP model
     (`.text.config`), a Hugging Face config, or a model config dict (`{"text": {...}}`,
     whose `hf_config` may be absent for a hub model: PhoBERT's 258)."""
-    text = getattr(model, "text", None)
-    cfg = getattr(text, "config", None) if text is not None and not isinstance(model, dict) else None
-    if cfg is None and not isinstance(model, dict):
-        cfg = model
-    if cfg is not None and hasattr(cfg, "max_position_embeddings"):
-        return int(cfg.max_position_embeddings) - ROBERTA_POSITION_OFFSET
     if isinstance(model, dict):
-        hc = (model.get("text", model).get("hf_config") or {})
-        return int(hc.get("max_position_embeddings", PHOBERT_POSITIONS)) - ROBERTA_POSITION_OFFSET
-    raise TypeError(f"cannot tell the text positions of a {type(model).__name__}")
+        hc = model.get("text", model).get("hf_config") or {}
+        n = hc.get("max_position_embeddings", PHOBERT_POSITIONS)
+    else:
+        n = getattr(getattr(getattr(model, "text", None), "config", model), "max_position_embeddings", None)
+        if n is None:
+            raise TypeError(f"cannot tell the text positions of a {type(model).__name__}")
+    return int(n) - ROBERTA_POSITION_OFFSET
 
 
 def text_pad_id(model: Any) -> int:
