@@ -1,5 +1,5 @@
-"""Our WebDataset shards: the catalogue (brace patterns, manifest.json and sizes.json,
-checked), tar reading with truncation counted, and the safe decoding of one sample
+"""Our WebDataset shards: the catalogue (brace patterns, shard folders, sizes.json; the
+manifest through `phoclip.manifest`), tar reading with truncation counted, and the safe decoding of one sample
 (.npy ids parsed by hand, JSON capped, images through `phoclip.images`). Bad samples
 raise `BadImage`/`BadSample` with a `reason` (the skip counter's key)."""
 from __future__ import annotations
