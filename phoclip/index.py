@@ -128,7 +128,7 @@ class EmbeddingIndex:
                         it = json.loads(line)
                         if not isinstance(it, dict):
                             raise ValueError("not an object")
-                        for k in ("path", "shard"):
+                        for k in _path_keys(it):
                             if isinstance(it.get(k), str):
                                 it[k] = self.resolve_path(it[k])
                         out.append(it)
@@ -244,7 +244,7 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
     for kind, emb, items in (("images", images, image_items), ("captions", captions, caption_items)):
         if emb is None:
             continue
-        items = [{k: _relative(v, home) if k in ("path", "shard") else v for k, v in it.items()} for it in items]
+        items = [{k: _relative(v, home) if k in _path_keys(it) else v for k, v in it.items()} for it in items]
         if len(items) != emb.shape[0]:
             raise ValueError(f"{len(items)} {kind} items for {emb.shape[0]} embeddings")
         buf = io.BytesIO()
@@ -267,9 +267,16 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
     return out
 
 
+def _path_keys(item: dict) -> tuple:
+    """The keys of an item that are file paths: its `shard` when it comes from a shard
+    (its `path` is then the image's name in the source dataset, not a file here), else its
+    `path`."""
+    return ("shard",) if item.get("shard") else ("path",)
+
+
 def _relative(p, home: str):
-    """A local path that exists, relative to `home`; anything else (URLs, `pipe:`, names
-    that are not files, non-text) as given."""
-    if not isinstance(p, str) or not p or "://" in p or p.startswith("pipe:") or not os.path.exists(p):
+    """A local path (as the builder's working directory saw it) relative to `home`; URLs,
+    `pipe:` commands and non-text as given."""
+    if not isinstance(p, str) or not p or "://" in p or p.startswith("pipe:"):
         return p
     return os.path.relpath(os.path.abspath(p), home)
