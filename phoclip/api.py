@@ -70,7 +70,10 @@ class PhoCLIPModel:
             if not self.tokenizer_path:
                 raise ValueError(f"{self.path}: the model records no tokenizer (a tokenizer/ folder or "
                                  "text.tokenizer in its config): texts cannot be prepared")
-
+            if not (self._segmenter or self.config["text"].get("segmenter")):
+                raise ValueError(f"{self.path}: the model does not record which segmenter its captions were "
+                                 "made with (exported before that was recorded): pass phoclip.load(..., "
+                                 "segmenter=NAME), the one its shards' manifest.json names")
             self._processor = query_processor(self.module, self.tokenizer_path, self._segmenter, self._vncorenlp_dir)
         return self._processor
 

@@ -228,6 +228,18 @@ def test_a_model_without_a_tokenizer_embeds_images_and_refuses_texts_naming_it(m
         model.embed_texts(TEXTS)
 
 
+def test_a_model_without_a_recorded_segmenter_asks_for_one(model_dir, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    cfg = json.loads((folder / "phoclip_config.json").read_text())
+    cfg["text"]["segmenter"] = None
+    (folder / "phoclip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"{folder}: the model does not record which segmenter.*segmenter=NAME"):
+        phoclip.load(folder, device="cpu").embed_texts(TEXTS)
+    want = phoclip.load(model_dir, device="cpu").embed_texts(TEXTS)
+    torch.testing.assert_close(phoclip.load(folder, device="cpu", segmenter="none").embed_texts(TEXTS), want)
+
+
 def _python_blocks(text: str) -> list[str]:
     import re
 
