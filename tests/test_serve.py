@@ -123,7 +123,7 @@ def test_api_search_page_thumbnails_image_search_and_tags(served):
     item = json.loads(body)
     assert code == 200 and item["captions"][0] == PAYLOAD + items[0]["caption"] and len(item["captions"]) >= 2
     assert len({" ".join(c.split()).casefold() for c in item["captions"]}) == len(item["captions"])  # distinct
-    assert item["source"] and item["photo"] == "/photo/0"
+    assert item["source"] and item["photo"] == "/photo/0" and item["shard"] == "val-000000.tar" and item["path"] == ""
     code, _, body = _get(base + "/items/0/similar?k=5")
     like = json.loads(body)["results"]
     assert code == 200 and [r["rank"] for r in like] == [1, 2, 3, 4, 5] and 0 not in {r["id"] for r in like}

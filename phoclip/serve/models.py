@@ -61,6 +61,9 @@ class Item(BaseModel):
     id: int
     key: str
     path: str
+    """the image file ("" for a shard's item)"""
+    shard: str
+    """the shard file's name holding it ("" for a file)"""
     source: str
     captions: list[str]
     thumb: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -15,7 +16,7 @@ from fastapi import HTTPException
 from phoclip.gallery import load_item_bytes
 from phoclip.images import decode_rgb
 from phoclip.index import EmbeddingIndex
-from phoclip.search import DEFAULT_TEMPLATES, caption_matches, embed_images, embed_texts, query_processor, tag_embeddings
+from phoclip.search import DEFAULT_TEMPLATES, caption_matches, embed_images, embed_texts, tag_embeddings
 from phoclip.serve.settings import MAX_UPLOAD_PIXELS, PHOTO_SIZE, THUMB_SIZE, Settings
 from phoclip.text import strip_controls
 
@@ -49,24 +50,22 @@ def _text(x: Any) -> str:
 class Service:
     """The model, index and query processor, loaded once and probed: a model whose
     embeddings do not fit the index is refused here, not answered with a 500 for every
-    query. The model is loaded as `phoclip.loading.load_encoder` loads one (a model
-    folder, a run folder or a checkpoint; its ONNX export with backend="onnx")."""
+    query. The model is loaded by `phoclip.load` (a model folder, a run folder or a
+    checkpoint; its ONNX export with backend="onnx")."""
 
     def __init__(self, index_dir: str, model: Optional[str] = None, backend: str = "torch",
                  device: str = "auto", vncorenlp_dir: Optional[str] = None) -> None:
-        from phoclip.loading import load_encoder
+        import phoclip
 
         self.backend = backend
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
         self.index = EmbeddingIndex(index_dir)
-        # onnxruntime takes numpy on the host; its own providers pick the device
-        self.enc_device = torch.device("cpu") if backend == "onnx" else self.device
         name = model or self.index.meta["model"]
-        self.model, tok = load_encoder(name, backend, str(self.enc_device))
+        loaded = phoclip.load(name, backend, device, vncorenlp_dir=vncorenlp_dir)
+        # onnxruntime takes host tensors (its own providers pick the device): loaded.device is the CPU
+        self.model, self.device, self.enc_device = loaded.module, loaded.device, loaded.device
         self.index.check_model(self.model)
-        self.proc = query_processor(self.model, tok, None, vncorenlp_dir)
-        self.size = int(self.model.config["vision"].get("image_size", 224))
+        self.proc = loaded.text_processor
+        self.size = loaded.image_size
         self.items = self.index.items("images")
         self.has_captions = self.index.meta["count"].get("captions", 0) > 0
         self.index.embeddings("images")  # load (and check) now, not at the first query
@@ -160,8 +159,11 @@ class Service:
             if norm and norm not in seen:
                 seen.add(norm)
                 caps.append(c)
-        return {"id": i, "key": _text(it.get("key")), "path": _text(it.get("path")),
-                "source": _text(it.get("source")), "captions": caps[:MAX_ITEM_CAPTIONS],
+        shard = _text(it.get("shard"))
+        # a shard's item records its source's path, not a file here: the shard is where it is
+        return {"id": i, "key": _text(it.get("key")), "path": "" if shard else _text(it.get("path")),
+                "shard": os.path.basename(shard), "source": _text(it.get("source")),
+                "captions": caps[:MAX_ITEM_CAPTIONS],
                 "thumb": f"/thumb/{i}", "photo": f"/photo/{i}"}
 
     def tags(self, tags: list[str], k: int, img=None, item_id: Optional[int] = None) -> list[dict]:

@@ -215,7 +215,7 @@ async function showDetail(id) {
     if (seq !== state.detailSeq) return;
     $("d-title").textContent = item.key || "Ảnh " + id;
     $("d-captions").replaceChildren(...(item.captions.length ? item.captions : ["(không có chú thích)"]).map((c) => el("li", {text: c})));
-    const rows = [["Khoá", item.key], ["Bộ dữ liệu", item.source], ["Tệp", item.path], ["Số", String(item.id)]];
+    const rows = [["Khoá", item.key], ["Bộ dữ liệu", item.source], ["Tệp", item.path], ["Shard", item.shard], ["Số", String(item.id)]];
     $("d-source").replaceChildren(...rows.filter((r) => r[1]).flatMap(([k, v]) => [el("dt", {text: k}), el("dd", {text: v})]));
   } catch (err) {
     if (seq === state.detailSeq) $("d-captions").replaceChildren(el("li", {text: "Lỗi: " + err.message}));
