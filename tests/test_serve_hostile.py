@@ -424,6 +424,13 @@ def test_a_nan_index_row_is_skipped_counted_and_never_returned(env, caplog):
     assert code == 200 and len(res) == N_ITEMS - 1 and NAN_ID not in {r["id"] for r in res}
     code, _, body = _post(env.base + "/tags", {"tags": "chó", "id": str(NAN_ID)}, {})
     assert code == 404 and "damaged" in body["detail"]
+    # more like it: never from a damaged row, and never returning it
+    code, headers, body = _get(env.base + f"/items/{NAN_ID}/similar")
+    assert code == 404 and "damaged" in _one_error(code, headers, body)
+    code, _, body = _get(env.base + "/items/0/similar?k=100")
+    res = json.loads(body)["results"]
+    assert code == 200 and {r["id"] for r in res} == set(range(N_ITEMS)) - {0, NAN_ID}
+    assert _get(env.base + f"/items/{NAN_ID}")[0] == 200  # its captions and source are still there
 
 
 def test_search_cli_tags_skip_a_nan_row(env, capsys):
@@ -486,6 +493,11 @@ def test_thumbnail_sources_are_read_up_to_a_cap(env, caplog):
     lines = [r.getMessage() for r in caplog.records if r.name.startswith("phoclip.serve")]
     assert any(f"no thumbnail for item {BIG_ID}: too_large_file" in l and "209715200 bytes > 65536" in l
                for l in lines), lines
+    # the detail view's photo has the same cap
+    code, headers, body = _get(env.base + f"/photo/{BIG_ID}")
+    assert code == 404 and _one_error(code, headers, body) == "photo unavailable"
+    for path in ("/photo/0.5", "/photo/-1", f"/photo/{N_ITEMS}", "/photo/..%2F..%2Fetc%2Fpasswd"):
+        assert 400 <= _get(env.base + path)[0] < 500, path
 
 
 # ----------------------------------------------------------------------------- the schema
