@@ -41,7 +41,9 @@ __all__ = ["brace_pattern", "build_parser", "main", "parse_args", "shard_pattern
 
 def build_parser() -> argparse.ArgumentParser:
     """Every make_shards option (checked together by `parse_args`)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from phoclip_cli.common import HelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--source", action="append",
                    help="FORMAT:ANNOTATIONS[:IMAGE_DIR][,split=train|val][,name=N]"
                         "[,image_field=F][,caption_field=F]; repeatable. FORMAT is one of: "
@@ -55,12 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", type=int, default=0, help="which part this run makes (0..N-1)")
     p.add_argument("--merge", metavar="OUT", help="merge the parts in OUT/part-*/ into OUT")
     p.add_argument("--tokenizer", default="vinai/phobert-large", help="hub name or local folder")
-    p.add_argument("--segmenter", default="vncorenlp", choices=SEGMENTERS)
+    p.add_argument("--segmenter", default="vncorenlp", choices=SEGMENTERS,
+                   help="Vietnamese word segmentation before tokenising (PhoBERT expects VnCoreNLP's; "
+                        "underthesea and pyvi run offline; none for pre-segmented captions)")
     p.add_argument("--vncorenlp-dir",
                    help="folder of the VnCoreNLP model (default: $VNCORENLP_DIR)")
-    p.add_argument("--max-length", type=int, default=70)
+    p.add_argument("--max-length", type=int, default=70,
+                   help="tokens per caption, <s> and </s> included (longer captions are cut)")
     p.add_argument("--image-size", type=int, default=256, help="shorter side after resizing")
-    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the resized images in the shards")
     p.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
                    help="refuse images with more pixels (decompression bombs)")
     p.add_argument("--max-image-bytes", type=int, default=MAX_FILE_BYTES,
@@ -71,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse annotation files (json, jsonl, csv, txt: read whole) larger than this, unread")
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="accept image paths that are absolute or lead out of the image folder")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of images put in the val split (by content hash) for sources without split=")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shard order and the val split's hash")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="processes that decode, resize, segment and tokenise (default: CPUs - 1)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--text-batch", type=int, default=512, help="captions per segmentation batch")
     return p
