@@ -1,6 +1,7 @@
 """The global loss: 2 real gloo processes with half a batch each give the same loss and
 the same gradient on every parameter as one process on the whole batch."""
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -73,6 +74,7 @@ def _check_all(rank, world):
             raise AssertionError(f"{kind} local_loss={local_loss}: {e}") from e
 
 
+@pytest.mark.slow  # two spawned processes (make test runs it)
 def test_two_processes_equal_one_full_batch():
     """Every loss form in one pair of processes: spawning them (each importing torch, timm
     and transformers) costs more than the checks."""

@@ -26,7 +26,10 @@ def tiny(**kw):
     return create_model("tiny-debug", text={"hf_config": {"vocab_size": 64}}, **kw)
 
 
-@pytest.mark.parametrize("name", phoclip.list_models())
+# the real-size towers (hundreds of millions of random weights) are slow: make test runs
+# them, make test-fast the tiny twins
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in OFFLINE_TEXT else n
+                                  for n in phoclip.list_models()])
 def test_every_named_config_builds_forward_backward(name):
     over = {"vision": {"pretrained": False}}
     if name in OFFLINE_TEXT:
