@@ -26,6 +26,10 @@ def test_exponent_floats_are_numbers_not_strings(tmp_path):
     ("train.resampled=yes", "unknown config key"),
     ("optim.lr=1e-4", "unknown config key"),
     ("train.max_steps", "not key=value"),
+    ("run_dir=null", "run_dir must be text"),  # was set to None, to fail later as a path
+    ("optim.betas=0.9", "must be a list"),
+    ("train.eval_sets=[a]", "must be a mapping"),
+    ("data=3", "data is a section"),
 ])
 def test_bad_overrides_are_refused_with_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

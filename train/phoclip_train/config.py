@@ -352,66 +352,75 @@ def _field_type(obj: Any, name: str) -> Any:
 
 
 def _set_value(obj: Any, name: str, val: Any, key: str, raw: Any = None) -> None:
-    """The one place a field is set: coerced and checked against the field's declared
-    type, whether the value came from a YAML file, a `key=value` override (`raw`) or a
-    checkpoint's saved config."""
-    import typing
-
+    """The one place a field is set, whether the value came from a YAML file, a
+    `key=value` override (`raw`: the text as typed) or a checkpoint's saved config: a
+    section takes a mapping of its fields; any other field the value its declared type
+    allows (`_coerce`). A mapping field is updated, so that `model.overrides.vision=...`
+    and a later `model.overrides={...}` add up."""
     if not dataclasses.is_dataclass(obj) or not hasattr(obj, name):
         raise ConfigError(f"unknown config key {key!r}")
     cur = getattr(obj, name)
     shown = raw if raw is not None else val
-    typ = _field_type(obj, name)
+    if dataclasses.is_dataclass(cur):
+        if not isinstance(val, dict):
+            raise ConfigError(f"{key} is a section: set its fields ({key}.FIELD=VALUE), not {shown!r}")
+        apply_tree(cur, val, key + ".")
+        return
+    val = _coerce(_field_type(obj, name), val, key, shown, raw)
+    if isinstance(cur, dict) and isinstance(val, dict):
+        cur.update(val)
+    else:
+        setattr(obj, name, val)
+
+
+def _coerce(typ: Any, val: Any, key: str, shown: Any, raw: Any = None) -> Any:
+    """`val` (as YAML read it) as a value of the declared type `typ` (Optional[X],
+    Literal choices, bool, int, float, str, list, tuple, dict), or a ConfigError naming
+    `key` and the value as given. Only lossless conversions: an int where a float is
+    declared, a list where a tuple is; YAML 1.1 booleans back to the words of a choice
+    (`train.channels_last=no`), and a plain text field takes a scalar as written."""
+    import typing
+
     optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
     if optional:
         if val is None:
-            setattr(obj, name, None)
-            return
+            return None
         typ = next(a for a in typing.get_args(typ) if a is not type(None))
     choices = _choices(typ)
-    if choices:  # a Literal: one place checks every field's choices
+    if choices:
         if isinstance(val, bool):  # YAML 1.1 reads true/false/on/off/yes/no as booleans
             words = ([str(raw).strip().lower()] if raw is not None else []) + (
                 ["true", "on", "yes"] if val else ["false", "off", "no"])
             val = next((w for w in words if w in choices), str(val).lower())
         if val not in choices:
             raise _choice_error(key, shown, choices)
-        setattr(obj, name, val)
-        return
-    if dataclasses.is_dataclass(cur):
-        if not isinstance(val, dict):
-            raise ConfigError(f"{key} is a section: set its fields ({key}.FIELD=VALUE), not {shown!r}")
-        apply_tree(cur, val, key + ".")
-        return
-    if typ is dict or isinstance(cur, dict):
-        if not isinstance(val, dict):
-            raise ConfigError(f"{key} must be a mapping ({{key: value}}), not {shown!r}")
-        (cur if isinstance(cur, dict) else {}).update(val)
-        setattr(obj, name, cur if isinstance(cur, dict) else dict(val))
-        return
-    if typ in (list, tuple) or isinstance(cur, (list, tuple)):
-        if not isinstance(val, (list, tuple)):
-            raise ConfigError(f"{key} must be a list ([a, b]), not {shown!r}")
-        val = tuple(val) if (typ is tuple or isinstance(cur, tuple)) else list(val)
-    elif typ is str or isinstance(cur, str):
-        # a path or pattern (optional fields) must be text; a plain text field such as
-        # train.channels_last=true takes the word as written
-        if isinstance(val, (dict, list, tuple)) or (optional and not isinstance(val, str)):
-            raise ConfigError(f"{key} must be text, not {shown!r}")
-        if val is not None and not isinstance(val, str):
-            val = str(shown)
-    elif typ is float or isinstance(cur, float):
-        if isinstance(val, int) and not isinstance(val, bool):
-            val = float(val)
-        if not isinstance(val, float):
-            raise ConfigError(f"{key} must be a number, not {shown!r}")
-    elif typ is bool or isinstance(cur, bool):
+        return val
+    if typ is bool:
         if not isinstance(val, bool):
             raise ConfigError(f"{key} must be true or false, not {shown!r}")
-    elif typ is int or isinstance(cur, int):
+        return val
+    if typ is int:
         if isinstance(val, bool) or not isinstance(val, int):
             raise ConfigError(f"{key} must be an integer, not {shown!r}")
-    setattr(obj, name, val)
+        return val
+    if typ is float:
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise ConfigError(f"{key} must be a number, not {shown!r}")
+        return float(val)
+    if typ is str:
+        # a path or pattern (optional fields) must be text; a plain text field takes the word as written
+        if val is None or isinstance(val, (dict, list, tuple)) or (optional and not isinstance(val, str)):
+            raise ConfigError(f"{key} must be text, not {shown!r}")
+        return val if isinstance(val, str) else str(shown)
+    if typ in (list, tuple):
+        if not isinstance(val, (list, tuple)):
+            raise ConfigError(f"{key} must be a list ([a, b]), not {shown!r}")
+        return typ(val)
+    if typ is dict:
+        if not isinstance(val, dict):
+            raise ConfigError(f"{key} must be a mapping ({{key: value}}), not {shown!r}")
+        return dict(val)
+    raise TypeError(f"config field {key}: no rule for its type {typ!r}")  # a field added with a new kind of type
 
 
 def resolve_config(config_file: Optional[str], overrides: Sequence[str] = (),
