@@ -103,15 +103,7 @@ def test_every_script_answers_help_fast(script):
     assert took < HELP_SECONDS, f"{script} --help took {took:.1f} s"
 
 
-# entry points whose flags still lack help, in files other helpers own (named in the report):
-# expected to fail until they are documented, then they pass as the others
-_UNDOCUMENTED = {"sharding/make_shards.py": "phoclip_sharding/cli.py: --segmenter --max-length --jpeg-quality ...",
-                 "phoclip_sharding.cli:main": "phoclip_sharding/cli.py: --segmenter --max-length --jpeg-quality ..."}
-
-
-@pytest.mark.parametrize("script", [
-    pytest.param(s, marks=pytest.mark.xfail(reason=f"flags without help in {_UNDOCUMENTED[s]}", strict=False))
-    if s in _UNDOCUMENTED else s for s in SCRIPTS + sorted(set(installed_commands().values()))])
+@pytest.mark.parametrize("script", SCRIPTS + sorted(set(installed_commands().values())))
 def test_every_flag_of_every_entry_point_says_what_it_does(script):
     parser = entry_parser(script)
     silent = [a.dest for a in parser._actions if a.help != argparse.SUPPRESS

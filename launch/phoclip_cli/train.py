@@ -82,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp", doc: Optiona
     """Parse, resolve the config, then build, train and close the run; the exit code: 0 done
     (or stopped waiting for data), 2 refused (one line), 3 too many non-finite steps."""
     args = parse_args(argv, engine, doc)
-    from phoclip.errors import EXPECTED_ERRORS, one_line
+    from phoclip.errors import one_line
     from phoclip.log import init_logger
     from phoclip_train.config import ConfigError, describe_config, resolve_config
 
@@ -100,6 +100,19 @@ def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp", doc: Optiona
             check_ds_precision(cfg.train.deepspeed_config, cfg)  # before anything is built
     except ConfigError as e:
         return _refuse(f"bad configuration: {one_line(e)}")
+    run = run_training
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        # under torchrun an unexpected error's traceback becomes the root cause it reports
+        # (refusals write their one line themselves, and return)
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        run = record(run_training)
+    return run(cfg)
+
+
+def run_training(cfg) -> int:
+    """Build, train and close the run of a resolved config; the exit code (see `main`)."""
+    from phoclip.errors import EXPECTED_ERRORS, one_line
     from phoclip_train.distributed import cleanup, init_distributed
     from phoclip_train.trainer import NonFiniteError, StoppedWaitingForData, Trainer
 
