@@ -238,7 +238,7 @@ def test_trainer_packs_and_steps_as_padded(shapes_shards, tmp_path):
         losses[pack] = [tr.train_step([b])["loss"] for b in batches]
         if pack:
             with _SyncCounter() as sc:
-                assert tr.train_step([next(it)], sync=False) == {"_stop": False}
+                assert tr.train_step([next(it)], sync=False) == {}
             assert sc.ours == [], sc.ours
         tr.close()
     assert used[False] == [None, None] and all(p is not None for p in used[True])

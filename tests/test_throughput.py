@@ -1,6 +1,7 @@
 """Throughput features must not change results: trimmed padding = padded batch, SDPA =
-eager attention, compiled = eager, sync-free steps skip non-finite steps like synced
-ones, device-side resize = worker resize within a pixel tolerance."""
+eager attention, compiled = eager, device-side resize = worker resize within a pixel
+tolerance; the loop reads the host only on its sync steps. The step's own math (sync-free
+skips, trimming, channels_last) is tested on tensors in tests/test_step.py."""
 import logging
 import sys
 import time
@@ -70,23 +71,6 @@ def test_trimmed_batch_gives_padded_loss_and_gradients(pooling):
         torch.testing.assert_close(g_trim[n], g_pad[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-def test_trainer_trims_before_the_forward(shapes_shards, tmp_path):
-    """data.trim_padding: the trainer's inputs are cut after the longest caption, and
-    the step's loss equals the untrimmed trainer's."""
-    losses = {}
-    widths = {}
-    for trim in (0, 1):
-        tr = _trainer(shapes_shards, tmp_path / str(trim), **{"data.trim_padding": trim})
-        batch = next(iter(tr.stream))
-        (img, ids, _), = tr.device_inputs([batch])
-        widths[trim] = ids.shape[1]
-        longest = int((batch["input_ids"] != 1).sum(1).max())
-        losses[trim] = tr.train_step([batch])["loss"]
-        tr.close()
-    assert widths[0] == 24 and widths[1] == longest < 24
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
-
-
 def test_text_tower_runs_sdpa_and_matches_eager(caplog):
     torch.manual_seed(0)
     sdpa = create_model("tiny-debug", text={"hf_config": {"vocab_size": 100}})
@@ -153,47 +137,23 @@ class _SyncCounter(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_steps_between_reads_make_no_host_sync(shapes_shards, tmp_path):
-    """train_step(sync=False) (every step that is not a logging/sync step) reads nothing
-    from the device in our code; a sync step reads once."""
+def test_the_host_reads_on_log_save_eval_and_sync_steps_only(shapes_shards, tmp_path):
+    """The loop's cadence: the step's figures are read on every sync_every-th step and on
+    the steps that log, save or evaluate, and on the last; a step between reads returns
+    nothing (and reads nothing: tests/test_step.py)."""
     tr = _trainer(shapes_shards, tmp_path, **{"train.log_every": 5, "train.sync_every": 5,
-                                              "train.save_every": 10, "train.max_steps": 20})
-    it = iter(tr.stream)
-    tr.train_step([next(it)])  # first step: lazy state is built
-    b = next(it)
-    with _SyncCounter() as sc:
-        out = tr.train_step([b], sync=False)
-    assert out == {"_stop": False}
-    assert sc.ours == [], sc.ours
-    with _SyncCounter() as sc:
-        out = tr.train_step([next(it)], sync=True)
-    assert "loss" in out and len(sc.ours) >= 1
-    assert [tr.is_sync_step(s) for s in range(1, 11)] == [False] * 4 + [True] + [False] * 4 + [True]
-    tr.close()
-
-
-def test_non_finite_step_is_skipped_on_the_device_without_a_read(shapes_shards, tmp_path):
-    """A NaN batch on a step that is not read: weights and BatchNorm statistics are
-    unchanged, and the next read reports the skipped step."""
-    from phoclip.transforms import normalize_images
-
-    tr = _trainer(shapes_shards, tmp_path, **{"train.log_every": 5, "train.sync_every": 5})
-    it = iter(tr.stream)
-    tr.train_step([next(it)])
-    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
-    b = next(it)
-    b = dict(b, images=normalize_images(b["images"]))
-    b["images"][0, 0, 0, 0] = float("nan")
-    assert tr.train_step([b], sync=False) == {"_stop": False}
-    after = tr.model.state_dict()
-    for k in before:
-        assert torch.equal(before[k], after[k]), k
-    assert tr.nonfinite_total == 0  # not read yet
-    m = tr.train_step([next(it)], sync=True)
-    assert tr.nonfinite_total == 1 and tr.nonfinite_streak == 0 and m["loss"] == m["loss"]
-    changed = sum(not torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
-    assert changed > 10  # the good step did step
-    tr.close()
+                                              "train.save_every": 10, "train.max_steps": 23,
+                                              "train.eval_every": 0})
+    try:
+        assert [tr.is_sync_step(s) for s in range(1, 11)] == [False] * 4 + [True] + [False] * 4 + [True]
+        assert tr.is_sync_step(23) and not tr.is_sync_step(22)  # the last step
+        it = iter(tr.stream)
+        assert tr.train_step([next(it)], sync=False) == {}
+        assert tr.step == 0  # the loop counts steps, not train_step
+        m = tr.train_step([next(it)], sync=True)
+        assert m["loss"] == m["loss"] and not tr.stop_requested
+    finally:
+        tr.close()
 
 
 @pytest.mark.slow

@@ -49,8 +49,8 @@ def test_two_process_run_learns_checkpoints_logs_and_crosses_uneven_epochs(refer
               "val/t2i_R@1", "val/i2t_R@10"):
         assert t in tags, t
     assert len(ev.Scalars("train/loss")) == 24
-    # the retrieval grid of the configured query, 5 images, at the validation step
-    grid = ev.Images("val_retrieval/0")
+    # the retrieval grid of the configured query, 5 images, at the validation step, tagged with its words
+    grid = ev.Images("val_retrieval/00_hình_tròn_màu_đỏ")
     assert len(grid) == 1 and grid[0].step == 24
     saved = torch.load(run / "checkpoints/step_00000024/state.pt", weights_only=True)
     assert saved["optimizer"]["state"], "optimizer state must be checkpointed"

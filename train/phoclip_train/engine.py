@@ -1,6 +1,6 @@
 """One small interface over DDP and DeepSpeed: wrap, backward, step, save, load.
 
-The training loop (train/phoclip_train/trainer.py) only talks to an `Engine`; there is one loop."""
+The step (train/phoclip_train/step.py) only talks to an `Engine`; there is one loop."""
 from __future__ import annotations
 
 import contextlib
@@ -34,6 +34,10 @@ class Engine:
     skips_on_device: bool = False
     """True where `step` takes the skip decision as a device tensor (no host sync);
     otherwise it needs a Python bool, read from the device every step."""
+    skips_itself: bool = False
+    """True where the engine finds non-finite gradients itself and skips the step
+    (DeepSpeed's overflow check): a non-finite loss is then turned into non-finite
+    gradients in `backward`, and `step` learns from the engine whether it stepped."""
     partitioned: bool = False
     """True where each rank holds only a slice of every parameter (ZeRO-3): each forward
     is then a collective, so all ranks must run the same forwards, and reading a weight
