@@ -34,6 +34,16 @@ STATE_FILE = "deepspeed_state.json"  # beside DS_TAG: layout + fingerprint of th
 _KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
+def ds_checks_overflow(ds_config: dict, zero_stage: int) -> bool:
+    """Whether DeepSpeed (0.19) finds non-finite gradients itself and skips the step: fp16
+    (its loss scaler, every stage), and a "bf16" block under ZeRO-1/2 (check_grad_overflow,
+    default true). Not: fp32, torch_autocast bf16 (the shipped bf16 JSONs), ZeRO-3 bf16."""
+    if ds_config.get("fp16", {}).get("enabled"):
+        return True
+    bf16 = ds_config.get("bf16", ds_config.get("bfloat16", {}))
+    return bool(bf16.get("enabled")) and bool(bf16.get("check_grad_overflow", True)) and zero_stage in (1, 2)
+
+
 def read_ds_json(path: str) -> dict:
     """A DeepSpeed JSON config, or a one-line ConfigError naming it."""
     try:
@@ -118,11 +128,19 @@ class DeepSpeedEngine(Engine):
         self.model = self.ds.module
         self.wrapped = self.ds
         self._micro = 0
-        self._last_norm = float("nan")
+        self._last_norm = torch.tensor(float("nan"))
         fp16 = bool(self.ds_config.get("fp16", {}).get("enabled"))
-        self.input_dtype = torch.float16 if fp16 else None
+        # fp16 and a "bf16" block cast the weights (torch_autocast keeps them fp32): the
+        # images must come in the weights' dtype
+        self.input_dtype = (torch.float16 if fp16 else
+                            torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else None)
         self.handles_overflow = fp16  # DeepSpeed's dynamic loss scale skips overflow steps
         self.partitioned = self.ds.zero_optimization_stage() == 3
+        self.skips_itself = ds_checks_overflow(self.ds_config, self.ds.zero_optimization_stage())
+        # where DeepSpeed finds non-finite gradients itself (and skips the step), a
+        # non-finite loss is made a non-finite gradient (see backward) and the skip needs
+        # no read of ours; elsewhere the trainer reads its skip flag once per step
+        self.skips_on_device = self.skips_itself
 
     def gathered(self):
         if not self.partitioned:
@@ -136,6 +154,10 @@ class DeepSpeedEngine(Engine):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
+        if self.skips_itself:
+            # a non-finite loss poisons every gradient (x NaN; x 1.0, exact, when finite),
+            # so DeepSpeed's own overflow check skips the step on every rank
+            loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan")).to(loss.dtype)
         # our accumulation recomputes the full loss per micro-batch: no 1/accum scaling
         self.ds.backward(loss, scale_wrt_gas=False)
         self._micro += 1
@@ -146,19 +168,29 @@ class DeepSpeedEngine(Engine):
         return None  # DeepSpeed clips and measures inside step()
 
     def last_grad_norm(self) -> torch.Tensor:
-        return torch.tensor(self._last_norm)
+        return self._last_norm
 
-    def step(self, skip: bool) -> None:
+    def step(self, skip) -> None:
+        """`skip`: a bool (our decision, read on the host), or, where DeepSpeed checks
+        overflow itself, the device flag, which DeepSpeed's check has already seen in the
+        poisoned gradients: its `was_step_applied()` (a host bool it keeps) says whether
+        it stepped."""
         self._micro = 0
-        if skip:
+        if isinstance(skip, bool) and skip:
             # drop the bad gradients; the schedule still advances as under DDP
             self.ds.zero_grad()
             self.optimizer.zero_grad()
             self.scheduler.step()
             return
         self.ds.step()
+        if self.skips_itself and not self.ds.was_step_applied():
+            # DeepSpeed skipped an overflow step without its schedule: ours advances as under DDP
+            self.scheduler.step()
+            return
         norm = self.ds.get_global_grad_norm()
-        self._last_norm = float(norm) if norm is not None else float("nan")
+        # kept a tensor: read with the step's other figures on a logging step, not here
+        self._last_norm = (norm.detach() if isinstance(norm, torch.Tensor)
+                           else torch.tensor(float("nan") if norm is None else float(norm)))
 
     # ------------------------------------------------------------------ checkpoints
     # Same ZeRO stage and rank count: DeepSpeed's own files, loaded as saved. Another rank
