@@ -202,3 +202,18 @@ def test_the_training_command_derives_the_accumulation_from_the_global_batch(sha
     assert rc == 0, log[-3000:]
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["accum_steps"] == 2 and saved["data"]["global_batch_size"] == 16
+
+
+@pytest.mark.slow
+def test_the_deepspeed_launcher_starts_the_installed_command():
+    """`deepspeed --no_python phoclip-train ...`: the launcher passes --local_rank=N, which
+    the command accepts; a refusal is our line and our exit code."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("deepspeed is not installed (pip install .[deepspeed])")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    r = subprocess.run([str(_bin("deepspeed")), "--num_gpus", "1", "--no_python", "phoclip-train", "--config",
+                        "launch/configs/tiny-debug.yaml", "train.bogus=1"], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT, env=env)
+    out = r.stdout + r.stderr
+    assert "'--local_rank=0'" in out, out[-3000:]  # the launcher did pass it
+    assert "bad configuration: unknown config key 'train.bogus'" in out and "exits with return code = 2" in out, out[-3000:]
