@@ -3,6 +3,7 @@
 // Text from the index is always written as text (textContent), never as HTML.
 "use strict";
 const K = 24;
+const MAX_OFFSET = 1000;  // the deepest offset the API pages to (phoclip.serve.settings.MAX_OFFSET)
 const $ = (id) => document.getElementById(id);
 const state = {shown: null, results: [], vocab: [], upload: null, seq: 0, detailSeq: 0};
 
@@ -68,7 +69,7 @@ function empty(title, text) {
   $("grid").replaceChildren();
 }
 function pager(page, n) {
-  $("prev").hidden = page === 0; $("next").hidden = n < K;
+  $("prev").hidden = page === 0; $("next").hidden = n < K || (page + 1) * K > MAX_OFFSET;
 }
 
 // ------------------------------------------------------------------ what the URL asks for
@@ -146,7 +147,7 @@ function imageSearch(upload) {
     $("captions").replaceChildren(...caps.slice(0, 5).map((c) => {
       const a = el("a", {href: href({q: c.caption}), text: c.caption});
       a.addEventListener("click", (e) => { e.preventDefault(); go({q: c.caption}); });
-      return el("li", {}, a, el("span", {cls: "score", text: " " + c.score.toFixed(3)}));
+      return el("li", {}, a, el("span", {cls: "cscore", text: c.score.toFixed(3)}));
     }));
     status("Ảnh tương tự" + (caps.length ? " và chú thích phù hợp" : ""));
     tagsOf({file: upload.file}, $("query-tags"));
