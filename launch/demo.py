@@ -27,7 +27,8 @@ def run(cmd: list[str], **kw) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--out", default="demo_out", help="folder for everything the demo makes (replaced; under the repository)")
+    p.add_argument("--out", default="demo_out",
+                   help="folder for everything the demo makes, relative to the repository root (emptied first)")
     p.add_argument("--images", type=int, default=1200, help="synthetic images to make")
     p.add_argument("--steps", type=int, default=None, help="override train.max_steps")
     p.add_argument("--nproc", type=int, default=2, help="training processes under torchrun")
