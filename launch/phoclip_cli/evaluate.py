@@ -62,7 +62,8 @@ def evaluate_benchmark(args: argparse.Namespace, model, tok_name: str, size: int
         skipped.update(spec.skipped)
     samples = benchmark_samples(records, model, tok_name, size, info.rank, info.world_size, skipped,
                                 args.vncorenlp_dir)
-    parts = embed_samples(model, samples, info.device, args.batch_size, progress=info.is_main)
+    parts = embed_samples(model, samples, info.device, args.batch_size, progress=info.is_main,
+                          total=len(records[info.rank::info.world_size]))
     img, txt, t2i, _, _ = gather_embeddings(*parts, info.world_size)
     skipped = gather_counts(skipped, info.world_size)
     if img.shape[0] == 0:
