@@ -22,7 +22,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = None
 
-HELP_SECONDS = 5.0  # generous for a loaded 2-core machine: each measured here at 0.1-0.9 s
+HELP_SECONDS = 5.0  # the promise is under 2 s; the bound is generous for a loaded 2-core machine
 
 
 def installed_commands() -> dict[str, str]:
