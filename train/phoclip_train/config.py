@@ -104,7 +104,7 @@ class DataConfig:
     pack_captions: bool = True
     """Pack each batch's captions end to end into rows as wide as its longest caption
     (on the CPU ids, before the copy), so the text tower computes about the real tokens
-    (~0.95-0.98 of them at realistic lengths) in one forward, instead of every caption
+    (the fill measured in bench/RESULTS.md) in one forward, instead of every caption
     at the batch's longest. Exact: a block-diagonal attention mask and the captions' own
     position ids give every caption's embedding, the loss over the whole batch (the same
     negatives) and every gradient of the padded batch. In training and evaluation, with
@@ -152,7 +152,8 @@ class TrainConfig:
     precision: Literal["bf16", "fp16", "fp32", "auto"] = "bf16"
     """bf16 (autocast), fp16 (autocast + gradient scaler), fp32, or auto: bf16 where the
     device computes it natively (CUDA with bf16; CPUs with AVX512-BF16/AMX), else fp16 on
-    CUDA and fp32 on CPU (bf16 autocast on a CPU without it was 7x slower than fp32 here)."""
+    CUDA and fp32 on CPU (bf16 autocast on a CPU without it is much slower than fp32:
+    bench/RESULTS.md)."""
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping (the norm is still logged)."""
     accum_steps: int = 1
@@ -184,8 +185,8 @@ class TrainConfig:
     """auto (cuda if available), cpu or cuda."""
     channels_last: Literal["auto", "true", "false"] = "auto"
     """Image tower and images in NHWC memory format, which cuDNN's bf16/fp16 convolutions
-    use natively: auto (on CUDA with the DDP engine; +31% samples/s for phobert-large-rn50
-    at batch 256 on an H200, bench/RESULTS.md), true or false."""
+    use natively: auto (on CUDA with the DDP engine; the speed-up measured in
+    bench/RESULTS.md), true or false."""
     engine: Literal["ddp", "deepspeed"] = "ddp"
     """ddp or deepspeed."""
     overwrite: bool = False
