@@ -161,3 +161,18 @@ def test_the_model_card_shows_the_curves_and_the_python_api(tiny_run, tmp_path):
         attach_curves(folder, tmp_path / "fake.png")
     with pytest.raises(OSError, match="not a regular file"):
         attach_curves(folder, "/dev/zero")
+
+
+def test_the_end_of_a_run_is_never_failed_by_its_picture(tiny_run, tmp_path, caplog):
+    """try_render_curves (the trainer's and export's call): the PNG when there are
+    metrics, else a warning and None, never an exception."""
+    from phoclip_train.plots import try_render_curves
+
+    run = _copy_run(tiny_run, tmp_path)
+    assert try_render_curves(run) == run / "curves.png"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with caplog.at_level("WARNING"):
+        assert try_render_curves(empty) is None
+    assert "training curves not drawn" in caplog.text and "no metrics file" in caplog.text
+    assert try_render_curves(run, tmp_path / "no-such-folder" / "c.png") is None  # an unwritable output

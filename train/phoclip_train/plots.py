@@ -243,6 +243,16 @@ def render_curves(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
     return out
 
 
+def try_render_curves(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Optional[Path]:
+    """`render_curves` for the end of a run and for export: a picture must never fail
+    them, so a run without metrics (or any drawing error) is a warning and None."""
+    try:
+        return render_curves(run_dir, out)
+    except Exception as e:  # whatever matplotlib or the disk raises, the run's end goes on
+        log.warning("training curves not drawn for %s: %s", run_dir, e)
+        return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phoclip-plot", description="Draw a run's training curves (loss, learning "
                                 "rates, samples/s, validation recall) from RUN_DIR/metrics.jsonl into a PNG; "
