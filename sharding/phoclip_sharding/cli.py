@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Optional, Sequence
 
 from phoclip.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
@@ -36,7 +37,7 @@ from phoclip_sharding.output import is_url
 from phoclip_sharding.readers import MAX_ANNOTATION_BYTES, READERS
 from phoclip_sharding.record import brace_pattern, shard_patterns
 
-__all__ = ["brace_pattern", "build_parser", "main", "parse_args", "shard_patterns"]
+__all__ = ["brace_pattern", "build_parser", "console_main", "main", "parse_args", "shard_patterns"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,3 +119,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (ValueError, KeyError, TypeError, OSError) as e:  # a damaged part folder
             raise SystemExit(f"make_shards --merge: {e}") from None
     return run_job(args)
+
+
+def console_main() -> None:
+    """`phoclip-shards` and `python sharding/make_shards.py`: the command in its own
+    process, which never runs a model (in-process callers of `main` keep their torch)."""
+    from phoclip_sharding.writer import without_torch
+
+    without_torch()
+    sys.exit(main())
