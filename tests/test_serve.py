@@ -268,7 +268,7 @@ def test_the_page_in_a_real_browser(served, tmp_path):
         # a shared URL opens the same results and the same detail view
         drv.get(f"{base}/?{urllib.parse.urlencode({'q': q, 'item': ids[2]})}")
         wait.until(lambda d: d.execute_script("return document.getElementById('detail').open")
-                   and "Kết quả 1–24" in status(d))
+                   and "Kết quả 1–24" in status(d) and len(d.find_elements(By.CSS_SELECTOR, "#d-tags a.tag")) == 5)
         assert items[ids[2]]["key"] in drv.find_element(By.ID, "d-title").text
         # more like this: image → image from that item, the item itself left out; back returns
         drv.find_element(By.ID, "d-similar").click()
@@ -279,7 +279,8 @@ def test_the_page_in_a_real_browser(served, tmp_path):
         assert not drv.find_element(By.ID, "detail").get_attribute("open")
         drv.back()
         wait.until(lambda d: _query(d) == {"q": q, "item": str(ids[2])}
-                   and d.execute_script("return document.getElementById('detail').open"))
+                   and d.execute_script("return document.getElementById('detail').open")
+                   and len(d.find_elements(By.CSS_SELECTOR, "#d-tags a.tag")) == 5)
         # a tag is a search
         drv.find_elements(By.CSS_SELECTOR, "#d-tags a.tag")[0].click()
         wait.until(lambda d: "Kết quả 1–24" in status(d) and _query(d).get("q") in TAGS)

@@ -5,7 +5,7 @@
 const K = 24;
 const MAX_OFFSET = 1000;  // the deepest offset the API pages to (phoclip.serve.settings.MAX_OFFSET)
 const $ = (id) => document.getElementById(id);
-const state = {shown: null, results: [], vocab: [], upload: null, seq: 0, detailSeq: 0};
+const state = {shown: null, results: [], vocab: [], upload: null, seq: 0, detailSeq: 0, tagSeq: 0};
 
 function el(tag, props = {}, ...children) {
   const e = document.createElement(tag);
@@ -41,6 +41,13 @@ function tagLink(tag, score) {
   a.addEventListener("click", (e) => { e.preventDefault(); go({q: tag}); });
   return el("li", {}, a);
 }
+
+// what is served and the tag vocabulary, asked once; the page searches without them
+const ready = Promise.all([api("/health"), api("/tags")]).then(([health, vocab]) => {
+  $("meta").textContent = health.images.toLocaleString("vi-VN") + " ảnh · " + health.backend;
+  state.vocab = vocab.tags;
+  $("suggest").replaceChildren(...state.vocab.slice(0, 12).map((t) => tagLink(t)));
+}).catch(() => {});
 
 // ------------------------------------------------------------------ the results grid
 
@@ -166,16 +173,20 @@ function searchByFile(file) {
 // ------------------------------------------------------------------ zero-shot tags
 
 async function tagsOf(what, list) {
-  list.replaceChildren();
-  if (!state.vocab.length) return;
+  const token = String(++state.tagSeq);
+  list.replaceChildren(); list.dataset.token = token;
+  await ready;  // the vocabulary (a page opened on a shared URL asks before it has it)
+  if (!state.vocab.length || list.dataset.token !== token) return;
   const fd = new FormData(); fd.append("tags", state.vocab.join("\n")); fd.append("k", 5);
   if (what.file) fd.append("file", what.file); else fd.append("id", what.id);
+  let items;
   try {
     const body = await api("/tags", {method: "POST", body: fd});
-    list.replaceChildren(...body.tags.map((t) => tagLink(t.tag, t.score)));
+    items = body.tags.map((t) => tagLink(t.tag, t.score));
   } catch (err) {
-    list.replaceChildren(el("li", {cls: "score", text: "(không có nhãn: " + err.message + ")"}));
+    items = [el("li", {cls: "cscore", text: "(không có nhãn: " + err.message + ")"})];
   }
+  if (list.dataset.token === token) list.replaceChildren(...items);  // else another image's tags were asked since
 }
 
 // ------------------------------------------------------------------ the detail view
@@ -262,12 +273,4 @@ window.addEventListener("drop", (e) => {
   if (e.dataTransfer.files[0]) searchByFile(e.dataTransfer.files[0]);
 });
 
-(async () => {
-  try {
-    const [health, vocab] = await Promise.all([api("/health"), api("/tags")]);
-    $("meta").textContent = health.images.toLocaleString("vi-VN") + " ảnh · " + health.backend;
-    state.vocab = vocab.tags;
-    $("suggest").replaceChildren(...state.vocab.slice(0, 12).map((t) => tagLink(t)));
-  } catch (err) { /* the page still searches */ }
-})();
 render();
