@@ -9,8 +9,9 @@
                    workers' signal policy lives here, not in the library)
     build_loss     the contrastive loss over the global batch
 
-`Trainer` (trainer.py) receives these parts and only loops; `export.py` rebuilds a
-model from a checkpoint with `build_model` and nothing else of training.
+`build_run` (run.py) calls them in order and returns the run as a value; `Trainer`
+(trainer.py) receives it and only loops; `export.py` rebuilds a model from a checkpoint
+with `build_model` and nothing else of training.
 """
 from __future__ import annotations
 

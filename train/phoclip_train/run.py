@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from phoclip.data import ShardStream, StreamLayout, StreamTracker, relayout
+from phoclip.model import get_model_config
 from phoclip.retrieval import evaluate_shards
 from phoclip_train.build import (RunData, auto_precision, build_data, build_engine, build_loader, build_loss,
                                  build_model, build_stream, max_positions, wants_channels_last)
@@ -438,8 +439,6 @@ def _build(cfg: RunConfig, dist: DistInfo, lock: RunLock) -> Run:
                 if t.engine == "deepspeed" and dist.device.type == "cpu" else "")
     channels_last = wants_channels_last(cfg, dist.device)
     engine = build_engine(cfg, dist, model)  # DeepSpeed resolves precision 'auto' from its JSON here
-    from phoclip.model import get_model_config
-
     settings = Settings(precision=t.precision, channels_last=channels_last, compile=t.compile,
                         accum_steps=t.accum_steps, max_positions=max_positions(get_model_config(cfg.model.name)),
                         skips_on_device=engine.skips_on_device, sync_every=t.sync_every)
