@@ -62,7 +62,7 @@ class Service:
         name = model or self.index.meta["model"]
         loaded = phoclip.load(name, backend, device, vncorenlp_dir=vncorenlp_dir)
         # onnxruntime takes host tensors (its own providers pick the device): loaded.device is the CPU
-        self.model, self.device, self.enc_device = loaded.module, loaded.device, loaded.device
+        self.model, self.device = loaded.module, loaded.device
         self.index.check_model(self.model)
         self.proc = loaded.text_processor
         self.size = loaded.image_size
@@ -92,9 +92,9 @@ class Service:
         from PIL import Image
 
         dim = self.index.meta["dim"]
-        for what, emb in (("text", embed_texts(self.model, self.proc, ["kiểm tra"], self.enc_device)),
+        for what, emb in (("text", embed_texts(self.model, self.proc, ["kiểm tra"], self.device)),
                           ("image", embed_images(self.model, [Image.new("RGB", (self.size, self.size))],
-                                                 self.size, self.enc_device))):
+                                                 self.size, self.device))):
             if tuple(emb.shape) != (1, dim) or not bool(torch.isfinite(emb).all()):
                 raise ValueError(f"{name} ({backend}): its {what} encoder gives {tuple(emb.shape)} "
                                  f"{'finite' if torch.isfinite(emb).all() else 'non-finite'} embeddings "
@@ -134,7 +134,7 @@ class Service:
         return [self._image_hit(n + 1, sc, j) for n, (sc, j) in enumerate(hits) if n >= offset]
 
     def search_text(self, q: str, k: int, offset: int) -> list[dict]:
-        emb = _finite(embed_texts(self.model, self.proc, [q], self.enc_device), "text")
+        emb = _finite(embed_texts(self.model, self.proc, [q], self.device), "text")
         return self._image_hits(emb, k, offset)
 
     def similar(self, item_id: int, k: int, offset: int) -> list[dict]:
@@ -142,7 +142,7 @@ class Service:
         return self._image_hits(self.index.embeddings("images")[item_id][None], k, offset, exclude=item_id)
 
     def search_image(self, img, k: int) -> dict:
-        emb = _finite(embed_images(self.model, [img], self.size, self.enc_device), "image")
+        emb = _finite(embed_images(self.model, [img], self.size, self.device), "image")
         out = {"images": self._image_hits(emb, k), "captions": []}
         if self.has_captions:  # distinct captions: one caption of several images is listed once
             out["captions"] = [{"rank": m.rank, "score": round(m.score, 4), "caption": _text(m.item.get("caption")),
@@ -169,7 +169,7 @@ class Service:
     def tags(self, tags: list[str], k: int, img=None, item_id: Optional[int] = None) -> list[dict]:
         W = _finite(tag_embeddings(self.model, tags, self.proc, DEFAULT_TEMPLATES), "text")
         if img is not None:
-            emb = _finite(embed_images(self.model, [img], self.size, self.enc_device)[0], "image")
+            emb = _finite(embed_images(self.model, [img], self.size, self.device)[0], "image")
         else:
             emb = self.index.embeddings("images")[item_id]
         sc = W @ emb.float()
