@@ -156,6 +156,32 @@ def test_the_host_reads_on_log_save_eval_and_sync_steps_only(shapes_shards, tmp_
         tr.close()
 
 
+def test_the_run_decides_its_settings_once_on_a_copy_of_the_config(shapes_shards, tmp_path, caplog):
+    """build_run resolves the derived settings (precision auto, accumulation from
+    data.global_batch_size) in the run's config and logs them in one line; the config
+    it was given is left as it was. Each part answers for its own cadence."""
+    from phoclip_train.run import build_run
+
+    shards, tok, n = shapes_shards
+    cfg = resolve_config("launch/configs/tiny-debug.yaml", train_overrides(
+        shards, tok, n, tmp_path / "run", **{"train.precision": "auto", "data.global_batch_size": 16,
+                                             "train.log_every": 4, "train.save_every": 6, "train.eval_every": 5,
+                                             "train.max_steps": 12}))
+    with caplog.at_level(logging.INFO, logger="phoclip_train"):
+        run = build_run(cfg, DistInfo())
+    try:
+        assert cfg.train.precision == "auto" and cfg.train.accum_steps == 1  # the caller's config, untouched
+        assert run.cfg.train.precision in ("fp32", "bf16") and run.cfg.train.accum_steps == 2
+        assert run.settings.precision == run.cfg.train.precision and run.settings.accum_steps == 2
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("settings: ")]
+        assert len(said) == 1 and "accum_steps 2" in said[0], said
+        assert [s for s in range(1, 13) if run.metrics.due(s)] == [4, 8, 12]
+        assert [s for s in range(1, 13) if run.checkpointer.due(s)] == [6, 12]
+        assert [s for s in range(1, 13) if run.evaluator.due(s)] == [5, 10, 12]
+    finally:
+        run.close()
+
+
 @pytest.mark.slow
 def test_compiled_towers_train_like_eager(shapes_shards, tmp_path):
     """train.compile=default: the same losses as eager over steps with captions of
