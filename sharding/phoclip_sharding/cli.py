@@ -108,11 +108,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, own_process: bool = False) -> int:
     """make_shards: parse, then run the job (`phoclip_sharding.job`) or the merge
-    (`phoclip_sharding.merge`); what either refuses ends the command with one line."""
+    (`phoclip_sharding.merge`); what either refuses ends the command with one line.
+    `own_process`: the command runs in its own process, which never runs a model: its
+    tokenizing workers start without torch (in-process callers keep their torch)."""
     init_logger()
     args = parse_args(argv)
+    if own_process:
+        from phoclip_sharding.writer import without_torch
+
+        without_torch()  # before the workers are spawned: they inherit it
     if args.merge:
         try:
             return merge_parts(args.merge)
@@ -121,10 +127,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_job(args)
 
 
-def console_main() -> None:
-    """`phoclip-shards` and `python sharding/make_shards.py`: the command in its own
-    process, which never runs a model (in-process callers of `main` keep their torch)."""
-    from phoclip_sharding.writer import without_torch
-
-    without_torch()
-    sys.exit(main())
+def console_main(argv: Optional[Sequence[str]] = None) -> None:
+    """`phoclip-shards` and `python sharding/make_shards.py`: the command in its own process."""
+    sys.exit(main(argv, own_process=True))
