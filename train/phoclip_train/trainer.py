@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from phoclip_train.build import close_loader
 from phoclip_train.config import RunConfig
 from phoclip_train.distributed import DistInfo
-from phoclip_train.run import Run, build_run, manifest_summary  # noqa: F401 (manifest_summary re-exported)
+from phoclip_train.run import Run, build_run
 from phoclip_train.signals import STUCK_WAIT_S, StoppedWaitingForData, StopSignal  # noqa: F401 (re-exported)
 from phoclip_train.step import StepOutput, device_inputs, read_step, train_step
-from phoclip_train.build import close_loader
 
 logger = logging.getLogger(__name__)
 
