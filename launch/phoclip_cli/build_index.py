@@ -56,8 +56,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from phoclip.indexing import IMAGE_EXT, folder_samples, index_items, list_images, write_projector
     from phoclip.log import init_logger
     from phoclip.retrieval import embed_samples, eval_samples, gather_counts, gather_embeddings
-    from phoclip.shards import check_manifests, count_samples, expand_urls
-    from phoclip.text import load_tokenizer, tokenizer_fingerprint
+    from phoclip.manifest import check_shards_fit
+    from phoclip.shards import count_samples, expand_urls
+    from phoclip.text import load_tokenizer
     from phoclip_train.distributed import cleanup, init_distributed, launcher_rank
     from phoclip.loading import load_encoder
 
@@ -71,10 +72,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.shards:
             urls = expand_urls(args.shards, split=args.split)[0]
             tok = load_tokenizer(tok_name)
-            manifest = check_manifests(urls, tokenizer_fingerprint(tok), model.pad_id,
-                                       model.text.config.max_position_embeddings - 2, tok_name, args.manifest)
+            manifest = check_shards_fit(urls, tok, model, tok_name, args.manifest)
             samples = eval_samples(urls, size, info.rank, info.world_size, skipped,
-                                   manifest["tokenizer"]["max_length"], len(tok), args.manifest)
+                                   manifest.tokenizer.max_length, len(tok), args.manifest)
             try:
                 total = count_samples(urls[info.rank::info.world_size], args.manifest)
             except (ValueError, OSError):  # no sizes.json: progress lines without a total

@@ -82,8 +82,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from phoclip.fileio import atomic_write_json
     from phoclip.log import init_logger
     from phoclip.retrieval import evaluate_shards
-    from phoclip.shards import check_manifests, expand_urls
-    from phoclip.text import load_tokenizer, tokenizer_fingerprint
+    from phoclip.manifest import check_shards_fit
+    from phoclip.shards import expand_urls
+    from phoclip.text import load_tokenizer
     from phoclip_train.distributed import cleanup, init_distributed, launcher_rank
     from phoclip.loading import load_encoder
 
@@ -102,11 +103,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             urls = expand_urls(args.shards, split=args.split)[0]
             tok = load_tokenizer(tok_name)
-            manifest = check_manifests(urls, tokenizer_fingerprint(tok), model.pad_id,
-                                       model.text.config.max_position_embeddings - 2, tok_name, args.manifest)
+            manifest = check_shards_fit(urls, tok, model, tok_name, args.manifest)
             res = evaluate_shards(model, urls, size, info.device, info.rank, info.world_size,
                                   args.batch_size, progress=info.is_main,
-                                  ids_width=manifest["tokenizer"]["max_length"], vocab_size=len(tok),
+                                  ids_width=manifest.tokenizer.max_length, vocab_size=len(tok),
                                   manifest=args.manifest)
         if info.is_main:
             atomic_write_json(out, res, indent=2)
