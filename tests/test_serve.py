@@ -296,6 +296,10 @@ def test_the_page_in_a_real_browser(served, tmp_path):
         drv.back()  # back to the tag's results
         wait.until(lambda d: "Kết quả 1–24" in status(d) and _query(d).get("q") in TAGS)
         assert not drv.find_element(By.ID, "query").is_displayed()
+        # past the last result: said, with nothing to page on to
+        drv.get(f"{base}/?{urllib.parse.urlencode({'q': q, 'p': 41})}")
+        wait.until(lambda d: f"Không còn kết quả cho «{q}»" in status(d))
+        assert not drv.find_elements(By.CSS_SELECTOR, "#grid figure") and not drv.find_element(By.ID, "next").is_displayed()
         # a phone: one column of controls, nothing wider than the screen
         drv.set_window_size(390, 844)
         drv.get(f"{base}/?{urllib.parse.urlencode({'q': q})}")
