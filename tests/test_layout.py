@@ -168,3 +168,19 @@ def test_every_config_field_is_documented_and_choices_are_literal():
 
     with pytest.raises(C.ConfigError, match="choose ddp or deepspeed"):
         C.resolve_config(None, ["train.engine=horovod"])
+
+
+def test_every_python_package_folder_is_shipped():
+    """pyproject lists its packages by name: a new subpackage (phoclip/serve/routes/) left
+    out of the list would work in the editable checkout and be missing from a wheel."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed, dirs = set(tool["packages"]), tool["package-dir"]
+    found = set()
+    for top, folder in dirs.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            found.add(".".join([top, *rel.parts]))
+    assert found == listed, f"in the tree, not in pyproject packages: {sorted(found - listed)}; " \
+                            f"listed, not in the tree: {sorted(listed - found)}"
