@@ -58,8 +58,9 @@ def vncorenlp_env(tmp_path_factory, monkeypatch):
     return model
 
 
-def _main(capsys, script, *args, ok=True):
-    """(exit code, stdout + stderr) of launch/<script>.py main(argv), or of make_shards."""
+def _main(capsys, script, *args, ok=True, stdout_only=False):
+    """(exit code, stdout + stderr) of launch/<script>.py main(argv), or of make_shards;
+    `stdout_only`: what a pipe reading the command's output gets (e.g. --json)."""
     if script == "make_shards":
         try:
             rc = run_make_shards(list(args))
@@ -79,7 +80,7 @@ def _main(capsys, script, *args, ok=True):
     out = capsys.readouterr()
     if ok:
         assert rc == 0, (out.out + out.err)[-5000:]
-    return rc, out.out + out.err
+    return rc, out.out if stdout_only else out.out + out.err
 
 
 def test_vncorenlp_shards_train_export_index_search(vncorenlp_env, tmp_path, capsys, monkeypatch):
@@ -134,10 +135,11 @@ def test_vncorenlp_shards_train_export_index_search(vncorenlp_env, tmp_path, cap
     rc, text = _main(capsys, "search", "--index", idx, q, "--k", "3", "--json", ok=False)
     assert rc != 0 and "--vncorenlp-dir" in text and "VNCORENLP_DIR" in text
     monkeypatch.setenv("VNCORENLP_DIR", str(model_dir))
-    _, text = _main(capsys, "search", "--index", idx, q, "--k", "3", "--json")
+    _, text = _main(capsys, "search", "--index", idx, q, "--k", "3", "--json", stdout_only=True)
     assert len(json.loads(text)["text_to_image"][q]) == 3
     monkeypatch.delenv("VNCORENLP_DIR")
-    _, text = _main(capsys, "search", "--index", idx, q, "--k", "3", "--json", "--vncorenlp-dir", model_dir)
+    _, text = _main(capsys, "search", "--index", idx, q, "--k", "3", "--json", "--vncorenlp-dir", model_dir,
+                    stdout_only=True)
     assert len(json.loads(text)["text_to_image"][q]) == 3
 
 
