@@ -1,6 +1,7 @@
 """Shared fixtures: tiny tokenizers, images, datasets and shards made on the fly."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -73,9 +74,30 @@ def coco_dataset(tmp_path) -> tuple[Path, Path, dict]:
 
 
 def run_make_shards(args: list[str]) -> int:
+    """make_shards' main(argv) in this process; its logger set-up is undone after (a
+    handler left on the root logger would write to a closed capture stream later)."""
     from phoclip_sharding.cli import main
 
-    return main([str(a) for a in args])
+    with root_logging_kept():
+        return main([str(a) for a in args])
+
+
+@contextlib.contextmanager
+def root_logging_kept():
+    """The entry points' init_logger replaces the root logger's handlers (pytest's among
+    them): put them back when the command returns."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
 
 
 @pytest.fixture()
@@ -199,7 +221,6 @@ def launch_main(script: str, argv) -> int:
     is never left behind."""
     import importlib
     import importlib.util
-    import logging
 
     mod = _LAUNCH_MODULES.get(script)
     if mod is None and script in _CLI_MODULES:  # thin scripts: their main lives in phoclip_cli
@@ -209,16 +230,10 @@ def launch_main(script: str, argv) -> int:
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         _LAUNCH_MODULES[script] = mod
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
     try:
-        return mod.main([str(a) for a in argv])
+        with root_logging_kept():
+            return mod.main([str(a) for a in argv])
     finally:
-        for h in root.handlers[:]:
-            root.removeHandler(h)
-        for h in handlers:
-            root.addHandler(h)
-        root.setLevel(level)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():

@@ -26,8 +26,9 @@ import phoclip
 from phoclip.data import ShardStream, StreamConfig
 from phoclip.loss import create_loss
 from phoclip.model import get_model_config
-from phoclip.shards import check_manifests, count_samples, expand_urls
-from phoclip.text import load_tokenizer, tokenizer_fingerprint
+from phoclip.manifest import Manifest, check_shards_fit
+from phoclip.shards import count_samples, expand_urls
+from phoclip.text import load_tokenizer
 from phoclip_train.config import ConfigError, OptimConfig, RunConfig
 from phoclip_train.distributed import DistInfo
 from phoclip_train.engine import DDPEngine, Engine
@@ -43,7 +44,7 @@ class RunData:
     train_weights: list
     eval_sets: dict  # name ("val", "val_NAME") -> shard urls
     tokenizer: object
-    manifest: dict
+    manifest: Manifest
     dataset_size: int
 
     @property
@@ -70,13 +71,12 @@ def build_data(cfg: RunConfig, dist: DistInfo) -> RunData:
     if not tok_name:
         raise ConfigError(f"model {cfg.model.name} names no tokenizer: set model.tokenizer=DIR")
     tokenizer = load_tokenizer(tok_name)
-    manifest = check_manifests(train_urls + [u for us in eval_sets.values() for u in us],
-                               tokenizer_fingerprint(tokenizer), arch["text"].get("pad_id", 1),
-                               max_positions(arch), tok_name, d.manifest)
+    manifest = check_shards_fit(train_urls + [u for us in eval_sets.values() for u in us], tokenizer, arch,
+                                tok_name, d.manifest)
     return RunData(train_urls, weights, eval_sets, tokenizer, manifest, count_samples(train_urls, d.manifest))
 
 
-def build_model(cfg: RunConfig, tokenizer, manifest: Optional[dict] = None):
+def build_model(cfg: RunConfig, tokenizer, manifest: Optional[Manifest] = None):
     """The model of the config; an inline (untrained) text tower gets the tokenizer's
     vocab; `manifest` records how the captions were made (segmenter, max length)."""
     arch = get_model_config(cfg.model.name)
@@ -106,13 +106,12 @@ def build_model(cfg: RunConfig, tokenizer, manifest: Optional[dict] = None):
     return model
 
 
-def record_text_processing(model, manifest: dict) -> None:
+def record_text_processing(model, manifest: Manifest) -> None:
     """Write into the model's config how its captions were made (segmenter name and
     version, max length), so every exported folder tells search how to prepare queries."""
-    seg = manifest.get("segmenter", {})
-    model.config["text"]["segmenter"] = seg.get("name")
-    model.config["text"]["segmenter_version"] = seg.get("version")
-    model.config["text"]["max_length"] = int(manifest["tokenizer"]["max_length"])
+    model.config["text"]["segmenter"] = manifest.segmenter.name
+    model.config["text"]["segmenter_version"] = manifest.segmenter.version
+    model.config["text"]["max_length"] = manifest.tokenizer.max_length
 
 
 def lr_lambda(warmup: int, total: int, schedule: str, min_ratio: float):
@@ -169,7 +168,7 @@ def build_stream(cfg: RunConfig, dist: DistInfo, data: RunData, pad_id: int) -> 
     return ShardStream(StreamConfig(
         data.train_urls, data.train_weights, d.batch_size, d.image_size, cfg.train.seed,
         dist.rank, dist.world_size, d.resampled, d.shuffle_buffer,
-        ids_width=int(data.manifest["tokenizer"]["max_length"]), vocab_size=len(data.tokenizer),
+        ids_width=data.manifest.tokenizer.max_length, vocab_size=len(data.tokenizer),
         length_buckets=d.length_buckets, pad_id=pad_id, resize_on=d.resize_on, manifest=d.manifest))
 
 
@@ -234,9 +233,3 @@ def auto_precision(device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def max_positions(arch: dict) -> int:
-    """Token positions the text tower takes (RoBERTa reserves two for padding offsets)."""
-    hc = arch["text"].get("hf_config") or {}
-    return int(hc.get("max_position_embeddings", 258)) - 2

@@ -27,8 +27,9 @@ import torch
 from phoclip.data import ShardStream, StreamLayout, StreamTracker, relayout
 from phoclip.model import get_model_config
 from phoclip.retrieval import evaluate_shards
+from phoclip.manifest import text_positions
 from phoclip_train.build import (RunData, auto_precision, build_data, build_engine, build_loader, build_loss,
-                                 build_model, build_stream, max_positions, wants_channels_last)
+                                 build_model, build_stream, wants_channels_last)
 from phoclip_train.checkpoint import Checkpointer, rng_state, set_rng_state
 from phoclip_train.config import ConfigError, RunConfig, save_config
 from phoclip_train.distributed import DistInfo
@@ -289,7 +290,7 @@ class Evaluator:
         return evaluate_shards(
             self.engine.model, urls, c.data.image_size, self.dist.device, self.dist.rank,
             self.dist.world_size, c.data.batch_size, precision_dtype(c.train.precision), return_embeddings=True,
-            lockstep=self.engine.partitioned, ids_width=int(self.data.manifest["tokenizer"]["max_length"]),
+            lockstep=self.engine.partitioned, ids_width=self.data.manifest.tokenizer.max_length,
             vocab_size=len(self.data.tokenizer), manifest=c.data.manifest, pack_captions=c.data.pack_captions)
 
     def _log_retrieval_grids(self, step: int, img: torch.Tensor, keys: list, metas: list, k: int = 5) -> None:
@@ -365,7 +366,7 @@ class Run:
             if not self.dist.is_main:
                 return None
             return self.model.save_pretrained(Path(self.cfg.run_dir) / "model", tokenizer=self.data.tokenizer,
-                                              training=self.cfg.to_dict(), data=manifest_summary(self.data.manifest),
+                                              training=self.cfg.to_dict(), data=self.data.manifest.summary(),
                                               evaluation=self.evaluator.last_val)
 
     def close(self) -> None:
@@ -440,7 +441,7 @@ def _build(cfg: RunConfig, dist: DistInfo, lock: RunLock) -> Run:
     channels_last = wants_channels_last(cfg, dist.device)
     engine = build_engine(cfg, dist, model)  # DeepSpeed resolves precision 'auto' from its JSON here
     settings = Settings(precision=t.precision, channels_last=channels_last, compile=t.compile,
-                        accum_steps=t.accum_steps, max_positions=max_positions(get_model_config(cfg.model.name)),
+                        accum_steps=t.accum_steps, max_positions=text_positions(get_model_config(cfg.model.name)),
                         skips_on_device=engine.skips_on_device, sync_every=t.sync_every)
     logger.info("settings: %s", settings.describe())
     loss_fn = build_loss(cfg, dist)
@@ -460,7 +461,7 @@ def _build(cfg: RunConfig, dist: DistInfo, lock: RunLock) -> Run:
         # the model's resolved config and the tokenizer travel with every checkpoint, so
         # exporting one needs neither the hub nor the files the run started from
         return {"config": cfg.to_dict(), "model_config": engine.model.config,
-                "data": manifest_summary(data.manifest), "evaluation": evaluator.last_val}
+                "data": data.manifest.summary(), "evaluation": evaluator.last_val}
 
     checkpointer = RunCheckpointer(files, t.save_every, engine, progress, nonfinite, position, RngState(), meta,
                                    extra=lambda d: data.tokenizer.save_pretrained(str(d / "tokenizer")))
@@ -480,19 +481,14 @@ def build_query_processor(cfg: RunConfig, data: RunData):
     """The text processor of train.eval_queries: the shards' segmenter and max length."""
     from phoclip.text import TextProcessor, create_segmenter
 
-    name = data.manifest.get("segmenter", {}).get("name", "none")
+    name = data.manifest.segmenter.name or "none"
     try:
         seg = create_segmenter(name, cfg.train.vncorenlp_dir or None)
     except (RuntimeError, ImportError) as e:
         raise ConfigError(f"train.eval_queries are segmented with the shards' segmenter {name}, "
                           f"which cannot be built: {e} (for VnCoreNLP set train.vncorenlp_dir=DIR "
                           "or VNCORENLP_DIR; or turn the grids off with train.eval_queries=[])") from e
-    return TextProcessor(data.tokenizer, seg, data.manifest["tokenizer"]["max_length"])
-
-
-def manifest_summary(manifest: dict) -> dict:
-    """What a model card says of its data: counts, sources, tokenizer, segmenter."""
-    return {k: manifest.get(k) for k in ("counts", "captions", "sources", "tokenizer", "segmenter")}
+    return TextProcessor(data.tokenizer, seg, data.manifest.tokenizer.max_length)
 
 
 def _hms(seconds: float) -> str:
