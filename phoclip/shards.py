@@ -365,19 +365,6 @@ def _split_shards(part: str, split: str) -> list[str]:
     return [join_url(_dirname(man), n) for n in Manifest.read(man, data).split_shards(split)]
 
 
-def check_manifests(urls: Iterable[str], fingerprint: str, pad_id: int, max_positions: int,
-                    tokenizer_name: str, manifest: Optional[str] = None) -> dict:
-    """Refuse shards tokenized with another tokenizer; returns the (first) manifest as
-    its JSON object. The model's side given as values; `phoclip.manifest.check_shards_fit`
-    takes the tokenizer and model themselves and returns the typed `Manifest`."""
-    from phoclip.manifest import same_width, shard_manifests
-
-    mans = list(shard_manifests(urls, manifest).values())
-    for m in mans:
-        m.check_fits_values(fingerprint, pad_id, max_positions, tokenizer_name)
-    return same_width(mans).to_dict()
-
-
 def count_samples(urls: Iterable[str], manifest: Optional[str] = None) -> int:
     """Samples in the given shards, from the sizes.json files beside them (or beside
     `manifest`)."""

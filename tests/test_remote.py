@@ -16,7 +16,8 @@ import pytest
 
 from conftest import ROOT, kill_job, read_metrics, reference_args, run_torchrun, torchrun_cmd
 from dist_utils import free_port
-from phoclip.shards import check_manifests, count_samples, expand_urls, read_shards, shard_name
+from phoclip.manifest import check_shards_fit
+from phoclip.shards import count_samples, expand_urls, read_shards, shard_name
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -89,10 +90,11 @@ def test_http_shards_read_like_local_ones_with_their_manifest(shapes_shards, ser
     assert all(x["ids.npy"] == y["ids.npy"] and x["jpg"] == y["jpg"] for x, y in zip(a, b))
     man = json.loads((shards / "manifest.json").read_text())
     fp = man["tokenizer"]["fingerprint"]
-    assert check_manifests(remote, fp, 1, 128, "tok")["tokenizer"]["fingerprint"] == fp
+    model = {"text": {"pad_id": 1, "hf_config": {"max_position_embeddings": 130}}}  # 128 positions
+    assert check_shards_fit(remote, fp, model, "tok").tokenizer.fingerprint == fp
     assert count_samples(remote) == count_samples(local) == man["counts"]["train"]
     with pytest.raises(ValueError, match="fingerprint"):
-        check_manifests(remote, "0" * 16, 1, 128, "tok")
+        check_shards_fit(remote, "0" * 16, model, "tok")
 
 
 def test_pipe_shards_need_and_use_data_manifest(shapes_shards):
