@@ -347,14 +347,14 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
                                                  dev, steps), 1)
         row["bare_trimmed_sps"] = round(b / _time(bare_step(model, x, trim_padding(plain["input_ids"], 1, 8).to(dev),
                                                             opt, dev), dev, steps), 1)
-        tr.cfg.data.trim_padding = 8  # the same trainer, trimming on
+        tr.run.prep.trim_padding = 8  # the same trainer, trimming on (input prep is decided once, in build_run)
         row["ours_trimmed_sps"] = round(b / _time(lambda: tr.train_step([plain], sync=False), dev, steps), 1)
         # before #14's sync-free steps: the host read the flags and metrics every step
         row["ours_trimmed_read_every_step_sps"] = round(b / _time(lambda: tr.train_step([plain], sync=True),
                                                                   dev, steps), 1)
-        tr.cfg.data.pack_captions = True  # #28: captions packed into rows (the default)
+        tr.run.prep.pack_captions = True  # #28: captions packed into rows (the default)
         row["ours_packed_sps"] = round(b / _time(lambda: tr.train_step([plain], sync=False), dev, steps), 1)
-        tr.cfg.data.pack_captions = False
+        tr.run.prep.pack_captions = False
         # bucketed: the mean over the block's batches of similar length
         t_b = sum(_time(lambda g=g: tr.train_step([{"images": plain["images"], "input_ids": ids[g]}], sync=False),
                         dev, max(2, steps // 4), warmup=1) for g in grouped) / len(grouped)
@@ -484,7 +484,7 @@ def packing(work: Path, dev: torch.device, batches: list[int], steps: int, smoke
             batch = {"images": imgs.clone(), "input_ids": ids.clone()}
             if dev.type == "cuda":
                 batch = {k: v.pin_memory() for k, v in batch.items()}
-            tr.cfg.data.pack_captions = pack
+            tr.run.prep.pack_captions = pack
             t = _time(lambda: tr.train_step([batch], sync=False), dev, steps)
             srow[name] = {"samples_per_s": round(b / t, 1), "real_tokens_per_s": round(int((ids != 1).sum()) / t)}
         for v in srow.values():

@@ -117,9 +117,6 @@ def run_training(cfg) -> int:
     from phoclip_train.trainer import NonFiniteError, StoppedWaitingForData, Trainer
 
     info = init_distributed(cfg.train.device)
-    # data.global_batch_size -> train.accum_steps on this many ranks (the run builder's
-    # decide_settings is the place for it; until it decides it, the command does)
-    cfg.train.accum_steps = cfg.accum_steps_for(info.world_size)
     trainer = None
     stuck = False
     try:

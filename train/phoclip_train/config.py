@@ -203,7 +203,9 @@ class TrainConfig:
     """Steps between the host's reads of the device-side step flags (non-finite streak,
     stop signal); logging, saving and evaluation steps read them too. Between reads a
     step issues no host sync: a non-finite step is skipped on the device (the DDP
-    engine's fused AdamW). 1: read every step. DeepSpeed runs read every step."""
+    engine's fused AdamW). 1: read every step. DeepSpeed: no read of ours where DeepSpeed
+    checks overflow itself (fp16; a "bf16" block under ZeRO-1/2), one per step elsewhere
+    (its skip cannot be decided on the device); see bench/RESULTS.md."""
 
 
 @dataclass
