@@ -10,11 +10,12 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
+from phoclip.checkpoints import verify_checkpoint, verify_torch_file  # noqa: F401 (the library's, re-exported)
 from phoclip.errors import CheckpointError
 from phoclip.fileio import atomic_write_json, fsync_dir
 from phoclip_train.distributed import barrier
@@ -31,76 +32,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
     with atomic_open(path) as f:
         torch.save(obj, f)
-
-
-# The only classes a DeepSpeed (0.19) checkpoint pickles besides tensors and containers
-# (found by torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-1/2/3 bf16, fp32
-# and fp16 checkpoints). Each is plain data; nothing else may be unpickled.
-DEEPSPEED_SAFE_GLOBALS = (
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-)
-
-
-def _deepspeed_globals() -> list:
-    import importlib
-
-    out = []
-    for name in DEEPSPEED_SAFE_GLOBALS:
-        mod, _, attr = name.rpartition(".")
-        try:
-            out.append(getattr(importlib.import_module(mod), attr))
-        except (ImportError, AttributeError):  # another DeepSpeed version: not allowed then
-            pass
-    return out
-
-
-def verify_torch_file(f: Path, allow: Sequence = ()) -> None:
-    """Refuse a .pt file that does not load with weights_only=True (plus the `allow`ed
-    classes): one crafted file must not run code when DeepSpeed or zero_to_fp32, which
-    load with weights_only=False, read it. Tensors are memory-mapped, not read."""
-    try:
-        with torch.serialization.safe_globals(list(allow)):
-            try:
-                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                torch.load(f, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
-    except Exception as e:  # every failure is a refusal, whatever the unpickler raised
-        why = next((l.strip() for l in str(e).splitlines() if "GLOBAL" in l or "global" in l),
-                   str(e).splitlines()[0] if str(e) else type(e).__name__)
-        raise CheckpointError(f"{f}: refused, not loadable with weights_only=True: {why}") from None
-
-
-def verify_checkpoint(path: Path) -> dict:
-    """A checkpoint folder that is complete and safe to load: meta.json readable, every
-    rank's state and the engine's files present, every .pt file loadable with
-    weights_only=True. Returns its meta; raises CheckpointError naming the problem."""
-    path = Path(path)
-    try:
-        meta = json.loads((path / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path / 'meta.json'}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("step", "world_size")):
-        raise CheckpointError(f"{path / 'meta.json'}: no integer 'step' and 'world_size'")
-    missing = [f"rank{r:05d}.pt" for r in range(meta["world_size"]) if not (path / f"rank{r:05d}.pt").is_file()]
-    ds = path / "deepspeed"
-    if ds.is_dir():  # ZeRO-1/2: mp_rank_00_model_states.pt; ZeRO-3: one model_states per rank
-        if not list(ds.glob("*model_states.pt")):
-            missing.append("deepspeed/*model_states.pt")
-        missing += [f"deepspeed/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(meta["world_size"])
-                    if not (ds / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file()]
-    elif not (path / "state.pt").is_file():
-        missing.append("state.pt")
-    if missing:
-        raise CheckpointError(f"{path}: incomplete, missing {', '.join(missing)}")
-    allow = _deepspeed_globals() if ds.is_dir() else []
-    for f in sorted(path.rglob("*.pt")):
-        verify_torch_file(f, allow)
-    return meta
 
 
 def rng_state() -> dict:

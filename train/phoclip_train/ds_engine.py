@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
+from phoclip.checkpoints import DS_TAG
 from phoclip.errors import CheckpointError
 from phoclip.fileio import atomic_write_json
 from phoclip_train.config import ConfigError
@@ -29,7 +30,6 @@ from phoclip_train.engine import Engine
 
 logger = logging.getLogger(__name__)
 
-DS_TAG = "deepspeed"
 STATE_FILE = "deepspeed_state.json"  # beside DS_TAG: layout + fingerprint of the saved state
 _KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -280,10 +280,10 @@ class DeepSpeedEngine(Engine):
                 st["step"] = st["step"].clone()
         # module buffers (BatchNorm statistics) are not in the universal files: from the
         # saved module state, which holds them whole under every stage
-        from phoclip_train.checkpoint import _deepspeed_globals
+        from phoclip.checkpoints import deepspeed_globals
 
         ms = sorted((folder / DS_TAG).glob("*model_states.pt"))[0]
-        with torch.serialization.safe_globals(_deepspeed_globals()):
+        with torch.serialization.safe_globals(deepspeed_globals()):
             module = torch.load(ms, map_location="cpu", weights_only=True, mmap=True)["module"]
         with torch.no_grad():
             for name, b in self.model.named_buffers():
