@@ -36,7 +36,7 @@ def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, 
     from phoclip.index import EmbeddingIndex
     from phoclip.search import find_captions, find_matches, zero_shot_tags
     from phoclip.text import TextProcessor, UndertheseaSegmenter, load_tokenizer
-    from phoclip_train.export import load_for_inference
+    from phoclip.loading import load_encoder
 
     shards, tok, _ = shapes_shards
     idx_dir = tmp_path / "index"
@@ -45,7 +45,7 @@ def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, 
     assert (tmp_path / "cli_map.png").read_bytes()[:4] == b"\x89PNG"
     assert list((tmp_path / "tb").rglob("projector_config.pbtxt")) and list((tmp_path / "tb").rglob("sprite.png"))
     index = EmbeddingIndex(idx_dir)
-    model, tok_name = load_for_inference(str(trained))
+    model, tok_name = load_encoder(str(trained))
     proc = TextProcessor(load_tokenizer(tok_name), UndertheseaSegmenter(), 24)
     items = index.items("images")
     assert index.embeddings("images").shape[0] == len(items) >= 20
@@ -103,9 +103,9 @@ def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, 
 def _extract(rank, world, model_dir, shards, out):
     from phoclip.retrieval import eval_samples
     from phoclip.retrieval import embed_samples, gather_embeddings
-    from phoclip_train.export import load_for_inference
+    from phoclip.loading import load_encoder
 
-    model, _ = load_for_inference(model_dir)
+    model, _ = load_encoder(model_dir)
     urls = [str(p) for p in sorted(Path(shards).glob("train-*.tar"))]
     parts = embed_samples(model, eval_samples(urls, 32, rank, world), torch.device("cpu"), 7)
     img, txt, t2i, keys, _ = gather_embeddings(*parts, world)

@@ -75,22 +75,6 @@ def check_resolved_config(cfg, where: str) -> None:
     check_model_config(arch, f"{where} config")
 
 
-def load_for_inference(path: str, device: str = "cpu"):
-    """(model, tokenizer) for what `phoclip.load` accepts, and also checkpoints older
-    than the recorded model config (rebuilt by `model_from_checkpoint`). Inference entry
-    points use `phoclip.load`; this is for callers that may import training code."""
-    from phoclip.checkpoints import newest_verified
-    from phoclip.loading import load_encoder, model_folder
-
-    p = Path(path)
-    if model_folder(p) is None:
-        ckpt = newest_verified(p) if (p / "checkpoints").is_dir() else p
-        if ckpt is not None and (ckpt / "meta.json").is_file():
-            return model_from_checkpoint(ckpt, device)
-    return tuple(load_encoder(p, "torch", device))
-
-
-
 def export_checkpoint(ckpt: Path, out: Path) -> Path:
     """Write the checkpoint's model (and tokenizer, and its card) as a plain model folder."""
     from phoclip.checkpoints import read_meta
