@@ -388,11 +388,12 @@ class PhoCLIP(nn.Module):
         return load_model(folder, map_location)
 
     def save_pretrained(self, folder: str | os.PathLike, tokenizer=None, training: Optional[dict] = None,
-                        data: Optional[dict] = None, evaluation: Optional[dict] = None) -> Path:
+                        data: Optional[dict] = None, evaluation: Optional[dict] = None,
+                        curves: Optional[str | os.PathLike] = None) -> Path:
         """Write config + safetensors weights (+ tokenizer) and a model card (README.md:
         architecture, text preparation, `training` config, `data` manifest summary,
-        `evaluation` results, how to load): a folder `load_model` reads without any
-        training state or hub access."""
+        `evaluation` results, the training `curves` PNG when given, how to load): a
+        folder `load_model` reads without any training state or hub access."""
         from safetensors.torch import save_file
 
         from phoclip.fileio import atomic_write_json, atomic_write_text
@@ -418,10 +419,16 @@ class PhoCLIP(nn.Module):
             os.fsync(f.fileno())
         os.replace(tmp, folder / WEIGHTS_NAME)
         atomic_write_json(folder / CONFIG_NAME, cfg, indent=2)
-        from phoclip.card import model_card
+        from phoclip.card import attach_curves, model_card
 
+        curves_name = None
+        if curves is not None:
+            try:
+                curves_name = attach_curves(folder, curves)
+            except (OSError, ValueError) as e:  # a picture never fails a save
+                logger.warning("training curves not attached to %s: %s", folder, e)
         atomic_write_text(folder / "README.md", model_card(cfg, training, data, evaluation,
-                                                           model_fingerprint(self)))
+                                                           model_fingerprint(self), curves=curves_name))
         return folder
 
 

@@ -89,3 +89,12 @@ def test_mixed_precision_runs_stay_finite(shapes_shards, tmp_path, precision):
     m = read_metrics(run)
     assert len(m) == 5
     assert all(torch.isfinite(torch.tensor(s["loss"])) and s["nonfinite_steps"] == 0 for s in m.values())
+
+
+def test_the_end_of_a_run_draws_its_curves_into_the_run_folder_and_the_model_card(tiny_run):
+    """A user sees the run without TensorBoard: RUN_DIR/curves.png, copied into the
+    exported model folder and shown by its card."""
+    png = (tiny_run / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    assert (tiny_run / "model" / "curves.png").read_bytes() == png
+    assert "](curves.png)" in (tiny_run / "model" / "README.md").read_text()

@@ -365,9 +365,12 @@ class Run:
         with self.engine.gathered():
             if not self.dist.is_main:
                 return None
+            from phoclip_train.plots import try_render_curves
+
+            curves = try_render_curves(self.cfg.run_dir)  # RUN_DIR/curves.png, also linked from the card
             return self.model.save_pretrained(Path(self.cfg.run_dir) / "model", tokenizer=self.data.tokenizer,
                                               training=self.cfg.to_dict(), data=self.data.manifest.summary(),
-                                              evaluation=self.evaluator.last_val)
+                                              evaluation=self.evaluator.last_val, curves=curves)
 
     def close(self) -> None:
         if not self.closed:
