@@ -178,6 +178,7 @@ def _ddp_worker(rank, world, pooling):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-5, msg=n)
 
 
+@pytest.mark.slow  # two spawned processes (make test runs it)
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_ddp_two_ranks_same_gradients(pooling):
     run_distributed(_ddp_worker, 2, (pooling,))
