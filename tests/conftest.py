@@ -82,6 +82,15 @@ def run_make_shards(args: list[str]) -> int:
         return main([str(a) for a in args])
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Every test leaves the root logger as it found it: an entry point's init_logger
+    called in process (a parse-only test, a refusal) must not leave a handler on a
+    capture stream that is closed when the test ends."""
+    with root_logging_kept():
+        yield
+
+
 @contextlib.contextmanager
 def root_logging_kept():
     """The entry points' init_logger replaces the root logger's handlers (pytest's among

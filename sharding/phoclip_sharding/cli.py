@@ -113,8 +113,8 @@ def main(argv: Optional[Sequence[str]] = None, own_process: bool = False) -> int
     (`phoclip_sharding.merge`); what either refuses ends the command with one line.
     `own_process`: the command runs in its own process, which never runs a model: its
     tokenizing workers start without torch (in-process callers keep their torch)."""
-    init_logger()
     args = parse_args(argv)
+    init_logger()
     if own_process:
         from phoclip_sharding.writer import without_torch
 
