@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,6 +22,7 @@ logger = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 DS_TAG = "deepspeed"  # the folder inside a checkpoint that holds DeepSpeed's own files
 MAX_META_BYTES = 64 << 20
+MAX_WORLD_SIZE = 65536  # a meta.json saying more is refused: verification lists a file per rank
 
 # The only classes a DeepSpeed (0.19) checkpoint pickles besides tensors and containers
 # (found by torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-1/2/3 bf16, fp32
@@ -49,15 +52,38 @@ def deepspeed_globals() -> list:
 def verify_torch_file(f: Path, allow: Sequence = ()) -> None:
     """Refuse a .pt file that does not load with weights_only=True (plus the `allow`ed
     classes): one crafted file must not run code when DeepSpeed or zero_to_fp32, which
-    load with weights_only=False, read it. Tensors are memory-mapped, not read."""
+    load with weights_only=False, read it. Only a regular file is read: it is opened
+    non-blocking without following a link and checked with fstat first, so a FIFO (which
+    would block forever), a device or a link out of the checkpoint is refused unread.
+    Tensors are memory-mapped, not read."""
+    f = Path(f)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(f, flags)
+    except OSError as e:
+        kind = "a link, not a file" if os.path.islink(f) else (e.strerror or type(e).__name__)
+        raise CheckpointError(f"{f}: refused, {kind}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
+            raise CheckpointError(f"{f}: refused, {kind}")
+        # load the file we checked, not whatever the name points at by now
+        src = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else f
+        _load_weights_only(src, f, allow)
+    finally:
+        os.close(fd)
+
+
+def _load_weights_only(src, f: Path, allow: Sequence) -> None:
     try:
         with torch.serialization.safe_globals(list(allow)):
             try:
-                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                torch.load(src, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
                 if "mmap" not in str(e):
                     raise
-                torch.load(f, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
+                torch.load(src, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
     except Exception as e:  # every failure is a refusal, whatever the unpickler raised
         why = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line),
                    str(e).splitlines()[0] if str(e) else type(e).__name__)
@@ -65,8 +91,9 @@ def verify_torch_file(f: Path, allow: Sequence = ()) -> None:
 
 
 def read_meta(path: Path) -> dict:
-    """A checkpoint's meta.json, with its integer `step` and `world_size`; CheckpointError
-    naming the file otherwise."""
+    """A checkpoint's meta.json, with its integer `step` (>= 0) and `world_size` (1 to
+    MAX_WORLD_SIZE; verification lists a file per rank); CheckpointError naming the file
+    otherwise."""
     from phoclip.fileio import read_regular
 
     f = Path(path) / "meta.json"
@@ -76,8 +103,13 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"{f}: unreadable (JSON nested too deeply)") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{f}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("step", "world_size")):
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) and not isinstance(meta.get(k), bool)
+                                              for k in ("step", "world_size")):
         raise CheckpointError(f"{f}: no integer 'step' and 'world_size'")
+    if meta["step"] < 0:
+        raise CheckpointError(f"{f}: 'step' must be >= 0, not {meta['step']}")
+    if not 1 <= meta["world_size"] <= MAX_WORLD_SIZE:
+        raise CheckpointError(f"{f}: 'world_size' must be 1 to {MAX_WORLD_SIZE}, not {meta['world_size']}")
     return meta
 
 
@@ -99,6 +131,7 @@ def verify_checkpoint(path: Path) -> dict:
     if missing:
         raise CheckpointError(f"{path}: incomplete, missing {', '.join(missing)}")
     allow = deepspeed_globals() if ds.is_dir() else []
+    # rglob does not descend into linked folders; a linked .pt file is refused by verify_torch_file
     for f in sorted(path.rglob("*.pt")):
         verify_torch_file(f, allow)
     return meta
@@ -146,6 +179,12 @@ def load_checkpoint_weights(model: torch.nn.Module, ckpt: Path) -> torch.nn.Modu
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (config: {tuple(own[k].shape)})" for k, v in sd.items()
+             if k in own and hasattr(v, "shape") and v.shape != own[k].shape]
+    if wrong:  # load_state_dict would raise a many-line RuntimeError
+        raise CheckpointError(f"{ckpt}: weights do not fit its model config: {len(wrong)} of another shape, "
+                              f"e.g. {wrong[0]}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing:
         # buffers (BatchNorm statistics) are not in ZeRO's fp32 partitions: take them

@@ -20,28 +20,39 @@ class NotAModelFolder(FileNotFoundError):
     """The path holds no saved model (phoclip_config.json + model.safetensors)."""
 
 
-# sizes of a model config: a positive integer where given (transformers fills the text
-# tower's missing ones with its defaults; `embed_dim` has none)
-_POSITIVE = {"vision": ("image_size",), "text": ("max_length",),
-             "text.hf_config": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                                "intermediate_size", "max_position_embeddings", "type_vocab_size")}
+# sizes of a model config: a positive integer where given, at most the cap (transformers
+# fills the text tower's missing ones with its defaults; `embed_dim` has none). The caps
+# are far above any model we train (PhoBERT: 258 positions, 1024 hidden, 24 layers,
+# 64001 tokens, images of 224) and keep a hostile config from making a model, or every
+# image and caption it embeds, too large for the machine.
+_SIZE_CAPS = {
+    "": {"embed_dim": 8192},
+    "vision": {"image_size": 2048},
+    "text": {"max_length": 512},
+    "text.hf_config": {"vocab_size": 1 << 20, "hidden_size": 8192, "num_hidden_layers": 128,
+                       "num_attention_heads": 256, "intermediate_size": 65536,
+                       "max_position_embeddings": 4096, "type_vocab_size": 1024},
+}
 MAX_CONFIG_BYTES = 16 << 20
 
 
 def check_model_config(cfg, where: str) -> dict:
     """`cfg` if it is a model config we can build, else ValueError naming `where` and
     the field: sizes must be positive integers (a negative one would surface as a torch
-    traceback), `embed_dim` and the towers must be there."""
+    traceback) within their caps (_SIZE_CAPS), `embed_dim` and the towers must be there,
+    and nothing may ask transformers for remote code (`hf_config.auto_map`)."""
     def bad(field: str, why: str):
         return ValueError(f"{where}: model config {field} {why}")
 
-    def size(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 24
+    def check_size(field: str, v, cap: int) -> None:
+        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            raise bad(field, f"must be a positive integer, not {v!r}")
+        if v > cap:
+            raise bad(field, f"must be at most {cap}, not {v}")
 
     if not isinstance(cfg, dict):
         raise bad("", f"is a {type(cfg).__name__}, not an object")
-    if not size(cfg.get("embed_dim")):
-        raise bad("embed_dim", f"must be a positive integer, not {cfg.get('embed_dim')!r}")
+    check_size("embed_dim", cfg.get("embed_dim"), _SIZE_CAPS[""]["embed_dim"])
     vision, text = cfg.get("vision"), cfg.get("text")
     if not isinstance(vision, dict) or not isinstance(vision.get("timm_model"), str):
         raise bad("vision", "must be an object naming its timm_model")
@@ -52,13 +63,15 @@ def check_model_config(cfg, where: str) -> dict:
         raise bad("text.hf_config", "must be an object")
     if hf is None and not isinstance(text.get("hf_model"), str):
         raise bad("text", "needs hf_config or hf_model")
-    for section, keys in _POSITIVE.items():
+    if isinstance(hf, dict) and "auto_map" in hf:
+        raise bad("text.hf_config.auto_map", "is refused: a model config never names code to run")
+    for section, caps in _SIZE_CAPS.items():
         d = cfg
-        for k in section.split("."):
+        for k in filter(None, section.split(".")):
             d = d.get(k) if isinstance(d, dict) else None
-        for k in keys:
-            if isinstance(d, dict) and k in d and not size(d[k]):
-                raise bad(f"{section}.{k}", f"must be a positive integer, not {d[k]!r}")
+        for k, cap in caps.items():
+            if isinstance(d, dict) and k in d:
+                check_size(f"{section}.{k}" if section else k, d[k], cap)
     pad = text.get("pad_id", 1)
     if not (isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0):
         raise bad("text.pad_id", f"must be a non-negative integer, not {pad!r}")
@@ -67,6 +80,29 @@ def check_model_config(cfg, where: str) -> dict:
     if not (isinstance(drop, (int, float)) and not isinstance(drop, bool) and 0 <= drop < 1):
         raise bad("head.dropout", f"must be a number in [0, 1), not {drop!r}")
     return cfg
+
+
+def offline_model_config(cfg: dict, where: str) -> dict:
+    """A copy of a checked model config that builds without the hub or any file outside
+    the saved model (whose weights file or checkpoint holds every weight): no pretrained
+    towers, no vision.weights_file. A text tower must be recorded by its hf_config (an
+    hf_model name or folder would be fetched or read), and the image tower must be a timm
+    architecture name (timm fetches `hf-hub:` names' configs even without weights);
+    ValueError naming `where` otherwise."""
+    import json
+
+    mc = json.loads(json.dumps(cfg))
+    if not isinstance(mc["text"].get("hf_config"), dict):
+        raise ValueError(f"{where}: model config text.hf_config is missing: a saved model records its text "
+                         f"tower's architecture (text.hf_model {mc['text'].get('hf_model')!r} would be fetched "
+                         "or read from outside the model); re-export the model")
+    if ":" in mc["vision"]["timm_model"]:
+        raise ValueError(f"{where}: model config vision.timm_model {mc['vision']['timm_model']!r} is not a timm "
+                         "architecture name (a hub or folder reference would be fetched or read)")
+    mc["vision"]["pretrained"] = False
+    mc["vision"].pop("weights_file", None)
+    mc["text"]["pretrained"] = False
+    return mc
 
 
 def read_model_config(folder: Path) -> dict:
@@ -151,19 +187,14 @@ def load_encoder(path: str | os.PathLike, backend: str = "torch", device: str | 
 def checkpoint_model_config(ckpt: Path, meta: dict) -> dict:
     """The architecture a checkpoint recorded (meta.json `model_config`), checked, made
     to build without the hub or any pretrained file (the checkpoint holds every weight)."""
-    import json
-
     from phoclip.errors import CheckpointError
 
     where = f"{Path(ckpt) / 'meta.json'}"
     if "model_config" not in meta:
         raise CheckpointError(f"{where}: no 'model_config' (written before checkpoints recorded it): "
                               f"export it first, python launch/export_model.py {ckpt} OUT")
-    mc = json.loads(json.dumps(check_model_config(meta["model_config"], f"{where} model_config")))
-    mc["vision"]["pretrained"] = False
-    mc["vision"].pop("weights_file", None)
-    mc["text"]["pretrained"] = False
-    return mc
+    where = f"{where} model_config"
+    return offline_model_config(check_model_config(meta["model_config"], where), where)
 
 
 def model_from_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = "cpu"):

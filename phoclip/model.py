@@ -461,18 +461,20 @@ def create_model(name: str = "phobert-large-rn50", **overrides: Any) -> PhoCLIP:
 
 def load_model(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> PhoCLIP:
     """Load a model folder saved by `save_pretrained` (no hub access needed); its config
-    is checked first (`phoclip.loading.read_model_config`). Most callers want
-    `phoclip.load`, which also takes run and checkpoint folders and ONNX exports."""
+    is checked first (`phoclip.loading.read_model_config`) and built offline
+    (`offline_model_config`: no pretrained towers or weights files, whatever the config
+    says; the safetensors file holds every weight). Most callers want `phoclip.load`,
+    which also takes run and checkpoint folders and ONNX exports."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from phoclip.loading import read_model_config
+    from phoclip.loading import offline_model_config, read_model_config
 
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder} is not a saved PhoCLIP model (no {CONFIG_NAME}); "
                                 "export a checkpoint first (see README, 'Evaluation and search')")
-    model = PhoCLIP(read_model_config(folder))
+    model = PhoCLIP(offline_model_config(read_model_config(folder), str(folder / CONFIG_NAME)))
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing; re-export the model")
@@ -480,6 +482,12 @@ def load_model(folder: str | os.PathLike, map_location: str | torch.device = "cp
         sd = load_file(str(weights), device=str(map_location))
     except SafetensorError as e:
         raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} (config: {tuple(own[k].shape)})" for k, v in sd.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:  # load_state_dict would raise a many-line RuntimeError
+        raise ValueError(f"{weights}: weights do not fit {CONFIG_NAME}: {len(wrong)} of another shape, "
+                         f"e.g. {wrong[0]}")
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights}: weights do not fit {CONFIG_NAME}: missing {missing[:5]}, "
@@ -489,8 +497,9 @@ def load_model(folder: str | os.PathLike, map_location: str | torch.device = "cp
 
 def model_tokenizer_path(folder: str | os.PathLike) -> Optional[str]:
     """Where a saved model's tokenizer is (a folder inside it, or the hub name)."""
-    cfg = json.loads((Path(folder) / CONFIG_NAME).read_text())
-    tok = cfg["text"].get("tokenizer")
+    from phoclip.loading import read_model_config
+
+    tok = read_model_config(Path(folder))["text"].get("tokenizer")
     if tok and (Path(folder) / tok).is_dir():
         return str(Path(folder) / tok)
     return tok
