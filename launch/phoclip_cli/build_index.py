@@ -15,7 +15,7 @@ import sys
 from collections import Counter
 from typing import Optional, Sequence
 
-from phoclip_cli.common import HelpFormatter, record_refusal
+from phoclip_cli.common import HelpFormatter, refuse
 
 MAX_IMAGE_BYTES = 64 << 20  # as phoclip.images.MAX_FILE_BYTES (checked by a test), without importing torch for --help
 
@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Embed, gather, write the index (rank 0) and say what was indexed and skipped; 2
     with one line when refused."""
     args = build_parser().parse_args(argv)
-    from phoclip.errors import EXPECTED_ERRORS, one_line
+    from phoclip.errors import EXPECTED_ERRORS
     from phoclip.gallery import write_embedding_map
     from phoclip.index import write_index
     from phoclip.indexing import IMAGE_EXT, folder_samples, index_items, list_images, write_projector
@@ -107,10 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"ignored {others} files without an image extension")
         return 0
     except EXPECTED_ERRORS as e:
-        msg = one_line(e)
-        print(f"build_index: {msg}", file=sys.stderr)
-        record_refusal(msg)
-        return 2
+        return refuse("build_index", e)
     finally:
         cleanup()
 

@@ -45,3 +45,16 @@ def record_refusal(message: str, exit_code: int = 2) -> None:
         os.replace(tmp, path)
     except OSError:  # the report is a courtesy: the exit code and our log line still say it
         pass
+
+
+def refuse(prog: str, error: BaseException) -> int:
+    """An expected error of command `prog`: one line on stderr (and in torchrun's error
+    file), exit status 2."""
+    import sys
+
+    from phoclip.errors import one_line
+
+    msg = one_line(error)
+    print(f"{prog}: {msg}", file=sys.stderr)
+    record_refusal(msg)
+    return 2

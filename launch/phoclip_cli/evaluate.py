@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
-from phoclip_cli.common import HelpFormatter, record_refusal
+from phoclip_cli.common import HelpFormatter, refuse
 
 # the benchmark results shipped beside the launch scripts
 DEFAULT_REFERENCES = Path(__file__).resolve().parents[1] / "benchmarks.yaml"
@@ -77,7 +77,7 @@ def evaluate_benchmark(args: argparse.Namespace, model, tok_name: str, size: int
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Evaluate, print the table and write the results JSON; 2 with one line when refused."""
     args = build_parser().parse_args(argv)
-    from phoclip.errors import EXPECTED_ERRORS, one_line
+    from phoclip.errors import EXPECTED_ERRORS
     from phoclip.evaluation import format_references, format_table, source_slug
     from phoclip.fileio import atomic_write_json
     from phoclip.log import init_logger
@@ -118,10 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"results: {out}")
         return 0
     except EXPECTED_ERRORS as e:
-        msg = one_line(e)
-        print(f"evaluate: {msg}", file=sys.stderr)
-        record_refusal(msg)
-        return 2
+        return refuse("evaluate", e)
     finally:
         cleanup()
 
