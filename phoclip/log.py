@@ -8,7 +8,7 @@ from typing import Optional
 
 def init_logger(level: int = logging.INFO, rank: Optional[int] = None) -> None:
     """Console logging. `rank` (the launch layer reads it from the launcher, e.g.
-    `phoclip_train.distributed.launcher_rank()`): None for a single process; under a
+    `phoclip_cli.distributed.launcher_rank()`): None for a single process; under a
     launcher only rank 0 logs INFO, other ranks warnings and errors, each line prefixed
     with its rank (decided here, once, not with rank checks in the code)."""
     root = logging.getLogger()

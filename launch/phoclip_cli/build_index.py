@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from phoclip.manifest import check_shards_fit
     from phoclip.shards import count_samples, expand_urls
     from phoclip.text import load_tokenizer
-    from phoclip_train.distributed import cleanup, init_distributed, launcher_rank
+    from phoclip_cli.distributed import cleanup, init_distributed, launcher_rank
     from phoclip.loading import load_encoder
 
     init_logger(rank=launcher_rank())

@@ -53,7 +53,7 @@ def evaluate_benchmark(args: argparse.Namespace, model, tok_name: str, size: int
     """Recall on a published split straight from its annotation file (see the module doc)."""
     from phoclip.evaluation import benchmark_samples, reference_rows
     from phoclip.retrieval import embed_samples, gather_counts, gather_embeddings, retrieval_metrics
-    from phoclip_sharding.readers import SourceSpec, read_source
+    from phoclip.datasets import SourceSpec, read_source
 
     skipped: Counter = Counter()
     spec = SourceSpec.parse(args.benchmark)
@@ -85,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from phoclip.manifest import check_shards_fit
     from phoclip.shards import expand_urls
     from phoclip.text import load_tokenizer
-    from phoclip_train.distributed import cleanup, init_distributed, launcher_rank
+    from phoclip_cli.distributed import cleanup, init_distributed, launcher_rank
     from phoclip.loading import load_encoder
 
     init_logger(rank=launcher_rank())

@@ -86,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp", doc: Optiona
     from phoclip.log import init_logger
     from phoclip_train.config import ConfigError, describe_config, resolve_config
 
-    rank = os.environ.get("RANK")  # as phoclip_train.distributed.launcher_rank, without importing torch yet
+    rank = os.environ.get("RANK")  # as phoclip_cli.distributed.launcher_rank, without importing torch yet
     init_logger(rank=int(rank) if rank is not None and rank.strip().isdigit() else None)
     sources: dict = {}
     try:
@@ -113,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp", doc: Optiona
 def run_training(cfg) -> int:
     """Build, train and close the run of a resolved config; the exit code (see `main`)."""
     from phoclip.errors import EXPECTED_ERRORS, one_line
-    from phoclip_train.distributed import cleanup, init_distributed
+    from phoclip_cli.distributed import cleanup, init_distributed
     from phoclip_train.trainer import NonFiniteError, StoppedWaitingForData, Trainer
 
     info = init_distributed(cfg.train.device)

@@ -34,7 +34,7 @@ from phoclip.text import SEGMENTERS
 from phoclip_sharding.job import run_job
 from phoclip_sharding.merge import merge_parts
 from phoclip_sharding.output import is_url
-from phoclip_sharding.readers import MAX_ANNOTATION_BYTES, READERS
+from phoclip.datasets import MAX_ANNOTATION_BYTES, READERS
 from phoclip_sharding.record import brace_pattern, shard_patterns
 
 __all__ = ["brace_pattern", "build_parser", "console_main", "main", "parse_args", "shard_patterns"]

@@ -10,7 +10,7 @@ from collections import Counter
 
 from phoclip.images import MAX_FILE_BYTES
 from phoclip.text import normalize_text, strip_controls
-from phoclip_sharding.readers import SourceSpec, part_of, read_source
+from phoclip.datasets import SourceSpec, part_of, read_source
 from phoclip_sharding.store import JobStore
 from phoclip_sharding.writer import check_images
 

@@ -22,7 +22,7 @@ from phoclip_sharding.collect import collect
 from phoclip_sharding.merge import PART_DIR
 from phoclip_sharding.output import Output, default_staging, is_url
 from phoclip_sharding.plan import ShardPlan, claim_output
-from phoclip_sharding.readers import SourceSpec
+from phoclip.datasets import SourceSpec
 from phoclip_sharding.record import JobSettings, job_record, shard_patterns
 from phoclip_sharding.store import STORE_NAME, JobStore, lock_folder
 from phoclip_sharding.writer import TextSettings, make_pool, run_tasks
