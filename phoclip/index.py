@@ -22,6 +22,8 @@ logger = logging.getLogger(__name__)
 INDEX_META = "index.json"
 PATHS_RELATIVE = "relative to the index folder"  # index.json's `paths`: how item paths and the model are written
 NORM_TOLERANCE = 0.05  # |norm - 1| of a stored row; fp16 rounding stays under 1e-3
+MAX_META_BYTES = 16 << 20  # index.json
+MAX_ITEM_LINE = 1 << 20  # bytes of one line of images.jsonl / captions.jsonl
 
 
 @dataclass
@@ -41,23 +43,33 @@ class EmbeddingIndex:
         if not meta_f.is_file():
             raise FileNotFoundError(f"{folder} is not an index (no {INDEX_META}); build one with "
                                     "launch/build_index.py")
-        try:
-            self.meta = json.loads(meta_f.read_text(encoding="utf-8"))
+        from phoclip.fileio import read_regular
+
+        try:  # a regular file under a cap: a FIFO, a device or a huge file is refused unread
+            self.meta = json.loads(read_regular(meta_f, MAX_META_BYTES))
         except (OSError, ValueError, RecursionError) as e:
             raise ValueError(f"{meta_f}: unreadable ({type(e).__name__}: {e})") from None
         m = self.meta
         if (not isinstance(m, dict) or not isinstance(m.get("model_fingerprint"), str)
-                or not isinstance(m.get("model"), str) or not isinstance(m.get("dim"), int)
+                or not isinstance(m.get("model"), str) or not _count(m.get("dim"))
                 or not isinstance(m.get("count"), dict)):
             raise ValueError(f"{meta_f}: not an index description (model_fingerprint, model, dim, count)")
+        m["count"].setdefault("captions", 0)  # an index of images only may not say
+        for kind in ("images", "captions"):
+            if not _count(m["count"].get(kind), zero=True):
+                raise ValueError(f"{meta_f}: count.{kind} must be a non-negative integer, not "
+                                 f"{_short(m['count'].get(kind))}")
         # paths written relative to the index folder (indexes built since they are): resolved
         # here, so the index works from any directory and moved together with its images
         self.relative = m.get("paths") == PATHS_RELATIVE
         self.recorded_model = m["model"]
-        m["model"] = self.resolve_path(m["model"])
+        # where the model was found: "the index folder", "built_in" (the folder the index
+        # was built in), "as recorded" (an absolute path), or None: no model there
+        m["model"], self.model_found_via = self.resolve_model(m["model"])
         self._emb: dict[str, torch.Tensor] = {}
         self._bad: dict[str, torch.Tensor] = {}  # ids of rows skipped at load, per kind
         self._items: dict[str, list[dict]] = {}
+        self._recorded: dict[str, list[dict]] = {}  # the items' path keys as written
         self._faiss: dict = {}
 
     @property
@@ -107,6 +119,53 @@ class EmbeddingIndex:
         places = self.candidates(p)
         return next((c for c in places if os.path.exists(c)), places[0])
 
+    def resolve_model(self, p: str) -> tuple[str, Optional[str]]:
+        """The recorded model path as usable from here, and where it was found (see
+        `model_found_via`): the first candidate that holds a model (a model folder, a run
+        or checkpoint folder, an ONNX export), not merely something of that name."""
+        places = self.candidates(p)
+        vias = ["as recorded"] if len(places) == 1 and places[0] == p else ["the index folder", "built_in"]
+        for c, via in zip(places, vias):
+            if _is_model(c):
+                return c, via
+        return places[0], None
+
+    def model_line(self, given: Optional[str] = None) -> str:
+        """One line naming the model used and why: given on the command line, or what
+        the index recorded and where it was found."""
+        if given:
+            return f"model: {given} (given; the index recorded {self.recorded_model!r})"
+        via = self.model_found_via
+        how = "no model there" if via is None else "as recorded" if via == "as recorded" else f"found via {via}"
+        return f"model: {self.meta['model']} (recorded as {self.recorded_model!r} in {self.folder / INDEX_META}, {how})"
+
+    def image_roots(self) -> list[str]:
+        """The folders pictures of this index may be read from by default: the index
+        folder and the images folder recorded at build time (`images_root`; an index
+        written before it was recorded: its `source` when that is a folder here, else the
+        folder holding its images). A folder less than two levels deep (/, /home) is
+        never one: such an index's pictures outside its folder need serve --images-root."""
+        roots = [os.path.abspath(self.folder)]
+        if "images_root" in self.meta:
+            rec = self.meta["images_root"]
+            root = os.path.abspath(self.resolve_path(rec)) if isinstance(rec, str) and rec else None
+        else:
+            src = self.meta.get("source")
+            root = (os.path.abspath(src) if isinstance(src, str) and src and "://" not in src and os.path.isdir(src)
+                    else _images_root("", self.items("images")))
+        if root is not None and _deep_enough(root):
+            roots.append(root)
+        elif root is not None:
+            logger.warning("%s: the images folder %s is too broad to serve pictures from by default; "
+                           "name the folders with --images-root", self.folder / INDEX_META, root)
+        return roots
+
+    def recorded(self, kind: str, i: int) -> dict:
+        """Item `i` of `kind`'s path keys as the index recorded them (relative to the index
+        folder): what may be shown to others, where the resolved paths are local."""
+        self.items(kind)
+        return self._recorded[kind][i]
+
     def candidates(self, p: str) -> list[str]:
         """Where a recorded path may be, in the order `resolve_path` tries them."""
         if not self.relative or not p or os.path.isabs(p) or "://" in p or p.startswith("pipe:"):
@@ -120,21 +179,38 @@ class EmbeddingIndex:
     def items(self, kind: str) -> list[dict]:
         """The JSON item of each row of `kind`; its `path` and local `shard` usable from here."""
         if kind not in self._items:
+            from phoclip.shards import open_local
+
             f = self.folder / f"{kind}.jsonl"
-            out = []
+            want = self.meta["count"][kind]
+            out, recorded = [], []
             try:
-                with open(f, encoding="utf-8") as fh:
-                    for i, line in enumerate(fh, 1):
+                # a regular file only, opened without blocking (a FIFO would hang the
+                # service's start), read a line of at most MAX_ITEM_LINE bytes at a time
+                # and at most one line more than index.json counts (/dev/zero never ends)
+                with open_local(str(f)) as fh:
+                    while len(out) <= want:
+                        line = fh.readline(MAX_ITEM_LINE + 1)
+                        if not line:
+                            break
+                        if len(line) > MAX_ITEM_LINE:
+                            raise ValueError(f"line {len(out) + 1} is over {MAX_ITEM_LINE} bytes")
                         it = json.loads(line)
                         if not isinstance(it, dict):
-                            raise ValueError("not an object")
+                            raise ValueError(f"line {len(out) + 1} is not an object")
+                        recorded.append({k: it.get(k) for k in _path_keys(it)})
                         for k in _path_keys(it):
                             if isinstance(it.get(k), str):
                                 it[k] = self.resolve_path(it[k])
                         out.append(it)
+                    more = len(out) > want and bool(fh.readline(1))
             except (OSError, ValueError, RecursionError) as e:
                 raise ValueError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
+            if len(out) > want:  # counted up to one line over, not read to the end
+                raise ValueError(f"{f}: {'over ' if more else ''}{len(out)} lines for {want} embeddings "
+                                 f"({INDEX_META}'s count); the index is damaged: rebuild it")
             self._items[kind] = out
+            self._recorded[kind] = recorded
         return self._items[kind]
 
     def check_model(self, model) -> None:
@@ -180,6 +256,29 @@ class EmbeddingIndex:
             self._faiss[kind] = ix
         s, i = self._faiss[kind].search(np.ascontiguousarray(q.numpy()), k)
         return torch.from_numpy(s), torch.from_numpy(i)
+
+
+def _count(v, zero: bool = False) -> bool:
+    """Whether `v` is a count: an integer (not a bool), positive (or zero with `zero`)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= (0 if zero else 1)
+
+
+def _short(v) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:40] + "..."
+
+
+def _is_model(path: str) -> bool:
+    """Whether `path` holds a model `phoclip.loading.load_encoder` can load: a model
+    folder, a run folder (its model/ or checkpoints/), a checkpoint, an ONNX export."""
+    from phoclip.loading import model_folder
+
+    p = Path(path)
+    try:
+        return (model_folder(p) is not None or (p / "checkpoints").is_dir() or (p / "meta.json").is_file()
+                or (p.name == "onnx" and model_folder(p.parent) is not None))
+    except OSError:  # a name too long, a folder we may not read
+        return False
 
 
 def _bad_rows(x: torch.Tensor, f: Path, chunk: int = 65536) -> torch.Tensor:
@@ -254,6 +353,7 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
             json.dumps(it, ensure_ascii=False) + "\n" for it in items).encode("utf-8"))
     meta = {"model_fingerprint": model_fingerprint(model), "model": _relative(model_name, home),
             "paths": PATHS_RELATIVE, "built_in": home,
+            "images_root": _relative(_images_root(source, image_items), home),
             "dim": int(model.config["embed_dim"]), "source": source,
             "count": {"images": 0 if images is None else int(images.shape[0]),
                       "captions": 0 if captions is None else int(captions.shape[0])}}
@@ -265,6 +365,26 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
     shutil.rmtree(old, ignore_errors=True)
     fsync_dir(out.parent)
     return out
+
+
+def _images_root(source: str, items: list[dict]) -> Optional[str]:
+    """The folder the indexed pictures come from: `source` when it is a local folder,
+    else the folder holding every item's local file (shards)."""
+    if isinstance(source, str) and source and "://" not in source and os.path.isdir(source):
+        return os.path.abspath(source)
+    dirs = [os.path.dirname(os.path.abspath(v)) for it in items for k in _path_keys(it)
+            if isinstance(v := it.get(k), str) and v and "://" not in v and not v.startswith("pipe:")]
+    try:
+        root = os.path.commonpath(dirs) if dirs else None
+    except ValueError:  # mixed drives (Windows)
+        return None
+    return root if root is not None and _deep_enough(root) else None
+
+
+def _deep_enough(folder: str) -> bool:
+    """Whether `folder` is at least two levels deep (/data/photos, not / or /home): a
+    folder pictures may be served from without being named."""
+    return len(Path(os.path.abspath(folder)).parts) >= 3
 
 
 def _path_keys(item: dict) -> tuple:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from phoclip_cli.common import HelpFormatter
+
+logger = logging.getLogger("search")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,10 +72,10 @@ def _search(args: argparse.Namespace) -> int:
     from phoclip.loading import load_encoder
 
     index = EmbeddingIndex(args.index)
-    if not args.model and not os.path.exists(index.meta["model"]):
+    if not args.model and index.model_found_via is None:
         looked = " and ".join(index.candidates(index.recorded_model))
         raise FileNotFoundError(f"the index's model {index.recorded_model!r} (recorded in {Path(args.index) / 'index.json'}) "
-                                f"is not there (looked at {looked}); pass --model PATH to the model the index "
+                                f"holds no model (looked at {looked}); pass --model PATH to the model the index "
                                 "was built with")
     # the model the index names is loaded like any other: a model folder, or a
     # checkpoint verified weights-only before anything unpickles it
@@ -81,6 +83,7 @@ def _search(args: argparse.Namespace) -> int:
     model, tok_name = load_encoder(args.model or index.meta["model"], encoder)
     args.backend = "exact" if args.backend == "onnx" else args.backend
     index.check_model(model)
+    logger.info("%s", strip_controls(index.model_line(args.model)))  # which model answers, and why that one
     proc = query_processor(model, tok_name, args.segmenter, args.vncorenlp_dir)
     out: dict = {}
     if args.queries:

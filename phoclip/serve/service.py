@@ -6,13 +6,15 @@ import io
 import logging
 import os
 import threading
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from fastapi import HTTPException
 
+from phoclip.errors import one_line
 from phoclip.gallery import load_item_bytes
 from phoclip.images import decode_rgb
 from phoclip.index import EmbeddingIndex
@@ -24,6 +26,13 @@ logger = logging.getLogger(__name__)
 
 MAX_CACHED_BYTES = 64 << 20  # JPEGs kept in memory (thumbnails ~10 kB, detail photos ~100 kB)
 MAX_ITEM_CAPTIONS = 50  # the detail view lists at most so many captions of one image
+MAX_FAILED = 100_000  # items whose picture failed, remembered (not re-read on every request)
+FAILED_TTL = 600.0  # seconds a failure is remembered (a file put back is served again)
+
+
+class PictureUnavailable(LookupError):
+    """An indexed item's picture cannot be served (outside the allowed folders, missing,
+    broken, too large); logged once, when it first failed."""
 
 
 def decode_upload(data: bytes, max_decode_bytes: int):
@@ -54,9 +63,13 @@ class Service:
     checkpoint; its ONNX export with backend="onnx")."""
 
     def __init__(self, index_dir: str, model: Optional[str] = None, backend: str = "torch",
-                 device: str = "auto", vncorenlp_dir: Optional[str] = None) -> None:
+                 device: str = "auto", vncorenlp_dir: Optional[str] = None,
+                 images_roots: Sequence[str] = ()) -> None:
         import phoclip
 
+        for r in images_roots:
+            if not os.path.isdir(r):
+                raise NotADirectoryError(f"images root {r}: not a folder (serve --images-root)")
         self.backend = backend
         self.index = EmbeddingIndex(index_dir)
         name = model or self.index.meta["model"]
@@ -78,13 +91,22 @@ class Service:
                     self._captions_of.setdefault(i, []).append(_text(it.get("caption")))
         self.index_bytes = sum(f.stat().st_size for f in Path(index_dir).glob("*.npy") if f.is_file())
         self._probe(name, backend)
+        # which model answers, and why that one (an index names its model; said once it is loaded)
+        logger.info("%s", strip_controls(self.index.model_line(model)))
         self._pictures: OrderedDict = OrderedDict()
         self._pictures_lock = threading.Lock()
         self._cached_bytes = 0
+        # pictures are read only from under these folders (real paths: a link inside one
+        # that points elsewhere is outside); default: the index folder and the images folder
+        self.roots = [os.path.realpath(r) for r in (images_roots or self.index.image_roots())]
+        logger.info("pictures served from: %s", strip_controls(", ".join(self.roots)))
+        self._failed: OrderedDict = OrderedDict()  # item id -> (monotonic time, reason)
+        self.picture_failures: Counter = Counter()  # reason -> items refused
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Service":
-        return cls(settings.index, settings.model, settings.backend, settings.device, settings.vncorenlp_dir)
+        return cls(settings.index, settings.model, settings.backend, settings.device, settings.vncorenlp_dir,
+                   settings.images_roots)
 
     def _probe(self, name: str, backend: str) -> None:
         """One text and one image through the encoders: output that does not fit the
@@ -113,7 +135,13 @@ class Service:
     def _image_hit(self, rank: int, score: float, i: int) -> dict:
         it = self.items[i]
         return {"rank": rank, "score": round(score, 4), "id": i, "key": _text(it.get("key")),
-                "caption": _text(it.get("caption")), "path": _text(it.get("path")), "thumb": f"/thumb/{i}"}
+                "caption": _text(it.get("caption")), "path": self._shown_path(i), "thumb": f"/thumb/{i}"}
+
+    def _shown_path(self, i: int) -> str:
+        """Item `i`'s file as the index recorded it (relative to the index folder), never
+        the server's absolute path (a shard's item: its name in the source dataset)."""
+        it = self.items[i]
+        return _text(it.get("path") if it.get("shard") else self.index.recorded("images", i).get("path"))
 
     def _image_hits(self, emb: torch.Tensor, k: int, offset: int = 0, exclude: Optional[int] = None) -> list[dict]:
         """Ranks offset+1.. of the images nearest `emb`: one hit per picture (an image
@@ -161,7 +189,7 @@ class Service:
                 caps.append(c)
         shard = _text(it.get("shard"))
         # a shard's item records its source's path, not a file here: the shard is where it is
-        return {"id": i, "key": _text(it.get("key")), "path": "" if shard else _text(it.get("path")),
+        return {"id": i, "key": _text(it.get("key")), "path": "" if shard else self._shown_path(i),
                 "shard": os.path.basename(shard), "source": _text(it.get("source")),
                 "captions": caps[:MAX_ITEM_CAPTIONS],
                 "thumb": f"/thumb/{i}", "photo": f"/photo/{i}"}
@@ -194,7 +222,26 @@ class Service:
         data = self.cached_picture(i, size)
         if data is not None:
             return data
-        im = decode_upload(load_item_bytes(self.items[i], max_bytes=max_source), max_decode_bytes)
+        with self._pictures_lock:
+            failed = self._failed.get(i)
+            if failed is not None and time.monotonic() - failed[0] < FAILED_TTL:
+                raise PictureUnavailable(failed[1])
+        try:
+            self._check_root(i)
+            im = decode_upload(load_item_bytes(self.items[i], max_bytes=max_source), max_decode_bytes)
+        except Exception as e:  # noqa: BLE001 -- a moved, broken, oversized or foreign file: this item fails
+            reason = str(getattr(e, "reason", None) or type(e).__name__)  # BadImage's reason, else the error's type
+            why = one_line(e) if isinstance(getattr(e, "reason", None), str) else f"{type(e).__name__}: {one_line(e)}"
+            why = strip_controls(why).replace("\n", " ")[:300]
+            with self._pictures_lock:
+                self._failed[i] = (time.monotonic(), why)
+                self._failed.move_to_end(i)
+                while len(self._failed) > MAX_FAILED:
+                    self._failed.popitem(last=False)
+                self.picture_failures[reason] += 1
+            logger.warning("no %s for item %d: %s (not retried for %.0f s)", "thumbnail" if size <= THUMB_SIZE else "photo",
+                           i, why, FAILED_TTL)
+            raise PictureUnavailable(why) from None
         im.thumbnail((size, size))
         buf = io.BytesIO()
         im.save(buf, format="JPEG", quality=85 if size <= THUMB_SIZE else 90)
@@ -206,6 +253,20 @@ class Service:
             while self._cached_bytes > MAX_CACHED_BYTES:  # oldest first
                 self._cached_bytes -= len(self._pictures.popitem(last=False)[1])
         return data
+
+    def _check_root(self, i: int) -> None:
+        """Refuse item `i` when its file (or shard) is not under one of `self.roots`."""
+        from phoclip.images import BadImage
+        from phoclip.shards import is_remote
+
+        it = self.items[i]
+        f = it.get("shard") or it.get("path")
+        if not isinstance(f, str) or not f or is_remote(f):
+            return  # nothing local to read here (load_item_bytes refuses remote and pipe: shards)
+        real = os.path.realpath(f)
+        if not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in self.roots):
+            raise BadImage("outside_roots", f"{f} is outside the folders pictures are served from "
+                                            "(serve --images-root)")
 
     def photo(self, i: int, max_source: int, max_decode_bytes: int) -> bytes:
         return self.thumbnail(i, max_source, max_decode_bytes, PHOTO_SIZE)

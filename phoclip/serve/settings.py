@@ -55,6 +55,9 @@ class Settings(BaseModel):
     included); refused from its header, before decoding, over it"""
     max_thumb_source: int = Field(32 * 1024 * 1024, gt=0)
     """bytes read for one thumbnail's source (a file or a shard member); more: 404, logged"""
+    images_roots: tuple[str, ...] = ()
+    """folders pictures are served from (an item whose file resolves elsewhere, links
+    followed: 404, logged); default: the index folder and the images folder it was built from"""
     cpu_jobs: int = Field(default_factory=_cpu_jobs, ge=1)
     """decodes and embeddings at once, in worker threads (never on the event loop)"""
     cpu_queue: int = Field(64, ge=0)

@@ -8,6 +8,7 @@ from fastapi.responses import Response
 from phoclip.errors import one_line
 from phoclip.serve.deps import JobsDep, ServiceDep, SettingsDep, indexed
 from phoclip.serve.models import BUSY, ERR, JPEG, Item
+from phoclip.serve.service import PictureUnavailable
 from phoclip.text import strip_controls
 
 logger = logging.getLogger(__name__)
@@ -20,6 +21,8 @@ async def _picture(service, settings, jobs, item_id: int, what: str, make) -> Re
         data = await jobs.run(make, item_id, settings.max_thumb_source, settings.max_decode_bytes)
     except HTTPException:
         raise
+    except PictureUnavailable:  # logged by the service when it first failed
+        raise HTTPException(404, f"{what} unavailable") from None
     except Exception as e:  # a moved, broken or oversized file: the item, not the service, fails
         logger.warning("no %s for item %d: %s", what, item_id, strip_controls(one_line(e))[:300])
         raise HTTPException(404, f"{what} unavailable") from None
