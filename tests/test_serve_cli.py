@@ -35,7 +35,8 @@ def test_settings_are_checked_and_a_bad_flag_is_named(capsys):
     with pytest.raises(ValidationError):  # frozen: one value for the whole service
         Settings().port = 1
     for argv, flag in ((["--max-upload-mb", "0"], "--max-upload-mb"), (["--cpu-jobs", "0"], "--cpu-jobs"),
-                       (["--header-timeout", "-1"], "--header-timeout"), (["--port", "70000"], "--port")):
+                       (["--header-timeout", "-1"], "--header-timeout"), (["--port", "70000"], "--port"),
+                       (["--images-root", "/nowhere/at/all"], "--images-root")):
         with pytest.raises(SystemExit) as e:
             main(["--index", "nowhere", *argv])
         err = capsys.readouterr().err.strip().splitlines()[-1]

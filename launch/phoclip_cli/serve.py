@@ -32,7 +32,7 @@ logger = logging.getLogger("serve")
 MB = 1 << 20
 # settings given in other units on the command line
 _FLAG_OF = {"max_upload": "--max-upload-mb", "max_decode_bytes": "--max-decode-mb",
-            "max_thumb_source": "--max-thumb-source-mb"}
+            "max_thumb_source": "--max-thumb-source-mb", "images_roots": "--images-root"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-decode-mb", type=float, default=d.max_decode_bytes / MB,
                    help="MB of memory one image may take to decode; larger images are refused from their "
                         "header, unread")
+    p.add_argument("--images-root", action="append", metavar="DIR",
+                   help="a folder pictures are served from (repeatable); an item whose file resolves elsewhere, "
+                        "links followed, gets 404, logged once (default: the index folder and the images folder "
+                        "it was built from)")
     p.add_argument("--max-thumb-source-mb", type=float, default=d.max_thumb_source / MB,
                    help="MB read for one thumbnail's source file or shard member (more: 404, logged)")
     for field, kind in (("cpu_jobs", int), ("cpu_queue", int), ("cpu_wait", float), ("header_timeout", float),
@@ -96,7 +100,8 @@ def settings_from_args(args: argparse.Namespace):
     return Settings(index=args.index, model=args.model, backend=args.backend, device=args.device,
                     vncorenlp_dir=args.vncorenlp_dir, host=args.host, port=args.port,
                     max_upload=int(args.max_upload_mb * MB), max_decode_bytes=int(args.max_decode_mb * MB),
-                    max_thumb_source=int(args.max_thumb_source_mb * MB), cpu_jobs=args.cpu_jobs,
+                    max_thumb_source=int(args.max_thumb_source_mb * MB), images_roots=tuple(args.images_root or ()),
+                    cpu_jobs=args.cpu_jobs,
                     cpu_queue=args.cpu_queue, cpu_wait=args.cpu_wait, header_timeout=args.header_timeout,
                     body_timeout=args.body_timeout, max_connections=args.max_connections, **extra)
 

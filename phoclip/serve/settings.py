@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_QUERY_CHARS = 512
 MAX_UPLOAD_PIXELS = 40_000_000
@@ -58,6 +58,16 @@ class Settings(BaseModel):
     images_roots: tuple[str, ...] = ()
     """folders pictures are served from (an item whose file resolves elsewhere, links
     followed: 404, logged); default: the index folder and the images folder it was built from"""
+
+    @field_validator("images_roots")
+    @classmethod
+    def _folders(cls, roots: tuple[str, ...]) -> tuple[str, ...]:
+        import os
+
+        bad = [r for r in roots if not os.path.isdir(r)]
+        if bad:
+            raise ValueError(f"not a folder: {', '.join(bad)}")
+        return roots
     cpu_jobs: int = Field(default_factory=_cpu_jobs, ge=1)
     """decodes and embeddings at once, in worker threads (never on the event loop)"""
     cpu_queue: int = Field(64, ge=0)
