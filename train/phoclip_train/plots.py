@@ -31,6 +31,10 @@ CURVES_NAME = "curves.png"
 MAX_LINE_BYTES = 1 << 20
 # Points per curve: a long run has millions of logged steps; the picture cannot show more
 MAX_POINTS = 4000
+# Curves per panel (learning-rate groups, evaluation sets): more are not drawn, and said
+MAX_SERIES = 16
+# |values| beyond this are not a loss or a rate (matplotlib cannot lay out their axis)
+MAX_ABS_VALUE = 1e30
 RECALL_KEYS = ("t2i_R@1", "i2t_R@1", "t2i_R@5", "i2t_R@5", "t2i_R@10", "i2t_R@10")
 
 
@@ -57,14 +61,16 @@ class RunMetrics:
             v = rows[s].get(key)
             if sub is not None:
                 v = v.get(sub) if isinstance(v, dict) else None
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+                    and abs(v) <= MAX_ABS_VALUE:
                 xs.append(s)
                 ys.append(float(v))
         return xs, ys
 
     @property
     def val_kinds(self) -> list[str]:
-        return sorted(k for k in self.by_kind if k == "val" or k.startswith("val_"))
+        """The evaluation sets, at most MAX_SERIES of them (the first by name)."""
+        return sorted(k for k in self.by_kind if k == "val" or k.startswith("val_"))[:MAX_SERIES]
 
 
 def read_metrics(path: str | os.PathLike) -> RunMetrics:
@@ -85,10 +91,15 @@ def read_metrics(path: str | os.PathLike) -> RunMetrics:
         raise PlotError(f"{path}: not a regular file")
     out = RunMetrics()
     with os.fdopen(fd, "rb") as f:
-        for raw in f:
+        while raw := f.readline(MAX_LINE_BYTES + 1):  # bounded: never a whole huge line in memory
+            if len(raw) > MAX_LINE_BYTES:  # not one of ours: skip the rest of it, in bounded reads
+                while raw and not raw.endswith(b"\n"):
+                    raw = f.readline(MAX_LINE_BYTES)
+                out.skipped_lines += 1
+                continue
             # a line without its newline is the one the trainer is writing now (or was
             # writing when it was killed): never trust it
-            if not raw.endswith(b"\n") or len(raw) > MAX_LINE_BYTES:
+            if not raw.endswith(b"\n"):
                 out.skipped_lines += 1
                 continue
             try:
@@ -118,11 +129,13 @@ def _thin(xs: list[int], ys: list[float]) -> tuple[list[int], list[float]]:
 def _lr_groups(m: RunMetrics) -> list[str]:
     """The learning-rate groups to draw: a `_no_decay` twin is drawn only when its curve
     differs from its group's (it shares the rate in every shipped config)."""
-    names: list[str] = []
+    seen: dict[str, None] = {}  # insertion-ordered set
     for row in m.by_kind.get("train", {}).values():
-        for g in row.get("lrs") or {}:
-            if g not in names:
-                names.append(g)
+        lrs = row.get("lrs")
+        for g in lrs if isinstance(lrs, dict) else ():
+            if isinstance(g, str) and len(seen) < MAX_SERIES:
+                seen.setdefault(g)
+    names = list(seen)
     keep = []
     for g in names:
         base = g[:-len("_no_decay")] if g.endswith("_no_decay") else None
@@ -130,6 +143,11 @@ def _lr_groups(m: RunMetrics) -> list[str]:
             continue
         keep.append(g)
     return keep
+
+
+def _label(text: str) -> str:
+    """A legend entry as plain text: matplotlib reads $...$ as math (and fails on bad math)."""
+    return text[:80].replace("$", r"\$")
 
 
 def _empty(ax, text: str) -> None:
@@ -163,7 +181,7 @@ def _draw(m: RunMetrics, title: str):
 
     groups = _lr_groups(m)
     for g in groups:
-        ax_lr.plot(*_thin(*m.series("train", "lrs", g)), lw=1, label=g)
+        ax_lr.plot(*_thin(*m.series("train", "lrs", g)), lw=1, label=_label(g))
     if not groups:
         xs, ys = m.series("train", "lr")
         if xs:
@@ -204,7 +222,7 @@ def _draw(m: RunMetrics, title: str):
         for key in RECALL_KEYS[:2] if len(m.val_kinds) > 1 else RECALL_KEYS:
             vx, vy = m.series(kind, key)
             if vx:
-                ax_val.plot(vx, vy, marker="o", ms=3, lw=1, label=f"{name}{key}")
+                ax_val.plot(vx, vy, marker="o", ms=3, lw=1, label=_label(f"{name}{key}"))
                 drawn += 1
     if drawn:
         ax_val.set_ylabel("recall (%)")
@@ -272,6 +290,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         path = render_curves(args.run_dir, args.out)
     except (PlotError, OSError) as e:
         print(f"phoclip-plot: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # what matplotlib refuses to draw: one line, not its traceback
+        print(f"phoclip-plot: {args.run_dir}: cannot draw these metrics ({type(e).__name__}: {e})"[:500],
+              file=sys.stderr)
         return 1
     print(path)
     return 0
