@@ -177,11 +177,11 @@ class TextPacking(NamedTuple):
 def pack_captions(input_ids: torch.Tensor, pad_id: int, position_style: str = "roberta",
                   row_tokens: Optional[int] = None) -> TextPacking:
     """Pack a batch's captions end to end into rows (best fit, longest first), so one
-    text-tower forward computes about the real tokens (~0.95-0.98 of them at realistic
-    lengths) instead of every caption at the batch's longest. The rows are as wide as
+    text-tower forward computes about the real tokens instead of every caption at the
+    batch's longest (fill and speed: bench/RESULTS.md, #28). The rows are as wide as
     the trimmed batch (its longest caption rounded up to 8) unless `row_tokens` is
     wider: each token's attention then spans no more than it did trimmed (wider rows
-    filled no better: 0.95 / 0.98 / 0.98 real at batch 64 / 256 / 512 with 128 tokens).
+    filled no better).
 
     Exact: a block-diagonal attention mask keeps each caption's attention on its own
     real tokens, its position ids are those of its padded row (`position_style`, see

@@ -110,7 +110,8 @@ class UndertheseaSegmenter:
 
 
 class PyviSegmenter:
-    """pyvi's CRF segmenter: about 3x faster than underthesea, slightly less accurate."""
+    """pyvi's CRF segmenter: faster than underthesea, slightly less accurate
+    (bench/RESULTS.md, sharding)."""
 
     name = "pyvi"
 

@@ -65,14 +65,18 @@ def test_yaml_syntax_errors_are_one_line_naming_the_key_or_file_and_how_to_quote
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="expected a mapping of config groups"):
         resolve_config(str(bad))
-    # the README's example, as written there, resolves (a shard folder needs no quotes)
+    # the docs' examples, as written there, resolve (a shard folder needs no quotes; a
+    # brace pattern is quoted inside the YAML)
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    example = re.search(r"`(train\.eval_sets='[^`]*')`", readme).group(1)
-    key, value = example.split("=", 1)
-    assert resolve_config(None, [f"{key}={value.strip(chr(39))}"]).train.eval_sets
+    root = Path(__file__).parents[1]
+    for page in ("README.md", "docs/evaluation.md"):
+        examples = re.findall(r"(train\.eval_sets='[^']*')", (root / page).read_text())
+        assert examples, page
+        for example in examples:
+            key, value = example.split("=", 1)
+            assert resolve_config(None, [f"{key}={value.strip(chr(39))}"]).train.eval_sets, (page, example)
 
 
 def test_a_deepspeed_precision_mismatch_is_refused_before_anything_is_built(tmp_path):

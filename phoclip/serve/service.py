@@ -24,7 +24,7 @@ from phoclip.text import strip_controls
 
 logger = logging.getLogger(__name__)
 
-MAX_CACHED_BYTES = 64 << 20  # JPEGs kept in memory (thumbnails ~10 kB, detail photos ~100 kB)
+MAX_CACHED_BYTES = 64 << 20  # JPEGs kept in memory (thumbnails and detail photos)
 MAX_ITEM_CAPTIONS = 50  # the detail view lists at most so many captions of one image
 MAX_FAILED = 100_000  # items whose picture failed, remembered (not re-read on every request)
 FAILED_TTL = 600.0  # seconds a failure is remembered (a file put back is served again)

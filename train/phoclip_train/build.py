@@ -155,8 +155,8 @@ def build_engine(cfg: RunConfig, dist: DistInfo, model) -> Engine:
         opt, sched = build_optimizer(model, cfg.optim, t.max_steps, fused=None)
         return DeepSpeedEngine(model, opt, sched, cfg=cfg, device=dist.device, world_size=dist.world_size)
     model.to(dist.device)
-    # fused: one kernel for all parameters (+2% samples/s at batch 256 on an H200,
-    # bench/RESULTS.md), and it takes the skip decision as a device tensor (no host sync)
+    # fused: one kernel for all parameters (measured in bench/RESULTS.md), and it takes
+    # the skip decision as a device tensor (no host sync)
     opt, sched = build_optimizer(model, cfg.optim, t.max_steps, fused=True)
     return DDPEngine(model, opt, sched, precision=t.precision, grad_clip=t.grad_clip,
                      device=dist.device, world_size=dist.world_size, rank=dist.rank)
