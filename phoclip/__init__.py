@@ -1,7 +1,7 @@
 """PhoCLIP: a Vietnamese CLIP (ResNet50 + PhoBERT) and the library its pipeline uses.
 
     import phoclip
-    model = phoclip.load("runs/demo/export")
+    model = phoclip.load("demo_out/run")
     img = model.embed_images(["photo.jpg"])
     txt = model.embed_texts(["Một con chó chạy trên bãi cỏ"])
     print(model.similarity(img, txt))

@@ -1,7 +1,7 @@
 """The Python API: load a trained model and embed photos and Vietnamese sentences.
 
     import phoclip
-    model = phoclip.load("runs/demo/export")                  # or a run/checkpoint folder; backend="onnx"
+    model = phoclip.load("demo_out/run")                  # or a run/checkpoint folder; backend="onnx"
     img = model.embed_images(["photo.jpg"])                   # paths or PIL images -> [n, d], L2-normalised
     txt = model.embed_texts(["Một con chó chạy trên bãi cỏ"]) # raw Vietnamese
     print(model.similarity(img, txt))                         # cosine matrix [n_images, n_texts]
