@@ -42,6 +42,24 @@ def part_of(key: str, num_parts: int) -> int:
     return int(h[:16], 16) % num_parts
 
 
+def _source_options(spec: str, opts: list[str], fields: tuple[str, ...]) -> tuple[dict, dict]:
+    """A --source's `key=value` options: (SourceSpec fields among `fields` and split,
+    the reader's own options)."""
+    kw: dict = {}
+    extra: dict = {}
+    for o in opts:
+        if "=" not in o:
+            raise ValueError(f"--source {spec!r}: option {o!r} is not key=value")
+        k, v = o.split("=", 1)
+        if k == "split" and v not in ("train", "val"):
+            raise ValueError(f"--source {spec!r}: split must be train or val, not {v!r}")
+        if k == "split" or k in fields:
+            kw[k] = v
+        else:
+            extra[k] = v
+    return kw, extra
+
+
 @dataclass
 class Record:
     source: str           # the source's name (its format, or the name given)
@@ -107,20 +125,7 @@ class SourceSpec:
         img_dir = Path(parts[2]) if len(parts) == 3 and parts[2] else None
         if img_dir is not None and not img_dir.is_dir():
             raise FileNotFoundError(f"--source {spec!r}: image folder {img_dir} does not exist")
-        kw: dict = {}
-        extra: dict = {}
-        for o in opts:
-            if "=" not in o:
-                raise ValueError(f"--source {spec!r}: option {o!r} is not key=value")
-            k, v = o.split("=", 1)
-            if k == "split":
-                if v not in ("train", "val"):
-                    raise ValueError(f"--source {spec!r}: split must be train or val, not {v!r}")
-                kw["split"] = v
-            elif k in ("name", "image_field", "caption_field", "encoding"):
-                kw[k] = v
-            else:
-                extra[k] = v
+        kw, extra = _source_options(spec, opts, ("name", "image_field", "caption_field", "encoding"))
         return cls(fmt, ann, img_dir, options=extra, **kw)
 
     @classmethod
@@ -131,20 +136,7 @@ class SourceSpec:
         segs = rest.split(",")
         k = next((i for i, x in enumerate(segs) if i and "=" in x), len(segs))
         head, opts = ",".join(segs[:k]), segs[k:]
-        kw: dict = {}
-        extra: dict = {}
-        for o in opts:
-            if "=" not in o:
-                raise ValueError(f"--source {spec!r}: option {o!r} is not key=value")
-            key, v = o.split("=", 1)
-            if key == "split":
-                if v not in ("train", "val"):
-                    raise ValueError(f"--source {spec!r}: split must be train or val, not {v!r}")
-                kw["split"] = v
-            elif key in ("name", "image_field", "caption_field"):
-                kw[key] = v
-            else:
-                extra[key] = v
+        kw, extra = _source_options(spec, opts, ("name", "image_field", "caption_field"))
         if fmt == "wds":
             if not head:
                 raise ValueError(f"--source {spec!r}: expected wds:PATTERN (e.g. data/{{00000..00009}}.tar)")
