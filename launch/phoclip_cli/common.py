@@ -47,14 +47,27 @@ def record_refusal(message: str, exit_code: int = 2) -> None:
         pass
 
 
+def read_lines(path: str, max_bytes: int = 1 << 20) -> list[str]:
+    """The non-blank lines of a small UTF-8 text file someone hands a command (tags,
+    labels): a regular file under `max_bytes`, else a one-line refusal naming it."""
+    from phoclip.fileio import read_regular
+
+    try:
+        text = read_regular(path, max_bytes).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def refuse(prog: str, error: BaseException) -> int:
     """An expected error of command `prog`: one line on stderr (and in torchrun's error
-    file), exit status 2."""
+    file), exit status 2. Every command ends its refusals here."""
     import sys
 
     from phoclip.errors import one_line
+    from phoclip.text import strip_controls
 
-    msg = one_line(error)
+    msg = strip_controls(one_line(error))  # a file name or caption from outside: no terminal controls
     print(f"{prog}: {msg}", file=sys.stderr)
     record_refusal(msg)
     return 2

@@ -91,9 +91,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     init_logger(rank=launcher_rank())
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{source_slug(args.benchmark, args.shards, args.split)}.json"
     if out.exists() and not args.force:
-        print(f"evaluate: {out} exists (results of an earlier evaluation); pass --force to overwrite it, "
-              "or --out elsewhere", file=sys.stderr)
-        return 2
+        return refuse("evaluate", FileExistsError(f"{out} exists (results of an earlier evaluation); pass --force "
+                                                  "to overwrite it, or --out elsewhere"))
     info = init_distributed(args.device)
     try:
         model, tok_name = load_encoder(args.model, device=info.device)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from phoclip_cli.common import HelpFormatter
+from phoclip_cli.common import HelpFormatter, read_lines, refuse
 
 logger = logging.getLogger("search")
 
@@ -45,9 +45,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Search and print the results (a table, or JSON); 2 with one line when refused."""
     p = build_parser()
     args = p.parse_args(argv)
-    from phoclip.errors import EXPECTED_ERRORS, one_line
+    from phoclip.errors import EXPECTED_ERRORS
     from phoclip.log import init_logger
-    from phoclip.text import strip_controls
 
     init_logger()
     if not (args.queries or args.image or args.tags):
@@ -58,8 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _search(args)
     except EXPECTED_ERRORS as e:
-        print(f"search: {strip_controls(one_line(e))}", file=sys.stderr)
-        return 2
+        return refuse("search", e)
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -121,10 +119,10 @@ def _search(args: argparse.Namespace) -> int:
                     print(f"{m.rank:>4} {m.score:7.3f}  {_shown(m.item.get('caption'))}  "
                           f"[{_shown(src.get('path') or src.get('key') or '?')}]")
     if args.tags:
-        tags = [t.strip() for t in Path(args.tags).read_text(encoding="utf-8").splitlines() if t.strip()]
+        tags = read_lines(args.tags)
         top = zero_shot_tags(model, index, tags, proc, DEFAULT_TEMPLATES, args.k)
         items = index.items("images")
-        out["tags"] = {it["path"] or it["key"]: t for it, t in zip(items, top)}
+        out["tags"] = {it.get("path") or it.get("key"): t for it, t in zip(items, top)}
         if not args.json:
             print(f"top {args.k} of {len(tags)} tags per image (cosine similarity of the image and the tag's "
                   "prompts; higher is closer, compare within an image):")
@@ -132,8 +130,8 @@ def _search(args: argparse.Namespace) -> int:
                 print(f"{_shown(it.get('path') or it.get('key'))}: "
                       + (", ".join(f"{_shown(g)} (cos {s:.2f})" for g, s in t) or "(skipped: damaged index row)"))
         if args.labels:
-            lab = dict(l.split("\t", 1) for l in Path(args.labels).read_text(encoding="utf-8").splitlines() if "\t" in l)
-            pairs = [(t[0][0], lab.get(it["path"], lab.get(it["key"]))) for it, t in zip(items, top) if t]
+            lab = dict(l.split("\t", 1) for l in read_lines(args.labels, 64 << 20) if "\t" in l)
+            pairs = [(t[0][0], lab.get(it.get("path"), lab.get(it.get("key")))) for it, t in zip(items, top) if t]
             pairs = [(a, b.strip()) for a, b in pairs if b is not None]
             acc = zero_shot_accuracy([a for a, _ in pairs], [b for _, b in pairs])
             out["zero_shot_accuracy"] = acc

@@ -6,13 +6,8 @@
 The model and the index are loaded once (GPU when present; `--backend onnx` runs the
 encoders on onnxruntime) and probed: a model whose embeddings do not fit the index is
 refused at start, not with a 500 for every query. The page keeps its query in the URL
-(?q=, ?like=ID, &item=ID), so results can be shared. The API (schema: /openapi.json):
-    GET|HEAD /health                     status, index size, backend, model fingerprint
-    GET  /search?q=TEXT&k=24&offset=0    text → image
-    POST /search/image (multipart 'file') image → text (shard indexes) and image → image
-    GET  /items/ID, /items/ID/similar    an indexed image's captions and source; more like it
-    GET  /tags, POST /tags               the tag vocabulary (--tags); zero-shot tags of a 'file' or an 'id'
-    GET  /thumb/ID, /photo/ID            JPEGs of indexed image ID (only indexed items)
+(?q=, ?like=ID, &item=ID), so results can be shared. The routes: phoclip.serve's
+docstring, and /openapi.json of a running service.
 Every request is untrusted: bodies are capped as they stream, images are refused before
 decoding past --max-decode-mb, decoding and embedding run in at most --cpu-jobs worker
 threads (past --cpu-queue waiting jobs or --cpu-wait seconds: 503 with Retry-After), and
@@ -26,6 +21,8 @@ import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+from phoclip_cli.common import read_lines, refuse
 
 logger = logging.getLogger("serve")
 
@@ -78,14 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 def read_tags(path: str) -> tuple[str, ...]:
     """One tag a line (blank lines skipped); refused in one line naming the file when it
     is unreadable, empty or has too many or too long tags."""
-    from phoclip.fileio import read_regular
     from phoclip.serve.settings import MAX_QUERY_CHARS, MAX_TAGS
 
-    try:
-        text = read_regular(path, 1 << 20).decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
-    tags = tuple(dict.fromkeys(t.strip() for t in text.splitlines() if t.strip()))
+    tags = tuple(dict.fromkeys(read_lines(path)))
     if not 0 < len(tags) <= MAX_TAGS or any(len(t) > MAX_QUERY_CHARS for t in tags):
         raise ValueError(f"{path}: give 1..{MAX_TAGS} tags, one per line, each under {MAX_QUERY_CHARS} characters "
                          f"(it has {len(tags)})")
@@ -132,8 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         service = Service.from_settings(settings)
     except EXPECTED_ERRORS as e:
-        print(f"serve: {strip_controls(one_line(e))}", file=sys.stderr)
-        return 2
+        return refuse("serve", e)
     raise_open_files_limit()
     server = make_server(create_app(service, settings), settings)
     logger.info("serving %d images of %s on http://%s:%d/ (%s)", len(service.items), Path(settings.index),

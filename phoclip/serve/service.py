@@ -178,6 +178,10 @@ class Service:
                                for m in caption_matches(self.index, emb, k)[0]]
         return out
 
+    def key(self, i: int) -> str:
+        """Indexed image `i`'s key (its name in the index)."""
+        return _text(self.items[i].get("key"))
+
     def item(self, i: int) -> dict:
         """Indexed image `i`: key, path, source and its distinct captions."""
         it = self.items[i]
@@ -230,8 +234,9 @@ class Service:
             self._check_root(i)
             im = decode_upload(load_item_bytes(self.items[i], max_bytes=max_source), max_decode_bytes)
         except Exception as e:  # noqa: BLE001 -- a moved, broken, oversized or foreign file: this item fails
-            reason = str(getattr(e, "reason", None) or type(e).__name__)  # BadImage's reason, else the error's type
-            why = one_line(e) if isinstance(getattr(e, "reason", None), str) else f"{type(e).__name__}: {one_line(e)}"
+            r = getattr(e, "reason", None)  # BadImage's reason, else the error's type
+            reason = r if isinstance(r, str) and r else type(e).__name__
+            why = one_line(e) if isinstance(r, str) else f"{type(e).__name__}: {one_line(e)}"
             why = strip_controls(why).replace("\n", " ")[:300]
             with self._pictures_lock:
                 self._failed[i] = (time.monotonic(), why)

@@ -58,16 +58,6 @@ class Settings(BaseModel):
     images_roots: tuple[str, ...] = ()
     """folders pictures are served from (an item whose file resolves elsewhere, links
     followed: 404, logged); default: the index folder and the images folder it was built from"""
-
-    @field_validator("images_roots")
-    @classmethod
-    def _folders(cls, roots: tuple[str, ...]) -> tuple[str, ...]:
-        import os
-
-        bad = [r for r in roots if not os.path.isdir(r)]
-        if bad:
-            raise ValueError(f"not a folder: {', '.join(bad)}")
-        return roots
     cpu_jobs: int = Field(default_factory=_cpu_jobs, ge=1)
     """decodes and embeddings at once, in worker threads (never on the event loop)"""
     cpu_queue: int = Field(64, ge=0)
@@ -82,3 +72,11 @@ class Settings(BaseModel):
     """seconds from a request's head to the end of its body"""
     max_connections: int = Field(1024, ge=1)
     """open connections; past it the one waiting longest for a request head is closed"""
+
+    @field_validator("images_roots")
+    @classmethod
+    def _folders(cls, roots: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [r for r in roots if not os.path.isdir(r)]
+        if bad:
+            raise ValueError(f"not a folder: {', '.join(bad)}")
+        return roots

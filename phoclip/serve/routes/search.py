@@ -31,5 +31,5 @@ async def similar(item_id: int, service: ServiceDep, jobs: JobsDep, k: int = Que
                   offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
     if not service.usable(indexed(service, item_id)):
         raise HTTPException(404, "this image's index row is damaged")
-    return {"query": service.item(item_id)["key"], "offset": offset,
+    return {"query": service.key(item_id), "offset": offset,
             "results": await jobs.run(service.similar, item_id, k, offset)}
