@@ -24,30 +24,53 @@ import torch
 
 from phoclip.checkpoints import DS_TAG
 from phoclip.errors import CheckpointError
-from phoclip.fileio import atomic_write_json
+from phoclip.fileio import atomic_write_json, read_regular
 from phoclip_train.config import ConfigError
+from phoclip_train.distributed import barrier
 from phoclip_train.engine import Engine
 
 logger = logging.getLogger(__name__)
 
+MAX_JSON_BYTES = 16 << 20  # a DeepSpeed JSON or state summary is kilobytes
 STATE_FILE = "deepspeed_state.json"  # beside DS_TAG: layout + fingerprint of the saved state
 _KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def _block(ds: dict, *names: str) -> dict:
+    """A precision block of a DeepSpeed JSON ("fp16", "bf16" or its "bfloat16" spelling,
+    "torch_autocast"): an object, or absent; anything else is a ConfigError."""
+    for name in names:
+        if name in ds:
+            if not isinstance(ds[name], dict):
+                raise ConfigError(f"\"{name}\" must be an object such as {{\"enabled\": true}}")
+            return ds[name]
+    return {}
+
+
+def ds_precision(ds: dict) -> tuple[str, Optional[torch.dtype]]:
+    """(train.precision the JSON trains in, the dtype DeepSpeed casts the weights to:
+    fp16 and a "bf16" block do, torch_autocast keeps them fp32)."""
+    if _block(ds, "fp16").get("enabled"):
+        return "fp16", torch.float16
+    if _block(ds, "bf16", "bfloat16").get("enabled"):
+        return "bf16", torch.bfloat16
+    return ("bf16" if _block(ds, "torch_autocast").get("enabled") else "fp32"), None
 
 
 def ds_checks_overflow(ds_config: dict, zero_stage: int) -> bool:
     """Whether DeepSpeed (0.19) finds non-finite gradients itself and skips the step: fp16
     (its loss scaler, every stage), and a "bf16" block under ZeRO-1/2 (check_grad_overflow,
     default true). Not: fp32, torch_autocast bf16 (the shipped bf16 JSONs), ZeRO-3 bf16."""
-    if ds_config.get("fp16", {}).get("enabled"):
+    if _block(ds_config, "fp16").get("enabled"):
         return True
-    bf16 = ds_config.get("bf16", ds_config.get("bfloat16", {}))
+    bf16 = _block(ds_config, "bf16", "bfloat16")
     return bool(bf16.get("enabled")) and bool(bf16.get("check_grad_overflow", True)) and zero_stage in (1, 2)
 
 
 def read_ds_json(path: str) -> dict:
     """A DeepSpeed JSON config, or a one-line ConfigError naming it."""
     try:
-        ds = json.loads(Path(path).read_text(encoding="utf-8"))
+        ds = json.loads(read_regular(path, MAX_JSON_BYTES))
     except FileNotFoundError:
         raise ConfigError(f"DeepSpeed config {path} does not exist") from None
     except (OSError, ValueError, RecursionError) as e:
@@ -62,9 +85,10 @@ def check_ds_precision(path: str, cfg) -> str:
     decided from the file alone: called before anything is built (a mismatch used to be
     found after the model and DeepSpeed's op build, minutes in)."""
     ds = read_ds_json(path)
-    ds_prec = ("fp16" if ds.get("fp16", {}).get("enabled") else
-               "bf16" if ds.get("bf16", {}).get("enabled") or ds.get("torch_autocast", {}).get("enabled")
-               else "fp32")
+    try:
+        ds_prec = ds_precision(ds)[0]
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if cfg.train.precision == "auto":
         cfg.train.precision = ds_prec
     if ds_prec != cfg.train.precision:
@@ -129,11 +153,8 @@ class DeepSpeedEngine(Engine):
         self.wrapped = self.ds
         self._micro = 0
         self._last_norm = torch.tensor(float("nan"))
-        fp16 = bool(self.ds_config.get("fp16", {}).get("enabled"))
-        # fp16 and a "bf16" block cast the weights (torch_autocast keeps them fp32): the
-        # images must come in the weights' dtype
-        self.input_dtype = (torch.float16 if fp16 else
-                            torch.bfloat16 if self.ds_config.get("bf16", {}).get("enabled") else None)
+        prec, self.input_dtype = ds_precision(self.ds_config)  # images come in the weights' dtype
+        fp16 = prec == "fp16"
         self.handles_overflow = fp16  # DeepSpeed's dynamic loss scale skips overflow steps
         self.partitioned = self.ds.zero_optimization_stage() == 3
         self.skips_itself = ds_checks_overflow(self.ds_config, self.ds.zero_optimization_stage())
@@ -289,7 +310,7 @@ class DeepSpeedEngine(Engine):
             for name, b in self.model.named_buffers():
                 if name in module:
                     b.copy_(module[name])
-        _barrier()
+        barrier()
         if _rank() == 0:
             shutil.rmtree(out, ignore_errors=True)
 
@@ -432,12 +453,17 @@ def saved_layout(ds_dir: Path, saved: Optional[dict]) -> tuple[Optional[int], in
 
 
 def _read_json(path: Path) -> Optional[dict]:
+    """deepspeed_state.json: a capped regular file holding an object with the layout keys,
+    None when absent, else a CheckpointError naming it."""
     try:
-        return json.loads(path.read_text())
+        out = json.loads(read_regular(path, MAX_JSON_BYTES))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(out, dict) or not isinstance(out.get("zero_stage"), int):
+        raise CheckpointError(f"{path}: not a DeepSpeed state summary (an object with an integer zero_stage)")
+    return out
 
 
 def _rank() -> int:
@@ -446,11 +472,6 @@ def _rank() -> int:
 
 def _world() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def _on_rank0(fn: Callable[[], None]) -> None:
