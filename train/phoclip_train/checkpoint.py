@@ -3,7 +3,6 @@ folder to `step_N/`. A rename is atomic, so a kill at any moment leaves either t
 complete new checkpoint or none: `latest()` only ever sees complete ones."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -15,7 +14,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from phoclip.checkpoints import verify_checkpoint, verify_torch_file  # noqa: F401 (the library's, re-exported)
+from phoclip.checkpoints import read_meta, verify_checkpoint
 from phoclip.errors import CheckpointError
 from phoclip.fileio import atomic_write_json, fsync_dir
 from phoclip_train.distributed import barrier
@@ -160,4 +159,5 @@ class Checkpointer:
 
     @staticmethod
     def meta(path: Path) -> dict:
-        return json.loads((path / "meta.json").read_text())
+        """A checkpoint's meta.json, read as verification reads it (capped, checked)."""
+        return read_meta(path)

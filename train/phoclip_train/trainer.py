@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Optional
 
 from phoclip_train.build import close_loader
@@ -40,11 +39,8 @@ class Trainer:
     loss_fn = property(lambda self: self.run.loss_fn)
     stream = property(lambda self: self.run.stream)
     tokenizer = property(lambda self: self.run.data.tokenizer)
-    manifest = property(lambda self: self.run.data.manifest)
     channels_last = property(lambda self: self.run.settings.channels_last)
     step = property(lambda self: self.run.progress.step)
-    nonfinite_total = property(lambda self: self.run.nonfinite.total)
-    nonfinite_streak = property(lambda self: self.run.nonfinite.streak)
 
     # ------------------------------------------------------------------ the loop
     def should_continue(self) -> bool:
@@ -80,7 +76,7 @@ class Trainer:
                 if metrics:  # read on this step (see is_sync_step)
                     last = metrics
                 if r.nonfinite.streak >= t.max_nonfinite:
-                    r.checkpointer.save(id(r.evaluator.last_val))
+                    self.save()
                     raise NonFiniteError(
                         f"{r.nonfinite.streak} consecutive non-finite steps (last at step {step}); the weights "
                         f"are those from before the fault, saved in {r.checkpointer.latest()}. Look for bad "
@@ -89,14 +85,14 @@ class Trainer:
                 if r.evaluator.due(step):  # the end: before its save
                     last.update(r.evaluator.run(step))
                 if self.stop_requested:
-                    r.checkpointer.save(id(r.evaluator.last_val))
+                    self.save()
                     logger.warning("stopped by signal at step %d; resume with --resume latest", step)
                     return last
                 if r.checkpointer.due(step):
-                    r.checkpointer.save(id(r.evaluator.last_val))
+                    self.save()
             if r.evaluator.enabled and r.evaluator.last_step != r.progress.step:  # resumed at max_steps
                 last.update(r.evaluator.run(r.progress.step))
-            r.checkpointer.save(id(r.evaluator.last_val))
+            self.save()
             r.export()
             return last
         finally:
@@ -134,17 +130,9 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ eval / export
-    def evaluate(self) -> dict:
-        """Recall on every evaluation set at this step (see `run.Evaluator`)."""
-        return self.run.evaluator.run(self.run.progress.step)
-
     def save(self) -> None:
         """Checkpoint this step (collective; once per step and evaluation)."""
         self.run.checkpointer.save(id(self.run.evaluator.last_val))
-
-    def export(self) -> Optional[Path]:
-        """The final model as a plain folder (collective)."""
-        return self.run.export()
 
     def close(self) -> None:
         self.run.close()
