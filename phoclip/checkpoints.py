@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from phoclip.errors import CheckpointError
+from phoclip.errors import CheckpointError, SetupError
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +176,11 @@ def load_checkpoint_weights(model: torch.nn.Module, ckpt: Path) -> torch.nn.Modu
             raise CheckpointError(f"{ckpt / 'state.pt'}: holds no 'model' state")
         sd = sd["model"]
     else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError:
+            raise SetupError(f"{ckpt}: a DeepSpeed checkpoint; reading it needs deepspeed installed "
+                             "(pip install 'phoclip[deepspeed]'), or export it where training ran") from None
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=DS_TAG)
     own = model.state_dict()
     wrong = [f"{k} {tuple(v.shape)} (config: {tuple(own[k].shape)})" for k, v in sd.items()
@@ -192,7 +195,10 @@ def load_checkpoint_weights(model: torch.nn.Module, ckpt: Path) -> torch.nn.Modu
         mp = ckpt / DS_TAG / "mp_rank_00_model_states.pt"
         if mp.is_file():
             with torch.serialization.safe_globals(deepspeed_globals()):
-                mod = torch.load(mp, map_location="cpu", weights_only=True)["module"]
+                mod = torch.load(mp, map_location="cpu", weights_only=True)
+            if not isinstance(mod, dict) or not isinstance(mod.get("module"), dict):
+                raise CheckpointError(f"{mp}: holds no 'module' state")
+            mod = mod["module"]
             model.load_state_dict({k: mod[k] for k in missing if k in mod}, strict=False)
             missing = [k for k in missing if k not in mod]
     if missing or unexpected:

@@ -150,9 +150,7 @@ class EmbeddingIndex:
             rec = self.meta["images_root"]
             root = os.path.abspath(self.resolve_path(rec)) if isinstance(rec, str) and rec else None
         else:
-            src = self.meta.get("source")
-            root = (os.path.abspath(src) if isinstance(src, str) and src and "://" not in src and os.path.isdir(src)
-                    else _images_root("", self.items("images")))
+            root = _images_root(self.meta.get("source"), self.items("images"))
         if root is not None and _deep_enough(root):
             roots.append(root)
         elif root is not None:

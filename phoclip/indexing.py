@@ -78,7 +78,12 @@ def write_projector(logdir: str, emb: torch.Tensor, items: list[dict], thumb: in
 
     thumbs = []
     for it in items:
-        im = load_item_image(it).resize((thumb, thumb))
+        try:
+            im = load_item_image(it).resize((thumb, thumb))
+        except Exception as e:  # a moved or unreadable picture: a blank thumbnail, not a failed build
+            logger.warning("no projector thumbnail for %s: %s", it.get("key"), e)
+            thumbs.append(torch.zeros(3, thumb, thumb))
+            continue
         thumbs.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255)
     with SummaryWriter(logdir) as w:
         w.add_embedding(emb, metadata=[it.get("caption") or it["key"] for it in items],
