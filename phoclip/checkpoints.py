@@ -131,10 +131,24 @@ def verify_checkpoint(path: Path) -> dict:
     if missing:
         raise CheckpointError(f"{path}: incomplete, missing {', '.join(missing)}")
     allow = deepspeed_globals() if ds.is_dir() else []
-    # rglob does not descend into linked folders; a linked .pt file is refused by verify_torch_file
-    for f in sorted(path.rglob("*.pt")):
+    for f in checkpoint_files(path):
         verify_torch_file(f, allow)
     return meta
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """Every .pt file a load of this checkpoint may open, named as the loaders name them.
+    The folders the loaders read (the checkpoint and its DeepSpeed folder) are listed
+    through a link, so a `deepspeed/` that links elsewhere has its files verified where
+    they really are (DeepSpeed and zero_to_fp32 unpickle them with weights_only=False);
+    a linked folder no loader enters is not walked (rglob does not descend into links,
+    nor into a link loop). A linked .pt file is refused by verify_torch_file."""
+    path = Path(path)
+    found = set(path.rglob("*.pt"))
+    for folder in (path, path / DS_TAG):
+        if folder.is_dir():
+            found.update(folder.glob("*.pt"))
+    return sorted(found)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -180,6 +180,59 @@ def test_a_linked_folder_is_not_followed_out_of_the_checkpoint(tmp_path, tiny):
         assert torch.allclose(loaded.module.encode_text(ids), model.encode_text(ids), atol=1e-5)
 
 
+class _Payload:
+    """Unpickled with weights_only=False, it creates `marker`: proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def _linked_deepspeed_folder(tmp_path: Path, model) -> tuple[Path, Path, Path]:
+    """A DeepSpeed-shaped checkpoint whose `deepspeed/` is a relative link (it survives a
+    tarball) to a folder outside the checkpoint holding a planted pickle payload."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    marker = tmp_path / "code-ran"
+    torch.save({"module": _Payload(marker), "x": torch.ones(1)}, outside / "mp_rank_00_model_states.pt")
+    torch.save({"x": _Payload(marker)}, outside / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    run = tmp_path / "run"
+
+    def link(d):
+        (d / "state.pt").unlink()
+        os.symlink(os.path.relpath(outside, d), d / "deepspeed")
+
+    return run, _checkpoint(run, model, extra=link), marker
+
+
+def test_a_linked_deepspeed_folder_is_verified_where_it_really_is(tmp_path, tiny):
+    """Review: a checkpoint's `deepspeed/` linked out of it was never verified (the walk
+    does not enter links) and DeepSpeed unpickled its files (weights_only=False): a
+    planted payload ran through --resume, phoclip.load, search and export. Every file a
+    load opens is verified through the link now, and nothing unpickles it."""
+    import phoclip
+    from phoclip.checkpoints import verify_checkpoint
+    from phoclip_train.checkpoint import Checkpointer
+    from phoclip_train.export import export
+
+    model, _ = tiny
+    run, ckpt, marker = _linked_deepspeed_folder(tmp_path, model)
+    err = _within(lambda: verify_checkpoint(ckpt))
+    assert isinstance(err, CheckpointError), err
+    assert one_line(err).startswith(f"{ckpt / 'deepspeed'}/"), one_line(err)
+    assert "refused, not loadable with weights_only=True" in one_line(err)
+    for load in (lambda: phoclip.load(ckpt), lambda: phoclip.load(run),
+                 lambda: Checkpointer(run, 3, 0, 1).resolve("latest"),
+                 lambda: Checkpointer(run, 3, 0, 1).resolve(str(ckpt)),
+                 lambda: export(run, tmp_path / "exported")):
+        err = _within(load)
+        assert isinstance(err, EXPECTED_ERRORS), err
+        assert "not loadable with weights_only=True" in one_line(err), one_line(err)
+    assert not marker.exists(), "a planted pickle ran"
+
+
 def test_a_checkpoint_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path, tiny):
     import phoclip
 
