@@ -32,8 +32,8 @@ def main() -> None:
     args = ap.parse_args()
     import webdataset as wds
 
-    from phoclip.data import ShardStream, StreamConfig
-    from phoclip.transforms import image_to_tensor
+    from phoclip.data.stream import ShardStream, StreamConfig
+    from phoclip.data.transforms import image_to_tensor
 
     d = Path(tempfile.mkdtemp())
     try:
@@ -91,7 +91,7 @@ def main() -> None:
         print(f"\nloader: {n} samples, 320x256 JPEGs → {args.size} crops, batch {bs}, 1 core; {machine()}")
         print(table(rows, ("pipeline", "samples/s", "vs bare decode", "vs plain wds")))
         print(f"peak RSS of this process: {peak_rss_mb():.0f} MB")
-        from phoclip.transforms import resize_on_device
+        from phoclip.data.transforms import resize_on_device
 
         # the work resize_on=device moves to the training device, timed here on one CPU
         # core (on a GPU it is bench/gpu_check.py's business)

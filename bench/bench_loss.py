@@ -26,7 +26,7 @@ def worker(rank, world, port, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from phoclip.loss import ClipLoss
+    from phoclip.models.loss import ClipLoss
 
     out = []
     for gb in SIZES:

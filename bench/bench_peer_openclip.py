@@ -93,8 +93,8 @@ def main() -> None:
     args = ap.parse_args()
     from bench_text_padding import caption_lengths, make_ids
 
-    from phoclip.transforms import normalize_images
-    from phoclip.model import get_model_config
+    from phoclip.data.transforms import normalize_images
+    from phoclip.models.clip import get_model_config
     from phoclip_train.config import resolve_config
     from phoclip_train.distributed import DistInfo
     from phoclip_train.trainer import Trainer

@@ -25,7 +25,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=16)
     p.add_argument("--k", type=int, default=25)
     args = p.parse_args()
-    from phoclip.index import INDEX_META, EmbeddingIndex
+    from phoclip.search.index import INDEX_META, EmbeddingIndex
 
     g = torch.Generator().manual_seed(0)
     emb = torch.nn.functional.normalize(torch.randn(args.n, args.dim, generator=g), dim=-1).half()

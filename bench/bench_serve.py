@@ -48,8 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=24)
     args = p.parse_args(argv)
     import phoclip
-    from phoclip.index import write_index
-    from phoclip.text import UndertheseaSegmenter, build_phobert_tokenizer, load_tokenizer
+    from phoclip.search.index import write_index
+    from phoclip.data.text import UndertheseaSegmenter, build_phobert_tokenizer, load_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="phoclip-serve-bench-"))
     tok_dir = build_phobert_tokenizer(UndertheseaSegmenter().segment(QUERIES), work / "tok")

@@ -60,8 +60,8 @@ def peak_rss_of(cmd: list[str]) -> tuple[float, float]:
 
 def rss_rows(d: Path, counts: list[int]) -> list[tuple]:
     """make_shards on N tiny generated images (--workers 1: everything in one process)."""
-    from phoclip.synthetic import make_dataset
-    from phoclip.text import build_phobert_tokenizer
+    from phoclip.data.synthetic import make_dataset
+    from phoclip.data.text import build_phobert_tokenizer
 
     rows, base = [], None
     for n in counts:
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--sections", nargs="*", default=["images", "text", "workers", "rss"],
                     choices=["images", "text", "workers", "rss"])
     args = ap.parse_args()
-    from phoclip.text import (NoSegmenter, PyviSegmenter, UndertheseaSegmenter, build_phobert_tokenizer,
+    from phoclip.data.text import (NoSegmenter, PyviSegmenter, UndertheseaSegmenter, build_phobert_tokenizer,
                               load_tokenizer, tokenize_captions)
     from phoclip_sharding.cli import main as make_shards
 
@@ -136,7 +136,7 @@ def main() -> None:
             # the text stage inside make_shards (it runs in the shard workers): 48 px images,
             # so segmentation dominates; captions/s over the whole run
             small = d / "small"
-            caps_s = __import__("phoclip.synthetic", fromlist=["make_dataset"]).make_dataset(
+            caps_s = __import__("phoclip.data.synthetic", fromlist=["make_dataset"]).make_dataset(
                 small / "data", n_images=args.text_images, size=48)
             n_caps = len(caps_s.read_text(encoding="utf-8").splitlines())
             trows = []

@@ -32,7 +32,7 @@ def worker(rank, world, port, shards, tok, n_train, batch, steps, q):
     torch.set_num_threads(1)
     from phoclip_train.config import resolve_config
     from phoclip_cli.distributed import init_distributed
-    from phoclip.transforms import normalize_images
+    from phoclip.data.transforms import normalize_images
     from phoclip_train.run import build_run
     from phoclip_train.step import NonFiniteCounter, device_inputs, read_step, train_step
 

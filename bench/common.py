@@ -48,7 +48,7 @@ def shapes_photos(work, n_images: int, photo_size=None, image_px: int = 96):
 
     from PIL import Image
 
-    from phoclip.synthetic import make_dataset
+    from phoclip.data.synthetic import make_dataset
 
     work = Path(work)
     caps = make_dataset(work / "data", n_images=n_images, size=image_px)
@@ -66,7 +66,7 @@ def bench_shards(work, n_images: int, photo_size=None, image_px: int = 96, shard
     tokenizer folder, seconds make_shards.py took)."""
     from pathlib import Path
 
-    from phoclip.text import build_phobert_tokenizer
+    from phoclip.data.text import build_phobert_tokenizer
     from phoclip_sharding.cli import main as make_shards
 
     work = Path(work)

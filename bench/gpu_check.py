@@ -123,7 +123,7 @@ def _urls(work: Path, split: str) -> list[str]:
 
 @section("loader")
 def loader(work: Path, size: int, worker_counts: list[int]) -> dict:
-    from phoclip.data import ShardStream, StreamConfig
+    from phoclip.data.stream import ShardStream, StreamConfig
     from phoclip_train.build import build_loader as train_loader
 
     urls, bs = _urls(work, "train"), 64
@@ -209,7 +209,7 @@ def _fmt(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 def step(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: bool) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from phoclip.transforms import normalize_images
+    from phoclip.data.transforms import normalize_images
     from phoclip_train.config import resolve_config
     from phoclip_train.distributed import DistInfo
     from phoclip_train.trainer import Trainer
@@ -306,9 +306,9 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
     from bench_peer_openclip import openclip_model, openclip_step
     from bench_text_padding import caption_lengths, make_ids
 
-    from phoclip.data import group_by_length
-    from phoclip.transforms import normalize_images
-    from phoclip.model import trim_padding
+    from phoclip.data.stream import group_by_length
+    from phoclip.data.transforms import normalize_images
+    from phoclip.models.clip import trim_padding
     from phoclip_train.config import resolve_config
     from phoclip_train.distributed import DistInfo
     from phoclip_train.build import compile_stats
@@ -370,7 +370,7 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
             torch.cuda.empty_cache()
         try:  # the peer: open_clip's model config and step, same towers, padded ids
             from common import PHOBERT_LARGE as PL
-            from phoclip.model import get_model_config
+            from phoclip.models.clip import get_model_config
 
             text = dict(get_model_config("tiny-debug")["text"]["hf_config"], vocab_size=vocab) if smoke else dict(PL)
             peer = openclip_model(work / f"oc_{b}", text, "test_resnet" if smoke else "resnet50", size, 64 if smoke else 512)

@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True)
 
     # 1. the dataset, in Flickr8k-vi's published format
-    from phoclip.synthetic import make_dataset
-    from phoclip.text import UndertheseaSegmenter, build_phobert_tokenizer
+    from phoclip.data.synthetic import make_dataset
+    from phoclip.data.text import UndertheseaSegmenter, build_phobert_tokenizer
 
     caps = make_dataset(out / "data", n_images=args.images)
     print(f"dataset: {args.images} images, captions in {caps}")
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     run([PY, "launch/search.py", "--index", str(out / "index"), QUERY, "--k", "5",
          "--html", str(out / "search.html")])
     res = json.loads((out / "eval.json").read_text())
-    from phoclip.retrieval import chance_recall
+    from phoclip.evaluation.retrieval import chance_recall
 
     n = int(res["n_images"])
     print("\n=== PhoCLIP demo: recall on held-out images (percent) ===")

@@ -23,7 +23,7 @@ CAPTION_WORDS = ["Một", "một", "hai", "ba", "hình_tròn", "hình_vuông", "
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A PhoBERT-format tokenizer (vocab.txt + bpe.codes) over a small Vietnamese vocabulary."""
-    from phoclip.text import build_phobert_tokenizer
+    from phoclip.data.text import build_phobert_tokenizer
 
     d = tmp_path_factory.mktemp("tok")
     return build_phobert_tokenizer([" ".join(CAPTION_WORDS)], d)
@@ -118,8 +118,8 @@ def make_shards():
 def shapes_shards(tmp_path_factory):
     """Tiny shards of the built-in shapes dataset + its PhoBERT-format tokenizer.
     Returns (shard folder, tokenizer folder, n train shards)."""
-    from phoclip.synthetic import make_dataset
-    from phoclip.text import UndertheseaSegmenter, build_phobert_tokenizer
+    from phoclip.data.synthetic import make_dataset
+    from phoclip.data.text import UndertheseaSegmenter, build_phobert_tokenizer
 
     d = tmp_path_factory.mktemp("shapes")
     caps = make_dataset(d / "data", n_images=200, size=64, seed=3)
@@ -254,7 +254,7 @@ def train_main(argv) -> tuple[int, str]:
     variables): (exit code, what it logged)."""
     import io
 
-    from phoclip_train import lock
+    from phoclip import lock
 
     import torch
 

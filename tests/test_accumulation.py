@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from phoclip.loss import ClipLoss
+from phoclip.models.loss import ClipLoss
 from phoclip_train.step import InputPrep, device_inputs, forward_backward
 from test_step import batch, ddp_engine, tiny_model
 

@@ -13,7 +13,7 @@ import phoclip
 
 
 def _tiny_model(vocab: int = 64, seed: int = 0):
-    from phoclip.model import create_model
+    from phoclip.models.clip import create_model
 
     torch.manual_seed(seed)
     return create_model("tiny-debug", text={"hf_config": {"vocab_size": vocab}, "segmenter": "none"}).eval()
@@ -22,7 +22,7 @@ def _tiny_model(vocab: int = 64, seed: int = 0):
 @pytest.fixture(scope="module")
 def model_dir(tiny_tokenizer_dir, tmp_path_factory):
     """A saved tiny model (with its tokenizer; captions recorded as unsegmented)."""
-    from phoclip.text import load_tokenizer
+    from phoclip.data.text import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
     out = tmp_path_factory.mktemp("api") / "model"
@@ -70,7 +70,7 @@ def test_five_lines_embed_and_compare(model_dir, photos):
     assert sim.shape == (2, 4)
     torch.testing.assert_close(sim, img @ txt.T)
     # the same numbers as the model's own towers on the prepared inputs (NFC, tokenizer)
-    from phoclip.search import embed_texts
+    from phoclip.search.query import embed_texts
 
     torch.testing.assert_close(txt, embed_texts(model.module, model.text_processor, TEXTS))
     # one item is one row; a path object works as a string does
@@ -79,17 +79,17 @@ def test_five_lines_embed_and_compare(model_dir, photos):
 
 
 def test_batches_give_the_same_embeddings_and_log_progress(model_dir, photos, caplog, monkeypatch):
-    import phoclip.api as api
+    import phoclip.models.api as api
 
     model = phoclip.load(str(model_dir), device="cpu")
     whole_img, whole_txt = model.embed_images(photos), model.embed_texts(TEXTS)
     monkeypatch.setattr(api, "PROGRESS_EVERY_S", 0.0)
-    with caplog.at_level(logging.INFO, logger="phoclip.api"):
+    with caplog.at_level(logging.INFO, logger="phoclip.models.api"):
         img = model.embed_images(photos, batch_size=2)
         txt = model.embed_texts(TEXTS, batch_size=1)
     torch.testing.assert_close(img, whole_img, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(txt, whole_txt, atol=1e-5, rtol=1e-4)
-    progress = [r.getMessage() for r in caplog.records if r.name == "phoclip.api"]
+    progress = [r.getMessage() for r in caplog.records if r.name == "phoclip.models.api"]
     assert "embedded 2/5 images" in progress[0] and any("embedded 3/4 texts" in m for m in progress), progress
     assert model.embed_texts([]).shape == (0, 64)
     with pytest.raises(ValueError, match="batch_size must be a positive integer"):
@@ -109,7 +109,7 @@ def test_a_file_that_is_not_an_image_is_refused_naming_it(model_dir, tmp_path):
 def test_model_folder_run_folder_and_checkpoint_load_the_same_model(model_dir, tiny_tokenizer_dir, tmp_path, photos):
     """One call for every kind of saved model: an exported folder, a run folder (its
     model/, else its newest checkpoint that verifies), a checkpoint folder."""
-    from phoclip.model import model_fingerprint
+    from phoclip.models.clip import model_fingerprint
 
     exported = phoclip.load(model_dir, device="cpu")
     run = tmp_path / "run"
@@ -197,7 +197,7 @@ def test_onnx_backend_gives_the_torch_embeddings(model_dir, tmp_path, photos):
     """The same five lines on onnxruntime: the same embeddings within the export's
     tolerance; an ONNX file onnxruntime refuses is named in one line."""
     from phoclip.errors import EXPECTED_ERRORS, one_line
-    from phoclip.onnx_backend import TOLERANCE, export_onnx
+    from phoclip.models.onnx import TOLERANCE, export_onnx
 
     folder = tmp_path / "model"
     shutil.copytree(model_dir, folder)
@@ -263,7 +263,7 @@ def test_the_documented_python_examples_run_as_written(model_dir, photos, tmp_pa
     text) runs as written, the folders and photos it names made in a scratch folder: the
     documented API cannot drift from the code."""
     from conftest import ROOT
-    from phoclip.card import API_EXAMPLE, BATCH_EXAMPLE
+    from phoclip.models.card import API_EXAMPLE, BATCH_EXAMPLE
 
     sources = {f.relative_to(ROOT).as_posix(): _python_blocks(f.read_text(encoding="utf-8"))
                for f in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))] if f.is_file()}
@@ -297,7 +297,7 @@ def test_a_zero_checkpoint_loads_as_the_trained_model(shapes_shards, tmp_path, s
     BatchNorm statistics from the module state) loads through phoclip.load, without
     training code, as the model the run exported at its end."""
     from conftest import ROOT, run_torchrun, train_overrides
-    from phoclip.model import model_fingerprint
+    from phoclip.models.clip import model_fingerprint
 
     shards, tok, n = shapes_shards
     ds_json = json.loads((ROOT / "launch" / "deepspeed" / f"zero{stage}_bf16.json").read_text())

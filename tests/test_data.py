@@ -7,8 +7,8 @@ import tarfile
 import pytest
 import torch
 
-from phoclip.data import ShardStream, StreamConfig, StreamTracker
-from phoclip.shards import expand_urls
+from phoclip.data.stream import ShardStream, StreamConfig, StreamTracker
+from phoclip.data.shards import expand_urls
 
 
 def _urls(shards, n):
@@ -57,7 +57,7 @@ def test_seeded_order_and_exact_resume_without_decoding(shapes_shards, monkeypat
             tr.update(b)
         resumed = _stream(urls, resampled=resampled)
         resumed.load_state_dict(tr.state_dict())
-        import phoclip.shards as shards_mod  # the stream's one decode-and-count calls it
+        import phoclip.data.shards as shards_mod  # the stream's one decode-and-count calls it
         calls = []
         real = shards_mod.decode_sample
         monkeypatch.setattr(shards_mod, "decode_sample", lambda s, *a, **k: calls.append(1) or real(s, *a, **k))
@@ -123,7 +123,7 @@ def test_stream_ships_uint8_pixels_normalised_like_evaluation(shapes_shards):
     import torchvision.transforms.functional as TF
     from PIL import Image
 
-    from phoclip.transforms import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor, normalize_images
+    from phoclip.data.transforms import IMAGENET_MEAN, IMAGENET_STD, image_to_tensor, normalize_images
 
     shards, _, n = shapes_shards
     b = next(iter(_stream(_urls(shards, n))))
@@ -156,7 +156,7 @@ def test_another_rank_count_continues_the_epoch(shapes_shards, old_world, new_wo
     no shard the old streams opened is read again, every other shard is read by exactly
     one new stream, and what is lost is only what was in flight (the unread rest of the
     opened shards and the shuffle buffers)."""
-    from phoclip.data import StreamLayout, epoch_shards, relayout
+    from phoclip.data.stream import StreamLayout, epoch_shards, relayout
 
     shards, _, n = shapes_shards
     urls = _urls(shards, n)
@@ -199,7 +199,7 @@ def test_another_rank_count_continues_the_epoch(shapes_shards, old_world, new_wo
 
 
 def test_another_rank_count_in_resampled_mode_draws_afresh(shapes_shards):
-    from phoclip.data import StreamLayout, relayout
+    from phoclip.data.stream import StreamLayout, relayout
 
     shards, _, n = shapes_shards
     urls = _urls(shards, n)
@@ -253,7 +253,7 @@ def test_a_truncated_shard_does_not_stop_a_stream_whose_buffer_spans_many_shards
 def test_stream_gives_up_on_shards_that_are_all_unreadable(shapes_shards, tmp_path):
     """The rule still ends a stream that can never read a sample: missing files (no
     sample at all), and shards whose every sample fails to decode, whatever the buffer."""
-    from phoclip.data import NoReadableSamples
+    from phoclip.data.stream import NoReadableSamples
 
     shards, _, n = shapes_shards
     d, urls = _small_shards(shards, n, tmp_path)
@@ -284,7 +284,7 @@ def test_a_malformed_ids_header_is_one_skipped_sample(shapes_shards, tmp_path, h
     import numpy as np
     import webdataset as wds
 
-    from phoclip.shards import BadSample, decode_ids
+    from phoclip.data.shards import BadSample, decode_ids
 
     buf = io.BytesIO()
     np.save(buf, np.ones((2, 8), np.int64))
@@ -312,7 +312,7 @@ def test_stream_stages_resume_skip_and_one_decode_and_count(shapes_shards):
     reason once and tells its shard; fixed_blocks yields a block as soon as it is full."""
     from collections import Counter
 
-    from phoclip.data import ShardHealth, decode_counted_stage, fixed_blocks, skip_to
+    from phoclip.data.stream import ShardHealth, decode_counted_stage, fixed_blocks, skip_to
 
     shards, _, n = shapes_shards
     with tarfile.open(_urls(shards, n)[0]) as tf:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phoclip.loss import ClipLoss
+from phoclip.models.loss import ClipLoss
 from phoclip_train.step import InputPrep, NonFiniteCounter, device_inputs, read_step, train_step
 from test_step import batch, nan_batch, tiny_model
 

@@ -12,7 +12,7 @@ import torch
 
 from conftest import (ROOT, kill_job, read_metrics, reference_args, run_torchrun, torchrun_cmd, train_main,
                       train_overrides)
-from phoclip.transforms import normalize_images
+from phoclip.data.transforms import normalize_images
 
 pytestmark = pytest.mark.slow
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -243,7 +243,7 @@ root, port, shards, tok, n, run = sys.argv[1:7]
 sys.path.insert(0, os.path.join(root, "tests"))
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 from conftest import train_overrides
-from phoclip.transforms import normalize_images
+from phoclip.data.transforms import normalize_images
 from phoclip_train.config import resolve_config
 from phoclip_train.distributed import DistInfo
 from phoclip_train.export import model_from_checkpoint

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from phoclip.shards import expand_urls
+from phoclip.data.shards import expand_urls
 
 
 def test_a_shard_folder_or_its_manifest_gives_the_split_it_lists(shapes_shards):
@@ -47,7 +47,7 @@ def _evaluate(argv, capsys):
 
 def test_evaluation_results_are_named_after_their_source_and_never_overwritten(tmp_path, shapes_shards, capsys):
     shards = shapes_shards[0]
-    from phoclip.evaluation import source_slug
+    from phoclip.evaluation.benchmarks import source_slug
 
     def slug(benchmark=None, shards=None, split="val"):
         return source_slug(benchmark, shards, split)

@@ -42,7 +42,7 @@ def _deadline(seconds: int):
 @pytest.fixture(scope="module")
 def built(tiny_tokenizer_dir, tmp_path_factory):
     """A tiny model and an index of 3 photos beside it (d/model, d/photos, d/index)."""
-    from phoclip.index import write_index
+    from phoclip.search.index import write_index
 
     d = tmp_path_factory.mktemp("hostile_index")
     model = _tiny_model_folder(tiny_tokenizer_dir, d / "model")
@@ -69,7 +69,7 @@ def _edit_meta(folder, **kw):
 
 
 def test_items_file_a_fifo_is_refused_without_blocking(built, tmp_path):
-    from phoclip.index import EmbeddingIndex
+    from phoclip.search.index import EmbeddingIndex
 
     ix = _copy(built, tmp_path)
     (ix / "images.jsonl").unlink()
@@ -79,7 +79,7 @@ def test_items_file_a_fifo_is_refused_without_blocking(built, tmp_path):
 
 
 def test_items_file_linked_to_dev_zero_is_refused_at_once(built, tmp_path):
-    from phoclip.index import EmbeddingIndex
+    from phoclip.search.index import EmbeddingIndex
 
     ix = _copy(built, tmp_path)
     (ix / "images.jsonl").unlink()
@@ -91,7 +91,7 @@ def test_items_file_linked_to_dev_zero_is_refused_at_once(built, tmp_path):
 
 
 def test_an_over_long_line_or_too_many_lines_is_refused_naming_the_file(built, tmp_path, monkeypatch):
-    import phoclip.index as index_mod
+    import phoclip.search.index as index_mod
 
     ix = _copy(built, tmp_path)
     good = (ix / "images.jsonl").read_bytes()
@@ -108,7 +108,7 @@ def test_an_over_long_line_or_too_many_lines_is_refused_naming_the_file(built, t
 
 
 def test_index_json_a_fifo_or_over_its_cap_is_refused(built, tmp_path, monkeypatch):
-    import phoclip.index as index_mod
+    import phoclip.search.index as index_mod
 
     ix = _copy(built, tmp_path)
     monkeypatch.setattr(index_mod, "MAX_META_BYTES", 100)
@@ -128,7 +128,7 @@ def test_index_json_a_fifo_or_over_its_cap_is_refused(built, tmp_path, monkeypat
 
 @pytest.mark.parametrize("bad", ["x", None, True, -1, 2.0])
 def test_a_count_that_is_not_a_count_is_refused_in_one_line(built, tmp_path, bad):
-    from phoclip.index import EmbeddingIndex
+    from phoclip.search.index import EmbeddingIndex
 
     ix = _copy(built, tmp_path)
     _edit_meta(ix, count={"images": 3, "captions": bad})
@@ -156,7 +156,7 @@ def test_serve_and_search_refuse_a_bad_count_with_one_line(built, tmp_path, caps
 
 
 def test_the_model_is_a_model_folder_and_where_it_was_found_is_said(built, tmp_path, caplog):
-    from phoclip.index import EmbeddingIndex
+    from phoclip.search.index import EmbeddingIndex
 
     # a copied index whose ../model is an unrelated folder: not taken for the model
     ix = _copy(built, tmp_path)
@@ -206,7 +206,7 @@ def _tar(path, n_before, payload=b"\xff\xd8jpeg", mode="w"):
 
 
 def test_a_compressed_shard_is_refused_not_inflated(tmp_path):
-    from phoclip.gallery import load_item_bytes
+    from phoclip.search.gallery import load_item_bytes
 
     for mode, ext in (("w:xz", "tar.xz"), ("w:gz", "tar.gz"), ("w:bz2", "tar.bz2")):
         p = _tar(tmp_path / f"s.{ext}", 2000, mode=mode)
@@ -217,8 +217,8 @@ def test_a_compressed_shard_is_refused_not_inflated(tmp_path):
 
 
 def test_the_header_walk_is_capped_and_keeps_no_member_list(tmp_path, monkeypatch):
-    import phoclip.gallery as gallery
-    from phoclip.images import BadImage
+    import phoclip.search.gallery as gallery
+    from phoclip.data.images import BadImage
 
     p = _tar(tmp_path / "s.tar", 300)
     item = {"key": "target", "shard": str(p), "path": ""}
@@ -241,8 +241,8 @@ def service_env(built, tmp_path_factory):
     """An index in `built`'s folder with items inside its images folder, one outside it
     (a 'secret' file), one a link inside the index folder to the secret, one in a
     compressed shard."""
-    from phoclip.index import write_index
-    from phoclip.model import load_model
+    from phoclip.search.index import write_index
+    from phoclip.models.clip import load_model
     from phoclip.serve import Service
 
     d = tmp_path_factory.mktemp("served")
@@ -318,7 +318,7 @@ def test_images_roots_names_the_folders_served(built, service_env):
 
 
 def test_a_broad_images_folder_is_no_default_root(built, tmp_path):
-    from phoclip.index import EmbeddingIndex
+    from phoclip.search.index import EmbeddingIndex
 
     ix = _copy(built, tmp_path)
     _edit_meta(ix, images_root="/")

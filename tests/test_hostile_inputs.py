@@ -245,7 +245,7 @@ def test_a_huge_tar_member_is_skipped_unread(tmp_path):
     import tracemalloc
     from collections import Counter
 
-    import phoclip.shards as shards_mod
+    import phoclip.data.shards as shards_mod
 
     def add(tf, name, data):
         ti = tarfile.TarInfo(name)
@@ -280,7 +280,7 @@ def test_decode_counts_bytes_per_pixel_not_only_pixels():
     import numpy as np
     from PIL import Image
 
-    from phoclip.images import BadImage, decode_cost, decode_rgb
+    from phoclip.data.images import BadImage, decode_cost, decode_rgb
 
     buf = io.BytesIO()
     Image.new("I;16", (3000, 3000)).save(buf, format="PNG")

@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 def _copy_folder(src: Path, dst: Path, edit=None) -> Path:
     import shutil
 
-    from phoclip.model import CONFIG_NAME
+    from phoclip.models.clip import CONFIG_NAME
 
     shutil.copytree(src, dst)
     if edit is not None:
@@ -101,7 +101,7 @@ def test_meta_json_step_and_world_size_are_bounded(tmp_path, meta, message):
     """read_meta refuses what would make verification build a list per rank of a billion
     ranks (hang, then out of memory), or none (a negative world_size required no rank
     files), before anything else is looked at."""
-    from phoclip.checkpoints import read_meta
+    from phoclip.models.checkpoints import read_meta
 
     d = tmp_path / "step_00000001"
     d.mkdir()
@@ -149,7 +149,7 @@ def _deepspeed_fifo(d):
     (lambda d: (d / "dir.pt").mkdir(), "dir.pt", "a folder"),
 ])
 def test_a_fifo_device_or_link_named_pt_in_a_checkpoint_is_refused_unread(tmp_path, tiny, plant, name, why):
-    from phoclip.checkpoints import verify_checkpoint
+    from phoclip.models.checkpoints import verify_checkpoint
 
     model, _ = tiny
     ckpt = _checkpoint(tmp_path / "run", model, extra=plant)
@@ -213,7 +213,7 @@ def test_a_linked_deepspeed_folder_is_verified_where_it_really_is(tmp_path, tiny
     planted payload ran through --resume, phoclip.load, search and export. Every file a
     load opens is verified through the link now, and nothing unpickles it."""
     import phoclip
-    from phoclip.checkpoints import verify_checkpoint
+    from phoclip.models.checkpoints import verify_checkpoint
     from phoclip_train.checkpoint import Checkpointer
     from phoclip_train.export import export
 
@@ -260,7 +260,7 @@ def test_model_config_sizes_over_their_caps_are_refused_in_one_line(tmp_path, ti
     """An image size of 20000 made serve crash with a PIL DecompressionBombError and
     every embed huge; the other sizes make a model no machine holds."""
     import phoclip
-    from phoclip.model import CONFIG_NAME
+    from phoclip.models.clip import CONFIG_NAME
 
     folder = _copy_folder(tiny[1], tmp_path / "m", edit)
     with pytest.raises(ValueError) as e:
@@ -269,8 +269,8 @@ def test_model_config_sizes_over_their_caps_are_refused_in_one_line(tmp_path, ti
 
 
 def test_the_named_model_configs_are_within_the_caps():
-    from phoclip.loading import check_model_config
-    from phoclip.model import get_model_config, list_models
+    from phoclip.models.loading import check_model_config
+    from phoclip.models.clip import get_model_config, list_models
 
     assert {"phobert-base-rn50", "phobert-large-rn50", "tiny-debug"} <= set(list_models())
     for name in list_models():
@@ -284,9 +284,9 @@ def test_a_serve_of_a_model_with_a_huge_image_size_is_refused_at_start(tmp_path,
 
     import phoclip
     from conftest import ROOT
-    from phoclip.index import write_index
-    from phoclip.model import CONFIG_NAME
-    from phoclip.text import load_tokenizer
+    from phoclip.search.index import write_index
+    from phoclip.models.clip import CONFIG_NAME
+    from phoclip.data.text import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
     torch.manual_seed(0)
@@ -357,7 +357,7 @@ def test_a_model_folder_loads_offline_whatever_its_config_says_of_pretrained_wei
 def test_a_model_folder_that_cannot_be_built_offline_is_refused_in_one_line(tmp_path, tiny, no_network, edit,
                                                                            message):
     import phoclip
-    from phoclip.model import CONFIG_NAME
+    from phoclip.models.clip import CONFIG_NAME
 
     folder = _copy_folder(tiny[1], tmp_path / "m", edit)
     with pytest.raises(ValueError) as e:

@@ -287,7 +287,7 @@ def test_a_job_store_with_objects_we_did_not_create_is_rebuilt(tmp_path, tiny_to
 # ----------------------------------------------------------------------------- captions and annotation files
 
 def test_captions_are_cut_before_normalisation_and_segmentation(tmp_path, tiny_tokenizer_dir):
-    from phoclip.text import TextProcessor, load_tokenizer
+    from phoclip.data.text import TextProcessor, load_tokenizer
 
     cap = 10_000  # "a few thousand characters": far beyond what max_length tokens could use
 
@@ -322,7 +322,7 @@ def test_captions_are_cut_before_normalisation_and_segmentation(tmp_path, tiny_t
 
 
 def test_annotation_files_that_are_not_regular_or_too_large_are_refused_in_one_line(tmp_path, tiny_tokenizer_dir):
-    from phoclip.datasets import SourceSpec, read_source
+    from phoclip.data.datasets import SourceSpec, read_source
 
     imgs = tmp_path / "imgs"
     make_image(imgs / "a.jpg", 1)
@@ -361,7 +361,7 @@ def test_an_annotation_file_that_is_dev_zero_is_refused_not_read(tmp_path, tiny_
 def test_images_held_in_hostile_tars_are_cached_inside_the_cache_folder(tmp_path):
     """A wds tar member named `../../x.jpg` (its key holds the path) is cached under a
     hashed name inside the job's cache, not written outside it."""
-    from phoclip.datasets import SourceSpec, _cache_image
+    from phoclip.data.datasets import SourceSpec, _cache_image
 
     spec = SourceSpec("wds", Path("x.tar"), None, cache_dir=tmp_path / "out" / ".sources" / "00-wds")
     for rel in ("x.tar/../../../../evil.jpg", f"{tmp_path}/abs/evil.jpg", "x.tar/" + "a" * 300 + ".jpg"):
@@ -380,7 +380,7 @@ def test_a_lock_that_is_a_folder_or_a_fifo_or_holds_an_impossible_pid_is_one_lin
     import socket
 
     from phoclip.errors import EXPECTED_ERRORS, one_line
-    from phoclip_train.lock import RunLock, RunLockedError
+    from phoclip.lock import RunLock, RunLockedError
 
     old = time.time() - 7200  # older than any staleness limit
     d = tmp_path / "run"
@@ -428,7 +428,7 @@ def _checkpoint(folder: Path, meta: dict) -> Path:
 
 
 def _model_folder(folder: Path, edit) -> Path:
-    from phoclip.model import CONFIG_DIR, CONFIG_NAME
+    from phoclip.models.clip import CONFIG_DIR, CONFIG_NAME
 
     cfg = json.loads((CONFIG_DIR / "tiny-debug.json").read_text())
     edit(cfg)
@@ -497,7 +497,7 @@ def test_a_local_shard_that_is_a_fifo_is_skipped_not_waited_on(tmp_path):
     blocked the reader for ever."""
     from collections import Counter
 
-    from phoclip.shards import read_shards
+    from phoclip.data.shards import read_shards
 
     fifo = tmp_path / "train-000000.tar"
     os.mkfifo(fifo)
@@ -514,9 +514,9 @@ def test_index_and_onnx_exports_never_write_through_links_at_their_old_temporary
     import torch
 
     import phoclip
-    from phoclip.index import EmbeddingIndex, write_index
-    from phoclip.onnx_backend import export_onnx
-    from phoclip.text import load_tokenizer
+    from phoclip.search.index import EmbeddingIndex, write_index
+    from phoclip.models.onnx import export_onnx
+    from phoclip.data.text import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
     model = phoclip.create_model("tiny-debug", embed_dim=16, text={"hf_config": {"vocab_size": len(tok)}}).eval()
@@ -544,8 +544,8 @@ def test_an_index_array_with_a_malformed_header_is_refused_in_one_line(tmp_path,
     import torch
 
     import phoclip
-    from phoclip.index import EmbeddingIndex, write_index
-    from phoclip.text import load_tokenizer
+    from phoclip.search.index import EmbeddingIndex, write_index
+    from phoclip.data.text import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
     model = phoclip.create_model("tiny-debug", embed_dim=16, text={"hf_config": {"vocab_size": len(tok)}}).eval()

@@ -145,13 +145,13 @@ def _bad_samples_dir(shards: Path, tmp_path: Path) -> tuple[Path, list[str]]:
 
 
 def test_bad_token_ids_and_metadata_are_skipped_and_counted_by_reason(shapes_shards, tmp_path):
-    from phoclip.data import ShardStream, StreamConfig
-    from phoclip.retrieval import eval_samples
+    from phoclip.data.stream import ShardStream, StreamConfig
+    from phoclip.evaluation.retrieval import eval_samples
 
     shards, tok, _ = shapes_shards
     d, urls = _bad_samples_dir(shards, tmp_path)
     width = json.loads((d / "manifest.json").read_text())["tokenizer"]["max_length"]
-    from phoclip.text import load_tokenizer
+    from phoclip.data.text import load_tokenizer
 
     vocab = len(load_tokenizer(str(tok)))
     s = ShardStream(StreamConfig(urls, [1.0], 3, 32, 0, 0, 1, False, 0, ids_width=width, vocab_size=vocab))
@@ -198,8 +198,8 @@ def test_no_readable_training_sample_stops_in_bounded_time_with_a_clear_error(sh
     rc, log = train_main(["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
         d, tok, 3, tmp_path / "run", **{"data.val_shards": "null"})])
     assert rc == 2 and time.time() - t0 < 90, log[-3000:]
-    assert "refused: phoclip.data.NoReadableSamples: no sample could be read from the last" in log
-    assert "phoclip/data.py\", line" not in log  # one line, not its traceback
+    assert "refused: phoclip.data.stream.NoReadableSamples: no sample could be read from the last" in log
+    assert "phoclip/data/stream.py\", line" not in log  # one line, not its traceback
 
 
 def test_sigterm_ends_a_run_stuck_waiting_for_data_promptly(shapes_shards, tmp_path):
@@ -266,9 +266,9 @@ def test_a_fresh_run_into_a_used_run_dir_is_refused_unless_resumed_or_overwritte
 
 
 def test_run_folder_lock_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path, caplog):
-    from phoclip_train.lock import RunLock, RunLockedError
+    from phoclip.lock import RunLock, RunLockedError
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from phoclip_train.lock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from phoclip.lock import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(120)"],
                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -397,7 +397,7 @@ def test_build_index_from_shards_checks_the_manifest_against_the_model(tiny_run,
 
 
 def test_an_index_whose_files_disagree_is_refused_and_written_whole(tiny_run, shapes_shards, tmp_path, capsys):
-    from phoclip.index import EmbeddingIndex
+    from phoclip.search.index import EmbeddingIndex
 
     idx = tmp_path / "idx"
     _ok(capsys, "build_index", "--model", tiny_run, "--shards", shapes_shards[0] / "val-000000.tar", "--out", idx)
@@ -426,8 +426,8 @@ def test_an_index_whose_files_disagree_is_refused_and_written_whole(tiny_run, sh
 
 
 def test_search_never_prints_terminal_control_characters(tiny_run, tmp_path, capsys):
-    from phoclip.model import load_model
-    from phoclip.index import write_index
+    from phoclip.models.clip import load_model
+    from phoclip.search.index import write_index
 
     model = load_model(tiny_run / "model")
     idx = tmp_path / "idx"

@@ -83,8 +83,8 @@ _LOAD = r"""
 import json, sys, torch
 from pathlib import Path
 import phoclip
-from phoclip.model import create_model
-from phoclip.text import build_phobert_tokenizer, load_tokenizer
+from phoclip.models.clip import create_model
+from phoclip.data.text import build_phobert_tokenizer, load_tokenizer
 out = Path(sys.argv[1])
 tok = load_tokenizer(str(build_phobert_tokenizer(["một con chó chạy trên bãi cỏ"], out / "tok")))
 m = create_model("tiny-debug", text={"hf_config": {"vocab_size": len(tok)}, "segmenter": "none"})

@@ -36,7 +36,7 @@ def _loss_value(model, loss_fn, images, ids):
 
 
 def _check(rank, world, kind, local_loss):
-    from phoclip.loss import create_loss
+    from phoclip.models.loss import create_loss
 
     images, ids = _data(world)
     ref = _model(kind)
@@ -82,7 +82,7 @@ def test_two_processes_equal_one_full_batch():
 
 
 def test_local_and_full_forms_agree_single_process():
-    from phoclip.loss import ClipLoss
+    from phoclip.models.loss import ClipLoss
 
     g = torch.Generator().manual_seed(0)
     a = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1).requires_grad_()
@@ -97,7 +97,7 @@ def test_local_and_full_forms_agree_single_process():
 
 
 def test_loss_in_fp32_under_autocast():
-    from phoclip.loss import ClipLoss
+    from phoclip.models.loss import ClipLoss
 
     a = torch.randn(4, 8, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import phoclip
-from phoclip.model import create_model, load_model, model_fingerprint
+from phoclip.models.clip import create_model, load_model, model_fingerprint
 
 # the real towers' shapes, so every named config can be built offline (random weights)
 OFFLINE_TEXT = {
@@ -159,7 +159,7 @@ def test_grad_checkpointing_same_gradients():
 
 
 def test_bf16_autocast_close_to_fp32():
-    from phoclip.loss import ClipLoss
+    from phoclip.models.loss import ClipLoss
 
     m = tiny()
     m.eval()

@@ -137,7 +137,7 @@ def test_the_model_card_shows_the_curves_and_the_python_api(tiny_run, tmp_path):
     relatively) and teaches the five-line API plus a batch; a non-PNG is not attached."""
     import ast
 
-    from phoclip.card import API_EXAMPLE, BATCH_EXAMPLE, attach_curves, model_card
+    from phoclip.models.card import API_EXAMPLE, BATCH_EXAMPLE, attach_curves, model_card
     from phoclip_train.plots import render_curves
 
     png = render_curves(_copy_run(tiny_run, tmp_path))

@@ -84,8 +84,8 @@ def _main(capsys, script, *args, ok=True, stdout_only=False):
 
 
 def test_vncorenlp_shards_train_export_index_search(vncorenlp_env, tmp_path, capsys, monkeypatch):
-    from phoclip.synthetic import make_dataset
-    from phoclip.text import UndertheseaSegmenter, build_phobert_tokenizer
+    from phoclip.data.synthetic import make_dataset
+    from phoclip.data.text import UndertheseaSegmenter, build_phobert_tokenizer
 
     model_dir = vncorenlp_env
     caps = make_dataset(tmp_path / "data", n_images=120, size=64, seed=5)
@@ -157,7 +157,7 @@ def test_exporting_a_checkpoint_needs_no_pretrained_weights_file(shapes_shards, 
     import torch
     from safetensors.torch import save_file
 
-    from phoclip.model import load_model
+    from phoclip.models.clip import load_model
 
     shards, tok, n = shapes_shards
     w = tmp_path / "test_resnet.safetensors"

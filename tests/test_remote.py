@@ -16,8 +16,8 @@ import pytest
 
 from conftest import ROOT, kill_job, read_metrics, reference_args, run_torchrun, torchrun_cmd
 from dist_utils import free_port
-from phoclip.manifest import check_shards_fit
-from phoclip.shards import count_samples, expand_urls, read_shards, shard_name
+from phoclip.data.manifest import check_shards_fit
+from phoclip.data.shards import count_samples, expand_urls, read_shards, shard_name
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -142,8 +142,8 @@ def test_connection_dropped_mid_shard_is_retried_without_loss(shapes_shards, ser
 def test_item_pictures_from_remote_shards_only_where_allowed(shapes_shards, server):
     """The trainer's retrieval grid reads its own remote shards; an index handed to the
     service cannot make it fetch URLs or run pipe: commands."""
-    from phoclip.gallery import load_item_image
-    from phoclip.images import BadImage
+    from phoclip.search.gallery import load_item_image
+    from phoclip.data.images import BadImage
 
     shards, _, _ = shapes_shards
     base, _ = server
@@ -213,7 +213,7 @@ def test_two_ranks_train_from_http_and_resume_after_kill9(shapes_shards, referen
 @pytest.fixture
 def slow_floor(monkeypatch):
     """The low-speed rule on a 1 s window (60 s in production)."""
-    import phoclip.shards as sh
+    import phoclip.data.shards as sh
 
     monkeypatch.setattr(sh, "LOW_SPEED_TIME_S", 1.0)
     return sh
@@ -257,7 +257,7 @@ def test_pipe_commands_take_sigterm_and_die_with_their_reader(shapes_shards):
 
     script = ("import signal, sys, time\n"
               "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-              "from phoclip.shards import open_url\n"
+              "from phoclip.data.shards import open_url\n"
               "f = open_url('pipe:sleep 60; cat /dev/null')\n"
               "print(f.raw.proc.pid, flush=True)\n"
               "time.sleep(60)\n")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from phoclip.retrieval import chance_recall, retrieval_metrics
+from phoclip.evaluation.retrieval import chance_recall, retrieval_metrics
 
 
 def test_recall_known_answers_with_several_captions_per_image():
@@ -49,22 +49,22 @@ def test_embedding_logs_progress_lines_with_totals_also_without_a_terminal(caplo
     import logging
 
     import phoclip
-    from phoclip.retrieval import ProgressLog, embed_samples
+    from phoclip.evaluation.retrieval import ProgressLog, embed_samples
 
     torch.manual_seed(0)
     model = phoclip.create_model("tiny-debug", embed_dim=16, text={"hf_config": {"vocab_size": 50}})
     size = model.config["vision"].get("image_size", 224)
     samples = [{"key": str(i), "image": torch.rand(3, size, size), "ids": torch.tensor([[0, 5, 6, 2]])}
                for i in range(6)]
-    with caplog.at_level(logging.INFO, logger="phoclip.retrieval"):
+    with caplog.at_level(logging.INFO, logger="phoclip.evaluation.retrieval"):
         img, txt, *_ = embed_samples(model, iter(samples), torch.device("cpu"), batch_size=2, progress=True,
                                      total=6, progress_every_s=0)
-    lines = [r.getMessage() for r in caplog.records if r.name == "phoclip.retrieval"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "phoclip.evaluation.retrieval"]
     assert img.shape == (6, 16) and txt.shape == (6, 16)
     assert lines[0].startswith("embedding: 2 / 6 images (33%), ") and " images/s" in lines[0], lines
     assert lines[-1].startswith("embedding: 6 / 6 images (100%)") and lines[-1].endswith("(done)"), lines
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="phoclip.retrieval"):
+    with caplog.at_level(logging.INFO, logger="phoclip.evaluation.retrieval"):
         embed_samples(model, iter(samples), torch.device("cpu"), batch_size=2, progress=False)
         bar = ProgressLog("embedding", None, every_s=3600)
         bar.update(5)  # within the interval: no line; no total: no percentage

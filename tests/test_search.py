@@ -32,11 +32,11 @@ def _main(module, args):
 
 
 def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, capsys):
-    from phoclip.gallery import write_embedding_map
-    from phoclip.index import EmbeddingIndex
-    from phoclip.search import find_captions, find_matches, zero_shot_tags
-    from phoclip.text import TextProcessor, UndertheseaSegmenter, load_tokenizer
-    from phoclip.loading import load_encoder
+    from phoclip.search.gallery import write_embedding_map
+    from phoclip.search.index import EmbeddingIndex
+    from phoclip.search.query import find_captions, find_matches, zero_shot_tags
+    from phoclip.data.text import TextProcessor, UndertheseaSegmenter, load_tokenizer
+    from phoclip.models.loading import load_encoder
 
     shards, tok, _ = shapes_shards
     idx_dir = tmp_path / "index"
@@ -101,9 +101,9 @@ def test_index_search_gallery_map_and_refusal(trained, shapes_shards, tmp_path, 
 
 
 def _extract(rank, world, model_dir, shards, out):
-    from phoclip.retrieval import eval_samples
-    from phoclip.retrieval import embed_samples, gather_embeddings
-    from phoclip.loading import load_encoder
+    from phoclip.evaluation.retrieval import eval_samples
+    from phoclip.evaluation.retrieval import embed_samples, gather_embeddings
+    from phoclip.models.loading import load_encoder
 
     model, _ = load_encoder(model_dir)
     urls = [str(p) for p in sorted(Path(shards).glob("train-*.tar"))]
@@ -172,7 +172,7 @@ def test_index_a_photo_folder_with_broken_files_then_search_it(trained, shapes_s
     assert "skipped 6 unreadable" in out and "not_a_file 2" in out, out
     assert "too_large 1" in out and "too_large_file 1" in out, out
     assert "corrupt 1" in out and "not_an_image 1" in out and "ignored 1 files" in out, out
-    from phoclip.index import EmbeddingIndex
+    from phoclip.search.index import EmbeddingIndex
 
     items = EmbeddingIndex(idx).items("images")
     assert len(items) == n_good and not any("broken" in it["path"] for it in items)

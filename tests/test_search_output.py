@@ -14,8 +14,8 @@ from conftest import make_image
 @pytest.fixture(scope="module")
 def index(tmp_path_factory, tiny_tokenizer_dir):
     import phoclip
-    from phoclip.index import write_index
-    from phoclip.text import load_tokenizer
+    from phoclip.search.index import write_index
+    from phoclip.data.text import load_tokenizer
 
     d = tmp_path_factory.mktemp("search_output")
     torch.manual_seed(0)
@@ -78,8 +78,8 @@ def test_an_index_works_from_any_directory_and_moved_with_its_photos(tmp_path, t
     import shutil
 
     import phoclip
-    from phoclip.index import write_index
-    from phoclip.text import load_tokenizer
+    from phoclip.search.index import write_index
+    from phoclip.data.text import load_tokenizer
 
     torch.manual_seed(0)
     tok = load_tokenizer(str(tiny_tokenizer_dir))

@@ -4,8 +4,8 @@ from conftest import make_image
 
 
 def test_the_gallery_is_the_page_without_a_server(tmp_path):
-    from phoclip.gallery import page_style, write_gallery
-    from phoclip.index import Match
+    from phoclip.search.gallery import page_style, write_gallery
+    from phoclip.search.index import Match
 
     photo = make_image(tmp_path / "a.jpg", 0, size=(90, 60))
     hostile = "<b>đậm</b><script>alert(1)</script>"

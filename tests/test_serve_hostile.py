@@ -50,7 +50,7 @@ def _launch_module(name):
 
 def _tiny_model_folder(tok_dir, out, embed_dim=64, seed=0):
     import phoclip
-    from phoclip.text import load_tokenizer
+    from phoclip.data.text import load_tokenizer
 
     torch.manual_seed(seed)
     tok = load_tokenizer(str(tok_dir))
@@ -73,7 +73,7 @@ def _sparse_shard(path, key, size):
 def env(tiny_tokenizer_dir, tmp_path_factory):
     """A tiny model, an index with one NaN row and one huge shard member, and the
     service on a free port with small limits (1 s head deadline, 100 connections)."""
-    from phoclip.index import write_index
+    from phoclip.search.index import write_index
 
     d = tmp_path_factory.mktemp("serve_hostile")
     model = _tiny_model_folder(tiny_tokenizer_dir, d / "model")
@@ -339,7 +339,7 @@ def test_decoded_bytes_are_capped_not_just_pixels(env):
     code, headers, body = _post(env.base + "/search/image", {}, {"file": ("grey16.png", buf.getvalue())})
     assert code == 422 and time.monotonic() - t0 < 2, body
     assert "I;16 needs" in body["detail"] and "MB to decode" in body["detail"]
-    from phoclip.images import decode_cost
+    from phoclip.data.images import decode_cost
 
     assert decode_cost("I;16", 6300, 6300) > 400 << 20 > decode_cost("RGB", 6300, 6300)
     # an ordinary upload still works
@@ -394,13 +394,13 @@ def test_a_chunked_upload_over_the_cap_gets_413_without_being_read(env):
 # ----------------------------------------------------------------------------- the index
 
 def test_a_nan_index_row_is_skipped_counted_and_never_returned(env, caplog):
-    from phoclip.index import EmbeddingIndex
-    from phoclip.search import embed_texts, query_processor, zero_shot_tags
+    from phoclip.search.index import EmbeddingIndex
+    from phoclip.search.query import embed_texts, query_processor, zero_shot_tags
 
-    with caplog.at_level(logging.WARNING, logger="phoclip.index"):
+    with caplog.at_level(logging.WARNING, logger="phoclip.search.index"):
         index = EmbeddingIndex(env.idx)
         emb = index.embeddings("images")
-    msg = [r.getMessage() for r in caplog.records if r.name == "phoclip.index"]
+    msg = [r.getMessage() for r in caplog.records if r.name == "phoclip.search.index"]
     assert len(msg) == 1 and "images.npy: 1 of 8 rows are not finite" in msg[0] and f"ids {NAN_ID})" in msg[0]
     assert index.bad_ids("images").tolist() == [NAN_ID] and torch.isfinite(emb).all()
     # exact and FAISS search: every row but the NaN one, for any query, even the NaN row's own
@@ -411,7 +411,7 @@ def test_a_nan_index_row_is_skipped_counted_and_never_returned(env, caplog):
         assert all(sorted(r) == [j for j in range(N_ITEMS) if j != NAN_ID] for r in i.tolist())
         s, i = index.search(q, 3, "images", backend)
         assert i.shape == (16, 3) and not (i == NAN_ID).any()
-    from phoclip.loading import load_encoder
+    from phoclip.models.loading import load_encoder
 
     model, tok = load_encoder(str(env.d / "model"))
     proc = query_processor(model, tok)
@@ -444,8 +444,8 @@ def test_search_cli_tags_skip_a_nan_row(env, capsys):
 # ----------------------------------------------------------------------------- ONNX towers
 
 def test_onnx_towers_that_do_not_fit_are_refused_at_load_in_one_line(env, tmp_path, capsys):
-    from phoclip.index import EmbeddingIndex
-    from phoclip.onnx_backend import OnnxModel, export_onnx
+    from phoclip.search.index import EmbeddingIndex
+    from phoclip.models.onnx import OnnxModel, export_onnx
 
     good = tmp_path / "good"
     shutil.copytree(env.d / "model", good)

@@ -134,7 +134,7 @@ def test_bad_source_spec_errors(tmp_path, tiny_tokenizer_dir, make_shards):
 # ----------------------------------------------------------------------------- text
 
 def test_nfc_and_nfd_give_identical_ids(tiny_tokenizer_dir):
-    from phoclip.text import TextProcessor, UndertheseaSegmenter, load_tokenizer
+    from phoclip.data.text import TextProcessor, UndertheseaSegmenter, load_tokenizer
 
     proc = TextProcessor(load_tokenizer(str(tiny_tokenizer_dir)), UndertheseaSegmenter(), 16)
     text = "Một người đàn ông đang làm việc ở Hà Nội"
@@ -150,7 +150,7 @@ def test_nfc_and_nfd_give_identical_ids(tiny_tokenizer_dir):
 
 
 def test_pyvi_and_none_segmenters():
-    from phoclip.text import create_segmenter
+    from phoclip.data.text import create_segmenter
 
     assert create_segmenter("pyvi").segment(["làm việc ở Hà Nội"])[0].count("_") >= 1
     assert create_segmenter("none").segment(["  làm_việc  ở "]) == ["làm_việc ở"]
@@ -159,7 +159,7 @@ def test_pyvi_and_none_segmenters():
 
 
 def test_vncorenlp_missing_model_error(tmp_path):
-    from phoclip.text import create_segmenter
+    from phoclip.data.text import create_segmenter
 
     with pytest.raises(RuntimeError, match="download_model") as e:
         create_segmenter("vncorenlp", str(tmp_path / "vncorenlp"))
@@ -169,7 +169,7 @@ def test_vncorenlp_missing_model_error(tmp_path):
 
 
 def test_vncorenlp_missing_java_error(tmp_path, monkeypatch):
-    from phoclip.text import create_segmenter
+    from phoclip.data.text import create_segmenter
 
     monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH
     with pytest.raises(RuntimeError, match="Java"):
@@ -250,7 +250,7 @@ def test_byte_identical_rerun_and_resume(tmp_path, tiny_tokenizer_dir, make_shar
 
 def test_shards_read_back_with_plain_webdataset(tmp_path, tiny_tokenizer_dir, make_shards):
     import webdataset as wds
-    from phoclip.text import load_tokenizer
+    from phoclip.data.text import load_tokenizer
 
     ann, imgs = _dataset(tmp_path, 10)
     out = tmp_path / "o"
@@ -318,7 +318,7 @@ def test_parts_then_merge_equal_one_job(tmp_path, tiny_tokenizer_dir, make_shard
     for key in ("counts", "captions", "sources", "skipped", "merged_duplicate_images", "tokenizer", "segmenter"):
         assert m1[key] == m2[key], key
     assert m1["skipped"].get("not_an_image", 0) + m1["skipped"].get("corrupt", 0) == 1
-    from phoclip.manifest import Manifest
+    from phoclip.data.manifest import Manifest
 
     merged = Manifest.read(parted / "manifest.json")  # the merge writes a manifest every reader takes
     assert merged.part is None and merged.merged_from == {"parts": 2} and merged.shards == m2["shards"]
@@ -590,8 +590,8 @@ def test_out_url_uploads_shards_to_s3_and_resumes_from_the_bucket(tmp_path, tiny
     is done (a shard lost, a shard whose .done record never arrived: both written again,
     nothing else), from any staging folder; a different job at the URL is refused."""
     import phoclip_sharding.writer as writer
-    from phoclip.manifest import manifest_for
-    from phoclip.shards import count_samples, read_shards
+    from phoclip.data.manifest import manifest_for
+    from phoclip.data.shards import count_samples, read_shards
 
     ann, imgs = _dataset(tmp_path, 24)
     src = f"coco-jsonl:{ann}:{imgs}"

@@ -6,8 +6,8 @@ trimming and channels_last change nothing but the cost."""
 import pytest
 import torch
 
-from phoclip.loss import ClipLoss
-from phoclip.model import create_model
+from phoclip.models.loss import ClipLoss
+from phoclip.models.clip import create_model
 from phoclip_train.build import build_optimizer
 from phoclip_train.config import OptimConfig
 from phoclip_train.engine import DDPEngine
@@ -40,7 +40,7 @@ def batch(n: int = 8, seed: int = 0, width: int = 24, size: int = 64) -> dict:
 
 def nan_batch(seed: int) -> dict:
     b = batch(seed=seed)
-    from phoclip.transforms import normalize_images
+    from phoclip.data.transforms import normalize_images
 
     img = normalize_images(b["images"])
     img[0, 0, 0, 0] = float("nan")
@@ -191,7 +191,7 @@ def test_trimmed_inputs_give_the_padded_step():
 def test_channels_last_is_a_layout_not_another_model(tmp_path):
     """train.channels_last changes memory strides only: the same losses from the same
     weights and batches, and the saved weights load back exactly."""
-    from phoclip.model import load_model
+    from phoclip.models.clip import load_model
 
     b = [batch(seed=s) for s in (1, 2, 3)]
     losses = {}

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from phoclip.loss import ClipLoss
-from phoclip.model import create_model, pack_captions, trim_padding
+from phoclip.models.loss import ClipLoss
+from phoclip.models.clip import create_model, pack_captions, trim_padding
 
 PAD = 1
 
@@ -247,7 +247,7 @@ def test_trainer_packs_and_steps_as_padded(shapes_shards, tmp_path):
 
 
 def test_evaluation_embeds_the_same_packed():
-    from phoclip.retrieval import embed_samples
+    from phoclip.evaluation.retrieval import embed_samples
 
     model = _model("cls")
     lengths = _lengths(40, 5)

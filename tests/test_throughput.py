@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import train_overrides
-from phoclip.loss import ClipLoss
-from phoclip.model import create_model, trim_padding
+from phoclip.models.loss import ClipLoss
+from phoclip.models.clip import create_model, trim_padding
 from phoclip_train.config import resolve_config
 from phoclip_train.distributed import DistInfo
 from phoclip_train.trainer import Trainer
@@ -89,7 +89,7 @@ def test_text_tower_runs_sdpa_and_matches_eager(caplog):
 def test_architecture_without_sdpa_falls_back_loudly(monkeypatch, caplog):
     """transformers refuses sdpa for an architecture without it: the tower is built with
     eager attention and the fallback is logged as a warning (not silent)."""
-    import phoclip.model as pm
+    import phoclip.models.clip as pm
 
     real = pm._load_text_tower
 
@@ -100,7 +100,7 @@ def test_architecture_without_sdpa_falls_back_loudly(monkeypatch, caplog):
         return real(cfg, attn)
 
     monkeypatch.setattr(pm, "_load_text_tower", no_sdpa)
-    with caplog.at_level(logging.WARNING, logger="phoclip.model"):
+    with caplog.at_level(logging.WARNING, logger="phoclip.models.clip"):
         m = create_model("tiny-debug", text={"hf_config": {"vocab_size": 100}})
     assert m.text.config._attn_implementation == "eager"
     assert any("FALLING BACK to eager" in r.message for r in caplog.records)
@@ -212,8 +212,8 @@ def test_compiled_towers_train_like_eager(shapes_shards, tmp_path):
 
 
 def _stream(shards, n, **kw):
-    from phoclip.data import ShardStream, StreamConfig
-    from phoclip.shards import expand_urls
+    from phoclip.data.stream import ShardStream, StreamConfig
+    from phoclip.data.shards import expand_urls
 
     urls = expand_urls(f"{shards}/train-{{000000..{n - 1:06d}}}.tar")[0]
     return ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, 0, 1, False, 8, **kw))
@@ -225,7 +225,7 @@ def test_length_buckets_group_similar_captions_and_resume_exactly(shapes_shards)
     padding after trimming); a resume inside a block continues with the same batches."""
     import itertools
 
-    from phoclip.data import StreamTracker
+    from phoclip.data.stream import StreamTracker
 
     shards, _, n = shapes_shards
     plain = list(itertools.islice(iter(_stream(shards, n)), 12))
@@ -259,7 +259,7 @@ def test_device_resize_matches_worker_resize():
     import numpy as np
     from PIL import Image
 
-    from phoclip.transforms import image_to_tensor, pad_images, random_crop_box, resize_on_device
+    from phoclip.data.transforms import image_to_tensor, pad_images, random_crop_box, resize_on_device
 
     g = np.random.default_rng(0)
     imgs, want, boxes = [], [], []
@@ -282,7 +282,7 @@ def test_stream_ships_decoded_images_for_device_resize(shapes_shards):
     the workers' pixels within rounding."""
     import itertools
 
-    from phoclip.transforms import resize_on_device
+    from phoclip.data.transforms import resize_on_device
 
     shards, _, n = shapes_shards
     worker = list(itertools.islice(iter(_stream(shards, n)), 3))

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from phoclip_cli.common import HelpFormatter, refuse
 
-MAX_IMAGE_BYTES = 64 << 20  # as phoclip.images.MAX_FILE_BYTES (checked by a test), without importing torch for --help
+MAX_IMAGE_BYTES = 64 << 20  # as phoclip.data.images.MAX_FILE_BYTES (checked by a test), without importing torch for --help
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,16 +51,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with one line when refused."""
     args = build_parser().parse_args(argv)
     from phoclip.errors import EXPECTED_ERRORS
-    from phoclip.gallery import write_embedding_map
-    from phoclip.index import write_index
-    from phoclip.indexing import IMAGE_EXT, folder_samples, index_items, list_images, write_projector
+    from phoclip.search.gallery import write_embedding_map
+    from phoclip.search.index import write_index
+    from phoclip.search.indexing import IMAGE_EXT, folder_samples, index_items, list_images, write_projector
     from phoclip.log import init_logger
-    from phoclip.retrieval import embed_samples, eval_samples, gather_counts, gather_embeddings
-    from phoclip.manifest import check_shards_fit
-    from phoclip.shards import count_samples, expand_urls
-    from phoclip.text import load_tokenizer
+    from phoclip.evaluation.retrieval import embed_samples, eval_samples, gather_counts, gather_embeddings
+    from phoclip.data.manifest import check_shards_fit
+    from phoclip.data.shards import count_samples, expand_urls
+    from phoclip.data.text import load_tokenizer
     from phoclip_cli.distributed import cleanup, init_distributed, launcher_rank
-    from phoclip.loading import load_encoder
+    from phoclip.models.loading import load_encoder
 
     init_logger(rank=launcher_rank())
     info = init_distributed(args.device)

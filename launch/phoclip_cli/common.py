@@ -65,7 +65,7 @@ def refuse(prog: str, error: BaseException) -> int:
     import sys
 
     from phoclip.errors import one_line
-    from phoclip.text import strip_controls
+    from phoclip.data.text import strip_controls
 
     msg = strip_controls(one_line(error))  # a file name or caption from outside: no terminal controls
     print(f"{prog}: {msg}", file=sys.stderr)

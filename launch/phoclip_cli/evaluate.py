@@ -51,9 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate_benchmark(args: argparse.Namespace, model, tok_name: str, size: int, info) -> dict:
     """Recall on a published split straight from its annotation file (see the module doc)."""
-    from phoclip.evaluation import benchmark_samples, reference_rows
-    from phoclip.retrieval import embed_samples, gather_counts, gather_embeddings, retrieval_metrics
-    from phoclip.datasets import SourceSpec, read_source
+    from phoclip.evaluation.benchmarks import benchmark_samples, reference_rows
+    from phoclip.evaluation.retrieval import embed_samples, gather_counts, gather_embeddings, retrieval_metrics
+    from phoclip.data.datasets import SourceSpec, read_source
 
     skipped: Counter = Counter()
     spec = SourceSpec.parse(args.benchmark)
@@ -78,15 +78,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Evaluate, print the table and write the results JSON; 2 with one line when refused."""
     args = build_parser().parse_args(argv)
     from phoclip.errors import EXPECTED_ERRORS
-    from phoclip.evaluation import format_references, format_table, source_slug
+    from phoclip.evaluation.benchmarks import format_references, format_table, source_slug
     from phoclip.fileio import atomic_write_json
     from phoclip.log import init_logger
-    from phoclip.retrieval import evaluate_shards
-    from phoclip.manifest import check_shards_fit
-    from phoclip.shards import expand_urls
-    from phoclip.text import load_tokenizer
+    from phoclip.evaluation.retrieval import evaluate_shards
+    from phoclip.data.manifest import check_shards_fit
+    from phoclip.data.shards import expand_urls
+    from phoclip.data.text import load_tokenizer
     from phoclip_cli.distributed import cleanup, init_distributed, launcher_rank
-    from phoclip.loading import load_encoder
+    from phoclip.models.loading import load_encoder
 
     init_logger(rank=launcher_rank())
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{source_slug(args.benchmark, args.shards, args.split)}.json"

@@ -61,13 +61,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from phoclip.gallery import write_gallery
-    from phoclip.images import BadImage, read_image_file
-    from phoclip.index import EmbeddingIndex
-    from phoclip.search import (DEFAULT_TEMPLATES, find_captions, find_matches, query_processor, zero_shot_accuracy,
+    from phoclip.search.gallery import write_gallery
+    from phoclip.data.images import BadImage, read_image_file
+    from phoclip.search.index import EmbeddingIndex
+    from phoclip.search.query import (DEFAULT_TEMPLATES, find_captions, find_matches, query_processor, zero_shot_accuracy,
                                 zero_shot_tags)
-    from phoclip.text import strip_controls
-    from phoclip.loading import load_encoder
+    from phoclip.data.text import strip_controls
+    from phoclip.models.loading import load_encoder
 
     index = EmbeddingIndex(args.index)
     if not args.model and index.model_found_via is None:
@@ -142,7 +142,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _shown(x) -> str:
-    from phoclip.text import strip_controls
+    from phoclip.data.text import strip_controls
 
     return strip_controls(str(x if x is not None else "")).replace("\n", " ").replace("\t", " ")
 

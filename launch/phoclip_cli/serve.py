@@ -104,7 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from phoclip.errors import EXPECTED_ERRORS, one_line
     from phoclip.log import init_logger
-    from phoclip.text import strip_controls
+    from phoclip.data.text import strip_controls
 
     p = build_parser()
     args = p.parse_args(argv)

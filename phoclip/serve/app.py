@@ -13,7 +13,7 @@ from phoclip.serve.middleware import BodyLimit, SecurityHeaders
 from phoclip.serve.routes import health, page, pictures, search, tags
 from phoclip.serve.service import Service
 from phoclip.serve.settings import FORM_OVERHEAD, Settings
-from phoclip.text import strip_controls
+from phoclip.data.text import strip_controls
 
 
 def _validation_detail(exc: RequestValidationError) -> str:

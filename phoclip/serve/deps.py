@@ -31,7 +31,7 @@ JobsDep = Annotated[CpuJobs, Depends(get_jobs)]
 def read_image(file: UploadFile, settings: Settings):
     """In a worker thread: the upload's bytes (spooled by the form parser), capped, decoded."""
     from phoclip.errors import one_line
-    from phoclip.images import BadImage
+    from phoclip.data.images import BadImage
 
     data = file.file.read(settings.max_upload + 1)
     if len(data) > settings.max_upload:

@@ -15,12 +15,12 @@ import torch
 from fastapi import HTTPException
 
 from phoclip.errors import one_line
-from phoclip.gallery import load_item_bytes
-from phoclip.images import decode_rgb
-from phoclip.index import EmbeddingIndex
-from phoclip.search import DEFAULT_TEMPLATES, caption_matches, embed_images, embed_texts, tag_embeddings
+from phoclip.search.gallery import load_item_bytes
+from phoclip.data.images import decode_rgb
+from phoclip.search.index import EmbeddingIndex
+from phoclip.search.query import DEFAULT_TEMPLATES, caption_matches, embed_images, embed_texts, tag_embeddings
 from phoclip.serve.settings import MAX_UPLOAD_PIXELS, PHOTO_SIZE, THUMB_SIZE, Settings
-from phoclip.text import strip_controls
+from phoclip.data.text import strip_controls
 
 logger = logging.getLogger(__name__)
 
@@ -261,8 +261,8 @@ class Service:
 
     def _check_root(self, i: int) -> None:
         """Refuse item `i` when its file (or shard) is not under one of `self.roots`."""
-        from phoclip.images import BadImage
-        from phoclip.shards import is_remote
+        from phoclip.data.images import BadImage
+        from phoclip.data.shards import is_remote
 
         it = self.items[i]
         f = it.get("shard") or it.get("path")

@@ -28,13 +28,13 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from phoclip.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
+from phoclip.data.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from phoclip.log import init_logger
-from phoclip.text import SEGMENTERS
+from phoclip.data.text import SEGMENTERS
 from phoclip_sharding.job import run_job
 from phoclip_sharding.merge import merge_parts
 from phoclip_sharding.output import is_url
-from phoclip.datasets import MAX_ANNOTATION_BYTES, READERS
+from phoclip.data.datasets import MAX_ANNOTATION_BYTES, READERS
 from phoclip_sharding.record import brace_pattern, shard_patterns
 
 __all__ = ["brace_pattern", "build_parser", "console_main", "main", "parse_args", "shard_patterns"]

@@ -8,9 +8,9 @@ import logging
 import os
 from collections import Counter
 
-from phoclip.images import MAX_FILE_BYTES
-from phoclip.text import normalize_text, strip_controls
-from phoclip.datasets import SourceSpec, part_of, read_source
+from phoclip.data.images import MAX_FILE_BYTES
+from phoclip.data.text import normalize_text, strip_controls
+from phoclip.data.datasets import SourceSpec, part_of, read_source
 from phoclip_sharding.store import JobStore
 from phoclip_sharding.writer import check_images
 

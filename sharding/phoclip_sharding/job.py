@@ -17,12 +17,12 @@ from pathlib import Path
 
 from phoclip.errors import EXPECTED_ERRORS, one_line
 from phoclip.fileio import real_dir
-from phoclip.text import create_segmenter, load_tokenizer, tokenizer_fingerprint
+from phoclip.data.text import create_segmenter, load_tokenizer, tokenizer_fingerprint
 from phoclip_sharding.collect import collect
 from phoclip_sharding.merge import PART_DIR
 from phoclip_sharding.output import Output, default_staging, is_url
 from phoclip_sharding.plan import ShardPlan, claim_output
-from phoclip.datasets import SourceSpec
+from phoclip.data.datasets import SourceSpec
 from phoclip_sharding.record import JobSettings, job_record, shard_patterns
 from phoclip_sharding.store import STORE_NAME, JobStore, lock_folder
 from phoclip_sharding.writer import TextSettings, make_pool, run_tasks

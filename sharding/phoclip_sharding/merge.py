@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 
-from phoclip.manifest import SPLITS, Manifest, ManifestError, TokenizerInfo
+from phoclip.data.manifest import SPLITS, Manifest, ManifestError, TokenizerInfo
 from phoclip_sharding.output import Output, is_url
 from phoclip_sharding.record import shard_patterns
 

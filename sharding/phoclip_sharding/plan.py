@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from phoclip.manifest import SPLITS
+from phoclip.data.manifest import SPLITS
 from phoclip_sharding.output import Output
 from phoclip_sharding.store import JobStore
 from phoclip_sharding.writer import ShardTask, TextSettings

@@ -8,8 +8,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from phoclip import __version__
-from phoclip.manifest import FORMAT_VERSION, SPLITS, Manifest, PartInfo, SegmenterInfo, TokenizerInfo
-from phoclip.text import tokenizer_fingerprint
+from phoclip.data.manifest import FORMAT_VERSION, SPLITS, Manifest, PartInfo, SegmenterInfo, TokenizerInfo
+from phoclip.data.text import tokenizer_fingerprint
 from phoclip_sharding.output import Output
 from phoclip_sharding.store import JobStore
 

@@ -240,7 +240,7 @@ def lock_folder(folder: Path):
     would interleave shards. Refused in one line while another job holds it. The caller
     refreshes it as shards complete and releases it at the end."""
     from phoclip.errors import one_line
-    from phoclip_train.lock import LockFileError, RunLock, RunLockedError
+    from phoclip.lock import LockFileError, RunLock, RunLockedError
 
     lock = RunLock(folder)
     try:

@@ -21,7 +21,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from phoclip.fileio import atomic_open, atomic_write_json, real_dir
-from phoclip.images import (MAX_FILE_BYTES, MAX_IMAGE_PIXELS, BadImage, decode_rgb, encode_jpeg,
+from phoclip.data.images import (MAX_FILE_BYTES, MAX_IMAGE_PIXELS, BadImage, decode_rgb, encode_jpeg,
                             probe_image, read_file_capped, resize_shorter)
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ _TEXT: dict = {}  # TextSettings -> TextProcessor, per worker process
 
 def text_processor(t: TextSettings):
     if t not in _TEXT:
-        from phoclip.text import TextProcessor, create_segmenter, load_tokenizer
+        from phoclip.data.text import TextProcessor, create_segmenter, load_tokenizer
 
         _TEXT[t] = TextProcessor(load_tokenizer(t.tokenizer), create_segmenter(t.segmenter, t.vncorenlp_dir),
                                  t.max_length)

@@ -23,12 +23,12 @@ from typing import Optional
 import torch
 
 import phoclip
-from phoclip.data import ShardStream, StreamConfig
-from phoclip.loss import create_loss
-from phoclip.model import get_model_config
-from phoclip.manifest import Manifest, check_shards_fit
-from phoclip.shards import count_samples, expand_urls
-from phoclip.text import load_tokenizer
+from phoclip.data.stream import ShardStream, StreamConfig
+from phoclip.models.loss import create_loss
+from phoclip.models.clip import get_model_config
+from phoclip.data.manifest import Manifest, check_shards_fit
+from phoclip.data.shards import count_samples, expand_urls
+from phoclip.data.text import load_tokenizer
 from phoclip_train.config import ConfigError, OptimConfig, RunConfig
 from phoclip_train.distributed import DistInfo
 from phoclip_train.engine import DDPEngine, Engine
@@ -163,7 +163,7 @@ def build_engine(cfg: RunConfig, dist: DistInfo, model) -> Engine:
 
 
 def build_stream(cfg: RunConfig, dist: DistInfo, data: RunData, pad_id: int) -> ShardStream:
-    """This rank's training stream (see `phoclip.data.ShardStream`)."""
+    """This rank's training stream (see `phoclip.data.stream.ShardStream`)."""
     d = cfg.data
     return ShardStream(StreamConfig(
         data.train_urls, data.train_weights, d.batch_size, d.image_size, cfg.train.seed,

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from phoclip.checkpoints import read_meta, verify_checkpoint
+from phoclip.models.checkpoints import read_meta, verify_checkpoint
 from phoclip.errors import CheckpointError
 from phoclip.fileio import atomic_write_json, fsync_dir
 from phoclip_train.distributed import barrier

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from phoclip.checkpoints import DS_TAG
+from phoclip.models.checkpoints import DS_TAG
 from phoclip.errors import CheckpointError
 from phoclip.fileio import atomic_write_json, read_regular
 from phoclip_train.config import ConfigError
@@ -301,7 +301,7 @@ class DeepSpeedEngine(Engine):
                 st["step"] = st["step"].clone()
         # module buffers (BatchNorm statistics) are not in the universal files: from the
         # saved module state, which holds them whole under every stage
-        from phoclip.checkpoints import deepspeed_globals
+        from phoclip.models.checkpoints import deepspeed_globals
 
         ms = sorted((folder / DS_TAG).glob("*model_states.pt"))[0]
         with torch.serialization.safe_globals(deepspeed_globals()):

@@ -5,7 +5,7 @@ model card) that `phoclip.load` reads; optionally both towers as ONNX too.
     phoclip-export runs/exp1/checkpoints/step_00020000 runs/exp1/export
     python launch/export_model.py runs/exp1 runs/exp1/export --format onnx
 
-Loading a model for inference is the library's (`phoclip.load`, phoclip/loading.py: no
+Loading a model for inference is the library's (`phoclip.load`, phoclip/models/loading.py: no
 training code). Export may use the training package: a checkpoint written before runs
 recorded their model config is rebuilt here from its run config."""
 from __future__ import annotations
@@ -26,14 +26,14 @@ FORMATS = ("safetensors", "onnx")
 
 def model_from_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer name or folder) from a checkpoint folder, verified
-    first (`phoclip.checkpoints.verify_checkpoint`); only the model's weights are read.
+    first (`phoclip.models.checkpoints.verify_checkpoint`); only the model's weights are read.
     A checkpoint that records its model config is rebuilt as `phoclip.load` rebuilds it;
     an older one from its run config (the training package's `build_model`)."""
-    from phoclip.checkpoints import load_checkpoint_weights, verify_checkpoint
+    from phoclip.models.checkpoints import load_checkpoint_weights, verify_checkpoint
     from phoclip.errors import CheckpointError
-    from phoclip.loading import checkpoint_model_config
-    from phoclip.model import PhoCLIP, get_model_config
-    from phoclip.text import load_tokenizer
+    from phoclip.models.loading import checkpoint_model_config
+    from phoclip.models.clip import PhoCLIP, get_model_config
+    from phoclip.data.text import load_tokenizer
 
     ckpt = Path(ckpt)
     meta = verify_checkpoint(ckpt)  # before zero_to_fp32 (weights_only=False inside DeepSpeed) touches it
@@ -61,12 +61,12 @@ def model_from_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu"):
 
 def check_resolved_config(cfg, where: str) -> None:
     """The architecture an old checkpoint's run config names, with its overrides, checked
-    as a saved model config is (`phoclip.loading.check_model_config`): one line, not a
+    as a saved model config is (`phoclip.models.loading.check_model_config`): one line, not a
     torch traceback, for a negative size."""
     import copy
 
-    from phoclip.loading import check_model_config
-    from phoclip.model import _deep_update, get_model_config
+    from phoclip.models.loading import check_model_config
+    from phoclip.models.clip import _deep_update, get_model_config
 
     arch = _deep_update(get_model_config(cfg.model.name), copy.deepcopy(dict(cfg.model.overrides)))
     text = arch.get("text")
@@ -77,8 +77,8 @@ def check_resolved_config(cfg, where: str) -> None:
 
 def export_checkpoint(ckpt: Path, out: Path) -> Path:
     """Write the checkpoint's model (and tokenizer, and its card) as a plain model folder."""
-    from phoclip.checkpoints import read_meta
-    from phoclip.text import load_tokenizer
+    from phoclip.models.checkpoints import read_meta
+    from phoclip.data.text import load_tokenizer
 
     model, tok_name = model_from_checkpoint(ckpt)  # verifies the checkpoint first
     meta = read_meta(ckpt)
@@ -92,9 +92,9 @@ def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> Path:
     towers as ONNX in `out/onnx/`, checked against PyTorch. Returns `out`."""
     import shutil
 
-    from phoclip.checkpoints import newest_verified
-    from phoclip.loading import NotAModelFolder, model_folder
-    from phoclip.model import load_model
+    from phoclip.models.checkpoints import newest_verified
+    from phoclip.models.loading import NotAModelFolder, model_folder
+    from phoclip.models.clip import load_model
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
@@ -110,7 +110,7 @@ def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> Path:
         logger.info("exporting checkpoint %s", ckpt)
         export_checkpoint(ckpt, out)
     if fmt == "onnx":
-        from phoclip.onnx_backend import export_onnx
+        from phoclip.models.onnx import export_onnx
 
         logger.info("ONNX towers written to %s (checked against PyTorch)", export_onnx(load_model(out), out))
     return out

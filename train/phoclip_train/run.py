@@ -24,17 +24,17 @@ from typing import Callable, Optional, Protocol
 import numpy as np
 import torch
 
-from phoclip.data import ShardStream, StreamLayout, StreamTracker, relayout
-from phoclip.model import get_model_config
-from phoclip.retrieval import evaluate_shards
-from phoclip.manifest import text_positions
+from phoclip.data.stream import ShardStream, StreamLayout, StreamTracker, relayout
+from phoclip.models.clip import get_model_config
+from phoclip.evaluation.retrieval import evaluate_shards
+from phoclip.data.manifest import text_positions
 from phoclip_train.build import (RunData, auto_precision, build_data, build_engine, build_loader, build_loss,
                                  build_model, build_stream, wants_channels_last)
 from phoclip_train.checkpoint import Checkpointer, rng_state, set_rng_state
 from phoclip_train.config import ConfigError, RunConfig, save_config
 from phoclip_train.distributed import DistInfo
 from phoclip_train.engine import Engine, precision_dtype
-from phoclip_train.lock import RunLock
+from phoclip.lock import RunLock
 from phoclip_train.metrics import RunLogger
 from phoclip_train.step import InputPrep, NonFiniteCounter
 
@@ -95,7 +95,7 @@ class Settings:
 class DataPosition:
     """Where this rank's stream is: its tracker's position and skipped counts, and the
     stream's layout. Restored exactly on the same ranks x workers; on another layout
-    the data order continues (`phoclip.data.relayout`) rather than restarting."""
+    the data order continues (`phoclip.data.stream.relayout`) rather than restarting."""
 
     def __init__(self, stream: ShardStream, urls: list, cfg: RunConfig, dist: DistInfo) -> None:
         self.stream, self.urls, self.cfg, self.dist = stream, urls, cfg, dist
@@ -296,9 +296,9 @@ class Evaluator:
     def _log_retrieval_grids(self, step: int, img: torch.Tensor, keys: list, metas: list, k: int = 5) -> None:
         """Top-k validation images of each configured query, as TensorBoard images tagged
         with the query itself (where a person would rather look than read)."""
-        from phoclip.gallery import load_item_image
-        from phoclip.images import BadImage
-        from phoclip.search import embed_texts
+        from phoclip.search.gallery import load_item_image
+        from phoclip.data.images import BadImage
+        from phoclip.search.query import embed_texts
 
         queries = self.cfg.train.eval_queries
         # every rank embeds the queries (under ZeRO-3 a forward is a collective); rank 0 logs
@@ -482,7 +482,7 @@ def _build(cfg: RunConfig, dist: DistInfo, lock: RunLock) -> Run:
 
 def build_query_processor(cfg: RunConfig, data: RunData):
     """The text processor of train.eval_queries: the shards' segmenter and max length."""
-    from phoclip.text import TextProcessor, create_segmenter
+    from phoclip.data.text import TextProcessor, create_segmenter
 
     name = data.manifest.segmenter.name or "none"
     try:

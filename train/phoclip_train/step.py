@@ -16,8 +16,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from phoclip.model import trim_padding
-from phoclip.transforms import normalize_images, resize_on_device
+from phoclip.models.clip import trim_padding
+from phoclip.data.transforms import normalize_images, resize_on_device
 from phoclip_train.distributed import all_reduce_max
 
 logger = logging.getLogger(__name__)

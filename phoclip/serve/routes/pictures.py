@@ -9,7 +9,7 @@ from phoclip.errors import one_line
 from phoclip.serve.deps import JobsDep, ServiceDep, SettingsDep, indexed
 from phoclip.serve.models import BUSY, ERR, JPEG, Item
 from phoclip.serve.service import PictureUnavailable
-from phoclip.text import strip_controls
+from phoclip.data.text import strip_controls
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["pictures"])

@@ -1,7 +1,7 @@
 """Loading a trained model for inference, without the training package: the one
 resolution of a path (an exported model folder, a run folder - its exported `model/`,
 else its newest checkpoint that verifies -, a checkpoint folder, or an ONNX export) to
-an encoder and its tokenizer. `phoclip.load` (phoclip/api.py) wraps it for users; the
+an encoder and its tokenizer. `phoclip.load` (phoclip/models/api.py) wraps it for users; the
 entry points (evaluate, build_index, search, serve) use the same call."""
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def read_model_config(folder: Path) -> dict:
     import json
 
     from phoclip.fileio import read_regular
-    from phoclip.model import CONFIG_NAME
+    from phoclip.models.clip import CONFIG_NAME
 
     f = Path(folder) / CONFIG_NAME
     try:
@@ -125,7 +125,7 @@ def read_model_config(folder: Path) -> dict:
 
 def model_folder(path: str | os.PathLike) -> Optional[Path]:
     """The saved model at `path`: the folder itself, or a run folder's `model/`."""
-    from phoclip.model import CONFIG_NAME
+    from phoclip.models.clip import CONFIG_NAME
 
     p = Path(path)
     for folder in (p, p / "model"):
@@ -156,7 +156,7 @@ def load_encoder(path: str | os.PathLike, backend: str = "torch", device: str | 
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     p = Path(path)
     if backend == "onnx":
-        from phoclip.onnx_backend import ONNX_DIR, OnnxModel
+        from phoclip.models.onnx import ONNX_DIR, OnnxModel
 
         folder = model_folder(p.parent if p.name == ONNX_DIR and not model_folder(p) else p)
         if folder is None:
@@ -167,10 +167,10 @@ def load_encoder(path: str | os.PathLike, backend: str = "torch", device: str | 
         return Loaded(OnnxModel(folder), _tokenizer_path(folder))
     folder = model_folder(p)
     if folder is not None:
-        from phoclip.model import load_model  # checks the config first: one line, not a torch traceback
+        from phoclip.models.clip import load_model  # checks the config first: one line, not a torch traceback
 
         return Loaded(load_model(folder, device).eval(), _tokenizer_path(folder))
-    from phoclip.checkpoints import newest_verified
+    from phoclip.models.checkpoints import newest_verified
 
     ckpt = p
     if (p / "checkpoints").is_dir():
@@ -201,8 +201,8 @@ def model_from_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = 
     """(model in eval mode, tokenizer name or folder) from a training checkpoint folder
     that records its model config: verified first (every .pt weights_only-loadable),
     then the model's weights only."""
-    from phoclip.checkpoints import load_checkpoint_weights, verify_checkpoint
-    from phoclip.model import PhoCLIP
+    from phoclip.models.checkpoints import load_checkpoint_weights, verify_checkpoint
+    from phoclip.models.clip import PhoCLIP
 
     ckpt = Path(ckpt)
     meta = verify_checkpoint(ckpt)  # before zero_to_fp32 (weights_only=False inside DeepSpeed) touches it
@@ -214,6 +214,6 @@ def model_from_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = 
 
 def _tokenizer_path(folder: Path) -> Optional[str]:
     """Where a saved model's tokenizer is (a folder inside it, or the hub name)."""
-    from phoclip.model import model_tokenizer_path
+    from phoclip.models.clip import model_tokenizer_path
 
     return model_tokenizer_path(folder)

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from phoclip.index import Match
+from phoclip.search.index import Match
 
 logger = logging.getLogger(__name__)
 
@@ -22,19 +22,19 @@ logger = logging.getLogger(__name__)
 def load_item_image(item: dict, allow_remote: bool = False, max_bytes: Optional[int] = None):
     """The picture behind an index item: a file path or a member of a shard, decoded
     safely (`load_item_bytes` + `decode_rgb`). Raises BadImage (or OSError, KeyError)."""
-    from phoclip.images import decode_rgb
+    from phoclip.data.images import decode_rgb
 
     return decode_rgb(load_item_bytes(item, allow_remote, max_bytes))
 
 
 def load_item_bytes(item: dict, allow_remote: bool = False, max_bytes: Optional[int] = None) -> bytes:
     """The encoded bytes of an index item's picture, at most `max_bytes` (default
-    `phoclip.images.MAX_FILE_BYTES`): a file path or a member of a shard; a larger file or
+    `phoclip.data.images.MAX_FILE_BYTES`): a file path or a member of a shard; a larger file or
     member is refused from its size, unread. A remote shard (http(s)/fsspec) is read only
     with `allow_remote` (the trainer's own shards; an index handed to the service may not
     make it fetch URLs), and a `pipe:` command is never run from here."""
-    from phoclip.images import MAX_FILE_BYTES, BadImage, read_file_capped
-    from phoclip.shards import is_remote
+    from phoclip.data.images import MAX_FILE_BYTES, BadImage, read_file_capped
+    from phoclip.data.shards import is_remote
 
     cap = MAX_FILE_BYTES if max_bytes is None else max_bytes
     shard = item.get("shard")
@@ -56,8 +56,8 @@ def _shard_member(shard: str, name: str, cap: int) -> bytes:
     opened, without blocking (an index naming a FIFO must not hang the service); the
     headers are walked one by one up to MAX_SHARD_HEADERS, none kept, so a shard of
     millions of empty members costs a bounded read, not its whole index in memory."""
-    from phoclip.images import BadImage
-    from phoclip.shards import open_local
+    from phoclip.data.images import BadImage
+    from phoclip.data.shards import open_local
 
     with open_local(shard) as f, tarfile.open(fileobj=f, mode="r:") as tf:
         for n in range(MAX_SHARD_HEADERS):
@@ -77,7 +77,7 @@ def _shard_member(shard: str, name: str, cap: int) -> bytes:
 
 def _remote_member(url: str, name: str, max_bytes: int = 64 << 20) -> bytes:
     """One member of a remote tar, streamed (no seeking over HTTP)."""
-    from phoclip.shards import open_url
+    from phoclip.data.shards import open_url
 
     with open_url(url) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for m in tf:
@@ -110,7 +110,7 @@ def page_style() -> str:
 
 def _card(m: Match) -> str:
     """One result as the page draws it: the picture, its rank and score, its caption."""
-    from phoclip.text import strip_controls
+    from phoclip.data.text import strip_controls
 
     def text(x) -> str:
         return html.escape(strip_controls(str(x or "")))

@@ -13,9 +13,9 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from phoclip.model import trim_padding
-from phoclip.shards import decode_counted, read_shards
-from phoclip.transforms import image_to_tensor
+from phoclip.models.clip import trim_padding
+from phoclip.data.shards import decode_counted, read_shards
+from phoclip.data.transforms import image_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def evaluate_shards(model, urls: list[str], image_size: int, device: torch.devic
     return_embeddings: (metrics, image features, keys, metas). `lockstep` and
     `pack_captions`: see `embed_samples`. `ids_width`/`vocab_size`: see `decode_ids`.
     With `progress`, the lines count against this rank's share of the samples (sizes.json)."""
-    from phoclip.shards import count_samples
+    from phoclip.data.shards import count_samples
 
     skipped: Counter = Counter()
     total = None

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from phoclip.fileio import atomic_write_bytes, read_regular, real_dir
-from phoclip.text import MAX_CAPTION_CHARS, cap_text
+from phoclip.data.text import MAX_CAPTION_CHARS, cap_text
 
 logger = logging.getLogger(__name__)
 
@@ -435,7 +435,7 @@ def read_wds(spec: SourceSpec) -> Iterator[Record]:
     and/or KEY.json (its `caption` field, or ,caption_field=NAME; `url`, `key` and
     `status` recorded). Samples without an image (img2dataset's failed downloads) or
     without a caption are counted. The tars may be local or remote (read with retries)."""
-    from phoclip.shards import expand_urls, read_shards, shard_name
+    from phoclip.data.shards import expand_urls, read_shards, shard_name
 
     urls = expand_urls(spec.pattern)[0]
     reads: Counter = Counter()

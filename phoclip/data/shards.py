@@ -1,6 +1,6 @@
 """Our WebDataset shards: the catalogue (brace patterns, shard folders, sizes.json; the
-manifest through `phoclip.manifest`), tar reading with truncation counted, and the safe decoding of one sample
-(.npy ids parsed by hand, JSON capped, images through `phoclip.images`). Bad samples
+manifest through `phoclip.data.manifest`), tar reading with truncation counted, and the safe decoding of one sample
+(.npy ids parsed by hand, JSON capped, images through `phoclip.data.images`). Bad samples
 raise `BadImage`/`BadSample` with a `reason` (the skip counter's key)."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 
-from phoclip.images import MAX_FILE_BYTES, decode_rgb
+from phoclip.data.images import MAX_FILE_BYTES, decode_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class _LowSpeedGuard:
         if dt >= LOW_SPEED_TIME_S:
             if self.n < LOW_SPEED_BYTES * dt:
                 raise TooSlow(f"{self.what}: {self.n} bytes in {dt:.0f} s, under the "
-                              f"{LOW_SPEED_BYTES} bytes/s floor (phoclip.shards.LOW_SPEED_BYTES)")
+                              f"{LOW_SPEED_BYTES} bytes/s floor (phoclip.data.shards.LOW_SPEED_BYTES)")
             self.t0, self.n = time.monotonic(), 0
 
 
@@ -352,7 +352,7 @@ def _names_a_folder(part: str) -> bool:
 
 def _split_shards(part: str, split: str) -> list[str]:
     """A shard folder's (or its manifest's) shards of one split, as manifest.json lists them."""
-    from phoclip.manifest import Manifest
+    from phoclip.data.manifest import Manifest
 
     man = part if part.endswith("manifest.json") else join_url(part.rstrip("/") or "/", "manifest.json")
     try:
@@ -449,7 +449,7 @@ def decode_sample(sample: dict, width: Optional[int] = None, vocab_size: Optiona
 def decode_counted(sample: dict, skips: Counter, width: Optional[int] = None, vocab_size: Optional[int] = None,
                    with_meta: bool = True) -> Optional[tuple[Any, np.ndarray, dict]]:
     """`decode_sample`, or None with the reason counted in `skips` (images as image_REASON)."""
-    from phoclip.images import BadImage
+    from phoclip.data.images import BadImage
 
     try:
         return decode_sample(sample, width, vocab_size, with_meta)

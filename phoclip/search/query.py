@@ -1,6 +1,6 @@
 """Search with a trained model: queries prepared as the shards' captions were (NFC,
 segmenter, tokenizer), text → image, image → text, zero-shot tagging. The index lives
-in `phoclip.index`, result pictures in `phoclip.gallery`."""
+in `phoclip.search.index`, result pictures in `phoclip.search.gallery`."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from phoclip.index import EmbeddingIndex, Match
+from phoclip.search.index import EmbeddingIndex, Match
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def query_processor(model, tokenizer_name: str, segmenter: Optional[str] = None,
     """The TextProcessor that prepares queries as the model's training captions were:
     the segmenter and max length the model records (`segmenter` overrides the name;
     VnCoreNLP's folder: `vncorenlp_dir`, else $VNCORENLP_DIR)."""
-    from phoclip.text import TextProcessor, create_segmenter, load_tokenizer
+    from phoclip.data.text import TextProcessor, create_segmenter, load_tokenizer
 
     tc = model.config["text"]
     name = segmenter or tc.get("segmenter")
@@ -40,7 +40,7 @@ def query_processor(model, tokenizer_name: str, segmenter: Optional[str] = None,
 @torch.no_grad()
 def embed_texts(model, text_processor, texts: Sequence[str], device="cpu") -> torch.Tensor:
     """Normalise and segment as at sharding time, tokenize, embed."""
-    from phoclip.model import trim_padding
+    from phoclip.models.clip import trim_padding
 
     _, ids = text_processor(list(texts))
     model.eval()
@@ -52,8 +52,8 @@ def embed_texts(model, text_processor, texts: Sequence[str], device="cpu") -> to
 
 @torch.no_grad()
 def embed_images(model, images: Sequence, image_size: int, device="cpu") -> torch.Tensor:
-    from phoclip.transforms import image_to_tensor
-    from phoclip.images import to_rgb
+    from phoclip.data.transforms import image_to_tensor
+    from phoclip.data.images import to_rgb
 
     model.eval()
     x = torch.stack([image_to_tensor(to_rgb(im), image_size, train=False) for im in images])

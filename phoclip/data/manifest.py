@@ -113,7 +113,7 @@ class Manifest:
     def read(cls, path_or_url: str | os.PathLike, data: Optional[bytes] = None) -> "Manifest":
         """Read and validate a manifest (a local path, file://, http(s):// or fsspec URL;
         `data`: its bytes, already read). Capped in size; ManifestError naming the file."""
-        from phoclip.shards import read_small
+        from phoclip.data.shards import read_small
 
         where = str(path_or_url)
         try:
@@ -263,7 +263,7 @@ class Manifest:
         if isinstance(tokenizer, str):
             fingerprint = tokenizer
         else:
-            from phoclip.text import tokenizer_fingerprint
+            from phoclip.data.text import tokenizer_fingerprint
 
             fingerprint = tokenizer_fingerprint(tokenizer)
         self.check_fits_values(fingerprint, text_pad_id(model), text_positions(model),
@@ -313,14 +313,14 @@ def text_pad_id(model: Any) -> int:
 
 def manifest_path(url: str, manifest: Optional[str] = None) -> str:
     """Where a shard's manifest.json is: `manifest` (data.manifest) or beside the shard."""
-    from phoclip.shards import catalogue_dir, join_url
+    from phoclip.data.shards import catalogue_dir, join_url
 
     return manifest or join_url(catalogue_dir(url), "manifest.json")
 
 
 def manifest_for(url: str, manifest: Optional[str] = None) -> Optional[Manifest]:
     """The manifest of a shard (beside it, or `manifest`), or None where there is none."""
-    from phoclip.shards import read_optional
+    from phoclip.data.shards import read_optional
 
     p = manifest_path(url, manifest)
     try:
@@ -333,7 +333,7 @@ def manifest_for(url: str, manifest: Optional[str] = None) -> Optional[Manifest]
 def shard_manifests(urls: Iterable[str], manifest: Optional[str] = None) -> dict[str, Manifest]:
     """{catalogue folder: its manifest} of every folder the shards come from; a folder
     with no manifest.json is refused (FileNotFoundError)."""
-    from phoclip.shards import catalogue_dir
+    from phoclip.data.shards import catalogue_dir
 
     seen: dict[str, Manifest] = {}
     for u in urls:

@@ -47,7 +47,7 @@ def export_onnx(model, folder: str | os.PathLike, opset: int = 17) -> Path:
     import onnxruntime as ort
 
     from phoclip.fileio import atomic_write_json
-    from phoclip.model import model_fingerprint
+    from phoclip.models.clip import model_fingerprint
 
     from phoclip.fileio import create_temp, fsync_dir
 

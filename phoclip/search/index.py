@@ -177,7 +177,7 @@ class EmbeddingIndex:
     def items(self, kind: str) -> list[dict]:
         """The JSON item of each row of `kind`; its `path` and local `shard` usable from here."""
         if kind not in self._items:
-            from phoclip.shards import open_local
+            from phoclip.data.shards import open_local
 
             f = self.folder / f"{kind}.jsonl"
             want = self.meta["count"][kind]
@@ -213,7 +213,7 @@ class EmbeddingIndex:
 
     def check_model(self, model) -> None:
         """Refuse a model other than the one that built the index (fingerprint, width)."""
-        from phoclip.model import model_fingerprint
+        from phoclip.models.clip import model_fingerprint
 
         fp = getattr(model, "fingerprint", None) or model_fingerprint(model)  # ONNX: recorded at export
         if fp != self.fingerprint:
@@ -267,9 +267,9 @@ def _short(v) -> str:
 
 
 def _is_model(path: str) -> bool:
-    """Whether `path` holds a model `phoclip.loading.load_encoder` can load: a model
+    """Whether `path` holds a model `phoclip.models.loading.load_encoder` can load: a model
     folder, a run folder (its model/ or checkpoints/), a checkpoint, an ONNX export."""
-    from phoclip.loading import model_folder
+    from phoclip.models.loading import model_folder
 
     p = Path(path)
     try:
@@ -324,7 +324,7 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
     import shutil
 
     from phoclip.fileio import atomic_write_bytes, atomic_write_json, fsync_dir
-    from phoclip.model import model_fingerprint
+    from phoclip.models.clip import model_fingerprint
 
     out = Path(folder)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / INDEX_META).is_file())):

@@ -237,7 +237,7 @@ class PhoCLIP(nn.Module):
     """Image and text towers + projection heads + temperature.
 
     `forward(images, input_ids)` returns L2-normalised image and text features and the
-    logit scale exp(t); the loss lives in `phoclip.loss`."""
+    logit scale exp(t); the loss lives in `phoclip.models.loss`."""
 
     def __init__(self, config: dict) -> None:
         super().__init__()
@@ -419,7 +419,7 @@ class PhoCLIP(nn.Module):
             os.fsync(f.fileno())
         os.replace(tmp, folder / WEIGHTS_NAME)
         atomic_write_json(folder / CONFIG_NAME, cfg, indent=2)
-        from phoclip.card import attach_curves, model_card
+        from phoclip.models.card import attach_curves, model_card
 
         curves_name = None
         if curves is not None:
@@ -461,14 +461,14 @@ def create_model(name: str = "phobert-large-rn50", **overrides: Any) -> PhoCLIP:
 
 def load_model(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> PhoCLIP:
     """Load a model folder saved by `save_pretrained` (no hub access needed); its config
-    is checked first (`phoclip.loading.read_model_config`) and built offline
+    is checked first (`phoclip.models.loading.read_model_config`) and built offline
     (`offline_model_config`: no pretrained towers or weights files, whatever the config
     says; the safetensors file holds every weight). Most callers want `phoclip.load`,
     which also takes run and checkpoint folders and ONNX exports."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from phoclip.loading import offline_model_config, read_model_config
+    from phoclip.models.loading import offline_model_config, read_model_config
 
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file():
@@ -497,7 +497,7 @@ def load_model(folder: str | os.PathLike, map_location: str | torch.device = "cp
 
 def model_tokenizer_path(folder: str | os.PathLike) -> Optional[str]:
     """Where a saved model's tokenizer is (a folder inside it, or the hub name)."""
-    from phoclip.loading import read_model_config
+    from phoclip.models.loading import read_model_config
 
     tok = read_model_config(Path(folder))["text"].get("tokenizer")
     if tok and (Path(folder) / tok).is_dir():

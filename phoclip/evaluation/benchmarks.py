@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from phoclip.retrieval import chance_recall
+from phoclip.evaluation.retrieval import chance_recall
 
 
 def format_table(res: dict) -> str:
@@ -31,10 +31,10 @@ def benchmark_samples(records: Iterable, model, tok_name: str, size: int, rank: 
     share, prepared as the model's training captions were; unusable records are counted."""
     import torch
 
-    from phoclip.images import BadImage, read_image_file
-    from phoclip.search import query_processor
-    from phoclip.text import normalize_text
-    from phoclip.transforms import image_to_tensor
+    from phoclip.data.images import BadImage, read_image_file
+    from phoclip.search.query import query_processor
+    from phoclip.data.text import normalize_text
+    from phoclip.data.transforms import image_to_tensor
 
     proc = query_processor(model, tok_name, None, vncorenlp_dir)
     for r in list(records)[rank::world]:

@@ -1,6 +1,6 @@
 """Building an index: the images of a folder as samples, the items recorded beside the
 embeddings, and TensorBoard's embedding projector. The command (phoclip_cli.build_index)
-parses and calls these; phoclip.index writes and reads the index folder."""
+parses and calls these; phoclip.search.index writes and reads the index folder."""
 from __future__ import annotations
 
 import logging
@@ -11,8 +11,8 @@ from typing import Iterator
 
 import torch
 
-from phoclip.images import MAX_FILE_BYTES, BadImage, read_image_file
-from phoclip.transforms import image_to_tensor
+from phoclip.data.images import MAX_FILE_BYTES, BadImage, read_image_file
+from phoclip.data.transforms import image_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def write_projector(logdir: str, emb: torch.Tensor, items: list[dict], thumb: in
     import numpy as np
     from torch.utils.tensorboard import SummaryWriter
 
-    from phoclip.gallery import load_item_image
+    from phoclip.search.gallery import load_item_image
 
     thumbs = []
     for it in items:

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from phoclip.loading import Loaded, load_encoder
+from phoclip.models.loading import Loaded, load_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class PhoCLIPModel:
         """Queries prepared as the training captions were (built on first use: a
         segmenter such as VnCoreNLP takes seconds to start)."""
         if self._processor is None:
-            from phoclip.search import query_processor
+            from phoclip.search.query import query_processor
 
             if not self.tokenizer_path:
                 raise ValueError(f"{self.path}: the model records no tokenizer (a tokenizer/ folder or "
@@ -80,7 +80,7 @@ class PhoCLIPModel:
     def embed_images(self, images: Union[ImageLike, Sequence[ImageLike]], batch_size: int = 32) -> torch.Tensor:
         """[n, embed_dim] L2-normalised float32 (on the CPU) for image files or PIL images.
         A file that is not a decodable image is refused: ValueError naming it."""
-        from phoclip.search import embed_images
+        from phoclip.search.query import embed_images
 
         items = [images] if isinstance(images, (str, os.PathLike)) or hasattr(images, "mode") else list(images)
 
@@ -92,7 +92,7 @@ class PhoCLIPModel:
     def embed_texts(self, texts: Union[str, Sequence[str]], batch_size: int = 256) -> torch.Tensor:
         """[n, embed_dim] L2-normalised float32 (on the CPU) for raw Vietnamese texts: NFC,
         word segmentation and tokenisation as the model was trained."""
-        from phoclip.search import embed_texts
+        from phoclip.search.query import embed_texts
 
         items = [texts] if isinstance(texts, str) else list(texts)
         bad = next((type(t).__name__ for t in items if not isinstance(t, str)), None)
@@ -128,7 +128,7 @@ def _open_image(x: Any):
     """A PIL image as given, or a file decoded safely (caps on bytes and pixels)."""
     if hasattr(x, "mode") and hasattr(x, "convert"):
         return x
-    from phoclip.images import BadImage, read_image_file
+    from phoclip.data.images import BadImage, read_image_file
 
     try:
         return read_image_file(x)

@@ -1,0 +1,1 @@
+"""Data: shards and their manifest, the training stream, images, transforms, text, dataset readers."""

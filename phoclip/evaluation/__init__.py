@@ -1,0 +1,1 @@
+"""Evaluation: embedding loops and recall@K, published test splits and their tables."""

@@ -1,0 +1,1 @@
+"""The model: architecture, losses, named configs, checkpoints, loading for inference, ONNX, the Python API."""

@@ -1,0 +1,1 @@
+"""Search: the embedding index, building it, queries, result galleries."""
