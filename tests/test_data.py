@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from phoclip.data.stream import ShardStream, StreamConfig, StreamTracker
-from phoclip.data.shards import expand_urls
+from phoclip.data.catalog import expand_urls
 
 
 def _urls(shards, n):
@@ -57,12 +57,12 @@ def test_seeded_order_and_exact_resume_without_decoding(shapes_shards, monkeypat
             tr.update(b)
         resumed = _stream(urls, resampled=resampled)
         resumed.load_state_dict(tr.state_dict())
-        import phoclip.data.shards as shards_mod  # the stream's one decode-and-count calls it
+        import phoclip.data.samples as samples_mod  # the stream's one decode-and-count calls it
         calls = []
-        real = shards_mod.decode_sample
-        monkeypatch.setattr(shards_mod, "decode_sample", lambda s, *a, **k: calls.append(1) or real(s, *a, **k))
+        real = samples_mod.decode_sample
+        monkeypatch.setattr(samples_mod, "decode_sample", lambda s, *a, **k: calls.append(1) or real(s, *a, **k))
         rest = list(itertools.islice(iter(resumed), 3))
-        monkeypatch.setattr(shards_mod, "decode_sample", real)
+        monkeypatch.setattr(samples_mod, "decode_sample", real)
         assert len(calls) == 3 * 4  # only the samples it yields are decoded
         for a, b in zip(rest, ref[5:]):
             assert a["keys"] == b["keys"]
@@ -284,7 +284,7 @@ def test_a_malformed_ids_header_is_one_skipped_sample(shapes_shards, tmp_path, h
     import numpy as np
     import webdataset as wds
 
-    from phoclip.data.shards import BadSample, decode_ids
+    from phoclip.data.samples import BadSample, decode_ids
 
     buf = io.BytesIO()
     np.save(buf, np.ones((2, 8), np.int64))

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from phoclip.data.shards import expand_urls
+from phoclip.data.catalog import expand_urls
 
 
 def test_a_shard_folder_or_its_manifest_gives_the_split_it_lists(shapes_shards):

@@ -245,7 +245,7 @@ def test_a_huge_tar_member_is_skipped_unread(tmp_path):
     import tracemalloc
     from collections import Counter
 
-    import phoclip.data.shards as shards_mod
+    import phoclip.data.tar as tar_mod
 
     def add(tf, name, data):
         ti = tarfile.TarInfo(name)
@@ -262,7 +262,7 @@ def test_a_huge_tar_member_is_skipped_unread(tmp_path):
         add(tf, "c.txt", b"last")
     skips = Counter()
     tracemalloc.start()
-    got = list(shards_mod.read_shards([{"url": str(path)}], skips, max_member_bytes=4 << 20))
+    got = list(tar_mod.read_shards([{"url": str(path)}], skips, max_member_bytes=4 << 20))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert [s["__key__"] for s in got] == ["a", "b", "c"]

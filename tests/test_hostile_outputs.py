@@ -497,7 +497,7 @@ def test_a_local_shard_that_is_a_fifo_is_skipped_not_waited_on(tmp_path):
     blocked the reader for ever."""
     from collections import Counter
 
-    from phoclip.data.shards import read_shards
+    from phoclip.data.tar import read_shards
 
     fifo = tmp_path / "train-000000.tar"
     os.mkfifo(fifo)

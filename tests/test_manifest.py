@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from phoclip.data.manifest import (FORMAT_VERSION, Manifest, ManifestError, check_shards_fit, text_pad_id,
-                              text_positions)
+from phoclip.data.catalog import check_shards_fit
+from phoclip.data.manifest import FORMAT_VERSION, Manifest, ManifestError, text_pad_id, text_positions
 
 
 def _man(shapes_shards) -> dict:

@@ -16,8 +16,8 @@ import pytest
 
 from conftest import ROOT, kill_job, read_metrics, reference_args, run_torchrun, torchrun_cmd
 from dist_utils import free_port
-from phoclip.data.manifest import check_shards_fit
-from phoclip.data.shards import count_samples, expand_urls, read_shards, shard_name
+from phoclip.data.catalog import check_shards_fit, count_samples, expand_urls, shard_name
+from phoclip.data.tar import read_shards
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -213,7 +213,7 @@ def test_two_ranks_train_from_http_and_resume_after_kill9(shapes_shards, referen
 @pytest.fixture
 def slow_floor(monkeypatch):
     """The low-speed rule on a 1 s window (60 s in production)."""
-    import phoclip.data.shards as sh
+    import phoclip.data.remote as sh
 
     monkeypatch.setattr(sh, "LOW_SPEED_TIME_S", 1.0)
     return sh
@@ -257,7 +257,7 @@ def test_pipe_commands_take_sigterm_and_die_with_their_reader(shapes_shards):
 
     script = ("import signal, sys, time\n"
               "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-              "from phoclip.data.shards import open_url\n"
+              "from phoclip.data.remote import open_url\n"
               "f = open_url('pipe:sleep 60; cat /dev/null')\n"
               "print(f.raw.proc.pid, flush=True)\n"
               "time.sleep(60)\n")

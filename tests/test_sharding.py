@@ -590,8 +590,8 @@ def test_out_url_uploads_shards_to_s3_and_resumes_from_the_bucket(tmp_path, tiny
     is done (a shard lost, a shard whose .done record never arrived: both written again,
     nothing else), from any staging folder; a different job at the URL is refused."""
     import phoclip_sharding.writer as writer
-    from phoclip.data.manifest import manifest_for
-    from phoclip.data.shards import count_samples, read_shards
+    from phoclip.data.catalog import count_samples, manifest_for
+    from phoclip.data.tar import read_shards
 
     ann, imgs = _dataset(tmp_path, 24)
     src = f"coco-jsonl:{ann}:{imgs}"

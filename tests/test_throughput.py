@@ -213,7 +213,7 @@ def test_compiled_towers_train_like_eager(shapes_shards, tmp_path):
 
 def _stream(shards, n, **kw):
     from phoclip.data.stream import ShardStream, StreamConfig
-    from phoclip.data.shards import expand_urls
+    from phoclip.data.catalog import expand_urls
 
     urls = expand_urls(f"{shards}/train-{{000000..{n - 1:06d}}}.tar")[0]
     return ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, 0, 1, False, 8, **kw))

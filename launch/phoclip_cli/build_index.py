@@ -56,8 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from phoclip.search.indexing import IMAGE_EXT, folder_samples, index_items, list_images, write_projector
     from phoclip.log import init_logger
     from phoclip.evaluation.retrieval import embed_samples, eval_samples, gather_counts, gather_embeddings
-    from phoclip.data.manifest import check_shards_fit
-    from phoclip.data.shards import count_samples, expand_urls
+    from phoclip.data.catalog import check_shards_fit, count_samples, expand_urls
     from phoclip.data.text import load_tokenizer
     from phoclip_cli.distributed import cleanup, init_distributed, launcher_rank
     from phoclip.models.loading import load_encoder

@@ -82,8 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from phoclip.fileio import atomic_write_json
     from phoclip.log import init_logger
     from phoclip.evaluation.retrieval import evaluate_shards
-    from phoclip.data.manifest import check_shards_fit
-    from phoclip.data.shards import expand_urls
+    from phoclip.data.catalog import check_shards_fit, expand_urls
     from phoclip.data.text import load_tokenizer
     from phoclip_cli.distributed import cleanup, init_distributed, launcher_rank
     from phoclip.models.loading import load_encoder

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from phoclip.fileio import atomic_write_bytes, read_regular, real_dir
+from phoclip.data.catalog import expand_urls, shard_name
+from phoclip.data.tar import read_shards
 from phoclip.data.text import MAX_CAPTION_CHARS, cap_text
 
 logger = logging.getLogger(__name__)
@@ -435,8 +437,6 @@ def read_wds(spec: SourceSpec) -> Iterator[Record]:
     and/or KEY.json (its `caption` field, or ,caption_field=NAME; `url`, `key` and
     `status` recorded). Samples without an image (img2dataset's failed downloads) or
     without a caption are counted. The tars may be local or remote (read with retries)."""
-    from phoclip.data.shards import expand_urls, read_shards, shard_name
-
     urls = expand_urls(spec.pattern)[0]
     reads: Counter = Counter()
     for sample in read_shards(({"url": u} for u in urls), reads):

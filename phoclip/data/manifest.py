@@ -5,6 +5,9 @@ this model" asked in one place.
     m.check_fits(tokenizer, model, "vinai/phobert-large")   # refuses in one line
     m.tokenizer.max_length, m.segmenter.name, m.shards["train"], m.counts["val"]
 
+Finding the manifests of a set of shards is the catalogue's (`phoclip.data.catalog`:
+`manifest_for`, `check_shards_fit`).
+
 The on-disk format is the JSON that make_shards has always written (format version 1:
 a manifest without `format_version` is a version-1 one, so shards written before this
 module load unchanged); a newer version is refused by name rather than misread. Reading
@@ -17,7 +20,11 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
+
+from phoclip.data.remote import read_small
+from phoclip.data.text import tokenizer_fingerprint
+from phoclip.fileio import atomic_write_json
 
 FORMAT_VERSION = 1  # what this code writes and the newest it reads
 SPLITS = ("train", "val")
@@ -113,8 +120,6 @@ class Manifest:
     def read(cls, path_or_url: str | os.PathLike, data: Optional[bytes] = None) -> "Manifest":
         """Read and validate a manifest (a local path, file://, http(s):// or fsspec URL;
         `data`: its bytes, already read). Capped in size; ManifestError naming the file."""
-        from phoclip.data.shards import read_small
-
         where = str(path_or_url)
         try:
             obj = json.loads((read_small(where, MAX_BYTES) if data is None else data).decode("utf-8"))
@@ -243,8 +248,6 @@ class Manifest:
 
     def write(self, path: str | os.PathLike) -> None:
         """Write atomically (validated first: a manifest we would refuse is never written)."""
-        from phoclip.fileio import atomic_write_json
-
         self.validate()
         atomic_write_json(path, self.to_dict(), indent=2, sort_keys=True)
 
@@ -260,12 +263,7 @@ class Manifest:
         another pad id, or id rows wider than the text tower's positions. `tokenizer`: a
         tokenizer or its fingerprint; `model`: a PhoCLIP model, a Hugging Face text config
         or a model config dict (see `text_positions`)."""
-        if isinstance(tokenizer, str):
-            fingerprint = tokenizer
-        else:
-            from phoclip.data.text import tokenizer_fingerprint
-
-            fingerprint = tokenizer_fingerprint(tokenizer)
+        fingerprint = tokenizer if isinstance(tokenizer, str) else tokenizer_fingerprint(tokenizer)
         self.check_fits_values(fingerprint, text_pad_id(model), text_positions(model),
                                tokenizer_name or getattr(tokenizer, "name_or_path", "") or "the model's tokenizer")
 
@@ -309,53 +307,6 @@ def text_pad_id(model: Any) -> int:
     if hasattr(model, "pad_id"):
         return int(model.pad_id)
     return int(getattr(model, "pad_token_id", 1) or 1)
-
-
-def manifest_path(url: str, manifest: Optional[str] = None) -> str:
-    """Where a shard's manifest.json is: `manifest` (data.manifest) or beside the shard."""
-    from phoclip.data.shards import catalogue_dir, join_url
-
-    return manifest or join_url(catalogue_dir(url), "manifest.json")
-
-
-def manifest_for(url: str, manifest: Optional[str] = None) -> Optional[Manifest]:
-    """The manifest of a shard (beside it, or `manifest`), or None where there is none."""
-    from phoclip.data.shards import read_optional
-
-    p = manifest_path(url, manifest)
-    try:
-        data = read_optional(p)
-    except OSError as e:
-        raise ManifestError(f"{p}: cannot be read ({e})") from None
-    return None if data is None else Manifest.read(p, data)
-
-
-def shard_manifests(urls: Iterable[str], manifest: Optional[str] = None) -> dict[str, Manifest]:
-    """{catalogue folder: its manifest} of every folder the shards come from; a folder
-    with no manifest.json is refused (FileNotFoundError)."""
-    from phoclip.data.shards import catalogue_dir
-
-    seen: dict[str, Manifest] = {}
-    for u in urls:
-        d = catalogue_dir(u, manifest)
-        if d not in seen:
-            m = manifest_for(u, manifest)
-            if m is None:
-                raise FileNotFoundError(f"no manifest.json {'at ' + manifest if manifest else 'beside ' + u}: "
-                                        "shards must be made by sharding/make_shards.py")
-            seen[d] = m
-    return seen
-
-
-def check_shards_fit(urls: Iterable[str], tokenizer: Any, model: Any, tokenizer_name: str = "",
-                     manifest: Optional[str] = None) -> Manifest:
-    """Every manifest of the shards checked against the model (`Manifest.check_fits`)
-    and against each other (`same_width`). Returns the first. `manifest`: where it is
-    when not beside the shards (data.manifest; pipe: shards)."""
-    mans = list(shard_manifests(urls, manifest).values())
-    for m in mans:
-        m.check_fits(tokenizer, model, tokenizer_name)
-    return same_width(mans)
 
 
 def same_width(mans: list[Manifest]) -> Manifest:

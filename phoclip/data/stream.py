@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from phoclip.data.shards import decode_counted, read_shards
+from phoclip.data.samples import decode_counted
+from phoclip.data.tar import read_shards
 from phoclip.data.transforms import image_to_tensor, pad_images, random_crop_box
 
 logger = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def skip_to(numbered: Iterable[tuple[int, dict]], start: int, health: "ShardHeal
 def decode_counted_stage(numbered: Iterable[tuple[int, dict]], skips: Counter, health: "ShardHealth",
                          width: Optional[int], vocab_size: Optional[int]) -> Iterator[tuple[int, dict, Any, Any]]:
     """(position, sample) → (position, sample, PIL image, ids [n, L]); a bad sample is
-    dropped and counted by reason (`phoclip.data.shards.decode_counted`), and its shard told."""
+    dropped and counted by reason (`phoclip.data.samples.decode_counted`), and its shard told."""
     for pos, sample in numbered:
         out = decode_counted(sample, skips, width, vocab_size, with_meta=False)
         health.decoded(sample, out is not None)

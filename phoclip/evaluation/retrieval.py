@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from phoclip.models.clip import trim_padding
-from phoclip.data.shards import decode_counted, read_shards
+from phoclip.data.samples import decode_counted
+from phoclip.data.tar import read_shards
 from phoclip.data.transforms import image_to_tensor
 
 logger = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def evaluate_shards(model, urls: list[str], image_size: int, device: torch.devic
     return_embeddings: (metrics, image features, keys, metas). `lockstep` and
     `pack_captions`: see `embed_samples`. `ids_width`/`vocab_size`: see `decode_ids`.
     With `progress`, the lines count against this rank's share of the samples (sizes.json)."""
-    from phoclip.data.shards import count_samples
+    from phoclip.data.catalog import count_samples
 
     skipped: Counter = Counter()
     total = None

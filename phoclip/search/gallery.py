@@ -34,7 +34,7 @@ def load_item_bytes(item: dict, allow_remote: bool = False, max_bytes: Optional[
     with `allow_remote` (the trainer's own shards; an index handed to the service may not
     make it fetch URLs), and a `pipe:` command is never run from here."""
     from phoclip.data.images import MAX_FILE_BYTES, BadImage, read_file_capped
-    from phoclip.data.shards import is_remote
+    from phoclip.data.remote import is_remote
 
     cap = MAX_FILE_BYTES if max_bytes is None else max_bytes
     shard = item.get("shard")
@@ -57,7 +57,7 @@ def _shard_member(shard: str, name: str, cap: int) -> bytes:
     headers are walked one by one up to MAX_SHARD_HEADERS, none kept, so a shard of
     millions of empty members costs a bounded read, not its whole index in memory."""
     from phoclip.data.images import BadImage
-    from phoclip.data.shards import open_local
+    from phoclip.data.remote import open_local
 
     with open_local(shard) as f, tarfile.open(fileobj=f, mode="r:") as tf:
         for n in range(MAX_SHARD_HEADERS):
@@ -77,7 +77,7 @@ def _shard_member(shard: str, name: str, cap: int) -> bytes:
 
 def _remote_member(url: str, name: str, max_bytes: int = 64 << 20) -> bytes:
     """One member of a remote tar, streamed (no seeking over HTTP)."""
-    from phoclip.data.shards import open_url
+    from phoclip.data.remote import open_url
 
     with open_url(url) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for m in tf:

@@ -177,7 +177,7 @@ class EmbeddingIndex:
     def items(self, kind: str) -> list[dict]:
         """The JSON item of each row of `kind`; its `path` and local `shard` usable from here."""
         if kind not in self._items:
-            from phoclip.data.shards import open_local
+            from phoclip.data.remote import open_local
 
             f = self.folder / f"{kind}.jsonl"
             want = self.meta["count"][kind]

@@ -262,7 +262,7 @@ class Service:
     def _check_root(self, i: int) -> None:
         """Refuse item `i` when its file (or shard) is not under one of `self.roots`."""
         from phoclip.data.images import BadImage
-        from phoclip.data.shards import is_remote
+        from phoclip.data.remote import is_remote
 
         it = self.items[i]
         f = it.get("shard") or it.get("path")

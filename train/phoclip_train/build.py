@@ -26,8 +26,8 @@ import phoclip
 from phoclip.data.stream import ShardStream, StreamConfig
 from phoclip.models.loss import create_loss
 from phoclip.models.clip import get_model_config
-from phoclip.data.manifest import Manifest, check_shards_fit
-from phoclip.data.shards import count_samples, expand_urls
+from phoclip.data.manifest import Manifest
+from phoclip.data.catalog import check_shards_fit, count_samples, expand_urls
 from phoclip.data.text import load_tokenizer
 from phoclip_train.config import ConfigError, OptimConfig, RunConfig
 from phoclip_train.distributed import DistInfo
