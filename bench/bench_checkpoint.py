@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="folder to write the checkpoint in (default: a temporary folder)")
     args = p.parse_args(argv)
     import phoclip
-    from phoclip_train.checkpoint import Checkpointer
+    from phoclip_train.checkpointer import Checkpointer
     from phoclip_train.build import build_optimizer
     from phoclip_train.config import OptimConfig
     from phoclip_train.engine import DDPEngine

@@ -70,7 +70,7 @@ def test_kill9_and_resume_gives_identical_losses(shapes_shards, reference_run_re
 _SAVER = r"""
 import os, sys, torch
 sys.path.insert(0, sys.argv[2])
-from phoclip_train.checkpoint import Checkpointer
+from phoclip_train.checkpointer import Checkpointer
 class E:
     def save(self, folder):
         torch.save({"model": {"w": torch.randn(256, 1024)}}, folder / "state.pt")
@@ -92,7 +92,7 @@ for line in sys.stdin:
 
 
 def test_kill_during_checkpoint_writes_leaves_a_loadable_latest(tmp_path):
-    from phoclip_train.checkpoint import Checkpointer
+    from phoclip_train.checkpointer import Checkpointer
 
     script = tmp_path / "saver.py"
     script.write_text(_SAVER)
@@ -141,7 +141,7 @@ def test_sigterm_saves_and_resumes(shapes_shards, tmp_path):
     out, _ = p.communicate(timeout=60)
     assert time.time() - t0 < 60
     assert "stopped by signal" in out, out[-3000:]
-    from phoclip_train.checkpoint import Checkpointer
+    from phoclip_train.checkpointer import Checkpointer
 
     latest = Checkpointer(run, 2, 0, 2).latest()
     assert latest is not None
@@ -202,7 +202,7 @@ def test_nonfinite_steps_skipped_then_stop_with_checkpoint(shapes_shards, tmp_pa
     tr.close()
     m = read_metrics(tmp_path / "run")
     assert max(m) == 6 and m[6]["nonfinite_steps"] == 3
-    from phoclip_train.checkpoint import Checkpointer
+    from phoclip_train.checkpointer import Checkpointer
 
     ck = Checkpointer(tmp_path / "run", 3, 0, 1)
     st3 = torch.load(ck.dir / "step_00000003" / "state.pt", weights_only=True)["model"]
@@ -246,7 +246,7 @@ from conftest import train_overrides
 from phoclip.data.transforms import normalize_images
 from phoclip_train.config import resolve_config
 from phoclip_train.distributed import DistInfo
-from phoclip_train.export import model_from_checkpoint
+from phoclip.models.loading import model_from_checkpoint
 from phoclip_train.trainer import NonFiniteError, Trainer
 over = train_overrides(Path(shards), tok, int(n), run, **{
     "train.max_steps": 20, "train.save_every": 3, "train.max_nonfinite": 3, "train.precision": "bf16",

@@ -214,7 +214,7 @@ def test_a_linked_deepspeed_folder_is_verified_where_it_really_is(tmp_path, tiny
     load opens is verified through the link now, and nothing unpickles it."""
     import phoclip
     from phoclip.models.checkpoints import verify_checkpoint
-    from phoclip_train.checkpoint import Checkpointer
+    from phoclip_train.checkpointer import Checkpointer
     from phoclip_train.export import export
 
     model, _ = tiny

@@ -453,13 +453,15 @@ def _model_folder(folder: Path, edit) -> Path:
 def test_model_configs_that_cannot_be_built_are_refused_in_one_line(tmp_path, make, message):
     import phoclip
     from phoclip.errors import EXPECTED_ERRORS, one_line
-    from phoclip_train.export import model_from_checkpoint
+    from phoclip.models.loading import model_from_checkpoint
+    from phoclip_train.export import rebuild_from_run_config
 
     folder = make(tmp_path / "m")
     with pytest.raises(EXPECTED_ERRORS) as e:  # what the entry points print in one line
-        # a checkpoint (meta.json) through export, which may rebuild old ones from their
+        # a checkpoint (meta.json) as export reads it, rebuilding old ones from their
         # run config; a model folder through the one inference loader
-        model_from_checkpoint(folder) if (folder / "meta.json").exists() else phoclip.load(folder)
+        (model_from_checkpoint(folder, rebuild=rebuild_from_run_config) if (folder / "meta.json").exists()
+         else phoclip.load(folder))
     assert f"{folder}/" in one_line(e.value) and message in one_line(e.value), one_line(e.value)
 
 
@@ -468,7 +470,7 @@ def test_checkpoint_files_never_write_through_planted_links(tmp_path):
     file's name are replaced, never written through."""
     import torch
 
-    from phoclip_train.checkpoint import Checkpointer
+    from phoclip_train.checkpointer import Checkpointer
 
     class _Engine:  # the checkpointer only asks the engine to write its files into a folder
         def save(self, folder):

@@ -59,7 +59,7 @@ class _Evil:
 
 def test_a_crafted_deepspeed_checkpoint_runs_no_code_anywhere(tiny_run, shapes_shards, tmp_path, capsys):
     from phoclip.errors import CheckpointError
-    from phoclip_train.checkpoint import Checkpointer, verify_checkpoint
+    from phoclip_train.checkpointer import Checkpointer, verify_checkpoint
 
     marker = tmp_path / "PWNED"
     run = tmp_path / "run"
@@ -333,7 +333,7 @@ def test_a_second_job_is_refused_while_the_first_trains_and_ranks_die_with_their
 
 
 def test_a_checkpoint_of_an_existing_step_is_replaced_whole(tmp_path):
-    from phoclip_train.checkpoint import Checkpointer
+    from phoclip_train.checkpointer import Checkpointer
 
     class Eng:
         def __init__(self, v):
@@ -353,7 +353,7 @@ def test_a_checkpoint_of_an_existing_step_is_replaced_whole(tmp_path):
 
 def test_resume_latest_falls_back_to_the_newest_checkpoint_that_verifies(tiny_run, tmp_path, caplog):
     from phoclip.errors import CheckpointError
-    from phoclip_train.checkpoint import Checkpointer
+    from phoclip_train.checkpointer import Checkpointer
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

@@ -1,10 +1,22 @@
-"""Reading a training checkpoint's model for inference, without the training package:
-is the folder complete and safe (every .pt loads with weights_only=True before anything
+"""The checkpoint layout, and reading a training checkpoint's model for inference
+without the training package. This module names every file of a checkpoint (the
+trainer writes through these names, export and inference read through them):
+
+    RUN_DIR/checkpoints/step_NNNNNNNN/      one complete checkpoint (STEP_DIR)
+        meta.json                           step, world_size, samples seen, configs (META_FILE)
+        rankNNNNN.pt                        each rank's data position and RNG (rank_file)
+        state.pt                            DDP: model, optimizer, schedule, scaler (STATE_FILE)
+        deepspeed/                          DeepSpeed's own files (DS_TAG)
+        deepspeed_state.json                a fingerprint of the DeepSpeed state (DS_STATE_FILE)
+        tokenizer/                          the run's tokenizer (TOKENIZER_DIR)
+
+Is a folder complete and safe (every .pt loads with weights_only=True before anything
 that unpickles freely - DeepSpeed's zero_to_fp32 - touches it), which is the newest one
 that verifies, and the model's weights out of it. Writing checkpoints, and the rest of
-their state (optimizer, data position, RNG), is the trainer's (`phoclip_train.checkpoint`)."""
+their state (optimizer, data position, RNG), is the trainer's (`phoclip_train.checkpointer`)."""
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -16,13 +28,54 @@ from typing import Optional, Sequence
 import torch
 
 from phoclip.errors import CheckpointError, SetupError
+from phoclip.fileio import read_regular
 
 logger = logging.getLogger(__name__)
 
+CHECKPOINTS_DIR = "checkpoints"  # inside a run folder
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+META_FILE = "meta.json"
+STATE_FILE = "state.pt"  # the DDP engine's model, optimizer, schedule and scaler
 DS_TAG = "deepspeed"  # the folder inside a checkpoint that holds DeepSpeed's own files
+DS_STATE_FILE = "deepspeed_state.json"  # beside DS_TAG: layout + fingerprint of the saved state
+DS_MODULE_STATES = "mp_rank_00_model_states.pt"  # in DS_TAG under ZeRO-1/2: the whole module
+DS_ZERO3_MODULE_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3: rank 0's (one per rank)
+DS_ANY_MODULE_STATES = "*model_states.pt"  # either of the two
+TOKENIZER_DIR = "tokenizer"
 MAX_META_BYTES = 64 << 20
 MAX_WORLD_SIZE = 65536  # a meta.json saying more is refused: verification lists a file per rank
+
+def step_dir(step: int) -> str:
+    """The folder name of step `step`'s checkpoint."""
+    return f"step_{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    """The file name of a rank's own state (data position, RNG)."""
+    return f"rank{rank:05d}.pt"
+
+
+def ds_optim_file(rank: int) -> str:
+    """The file name of a rank's optimizer partition in DeepSpeed's folder."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
+    """Where a run folder keeps its checkpoints."""
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` is a checkpoint folder (it has a meta.json; complete or not is
+    `verify_checkpoint`'s question)."""
+    return (Path(path) / META_FILE).is_file()
+
+
+def checkpoint_tokenizer(ckpt: str | os.PathLike) -> Optional[str]:
+    """The tokenizer folder a checkpoint carries, else None."""
+    d = Path(ckpt) / TOKENIZER_DIR
+    return str(d) if d.is_dir() else None
+
 
 # The only classes a DeepSpeed (0.19) checkpoint pickles besides tensors and containers
 # (found by torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-1/2/3 bf16, fp32
@@ -37,8 +90,6 @@ DEEPSPEED_SAFE_GLOBALS = (
 
 def deepspeed_globals() -> list:
     """The classes of DEEPSPEED_SAFE_GLOBALS this DeepSpeed has (none without DeepSpeed)."""
-    import importlib
-
     out = []
     for name in DEEPSPEED_SAFE_GLOBALS:
         mod, _, attr = name.rpartition(".")
@@ -94,9 +145,7 @@ def read_meta(path: Path) -> dict:
     """A checkpoint's meta.json, with its integer `step` (>= 0) and `world_size` (1 to
     MAX_WORLD_SIZE; verification lists a file per rank); CheckpointError naming the file
     otherwise."""
-    from phoclip.fileio import read_regular
-
-    f = Path(path) / "meta.json"
+    f = Path(path) / META_FILE
     try:
         meta = json.loads(read_regular(f, MAX_META_BYTES))
     except RecursionError:
@@ -119,15 +168,15 @@ def verify_checkpoint(path: Path) -> dict:
     weights_only=True. Returns its meta; raises CheckpointError naming the problem."""
     path = Path(path)
     meta = read_meta(path)
-    missing = [f"rank{r:05d}.pt" for r in range(meta["world_size"]) if not (path / f"rank{r:05d}.pt").is_file()]
+    missing = [rank_file(r) for r in range(meta["world_size"]) if not (path / rank_file(r)).is_file()]
     ds = path / DS_TAG
     if ds.is_dir():  # ZeRO-1/2: mp_rank_00_model_states.pt; ZeRO-3: one model_states per rank
-        if not list(ds.glob("*model_states.pt")):
-            missing.append(f"{DS_TAG}/*model_states.pt")
-        missing += [f"{DS_TAG}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(meta["world_size"])
-                    if not (ds / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file()]
-    elif not (path / "state.pt").is_file():
-        missing.append("state.pt")
+        if not list(ds.glob(DS_ANY_MODULE_STATES)):
+            missing.append(f"{DS_TAG}/{DS_ANY_MODULE_STATES}")
+        missing += [f"{DS_TAG}/{ds_optim_file(r)}" for r in range(meta["world_size"])
+                    if not (ds / ds_optim_file(r)).is_file()]
+    elif not (path / STATE_FILE).is_file():
+        missing.append(STATE_FILE)
     if missing:
         raise CheckpointError(f"{path}: incomplete, missing {', '.join(missing)}")
     allow = deepspeed_globals() if ds.is_dir() else []
@@ -151,43 +200,44 @@ def checkpoint_files(path: Path) -> list[Path]:
     return sorted(found)
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """A run folder's complete checkpoints (step_N/ with a meta.json), oldest first."""
-    d = Path(run_dir) / "checkpoints"
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """A run folder's checkpoints (step_N/ with a meta.json: renamed into place whole,
+    so complete as written; whether each verifies is `verify_checkpoint`'s), oldest first."""
+    d = checkpoints_dir(run_dir)
     if not d.is_dir():
         return []
-    out = [p for p in d.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
+    out = [p for p in d.iterdir() if STEP_DIR.match(p.name) and is_checkpoint(p)]
     return sorted(out, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def newest_verified(run_dir: Path) -> Optional[Path]:
-    """The newest checkpoint of a run that verifies, saying why newer ones were passed
-    over; None when there is none; CheckpointError when there are some and none verifies
-    (never fall back silently to nothing)."""
+def newest_verified(run_dir: str | os.PathLike, passing: str = "passing over checkpoint") -> Optional[Path]:
+    """The newest checkpoint of a run that verifies, logging why newer ones were passed
+    over (`passing`: the start of that line); None when there is none; CheckpointError
+    when there are some and none verifies (never fall back silently to nothing)."""
     why = []
     for p in reversed(list_checkpoints(run_dir)):
         try:
             verify_checkpoint(p)
             return p
         except CheckpointError as e:
-            logger.warning("passing over checkpoint %s: %s", p.name, e)
+            logger.warning("%s %s: %s", passing, p.name, e)
             why.append(str(e))
     if why:
-        raise CheckpointError(f"none of the {len(why)} checkpoints in {Path(run_dir) / 'checkpoints'} "
+        raise CheckpointError(f"none of the {len(why)} checkpoints in {checkpoints_dir(run_dir)} "
                               f"verifies (newest: {why[0]})")
     return None
 
 
 def load_checkpoint_weights(model: torch.nn.Module, ckpt: Path) -> torch.nn.Module:
-    """Load a verified checkpoint's model weights into `model`: a DDP `state.pt`'s
+    """Load a verified checkpoint's model weights into `model`: a DDP STATE_FILE's
     "model" (weights_only=True), or a DeepSpeed ZeRO checkpoint's partitions gathered to
     fp32 (its BatchNorm statistics from the module state saved beside them). Only the
     model is read; every key must fit."""
     ckpt = Path(ckpt)
-    if (ckpt / "state.pt").is_file():
-        sd = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+    if (ckpt / STATE_FILE).is_file():
+        sd = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(sd, dict) or not isinstance(sd.get("model"), dict):
-            raise CheckpointError(f"{ckpt / 'state.pt'}: holds no 'model' state")
+            raise CheckpointError(f"{ckpt / STATE_FILE}: holds no 'model' state")
         sd = sd["model"]
     else:
         try:
@@ -206,7 +256,7 @@ def load_checkpoint_weights(model: torch.nn.Module, ckpt: Path) -> torch.nn.Modu
     if missing:
         # buffers (BatchNorm statistics) are not in ZeRO's fp32 partitions: take them
         # from the module state DeepSpeed saved beside them
-        mp = ckpt / DS_TAG / "mp_rank_00_model_states.pt"
+        mp = ckpt / DS_TAG / DS_MODULE_STATES
         if mp.is_file():
             with torch.serialization.safe_globals(deepspeed_globals()):
                 mod = torch.load(mp, map_location="cpu", weights_only=True)

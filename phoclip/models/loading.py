@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 if TYPE_CHECKING:
     import torch
@@ -170,14 +170,15 @@ def load_encoder(path: str | os.PathLike, backend: str = "torch", device: str | 
         from phoclip.models.clip import load_model  # checks the config first: one line, not a torch traceback
 
         return Loaded(load_model(folder, device).eval(), _tokenizer_path(folder))
-    from phoclip.models.checkpoints import newest_verified
+    # lazy: this module imports in 0.06 s without torch, 1.7 s with (the index and --help use it)
+    from phoclip.models.checkpoints import checkpoints_dir, is_checkpoint, newest_verified
 
     ckpt = p
-    if (p / "checkpoints").is_dir():
+    if checkpoints_dir(p).is_dir():
         ckpt = newest_verified(p)
         if ckpt is None:
             raise NotAModelFolder(f"{path}: a run folder with no exported model and no complete checkpoint")
-    if not (ckpt / "meta.json").is_file():
+    if not is_checkpoint(ckpt):
         raise NotAModelFolder(f"{path}: not a model folder (phoclip_config.json + model.safetensors), "
                               "run folder or checkpoint folder")
     logger.info("loading the model of checkpoint %s", ckpt)
@@ -188,8 +189,9 @@ def checkpoint_model_config(ckpt: Path, meta: dict) -> dict:
     """The architecture a checkpoint recorded (meta.json `model_config`), checked, made
     to build without the hub or any pretrained file (the checkpoint holds every weight)."""
     from phoclip.errors import CheckpointError
+    from phoclip.models.checkpoints import META_FILE  # lazy: see load_encoder
 
-    where = f"{Path(ckpt) / 'meta.json'}"
+    where = f"{Path(ckpt) / META_FILE}"
     if "model_config" not in meta:
         raise CheckpointError(f"{where}: no 'model_config' (written before checkpoints recorded it): "
                               f"export it first, python launch/export_model.py {ckpt} OUT")
@@ -197,19 +199,26 @@ def checkpoint_model_config(ckpt: Path, meta: dict) -> dict:
     return offline_model_config(check_model_config(meta["model_config"], where), where)
 
 
-def model_from_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer name or folder) from a training checkpoint folder
-    that records its model config: verified first (every .pt weights_only-loadable),
-    then the model's weights only."""
-    from phoclip.models.checkpoints import load_checkpoint_weights, verify_checkpoint
+def model_from_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = "cpu",
+                          rebuild: Optional[Callable[[Path, dict], tuple[Any, Optional[str]]]] = None):
+    """(model in eval mode, tokenizer name or folder) from a training checkpoint folder:
+    verified first (every .pt weights_only-loadable), then the model's weights only. The
+    model is built from the architecture the checkpoint recorded (meta.json
+    `model_config`); a checkpoint without one is refused, unless `rebuild(ckpt, meta)`
+    builds its untrained model and names its tokenizer (export passes the training
+    package's rebuild from the run config; inference never does)."""
+    # lazy: see load_encoder
+    from phoclip.models.checkpoints import checkpoint_tokenizer, load_checkpoint_weights, verify_checkpoint
     from phoclip.models.clip import PhoCLIP
 
     ckpt = Path(ckpt)
     meta = verify_checkpoint(ckpt)  # before zero_to_fp32 (weights_only=False inside DeepSpeed) touches it
-    mc = checkpoint_model_config(ckpt, meta)
-    tok = str(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else mc["text"].get("tokenizer")
-    model = load_checkpoint_weights(PhoCLIP(mc), ckpt)
-    return model.to(device).eval(), tok
+    if "model_config" in meta or rebuild is None:
+        mc = checkpoint_model_config(ckpt, meta)
+        model, tok = PhoCLIP(mc), checkpoint_tokenizer(ckpt) or mc["text"].get("tokenizer")
+    else:
+        model, tok = rebuild(ckpt, meta)
+    return load_checkpoint_weights(model, ckpt).to(device).eval(), tok
 
 
 def _tokenizer_path(folder: Path) -> Optional[str]:

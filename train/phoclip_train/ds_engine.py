@@ -22,7 +22,8 @@ from typing import Callable, Optional
 
 import torch
 
-from phoclip.models.checkpoints import DS_TAG
+from phoclip.models.checkpoints import (DS_ANY_MODULE_STATES, DS_STATE_FILE, DS_TAG, DS_ZERO3_MODULE_STATES,
+                                        deepspeed_globals, ds_optim_file)
 from phoclip.errors import CheckpointError
 from phoclip.fileio import atomic_write_json, read_regular
 from phoclip_train.config import ConfigError
@@ -32,7 +33,6 @@ from phoclip_train.engine import Engine
 logger = logging.getLogger(__name__)
 
 MAX_JSON_BYTES = 16 << 20  # a DeepSpeed JSON or state summary is kilobytes
-STATE_FILE = "deepspeed_state.json"  # beside DS_TAG: layout + fingerprint of the saved state
 _KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
@@ -218,21 +218,21 @@ class DeepSpeedEngine(Engine):
     # count: the checkpoint is converted once to DeepSpeed's universal format (one file per
     # parameter and state: fp32 weight, exp_avg, exp_avg_sq, step), which every rank loads
     # and re-partitions. Either way the loaded state is compared with a fingerprint of the
-    # saved one (STATE_FILE): a load that "works" but lost the weights, the moments or the
+    # saved one (DS_STATE_FILE): a load that "works" but lost the weights, the moments or the
     # step (DeepSpeed's known trap) is refused instead of training on from scratch.
 
     def save(self, folder: Path) -> None:
         self.ds.save_checkpoint(str(folder), tag=DS_TAG, save_latest=False)
         summary = self.state_summary()  # collective
         if _rank() == 0:
-            atomic_write_json(folder / STATE_FILE, summary, indent=1)
+            atomic_write_json(folder / DS_STATE_FILE, summary, indent=1)
 
     def load(self, folder: Path) -> None:
         folder = Path(folder)
         if not (folder / DS_TAG).is_dir():
             raise CheckpointError(f"{folder} holds no DeepSpeed checkpoint (written by train_ddp.py? resume it "
                                   "with that engine)")
-        saved = _read_json(folder / STATE_FILE)
+        saved = _read_json(folder / DS_STATE_FILE)
         stage, world = self.ds.zero_optimization_stage(), _world()
         old_stage, old_world = saved_layout(folder / DS_TAG, saved)
         if old_stage != stage if saved else (old_stage == 3) != (stage == 3):
@@ -301,9 +301,7 @@ class DeepSpeedEngine(Engine):
                 st["step"] = st["step"].clone()
         # module buffers (BatchNorm statistics) are not in the universal files: from the
         # saved module state, which holds them whole under every stage
-        from phoclip.models.checkpoints import deepspeed_globals
-
-        ms = sorted((folder / DS_TAG).glob("*model_states.pt"))[0]
+        ms = sorted((folder / DS_TAG).glob(DS_ANY_MODULE_STATES))[0]
         with torch.serialization.safe_globals(deepspeed_globals()):
             module = torch.load(ms, map_location="cpu", weights_only=True, mmap=True)["module"]
         with torch.no_grad():
@@ -317,7 +315,7 @@ class DeepSpeedEngine(Engine):
     def _check_loaded(self, folder: Path, saved: Optional[dict]) -> None:
         if not saved:
             logger.warning("%s has no %s (written before it existed): the loaded DeepSpeed state is not "
-                           "checked", folder, STATE_FILE)
+                           "checked", folder, DS_STATE_FILE)
             return
         now = self.state_summary()
         # the buffers saved are rank 0's (under ZeRO-3 each rank keeps its own BatchNorm statistics)
@@ -332,7 +330,7 @@ class DeepSpeedEngine(Engine):
             raise CheckpointError(f"{folder}: the DeepSpeed state after loading is not the one saved "
                                   f"({'; '.join(bad[:4])}{'; ...' if len(bad) > 4 else ''}): not resuming")
         logger.info("loaded DeepSpeed state verified against %s: weights, AdamW moments, optimizer step %s, "
-                    "%d parameter groups, schedule at step %d", STATE_FILE,
+                    "%d parameter groups, schedule at step %d", DS_STATE_FILE,
                     "-".join(sorted({f"{v:.0f}" for v in saved["step"] or [0]})), len(saved["groups"]),
                     saved["scheduler"]["last_epoch"])
 
@@ -446,14 +444,14 @@ def compare_summaries(saved: dict, now: dict, rtol: float = 1e-7, buffers: bool 
 def saved_layout(ds_dir: Path, saved: Optional[dict]) -> tuple[Optional[int], int]:
     """(ZeRO stage, rank count) a DeepSpeed checkpoint folder was written with; the stage
     from its summary, else 3 or None (1 or 2) from the file names."""
-    world = len(list(ds_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    world = len(list(ds_dir.glob(ds_optim_file("*"))))
     if saved:
         return int(saved["zero_stage"]), int(saved.get("world_size", world))
-    return (3 if (ds_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt").is_file() else None), world
+    return (3 if (ds_dir / DS_ZERO3_MODULE_STATES).is_file() else None), world
 
 
 def _read_json(path: Path) -> Optional[dict]:
-    """deepspeed_state.json: a capped regular file holding an object with the layout keys,
+    """DS_STATE_FILE: a capped regular file holding an object with the layout keys,
     None when absent, else a CheckpointError naming it."""
     try:
         out = json.loads(read_regular(path, MAX_JSON_BYTES))

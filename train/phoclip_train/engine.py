@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from phoclip_train.checkpoint import atomic_torch_save
+from phoclip.models.checkpoints import STATE_FILE
+from phoclip_train.checkpointer import atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -145,10 +146,10 @@ class DDPEngine(Engine):
             atomic_torch_save({"model": self.model.state_dict(),
                                "optimizer": self.optimizer.state_dict(),
                                "scheduler": self.scheduler.state_dict(),
-                               "scaler": self.scaler.state_dict()}, folder / "state.pt")
+                               "scaler": self.scaler.state_dict()}, folder / STATE_FILE)
 
     def load(self, folder: Path) -> None:
-        st = torch.load(folder / "state.pt", map_location=self.device, weights_only=True)
+        st = torch.load(folder / STATE_FILE, map_location=self.device, weights_only=True)
         self.model.load_state_dict(st["model"])
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])

@@ -11,62 +11,51 @@ recorded their model config is rebuilt here from its run config."""
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
-if TYPE_CHECKING:
-    import torch
+from phoclip.errors import CheckpointError
+from phoclip.models.loading import NotAModelFolder, check_model_config, model_folder, model_from_checkpoint
+from phoclip_train.config import RunConfig, apply_tree
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "onnx")
 
 
-def model_from_checkpoint(ckpt: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer name or folder) from a checkpoint folder, verified
-    first (`phoclip.models.checkpoints.verify_checkpoint`); only the model's weights are read.
-    A checkpoint that records its model config is rebuilt as `phoclip.load` rebuilds it;
-    an older one from its run config (the training package's `build_model`)."""
-    from phoclip.models.checkpoints import load_checkpoint_weights, verify_checkpoint
-    from phoclip.errors import CheckpointError
-    from phoclip.models.loading import checkpoint_model_config
-    from phoclip.models.clip import PhoCLIP, get_model_config
+def rebuild_from_run_config(ckpt: Path, meta: dict):
+    """(untrained model, tokenizer name or folder) of a checkpoint written before
+    checkpoints recorded their model config: rebuilt from its run config with the
+    training package's `build_model`, no pretrained weights fetched. Passed to
+    `phoclip.models.loading.model_from_checkpoint` as its `rebuild`."""
+    # lazy: phoclip-export --help answers in 0.1 s; torch and the model code take 1.7 s
     from phoclip.data.text import load_tokenizer
+    from phoclip.models.checkpoints import META_FILE, checkpoint_tokenizer
+    from phoclip.models.clip import get_model_config
+    from phoclip_train.build import build_model
 
-    ckpt = Path(ckpt)
-    meta = verify_checkpoint(ckpt)  # before zero_to_fp32 (weights_only=False inside DeepSpeed) touches it
-    tok_name = str(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
-    where = f"{ckpt / 'meta.json'}"
-    if "model_config" in meta:
-        mc = checkpoint_model_config(ckpt, meta)
-        tok_name = tok_name or mc["text"].get("tokenizer")
-        model = PhoCLIP(mc)
-    else:  # checkpoints written before the model config was saved in them
-        from phoclip_train.build import build_model
-        from phoclip_train.config import RunConfig, apply_tree
-
-        if not isinstance(meta.get("config"), dict):
-            raise CheckpointError(f"{where}: neither 'model_config' nor 'config': the model cannot be rebuilt")
-        cfg = RunConfig()
-        apply_tree(cfg, meta["config"])
-        check_resolved_config(cfg, where)
-        tok_name = tok_name or cfg.model.tokenizer or get_model_config(cfg.model.name)["text"].get("tokenizer")
-        cfg.model.overrides.setdefault("vision", {})["pretrained"] = False
-        cfg.model.overrides.setdefault("text", {})["pretrained"] = False
-        model = build_model(cfg, load_tokenizer(tok_name))
-    return load_checkpoint_weights(model, ckpt).to(device).eval(), tok_name
+    where = f"{ckpt / META_FILE}"
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{where}: neither 'model_config' nor 'config': the model cannot be rebuilt")
+    cfg = RunConfig()
+    apply_tree(cfg, meta["config"])
+    check_resolved_config(cfg, where)
+    tok_name = (checkpoint_tokenizer(ckpt) or cfg.model.tokenizer
+                or get_model_config(cfg.model.name)["text"].get("tokenizer"))
+    cfg.model.overrides.setdefault("vision", {})["pretrained"] = False
+    cfg.model.overrides.setdefault("text", {})["pretrained"] = False
+    return build_model(cfg, load_tokenizer(tok_name)), tok_name
 
 
-def check_resolved_config(cfg, where: str) -> None:
+def check_resolved_config(cfg: RunConfig, where: str) -> None:
     """The architecture an old checkpoint's run config names, with its overrides, checked
     as a saved model config is (`phoclip.models.loading.check_model_config`): one line, not a
     torch traceback, for a negative size."""
-    import copy
-
-    from phoclip.models.loading import check_model_config
-    from phoclip.models.clip import _deep_update, get_model_config
+    from phoclip.models.clip import _deep_update, get_model_config  # lazy: see rebuild_from_run_config
 
     arch = _deep_update(get_model_config(cfg.model.name), copy.deepcopy(dict(cfg.model.overrides)))
     text = arch.get("text")
@@ -76,11 +65,12 @@ def check_resolved_config(cfg, where: str) -> None:
 
 
 def export_checkpoint(ckpt: Path, out: Path) -> Path:
-    """Write the checkpoint's model (and tokenizer, and its card) as a plain model folder."""
+    """Write the checkpoint's model (and tokenizer, and its card) as a plain model folder;
+    a checkpoint of an older run is rebuilt from its run config."""
+    from phoclip.data.text import load_tokenizer  # lazy: see rebuild_from_run_config
     from phoclip.models.checkpoints import read_meta
-    from phoclip.data.text import load_tokenizer
 
-    model, tok_name = model_from_checkpoint(ckpt)  # verifies the checkpoint first
+    model, tok_name = model_from_checkpoint(ckpt, rebuild=rebuild_from_run_config)  # verifies it first
     meta = read_meta(ckpt)
     return model.save_pretrained(out, tokenizer=load_tokenizer(tok_name), training=meta.get("config"),
                                  data=meta.get("data"), evaluation=meta.get("evaluation"))
@@ -90,11 +80,10 @@ def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> Path:
     """A checkpoint, run folder (its exported model, else its newest checkpoint that
     verifies) or model folder -> the plain model folder `out`; with fmt="onnx" also both
     towers as ONNX in `out/onnx/`, checked against PyTorch. Returns `out`."""
-    import shutil
-
-    from phoclip.models.checkpoints import newest_verified
-    from phoclip.models.loading import NotAModelFolder, model_folder
+    # lazy: see rebuild_from_run_config
+    from phoclip.models.checkpoints import checkpoints_dir, is_checkpoint, newest_verified
     from phoclip.models.clip import load_model
+    from phoclip.models.onnx import export_onnx
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
@@ -104,14 +93,12 @@ def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> Path:
         if out.resolve() != folder.resolve():
             shutil.copytree(folder, out, dirs_exist_ok=True)
     else:
-        ckpt = newest_verified(src) if (src / "checkpoints").is_dir() else src
-        if ckpt is None or not (ckpt / "meta.json").is_file():
+        ckpt = newest_verified(src) if checkpoints_dir(src).is_dir() else src
+        if ckpt is None or not is_checkpoint(ckpt):
             raise NotAModelFolder(f"{src}: not a checkpoint, model folder or run folder with a model or checkpoint")
         logger.info("exporting checkpoint %s", ckpt)
         export_checkpoint(ckpt, out)
     if fmt == "onnx":
-        from phoclip.models.onnx import export_onnx
-
         logger.info("ONNX towers written to %s (checked against PyTorch)", export_onnx(load_model(out), out))
     return out
 

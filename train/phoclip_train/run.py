@@ -25,16 +25,17 @@ import numpy as np
 import torch
 
 from phoclip.data.stream import ShardStream, StreamLayout, StreamTracker, relayout
-from phoclip.models.clip import get_model_config
+from phoclip.models.factory import get_model_config
 from phoclip.evaluation.retrieval import evaluate_shards
 from phoclip.data.manifest import text_positions
+from phoclip.lock import RunLock
+from phoclip.models.checkpoints import TOKENIZER_DIR, list_checkpoints
 from phoclip_train.build import (RunData, auto_precision, build_data, build_engine, build_loader, build_loss,
                                  build_model, build_stream, wants_channels_last)
-from phoclip_train.checkpoint import Checkpointer, rng_state, set_rng_state
+from phoclip_train.checkpointer import Checkpointer, rng_state, set_rng_state
 from phoclip_train.config import ConfigError, RunConfig, save_config
 from phoclip_train.distributed import DistInfo
 from phoclip_train.engine import Engine, precision_dtype
-from phoclip.lock import RunLock
 from phoclip_train.metrics import RunLogger
 from phoclip_train.step import InputPrep, NonFiniteCounter
 
@@ -410,7 +411,7 @@ def build_run(cfg: RunConfig, dist: DistInfo) -> Run:
 def claim_run_dir(lock: RunLock, run_dir: Path, cfg: RunConfig) -> None:
     """One job per run folder, and a fresh run never lands silently on an old one."""
     lock.acquire()
-    old = Checkpointer(run_dir, 1, 0, 1).list() if (run_dir / "checkpoints").is_dir() else []
+    old = list_checkpoints(run_dir)
     if old and not cfg.resume:
         if not cfg.train.overwrite:
             raise ConfigError(f"{run_dir} already holds checkpoints (newest {old[-1].name}): "
@@ -467,7 +468,7 @@ def _build(cfg: RunConfig, dist: DistInfo, lock: RunLock) -> Run:
                 "data": data.manifest.summary(), "evaluation": evaluator.last_val}
 
     checkpointer = RunCheckpointer(files, t.save_every, engine, progress, nonfinite, position, RngState(), meta,
-                                   extra=lambda d: data.tokenizer.save_pretrained(str(d / "tokenizer")))
+                                   extra=lambda d: data.tokenizer.save_pretrained(str(d / TOKENIZER_DIR)))
     run = Run(cfg, dist, settings, data, engine, loss_fn, prep, position, progress, nonfinite,
               checkpointer, metrics, evaluator, lock)
     try:

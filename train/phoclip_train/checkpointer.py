@@ -1,12 +1,13 @@
-"""Atomic checkpoints: every rank writes into `step_N.tmp/`, then rank 0 renames the
-folder to `step_N/`. A rename is atomic, so a kill at any moment leaves either the
-complete new checkpoint or none: `latest()` only ever sees complete ones."""
+"""Writing checkpoints, atomically: every rank writes into `step_N.tmp/`, then rank 0
+renames the folder to `step_N/`. A rename is atomic, so a kill at any moment leaves
+either the complete new checkpoint or none: `latest()` only ever sees complete ones.
+The layout (file names, the step folders, listing, meta reading, verification) is the
+library's `phoclip.models.checkpoints`; this module writes and resolves through it."""
 from __future__ import annotations
 
 import logging
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -14,21 +15,18 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from phoclip.models.checkpoints import read_meta, verify_checkpoint
 from phoclip.errors import CheckpointError
-from phoclip.fileio import atomic_write_json, fsync_dir
+from phoclip.fileio import atomic_open, atomic_write_json, fsync_dir
+from phoclip.models.checkpoints import (META_FILE, checkpoints_dir, list_checkpoints, newest_verified, rank_file,
+                                        read_meta, step_dir, verify_checkpoint)
 from phoclip_train.distributed import barrier
 
 logger = logging.getLogger(__name__)
-
-_STEP = re.compile(r"^step_(\d{8})$")
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save through `atomic_open`: a random, exclusively created temporary name (no
     link planted in the run folder is written through), fsynced, then renamed."""
-    from phoclip.fileio import atomic_open
-
     with atomic_open(path) as f:
         torch.save(obj, f)
 
@@ -59,17 +57,14 @@ class Checkpointer:
     """Save, find and load checkpoints under `run_dir/checkpoints`, keeping the last K."""
 
     def __init__(self, run_dir: str | os.PathLike, keep_last: int, rank: int, world_size: int):
-        self.dir = Path(run_dir) / "checkpoints"
+        self.run_dir, self.dir = Path(run_dir), checkpoints_dir(run_dir)
         self.keep_last, self.rank, self.world_size = keep_last, rank, world_size
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
 
     def list(self) -> list[Path]:
-        """Complete checkpoints, oldest first."""
-        if not self.dir.is_dir():
-            return []
-        out = [p for p in self.dir.iterdir() if _STEP.match(p.name) and (p / "meta.json").is_file()]
-        return sorted(out, key=lambda p: int(_STEP.match(p.name).group(1)))
+        """Complete checkpoints, oldest first (`phoclip.models.checkpoints.list_checkpoints`)."""
+        return list_checkpoints(self.run_dir)
 
     def latest(self) -> Optional[Path]:
         ckpts = self.list()
@@ -79,8 +74,8 @@ class Checkpointer:
              extra: Optional[Callable[[Path], None]] = None) -> Optional[Path]:
         """Collective: every rank calls it; `extra(folder)` writes more files on rank 0
         (e.g. the tokenizer). Returns the final folder."""
-        final = self.dir / f"step_{step:08d}"
-        tmp = self.dir / f"step_{step:08d}.tmp"
+        final = self.dir / step_dir(step)
+        tmp = self.dir / f"{step_dir(step)}.tmp"
         if self.rank == 0:
             if tmp.is_symlink():  # planted: remove the link, never what it points at
                 tmp.unlink()
@@ -88,14 +83,14 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier()
         engine.save(tmp)
-        atomic_torch_save(rank_state, tmp / f"rank{self.rank:05d}.pt")
+        atomic_torch_save(rank_state, tmp / rank_file(self.rank))
         barrier()
         if self.rank == 0:
             if extra is not None:
                 extra(tmp)
-            atomic_write_json(tmp / "meta.json", dict(meta, step=step, world_size=self.world_size), indent=2)
+            atomic_write_json(tmp / META_FILE, dict(meta, step=step, world_size=self.world_size), indent=2)
             if final.exists():  # a checkpoint of this step already exists: replace it, whole
-                old = self.dir / f"step_{step:08d}.replaced"
+                old = self.dir / f"{step_dir(step)}.replaced"
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
                 os.replace(tmp, final)
@@ -132,18 +127,11 @@ class Checkpointer:
 
     def _pick(self, resume: str) -> Optional[str]:
         if resume == "latest":
-            why = []
-            for p in reversed(self.list()):
-                try:
-                    verify_checkpoint(p)
-                    return str(p)
-                except CheckpointError as e:
-                    logger.warning("not resuming from %s: %s", p.name, e)
-                    why.append(str(e))
-            if why:  # checkpoints exist but none can be trusted: never restart silently
-                return (f"error:--resume latest: none of the {len(why)} checkpoints in {self.dir} "
-                        f"verifies (newest: {why[0]})")
-            return None
+            try:  # checkpoints that exist but none can be trusted: never restart silently
+                newest = newest_verified(self.run_dir, passing="not resuming from")
+            except CheckpointError as e:
+                return f"error:--resume latest: {e}"
+            return None if newest is None else str(newest)
         try:
             verify_checkpoint(Path(resume))
         except CheckpointError as e:
@@ -152,7 +140,7 @@ class Checkpointer:
 
     def load_rank_state(self, path: Path, rank: Optional[int] = None) -> Optional[dict]:
         """A rank's own state (data position, RNG) from a checkpoint; default: this rank's."""
-        f = path / f"rank{self.rank if rank is None else rank:05d}.pt"
+        f = path / rank_file(self.rank if rank is None else rank)
         if not f.is_file():
             return None
         return torch.load(f, map_location="cpu", weights_only=True)
