@@ -91,7 +91,7 @@ def main() -> None:
     args = ap.parse_args()
     from phoclip.data.text import (NoSegmenter, PyviSegmenter, UndertheseaSegmenter, build_phobert_tokenizer,
                               load_tokenizer, tokenize_captions)
-    from phoclip_sharding.cli import main as make_shards
+    from phoclip_cli.shards import main as make_shards
 
     d = Path(tempfile.mkdtemp())
     try:

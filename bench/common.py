@@ -67,7 +67,7 @@ def bench_shards(work, n_images: int, photo_size=None, image_px: int = 96, shard
     from pathlib import Path
 
     from phoclip.data.text import build_phobert_tokenizer
-    from phoclip_sharding.cli import main as make_shards
+    from phoclip_cli.shards import main as make_shards
 
     work = Path(work)
     caps, images, texts = shapes_photos(work, n_images, photo_size, image_px)

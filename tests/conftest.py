@@ -76,10 +76,23 @@ def coco_dataset(tmp_path) -> tuple[Path, Path, dict]:
 def run_make_shards(args: list[str]) -> int:
     """make_shards' main(argv) in this process; its logger set-up is undone after (a
     handler left on the root logger would write to a closed capture stream later)."""
-    from phoclip_sharding.cli import main
+    from phoclip_cli.shards import main
 
     with root_logging_kept():
         return main([str(a) for a in args])
+
+
+def refusal(main, *args) -> str:
+    """The line a command prints when `main(*args)` refuses, asserted to be the usual
+    refusal: exit status 2 and a last stderr line, with no traceback before it."""
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(*args)
+    text = err.getvalue().strip()
+    assert rc == 2 and text and "Traceback" not in text, (rc, text[-3000:])
+    return text.splitlines()[-1]
 
 
 @pytest.fixture(autouse=True)

@@ -74,7 +74,7 @@ def test_make_shards_prints_the_exact_patterns_it_wrote(coco_dataset, tiny_token
     each printed pattern expands to exactly the shards of its split."""
     from conftest import run_make_shards
 
-    from phoclip_sharding.cli import brace_pattern
+    from phoclip_sharding.record import brace_pattern
 
     assert brace_pattern(["val-000000.tar"]) == "val-000000.tar"
     assert brace_pattern([f"train-{i:06d}.tar" for i in (2, 0, 1)]) == "train-{000000..000002}.tar"

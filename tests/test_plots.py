@@ -86,7 +86,8 @@ def test_a_run_that_has_only_started_is_drawn_with_empty_panels(tmp_path):
 
 
 def test_a_folder_without_metrics_is_refused_in_one_line(tmp_path, capsys):
-    from phoclip_train.plots import PlotError, main, render_curves
+    from phoclip_cli.plot import main
+    from phoclip_train.plots import PlotError, render_curves
 
     with pytest.raises(PlotError, match=r"metrics.jsonl: no metrics file") as e:
         render_curves(tmp_path)
@@ -125,7 +126,7 @@ def test_the_command_writes_the_png_and_prints_its_path(tiny_run, tmp_path):
     run = _copy_run(tiny_run, tmp_path)
     out = tmp_path / "elsewhere" / "c.png"
     out.parent.mkdir()
-    r = subprocess.run([sys.executable, "-m", "phoclip_train.plots", str(run), "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "phoclip_cli.plot", str(run), "--out", str(out)],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(out) and out.read_bytes()[:8] == PNG_MAGIC

@@ -9,20 +9,21 @@
 and closes it on every path."""
 from __future__ import annotations
 
-import argparse
 import logging
+import os
 import sqlite3
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from phoclip.errors import EXPECTED_ERRORS, one_line
+from phoclip.data.datasets import MAX_ANNOTATION_BYTES, SourceSpec
+from phoclip.data.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
+from phoclip.data.text import SEGMENTERS, create_segmenter, load_tokenizer, tokenizer_fingerprint
 from phoclip.fileio import real_dir
-from phoclip.data.text import create_segmenter, load_tokenizer, tokenizer_fingerprint
 from phoclip_sharding.collect import collect
 from phoclip_sharding.merge import PART_DIR
 from phoclip_sharding.output import Output, default_staging, is_url
 from phoclip_sharding.plan import ShardPlan, claim_output
-from phoclip.data.datasets import SourceSpec
 from phoclip_sharding.record import JobSettings, job_record, shard_patterns
 from phoclip_sharding.store import STORE_NAME, JobStore, lock_folder
 from phoclip_sharding.writer import TextSettings, make_pool, run_tasks
@@ -30,65 +31,125 @@ from phoclip_sharding.writer import TextSettings, make_pool, run_tasks
 logger = logging.getLogger("make_shards")
 
 
-def source_specs(args: argparse.Namespace) -> list[SourceSpec]:
+def default_workers() -> int:
+    """Processes that decode, resize, segment and tokenise: one CPU left to the parent."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobOptions:
+    """One make_shards job (or one part of it), as the command's flags set it; checked
+    when built (a ValueError naming the flag). `phoclip-shards --help` says the same."""
+
+    sources: tuple[str, ...]
+    """FORMAT:ANNOTATIONS[:IMAGE_DIR][,key=value...] specs (`SourceSpec.parse`)."""
+    out: str
+    """Output folder, or an fsspec URL whose shards are uploaded atomically."""
+    staging: str | None = None
+    """With a URL `out`: the local folder shards are written in before upload."""
+    num_parts: int = 1
+    """The job split into this many parts (machines)."""
+    part: int = 0
+    """Which part this run makes (0..num_parts-1)."""
+    tokenizer: str = "vinai/phobert-large"
+    """Hub name or local folder."""
+    segmenter: str = "vncorenlp"
+    """Word segmentation before tokenising: one of `phoclip.data.text.SEGMENTERS`."""
+    vncorenlp_dir: str | None = None
+    """Folder of the VnCoreNLP model (None: $VNCORENLP_DIR)."""
+    max_length: int = 70
+    """Tokens per caption, <s> and </s> included."""
+    image_size: int = 256
+    """Shorter side after resizing."""
+    jpeg_quality: int = 90
+    """JPEG quality of the resized images."""
+    max_pixels: int = MAX_IMAGE_PIXELS
+    """Images with more pixels are refused (decompression bombs)."""
+    max_image_bytes: int = MAX_FILE_BYTES
+    """Image files larger than this are refused unread."""
+    encoding: str = "utf-8"
+    """Text encoding of the annotation files where a source sets none."""
+    max_annotation_bytes: int = MAX_ANNOTATION_BYTES
+    """Annotation files larger than this are refused unread."""
+    allow_outside_paths: bool = False
+    """Accept image paths that are absolute or lead out of the image folder."""
+    val_fraction: float = 0.05
+    """Share of images put in the val split (by content hash) for sources without split=."""
+    seed: int = 0
+    """Seed of the shard order and of the val split's hash."""
+    workers: int = field(default_factory=default_workers)
+    """Worker processes (1: everything in this process)."""
+    shard_size: int = 1000
+    """Samples per shard."""
+    text_batch: int = 512
+    """Captions per segmentation batch."""
+
+    def __post_init__(self) -> None:
+        if not self.sources or not self.out:
+            raise ValueError("--source and --out are required (or --merge OUT)")
+        if self.segmenter not in SEGMENTERS:
+            raise ValueError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, not {self.segmenter!r}")
+        if self.staging and not is_url(self.out):
+            raise ValueError("--staging is for an --out URL (shards go to OUT directly otherwise)")
+        if self.num_parts < 1 or not 0 <= self.part < self.num_parts:
+            raise ValueError(f"--part must be in [0, --num-parts) = [0, {self.num_parts})")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError("--val-fraction must be in [0, 1)")
+        if self.shard_size < 1 or self.max_length < 4 or self.image_size < 8:
+            raise ValueError("--shard-size >= 1, --max-length >= 4 and --image-size >= 8 are required")
+        if self.max_pixels < 1 or self.max_image_bytes < 1 or self.max_annotation_bytes < 1:
+            raise ValueError("--max-pixels, --max-image-bytes and --max-annotation-bytes must be positive")
+
+
+def source_specs(opts: JobOptions) -> list[SourceSpec]:
     """The --source specs, with the job-wide reading settings where a spec sets none."""
-    try:
-        specs = [SourceSpec.parse(s) for s in args.source]
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"make_shards: {e}") from None
-    for spec, text in zip(specs, args.source):
+    specs = [SourceSpec.parse(s) for s in opts.sources]
+    for spec, text in zip(specs, opts.sources):
         if "encoding=" not in text:
-            spec.encoding = args.encoding
-        spec.allow_outside = args.allow_outside_paths
-        spec.max_bytes = args.max_annotation_bytes
+            spec.encoding = opts.encoding
+        spec.allow_outside = opts.allow_outside_paths
+        spec.max_bytes = opts.max_annotation_bytes
     return specs
 
 
-def output_of(args: argparse.Namespace) -> tuple[Path, str | None]:
+def output_of(opts: JobOptions) -> tuple[Path, str | None]:
     """(the local folder shards are written in, the URL they go to, if any)."""
     url = None
-    if is_url(args.out):  # shards go to object storage through a local staging folder
-        url = args.out.rstrip("/") + (f"/{PART_DIR.format(args.part)}" if args.num_parts > 1 else "")
-        out = Path(args.staging) if args.staging else default_staging(url, args.part)
+    if is_url(opts.out):  # shards go to object storage through a local staging folder
+        url = opts.out.rstrip("/") + (f"/{PART_DIR.format(opts.part)}" if opts.num_parts > 1 else "")
+        out = Path(opts.staging) if opts.staging else default_staging(url, opts.part)
         logger.info("writing to %s through the staging folder %s", url, out)
     else:
-        out = Path(args.out)
-        if args.num_parts > 1:
-            out = out / PART_DIR.format(args.part)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        if args.num_parts > 1 and not url:
-            real_dir(out)  # a part folder planted as a link would send the part's files elsewhere
-    except OSError as e:
-        raise SystemExit(f"make_shards: {one_line(e)}") from None
+        out = Path(opts.out)
+        if opts.num_parts > 1:
+            out = out / PART_DIR.format(opts.part)
+    out.mkdir(parents=True, exist_ok=True)
+    if opts.num_parts > 1 and not url:
+        real_dir(out)  # a part folder planted as a link would send the part's files elsewhere
     return out, url
 
 
-def run_job(args: argparse.Namespace) -> int:
-    """The job of parsed make_shards arguments (not --merge); SystemExit with one line
-    for what it refuses."""
+def run_job(opts: JobOptions) -> int:
+    """Run the job; 0 when done. What it refuses (a source, the tokenizer or segmenter,
+    the output folder, its lock or job store) is an error of `phoclip.errors.EXPECTED_ERRORS`
+    with a one-line message, raised after the pool, store and lock are closed."""
     t0 = time.time()
-    specs = source_specs(args)
-    try:
-        tokenizer = load_tokenizer(args.tokenizer)
-        segmenter = create_segmenter(args.segmenter, args.vncorenlp_dir)
-    except EXPECTED_ERRORS as e:
-        raise SystemExit(f"make_shards: {one_line(e)}") from None
-    out, url = output_of(args)
+    specs = source_specs(opts)
+    tokenizer = load_tokenizer(opts.tokenizer)
+    segmenter = create_segmenter(opts.segmenter, opts.vncorenlp_dir)
+    out, url = output_of(opts)
     lock = lock_folder(out)  # two jobs writing one folder would interleave shards
     for i, spec in enumerate(specs):  # images held inside wds tars / parquet cells land here
         spec.cache_dir = out / ".sources" / f"{i:02d}-{spec.source_name.replace('/', '_')}"
-        spec.part = (args.part, args.num_parts)  # ... only this part's
+        spec.part = (opts.part, opts.num_parts)  # ... only this part's
 
-    pool = make_pool(args.workers)
+    pool = make_pool(opts.workers)
     store = None
     try:
         store = JobStore(out / STORE_NAME)
-        return _phases(args, tokenizer, segmenter, Output(out, url), pool, t0, specs, store, lock)
-    except EXPECTED_ERRORS as e:
-        raise SystemExit(f"make_shards: {one_line(e)}") from None
+        return _phases(opts, tokenizer, segmenter, Output(out, url), pool, t0, specs, store, lock)
     except sqlite3.Error as e:  # e.g. the disk holding the job store is full
-        raise SystemExit(f"make_shards: {out / STORE_NAME}: {e}") from None
+        raise OSError(f"{out / STORE_NAME}: {e}") from None
     finally:
         if pool is not None:
             pool.close()
@@ -98,25 +159,23 @@ def run_job(args: argparse.Namespace) -> int:
         lock.release()
 
 
-def _phases(args, tokenizer, segmenter, output: Output, pool, t0: float, specs, store: JobStore, lock) -> int:
-    try:
-        n_samples, skipped, merged = collect(specs, pool, store, args.max_pixels, args.max_image_bytes,
-                                             args.num_parts, args.part, args.seed, args.val_fraction)
-    except ValueError as e:  # an annotation file that cannot be read as its format says
-        raise SystemExit(f"make_shards: {e}") from None
+def _phases(opts: JobOptions, tokenizer, segmenter, output: Output, pool, t0: float, specs, store: JobStore,
+            lock) -> int:
+    n_samples, skipped, merged = collect(specs, pool, store, opts.max_pixels, opts.max_image_bytes,
+                                         opts.num_parts, opts.part, opts.seed, opts.val_fraction)
     t_read = time.time()
-    if not n_samples and args.num_parts == 1:
-        raise SystemExit("no usable image-caption pair in the sources; see the warnings above")
+    if not n_samples and opts.num_parts == 1:
+        raise ValueError("no usable image-caption pair in the sources; see the warnings above")
 
     # text: normalise → segment → tokenize, once per caption, in the workers that write
     # each shard (captions/s scale with --workers; a resumed job segments only the
     # shards it still writes)
-    text = TextSettings(args.tokenizer, args.segmenter, args.vncorenlp_dir, args.max_length, args.text_batch)
-    plan = ShardPlan(store, output.local, output.url, args.shard_size, args.image_size, args.jpeg_quality,
-                     args.max_pixels, args.max_image_bytes, text, refresh=lock.refresh)
+    text = TextSettings(opts.tokenizer, opts.segmenter, opts.vncorenlp_dir, opts.max_length, opts.text_batch)
+    plan = ShardPlan(store, output.local, output.url, opts.shard_size, opts.image_size, opts.jpeg_quality,
+                     opts.max_pixels, opts.max_image_bytes, text, refresh=lock.refresh)
     names, todo, plan_hash = plan.survey(output, [
-        args.image_size, args.jpeg_quality, args.max_length, tokenizer_fingerprint(tokenizer),
-        args.max_pixels, args.max_image_bytes, segmenter.name, segmenter.version])
+        opts.image_size, opts.jpeg_quality, opts.max_length, tokenizer_fingerprint(tokenizer),
+        opts.max_pixels, opts.max_image_bytes, segmenter.name, segmenter.version])
     claim_output(output, plan_hash)
     if todo < n_samples:
         logger.info("resuming: %d of %d samples already in complete shards", n_samples - todo, n_samples)
@@ -126,9 +185,9 @@ def _phases(args, tokenizer, segmenter, output: Output, pool, t0: float, specs, 
     logger.info("time: read+hash %.1fs, plan %.1fs, images+text+shards %.1fs",
                 t_read - t0, t_plan - t_read, time.time() - t_plan)
 
-    settings = JobSettings(args.source, args.tokenizer, args.max_length, args.image_size, args.jpeg_quality,
-                           args.max_pixels, args.max_image_bytes, args.seed, args.val_fraction, args.part,
-                           args.num_parts)
+    settings = JobSettings(list(opts.sources), opts.tokenizer, opts.max_length, opts.image_size, opts.jpeg_quality,
+                           opts.max_pixels, opts.max_image_bytes, opts.seed, opts.val_fraction, opts.part,
+                           opts.num_parts)
     manifest, sizes = job_record(settings, tokenizer, segmenter, output, names, store, skipped, merged)
     output.write_json("manifest.json", manifest.to_dict())
     output.write_json("sizes.json", sizes)

@@ -9,6 +9,9 @@ object visible only once it is complete, so it goes straight to its name. A read
 the bucket never sees half a shard, and a shard without its `.done` record (the job
 died between the two) is written again by the next run. The remote side is the truth:
 a resumed job, on this machine or another, asks the bucket which shards are done.
+
+A shard is complete when its `.done` record (`.done/NAME.json`, written by the worker
+after the shard's rename) reads back well-formed and the shard itself is a regular file.
 """
 from __future__ import annotations
 
@@ -16,12 +19,15 @@ import hashlib
 import json
 import logging
 import os
+import secrets
+import stat
 from pathlib import Path
 from typing import Optional
 
 from phoclip.fileio import atomic_open, atomic_write_json, atomic_write_text, read_regular
 
 MAX_META_BYTES = 256 << 20  # a manifest, sizes.json, .plan or .done record of the output
+MAX_DONE_BYTES = 64 << 20  # a completion record (its lost_keys list may be long)
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +82,36 @@ def default_staging(url: str, part: int) -> Path:
     return base / hashlib.sha256(f"{url}#{part}".encode()).hexdigest()[:16]
 
 
+def done_path(out_dir: Path | str, shard_name: str) -> Path:
+    return Path(out_dir) / ".done" / (shard_name + ".json")
+
+
+def read_done(out_dir: Path | str, shard_name: str) -> Optional[dict]:
+    """A shard's completion record, or None when it is missing or unreadable (a shard
+    whose record cannot be trusted is written again, never assumed done)."""
+    try:  # never through a link, nor from a FIFO or device planted in the output folder
+        rec = json.loads(read_regular(done_path(out_dir, shard_name), MAX_DONE_BYTES, follow_links=False))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return rec if valid_done(rec, shard_name) else None
+
+
+def valid_done(rec, shard_name: str) -> bool:
+    """Whether `rec` is a well-formed completion record of `shard_name`."""
+    return (isinstance(rec, dict) and rec.get("name") == shard_name and isinstance(rec.get("count"), int)
+            and isinstance(rec.get("skipped"), dict) and isinstance(rec.get("lost_keys", []), list))
+
+
+def is_complete(out_dir: Path | str, shard_name: str) -> bool:
+    """A shard with its completion record, itself a regular file (not a link to one)."""
+    if read_done(out_dir, shard_name) is None:
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(Path(out_dir) / shard_name).st_mode)
+    except OSError:
+        return False
+
+
 class Output:
     """A job's output folder: `local` is where shards are written (the folder itself, or
     the staging folder of a URL); `url` is set when they are published elsewhere."""
@@ -110,8 +146,6 @@ class Output:
         self._listing = found
 
     def is_complete(self, name: str) -> bool:
-        from phoclip_sharding.writer import is_complete
-
         if not self.url:
             return is_complete(self.local, name)
         if self._listing is None:
@@ -120,8 +154,6 @@ class Output:
 
     def read_done(self, names: list[str]) -> dict[str, Optional[dict]]:
         """The `.done` records of `names` (None where missing or unreadable)."""
-        from phoclip_sharding.writer import read_done, valid_done
-
         if not self.url:
             return {n: read_done(self.local, n) for n in names}
         paths = {self._remote(f".done/{n}.json"): n for n in names}
@@ -171,9 +203,6 @@ class Output:
         if self.url:
             self.fs.copy(self._remote(src), self._remote(dst))
             return
-        import secrets
-        import stat
-
         s, d = self.local / src, self.local / dst
         st = os.lstat(s)
         if not stat.S_ISREG(st.st_mode):

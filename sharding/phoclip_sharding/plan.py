@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from phoclip.data.manifest import SPLITS
+from phoclip.errors import SetupError
 from phoclip_sharding.output import Output
 from phoclip_sharding.store import JobStore
 from phoclip_sharding.writer import ShardTask, TextSettings
@@ -55,9 +56,9 @@ class ShardPlan:
 
 def claim_output(output: Output, plan_hash: str) -> None:
     """Record the plan in the output, refusing one that holds another job's shards (a
-    resumed job must have the same inputs and settings)."""
+    resumed job must have the same inputs and settings): a SetupError."""
     old_plan = output.read_text(".plan")
     if old_plan is not None and old_plan.strip() != plan_hash:
-        raise SystemExit(f"{output} holds shards of a different job (inputs or settings changed). "
+        raise SetupError(f"{output} holds shards of a different job (inputs or settings changed). "
                          "Use a new --out folder, or delete the old one.")
     output.write_text(".plan", plan_hash)

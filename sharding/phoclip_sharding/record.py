@@ -39,8 +39,8 @@ def job_record(s: JobSettings, tokenizer, segmenter, output: Output, names: list
     sizes, lost, truncated = {}, set(), 0
     for name, rec in output.read_done(names).items():
         if rec is None:
-            raise SystemExit(f"make_shards: {output}/.done/{name}.json is missing or unreadable after "
-                             "writing its shard (disk full?); run the same command again")
+            raise OSError(f"{output}/.done/{name}.json is missing or unreadable after writing its shard "
+                          "(disk full?); run the same command again")
         sizes[name] = rec["count"]
         skipped.update(rec["skipped"])
         lost.update(rec.get("lost_keys", []))

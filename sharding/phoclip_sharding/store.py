@@ -24,6 +24,9 @@ import sqlite3
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
+from phoclip.errors import SetupError, one_line
+from phoclip.lock import LockFileError, RunLock, RunLockedError
+
 logger = logging.getLogger(__name__)
 
 STORE_NAME = ".job.sqlite"
@@ -234,21 +237,19 @@ class JobStore:
             yield sha, split, n, json.loads(meta)["source"]
 
 
-def lock_folder(folder: Path):
+def lock_folder(folder: Path) -> RunLock:
     """One job per output folder, with the lock a run folder has (`RunLock`: host and pid
     in FOLDER/.lock; a dead holder's lock is taken over): two jobs writing one folder
-    would interleave shards. Refused in one line while another job holds it. The caller
-    refreshes it as shards complete and releases it at the end."""
-    from phoclip.errors import one_line
-    from phoclip.lock import LockFileError, RunLock, RunLockedError
-
+    would interleave shards. A SetupError in one line while another job holds it (or the
+    lock file is not one). The caller refreshes it as shards complete and releases it at
+    the end."""
     lock = RunLock(folder)
     try:
         lock.acquire()
-    except LockFileError as e:
-        raise SystemExit(f"make_shards: {one_line(e)}") from None
+    except LockFileError:  # .lock is not a lock file: its own message names it
+        raise
     except RunLockedError as e:
-        raise SystemExit(f"make_shards: another job is writing to {folder}: {e}") from None
+        raise SetupError(f"another job is writing to {folder}: {e}") from None
     except OSError as e:  # the folder cannot be written, say
-        raise SystemExit(f"make_shards: {folder}: {one_line(e)}") from None
+        raise OSError(f"{folder}: {one_line(e)}") from None
     return lock

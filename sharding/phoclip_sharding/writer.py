@@ -20,14 +20,15 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from phoclip.data.images import (MAX_FILE_BYTES, MAX_IMAGE_PIXELS, BadImage, decode_rgb, encode_jpeg, probe_image,
+                                 read_file_capped, resize_shorter)
+from phoclip.data.text import TextProcessor, create_segmenter, load_tokenizer
 from phoclip.fileio import atomic_open, atomic_write_json, real_dir
-from phoclip.data.images import (MAX_FILE_BYTES, MAX_IMAGE_PIXELS, BadImage, decode_rgb, encode_jpeg,
-                            probe_image, read_file_capped, resize_shorter)
+from phoclip_sharding.output import done_path, publish_shard
 
 logger = logging.getLogger(__name__)
 
 SHARD_PATTERN = "{split}-{index:06d}.tar"
-MAX_DONE_BYTES = 64 << 20  # a completion record (its lost_keys list may be long)
 
 
 @dataclass
@@ -71,8 +72,6 @@ _TEXT: dict = {}  # TextSettings -> TextProcessor, per worker process
 
 def text_processor(t: TextSettings):
     if t not in _TEXT:
-        from phoclip.data.text import TextProcessor, create_segmenter, load_tokenizer
-
         _TEXT[t] = TextProcessor(load_tokenizer(t.tokenizer), create_segmenter(t.segmenter, t.vncorenlp_dir),
                                  t.max_length)
     return _TEXT[t]
@@ -133,40 +132,6 @@ class _TarShard:
         self._tar.close()
 
 
-def done_path(out_dir: Path | str, shard_name: str) -> Path:
-    return Path(out_dir) / ".done" / (shard_name + ".json")
-
-
-def read_done(out_dir: Path | str, shard_name: str) -> Optional[dict]:
-    """A shard's completion record, or None when it is missing or unreadable (a shard
-    whose record cannot be trusted is written again, never assumed done)."""
-    from phoclip.fileio import read_regular
-
-    try:  # never through a link, nor from a FIFO or device planted in the output folder
-        rec = json.loads(read_regular(done_path(out_dir, shard_name), MAX_DONE_BYTES, follow_links=False))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return rec if valid_done(rec, shard_name) else None
-
-
-def valid_done(rec, shard_name: str) -> bool:
-    """Whether `rec` is a well-formed completion record of `shard_name`."""
-    return (isinstance(rec, dict) and rec.get("name") == shard_name and isinstance(rec.get("count"), int)
-            and isinstance(rec.get("skipped"), dict) and isinstance(rec.get("lost_keys", []), list))
-
-
-def is_complete(out_dir: Path | str, shard_name: str) -> bool:
-    """A shard with its completion record, itself a regular file (not a link to one)."""
-    import stat
-
-    if read_done(out_dir, shard_name) is None:
-        return False
-    try:
-        return stat.S_ISREG(os.lstat(Path(out_dir) / shard_name).st_mode)
-    except OSError:
-        return False
-
-
 def write_shard(task: ShardTask) -> dict:
     """Write one shard atomically; returns {name, count, skipped: {reason: n}}."""
     out = Path(task.out_dir)
@@ -205,8 +170,6 @@ def write_shard(task: ShardTask) -> dict:
     real_dir(d.parent)
     atomic_write_json(d, record)
     if task.remote:  # --out URL: upload the shard, then its record
-        from phoclip_sharding.output import publish_shard
-
         publish_shard(task.out_dir, task.remote, task.name)
     return record
 

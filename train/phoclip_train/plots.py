@@ -5,18 +5,16 @@ a torn last line (the writer mid-line) or any other unreadable line is skipped a
 counted, never an error.
 
     phoclip-plot runs/NAME                    # writes runs/NAME/curves.png
-    python -m phoclip_train.plots runs/NAME --out curves.png
+    python -m phoclip_cli.plot runs/NAME --out curves.png
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
 import math
 import os
 import stat
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -269,35 +267,3 @@ def try_render_curves(run_dir: str | os.PathLike, out: str | os.PathLike | None 
     except Exception as e:  # whatever matplotlib or the disk raises, the run's end goes on
         log.warning("training curves not drawn for %s: %s", run_dir, e)
         return None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="phoclip-plot", description="Draw a run's training curves (loss, learning "
-                                "rates, samples/s, validation recall) from RUN_DIR/metrics.jsonl into a PNG; "
-                                "also while the run is going.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run_dir", help="the run folder (holds metrics.jsonl)")
-    p.add_argument("--out", default=None, help="the PNG to write (default: RUN_DIR/curves.png)")
-    return p
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`phoclip-plot RUN_DIR [--out PNG]`: prints the PNG's path; a refusal is one line
-    on stderr and exit status 1."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        path = render_curves(args.run_dir, args.out)
-    except (PlotError, OSError) as e:
-        print(f"phoclip-plot: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # what matplotlib refuses to draw: one line, not its traceback
-        print(f"phoclip-plot: {args.run_dir}: cannot draw these metrics ({type(e).__name__}: {e})"[:500],
-              file=sys.stderr)
-        return 1
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

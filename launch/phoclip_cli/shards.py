@@ -24,26 +24,24 @@ same samples as the job run in one piece.
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
 from typing import Optional, Sequence
 
-from phoclip.data.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
-from phoclip.log import init_logger
+from phoclip.data.datasets import READERS
 from phoclip.data.text import SEGMENTERS
-from phoclip_sharding.job import run_job
+from phoclip.errors import EXPECTED_ERRORS
+from phoclip.log import init_logger
+from phoclip_cli.common import HelpFormatter, refuse
+from phoclip_sharding.job import JobOptions, default_workers, run_job
 from phoclip_sharding.merge import merge_parts
-from phoclip_sharding.output import is_url
-from phoclip.data.datasets import MAX_ANNOTATION_BYTES, READERS
-from phoclip_sharding.record import brace_pattern, shard_patterns
+from phoclip_sharding.writer import without_torch
 
-__all__ = ["brace_pattern", "build_parser", "console_main", "main", "parse_args", "shard_patterns"]
-
+__all__ = ["build_parser", "console_main", "job_options", "main", "parse_args"]
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every make_shards option (checked together by `parse_args`)."""
-    from phoclip_cli.common import HelpFormatter
-
+    """Every make_shards option (checked together by `parse_args`); the defaults are
+    `JobOptions`'."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--source", action="append",
                    help="FORMAT:ANNOTATIONS[:IMAGE_DIR][,split=train|val][,name=N]"
@@ -54,77 +52,78 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--staging", help="with a URL --out: the local folder where shards are written before "
                                      "upload, with the job's hash journal and source cache "
                                      "(default: ~/.cache/phoclip/make_shards/HASH)")
-    p.add_argument("--num-parts", type=int, default=1, help="split the job into N parts (machines)")
-    p.add_argument("--part", type=int, default=0, help="which part this run makes (0..N-1)")
+    p.add_argument("--num-parts", type=int, default=JobOptions.num_parts, help="split the job into N parts (machines)")
+    p.add_argument("--part", type=int, default=JobOptions.part, help="which part this run makes (0..N-1)")
     p.add_argument("--merge", metavar="OUT", help="merge the parts in OUT/part-*/ into OUT")
-    p.add_argument("--tokenizer", default="vinai/phobert-large", help="hub name or local folder")
-    p.add_argument("--segmenter", default="vncorenlp", choices=SEGMENTERS,
+    p.add_argument("--tokenizer", default=JobOptions.tokenizer, help="hub name or local folder")
+    p.add_argument("--segmenter", default=JobOptions.segmenter, choices=SEGMENTERS,
                    help="Vietnamese word segmentation before tokenising (PhoBERT expects VnCoreNLP's; "
                         "underthesea and pyvi run offline; none for pre-segmented captions)")
     p.add_argument("--vncorenlp-dir",
                    help="folder of the VnCoreNLP model (default: $VNCORENLP_DIR)")
-    p.add_argument("--max-length", type=int, default=70,
+    p.add_argument("--max-length", type=int, default=JobOptions.max_length,
                    help="tokens per caption, <s> and </s> included (longer captions are cut)")
-    p.add_argument("--image-size", type=int, default=256, help="shorter side after resizing")
-    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the resized images in the shards")
-    p.add_argument("--max-pixels", type=int, default=MAX_IMAGE_PIXELS,
+    p.add_argument("--image-size", type=int, default=JobOptions.image_size, help="shorter side after resizing")
+    p.add_argument("--jpeg-quality", type=int, default=JobOptions.jpeg_quality,
+                   help="JPEG quality of the resized images in the shards")
+    p.add_argument("--max-pixels", type=int, default=JobOptions.max_pixels,
                    help="refuse images with more pixels (decompression bombs)")
-    p.add_argument("--max-image-bytes", type=int, default=MAX_FILE_BYTES,
+    p.add_argument("--max-image-bytes", type=int, default=JobOptions.max_image_bytes,
                    help="refuse image files larger than this, unread")
-    p.add_argument("--encoding", default="utf-8",
+    p.add_argument("--encoding", default=JobOptions.encoding,
                    help="text encoding of the annotation files (per source: ,encoding=NAME)")
-    p.add_argument("--max-annotation-bytes", type=int, default=MAX_ANNOTATION_BYTES,
+    p.add_argument("--max-annotation-bytes", type=int, default=JobOptions.max_annotation_bytes,
                    help="refuse annotation files (json, jsonl, csv, txt: read whole) larger than this, unread")
     p.add_argument("--allow-outside-paths", action="store_true",
                    help="accept image paths that are absolute or lead out of the image folder")
-    p.add_argument("--val-fraction", type=float, default=0.05,
+    p.add_argument("--val-fraction", type=float, default=JobOptions.val_fraction,
                    help="share of images put in the val split (by content hash) for sources without split=")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shard order and the val split's hash")
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+    p.add_argument("--seed", type=int, default=JobOptions.seed, help="seed of the shard order and the val split's hash")
+    p.add_argument("--workers", type=int, default=default_workers(),
                    help="processes that decode, resize, segment and tokenise (default: CPUs - 1)")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    p.add_argument("--text-batch", type=int, default=512, help="captions per segmentation batch")
+    p.add_argument("--shard-size", type=int, default=JobOptions.shard_size, help="samples per shard")
+    p.add_argument("--text-batch", type=int, default=JobOptions.text_batch, help="captions per segmentation batch")
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The options, parsed and checked together (argparse's usage error on a bad mix)."""
+def job_options(args: argparse.Namespace) -> JobOptions:
+    """The typed options of parsed make_shards arguments (not --merge); a ValueError
+    naming the flag for a bad mix."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(JobOptions) if f.name != "sources"}
+    return JobOptions(sources=tuple(args.source or ()), **kw)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, Optional[JobOptions]]:
+    """(the parsed flags, the job's options; None with --merge), checked together:
+    argparse's usage error (exit 2) on a bad mix."""
     p = build_parser()
     args = p.parse_args(argv)
     if args.merge:
-        return args
-    if not args.source or not args.out:
-        p.error("--source and --out are required (or --merge OUT)")
-    if args.staging and not is_url(args.out):
-        p.error("--staging is for an --out URL (shards go to OUT directly otherwise)")
-    if args.num_parts < 1 or not 0 <= args.part < args.num_parts:
-        p.error(f"--part must be in [0, --num-parts) = [0, {args.num_parts})")
-    if not 0.0 <= args.val_fraction < 1.0:
-        p.error("--val-fraction must be in [0, 1)")
-    if args.shard_size < 1 or args.max_length < 4 or args.image_size < 8:
-        p.error("--shard-size >= 1, --max-length >= 4 and --image-size >= 8 are required")
-    if args.max_pixels < 1 or args.max_image_bytes < 1 or args.max_annotation_bytes < 1:
-        p.error("--max-pixels, --max-image-bytes and --max-annotation-bytes must be positive")
-    return args
+        return args, None
+    try:
+        return args, job_options(args)
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: Optional[Sequence[str]] = None, own_process: bool = False) -> int:
     """make_shards: parse, then run the job (`phoclip_sharding.job`) or the merge
-    (`phoclip_sharding.merge`); what either refuses ends the command with one line.
+    (`phoclip_sharding.merge`); 0 when done, 2 with one line for what either refuses.
     `own_process`: the command runs in its own process, which never runs a model: its
     tokenizing workers start without torch (in-process callers keep their torch)."""
-    args = parse_args(argv)
+    args, opts = parse_args(argv)
     init_logger()
     if own_process:
-        from phoclip_sharding.writer import without_torch
-
         without_torch()  # before the workers are spawned: they inherit it
-    if args.merge:
+    if opts is None:
         try:
             return merge_parts(args.merge)
-        except (ValueError, KeyError, TypeError, OSError) as e:  # a damaged part folder
-            raise SystemExit(f"make_shards --merge: {e}") from None
-    return run_job(args)
+        except (*EXPECTED_ERRORS, KeyError, TypeError) as e:  # a damaged part folder
+            return refuse("make_shards --merge", e)
+    try:
+        return run_job(opts)
+    except EXPECTED_ERRORS as e:
+        return refuse("make_shards", e)
 
 
 def console_main(argv: Optional[Sequence[str]] = None) -> None:
