@@ -87,7 +87,7 @@ def test_a_deepspeed_precision_mismatch_is_refused_before_anything_is_built(tmp_
 
     from conftest import ROOT, train_main
     from phoclip_train.config import resolve_config
-    from phoclip_train.ds_engine import check_ds_precision
+    from phoclip_train.ds_config import decide_ds_precision
 
     t0 = time.time()
     rc, log = train_main(["--config", "launch/configs/tiny-debug.yaml", "--deepspeed_config",
@@ -97,7 +97,8 @@ def test_a_deepspeed_precision_mismatch_is_refused_before_anything_is_built(tmp_
     assert "zero2_bf16.json trains in bf16 but train.precision=fp32" in log and "zero2_fp32.json" in log, log
     assert not (tmp_path / "run").exists()
     cfg = resolve_config(str(ROOT / "launch/configs/tiny-debug.yaml"), ["data.train_shards=x"])
-    assert check_ds_precision(str(ROOT / "launch/deepspeed/zero2_fp32.json"), cfg) == cfg.train.precision == "fp32"
+    assert decide_ds_precision(str(ROOT / "launch/deepspeed/zero2_fp32.json"), cfg.train.precision) == "fp32"
+    assert decide_ds_precision(str(ROOT / "launch/deepspeed/zero2_bf16.json"), "auto") == "bf16"
     tiny = json.loads((ROOT / "launch/deepspeed/zero2_fp32.json").read_text())
     bf16 = json.loads((ROOT / "launch/deepspeed/zero2_bf16.json").read_text())
     assert tiny == {k: v for k, v in bf16.items() if k != "torch_autocast"}  # the same ZeRO-2, in fp32
@@ -135,3 +136,71 @@ def test_resolution_records_where_each_value_came_from(tmp_path):
     assert "train.log_every = 10    (default)" in text
     assert field_docs(TrainConfig)["max_steps"] == "Optimizer steps of the whole run (the schedule's length)."
     assert set(field_docs(RunConfig)) == {"run_dir", "resume", "model", "data", "optim", "train"}
+
+
+def test_values_are_converted_only_where_nothing_is_lost(tmp_path):
+    """Each value is checked against its field's type (pydantic, strict): an int where a
+    float is declared and a list where a tuple is are taken; text for a number, a fraction
+    for an integer, a number for a boolean are refused, naming the key."""
+    cfg = resolve_config(None, ["data.batch_size=3", "optim.lr_head=1", "optim.betas=[0.9, 0.95]",
+                                "data.resampled=no", "run_dir=0123", "train.compile=off"])
+    assert cfg.data.batch_size == 3 and cfg.optim.lr_head == 1.0 and isinstance(cfg.optim.lr_head, float)
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.data.resampled is False and cfg.train.compile == "off"
+    assert cfg.run_dir == "0123"  # a plain text field takes the word as typed (YAML 1.1 reads 0123 as 83)
+    for override, message in [("data.batch_size=3.5", "data.batch_size must be an integer, not '3.5'"),
+                              ("data.batch_size=true", "data.batch_size must be an integer, not 'true'"),
+                              ("optim.lr_head=true", "optim.lr_head must be a number, not 'true'"),
+                              ("data.resampled=1", "data.resampled must be true or false, not '1'"),
+                              ("data.val_shards=7", "data.val_shards must be text, not '7'"),
+                              ("train.precision=bf32", "train.precision='bf32': choose bf16, fp16, fp32 or auto")]:
+        with pytest.raises(ConfigError) as e:
+            resolve_config(None, [override])
+        assert str(e.value) == message
+    f = tmp_path / "c.yaml"
+    f.write_text('data:\n  batch_size: "3"\n')
+    with pytest.raises(ConfigError, match=r"^data.batch_size must be an integer, not '3'$"):
+        resolve_config(str(f))
+    cfg = resolve_config(None, ["data.train_shards=x"])
+    cfg.train.engine = "horovod"  # set in code: validate checks every field's type again
+    with pytest.raises(ConfigError, match="choose ddp or deepspeed"):
+        cfg.validate()
+
+
+def _laughs(levels: int = 9) -> str:
+    """YAML whose last anchor stands for 10**levels strings ("billion laughs")."""
+    lines = ["    l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels + 1)]
+    return "model:\n  overrides:\n" + "\n".join(lines) + "\n"
+
+
+def test_yaml_aliases_are_refused_before_anything_expands(tmp_path):
+    import time
+
+    f = tmp_path / "laughs.yaml"
+    f.write_text(_laughs())
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        resolve_config(str(f))
+    assert time.perf_counter() - t0 < 1
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"config file {f}: an alias (*l0) is not accepted"), msg
+    assert "line 4, column" in msg
+    value = "{a: &a [x, x], b: [*a, *a]}"
+    with pytest.raises(ConfigError, match=r"^override model.overrides=.*: an alias \(\*a\) is not accepted"):
+        resolve_config(None, [f"model.overrides={value}"])
+
+
+@pytest.mark.parametrize("opening, closing", [("[", "]"), ("{a: ", "}")])
+def test_a_config_nested_too_deep_is_one_line_not_a_recursion_error(tmp_path, opening, closing):
+    deep = opening * 20_000 + "1" + closing * 20_000
+    f = tmp_path / "deep.yaml"
+    f.write_text(f"model:\n  overrides: {{vision: {deep}}}\n")
+    for config, overrides, where in [(str(f), [], f"config file {f}"),
+                                     (None, [f"model.overrides.vision={deep}"], "override model.overrides.vision=")]:
+        with pytest.raises(ConfigError) as e:
+            resolve_config(config, overrides)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(where) and "nested deeper than 64 levels" in msg, msg[-300:]
+        assert len(msg) < 500
+    ok = "[" * 60 + "1" + "]" * 60  # deep enough for any real architecture override
+    assert resolve_config(None, [f"model.overrides.vision={ok}"]).model.overrides["vision"]

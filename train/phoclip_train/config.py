@@ -1,26 +1,56 @@
 """Typed run config, resolved as defaults → YAML file → `key=value` overrides.
 
-Each field's docstring-comment says what it is; `validate()` refuses impossible
-settings before any work is done, and only checks: settings derived from the config and
-the machine (accumulation from the global batch, precision 'auto') are decided once by
-the run builder.
+Each field's docstring-comment says what it is; each value is checked against the field's
+declared type by pydantic in strict mode (the only conversions are lossless: an int where a
+float is declared, a list where a tuple is), so a refusal is one line naming the key.
+`validate()` refuses impossible settings before any work is done, and only checks: settings
+derived from the config and the machine (accumulation from the global batch, precision
+'auto') are decided once by the run builder.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import yaml
+from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError
+
+MAX_YAML_DEPTH = 64
+"""Nesting levels a YAML value may have (PyYAML composes nodes recursively: deeper
+input would end in a RecursionError; a run config needs a handful)."""
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that a run config does not accept (an alias, nesting too deep)."""
 
 
 class _Loader(yaml.SafeLoader):
     """Safe YAML with YAML 1.2 floats: PyYAML follows YAML 1.1, where `1e-5` (no dot)
     is a string, so `optim.eps=1e-6` or a JSON override written by json.dumps would
-    arrive as text."""
+    arrive as text. Aliases are refused before anything is built: a few lines of
+    aliases of aliases stand for billions of nodes once a value is copied or merged
+    ("billion laughs"), and nesting is capped at MAX_YAML_DEPTH."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(problem=f"an alias (*{event.anchor}) is not accepted in a run config: write the value out",
+                           problem_mark=event.start_mark)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise _Refused(problem=f"nested deeper than {MAX_YAML_DEPTH} levels", problem_mark=self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _Loader.add_implicit_resolver(
@@ -35,13 +65,16 @@ _Loader.add_implicit_resolver(
 
 def _load_yaml(text, where: str = "") -> Any:
     """YAML → Python; a syntax error is one ConfigError naming `where` (a file, or the
-    override `key=value`), the line and column, and how to quote."""
+    override `key=value`), the line and column, and how to quote; an alias or too deep
+    a nesting is refused the same way."""
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "?"
         problem = getattr(e, "problem", None) or type(e).__name__
+        if isinstance(e, _Refused):
+            raise ConfigError(f"{where or 'YAML'}: {problem} (at {at})") from None
         hint = ("; a value with braces, colons or commas (a brace pattern inside a mapping) needs "
                 "quotes, e.g. train.eval_sets='{ktvic: \"shards/val-{000000..000004}.tar\"}'"
                 if where.startswith("override") else "")
@@ -133,8 +166,8 @@ class OptimConfig:
     """Peak learning rate of the projection heads and the temperature."""
     weight_decay: float = 0.2
     """AdamW decoupled weight decay (not on biases, norms, gains or the temperature)."""
-    betas: tuple = (0.9, 0.98)
-    """AdamW betas."""
+    betas: Annotated[tuple, Strict(False)] = (0.9, 0.98)
+    """AdamW betas (a YAML list, [0.9, 0.98])."""
     eps: float = 1e-6
     """AdamW epsilon."""
     warmup_steps: int = 100
@@ -237,10 +270,10 @@ class RunConfig:
     def validate(self, world_size: int = 1) -> None:
         """Refuse impossible combinations; only checks, never changes a value (derived
         settings, e.g. `accum_steps_for`, precision 'auto', are decided by the run
-        builder). Choices of one field are checked as it is set, against its `Literal`
-        type, in `_set_value`."""
+        builder). Each field's type (its `Literal` choices too) is checked as it is set, and
+        again here for fields set in code."""
         t, d = self.train, self.data
-        _check_choices(self)
+        _check_types(self)
         if t.compile != "off" and t.engine == "deepspeed":
             raise ConfigError("train.compile works with train.engine=ddp only (not built for "
                               "DeepSpeed); set train.compile=off")
@@ -297,9 +330,38 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _choices(typ: Any) -> Optional[tuple]:
-    import typing
+_STRICT = ConfigDict(strict=True)
+"""Pydantic's strict mode: no text read as a number, no number as a boolean; a field
+annotated Strict(False) (a tuple, which YAML writes as a list) takes pydantic's lax rules."""
 
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "text",
+             "list": "a list ([a, b])", "tuple": "a list ([a, b])", "dict": "a mapping ({key: value})"}
+"""What a refusal asks for, by the first word of pydantic's error type (int_type, dict_type, ...)."""
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The fields of a config dataclass and their declared types (Annotated kept)."""
+    return typing.get_type_hints(cls, include_extras=True)
+
+
+@functools.cache
+def _adapter(typ: Any) -> TypeAdapter:
+    return TypeAdapter(typ, config=_STRICT)
+
+
+def _plain_type(typ: Any) -> tuple[Any, bool]:
+    """(the type without Annotated and Optional, whether it was Optional)."""
+    if typing.get_origin(typ) is Annotated:
+        typ = typing.get_args(typ)[0]
+    args = typing.get_args(typ)
+    if typing.get_origin(typ) is typing.Union and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return typ, False
+
+
+def _choices(typ: Any) -> Optional[tuple]:
+    typ = _plain_type(typ)[0]
     return typing.get_args(typ) if typing.get_origin(typ) is Literal else None
 
 
@@ -307,123 +369,100 @@ def _choice_error(key: str, val: Any, choices: tuple) -> ConfigError:
     return ConfigError(f"{key}={val!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
 
 
-def _check_choices(obj: Any, prefix: str = "") -> None:
-    """Every `Literal` field of the config tree holds one of its choices (fields set in
-    code rather than through `_set_value` are caught here)."""
+def _as_written(typ: Any, val: Any, raw: Optional[str]) -> Any:
+    """YAML 1.1 reads true/false/on/off/yes/no as booleans and 0123 as a number: a choice
+    field takes the word back (`train.channels_last=no`, `compile: off`), and a plain text
+    field (not a path or pattern, which are Optional) the scalar as written (`raw`, the
+    override's text, else the value's text)."""
+    plain, optional = _plain_type(typ)
+    choices = _choices(plain)
+    if choices and isinstance(val, bool):
+        words = ([str(raw).strip().lower()] if raw is not None else []) + (
+            ["true", "on", "yes"] if val else ["false", "off", "no"])
+        return next((w for w in words if w in choices), val)
+    if plain is str and not optional and isinstance(val, (bool, int, float)):
+        return raw if raw is not None else str(val)
+    return val
+
+
+def _checked(cls: type, name: str, val: Any, key: str, raw: Optional[str] = None) -> Any:
+    """`val` as field `name` of config class `cls` holds it, validated by pydantic against
+    the declared type in strict mode, or a one-line ConfigError naming `key` and the value
+    as given (`raw`, the override's text, when there is one)."""
+    typ = _hints(cls)[name]
+    try:
+        return _adapter(typ).validate_python(_as_written(typ, val, raw))
+    except ValidationError as e:
+        shown = raw if raw is not None else val
+        choices = _choices(typ)
+        if choices:
+            raise _choice_error(key, shown, choices) from None
+        err = e.errors(include_url=False)[0]
+        expected = _EXPECTED.get(err["type"].split("_")[0])
+        raise ConfigError(f"{key} must be {expected}, not {shown!r}" if expected
+                          else f"{key}: {err['msg']}, not {shown!r}") from None
+
+
+def _check_types(obj: Any, prefix: str = "") -> None:
+    """Every field of the config tree holds a value of its type (fields set in code rather
+    than through `_set_field` are caught here)."""
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):
-            _check_choices(v, f"{prefix}{f.name}.")
-            continue
-        choices = _choices(_field_type(obj, f.name))
-        if choices and v not in choices:
-            raise _choice_error(prefix + f.name, v, choices)
+            _check_types(v, f"{prefix}{f.name}.")
+        else:
+            _checked(type(obj), f.name, v, prefix + f.name)
+
+
+def _is_field(obj: Any, name: Any) -> bool:
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type) and name in _hints(type(obj))
 
 
 def _set(obj: Any, dotted: str, raw: str) -> None:
     """Set `a.b.c` from a command-line string (parsed as YAML)."""
     *path, last = dotted.split(".")
     for p in path:
-        if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+        if not _is_field(obj, p):
             raise ConfigError(f"unknown config key {dotted!r}")
         obj = getattr(obj, p)
-    value = _load_yaml(raw, f"override {dotted}={raw}")
+    shown = raw if len(raw) <= 200 else raw[:200] + "..."  # a refusal stays a line one can read
+    value = _load_yaml(raw, f"override {dotted}={shown}")
     if isinstance(obj, dict):  # inside a free-form field, e.g. model.overrides.vision
         obj[last] = value
     else:
-        _set_value(obj, last, value, dotted, raw)
+        _set_field(obj, last, value, dotted, raw)
 
 
 def apply_tree(cfg: Any, tree: dict, prefix: str = "", sources: Optional[dict] = None, origin: str = "") -> None:
     """Set every field of a nested dict (a YAML file, a checkpoint's saved config);
     with `sources`, record `origin` under each dotted key set."""
     for k, v in tree.items():
-        key = f"{prefix}{k}"
-        sub = getattr(cfg, k, None) if dataclasses.is_dataclass(cfg) else None
-        if isinstance(v, dict) and dataclasses.is_dataclass(sub):
-            apply_tree(sub, v, key + ".", sources, origin)
-        else:
-            _set_value(cfg, k, v, key)
-            if sources is not None:
-                sources[key] = origin
+        _set_field(cfg, k, v, f"{prefix}{k}", sources=sources, origin=origin)
 
 
-def _field_type(obj: Any, name: str) -> Any:
-    import typing
-
-    return typing.get_type_hints(type(obj)).get(name)
-
-
-def _set_value(obj: Any, name: str, val: Any, key: str, raw: Any = None) -> None:
+def _set_field(obj: Any, name: Any, val: Any, key: str, raw: Optional[str] = None,
+               sources: Optional[dict] = None, origin: str = "") -> None:
     """The one place a field is set, whether the value came from a YAML file, a
     `key=value` override (`raw`: the text as typed) or a checkpoint's saved config: a
-    section takes a mapping of its fields; any other field the value its declared type
-    allows (`_coerce`). A mapping field is updated, so that `model.overrides.vision=...`
+    section takes a mapping of its fields; any other field a value its declared type
+    allows (`_checked`). A mapping field is updated, so that `model.overrides.vision=...`
     and a later `model.overrides={...}` add up."""
-    if not dataclasses.is_dataclass(obj) or not hasattr(obj, name):
+    if not _is_field(obj, name):
         raise ConfigError(f"unknown config key {key!r}")
     cur = getattr(obj, name)
-    shown = raw if raw is not None else val
     if dataclasses.is_dataclass(cur):
         if not isinstance(val, dict):
-            raise ConfigError(f"{key} is a section: set its fields ({key}.FIELD=VALUE), not {shown!r}")
-        apply_tree(cur, val, key + ".")
+            raise ConfigError(f"{key} is a section: set its fields ({key}.FIELD=VALUE), "
+                              f"not {raw if raw is not None else val!r}")
+        apply_tree(cur, val, key + ".", sources, origin)
         return
-    val = _coerce(_field_type(obj, name), val, key, shown, raw)
+    val = _checked(type(obj), name, val, key, raw)
     if isinstance(cur, dict) and isinstance(val, dict):
         cur.update(val)
     else:
         setattr(obj, name, val)
-
-
-def _coerce(typ: Any, val: Any, key: str, shown: Any, raw: Any = None) -> Any:
-    """`val` (as YAML read it) as a value of the declared type `typ` (Optional[X],
-    Literal choices, bool, int, float, str, list, tuple, dict), or a ConfigError naming
-    `key` and the value as given. Only lossless conversions: an int where a float is
-    declared, a list where a tuple is; YAML 1.1 booleans back to the words of a choice
-    (`train.channels_last=no`), and a plain text field takes a scalar as written."""
-    import typing
-
-    optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
-    if optional:
-        if val is None:
-            return None
-        typ = next(a for a in typing.get_args(typ) if a is not type(None))
-    choices = _choices(typ)
-    if choices:
-        if isinstance(val, bool):  # YAML 1.1 reads true/false/on/off/yes/no as booleans
-            words = ([str(raw).strip().lower()] if raw is not None else []) + (
-                ["true", "on", "yes"] if val else ["false", "off", "no"])
-            val = next((w for w in words if w in choices), str(val).lower())
-        if val not in choices:
-            raise _choice_error(key, shown, choices)
-        return val
-    if typ is bool:
-        if not isinstance(val, bool):
-            raise ConfigError(f"{key} must be true or false, not {shown!r}")
-        return val
-    if typ is int:
-        if isinstance(val, bool) or not isinstance(val, int):
-            raise ConfigError(f"{key} must be an integer, not {shown!r}")
-        return val
-    if typ is float:
-        if isinstance(val, bool) or not isinstance(val, (int, float)):
-            raise ConfigError(f"{key} must be a number, not {shown!r}")
-        return float(val)
-    if typ is str:
-        # a path or pattern (optional fields) must be text; a plain text field takes the word as written
-        if val is None or isinstance(val, (dict, list, tuple)) or (optional and not isinstance(val, str)):
-            raise ConfigError(f"{key} must be text, not {shown!r}")
-        return val if isinstance(val, str) else str(shown)
-    if typ in (list, tuple):
-        if not isinstance(val, (list, tuple)):
-            raise ConfigError(f"{key} must be a list ([a, b]), not {shown!r}")
-        return typ(val)
-    if typ is dict:
-        if not isinstance(val, dict):
-            raise ConfigError(f"{key} must be a mapping ({{key: value}}), not {shown!r}")
-        return dict(val)
-    raise TypeError(f"config field {key}: no rule for its type {typ!r}")  # a field added with a new kind of type
+    if sources is not None:
+        sources[key] = origin
 
 
 def resolve_config(config_file: Optional[str], overrides: Sequence[str] = (),
