@@ -94,10 +94,6 @@ def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp", doc: Optiona
         if args.print_config:
             print(describe_config(cfg, sources))
             return 0
-        if cfg.train.engine == "deepspeed" and cfg.train.deepspeed_config:
-            from phoclip_train.ds_engine import check_ds_precision
-
-            check_ds_precision(cfg.train.deepspeed_config, cfg)  # before anything is built
     except ConfigError as e:
         return _refuse(f"bad configuration: {one_line(e)}")
     run = run_training

@@ -35,6 +35,7 @@ from phoclip_train.build import (RunData, auto_precision, build_data, build_engi
 from phoclip_train.checkpointer import Checkpointer, rng_state, set_rng_state
 from phoclip_train.config import ConfigError, RunConfig, save_config
 from phoclip_train.distributed import DistInfo
+from phoclip_train.ds_config import decide_ds_precision
 from phoclip_train.engine import Engine, precision_dtype
 from phoclip_train.metrics import RunLogger
 from phoclip_train.step import InputPrep, NonFiniteCounter
@@ -382,27 +383,34 @@ class Run:
 
 def decide_settings(cfg: RunConfig, dist: DistInfo) -> RunConfig:
     """A copy of `cfg` with the derived settings resolved (accumulation from
-    data.global_batch_size, precision 'auto'); the caller's config is left as given."""
+    data.global_batch_size; precision 'auto': the DeepSpeed JSON's, else the device's
+    best; a DeepSpeed JSON of another precision refused); the caller's config is left as
+    given. Decided from the config, the files it names and the device alone, before
+    anything is built."""
     cfg = copy.deepcopy(cfg)
     t = cfg.train
     t.accum_steps = cfg.accum_steps_for(dist.world_size)  # data.global_batch_size, when set
-    if t.precision == "auto" and t.engine != "deepspeed":  # DeepSpeed: its JSON decides (ds_engine)
+    if t.engine == "deepspeed" and t.deepspeed_config:
+        t.precision = decide_ds_precision(t.deepspeed_config, t.precision)
+    elif t.precision == "auto":
         t.precision = auto_precision(dist.device)
     return cfg
 
 
 def build_run(cfg: RunConfig, dist: DistInfo) -> Run:
-    """Every part of a run, in order: the run folder claimed (lock, a fresh run never on
-    old checkpoints), data checked before any model, seeds, model, engine, loss, stream,
+    """Every part of a run, in order: the derived settings decided (a refusal there
+    leaves no trace), the run folder claimed (lock, a fresh run never on old
+    checkpoints), data checked before any model, seeds, model, engine, loss, stream,
     checkpointer, metrics, evaluator; then the newest checkpoint restored. A refusal on
     the way releases the run folder's lock."""
     cfg.validate(dist.world_size)
+    cfg = decide_settings(cfg, dist)
     run_dir = Path(cfg.run_dir)
     lock = RunLock(run_dir)
     try:
         if dist.is_main:
             claim_run_dir(lock, run_dir, cfg)
-        return _build(decide_settings(cfg, dist), dist, lock)
+        return _build(cfg, dist, lock)
     except BaseException:
         lock.release()
         raise
@@ -443,7 +451,7 @@ def _build(cfg: RunConfig, dist: DistInfo, lock: RunLock) -> Run:
                 "machine: a few minutes the first time, cached in TORCH_EXTENSIONS_DIR)"
                 if t.engine == "deepspeed" and dist.device.type == "cpu" else "")
     channels_last = wants_channels_last(cfg, dist.device)
-    engine = build_engine(cfg, dist, model)  # DeepSpeed resolves precision 'auto' from its JSON here
+    engine = build_engine(cfg, dist, model)
     settings = Settings(precision=t.precision, channels_last=channels_last, compile=t.compile,
                         accum_steps=t.accum_steps, max_positions=text_positions(get_model_config(cfg.model.name)),
                         skips_on_device=engine.skips_on_device, sync_every=t.sync_every)
