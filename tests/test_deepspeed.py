@@ -252,7 +252,7 @@ def test_ds_json_disagreeing_with_run_config_refused(shapes_shards, tmp_path):
     assert rc == 2, log[-3000:]
     assert "train_micro_batch_size_per_gpu=5 disagrees" in log
     from phoclip_train.config import ConfigError, resolve_config
-    from phoclip_train.ds_engine import resolve_ds_config
+    from phoclip_train.ds_config import resolve_ds_config
 
     cfg = resolve_config(None, ["train.precision=fp32", "data.train_shards=x"])
     with pytest.raises(ConfigError, match="trains in bf16"):
@@ -283,7 +283,8 @@ def test_deepspeed_state_fingerprint_and_stage_change_refused(tmp_path):
     from types import SimpleNamespace
 
     from phoclip.errors import CheckpointError
-    from phoclip_train.ds_engine import DeepSpeedEngine, compare_summaries
+    from phoclip_train.ds_engine import DeepSpeedEngine
+    from phoclip_train.ds_state import compare_summaries
 
     saved = {"params": {"w": {"fp32": [4.0, 1.5], "exp_avg": [0.25, -0.1]}}, "numel": {"w": 8},
              "buffers": {"bn.running_var": [8.0, 2.0]}, "step": [8.0, 8.0],
