@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from phoclip.data.synthetic import make_dataset
+from phoclip.data.text import UndertheseaSegmenter, build_phobert_tokenizer
 from phoclip_cli.common import HelpFormatter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,9 +41,6 @@ def main(argv=None) -> int:
     out.mkdir(parents=True)
 
     # 1. the dataset, in Flickr8k-vi's published format
-    from phoclip.data.synthetic import make_dataset
-    from phoclip.data.text import UndertheseaSegmenter, build_phobert_tokenizer
-
     caps = make_dataset(out / "data", n_images=args.images)
     print(f"dataset: {args.images} images, captions in {caps}")
     # 2. a PhoBERT-format tokenizer over the dataset's own (segmented) vocabulary
@@ -73,7 +72,7 @@ def main(argv=None) -> int:
     run([PY, "launch/search.py", "--index", str(out / "index"), QUERY, "--k", "5",
          "--html", str(out / "search.html")])
     res = json.loads((out / "eval.json").read_text())
-    from phoclip.evaluation.retrieval import chance_recall
+    from phoclip.evaluation.retrieval import chance_recall  # lazy: imports torch (~2 s); --help answers without it
 
     n = int(res["n_images"])
     print("\n=== PhoCLIP demo: recall on held-out images (percent) ===")

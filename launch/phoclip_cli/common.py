@@ -1,13 +1,18 @@
 """What every command shares: a help formatter that shows defaults and keeps the
 description's layout, and the refusal that torchrun reports as the root cause.
 
-Nothing heavy is imported here: `--help` must answer before torch is loaded."""
+Nothing heavy is imported here (no torch): `--help` must answer at once."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
+
+from phoclip.data.text import strip_controls
+from phoclip.errors import one_line
+from phoclip.fileio import read_regular
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -50,8 +55,6 @@ def record_refusal(message: str, exit_code: int = 2) -> None:
 def read_lines(path: str, max_bytes: int = 1 << 20) -> list[str]:
     """The non-blank lines of a small UTF-8 text file someone hands a command (tags,
     labels): a regular file under `max_bytes`, else a one-line refusal naming it."""
-    from phoclip.fileio import read_regular
-
     try:
         text = read_regular(path, max_bytes).decode("utf-8")
     except UnicodeDecodeError:
@@ -62,11 +65,6 @@ def read_lines(path: str, max_bytes: int = 1 << 20) -> list[str]:
 def refuse(prog: str, error: BaseException) -> int:
     """An expected error of command `prog`: one line on stderr (and in torchrun's error
     file), exit status 2. Every command ends its refusals here."""
-    import sys
-
-    from phoclip.errors import one_line
-    from phoclip.data.text import strip_controls
-
     msg = strip_controls(one_line(error))  # a file name or caption from outside: no terminal controls
     print(f"{prog}: {msg}", file=sys.stderr)
     record_refusal(msg)

@@ -19,6 +19,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
+from phoclip.data.catalog import check_shards_fit, expand_urls
+from phoclip.data.datasets import SourceSpec, read_source
+from phoclip.data.text import load_tokenizer
+from phoclip.errors import EXPECTED_ERRORS
+from phoclip.fileio import atomic_write_json
+from phoclip.log import init_logger
+from phoclip.models.loading import load_encoder
 from phoclip_cli.common import HelpFormatter, refuse
 
 # the benchmark results shipped beside the launch scripts
@@ -51,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate_benchmark(args: argparse.Namespace, model, tok_name: str, size: int, info) -> dict:
     """Recall on a published split straight from its annotation file (see the module doc)."""
-    from phoclip.evaluation.benchmarks import benchmark_samples, reference_rows
-    from phoclip.evaluation.retrieval import embed_samples, gather_counts, gather_embeddings, retrieval_metrics
-    from phoclip.data.datasets import SourceSpec, read_source
+    from phoclip.evaluation.benchmarks import benchmark_samples, reference_rows  # lazy: imports torch (~2 s)
+    from phoclip.evaluation.retrieval import (embed_samples, gather_counts, gather_embeddings,  # lazy: imports torch
+                                              retrieval_metrics)
 
     skipped: Counter = Counter()
     spec = SourceSpec.parse(args.benchmark)
@@ -77,15 +84,10 @@ def evaluate_benchmark(args: argparse.Namespace, model, tok_name: str, size: int
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Evaluate, print the table and write the results JSON; 2 with one line when refused."""
     args = build_parser().parse_args(argv)
-    from phoclip.errors import EXPECTED_ERRORS
-    from phoclip.evaluation.benchmarks import format_references, format_table, source_slug
-    from phoclip.fileio import atomic_write_json
-    from phoclip.log import init_logger
-    from phoclip.evaluation.retrieval import evaluate_shards
-    from phoclip.data.catalog import check_shards_fit, expand_urls
-    from phoclip.data.text import load_tokenizer
-    from phoclip_cli.distributed import cleanup, init_distributed, launcher_rank
-    from phoclip.models.loading import load_encoder
+    # torch takes about 2 s to import: --help (answered above) must not wait for it
+    from phoclip.evaluation.benchmarks import format_references, format_table, source_slug  # lazy: imports torch
+    from phoclip.evaluation.retrieval import evaluate_shards  # lazy: imports torch
+    from phoclip_cli.distributed import cleanup, init_distributed, launcher_rank  # lazy: imports torch
 
     init_logger(rank=launcher_rank())
     out = Path(args.out) if args.out else Path(args.model) / f"eval-{source_slug(args.benchmark, args.shards, args.split)}.json"

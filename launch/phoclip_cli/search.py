@@ -16,6 +16,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from phoclip.data.images import BadImage, read_image_file
+from phoclip.data.text import strip_controls
+from phoclip.errors import EXPECTED_ERRORS
+from phoclip.log import init_logger
+from phoclip.models.loading import load_encoder
 from phoclip_cli.common import HelpFormatter, read_lines, refuse
 
 logger = logging.getLogger("search")
@@ -45,9 +50,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Search and print the results (a table, or JSON); 2 with one line when refused."""
     p = build_parser()
     args = p.parse_args(argv)
-    from phoclip.errors import EXPECTED_ERRORS
-    from phoclip.log import init_logger
-
     init_logger()
     if not (args.queries or args.image or args.tags):
         p.error("give a query, --image or --tags")
@@ -61,13 +63,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from phoclip.search.gallery import write_gallery
-    from phoclip.data.images import BadImage, read_image_file
-    from phoclip.search.index import EmbeddingIndex
-    from phoclip.search.query import (DEFAULT_TEMPLATES, find_captions, find_matches, query_processor, zero_shot_accuracy,
-                                zero_shot_tags)
-    from phoclip.data.text import strip_controls
-    from phoclip.models.loading import load_encoder
+    from phoclip.search.gallery import write_gallery  # lazy: imports torch (~2 s); --help answers without it
+    from phoclip.search.index import EmbeddingIndex  # lazy: imports torch (~2 s); --help answers without it
+    from phoclip.search.query import (DEFAULT_TEMPLATES, find_captions, find_matches,  # lazy: imports torch (~2 s)
+                                      query_processor, zero_shot_accuracy, zero_shot_tags)
 
     index = EmbeddingIndex(args.index)
     if not args.model and index.model_found_via is None:
@@ -142,8 +141,6 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _shown(x) -> str:
-    from phoclip.data.text import strip_controls
-
     return strip_controls(str(x if x is not None else "")).replace("\n", " ").replace("\t", " ")
 
 
