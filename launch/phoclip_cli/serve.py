@@ -1,7 +1,13 @@
-"""A search service over an index: a JSON API and a Vietnamese search page.
+"""A search service over one or more indices: a JSON API, a Vietnamese search page, and
+clip-retrieval's back-end API (its page and its Python client work against it unchanged).
 
     python launch/serve.py --index index/ [--model runs/exp1] --host 127.0.0.1 --port 8080
+    python launch/serve.py --index vi=idx_vi/ --index news=idx_news/    # several, by name
     open http://127.0.0.1:8080/
+
+An index that changes on disk (an add, a rebuild) is served within --reload-every
+seconds, without a restart; one that then fails to open is logged and the old version
+keeps serving.
 
 The model and the index are loaded once (GPU when present; `--backend onnx` runs the
 encoders on onnxruntime) and probed: a model whose embeddings do not fit the index is
@@ -29,7 +35,8 @@ logger = logging.getLogger("serve")
 MB = 1 << 20
 # settings given in other units on the command line
 _FLAG_OF = {"max_upload": "--max-upload-mb", "max_decode_bytes": "--max-decode-mb",
-            "max_thumb_source": "--max-thumb-source-mb", "images_roots": "--images-root"}
+            "max_thumb_source": "--max-thumb-source-mb", "images_roots": "--images-root",
+            "image_url_hosts": "--allow-image-url"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         return " ".join((Settings.model_fields[field].description or "").split())
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--index", required=True, help=doc("index"))
+    p.add_argument("--index", required=True, action="append", metavar="[NAME=]PATH",
+                   help="an index folder, or NAME=PATH (repeatable: several named indices, the first the default; "
+                        "a bare folder is named by its folder)")
     p.add_argument("--model", help="a model folder, run folder or checkpoint (default: the model the index was built with)")
     p.add_argument("--host", default=d.host, help="the address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=d.port, help="the port to listen on (0: a free one)")
@@ -66,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "it was built from)")
     p.add_argument("--max-thumb-source-mb", type=float, default=d.max_thumb_source / MB,
                    help="MB read for one thumbnail's source file or shard member (more: 404, logged)")
+    p.add_argument("--allow-image-url", action="append", metavar="HOST",
+                   help="a host (or host:port) whose pictures /knn-service's image_url may fetch (repeatable); "
+                        "by default the service fetches no URL")
+    p.add_argument("--reload-every", type=float, default=d.reload_every, metavar="SECONDS", help=doc("reload_every"))
     for field, kind in (("cpu_jobs", int), ("cpu_queue", int), ("cpu_wait", float), ("header_timeout", float),
                         ("body_timeout", float), ("max_connections", int)):
         p.add_argument("--" + field.replace("_", "-"), type=kind, default=getattr(d, field), help=doc(field))
@@ -89,13 +102,14 @@ def settings_from_args(args: argparse.Namespace):
     from phoclip.serve.settings import Settings
 
     extra = {"tags": read_tags(args.tags)} if args.tags else {}
-    return Settings(index=args.index, model=args.model, backend=args.backend, device=args.device,
+    return Settings(index=tuple(args.index), model=args.model, backend=args.backend, device=args.device,
                     vncorenlp_dir=args.vncorenlp_dir, host=args.host, port=args.port,
                     max_upload=int(args.max_upload_mb * MB), max_decode_bytes=int(args.max_decode_mb * MB),
                     max_thumb_source=int(args.max_thumb_source_mb * MB), images_roots=tuple(args.images_root or ()),
                     cpu_jobs=args.cpu_jobs,
                     cpu_queue=args.cpu_queue, cpu_wait=args.cpu_wait, header_timeout=args.header_timeout,
-                    body_timeout=args.body_timeout, max_connections=args.max_connections, **extra)
+                    body_timeout=args.body_timeout, max_connections=args.max_connections,
+                    image_url_hosts=tuple(args.allow_image_url or ()), reload_every=args.reload_every, **extra)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -127,8 +141,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return refuse("serve", e)
     raise_open_files_limit()
     server = make_server(create_app(service, settings), settings)
-    logger.info("serving %d images of %s on http://%s:%d/ (%s)", len(service.items), Path(settings.index),
-                settings.host, settings.port, settings.backend)
+    first = service.indices.get()
+    logger.info("serving %d images of %s on http://%s:%d/ (%s; indices: %s)", first.count(), Path(first.folder),
+                settings.host, settings.port, settings.backend, ", ".join(service.indices.names()))
     server.run()
     return 0
 

@@ -1,10 +1,12 @@
-"""ASGI guards around the app: request bodies counted as they stream, and the security
-headers every response carries."""
+"""ASGI guards around the app: request bodies counted as they stream, the security
+headers every response carries, and CORS for the routes other origins call."""
 from __future__ import annotations
 
 import json
+from typing import Mapping, Optional, Sequence
 
 from fastapi import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 
 class _BodyTooLarge(HTTPException):
@@ -24,18 +26,20 @@ async def send_error(send, status: int, detail: str, close: bool = False) -> Non
 
 class BodyLimit:
     """Counts a request body as it arrives (Content-Length or chunked) and answers 413,
-    Connection: close, as soon as it is over `max_bytes`: the rest is never read nor
-    spooled. A Content-Length over the cap is refused before the first byte."""
+    Connection: close, as soon as it is over `max_bytes` (`per_path` caps named paths
+    apart): the rest is never read nor spooled. A Content-Length over the cap is refused
+    before the first byte."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, per_path: Optional[Mapping[str, int]] = None) -> None:
+        self.app, self.default, self.per_path = app, max_bytes, dict(per_path or {})
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        cap = self.per_path.get(scope["path"], self.default)
         n = dict(scope["headers"]).get(b"content-length")
-        if n is not None and (not n.isdigit() or int(n) > self.max_bytes):
-            return await send_error(send, 413, f"request body over {self.max_bytes} bytes", close=True)
+        if n is not None and (not n.isdigit() or int(n) > cap):
+            return await send_error(send, 413, f"request body over {cap} bytes", close=True)
         seen = 0
         started = False
 
@@ -44,8 +48,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge(self.max_bytes)  # FastAPI passes HTTPExceptions on as they are
+                if seen > cap:
+                    raise _BodyTooLarge(cap)  # FastAPI passes HTTPExceptions on as they are
             return message
 
         async def sending(message: dict) -> None:
@@ -81,3 +85,18 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, sending)
+
+
+class RouteCors:
+    """CORS (any origin, no credentials, preflight answered) for `paths` only: pages on
+    other origins call clip-retrieval's API; the rest of the service is same-origin."""
+
+    def __init__(self, app, paths: Sequence[str]) -> None:
+        self.app, self.paths = app, frozenset(paths)
+        self.cors = CORSMiddleware(app, allow_origins=["*"], allow_methods=["GET", "POST"], allow_headers=["*"],
+                                   allow_credentials=False, max_age=600)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] in self.paths:
+            return await self.cors(scope, receive, send)
+        await self.app(scope, receive, send)

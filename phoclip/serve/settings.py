@@ -3,11 +3,18 @@ where it is made, and the fixed caps no setting changes."""
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional
+import re
+from pathlib import Path
+from typing import Literal, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_QUERY_CHARS = 512
+MAX_KNN_TEXT = 2048  # clip-retrieval's text: a caption searched again may be longer than a typed query
+MAX_KNN_RESULTS = 10_000  # clip-retrieval's num_result_ids (its page asks 3,000, its download 10,000)
+MAX_METADATA_IDS = 1000  # ids of one /metadata request (its page asks 40 at a time)
+MAX_EMBEDDING_DIM = 8192  # longest embedding_input parsed (then it must equal the index's width)
+MAX_URL_CHARS = 2048
 MAX_UPLOAD_PIXELS = 40_000_000
 MAX_K = 100
 MAX_TAGS = 200
@@ -22,6 +29,37 @@ DEFAULT_TAGS = ("người", "trẻ em", "chó", "mèo", "chim", "ngựa", "xe h�
                 "đồ ăn", "bóng đá", "trong nhà", "ngoài trời", "ban đêm")
 
 
+_HOST = re.compile(r"[A-Za-z0-9.-]{1,253}(:[0-9]{1,5})?")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # an index's name (in URLs and clip-retrieval's indice_name)
+
+
+def named_indices(specs: str | Sequence[str] | Mapping[str, str]) -> dict[str, str]:
+    """{name: folder} from `NAME=PATH` specs or bare paths (named by their folder);
+    refused in one line for a bad or repeated name."""
+    if isinstance(specs, Mapping):
+        pairs = list(specs.items())
+    else:
+        pairs = []
+        for s in [specs] if isinstance(specs, str) else list(specs):
+            name, sep, path = s.partition("=")
+            if sep and NAME.fullmatch(name) and path:
+                pairs.append((name, path))
+            else:  # a bare path, "=" in it or not: named by its folder, spelled as a name
+                folder = re.sub(r"[^A-Za-z0-9._-]", "_", Path(os.path.abspath(s)).name).lstrip("._-")[:64]
+                pairs.append((folder or "index", s))
+    out: dict[str, str] = {}
+    for name, path in pairs:
+        if not NAME.fullmatch(name):
+            raise ValueError(f"index name {name!r}: use letters, digits, '.', '_' or '-' (64 at most), "
+                             "as --index NAME=PATH")
+        if name in out:
+            raise ValueError(f"index name {name!r} given twice ({out[name]}, {path}): name them with --index NAME=PATH")
+        out[name] = path
+    if not out:
+        raise ValueError("no index given")
+    return out
+
+
 def _cpu_jobs() -> int:
     return max(2, min(4, os.cpu_count() or 1))
 
@@ -32,8 +70,9 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
-    index: str = ""
-    """an index folder (launch/build_index.py)"""
+    index: tuple[str, ...] = ()
+    """the indices served: NAME=PATH (repeatable) or a bare index folder (named by its
+    folder); the first is the default of every route"""
     model: Optional[str] = None
     """the model folder; default: the model the index was built with"""
     backend: Literal["torch", "onnx"] = "torch"
@@ -72,6 +111,32 @@ class Settings(BaseModel):
     """seconds from a request's head to the end of its body"""
     max_connections: int = Field(1024, ge=1)
     """open connections; past it the one waiting longest for a request head is closed"""
+    image_url_hosts: tuple[str, ...] = ()
+    """hosts /knn-service's image_url may fetch from ("name" or "name:port"); none: the
+    service fetches no URL"""
+    reload_every: float = Field(5.0, ge=0)
+    """seconds between checks for a changed index (an add or a rebuild), served without a
+    restart; 0: never reloaded"""
+
+    @field_validator("index", mode="before")
+    @classmethod
+    def _one_or_more(cls, v):
+        return (v,) if isinstance(v, str) and v else () if v == "" else v
+
+    @field_validator("index")
+    @classmethod
+    def _names(cls, specs: tuple[str, ...]) -> tuple[str, ...]:
+        if specs:
+            named_indices(specs)  # a bad or repeated name refused here, naming the flag
+        return specs
+
+    @field_validator("image_url_hosts")
+    @classmethod
+    def _hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [h for h in hosts if not _HOST.fullmatch(h)]
+        if bad:
+            raise ValueError(f"not a host name or host:port: {', '.join(bad)}")
+        return hosts
 
     @field_validator("images_roots")
     @classmethod
