@@ -10,14 +10,14 @@ from conftest import launch_main, train_main, train_overrides
 
 def test_export_command_answers_help_at_once_and_documents_every_flag():
     """`python launch/export_model.py --help` parses before any heavy import; the
-    command's parser (phoclip_train.export.build_parser, behind phoclip-export) has help
+    command's parser (phoclip_cli.export.build_parser, behind phoclip-export) has help
     text for every argument."""
     import subprocess
     import sys
     import time
 
     from conftest import ROOT
-    from phoclip_train.export import build_parser
+    from phoclip_cli.export import build_parser
 
     t = time.monotonic()
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "export_model.py"), "--help"], capture_output=True,

@@ -64,7 +64,7 @@ def _main(capsys, script, *args, ok=True, stdout_only=False):
     if script == "make_shards":
         try:
             rc = run_make_shards(list(args))
-        except SystemExit as e:  # its refusals leave through sys.exit(message)
+        except SystemExit as e:  # argparse's usage errors (a refusal returns 2)
             rc, msg = (e.code, "") if isinstance(e.code, int) else (1, str(e.code))
             out = capsys.readouterr()
             return rc, out.out + out.err + msg

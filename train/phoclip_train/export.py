@@ -10,13 +10,10 @@ training code). Export may use the training package: a checkpoint written before
 recorded their model config is rebuilt here from its run config."""
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import shutil
-import sys
 from pathlib import Path
-from typing import Optional, Sequence
 
 from phoclip.errors import CheckpointError
 from phoclip.models.loading import NotAModelFolder, check_model_config, model_folder, model_from_checkpoint
@@ -101,38 +98,3 @@ def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> Path:
     if fmt == "onnx":
         logger.info("ONNX towers written to %s (checked against PyTorch)", export_onnx(load_model(out), out))
     return out
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The export command's arguments (no heavy imports: --help answers at once)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint folder (runs/NAME/checkpoints/step_N), a run folder (its "
-                                      "exported model, else its newest checkpoint that verifies) or a model folder")
-    p.add_argument("out", help="the model folder to write (may be the model folder itself with --format onnx)")
-    p.add_argument("--format", choices=FORMATS, default="safetensors",
-                   help="onnx: also both towers as ONNX (dynamic batch and length) in OUT/onnx/, "
-                        "checked against PyTorch")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`phoclip-export` / `python launch/export_model.py`: 0 on success, 2 with a one-line
-    message for a refused input."""
-    args = build_parser().parse_args(argv)
-    from phoclip.errors import EXPECTED_ERRORS, one_line
-    from phoclip.log import init_logger
-
-    init_logger()
-    try:
-        out = export(args.checkpoint, args.out, args.format)
-    except EXPECTED_ERRORS as e:
-        print(f"export: {one_line(e)}", file=sys.stderr)
-        return 2
-    if args.format == "onnx":
-        print(f"ONNX towers written to {out / 'onnx'} (checked against PyTorch)")
-    print(f"model written to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
