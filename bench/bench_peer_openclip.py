@@ -94,7 +94,7 @@ def main() -> None:
     from bench_text_padding import caption_lengths, make_ids
 
     from phoclip.data.transforms import normalize_images
-    from phoclip.models.clip import get_model_config
+    from phoclip.models.factory import get_model_config
     from phoclip_train.config import resolve_config
     from phoclip_train.distributed import DistInfo
     from phoclip_train.trainer import Trainer

@@ -68,7 +68,7 @@ def text_modes(ids: torch.Tensor, lengths: np.ndarray, batch: int, steps: int, b
                vocab: int) -> dict:
     """name -> [(ids, packing)] per step: the same captions in every mode but flat."""
     from phoclip.data.stream import group_by_length
-    from phoclip.models.clip import pack_captions, trim_padding
+    from phoclip.models.packing import pack_captions, trim_padding
 
     plain = [ids[i * batch:(i + 1) * batch] for i in range(steps)]
     trimmed = [trim_padding(x, 1, 8) for x in plain]

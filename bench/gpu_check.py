@@ -308,7 +308,7 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
 
     from phoclip.data.stream import group_by_length
     from phoclip.data.transforms import normalize_images
-    from phoclip.models.clip import trim_padding
+    from phoclip.models.packing import trim_padding
     from phoclip_train.config import resolve_config
     from phoclip_train.distributed import DistInfo
     from phoclip_train.build import compile_stats
@@ -370,7 +370,7 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
             torch.cuda.empty_cache()
         try:  # the peer: open_clip's model config and step, same towers, padded ids
             from common import PHOBERT_LARGE as PL
-            from phoclip.models.clip import get_model_config
+            from phoclip.models.factory import get_model_config
 
             text = dict(get_model_config("tiny-debug")["text"]["hf_config"], vocab_size=vocab) if smoke else dict(PL)
             peer = openclip_model(work / f"oc_{b}", text, "test_resnet" if smoke else "resnet50", size, 64 if smoke else 512)

@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 
 __all__ = ["load", "PhoCLIPModel", "create_model", "list_models", "load_model", "PhoCLIP", "__version__"]
 
-_FROM = {"load": "models.api", "PhoCLIPModel": "models.api", "create_model": "models.clip",
-         "list_models": "models.clip", "load_model": "models.clip", "PhoCLIP": "models.clip"}
+_FROM = {"load": "models.api", "PhoCLIPModel": "models.api", "create_model": "models.factory",
+         "list_models": "models.factory", "load_model": "models.factory", "PhoCLIP": "models.clip"}
 
 
 def __getattr__(name):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from phoclip.errors import SetupError
+from phoclip.fileio import read_regular
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +78,6 @@ class RunLock:
                                  "remove it if no job is using this folder")
 
     def _holder(self) -> Optional[dict]:
-        from phoclip.fileio import read_regular
-
         try:
             h = json.loads(read_regular(self.path, MAX_LOCK_BYTES, follow_links=False))
         except FileNotFoundError:

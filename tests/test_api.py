@@ -13,7 +13,7 @@ import phoclip
 
 
 def _tiny_model(vocab: int = 64, seed: int = 0):
-    from phoclip.models.clip import create_model
+    from phoclip.models.factory import create_model
 
     torch.manual_seed(seed)
     return create_model("tiny-debug", text={"hf_config": {"vocab_size": vocab}, "segmenter": "none"}).eval()
@@ -109,7 +109,7 @@ def test_a_file_that_is_not_an_image_is_refused_naming_it(model_dir, tmp_path):
 def test_model_folder_run_folder_and_checkpoint_load_the_same_model(model_dir, tiny_tokenizer_dir, tmp_path, photos):
     """One call for every kind of saved model: an exported folder, a run folder (its
     model/, else its newest checkpoint that verifies), a checkpoint folder."""
-    from phoclip.models.clip import model_fingerprint
+    from phoclip.models.pretrained import model_fingerprint
 
     exported = phoclip.load(model_dir, device="cpu")
     run = tmp_path / "run"
@@ -297,7 +297,7 @@ def test_a_zero_checkpoint_loads_as_the_trained_model(shapes_shards, tmp_path, s
     BatchNorm statistics from the module state) loads through phoclip.load, without
     training code, as the model the run exported at its end."""
     from conftest import ROOT, run_torchrun, train_overrides
-    from phoclip.models.clip import model_fingerprint
+    from phoclip.models.pretrained import model_fingerprint
 
     shards, tok, n = shapes_shards
     ds_json = json.loads((ROOT / "launch" / "deepspeed" / f"zero{stage}_bf16.json").read_text())

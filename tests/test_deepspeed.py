@@ -203,7 +203,7 @@ def test_zero_checkpoint_exports_the_trained_model(zero_runs, shapes_shards, tmp
     validation: the exported model is the trained one."""
     from safetensors.torch import load_file
 
-    from phoclip.models.clip import load_model
+    from phoclip.models.factory import load_model
 
     run = zero_runs(stage)["ref"]
     w = load_file(str(run / "model" / "model.safetensors"))

@@ -54,7 +54,7 @@ def test_a_run_folder_without_an_export_exports_its_newest_verified_checkpoint(t
     import shutil
 
     import phoclip
-    from phoclip.models.clip import model_fingerprint
+    from phoclip.models.pretrained import model_fingerprint
 
     run = tmp_path / "run"
     shutil.copytree(trained, run, ignore=shutil.ignore_patterns("model", "tensorboard"))
@@ -70,7 +70,7 @@ def test_a_run_folder_without_an_export_exports_its_newest_verified_checkpoint(t
 @slow
 def test_every_export_path_writes_a_model_card_and_from_pretrained_loads_it(trained, tmp_path, cli):
     import phoclip
-    from phoclip.models.clip import model_fingerprint
+    from phoclip.models.pretrained import model_fingerprint
 
     cli("export_model", trained / "checkpoints" / "step_00000004", tmp_path / "exported")
     for folder in (trained / "model", tmp_path / "exported"):
@@ -91,7 +91,7 @@ def test_every_export_path_writes_a_model_card_and_from_pretrained_loads_it(trai
 @slow
 def test_onnx_towers_match_pytorch_and_search_runs_on_onnxruntime(trained, shapes_shards, tmp_path, cli):
     import phoclip
-    from phoclip.models.clip import model_fingerprint
+    from phoclip.models.pretrained import model_fingerprint
     from phoclip.models.onnx import OnnxModel
 
     out = tmp_path / "onnx_model"

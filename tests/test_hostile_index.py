@@ -242,7 +242,7 @@ def service_env(built, tmp_path_factory):
     (a 'secret' file), one a link inside the index folder to the secret, one in a
     compressed shard."""
     from phoclip.search.index import write_index
-    from phoclip.models.clip import load_model
+    from phoclip.models.factory import load_model
     from phoclip.serve import Service
 
     d = tmp_path_factory.mktemp("served")

@@ -38,7 +38,7 @@ def tiny(tmp_path_factory):
 def _copy_folder(src: Path, dst: Path, edit=None) -> Path:
     import shutil
 
-    from phoclip.models.clip import CONFIG_NAME
+    from phoclip.models.pretrained import CONFIG_NAME
 
     shutil.copytree(src, dst)
     if edit is not None:
@@ -260,7 +260,7 @@ def test_model_config_sizes_over_their_caps_are_refused_in_one_line(tmp_path, ti
     """An image size of 20000 made serve crash with a PIL DecompressionBombError and
     every embed huge; the other sizes make a model no machine holds."""
     import phoclip
-    from phoclip.models.clip import CONFIG_NAME
+    from phoclip.models.pretrained import CONFIG_NAME
 
     folder = _copy_folder(tiny[1], tmp_path / "m", edit)
     with pytest.raises(ValueError) as e:
@@ -269,8 +269,8 @@ def test_model_config_sizes_over_their_caps_are_refused_in_one_line(tmp_path, ti
 
 
 def test_the_named_model_configs_are_within_the_caps():
-    from phoclip.models.loading import check_model_config
-    from phoclip.models.clip import get_model_config, list_models
+    from phoclip.models.pretrained import check_model_config
+    from phoclip.models.factory import get_model_config, list_models
 
     assert {"phobert-base-rn50", "phobert-large-rn50", "tiny-debug"} <= set(list_models())
     for name in list_models():
@@ -285,7 +285,7 @@ def test_a_serve_of_a_model_with_a_huge_image_size_is_refused_at_start(tmp_path,
     import phoclip
     from conftest import ROOT
     from phoclip.search.index import write_index
-    from phoclip.models.clip import CONFIG_NAME
+    from phoclip.models.pretrained import CONFIG_NAME
     from phoclip.data.text import load_tokenizer
 
     tok = load_tokenizer(str(tiny_tokenizer_dir))
@@ -357,7 +357,7 @@ def test_a_model_folder_loads_offline_whatever_its_config_says_of_pretrained_wei
 def test_a_model_folder_that_cannot_be_built_offline_is_refused_in_one_line(tmp_path, tiny, no_network, edit,
                                                                            message):
     import phoclip
-    from phoclip.models.clip import CONFIG_NAME
+    from phoclip.models.pretrained import CONFIG_NAME
 
     folder = _copy_folder(tiny[1], tmp_path / "m", edit)
     with pytest.raises(ValueError) as e:

@@ -413,7 +413,8 @@ def _checkpoint(folder: Path, meta: dict) -> Path:
 
 
 def _model_folder(folder: Path, edit) -> Path:
-    from phoclip.models.clip import CONFIG_DIR, CONFIG_NAME
+    from phoclip.models.factory import CONFIG_DIR
+    from phoclip.models.pretrained import CONFIG_NAME
 
     cfg = json.loads((CONFIG_DIR / "tiny-debug.json").read_text())
     edit(cfg)

@@ -426,7 +426,7 @@ def test_an_index_whose_files_disagree_is_refused_and_written_whole(tiny_run, sh
 
 
 def test_search_never_prints_terminal_control_characters(tiny_run, tmp_path, capsys):
-    from phoclip.models.clip import load_model
+    from phoclip.models.factory import load_model
     from phoclip.search.index import write_index
 
     model = load_model(tiny_run / "model")

@@ -276,7 +276,7 @@ _LOAD = r"""
 import json, sys, torch
 from pathlib import Path
 import phoclip
-from phoclip.models.clip import create_model
+from phoclip.models.factory import create_model
 from phoclip.data.text import build_phobert_tokenizer, load_tokenizer
 out = Path(sys.argv[1])
 tok = load_tokenizer(str(build_phobert_tokenizer(["một con chó chạy trên bãi cỏ"], out / "tok")))

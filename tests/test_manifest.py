@@ -76,7 +76,7 @@ def test_a_manifest_over_the_size_cap_is_refused_unparsed(tmp_path, monkeypatch)
 def test_text_positions_is_one_rule_for_models_configs_and_hub_names():
     from transformers import RobertaConfig
 
-    from phoclip.models.clip import create_model, get_model_config
+    from phoclip.models.factory import create_model, get_model_config
 
     tiny = get_model_config("tiny-debug")
     assert text_positions(tiny) == 128 and text_pad_id(tiny) == 1
@@ -87,7 +87,7 @@ def test_text_positions_is_one_rule_for_models_configs_and_hub_names():
 
 
 def test_check_fits_refuses_another_tokenizer_pad_or_a_too_short_text_tower(shapes_shards, tmp_path):
-    from phoclip.models.clip import get_model_config
+    from phoclip.models.factory import get_model_config
     from phoclip.data.text import load_tokenizer, tokenizer_fingerprint
 
     shards, tok_dir, n = shapes_shards

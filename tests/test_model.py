@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import phoclip
-from phoclip.models.clip import create_model, load_model, model_fingerprint
+from phoclip.models.factory import create_model, load_model
+from phoclip.models.pretrained import model_fingerprint
 
 # the real towers' shapes, so every named config can be built offline (random weights)
 OFFLINE_TEXT = {

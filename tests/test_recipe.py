@@ -157,7 +157,7 @@ def test_exporting_a_checkpoint_needs_no_pretrained_weights_file(shapes_shards, 
     import torch
     from safetensors.torch import save_file
 
-    from phoclip.models.clip import load_model
+    from phoclip.models.factory import load_model
 
     shards, tok, n = shapes_shards
     w = tmp_path / "test_resnet.safetensors"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from phoclip.models.loss import ClipLoss
-from phoclip.models.clip import create_model
+from phoclip.models.factory import create_model
 from phoclip_train.build import build_optimizer
 from phoclip_train.config import OptimConfig
 from phoclip_train.engine import DDPEngine
@@ -191,7 +191,7 @@ def test_trimmed_inputs_give_the_padded_step():
 def test_channels_last_is_a_layout_not_another_model(tmp_path):
     """train.channels_last changes memory strides only: the same losses from the same
     weights and batches, and the saved weights load back exactly."""
-    from phoclip.models.clip import load_model
+    from phoclip.models.factory import load_model
 
     b = [batch(seed=s) for s in (1, 2, 3)]
     losses = {}

@@ -9,7 +9,8 @@ import torch
 
 from dist_utils import run_distributed
 from phoclip.models.loss import ClipLoss
-from phoclip.models.clip import create_model, pack_captions, trim_padding
+from phoclip.models.factory import create_model
+from phoclip.models.packing import pack_captions, trim_padding
 
 PAD = 1
 

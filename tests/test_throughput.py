@@ -12,7 +12,8 @@ import torch
 
 from conftest import train_overrides
 from phoclip.models.loss import ClipLoss
-from phoclip.models.clip import create_model, trim_padding
+from phoclip.models.factory import create_model
+from phoclip.models.packing import trim_padding
 from phoclip_train.config import resolve_config
 from phoclip_train.distributed import DistInfo
 from phoclip_train.trainer import Trainer

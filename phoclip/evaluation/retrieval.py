@@ -13,7 +13,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from phoclip.models.clip import trim_padding
+from phoclip.models.packing import trim_padding
 from phoclip.data.samples import decode_counted
 from phoclip.data.tar import read_shards
 from phoclip.data.transforms import image_to_tensor

@@ -19,7 +19,9 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from phoclip.data.images import BadImage, read_image_file
 from phoclip.models.loading import Loaded, load_encoder
+from phoclip.search import query
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +67,6 @@ class PhoCLIPModel:
         """Queries prepared as the training captions were (built on first use: a
         segmenter such as VnCoreNLP takes seconds to start)."""
         if self._processor is None:
-            from phoclip.search.query import query_processor
-
             if not self.tokenizer_path:
                 raise ValueError(f"{self.path}: the model records no tokenizer (a tokenizer/ folder or "
                                  "text.tokenizer in its config): texts cannot be prepared")
@@ -74,32 +74,28 @@ class PhoCLIPModel:
                 raise ValueError(f"{self.path}: the model does not record which segmenter its captions were "
                                  "made with (exported before that was recorded): pass phoclip.load(..., "
                                  "segmenter=NAME), the one its shards' manifest.json names")
-            self._processor = query_processor(self.module, self.tokenizer_path, self._segmenter, self._vncorenlp_dir)
+            self._processor = query.query_processor(self.module, self.tokenizer_path, self._segmenter, self._vncorenlp_dir)
         return self._processor
 
     def embed_images(self, images: Union[ImageLike, Sequence[ImageLike]], batch_size: int = 32) -> torch.Tensor:
         """[n, embed_dim] L2-normalised float32 (on the CPU) for image files or PIL images.
         A file that is not a decodable image is refused: ValueError naming it."""
-        from phoclip.search.query import embed_images
-
         items = [images] if isinstance(images, (str, os.PathLike)) or hasattr(images, "mode") else list(images)
 
         def run(chunk):
-            return embed_images(self.module, [_open_image(x) for x in chunk], self.image_size, self.device)
+            return query.embed_images(self.module, [_open_image(x) for x in chunk], self.image_size, self.device)
 
         return self._batched(items, batch_size, run, "images")
 
     def embed_texts(self, texts: Union[str, Sequence[str]], batch_size: int = 256) -> torch.Tensor:
         """[n, embed_dim] L2-normalised float32 (on the CPU) for raw Vietnamese texts: NFC,
         word segmentation and tokenisation as the model was trained."""
-        from phoclip.search.query import embed_texts
-
         items = [texts] if isinstance(texts, str) else list(texts)
         bad = next((type(t).__name__ for t in items if not isinstance(t, str)), None)
         if bad:
             raise TypeError(f"embed_texts takes strings, got a {bad}")
         proc = self.text_processor
-        return self._batched(items, batch_size, lambda chunk: embed_texts(self.module, proc, chunk, self.device), "texts")
+        return self._batched(items, batch_size, lambda chunk: query.embed_texts(self.module, proc, chunk, self.device), "texts")
 
     @staticmethod
     def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -128,8 +124,6 @@ def _open_image(x: Any):
     """A PIL image as given, or a file decoded safely (caps on bytes and pixels)."""
     if hasattr(x, "mode") and hasattr(x, "convert"):
         return x
-    from phoclip.data.images import BadImage, read_image_file
-
     try:
         return read_image_file(x)
     except BadImage as e:

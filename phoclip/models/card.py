@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from phoclip.fileio import atomic_write_bytes, read_regular
+
 CURVES_NAME = "curves.png"
 
 # The five lines of the Python API (phoclip.load), as README.md shows them, and a batch
@@ -36,8 +38,6 @@ def attach_curves(folder: str | os.PathLike, curves_png: str | os.PathLike) -> s
     atomically, as `curves.png`; returns the name for `model_card(curves=...)`. A file
     that is not a regular PNG is refused (ValueError naming it), so a card never links a
     picture that is not there."""
-    from phoclip.fileio import atomic_write_bytes, read_regular
-
     data = read_regular(curves_png, max_bytes=64 << 20)
     if not data.startswith(b"\x89PNG\r\n\x1a\n"):
         raise ValueError(f"{curves_png}: not a PNG image; not attached to the model card")

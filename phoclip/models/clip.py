@@ -2,29 +2,26 @@
 projection head into one shared space, and a learnable temperature.
 
 The model is pure: no ranks, no launcher state. Parallelism is the trainer's job.
+Captions are packed for the text tower in `packing`, a model is saved and read back
+through `pretrained`, and built by name in `factory`.
 """
 from __future__ import annotations
 
-import bisect
 import copy
-import hashlib
-import json
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from phoclip.models.packing import POSITION_STYLES, TextPacking, pack_captions
+from phoclip.models.pretrained import load_pretrained, save_pretrained
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "phoclip_config.json"
+logger = logging.getLogger(__name__)
 
 
 class ProjectionHead(nn.Module):
@@ -44,32 +41,6 @@ class ProjectionHead(nn.Module):
         projected = self.projection(x)
         x = self.dropout(self.fc(self.act(projected)))
         return self.norm(x + projected)
-
-
-def _deep_update(base: dict, upd: dict) -> dict:
-    for k, v in upd.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
-        else:
-            base[k] = v
-    return base
-
-
-def list_models() -> list[str]:
-    """Names of the built-in architecture configs."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
-
-
-def get_model_config(name: str) -> dict:
-    """The architecture config by built-in name or path to a JSON file."""
-    p = Path(name)
-    if p.suffix == ".json" and p.is_file():
-        return json.loads(p.read_text())
-    f = CONFIG_DIR / f"{name}.json"
-    if not f.is_file():
-        raise ValueError(f"unknown model {name!r}; built-in models: {', '.join(list_models())} "
-                         "(or pass a path to a JSON config)")
-    return json.loads(f.read_text())
 
 
 def _build_image_tower(cfg: dict) -> nn.Module:
@@ -133,104 +104,6 @@ def _load_text_tower(cfg: dict, attn: str) -> nn.Module:
         raise RuntimeError(
             f"cannot load text encoder {name!r}: {e}\nPass text.hf_model=/local/folder (made by "
             "save_pretrained or a hub snapshot) on a machine without hub access.") from e
-
-
-def trim_padding(input_ids: torch.Tensor, pad_id: int, multiple_of: int = 1) -> torch.Tensor:
-    """Drop the columns after the batch's longest caption (rounded up to `multiple_of`,
-    never past the original width). Exact: pads are masked out of attention and
-    pooling, and RoBERTa's position ids count only non-pad tokens, so every caption's
-    embedding is the same as with the padded batch. Call it on the CPU ids, before the
-    copy to the device: on a GPU tensor finding the width would be a host sync."""
-    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-        return input_ids
-    used = (input_ids != pad_id).any(0).nonzero()
-    n = int(used.max()) + 1 if used.numel() else 1
-    if multiple_of > 1:
-        n = -(-n // multiple_of) * multiple_of
-    n = min(n, input_ids.shape[1])
-    return input_ids if n == input_ids.shape[1] else input_ids[:, :n]
-
-
-# how a tower numbers the positions of a padded row: RoBERTa-style counts the real tokens
-# after the padding index (pads get the padding index), BERT-style numbers every slot from 0
-POSITION_STYLES = {"roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta", "bert": "bert"}
-
-
-class TextPacking(NamedTuple):
-    """A batch's captions packed end to end into rows (`pack_captions`)."""
-
-    ids: torch.Tensor        # [R, P] token ids; pad where a row has room left
-    positions: torch.Tensor  # [R, P] each token's position id, as in its padded row
-    segments: torch.Tensor   # [R, P] the caption each slot holds; -1: room left
-    gather: torch.Tensor     # [B, Lmax] each caption's real tokens' slots in the flattened rows (R*P: none)
-    lengths: torch.Tensor    # [B] real (non-pad) tokens per caption
-    starts: torch.Tensor     # [B] each caption's first slot in the flattened rows
-
-    def to(self, device, non_blocking: bool = False) -> "TextPacking":
-        return TextPacking(*(t.to(device, non_blocking=non_blocking) for t in self))
-
-    @property
-    def computed_tokens(self) -> int:
-        return self.ids.numel()
-
-
-def pack_captions(input_ids: torch.Tensor, pad_id: int, position_style: str = "roberta",
-                  row_tokens: Optional[int] = None) -> TextPacking:
-    """Pack a batch's captions end to end into rows (best fit, longest first), so one
-    text-tower forward computes about the real tokens instead of every caption at the
-    batch's longest (fill and speed: bench/RESULTS.md, #28). The rows are as wide as
-    the trimmed batch (its longest caption rounded up to 8) unless `row_tokens` is
-    wider: each token's attention then spans no more than it did trimmed (wider rows
-    filled no better).
-
-    Exact: a block-diagonal attention mask keeps each caption's attention on its own
-    real tokens, its position ids are those of its padded row (`position_style`, see
-    POSITION_STYLES), and every other layer works token by token; so each caption's
-    embedding, the loss over the whole batch and every gradient are those of the padded
-    batch (dropout draws its masks in another shape). A pad inside a caption stays what
-    it is in the padded row: never a key, not pooled. Call it on the CPU ids, as
-    trim_padding: it reads the lengths."""
-    if position_style not in ("roberta", "bert"):
-        raise ValueError(f"position_style must be roberta or bert, not {position_style!r}")
-    # numpy, not torch: a few hundred microseconds single-threaded, where torch's small
-    # CPU ops waited on their thread pool for tens of ms on a busy machine
-    x = input_ids.numpy()
-    n, width = x.shape
-    real = x != pad_id
-    span = np.where(real, np.arange(1, width + 1), 0).max(1).clip(min=1)  # up to the last real token
-    L = span.tolist()
-    P = max(row_tokens or 0, -(-max(L) // 8) * 8)
-    row, off = np.zeros(n, np.int64), np.zeros(n, np.int64)
-    rooms, rows = [], 0  # (room left, row), sorted: the first that fits fits best
-    for i in sorted(range(n), key=lambda i: -L[i]):
-        j = bisect.bisect_left(rooms, (L[i], -1))
-        if j == len(rooms):
-            room, r = P, rows
-            rows += 1
-        else:
-            room, r = rooms.pop(j)
-        row[i], off[i] = r, P - room
-        if room > L[i]:
-            bisect.insort(rooms, (room - L[i], r))
-    tok = np.repeat(np.arange(n), span)                              # each token's caption
-    k = np.arange(len(tok)) - np.repeat(np.cumsum(span) - span, span)  # its index in the caption
-    starts = row * P + off
-    dest = starts[tok] + k                                           # its slot
-    ids = np.full(rows * P, pad_id, dtype=x.dtype)
-    ids[dest] = x[tok, k]
-    if position_style == "roberta":  # as create_position_ids_from_input_ids
-        pos, empty = np.where(real, pad_id + np.cumsum(real, 1), pad_id), pad_id
-    else:
-        pos, empty = np.broadcast_to(np.arange(width), (n, width)), 0
-    positions = np.full(rows * P, empty, dtype=np.int64)
-    positions[dest] = pos[tok, k]
-    segments = np.full(rows * P, -1, dtype=np.int64)
-    segments[dest] = tok
-    gather = np.full((n, max(L)), rows * P, dtype=np.int64)
-    gather[tok, k] = np.where(real[tok, k], dest, rows * P)  # pads inside a caption: not pooled
-    t = torch.from_numpy
-    return TextPacking(t(ids).view(rows, P), t(positions).view(rows, P), t(segments).view(rows, P), t(gather),
-                       t(real.sum(1)), t(starts))
 
 
 class PhoCLIP(nn.Module):
@@ -310,6 +183,11 @@ class PhoCLIP(nn.Module):
         # as in its padded row (the room left in a row is one more block of its own, so
         # no row of the mask is empty)
         key = (p.ids != self.pad_id) | (p.segments < 0)
+        # a caption of pads only (one slot) attends to itself: its padded row attends
+        # evenly over pads that are all alike, the same value; with no key at all it
+        # would attend over the whole packed row, other captions included
+        empty = torch.zeros_like(key).view(-1).scatter_(0, p.starts, p.lengths == 0).view_as(key)
+        key = key | empty
         mask = ((p.segments[:, :, None] == p.segments[:, None, :]) & key[:, None, :]).long()
         h = self.text(input_ids=p.ids, attention_mask=mask, position_ids=p.positions).last_hidden_state
         flat = torch.cat([h.reshape(-1, h.shape[-1]), h.new_zeros(1, h.shape[-1])])  # slot R*P: zeros
@@ -383,53 +261,17 @@ class PhoCLIP(nn.Module):
     # ------------------------------------------------------------------ persistence
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> "PhoCLIP":
-        """Load a folder written by `save_pretrained` (`load_model`; for inference with
-        text preparation included, `phoclip.load`)."""
-        return load_model(folder, map_location)
+        """Load a folder written by `save_pretrained` (`phoclip.models.pretrained.load_pretrained`;
+        for inference with text preparation included, `phoclip.load`)."""
+        return load_pretrained(cls, folder, map_location)
 
     def save_pretrained(self, folder: str | os.PathLike, tokenizer=None, training: Optional[dict] = None,
                         data: Optional[dict] = None, evaluation: Optional[dict] = None,
                         curves: Optional[str | os.PathLike] = None) -> Path:
-        """Write config + safetensors weights (+ tokenizer) and a model card (README.md:
-        architecture, text preparation, `training` config, `data` manifest summary,
-        `evaluation` results, the training `curves` PNG when given, how to load): a
-        folder `load_model` reads without any training state or hub access."""
-        from safetensors.torch import save_file
-
-        from phoclip.fileio import atomic_write_json, atomic_write_text
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg = copy.deepcopy(self.config)
-        cfg["vision"]["pretrained"] = False
-        cfg["vision"].pop("weights_file", None)
-        cfg["text"]["pretrained"] = False
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(folder / "tokenizer"))
-            cfg["text"]["tokenizer"] = "tokenizer"
-        sd = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = folder / (WEIGHTS_NAME + ".tmp")
-        save_file(sd, str(tmp))
-        # safetensors writes 0600; a model folder is meant to be shared (group members
-        # on a cluster): the usual mode under the user's umask
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / WEIGHTS_NAME)
-        atomic_write_json(folder / CONFIG_NAME, cfg, indent=2)
-        from phoclip.models.card import attach_curves, model_card
-
-        curves_name = None
-        if curves is not None:
-            try:
-                curves_name = attach_curves(folder, curves)
-            except (OSError, ValueError) as e:  # a picture never fails a save
-                logger.warning("training curves not attached to %s: %s", folder, e)
-        atomic_write_text(folder / "README.md", model_card(cfg, training, data, evaluation,
-                                                           model_fingerprint(self), curves=curves_name))
-        return folder
+        """Write config + safetensors weights (+ tokenizer) and a model card: a folder
+        `from_pretrained` reads without any training state or hub access
+        (`phoclip.models.pretrained.save_pretrained`)."""
+        return save_pretrained(self, folder, tokenizer, training, data, evaluation, curves)
 
 
 def _split_decay(name, named_params, lr, wd) -> list[dict]:
@@ -449,66 +291,3 @@ def _find_layers(module: nn.Module) -> nn.ModuleList:
     if layers is None:
         raise ValueError(f"cannot find the transformer layers of {type(module).__name__}")
     return layers
-
-
-def create_model(name: str = "phobert-large-rn50", **overrides: Any) -> PhoCLIP:
-    """Build a model by config name (see `list_models()`); keyword overrides are deep-
-    merged into the config, e.g. `create_model("tiny-debug", text={"hf_config": {"vocab_size": 99}})`."""
-    cfg = _deep_update(get_model_config(name), copy.deepcopy(overrides))
-    cfg["name"] = cfg.get("name", name)
-    return PhoCLIP(cfg)
-
-
-def load_model(folder: str | os.PathLike, map_location: str | torch.device = "cpu") -> PhoCLIP:
-    """Load a model folder saved by `save_pretrained` (no hub access needed); its config
-    is checked first (`phoclip.models.loading.read_model_config`) and built offline
-    (`offline_model_config`: no pretrained towers or weights files, whatever the config
-    says; the safetensors file holds every weight). Most callers want `phoclip.load`,
-    which also takes run and checkpoint folders and ONNX exports."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from phoclip.models.loading import offline_model_config, read_model_config
-
-    folder = Path(folder)
-    if not (folder / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{folder} is not a saved PhoCLIP model (no {CONFIG_NAME}); "
-                                "export a checkpoint first (see README, 'Evaluation and search')")
-    model = PhoCLIP(offline_model_config(read_model_config(folder), str(folder / CONFIG_NAME)))
-    weights = folder / WEIGHTS_NAME
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: missing; re-export the model")
-    try:
-        sd = load_file(str(weights), device=str(map_location))
-    except SafetensorError as e:
-        raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
-    own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} (config: {tuple(own[k].shape)})" for k, v in sd.items()
-             if k in own and v.shape != own[k].shape]
-    if wrong:  # load_state_dict would raise a many-line RuntimeError
-        raise ValueError(f"{weights}: weights do not fit {CONFIG_NAME}: {len(wrong)} of another shape, "
-                         f"e.g. {wrong[0]}")
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{weights}: weights do not fit {CONFIG_NAME}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    return model.to(map_location)  # load_state_dict copies into the module's own (CPU) tensors
-
-
-def model_tokenizer_path(folder: str | os.PathLike) -> Optional[str]:
-    """Where a saved model's tokenizer is (a folder inside it, or the hub name)."""
-    from phoclip.models.loading import read_model_config
-
-    tok = read_model_config(Path(folder))["text"].get("tokenizer")
-    if tok and (Path(folder) / tok).is_dir():
-        return str(Path(folder) / tok)
-    return tok
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A hash of every weight: two models give the same embeddings iff this matches."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]

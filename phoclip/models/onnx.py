@@ -15,6 +15,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from phoclip.fileio import atomic_write_json, create_temp, fsync_dir
+from phoclip.models.pretrained import model_fingerprint
+
 ONNX_DIR = "onnx"
 TOLERANCE = 1e-3  # max abs difference on normalised embeddings, checked at export
 
@@ -45,11 +48,6 @@ def export_onnx(model, folder: str | os.PathLike, opset: int = 17) -> Path:
     (max |difference| of normalised embeddings <= 1e-3 on images and on padded captions
     of another batch size and length than the export's). Returns the onnx folder."""
     import onnxruntime as ort
-
-    from phoclip.fileio import atomic_write_json
-    from phoclip.models.clip import model_fingerprint
-
-    from phoclip.fileio import create_temp, fsync_dir
 
     model = model.float().eval()
     out = Path(folder) / ONNX_DIR

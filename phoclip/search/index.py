@@ -213,7 +213,7 @@ class EmbeddingIndex:
 
     def check_model(self, model) -> None:
         """Refuse a model other than the one that built the index (fingerprint, width)."""
-        from phoclip.models.clip import model_fingerprint
+        from phoclip.models.pretrained import model_fingerprint
 
         fp = getattr(model, "fingerprint", None) or model_fingerprint(model)  # ONNX: recorded at export
         if fp != self.fingerprint:
@@ -324,7 +324,7 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
     import shutil
 
     from phoclip.fileio import atomic_write_bytes, atomic_write_json, fsync_dir
-    from phoclip.models.clip import model_fingerprint
+    from phoclip.models.pretrained import model_fingerprint
 
     out = Path(folder)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / INDEX_META).is_file())):

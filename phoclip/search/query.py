@@ -40,7 +40,7 @@ def query_processor(model, tokenizer_name: str, segmenter: Optional[str] = None,
 @torch.no_grad()
 def embed_texts(model, text_processor, texts: Sequence[str], device="cpu") -> torch.Tensor:
     """Normalise and segment as at sharding time, tokenize, embed."""
-    from phoclip.models.clip import trim_padding
+    from phoclip.models.packing import trim_padding
 
     _, ids = text_processor(list(texts))
     model.eval()

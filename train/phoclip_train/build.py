@@ -25,7 +25,7 @@ import torch
 import phoclip
 from phoclip.data.stream import ShardStream, StreamConfig
 from phoclip.models.loss import create_loss
-from phoclip.models.clip import get_model_config
+from phoclip.models.factory import get_model_config
 from phoclip.data.manifest import Manifest
 from phoclip.data.catalog import check_shards_fit, count_samples, expand_urls
 from phoclip.data.text import load_tokenizer

@@ -16,7 +16,8 @@ import shutil
 from pathlib import Path
 
 from phoclip.errors import CheckpointError
-from phoclip.models.loading import NotAModelFolder, check_model_config, model_folder, model_from_checkpoint
+from phoclip.models.loading import NotAModelFolder, model_folder, model_from_checkpoint
+from phoclip.models.pretrained import check_model_config
 from phoclip_train.config import RunConfig, apply_tree
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def rebuild_from_run_config(ckpt: Path, meta: dict):
     # lazy: phoclip-export --help answers in 0.1 s; torch and the model code take 1.7 s
     from phoclip.data.text import load_tokenizer
     from phoclip.models.checkpoints import META_FILE, checkpoint_tokenizer
-    from phoclip.models.clip import get_model_config
+    from phoclip.models.factory import get_model_config
     from phoclip_train.build import build_model
 
     where = f"{ckpt / META_FILE}"
@@ -50,11 +51,11 @@ def rebuild_from_run_config(ckpt: Path, meta: dict):
 
 def check_resolved_config(cfg: RunConfig, where: str) -> None:
     """The architecture an old checkpoint's run config names, with its overrides, checked
-    as a saved model config is (`phoclip.models.loading.check_model_config`): one line, not a
+    as a saved model config is (`phoclip.models.pretrained.check_model_config`): one line, not a
     torch traceback, for a negative size."""
-    from phoclip.models.clip import _deep_update, get_model_config  # lazy: see rebuild_from_run_config
+    from phoclip.models.factory import deep_update, get_model_config  # lazy: see rebuild_from_run_config
 
-    arch = _deep_update(get_model_config(cfg.model.name), copy.deepcopy(dict(cfg.model.overrides)))
+    arch = deep_update(get_model_config(cfg.model.name), copy.deepcopy(dict(cfg.model.overrides)))
     text = arch.get("text")
     if isinstance(text, dict) and text.get("hf_model") is None and text.get("hf_config") is None:
         text["hf_config"] = {}  # filled from the tokenizer by build_model
@@ -79,7 +80,7 @@ def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> Path:
     towers as ONNX in `out/onnx/`, checked against PyTorch. Returns `out`."""
     # lazy: see rebuild_from_run_config
     from phoclip.models.checkpoints import checkpoints_dir, is_checkpoint, newest_verified
-    from phoclip.models.clip import load_model
+    from phoclip.models.factory import load_model
     from phoclip.models.onnx import export_onnx
 
     if fmt not in FORMATS:

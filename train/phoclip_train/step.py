@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from phoclip.models.clip import trim_padding
+from phoclip.models.packing import trim_padding
 from phoclip.data.transforms import normalize_images, resize_on_device
 from phoclip_train.distributed import all_reduce_max
 
