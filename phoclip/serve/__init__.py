@@ -8,14 +8,21 @@ server that guards it against idle and slow clients. The command line lives in
     settings = Settings(index="index/", port=8080)
     make_server(create_app(service, settings), settings).run()
 
-Routes (schema: /openapi.json):
-    GET|HEAD /health                     status, index size, backend, model fingerprint
+`Service(["vi=idx_vi/", "news=idx_news/"])` serves several indices by name (the first is
+the default); each is opened again when its folder changes (`Settings.reload_every`).
+
+Routes (schema: /openapi.json; each of ours takes ?index=NAME, default the first):
+    GET|HEAD /health                     status, index sizes and versions, backend, model fingerprint
     GET  /search?q=TEXT&k=24&offset=0    text → image
     POST /search/image (multipart 'file') image → text (shard indexes) and image → image
     GET  /items/ID, /items/ID/similar    an indexed image's captions and source; more like it
     GET  /tags, POST /tags               the tag vocabulary; zero-shot tags of a 'file' or an 'id'
     GET  /thumb/ID, /photo/ID            JPEGs of indexed image ID (only indexed items)
     GET  /                               the page (static/index.html, app.js, style.css)
+clip-retrieval's back-end API (its page and its ClipClient work unchanged; CORS answered):
+    POST /knn-service                    {text|image|image_url|embedding_input, modality, num_images, ...}
+    POST /metadata                       {ids, indice_name} -> [{id, metadata}]
+    GET  /indices-list, /config.json     the index names; the back end for clip-retrieval's page
 Every request is untrusted: queries and uploads are capped (a body is counted as it
 streams, chunked or not), images are refused before decoding when they would take more
 than `max_decode_bytes`, and decoding and embedding run in at most `cpu_jobs` worker
