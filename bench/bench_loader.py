@@ -43,7 +43,8 @@ def main() -> None:
         bs, n = 64, args.samples
 
         def ours(resize_on="worker", keep=None):
-            s = ShardStream(StreamConfig(urls, [1.0] * len(urls), bs, args.size, 0, 0, 1, False, 256,
+            s = ShardStream(StreamConfig(urls=urls, weights=[1.0] * len(urls), batch_size=bs, image_size=args.size,
+                                         seed=0, rank=0, world_size=1, resampled=False, shuffle_buffer=256,
                                          resize_on=resize_on))
             it = iter(s)
             for _ in range(n // bs):

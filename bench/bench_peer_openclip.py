@@ -97,6 +97,7 @@ def main() -> None:
     from phoclip.models.factory import get_model_config
     from phoclip_train.config import resolve_config
     from phoclip_train.distributed import DistInfo
+    from phoclip_train.run import build_run
     from phoclip_train.trainer import Trainer
 
     d = Path(tempfile.mkdtemp())
@@ -110,7 +111,7 @@ def main() -> None:
                 f"data.train_shards={shards}/train-{{000000..000003}}.tar", f"data.batch_size={args.batch}",
                 "data.image_size=64", "train.log_every=100000", "train.sync_every=100000",
                 "train.max_steps=1000000", "train.save_every=100000", f"data.trim_padding={trim}"])
-            trainers[trim] = Trainer(cfg, DistInfo())
+            trainers[trim] = Trainer(build_run(cfg, DistInfo()))
         tr = trainers[8]
         vocab = len(tr.tokenizer)
         g = torch.Generator().manual_seed(0)

@@ -156,6 +156,7 @@ def text_tower_rows(batch: int, steps: int, buckets: int, checkpointing: bool = 
 def trainer_rows(batch: int, steps: int, buckets: int) -> list[tuple]:
     from phoclip_train.config import resolve_config
     from phoclip_train.distributed import DistInfo
+    from phoclip_train.run import build_run
     from phoclip_train.trainer import Trainer
 
     d = Path(tempfile.mkdtemp())
@@ -173,7 +174,7 @@ def trainer_rows(batch: int, steps: int, buckets: int) -> list[tuple]:
                 "data.image_size=64", "train.log_every=1000", "train.sync_every=1000", "train.max_steps=100000",
                 "train.save_every=100000", f"data.trim_padding={trim}", f"data.length_buckets={nb}",
                 f"data.pack_captions={str(pack).lower()}"])
-            tr = Trainer(cfg, DistInfo())
+            tr = Trainer(build_run(cfg, DistInfo()))
             it = iter(tr.stream)
             bs = [next(it) for _ in range(steps)]
             tr.train_step(bs[:1])  # warm-up

@@ -127,7 +127,8 @@ def loader(work: Path, size: int, worker_counts: list[int]) -> dict:
     from phoclip_train.build import build_loader as train_loader
 
     urls, bs = _urls(work, "train"), 64
-    cfg = lambda: StreamConfig(urls, [1.0] * len(urls), bs, size, 0, 0, 1, True, 256)
+    cfg = lambda: StreamConfig(urls=urls, weights=[1.0] * len(urls), batch_size=bs, image_size=size,
+                               seed=0, rank=0, world_size=1, resampled=True, shuffle_buffer=256)
     torch.set_num_threads(1)
     it = iter(ShardStream(cfg()))
     next(it)
@@ -212,13 +213,14 @@ def step(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: b
     from phoclip.data.transforms import normalize_images
     from phoclip_train.config import resolve_config
     from phoclip_train.distributed import DistInfo
+    from phoclip_train.run import build_run
     from phoclip_train.trainer import Trainer
 
     size = 64 if smoke else 224
     config = "launch/configs/tiny-debug.yaml" if smoke else "launch/configs/phobert-large-rn50.yaml"
     cfg = resolve_config(str(ROOT / config), [f"run_dir={work / 'step_run'}", "train.max_steps=1000",
                                                *_overrides(work, size, max(batches), smoke)])
-    tr = Trainer(cfg, DistInfo(device=dev))
+    tr = Trainer(build_run(cfg, DistInfo(device=dev)))
     full = next(iter(tr.stream))
     model, opt = tr.model, tr.engine.optimizer
     n_params = sum(p.numel() for p in model.parameters())
@@ -312,6 +314,7 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
     from phoclip_train.config import resolve_config
     from phoclip_train.distributed import DistInfo
     from phoclip_train.build import compile_stats
+    from phoclip_train.run import build_run
     from phoclip_train.trainer import Trainer
 
     size = 64 if smoke else 224
@@ -323,7 +326,7 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
             f"run_dir={work / ('tp_run_' + str(len(res['rows'])) + '_' + str(b))}", "train.max_steps=100000",
             "train.log_every=100000", "train.sync_every=100000", "train.save_every=100000",
             *_overrides(work, size, b, smoke), *[f"{k}={v}" for k, v in over.items()]])
-        return Trainer(cfg, DistInfo(device=dev))
+        return Trainer(build_run(cfg, DistInfo(device=dev)))
 
     for b in batches:
         tr = trainer(b, **{"data.trim_padding": 0, "data.pack_captions": "false"})
@@ -436,6 +439,7 @@ def packing(work: Path, dev: torch.device, batches: list[int], steps: int, smoke
 
     from phoclip_train.config import resolve_config
     from phoclip_train.distributed import DistInfo
+    from phoclip_train.run import build_run
     from phoclip_train.trainer import Trainer
 
     size = 64 if smoke else 224
@@ -443,7 +447,7 @@ def packing(work: Path, dev: torch.device, batches: list[int], steps: int, smoke
     cfg = resolve_config(str(ROOT / config), [
         f"run_dir={work / 'packing_run'}", "train.max_steps=100000", "train.log_every=100000",
         "train.sync_every=100000", "train.save_every=100000", *_overrides(work, size, max(batches), smoke)])
-    tr = Trainer(cfg, DistInfo(device=dev))
+    tr = Trainer(build_run(cfg, DistInfo(device=dev)))
     model = tr.model
     vocab = min(len(tr.tokenizer), model.text.config.vocab_size)
     full = next(iter(tr.stream))

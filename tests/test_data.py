@@ -16,7 +16,8 @@ def _urls(shards, n):
 
 
 def _stream(urls, rank=0, world=1, resampled=True, seed=0, bs=4):
-    return ShardStream(StreamConfig(urls, [1.0] * len(urls), bs, 32, seed, rank, world, resampled, 8))
+    return ShardStream(StreamConfig(urls=urls, weights=[1.0] * len(urls), batch_size=bs, image_size=32,
+                                    seed=seed, rank=rank, world_size=world, resampled=resampled, shuffle_buffer=8))
 
 
 def test_non_resampled_ranks_and_workers_read_distinct_shards(shapes_shards):
@@ -187,7 +188,8 @@ def test_another_rank_count_continues_the_epoch(shapes_shards, old_world, new_wo
     # the new streams really serve those shards (decoded, batched), and nothing consumed
     new_keys = []
     for r in range(new_world):
-        s = ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, r, new_world, False, 8, layout=lay))
+        s = ShardStream(StreamConfig(urls=urls, weights=[1.0] * len(urls), batch_size=4, image_size=32,
+                                     seed=0, rank=r, world_size=new_world, resampled=False, shuffle_buffer=8, layout=lay))
         for b in itertools.islice(iter(s), 2):
             new_keys += b["keys"]
     assert new_keys and not set(new_keys) & set(consumed)
@@ -205,7 +207,8 @@ def test_another_rank_count_in_resampled_mode_draws_afresh(shapes_shards):
     urls = _urls(shards, n)
     lay = relayout(urls, 0, True, StreamLayout(), 2, 1, {}, salt=9)
     first = next(iter(_stream(urls)))["keys"]
-    s = ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, 0, 1, True, 8, layout=lay))
+    s = ShardStream(StreamConfig(urls=urls, weights=[1.0] * len(urls), batch_size=4, image_size=32,
+                                 seed=0, rank=0, world_size=1, resampled=True, shuffle_buffer=8, layout=lay))
     assert next(iter(s))["keys"] != first  # not a replay of the run's first samples
 
 
@@ -244,7 +247,8 @@ def test_a_truncated_shard_does_not_stop_a_stream_whose_buffer_spans_many_shards
     t = d / "train-000002.tar"
     t.write_bytes(t.read_bytes()[: t.stat().st_size // 2])
     for rank, buf in itertools.product((0, 1), (32, 64)):
-        s = ShardStream(StreamConfig(urls, [1.0] * 4, 4, 32, 0, rank, 2, True, buf))
+        s = ShardStream(StreamConfig(urls=urls, weights=[1.0] * 4, batch_size=4, image_size=32,
+                                     seed=0, rank=rank, world_size=2, resampled=True, shuffle_buffer=buf))
         batches = list(itertools.islice(iter(s), 12))
         assert len(batches) == 12 and all(len(b["keys"]) == 4 for b in batches)
         assert batches[-1]["skipped"].get("truncated_shard", 0) >= 1
@@ -259,7 +263,8 @@ def test_stream_gives_up_on_shards_that_are_all_unreadable(shapes_shards, tmp_pa
     d, urls = _small_shards(shards, n, tmp_path)
     missing = [str(d / f"gone-{i}.tar") for i in range(4)]
     with pytest.raises(NoReadableSamples, match="no sample could be read from the last 8 shards"):
-        next(iter(ShardStream(StreamConfig(missing, [1.0] * 4, 4, 32, 0, 0, 1, True, 32))))
+        next(iter(ShardStream(StreamConfig(urls=missing, weights=[1.0] * 4, batch_size=4, image_size=32,
+                                           seed=0, rank=0, world_size=1, resampled=True, shuffle_buffer=32))))
     import webdataset as wds
 
     for u in urls:  # every sample's ids garbage: shards are read whole, nothing decodes
@@ -270,7 +275,8 @@ def test_stream_gives_up_on_shards_that_are_all_unreadable(shapes_shards, tmp_pa
                 tw.write({"__key__": k, "jpg": members[f"{k}.jpg"], "ids.npy": b"\x93NUMPY garbage"})
     for buf in (1, 32, 200):
         with pytest.raises(NoReadableSamples) as e:
-            next(iter(ShardStream(StreamConfig(urls, [1.0] * 4, 4, 32, 0, 0, 1, True, buf))))
+            next(iter(ShardStream(StreamConfig(urls=urls, weights=[1.0] * 4, batch_size=4, image_size=32,
+                                               seed=0, rank=0, world_size=1, resampled=True, shuffle_buffer=buf))))
         assert "bad_ids" in str(e.value)
 
 
@@ -300,7 +306,8 @@ def test_a_malformed_ids_header_is_one_skipped_sample(shapes_shards, tmp_path, h
         tw.write({"__key__": "bad", "jpg": members[f"{k}.jpg"], "ids.npy": bad})
         for key in sorted({m.split(".")[0] for m in members}):
             tw.write({"__key__": key, **{e: members[f"{key}.{e}"] for e in ("jpg", "ids.npy")}})
-    s = ShardStream(StreamConfig(urls, [1.0] * 4, 4, 32, 0, 0, 1, False, 1))
+    s = ShardStream(StreamConfig(urls=urls, weights=[1.0] * 4, batch_size=4, image_size=32,
+                                 seed=0, rank=0, world_size=1, resampled=False, shuffle_buffer=1))
     batches = list(itertools.islice(iter(s), 5))  # one epoch: 20 good samples
     assert sum(len(b["keys"]) for b in batches) == 20 and "bad" not in sum((b["keys"] for b in batches), [])
     assert batches[-1]["skipped"] == {"bad_ids": 1}

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from phoclip.models.loss import ClipLoss
-from phoclip_train.step import InputPrep, NonFiniteCounter, device_inputs, read_step, train_step
+from phoclip_train.state import NonFiniteCounter
+from phoclip_train.step import InputPrep, device_inputs, read_step, train_step
 from test_step import batch, nan_batch, tiny_model
 
 pytest.importorskip("deepspeed")

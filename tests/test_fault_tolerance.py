@@ -180,13 +180,14 @@ def test_nonfinite_steps_skipped_then_stop_with_checkpoint(shapes_shards, tmp_pa
     counted, and after K in a row the run stops with the pre-fault weights saved."""
     from phoclip_train.config import resolve_config
     from phoclip_train.distributed import DistInfo
+    from phoclip_train.run import build_run
     from phoclip_train.trainer import NonFiniteError, Trainer
 
     shards, tok, n = shapes_shards
     cfg = resolve_config("launch/configs/tiny-debug.yaml", train_overrides(
         shards, tok, n, tmp_path / "run", **{"train.max_steps": 20, "train.save_every": 3,
                                              "train.max_nonfinite": 3}))
-    tr = Trainer(cfg, DistInfo())
+    tr = Trainer(build_run(cfg, DistInfo()))
     real_iter = type(tr.stream).__iter__
 
     def poisoned(self):
@@ -247,11 +248,12 @@ from phoclip.data.transforms import normalize_images
 from phoclip_train.config import resolve_config
 from phoclip_train.distributed import DistInfo
 from phoclip.models.loading import model_from_checkpoint
+from phoclip_train.run import build_run
 from phoclip_train.trainer import NonFiniteError, Trainer
 over = train_overrides(Path(shards), tok, int(n), run, **{
     "train.max_steps": 20, "train.save_every": 3, "train.max_nonfinite": 3, "train.precision": "bf16",
     "train.engine": "deepspeed", "train.deepspeed_config": os.path.join(root, "launch/deepspeed/zero2_bf16.json")})
-tr = Trainer(resolve_config(os.path.join(root, "launch/configs/tiny-debug.yaml"), over), DistInfo())
+tr = Trainer(build_run(resolve_config(os.path.join(root, "launch/configs/tiny-debug.yaml"), over), DistInfo()))
 real_iter = type(tr.stream).__iter__
 def poisoned(self):
     for i, b in enumerate(real_iter(self)):

@@ -154,7 +154,9 @@ def test_bad_token_ids_and_metadata_are_skipped_and_counted_by_reason(shapes_sha
     from phoclip.data.text import load_tokenizer
 
     vocab = len(load_tokenizer(str(tok)))
-    s = ShardStream(StreamConfig(urls, [1.0], 3, 32, 0, 0, 1, False, 0, ids_width=width, vocab_size=vocab))
+    s = ShardStream(StreamConfig(urls=urls, weights=[1.0], batch_size=3, image_size=32,
+                                 seed=0, rank=0, world_size=1, resampled=False, shuffle_buffer=0, ids_width=width,
+                                 vocab_size=vocab))
     it = iter(s)
     batches = [next(it) for _ in range(3)]  # 9 usable per pass: 8 good + the nested-json one
     keys = [k for b in batches for k in b["keys"]]

@@ -11,8 +11,8 @@ from phoclip.models.factory import create_model
 from phoclip_train.build import build_optimizer
 from phoclip_train.config import OptimConfig
 from phoclip_train.engine import DDPEngine
-from phoclip_train.step import (InputPrep, NonFiniteCounter, device_inputs, optimizer_step, read_step,
-                                skip_flag, train_step)
+from phoclip_train.state import NonFiniteCounter
+from phoclip_train.step import InputPrep, device_inputs, optimizer_step, read_step, skip_flag, train_step
 
 CPU = torch.device("cpu")
 

@@ -16,6 +16,7 @@ from phoclip.models.factory import create_model
 from phoclip.models.packing import trim_padding
 from phoclip_train.config import resolve_config
 from phoclip_train.distributed import DistInfo
+from phoclip_train.run import build_run
 from phoclip_train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _trainer(shapes_shards, tmp_path, **kw):
     shards, tok, n = shapes_shards
     over = train_overrides(shards, tok, n, tmp_path / "run", **kw)
-    return Trainer(resolve_config("launch/configs/tiny-debug.yaml", over), DistInfo())
+    return Trainer(build_run(resolve_config("launch/configs/tiny-debug.yaml", over), DistInfo()))
 
 
 def _padded_batch(vocab: int, widths=(5, 9, 3, 12, 7, 4), width: int = 40, pad: int = 1):
@@ -161,7 +162,6 @@ def test_the_run_decides_its_settings_once_on_a_copy_of_the_config(shapes_shards
     """build_run resolves the derived settings (precision auto, accumulation from
     data.global_batch_size) in the run's config and logs them in one line; the config
     it was given is left as it was. Each part answers for its own cadence."""
-    from phoclip_train.run import build_run
 
     shards, tok, n = shapes_shards
     cfg = resolve_config("launch/configs/tiny-debug.yaml", train_overrides(
@@ -217,7 +217,8 @@ def _stream(shards, n, **kw):
     from phoclip.data.catalog import expand_urls
 
     urls = expand_urls(f"{shards}/train-{{000000..{n - 1:06d}}}.tar")[0]
-    return ShardStream(StreamConfig(urls, [1.0] * len(urls), 4, 32, 0, 0, 1, False, 8, **kw))
+    return ShardStream(StreamConfig(urls=urls, weights=[1.0] * len(urls), batch_size=4, image_size=32,
+                                    seed=0, rank=0, world_size=1, resampled=False, shuffle_buffer=8, **kw))
 
 
 def test_length_buckets_group_similar_captions_and_resume_exactly(shapes_shards):

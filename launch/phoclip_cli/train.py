@@ -19,16 +19,17 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from phoclip.errors import EXPECTED_ERRORS, one_line
+from phoclip.log import init_logger
 from phoclip_cli.common import HelpFormatter, record_refusal
+from phoclip_train.config import ConfigError, config_groups, describe_config, resolve_config
 
-# heavy imports (torch, the trainer) come after the arguments are parsed: --help is instant
+# torch and the trainer (5 s to import) come after the arguments are parsed: --help answers at once
 
 logger = logging.getLogger("phoclip_train.launch")
 
 
 def _groups_epilog() -> str:
-    from phoclip_train.config import config_groups
-
     rows = [f"  {name:8} {doc}" for name, doc in config_groups()]
     return ("config groups (set a field as GROUP.FIELD=VALUE or under GROUP: in the --config file; "
             "--print-config lists every field):\n" + "\n".join(rows))
@@ -82,10 +83,6 @@ def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp", doc: Optiona
     """Parse, resolve the config, then build, train and close the run; the exit code: 0 done
     (or stopped waiting for data), 2 refused (one line), 3 too many non-finite steps."""
     args = parse_args(argv, engine, doc)
-    from phoclip.errors import one_line
-    from phoclip.log import init_logger
-    from phoclip_train.config import ConfigError, describe_config, resolve_config
-
     rank = os.environ.get("RANK")  # as phoclip_cli.distributed.launcher_rank, without importing torch yet
     init_logger(rank=int(rank) if rank is not None and rank.strip().isdigit() else None)
     sources: dict = {}
@@ -107,16 +104,16 @@ def main(argv: Optional[Sequence[str]] = None, engine: str = "ddp", doc: Optiona
 
 
 def run_training(cfg) -> int:
-    """Build, train and close the run of a resolved config; the exit code (see `main`)."""
-    from phoclip.errors import EXPECTED_ERRORS, one_line
-    from phoclip_cli.distributed import cleanup, init_distributed
-    from phoclip_train.trainer import NonFiniteError, StoppedWaitingForData, Trainer
+    """Build the run of a resolved config, train it and close it; the exit code (see `main`)."""
+    from phoclip_cli.distributed import cleanup, init_distributed  # lazy: torch; --help answers without it
+    from phoclip_train.run import build_run  # lazy: torch; --help answers without it
+    from phoclip_train.trainer import NonFiniteError, StoppedWaitingForData, Trainer  # lazy: torch, as above
 
     info = init_distributed(cfg.train.device)
     trainer = None
     stuck = False
     try:
-        trainer = Trainer(cfg, info)
+        trainer = Trainer(build_run(cfg, info))
         trainer.train()
         return 0
     except StoppedWaitingForData as e:

@@ -83,7 +83,7 @@ class StreamLayout:
                    {int(e): sorted(int(i) for i in v) for e, v in st.get("done", {}).items()})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StreamConfig:
     urls: list
     weights: list

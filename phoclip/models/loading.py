@@ -69,8 +69,8 @@ def load_encoder(path: str | os.PathLike, backend: str = "torch", device: str | 
         from phoclip.models.factory import load_model  # lazy: torch (see the checkpoints import)
 
         return Loaded(load_model(folder, device).eval(), model_tokenizer_path(folder))
-    # lazy: this module imports in 0.06 s without torch, 1.7 s with (the index and --help use it)
-    from phoclip.models.checkpoints import checkpoints_dir, is_checkpoint, newest_verified
+    # this module imports in 0.06 s without torch, 1.7 s with it (the index and the commands' --help use it)
+    from phoclip.models.checkpoints import checkpoints_dir, is_checkpoint, newest_verified  # lazy: torch
 
     ckpt = p
     if checkpoints_dir(p).is_dir():
@@ -105,9 +105,9 @@ def model_from_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = 
     `model_config`); a checkpoint without one is refused, unless `rebuild(ckpt, meta)`
     builds its untrained model and names its tokenizer (export passes the training
     package's rebuild from the run config; inference never does)."""
-    # lazy: see load_encoder
-    from phoclip.models.checkpoints import checkpoint_tokenizer, load_checkpoint_weights, verify_checkpoint
-    from phoclip.models.clip import PhoCLIP
+    from phoclip.models.checkpoints import (  # lazy: torch (see load_encoder)
+        checkpoint_tokenizer, load_checkpoint_weights, verify_checkpoint)
+    from phoclip.models.clip import PhoCLIP  # lazy: torch (see load_encoder)
 
     ckpt = Path(ckpt)
     meta = verify_checkpoint(ckpt)  # before zero_to_fp32 (weights_only=False inside DeepSpeed) touches it

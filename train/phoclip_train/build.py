@@ -31,12 +31,13 @@ from phoclip.data.catalog import check_shards_fit, count_samples, expand_urls
 from phoclip.data.text import load_tokenizer
 from phoclip_train.config import ConfigError, OptimConfig, RunConfig
 from phoclip_train.distributed import DistInfo
+from phoclip_train.ds_engine import DeepSpeedEngine
 from phoclip_train.engine import DDPEngine, Engine
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunData:
     """What the run reads: shard lists, their checked manifest, the tokenizer."""
 
@@ -73,7 +74,8 @@ def build_data(cfg: RunConfig, dist: DistInfo) -> RunData:
     tokenizer = load_tokenizer(tok_name)
     manifest = check_shards_fit(train_urls + [u for us in eval_sets.values() for u in us], tokenizer, arch,
                                 tok_name, d.manifest)
-    return RunData(train_urls, weights, eval_sets, tokenizer, manifest, count_samples(train_urls, d.manifest))
+    return RunData(train_urls=train_urls, train_weights=weights, eval_sets=eval_sets, tokenizer=tokenizer,
+                   manifest=manifest, dataset_size=count_samples(train_urls, d.manifest))
 
 
 def build_model(cfg: RunConfig, tokenizer, manifest: Optional[Manifest] = None):
@@ -136,21 +138,21 @@ def build_optimizer(model, optim: OptimConfig, max_steps: int, fused: Optional[b
 
 
 def wants_channels_last(cfg: RunConfig, device: torch.device) -> bool:
+    """train.channels_last, 'auto' decided: on CUDA under DDP."""
     cl = str(cfg.train.channels_last).lower()
     return cl == "true" or (cl == "auto" and device.type == "cuda" and cfg.train.engine == "ddp")
 
 
-def build_engine(cfg: RunConfig, dist: DistInfo, model) -> Engine:
-    """Memory format and torch.compile first (before DDP wraps the model, so its buckets
-    match the strides), then the engine with its optimizer and schedule."""
+def build_engine(cfg: RunConfig, dist: DistInfo, model, channels_last: bool = False) -> Engine:
+    """Memory format (`channels_last`, as the run decided it) and torch.compile first
+    (before DDP wraps the model, so its buckets match the strides), then the engine with
+    its optimizer and schedule."""
     t = cfg.train
-    if wants_channels_last(cfg, dist.device):
+    if channels_last:
         model.visual.to(memory_format=torch.channels_last)
     if t.compile != "off":
         compile_towers(model, t.compile)
     if t.engine == "deepspeed":
-        from phoclip_train.ds_engine import DeepSpeedEngine
-
         # DeepSpeed steps the optimizer itself: the unfused implementation, as before
         opt, sched = build_optimizer(model, cfg.optim, t.max_steps, fused=None)
         return DeepSpeedEngine(model, opt, sched, cfg=cfg, device=dist.device, world_size=dist.world_size)
@@ -166,10 +168,11 @@ def build_stream(cfg: RunConfig, dist: DistInfo, data: RunData, pad_id: int) -> 
     """This rank's training stream (see `phoclip.data.stream.ShardStream`)."""
     d = cfg.data
     return ShardStream(StreamConfig(
-        data.train_urls, data.train_weights, d.batch_size, d.image_size, cfg.train.seed,
-        dist.rank, dist.world_size, d.resampled, d.shuffle_buffer,
-        ids_width=data.manifest.tokenizer.max_length, vocab_size=len(data.tokenizer),
-        length_buckets=d.length_buckets, pad_id=pad_id, resize_on=d.resize_on, manifest=d.manifest))
+        urls=data.train_urls, weights=data.train_weights, batch_size=d.batch_size, image_size=d.image_size,
+        seed=cfg.train.seed, rank=dist.rank, world_size=dist.world_size, resampled=d.resampled,
+        shuffle_buffer=d.shuffle_buffer, ids_width=data.manifest.tokenizer.max_length,
+        vocab_size=len(data.tokenizer), length_buckets=d.length_buckets, pad_id=pad_id, resize_on=d.resize_on,
+        manifest=d.manifest))
 
 
 def _worker_init(_: int) -> None:

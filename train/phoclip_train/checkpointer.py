@@ -2,17 +2,18 @@
 renames the folder to `step_N/`. A rename is atomic, so a kill at any moment leaves
 either the complete new checkpoint or none: `latest()` only ever sees complete ones.
 The layout (file names, the step folders, listing, meta reading, verification) is the
-library's `phoclip.models.checkpoints`; this module writes and resolves through it."""
+library's `phoclip.models.checkpoints`; this module writes and resolves through it.
+
+    Checkpointer     the files: save (collective), keep the last K, resolve --resume, read
+    RunCheckpointer  the run's stateful parts into and out of those files, and its cadence"""
 from __future__ import annotations
 
 import logging
 import os
-import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import numpy as np
 import torch
 
 from phoclip.errors import CheckpointError
@@ -20,6 +21,10 @@ from phoclip.fileio import atomic_open, atomic_write_json, fsync_dir
 from phoclip.models.checkpoints import (META_FILE, checkpoints_dir, list_checkpoints, newest_verified, rank_file,
                                         read_meta, step_dir, verify_checkpoint)
 from phoclip_train.distributed import barrier
+from phoclip_train.state import DataPosition, NonFiniteCounter, Progress, RngState
+
+if TYPE_CHECKING:  # annotations only: the engines import this module for atomic_torch_save
+    from phoclip_train.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -29,28 +34,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     link planted in the run folder is written through), fsynced, then renamed."""
     with atomic_open(path) as f:
         torch.save(obj, f)
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    st = {"python": random.getstate(), "torch": torch.get_rng_state(),
-          "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def set_rng_state(st: dict) -> None:
-    random.setstate(_tuplify(st["python"]))
-    torch.set_rng_state(st["torch"])
-    n = st["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 class Checkpointer:
@@ -149,3 +132,59 @@ class Checkpointer:
     def meta(path: Path) -> dict:
         """A checkpoint's meta.json, read as verification reads it (capped, checked)."""
         return read_meta(path)
+
+
+class RunCheckpointer:
+    """Saves and restores the run's stateful parts: the engine (its own files), the
+    progress and non-finite count (meta.json), this rank's data position and RNG
+    (rankNNNNN.pt: the same keys as ever, so older checkpoints resume). `due(step)` is
+    its cadence (train.save_every)."""
+
+    def __init__(self, files: Checkpointer, save_every: int, engine: Engine, progress: Progress,
+                 nonfinite: NonFiniteCounter, position: DataPosition, rng: RngState,
+                 meta: Callable[[], dict], extra: Optional[Callable[[Path], None]] = None) -> None:
+        self.files, self.save_every = files, save_every
+        self.engine, self.progress, self.nonfinite, self.position, self.rng = engine, progress, nonfinite, position, rng
+        self.meta, self.extra = meta, extra
+        self._saved: Optional[tuple] = None  # (step, meta version) of the newest save
+
+    def due(self, step: int) -> bool:
+        return step % self.save_every == 0
+
+    def latest(self) -> Optional[Path]:
+        return self.files.latest()
+
+    def save(self, version: object = None) -> None:
+        """Checkpoint this step (collective), once: the same step is saved again only
+        when `version` (e.g. the newest evaluation, which goes in meta) changed."""
+        step = self.progress.step
+        if self._saved == (step, version):
+            return
+        self._saved = (step, version)
+        rank_state = {**self.position.state_dict(), "rng": self.rng.state_dict()}
+        meta = {"samples_seen": self.progress.samples_seen, **self.nonfinite.state_dict(), **self.meta()}
+        self.files.save(step, self.engine, rank_state, meta, extra=self.extra)
+
+    def restore(self, resume: Optional[str]) -> Optional[Path]:
+        """Load the checkpoint `resume` names (the newest that verifies for 'latest');
+        None when there is none yet."""
+        path = self.files.resolve(resume)
+        if path is None:
+            if resume:
+                logger.info("--resume %s: no checkpoint yet, starting from scratch", resume)
+            return None
+        self.engine.load(path)
+        meta = self.files.meta(path)
+        self.progress.load_state_dict(meta)
+        self.nonfinite.load_state_dict(meta)
+        old_world = int(meta.get("world_size", 0))
+        old_workers = max(1, int(meta.get("config", {}).get("data", {}).get("workers", 1)))
+        rs = self.files.load_rank_state(path)
+        if rs is not None and self.position.same_layout(old_world, old_workers):
+            self.position.load_state_dict(rs)
+            self.rng.load_state_dict(rs["rng"])
+        else:
+            old_states = {r: self.files.load_rank_state(path, r) for r in range(old_world)}
+            self.position.continue_on_new_layout(path, old_states, meta, old_workers, self.progress.step)
+        logger.info("resumed from %s at step %d", path, self.progress.step)
+        return path

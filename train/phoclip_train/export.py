@@ -30,11 +30,11 @@ def rebuild_from_run_config(ckpt: Path, meta: dict):
     checkpoints recorded their model config: rebuilt from its run config with the
     training package's `build_model`, no pretrained weights fetched. Passed to
     `phoclip.models.loading.model_from_checkpoint` as its `rebuild`."""
-    # lazy: phoclip-export --help answers in 0.1 s; torch and the model code take 1.7 s
-    from phoclip.data.text import load_tokenizer
-    from phoclip.models.checkpoints import META_FILE, checkpoint_tokenizer
-    from phoclip.models.factory import get_model_config
-    from phoclip_train.build import build_model
+    # phoclip-export imports this module before parsing: its --help answers in 0.1 s, torch takes 1.7 s
+    from phoclip.data.text import load_tokenizer  # lazy: torch
+    from phoclip.models.checkpoints import META_FILE, checkpoint_tokenizer  # lazy: torch
+    from phoclip.models.factory import get_model_config  # lazy: torch
+    from phoclip_train.build import build_model  # lazy: torch
 
     where = f"{ckpt / META_FILE}"
     if not isinstance(meta.get("config"), dict):
@@ -66,7 +66,7 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
     """Write the checkpoint's model (and tokenizer, and its card) as a plain model folder;
     a checkpoint of an older run is rebuilt from its run config."""
     from phoclip.data.text import load_tokenizer  # lazy: see rebuild_from_run_config
-    from phoclip.models.checkpoints import read_meta
+    from phoclip.models.checkpoints import read_meta  # lazy: torch
 
     model, tok_name = model_from_checkpoint(ckpt, rebuild=rebuild_from_run_config)  # verifies it first
     meta = read_meta(ckpt)
@@ -78,10 +78,9 @@ def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> Path:
     """A checkpoint, run folder (its exported model, else its newest checkpoint that
     verifies) or model folder -> the plain model folder `out`; with fmt="onnx" also both
     towers as ONNX in `out/onnx/`, checked against PyTorch. Returns `out`."""
-    # lazy: see rebuild_from_run_config
-    from phoclip.models.checkpoints import checkpoints_dir, is_checkpoint, newest_verified
-    from phoclip.models.factory import load_model
-    from phoclip.models.onnx import export_onnx
+    from phoclip.models.checkpoints import checkpoints_dir, is_checkpoint, newest_verified  # lazy: torch
+    from phoclip.models.factory import load_model  # lazy: torch
+    from phoclip.models.onnx import export_onnx  # lazy: torch
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")

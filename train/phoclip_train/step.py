@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -19,6 +19,7 @@ import torch
 from phoclip.models.packing import trim_padding
 from phoclip.data.transforms import normalize_images, resize_on_device
 from phoclip_train.distributed import all_reduce_max
+from phoclip_train.state import NonFiniteCounter
 
 logger = logging.getLogger(__name__)
 
@@ -166,40 +167,6 @@ def train_step(model, engine, loss_fn, inputs: list[tuple]) -> StepOutput:
     total, losses, scale, nonfinite = forward_backward(model, engine, loss_fn, inputs)
     gnorm, bad = optimizer_step(model, engine, nonfinite, buffers)
     return StepOutput(total, losses, scale, gnorm, bad)
-
-
-@dataclass
-class NonFiniteCounter:
-    """Non-finite steps, counted on the device between host reads: [streak, new since
-    the last read]; `read` folds them into the host's figures. Stateful: the total
-    travels with checkpoints."""
-
-    total: int = 0
-    streak: int = 0
-    _dev: Optional[torch.Tensor] = field(default=None, repr=False)
-
-    def update(self, bad: torch.Tensor) -> None:
-        bad = bad.detach().float().reshape(())
-        if self._dev is None:
-            self._dev = torch.stack([torch.full_like(bad, float(self.streak)), torch.zeros_like(bad)])
-        self._dev = torch.stack([(self._dev[0] + 1) * bad, self._dev[1] + bad])
-
-    def device_values(self, device: torch.device) -> torch.Tensor:
-        return self._dev if self._dev is not None else torch.tensor([float(self.streak), 0.0], device=device)
-
-    def fold(self, streak: float, new: float) -> int:
-        """The host's view after a read; returns the number of new non-finite steps."""
-        self.streak, new = int(streak), int(new)
-        self.total += new
-        if self._dev is not None:
-            self._dev = torch.stack([self._dev[0], torch.zeros_like(self._dev[1])])
-        return new
-
-    def state_dict(self) -> dict:
-        return {"nonfinite_total": self.total}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.total = int(state.get("nonfinite_total", 0))
 
 
 def read_step(out: StepOutput, counter: NonFiniteCounter, stop_requested: bool,

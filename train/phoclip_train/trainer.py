@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
 
 from phoclip_train.build import close_loader
-from phoclip_train.config import RunConfig
-from phoclip_train.distributed import DistInfo
-from phoclip_train.run import Run, build_run
+from phoclip_train.run import Run
 from phoclip_train.signals import STUCK_WAIT_S, StoppedWaitingForData, StopSignal  # noqa: F401 (re-exported)
 from phoclip_train.step import StepOutput, device_inputs, read_step, train_step
 
@@ -23,11 +20,10 @@ class NonFiniteError(RuntimeError):
 
 
 class Trainer:
-    """Loops over a built `Run`: `Trainer(build_run(cfg, dist))`, or `Trainer(cfg, dist)`,
-    which builds it."""
+    """Loops over a built `Run`: `Trainer(build_run(cfg, dist))`."""
 
-    def __init__(self, run: Run | RunConfig, dist_info: Optional[DistInfo] = None) -> None:
-        self.run = run if isinstance(run, Run) else build_run(run, dist_info or DistInfo())
+    def __init__(self, run: Run) -> None:
+        self.run = run
         self.stop_signal = StopSignal(STUCK_WAIT_S, self.run.checkpointer.latest)
         self.stop_requested = False  # every rank's agreed answer, read on a sync step
 
@@ -54,6 +50,7 @@ class Trainer:
 
     def _loop(self) -> dict:
         r, t = self.run, self.cfg.train
+        accum_steps = r.settings.accum_steps
         it = iter(r.loader())
         last: dict = {}
         r.metrics.start(r.progress.step)
@@ -61,7 +58,7 @@ class Trainer:
             while self.should_continue():
                 t0 = time.time()
                 with self.stop_signal.waiting():
-                    batches = [next(it) for _ in range(t.accum_steps)]
+                    batches = [next(it) for _ in range(accum_steps)]
                 wait = time.time() - t0
                 for b in batches:
                     r.position.update(b)
@@ -110,7 +107,7 @@ class Trainer:
         every rank (they agree on stopping there); every step where the engine needs the
         skip decision on the host anyway."""
         r = self.run
-        return (not r.engine.skips_on_device or step % self.cfg.train.sync_every == 0 or r.metrics.due(step)
+        return (not r.engine.skips_on_device or step % r.settings.sync_every == 0 or r.metrics.due(step)
                 or r.checkpointer.due(step) or r.evaluator.due(step) or step >= self.cfg.train.max_steps)
 
     def device_inputs(self, batches: list[dict]) -> list[tuple]:
