@@ -21,6 +21,8 @@ from typing import Annotated, Any, Literal, Optional, Sequence
 import yaml
 from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError
 
+from phoclip.fileio import atomic_write_text
+
 MAX_YAML_DEPTH = 64
 """Nesting levels a YAML value may have (PyYAML composes nodes recursively: deeper
 input would end in a RecursionError; a run config needs a handful)."""
@@ -537,7 +539,6 @@ def describe_config(cfg: RunConfig, sources: Optional[dict] = None) -> str:
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
-    from phoclip.fileio import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False, allow_unicode=True))
 
