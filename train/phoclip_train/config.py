@@ -539,7 +539,6 @@ def describe_config(cfg: RunConfig, sources: Optional[dict] = None) -> str:
 
 
 def save_config(cfg: RunConfig, path: str) -> None:
-
     atomic_write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False, allow_unicode=True))
 
 
