@@ -28,7 +28,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from phoclip_cli.common import read_lines, refuse
+from pydantic import ValidationError
+
+from phoclip.data.text import strip_controls
+from phoclip.errors import EXPECTED_ERRORS, one_line
+from phoclip.log import init_logger
+from phoclip.serve.settings import MAX_QUERY_CHARS, MAX_TAGS, Settings
+from phoclip_cli.common import HelpFormatter, read_lines, refuse
 
 logger = logging.getLogger("serve")
 
@@ -42,10 +48,6 @@ _FLAG_OF = {"max_upload": "--max-upload-mb", "max_decode_bytes": "--max-decode-m
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags; defaults and meanings come from `phoclip.serve.Settings` (one
     place: its field docstrings)."""
-    from phoclip.serve.settings import Settings
-
-    from phoclip_cli.common import HelpFormatter
-
     d = Settings()
 
     def doc(field: str) -> str:
@@ -88,8 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
 def read_tags(path: str) -> tuple[str, ...]:
     """One tag a line (blank lines skipped); refused in one line naming the file when it
     is unreadable, empty or has too many or too long tags."""
-    from phoclip.serve.settings import MAX_QUERY_CHARS, MAX_TAGS
-
     tags = tuple(dict.fromkeys(read_lines(path)))
     if not 0 < len(tags) <= MAX_TAGS or any(len(t) > MAX_QUERY_CHARS for t in tags):
         raise ValueError(f"{path}: give 1..{MAX_TAGS} tags, one per line, each under {MAX_QUERY_CHARS} characters "
@@ -99,8 +99,6 @@ def read_tags(path: str) -> tuple[str, ...]:
 
 def settings_from_args(args: argparse.Namespace):
     """`phoclip.serve.Settings` from parsed flags (raises pydantic's ValidationError)."""
-    from phoclip.serve.settings import Settings
-
     extra = {"tags": read_tags(args.tags)} if args.tags else {}
     return Settings(index=tuple(args.index), model=args.model, backend=args.backend, device=args.device,
                     vncorenlp_dir=args.vncorenlp_dir, host=args.host, port=args.port,
@@ -114,12 +112,6 @@ def settings_from_args(args: argparse.Namespace):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, load and probe the model and index, serve until stopped. 2: refused."""
-    from pydantic import ValidationError
-
-    from phoclip.errors import EXPECTED_ERRORS, one_line
-    from phoclip.log import init_logger
-    from phoclip.data.text import strip_controls
-
     p = build_parser()
     args = p.parse_args(argv)
     init_logger()
@@ -132,8 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"{flag}: {err['msg']}")
     except EXPECTED_ERRORS as e:
         p.error(strip_controls(one_line(e)))
-    from phoclip.serve import Service, create_app, make_server
-    from phoclip.serve.server import raise_open_files_limit
+    from phoclip.serve import Service, create_app, make_server  # lazy: torch and fastapi (~3 s); --help answers without
+    from phoclip.serve.server import raise_open_files_limit  # lazy: uvicorn; --help answers without it
 
     try:
         service = Service.from_settings(settings)

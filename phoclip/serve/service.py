@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from fastapi import HTTPException
 
+import phoclip
 from phoclip.data.text import strip_controls
 from phoclip.search.query import DEFAULT_TEMPLATES, embed_images, embed_texts, tag_embeddings
 from phoclip.serve.indices import CAPTIONS, IMAGES, Indices, ServedIndex
@@ -70,8 +71,6 @@ class Service:
     def __init__(self, index: str | Sequence[str] | Mapping[str, str], model: Optional[str] = None,
                  backend: str = "torch", device: str = "auto", vncorenlp_dir: Optional[str] = None,
                  images_roots: Sequence[str] = ()) -> None:
-        import phoclip
-
         for r in images_roots:
             if not os.path.isdir(r):
                 raise NotADirectoryError(f"images root {r}: not a folder (serve --images-root)")
