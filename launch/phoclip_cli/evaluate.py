@@ -23,6 +23,7 @@ from phoclip.data.catalog import check_shards_fit, expand_urls
 from phoclip.data.datasets import SourceSpec, read_source
 from phoclip.data.text import load_tokenizer
 from phoclip.errors import EXPECTED_ERRORS
+from phoclip.evaluation import EVAL_BATCH_SIZE
 from phoclip.fileio import atomic_write_json
 from phoclip.log import init_logger
 from phoclip.models.loading import load_encoder
@@ -47,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references", default=str(DEFAULT_REFERENCES),
                    help="published results to print beside ours")
     p.add_argument("--vncorenlp-dir", help="VnCoreNLP model folder (default: $VNCORENLP_DIR)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per forward")
+    p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE,
+                   help="images per forward (the default is a run's validation's: the same numbers to the "
+                        "last digit; another size can reorder near-ties, docs/evaluation.md)")
     p.add_argument("--image-size", type=int, help="evaluation crop size (default: the model's)")
     p.add_argument("--out", help="results JSON (default: MODEL/eval-SOURCE.json, named after the shards "
                                  "or the benchmark)")
@@ -86,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # torch takes about 2 s to import: --help (answered above) must not wait for it
     from phoclip.evaluation.benchmarks import format_references, format_table, source_slug  # lazy: imports torch
-    from phoclip.evaluation.retrieval import evaluate_shards  # lazy: imports torch
+    from phoclip.evaluation.retrieval import eval_memory_format, evaluate_shards  # lazy: imports torch
     from phoclip_cli.distributed import cleanup, init_distributed, launcher_rank  # lazy: imports torch
 
     init_logger(rank=launcher_rank())
@@ -97,6 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = init_distributed(args.device)
     try:
         model, tok_name = load_encoder(args.model, device=info.device)
+        eval_memory_format(model, info.device)
         size = args.image_size or model.config["vision"].get("image_size", 224)
         if args.benchmark:
             res = evaluate_benchmark(args, model, tok_name, size, info)

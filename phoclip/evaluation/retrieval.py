@@ -2,7 +2,13 @@
 
 Recall is computed in chunks of queries, so a gallery of 100k+ images never needs the
 full similarity matrix in memory. Ties count in the query's favour (rank = number of
-items scoring strictly higher)."""
+items scoring strictly higher).
+
+One protocol for a run's validation and phoclip-eval (`evaluate_shards`): the eval crop
+at the model's image size, EVAL_BATCH_SIZE images per forward with their captions packed,
+the weights' own precision (fp32 for every saved model: no autocast), model.eval(), and
+the tie rule above; so both give the same numbers to the last digit on the CPU
+(docs/evaluation.md names where they can still differ)."""
 from __future__ import annotations
 
 import logging
@@ -13,10 +19,12 @@ from typing import Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from phoclip.models.packing import trim_padding
+from phoclip.data.catalog import count_samples
 from phoclip.data.samples import decode_counted
 from phoclip.data.tar import read_shards
 from phoclip.data.transforms import image_to_tensor
+from phoclip.evaluation import EVAL_BATCH_SIZE
+from phoclip.models.packing import trim_padding
 
 logger = logging.getLogger(__name__)
 
@@ -93,13 +101,31 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     return out
 
 
+def weights_dtype(model) -> Optional[torch.dtype]:
+    """The dtype to autocast an evaluation to: None (plain fp32) where the weights are
+    fp32, whatever precision the run trains in (autocast is a forward mode, not the
+    model); the weights' own dtype where an engine cast them (DeepSpeed fp16, or a
+    "bf16" block), the only precision such a model computes in."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32) \
+        if hasattr(model, "parameters") else torch.float32
+    return None if dtype == torch.float32 else dtype
+
+
+def eval_memory_format(model, device: torch.device) -> None:
+    """The image tower's memory layout of a run's validation under train.channels_last
+    auto (DDP): channels_last on CUDA, as it was trained, so phoclip-eval runs the same
+    kernels; left as it is on the CPU (contiguous, training's default there)."""
+    if device.type == "cuda" and isinstance(getattr(model, "visual", None), torch.nn.Module):
+        model.visual.to(memory_format=torch.channels_last)
+
+
 def chance_recall(n_images: int, k: int) -> float:
     """R@k of a random ranking, in percent."""
     return 100.0 * min(k, n_images) / max(n_images, 1)
 
 
 @torch.no_grad()
-def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_size: int = 64,
+def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_size: int = EVAL_BATCH_SIZE,
                   autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
                   lockstep: bool = False, pack_captions: bool = True, total: Optional[int] = None,
                   progress_every_s: float = 10.0):
@@ -108,6 +134,9 @@ def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_si
 
     progress: log a line every `progress_every_s` seconds (images done / `total` when
     known, rate, time left) and one at the end.
+
+    autocast_dtype: None computes in the weights' precision (`weights_dtype`: fp32 for
+    a saved model and for a DDP run, whatever its train.precision).
 
     pack_captions: a batch's captions go through the text tower packed into rows
     (`PhoCLIP.pack_text`: the same embeddings, about the real tokens computed); models
@@ -120,6 +149,7 @@ def embed_samples(model, samples: Iterable[dict], device: torch.device, batch_si
     from itertools import islice
 
     model.eval()
+    autocast_dtype = autocast_dtype or weights_dtype(model)
     img_f, txt_f, t2i, keys, metas = [], [], [], [], []
     ctx = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype else \
         (lambda: torch.autocast(device.type, enabled=False))
@@ -195,7 +225,7 @@ def gather_counts(counts: Counter, world_size: int) -> Counter:
 
 
 def evaluate_shards(model, urls: list[str], image_size: int, device: torch.device,
-                    rank: int = 0, world_size: int = 1, batch_size: int = 64,
+                    rank: int = 0, world_size: int = 1, batch_size: int = EVAL_BATCH_SIZE,
                     autocast_dtype: Optional[torch.dtype] = None, progress: bool = False,
                     return_embeddings: bool = False, lockstep: bool = False,
                     ids_width: Optional[int] = None, vocab_size: Optional[int] = None,
@@ -204,9 +234,11 @@ def evaluate_shards(model, urls: list[str], image_size: int, device: torch.devic
     samples skipped (by reason, all ranks) are in the result as `skipped`. With
     return_embeddings: (metrics, image features, keys, metas). `lockstep` and
     `pack_captions`: see `embed_samples`. `ids_width`/`vocab_size`: see `decode_ids`.
-    With `progress`, the lines count against this rank's share of the samples (sizes.json)."""
-    from phoclip.data.catalog import count_samples
+    With `progress`, the lines count against this rank's share of the samples (sizes.json).
 
+    The evaluation protocol (module doc): a run's validation and phoclip-eval call this
+    with its defaults for `batch_size`, `autocast_dtype` and `pack_captions`, so the
+    same weights on the same shards give the same numbers."""
     skipped: Counter = Counter()
     total = None
     if progress:
