@@ -8,6 +8,7 @@ import logging
 import time
 
 from phoclip_train.build import close_loader
+from phoclip_train.learning import LearningCheck
 from phoclip_train.run import Run
 from phoclip_train.signals import STUCK_WAIT_S, StoppedWaitingForData, StopSignal  # noqa: F401 (re-exported)
 from phoclip_train.step import StepOutput, device_inputs, read_step, train_step
@@ -26,6 +27,7 @@ class Trainer:
         self.run = run
         self.stop_signal = StopSignal(STUCK_WAIT_S, self.run.checkpointer.latest)
         self.stop_requested = False  # every rank's agreed answer, read on a sync step
+        self.learning = LearningCheck()  # said at the end: a loss that has not moved, recall at chance
 
     # the parts, by their usual names (tests and benchmarks drive single steps)
     cfg = property(lambda self: self.run.cfg)
@@ -72,6 +74,7 @@ class Trainer:
                     r.lock.refresh()
                 if metrics:  # read on this step (see is_sync_step)
                     last = metrics
+                    self.learning.saw(step, metrics)
                 if r.nonfinite.streak >= t.max_nonfinite:
                     self.save()
                     raise NonFiniteError(
@@ -91,6 +94,7 @@ class Trainer:
                 last.update(r.evaluator.run(r.progress.step))
             self.save()
             r.export()
+            self.learning.report(r.evaluator.last_val)
             return last
         finally:
             close_loader(it)
