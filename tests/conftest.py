@@ -57,6 +57,20 @@ def random_caption(rng: random.Random) -> str:
     return " ".join(w.replace("_", " ") for w in rng.sample(CAPTION_WORDS, 5))
 
 
+
+def padded_ids(lengths, width: int = 40, vocab: int = 100, seed: int = 0, pad: int = 1):
+    """Token ids as the shards hold them: caption i is lengths[i] tokens (<s> = 0 first,
+    </s> = 2 last, seeded random ids from [4, vocab) between), padded with `pad` to
+    `width`; a LongTensor of shape (len(lengths), width)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(lengths), width), pad, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(4, vocab, (n,), generator=g)
+        ids[i, 0], ids[i, n - 1] = 0, 2
+    return ids
+
 @pytest.fixture()
 def coco_dataset(tmp_path) -> tuple[Path, Path, dict]:
     """A coco-jsonl source of 24 images with 2 captions each."""

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import phoclip
+from conftest import padded_ids
 from phoclip.models.factory import create_model, load_model
 from phoclip.models.pretrained import model_fingerprint
 
@@ -15,11 +16,9 @@ OFFLINE_TEXT = {
 }
 
 
-def _ids(n=2, L=10, vocab=60):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, vocab, (n, L), generator=g)
-    ids[:, 0], ids[:, -2:] = 0, 1
-    return ids
+def _ids(n=2):
+    """n captions of 8 tokens padded to 10, within the tiny model's 64-token vocabulary."""
+    return padded_ids([8] * n, width=10, vocab=60)
 
 
 def tiny(**kw):
@@ -71,8 +70,7 @@ def test_towers_load_from_local_folders(tmp_path):
         torch.testing.assert_close(m.visual.state_dict()[k], v)
     # the attention mask comes from the pad id: padding must not change the features
     m.eval()
-    ids = _ids(1, 8, 60)
-    ids[0, -2:] = torch.tensor([2, 1])
+    ids = padded_ids([7], width=8, vocab=60)
     longer = torch.cat([ids, torch.ones(1, 5, dtype=torch.long)], 1)
     torch.testing.assert_close(m.encode_text(ids), m.encode_text(longer), rtol=1e-5, atol=1e-5)
 

@@ -6,6 +6,7 @@ trimming and channels_last change nothing but the cost."""
 import pytest
 import torch
 
+from conftest import padded_ids
 from phoclip.models.loss import ClipLoss
 from phoclip.models.factory import create_model
 from phoclip_train.build import build_optimizer
@@ -30,12 +31,9 @@ def ddp_engine(model, fused: bool = True, precision: str = "fp32") -> DDPEngine:
 def batch(n: int = 8, seed: int = 0, width: int = 24, size: int = 64) -> dict:
     """A stream batch: uint8 images, ids padded (pad 1) after captions of varied length."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.ones(n, width, dtype=torch.long)
-    for i in range(n):
-        w = int(torch.randint(4, width - 6, (1,), generator=g))
-        ids[i, :w] = torch.randint(4, 100, (w,), generator=g)
-        ids[i, 0], ids[i, w - 1] = 0, 2
-    return {"images": torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), "input_ids": ids}
+    lengths = torch.randint(4, width - 6, (n,), generator=g).tolist()
+    return {"images": torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+            "input_ids": padded_ids(lengths, width, seed=seed)}
 
 
 def nan_batch(seed: int) -> dict:

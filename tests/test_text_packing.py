@@ -7,21 +7,13 @@ import logging
 import pytest
 import torch
 
+from conftest import padded_ids
 from dist_utils import run_distributed
 from phoclip.models.loss import ClipLoss
 from phoclip.models.factory import create_model
 from phoclip.models.packing import pack_captions, trim_padding
 
 PAD = 1
-
-
-def _ids(lengths, width=40, vocab=100, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.randint(4, vocab, (n,), generator=g)
-        ids[i, 0], ids[i, n - 1] = 0, 2
-    return ids
 
 
 def _lengths(n, seed=0, median=12.0):
@@ -32,7 +24,7 @@ def _lengths(n, seed=0, median=12.0):
 
 
 def test_packing_puts_each_caption_whole_in_one_row():
-    ids = _ids(_lengths(64))
+    ids = padded_ids(_lengths(64))
     p = pack_captions(ids, PAD, "roberta", row_tokens=64)
     rows, P = p.ids.shape
     assert P == 64 and torch.equal(p.lengths, (ids != PAD).sum(1))
@@ -48,14 +40,14 @@ def test_packing_puts_each_caption_whole_in_one_row():
     assert (flat_ids[flat_seg < 0] == PAD).all()
     assert p.computed_tokens < 1.2 * int(p.lengths.sum()) < trim_padding(ids, PAD, 8).numel()
     # a caption longer than the row length widens the rows
-    long = _ids([90, 5, 7], width=96)
+    long = padded_ids([90, 5, 7], width=96)
     assert pack_captions(long, PAD, "roberta", row_tokens=64).ids.shape[1] == 96
 
 
 def test_packing_fills_rows_at_realistic_lengths():
     """PhoBERT caption lengths (median 22, tail to 70) at batch 256: rows as wide as the
     longest caption hold >= 95% real tokens (trimming alone: ~36%)."""
-    ids = _ids(_lengths(256, 1, median=22.0), width=70, vocab=1000)
+    ids = padded_ids(_lengths(256, 1, median=22.0), width=70, vocab=1000)
     p = pack_captions(ids, PAD)
     assert int(p.lengths.sum()) / p.computed_tokens > 0.95
 
@@ -92,7 +84,7 @@ def test_packed_text_tower_gives_the_padded_features_loss_and_gradients(pooling,
     attention: both take the block-diagonal mask)."""
     model = _model(pooling, attn).train()
     assert model.text.config._attn_implementation == attn
-    ids = _ids(_lengths(48))
+    ids = padded_ids(_lengths(48))
     images = torch.randn(48, 3, 32, 32)
     packing = model.pack_text(ids)
     assert packing is not None and packing.computed_tokens < 0.5 * ids.numel()
@@ -109,7 +101,7 @@ def test_pads_inside_captions_stay_pads(pooling, model_type):
     """Hostile ids: a pad inside a caption, a caption that starts with one. Packed, each
     is what it is in the padded row (not a key, not pooled, its position id)."""
     model = _model(pooling, model_type=model_type).train()
-    ids = _ids(_lengths(24, 6))
+    ids = padded_ids(_lengths(24, 6))
     ids[0, 3], ids[1, 0], ids[2, 1:3] = PAD, PAD, PAD
     images = torch.randn(24, 3, 32, 32)
     _assert_same(_loss_and_grads(model, images, ids, None), _loss_and_grads(model, images, ids, model.pack_text(ids)))
@@ -120,7 +112,7 @@ def test_bert_tower_packs_exactly_and_relative_positions_do_not_pack():
     the tower; a tower with relative positions gets no packing (the trimmed batch)."""
     model = _model("mean", model_type="bert").train()
     assert type(model.text).__name__ == "BertModel"
-    ids = _ids(_lengths(32, 2))
+    ids = padded_ids(_lengths(32, 2))
     packing = model.pack_text(ids)
     assert packing is not None and int(packing.positions.min()) == 0
     images = torch.randn(32, 3, 32, 32)
@@ -131,14 +123,14 @@ def test_bert_tower_packs_exactly_and_relative_positions_do_not_pack():
 
 def test_no_packing_where_it_saves_little():
     model = _model("cls")
-    assert model.pack_text(_ids([20] * 16, width=24)) is None  # one length: rows as many as captions
-    assert model.pack_text(_ids([20] * 16, width=40)) is not None  # untrimmed: packing trims them
+    assert model.pack_text(padded_ids([20] * 16, width=24)) is None  # one length: rows as many as captions
+    assert model.pack_text(padded_ids([20] * 16, width=40)) is not None  # untrimmed: packing trims them
     assert model.pack_text(torch.zeros(0, 40, dtype=torch.long)) is None
 
 
 def test_packed_text_tower_under_grad_checkpointing():
     model = _model("cls").train()
-    ids = _ids(_lengths(32, 3))
+    ids = padded_ids(_lengths(32, 3))
     images = torch.randn(32, 3, 32, 32)
     ref = _loss_and_grads(model, images, ids, None)
     model.set_grad_checkpointing(True)
@@ -149,7 +141,7 @@ def test_packed_text_tower_in_bf16_close_to_the_padded_batch():
     """bf16 autocast: packed and padded differ only by bf16 rounding, and are as close to
     the fp32 gradients as each other (the fp32-vs-bf16 check of test_model)."""
     model = _model("mean").train()
-    ids = _ids(_lengths(48, 4))
+    ids = padded_ids(_lengths(48, 4))
     images = torch.randn(48, 3, 32, 32)
     grads = {}
     for name, packing, bf16 in (("fp32", None, False), ("padded", None, True), ("packed", model.pack_text(ids), True)):
@@ -166,7 +158,7 @@ def _ddp_worker(rank, world, pooling):
 
     model = _model(pooling).train()
     ddp = DDP(model)
-    ids = _ids(_lengths(32, seed=rank))  # each rank its own captions (and number of rows)
+    ids = padded_ids(_lengths(32, seed=rank))  # each rank its own captions (and number of rows)
     images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
     loss_fn = ClipLoss(rank=rank, world_size=world)  # negatives from both ranks
     grads = []
@@ -201,7 +193,7 @@ def _deepspeed_worker(rank, world, stage):
                "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                           config=cfg)
-        ids = _ids(_lengths(16, seed=rank))
+        ids = padded_ids(_lengths(16, seed=rank))
         images = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
         packing = model.pack_text(ids) if packed else None
         loss = ClipLoss(rank=rank, world_size=world)(**engine(images, ids, packing))["contrastive_loss"]
@@ -252,7 +244,7 @@ def test_evaluation_embeds_the_same_packed():
 
     model = _model("cls")
     lengths = _lengths(40, 5)
-    samples = [{"key": str(i), "image": torch.randn(3, 64, 64), "ids": _ids(lengths[4 * i:4 * i + 4], seed=i)}
+    samples = [{"key": str(i), "image": torch.randn(3, 64, 64), "ids": padded_ids(lengths[4 * i:4 * i + 4], seed=i)}
                for i in range(10)]
     calls = []
     real = model.encode_text
@@ -275,7 +267,7 @@ def test_compiled_text_tower_packed_matches_eager_with_few_graphs():
     compiled.text.compile()
     shapes = set()
     for seed in range(4):
-        ids = _ids(_lengths(24 + 12 * seed, seed), seed=seed)
+        ids = padded_ids(_lengths(24 + 12 * seed, seed), seed=seed)
         packing = eager.pack_text(ids)
         shapes.add(tuple(packing.ids.shape))
         images = torch.randn(ids.shape[0], 3, 32, 32)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import train_overrides
+from conftest import padded_ids, train_overrides
 from phoclip.models.loss import ClipLoss
 from phoclip.models.factory import create_model
 from phoclip.models.packing import trim_padding
@@ -28,17 +28,11 @@ def _trainer(shapes_shards, tmp_path, **kw):
     return Trainer(build_run(resolve_config("launch/configs/tiny-debug.yaml", over), DistInfo()))
 
 
-def _padded_batch(vocab: int, widths=(5, 9, 3, 12, 7, 4), width: int = 40, pad: int = 1):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.full((len(widths), width), pad, dtype=torch.long)
-    for i, w in enumerate(widths):
-        ids[i, :w] = torch.randint(4, vocab, (w,), generator=g)
-        ids[i, 0], ids[i, w - 1] = 0, 2
-    return ids
+CAPTION_LENGTHS = (5, 9, 3, 12, 7, 4)
 
 
 def test_trim_padding_cuts_after_longest_caption():
-    ids = _padded_batch(100)
+    ids = padded_ids(CAPTION_LENGTHS)
     assert trim_padding(ids, 1).shape[1] == 12
     assert trim_padding(ids, 1, 8).shape[1] == 16
     assert trim_padding(ids, 1, 64).shape[1] == 40  # never wider than the original
@@ -54,7 +48,7 @@ def test_trimmed_batch_gives_padded_loss_and_gradients(pooling):
     torch.manual_seed(0)
     model = create_model("tiny-debug", text={"pooling": pooling, "hf_config": {"vocab_size": 100}})
     model.train()
-    ids = _padded_batch(100)
+    ids = padded_ids(CAPTION_LENGTHS)
     images = torch.randn(ids.shape[0], 3, 64, 64)
     results = []
     for x in (ids, trim_padding(ids, model.pad_id)):
@@ -80,7 +74,7 @@ def test_text_tower_runs_sdpa_and_matches_eager(caplog):
     eager = create_model("tiny-debug", text={"attn_implementation": "eager", "hf_config": {"vocab_size": 100}})
     assert eager.text.config._attn_implementation == "eager"
     eager.load_state_dict(sdpa.state_dict())
-    ids = _padded_batch(100)
+    ids = padded_ids(CAPTION_LENGTHS)
     with torch.no_grad():
         torch.testing.assert_close(sdpa.eval().encode_text(ids), eager.eval().encode_text(ids),
                                    rtol=1e-4, atol=1e-5)
