@@ -5,6 +5,7 @@ segmented or tokenized inside the training loop.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -12,6 +13,8 @@ import os
 import re
 import shutil
 import unicodedata
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence
@@ -193,11 +196,38 @@ def create_segmenter(name: str, vncorenlp_dir: str | None = None) -> Segmenter:
 
 # ----------------------------------------------------------------------------- tokenizer
 
+OFFLINE_TOKENIZER_RECIPE = ("build one from your own captions with build_phobert_tokenizer: "
+                            "docs/sharding.md#offline-a-tokenizer-from-your-own-captions")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Whether the Hugging Face hub ($HF_ENDPOINT, through the proxy settings) answers
+    within `timeout_s`; False at once under HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE. Asked
+    once per process: without a network transformers retries each file for tens of
+    seconds, printing a warning per try, before it fails."""
+    if any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+           for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError) as e:
+        logger.warning("the Hugging Face hub (%s) cannot be reached (%s): hub names are read from the local "
+                       "cache only", endpoint, getattr(e, "reason", e))
+        return False
+    return True
+
+
 def load_tokenizer(name_or_path: str):
     """The PhoBERT tokenizer (or any transformers tokenizer) by hub name or local folder.
     A local folder whose tokenizer_config.json names PhobertTokenizer loads that class
     directly: AutoTokenizer's import chain (generation utilities, scikit-learn) costs
-    seconds per process and gives the same class."""
+    seconds per process and gives the same class. A hub name without a reachable hub is
+    read from the local cache only (`hub_reachable`: seconds, not transformers' retries)."""
     phobert = False
     cfg = Path(name_or_path) / "tokenizer_config.json"
     try:
@@ -208,13 +238,15 @@ def load_tokenizer(name_or_path: str):
         from transformers import PhobertTokenizer as cls
     else:
         from transformers import AutoTokenizer as cls
+    offline = not Path(name_or_path).exists() and not hub_reachable()
     try:
-        return cls.from_pretrained(name_or_path)
+        return cls.from_pretrained(name_or_path, **({"local_files_only": True} if offline else {}))
     except OSError as e:
         raise SetupError(
-            f"cannot load tokenizer {name_or_path!r}: {e}\n"
-            "Pass a local folder holding vocab.txt and bpe.codes (PhoBERT's format), or a hub "
-            "name on a machine that can reach the Hugging Face hub.") from e
+            f"cannot load tokenizer {name_or_path!r}"
+            + (" (the Hugging Face hub cannot be reached and it is not in the local cache)" if offline else f": {e}")
+            + "\nPass a local folder holding vocab.txt and bpe.codes (PhoBERT's format; "
+            f"{OFFLINE_TOKENIZER_RECIPE}), or a hub name on a machine that can reach the Hugging Face hub.") from e
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
