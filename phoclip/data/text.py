@@ -36,10 +36,16 @@ def strip_controls(text: str) -> str:
     """Remove terminal escape sequences and control characters (tabs and newlines stay)."""
     return _CONTROLS.sub("", _ESCAPES.sub("", text))
 
+# py_vncorenlp.download_model needs its folder to exist and, when a download fails, leaves
+# a partial models/ there that its next try refuses: it downloads into a fresh temporary
+# folder, copied to the destination only once complete
+VNCORENLP_DOWNLOAD_LINE = (
+    "python -c \"import shutil, tempfile, py_vncorenlp; t = tempfile.mkdtemp(); "
+    "py_vncorenlp.download_model(save_dir=t); shutil.copytree(t, '/abs/path/vncorenlp', dirs_exist_ok=True)\"")
 VNCORENLP_DOWNLOAD_HINT = (
     "Download the VnCoreNLP word segmenter once with\n"
-    "  python -c \"import py_vncorenlp; py_vncorenlp.download_model(save_dir='/abs/path/vncorenlp')\"\n"
-    "(it needs GitHub access and Java 8+), then pass --vncorenlp-dir /abs/path/vncorenlp "
+    f"  {VNCORENLP_DOWNLOAD_LINE}\n"
+    "(it needs GitHub access, wget and Java 8+), then pass --vncorenlp-dir /abs/path/vncorenlp "
     "(or set VNCORENLP_DIR); or use --segmenter underthesea, which works offline."
 )
 VNCORENLP_ENV = "VNCORENLP_DIR"
