@@ -1,29 +1,50 @@
-"""The embedding index: a folder of fp16 embeddings (`images.npy`, `captions.npy`), one
-JSON line per item (`images.jsonl`, `captions.jsonl`) and `index.json` with the model's
-fingerprint: searching with another model is refused, since its embeddings would live
-in another space. Exact top-k (chunked matmul) or FAISS. Rows that are not finite unit
-vectors (a damaged file) are counted and skipped at load, with a warning: a NaN row would
-otherwise be rank 1 for every query, and its score is not even JSON."""
+"""The embedding index: a folder of parts in clip-retrieval's layout (`phoclip.search.parts`:
+float16 embeddings and parquet metadata per part), `index.json` naming the model (its
+fingerprint: searching with another model is refused, its embeddings would live in another
+space), the parts in use and the current version of the search structure
+(`versions/<version>/`: faiss files, or nothing for exact search).
+
+Everything is memory-mapped and read lazily: opening an index reads index.json and each
+part's .npy header and parquet footer, never the vectors. A writer (a build, an add)
+writes a new version folder completely, then replaces index.json atomically; a reader opens
+index.json once and then only the version it names, so it sees the old index or the new
+one, never a torn one (`reload_if_changed` switches between them).
+
+Rows that are not finite unit vectors (a damaged file) are counted and never returned: a
+NaN row would otherwise be rank 1 for every query, and its score is not even JSON."""
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
+import re
+import secrets
+import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from phoclip.fileio import atomic_write_json, fsync_dir, read_regular, real_dir
+from phoclip.search import parts as P
+
 logger = logging.getLogger(__name__)
 
 INDEX_META = "index.json"
+VERSIONS = "versions"
+FORMAT = 2
 PATHS_RELATIVE = "relative to the index folder"  # index.json's `paths`: how item paths and the model are written
 NORM_TOLERANCE = 0.05  # |norm - 1| of a stored row; fp16 rounding stays under 1e-3
 MAX_META_BYTES = 16 << 20  # index.json
-MAX_ITEM_LINE = 1 << 20  # bytes of one line of images.jsonl / captions.jsonl
+MAX_ROW_GROUP_BYTES = 64 << 20  # one metadata row group, decoded: what one item lookup may cost
+RAM_EXACT_BYTES = 1 << 30  # exact search keeps an fp32 copy in memory up to this size, else streams the parts
+CHUNK = 65536  # rows per block of streamed exact search
+KINDS = ("images", "captions")
+_PART = re.compile(r"^\d{1,9}$")
+_VERSION = re.compile(r"^[0-9]{4,9}-[0-9a-f]{8}$")
 
 
 @dataclass
@@ -34,88 +55,125 @@ class Match:
     item: dict
 
 
+class _Version:
+    """What one index.json names: its description, its parts (global ids), the search
+    structures opened lazily. Replaced whole by `reload_if_changed`."""
+
+    def __init__(self, folder: Path, meta: dict, stamp: tuple) -> None:
+        self.folder, self.meta, self.stamp = folder, meta, stamp
+        self.parts: list[P.Part] = []
+        start = cap_start = 0
+        for rec in meta["parts"]:
+            self.parts.append(P.Part(rec["name"], folder, rec["rows"], rec["captions"], start, cap_start))
+            start += rec["rows"]
+            cap_start += rec["captions"]
+        self.starts = {"images": np.array([p.start for p in self.parts] + [start], dtype=np.int64),
+                       "captions": np.array([p.cap_start for p in self.parts] + [cap_start], dtype=np.int64)}
+        self.readers: dict[tuple, P.MetadataReader] = {}
+        self.matrix: dict[str, Optional[torch.Tensor]] = {}
+        self.bad: dict[str, torch.Tensor] = {}
+        self.ann: dict = {}
+        self.lock = threading.Lock()
+
+
 class EmbeddingIndex:
-    """Exact (default) or FAISS search over L2-normalised embeddings."""
+    """Exact or approximate (faiss) search over the memory-mapped parts of an index folder."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
-        meta_f = self.folder / INDEX_META
-        if not meta_f.is_file():
-            raise FileNotFoundError(f"{folder} is not an index (no {INDEX_META}); build one with "
-                                    "launch/build_index.py")
-        from phoclip.fileio import read_regular
-
-        try:  # a regular file under a cap: a FIFO, a device or a huge file is refused unread
-            self.meta = json.loads(read_regular(meta_f, MAX_META_BYTES))
-        except (OSError, ValueError, RecursionError) as e:
-            raise ValueError(f"{meta_f}: unreadable ({type(e).__name__}: {e})") from None
+        self._v = self._open()
         m = self.meta
-        if (not isinstance(m, dict) or not isinstance(m.get("model_fingerprint"), str)
-                or not isinstance(m.get("model"), str) or not _count(m.get("dim"))
-                or not isinstance(m.get("count"), dict)):
-            raise ValueError(f"{meta_f}: not an index description (model_fingerprint, model, dim, count)")
-        m["count"].setdefault("captions", 0)  # an index of images only may not say
-        for kind in ("images", "captions"):
-            if not _count(m["count"].get(kind), zero=True):
-                raise ValueError(f"{meta_f}: count.{kind} must be a non-negative integer, not "
-                                 f"{_short(m['count'].get(kind))}")
-        # paths written relative to the index folder (indexes built since they are): resolved
-        # here, so the index works from any directory and moved together with its images
         self.relative = m.get("paths") == PATHS_RELATIVE
         self.recorded_model = m["model"]
         # where the model was found: "the index folder", "built_in" (the folder the index
         # was built in), "as recorded" (an absolute path), or None: no model there
         m["model"], self.model_found_via = self.resolve_model(m["model"])
-        self._emb: dict[str, torch.Tensor] = {}
-        self._bad: dict[str, torch.Tensor] = {}  # ids of rows skipped at load, per kind
-        self._items: dict[str, list[dict]] = {}
-        self._recorded: dict[str, list[dict]] = {}  # the items' path keys as written
-        self._faiss: dict = {}
+
+    # ---------------------------------------------------------------- opening
+
+    def _open(self) -> _Version:
+        meta_f = self.folder / INDEX_META
+        if not meta_f.is_file():
+            raise FileNotFoundError(f"{self.folder} is not an index (no {INDEX_META}); build one with phoclip-index")
+        try:  # a regular file under a cap: a FIFO, a device or a huge file is refused unread
+            st = os.stat(meta_f)
+            m = json.loads(read_regular(meta_f, MAX_META_BYTES))
+        except (OSError, ValueError, RecursionError) as e:
+            raise ValueError(f"{meta_f}: unreadable ({type(e).__name__}: {e})") from None
+        check_meta(m, meta_f)
+        v = _Version(self.folder, m, (st.st_ino, st.st_mtime_ns, st.st_size))
+        for p in v.parts:  # headers and footers only: the vectors stay on disk
+            f = p.files()
+            rows = P.parquet_rows(f[P.META])
+            if rows != p.rows:
+                raise ValueError(f"{f[P.META]}: {rows} rows, but {INDEX_META} says part {p.name} has {p.rows}; "
+                                 "the index is damaged: rebuild it")
+            p.embeddings("images", m["dim"])
+            if p.captions:
+                p.embeddings("captions", m["dim"])
+                if f[P.TEXT_META].exists() and P.parquet_rows(f[P.TEXT_META]) != p.captions:
+                    raise ValueError(f"{f[P.TEXT_META]}: rows differ from the {p.captions} captions {INDEX_META} "
+                                     f"counts for part {p.name}; the index is damaged: rebuild it")
+        return v
+
+    def reload_if_changed(self) -> bool:
+        """Reopen when index.json names another version (an add finished): True when it
+        switched. Cheap (one stat) when nothing changed; a new index.json that does not open
+        keeps the old version serving (logged)."""
+        try:
+            st = os.stat(self.folder / INDEX_META)
+        except OSError:
+            return False
+        if (st.st_ino, st.st_mtime_ns, st.st_size) == self._v.stamp:
+            return False
+        try:
+            new = self._open()
+        except (ValueError, OSError) as e:
+            logger.error("%s changed but does not open (%s): still serving version %s", self.folder / INDEX_META,
+                         e, self.version)
+            self._v.stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            return False
+        if new.meta.get("version") == self.version:
+            self._v.stamp = new.stamp
+            return False
+        new.meta["model"] = self.meta["model"]
+        old, self._v = self._v, new
+        logger.info("%s: version %s -> %s (%d images)", self.folder, old.meta.get("version"), self.version,
+                    self.count("images"))
+        return True
+
+    # ---------------------------------------------------------------- description
+
+    @property
+    def meta(self) -> dict:
+        return self._v.meta
 
     @property
     def fingerprint(self) -> str:
         return self.meta["model_fingerprint"]
 
-    def embeddings(self, kind: str) -> torch.Tensor:
-        """The [N, dim] fp32 embeddings of `kind` ("images" or "captions"), loaded and
-        checked once; rows listed by `bad_ids` are zeroed and never returned by `search`."""
-        if kind not in self._emb:
-            f = self.folder / f"{kind}.npy"
-            if not f.is_file():
-                raise FileNotFoundError(f"index {self.folder} has no {kind} (built from "
-                                        f"{self.meta.get('source')}); rebuild it from shards "
-                                        "to search captions")
-            try:
-                # memory-mapped first: a header claiming more rows than the file holds is
-                # refused here, not allocated
-                a = np.load(f, allow_pickle=False, mmap_mode="r")
-            except Exception as e:  # noqa: BLE001 -- numpy's header parser raises ValueError,
-                # SyntaxError, tokenize.TokenError (an unclosed bracket)...: one refusal for all
-                raise ValueError(f"{f}: not a readable embedding array ({type(e).__name__}: {e})") from None
-            want = self.meta["count"].get(kind)
-            if a.ndim != 2 or a.shape[1] != self.meta["dim"] or a.shape[0] != want or a.dtype.kind != "f":
-                raise ValueError(f"{f}: shape {a.shape} {a.dtype}, but {INDEX_META} says "
-                                 f"{want} x {self.meta['dim']} floats")
-            if len(self.items(kind)) != a.shape[0]:
-                raise ValueError(f"{self.folder / (kind + '.jsonl')}: {len(self.items(kind))} lines for "
-                                 f"{a.shape[0]} embeddings; the index is damaged: rebuild it")
-            # fp16 on disk; fp32 in memory on CPU, where fp16 matmuls are slow
-            x = torch.from_numpy(np.array(a, dtype=np.float32))
-            self._bad[kind] = _bad_rows(x, f)
-            self._emb[kind] = x
-        return self._emb[kind]
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
 
-    def bad_ids(self, kind: str) -> torch.Tensor:
-        """Ids of the rows of `kind` that were not finite unit vectors at load (skipped)."""
-        self.embeddings(kind)
-        return self._bad[kind]
+    @property
+    def version(self) -> Optional[str]:
+        return self.meta.get("version")
+
+    def count(self, kind: str = "images") -> int:
+        """How many rows of `kind` the index holds (skipped rows included)."""
+        return int(self.meta["count"].get(kind, 0))
+
+    def search_info(self, kind: str = "images") -> dict:
+        """What index.json records of `kind`'s search structure ({"type": "exact"} or faiss's choice)."""
+        return dict(self.meta.get("search", {}).get(kind) or {"type": "exact"})
+
+    # ---------------------------------------------------------------- paths and the model
 
     def resolve_path(self, p: str) -> str:
         """A path the index recorded, as usable from here: relative paths are read against
         the index folder where that exists, else against where the index was built
-        (`built_in`: the images stayed, the index moved); absolute paths, URLs and paths
-        of an index written before paths were relative (they were relative to the
-        builder's working directory) are kept as written."""
+        (`built_in`: the images stayed, the index moved); absolute paths and URLs as written."""
         places = self.candidates(p)
         return next((c for c in places if os.path.exists(c)), places[0])
 
@@ -141,28 +199,18 @@ class EmbeddingIndex:
 
     def image_roots(self) -> list[str]:
         """The folders pictures of this index may be read from by default: the index
-        folder and the images folder recorded at build time (`images_root`; an index
-        written before it was recorded: its `source` when that is a folder here, else the
-        folder holding its images). A folder less than two levels deep (/, /home) is
-        never one: such an index's pictures outside its folder need serve --images-root."""
+        folder and the images folder recorded at build time (`images_root`). A folder less
+        than two levels deep (/, /home) is never one: such an index's pictures outside its
+        folder need serve --images-root."""
         roots = [os.path.abspath(self.folder)]
-        if "images_root" in self.meta:
-            rec = self.meta["images_root"]
-            root = os.path.abspath(self.resolve_path(rec)) if isinstance(rec, str) and rec else None
-        else:
-            root = _images_root(self.meta.get("source"), self.items("images"))
+        rec = self.meta.get("images_root")
+        root = os.path.abspath(self.resolve_path(rec)) if isinstance(rec, str) and rec else None
         if root is not None and _deep_enough(root):
             roots.append(root)
         elif root is not None:
             logger.warning("%s: the images folder %s is too broad to serve pictures from by default; "
                            "name the folders with --images-root", self.folder / INDEX_META, root)
         return roots
-
-    def recorded(self, kind: str, i: int) -> dict:
-        """Item `i` of `kind`'s path keys as the index recorded them (relative to the index
-        folder): what may be shown to others, where the resolved paths are local."""
-        self.items(kind)
-        return self._recorded[kind][i]
 
     def candidates(self, p: str) -> list[str]:
         """Where a recorded path may be, in the order `resolve_path` tries them."""
@@ -174,46 +222,9 @@ class EmbeddingIndex:
             places.append(os.path.normpath(os.path.join(built, p)))
         return places
 
-    def items(self, kind: str) -> list[dict]:
-        """The JSON item of each row of `kind`; its `path` and local `shard` usable from here."""
-        if kind not in self._items:
-            from phoclip.data.remote import open_local
-
-            f = self.folder / f"{kind}.jsonl"
-            want = self.meta["count"][kind]
-            out, recorded = [], []
-            try:
-                # a regular file only, opened without blocking (a FIFO would hang the
-                # service's start), read a line of at most MAX_ITEM_LINE bytes at a time
-                # and at most one line more than index.json counts (/dev/zero never ends)
-                with open_local(str(f)) as fh:
-                    while len(out) <= want:
-                        line = fh.readline(MAX_ITEM_LINE + 1)
-                        if not line:
-                            break
-                        if len(line) > MAX_ITEM_LINE:
-                            raise ValueError(f"line {len(out) + 1} is over {MAX_ITEM_LINE} bytes")
-                        it = json.loads(line)
-                        if not isinstance(it, dict):
-                            raise ValueError(f"line {len(out) + 1} is not an object")
-                        recorded.append({k: it.get(k) for k in _path_keys(it)})
-                        for k in _path_keys(it):
-                            if isinstance(it.get(k), str):
-                                it[k] = self.resolve_path(it[k])
-                        out.append(it)
-                    more = len(out) > want and bool(fh.readline(1))
-            except (OSError, ValueError, RecursionError) as e:
-                raise ValueError(f"{f}: unreadable ({type(e).__name__}: {e})") from None
-            if len(out) > want:  # counted up to one line over, not read to the end
-                raise ValueError(f"{f}: {'over ' if more else ''}{len(out)} lines for {want} embeddings "
-                                 f"({INDEX_META}'s count); the index is damaged: rebuild it")
-            self._items[kind] = out
-            self._recorded[kind] = recorded
-        return self._items[kind]
-
     def check_model(self, model) -> None:
         """Refuse a model other than the one that built the index (fingerprint, width)."""
-        from phoclip.models.pretrained import model_fingerprint
+        from phoclip.models.pretrained import model_fingerprint  # lazy: opening an index needs no model code
 
         fp = getattr(model, "fingerprint", None) or model_fingerprint(model)  # ONNX: recorded at export
         if fp != self.fingerprint:
@@ -221,39 +232,361 @@ class EmbeddingIndex:
                              f"({self.meta.get('model')}), not {fp}: rebuild the index or search "
                              "with the model that built it")
         dim = model.config.get("embed_dim")
-        if dim != self.meta["dim"]:
-            raise ValueError(f"index {self.folder} holds {self.meta['dim']}-wide embeddings, the model "
+        if dim != self.dim:
+            raise ValueError(f"index {self.folder} holds {self.dim}-wide embeddings, the model "
                              f"makes {dim}-wide ones: rebuild the index with this model")
 
-    def search(self, queries: torch.Tensor, k: int = 25, kind: str = "images",
-               backend: str = "exact", chunk: int = 262144) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k scores and ids for each query row; exact by default. Rows skipped at
-        load are never returned (fewer than k results when fewer good rows exist)."""
-        emb = self.embeddings(kind)
-        bad = self._bad[kind]
-        q = queries.float()
-        k = min(k, emb.shape[0] - len(bad))
+    # ---------------------------------------------------------------- items (lazy)
+
+    def _locate(self, v: _Version, kind: str, i: int) -> tuple[P.Part, int]:
+        starts = v.starts[kind]
+        if not 0 <= i < starts[-1]:
+            raise IndexError(f"index {self.folder}: no {kind} id {i}")
+        j = int(np.searchsorted(starts, i, side="right")) - 1
+        return v.parts[j], i - int(starts[j])
+
+    def _row(self, v: _Version, kind: str, part: P.Part, r: int) -> dict:
+        f = part.files()
+        path = f[P.META] if kind == "images" or not f[P.TEXT_META].exists() else f[P.TEXT_META]
+        key = (kind, part.name)
+        with v.lock:
+            rd = v.readers.get(key)
+            if rd is None:
+                rd = v.readers[key] = P.MetadataReader(path, max_group_bytes=MAX_ROW_GROUP_BYTES)
+        return rd.row(r)
+
+    def raw_item(self, kind: str, i: int) -> dict:
+        """Item `i` of `kind` as stored (paths as recorded)."""
+        v = self._v
+        part, r = self._locate(v, kind, i)
+        row = dict(self._row(v, kind, part, r))
+        if kind == "captions":
+            if "image_row" in row:  # ours: which image of the part it describes
+                ir = row.pop("image_row")
+                row["image"] = part.start + int(ir) if isinstance(ir, int) and 0 <= ir < part.rows else None
+            else:  # clip-retrieval: row-aligned with the images
+                row = {"caption": row.get("caption"), "image_key": row.get("key") or row.get("image_path"),
+                       "image": part.start + r}
+            return row
+        row.setdefault("image_path", None)
+        row["path"] = row.pop("image_path") or ""
+        row["key"] = row.get("key") or row["path"]
+        for k in ("caption", "url", "source", "shard"):
+            row[k] = row.get(k) or ""
+        return row
+
+    def item(self, kind: str, i: int) -> dict:
+        """Item `i` of `kind`: images {key, path, source, shard, caption, url, ...} with
+        their local `path`/`shard` usable from here; captions {caption, image_key, image}."""
+        it = self.raw_item(kind, i)
+        if kind == "images":
+            for k in _path_keys(it):
+                if isinstance(it.get(k), str):
+                    it[k] = self.resolve_path(it[k])
+        return it
+
+    def items_for(self, kind: str, ids: Sequence[int]) -> list[dict]:
+        """The items of `ids` (read a row group at a time; the whole metadata never is)."""
+        return [self.item(kind, int(i)) for i in ids]
+
+    def recorded(self, kind: str, i: int) -> dict:
+        """Item `i` of `kind`'s path keys as the index recorded them (relative to the index
+        folder): what may be shown to others, where the resolved paths are local."""
+        it = self.raw_item(kind, i)
+        return {k: it.get(k) for k in _path_keys(it)}
+
+    def items(self, kind: str) -> list[dict]:
+        """Every item of `kind` (small indices, the tags listing and the projector; large
+        ones use `item`/`items_for`)."""
+        return self.items_for(kind, range(self.count(kind)))
+
+    # ---------------------------------------------------------------- vectors
+
+    def _parts_of(self, v: _Version, kind: str) -> list[tuple[int, np.ndarray]]:
+        out = []
+        for p in v.parts:
+            n = p.rows if kind == "images" else p.captions
+            if n:
+                out.append((p.start if kind == "images" else p.cap_start, p.embeddings(kind, self.dim)))
+        return out
+
+    def _check_kind(self, kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+        if kind == "captions" and self.count("captions") == 0:
+            raise FileNotFoundError(f"index {self.folder} has no captions (built from {self.meta.get('source')}); "
+                                    "rebuild it from shards to search captions")
+
+    def vectors(self, kind: str, ids: Sequence[int]) -> np.ndarray:
+        """float32 rows of `ids` read from the memory-mapped parts."""
+        v = self._v
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        for j, i in enumerate(ids):
+            part, r = self._locate(v, kind, int(i))
+            out[j] = part.embeddings(kind, self.dim)[r]
+        return out
+
+    def _in_ram(self, v: _Version, kind: str) -> Optional[torch.Tensor]:
+        """The fp32 matrix of `kind` when it fits RAM_EXACT_BYTES (bad rows zeroed), else None."""
+        with v.lock:
+            if kind not in v.matrix:
+                n = self.count(kind)
+                if n * self.dim * 4 > RAM_EXACT_BYTES:
+                    v.matrix[kind] = None
+                else:
+                    x = torch.zeros(n, self.dim)
+                    for start, a in self._parts_of(v, kind):
+                        x[start:start + a.shape[0]] = torch.from_numpy(np.asarray(a, dtype=np.float32))
+                    v.bad[kind] = _bad_rows(x, self.folder / P.IMG if kind == "images" else self.folder / P.TEXT)
+                    v.matrix[kind] = x
+            return v.matrix[kind]
+
+    def embeddings(self, kind: str) -> torch.Tensor:
+        """The [N, dim] fp32 embeddings of `kind` in memory, rows listed by `bad_ids`
+        zeroed: for indices that fit RAM_EXACT_BYTES (tags, maps, similar items)."""
+        self._check_kind(kind)
+        x = self._in_ram(self._v, kind)
+        if x is None:
+            raise ValueError(f"index {self.folder}: {self.count(kind)} {kind} do not fit in memory as one matrix; "
+                             "use search() or vectors()")
+        return x
+
+    def bad_ids(self, kind: str) -> torch.Tensor:
+        """Ids of the rows of `kind` that are not finite unit vectors (never returned)."""
+        self._check_kind(kind)
+        v = self._v
+        if kind not in v.bad:
+            if self._in_ram(v, kind) is None:
+                bad = []
+                for start, a in self._parts_of(v, kind):
+                    for s in range(0, a.shape[0], CHUNK):
+                        ok = _ok_rows(torch.from_numpy(np.asarray(a[s:s + CHUNK], dtype=np.float32)))
+                        bad.append((~ok).nonzero().flatten() + start + s)
+                v.bad[kind] = torch.cat(bad) if bad else torch.empty(0, dtype=torch.long)
+        return v.bad[kind]
+
+    # ---------------------------------------------------------------- search
+
+    def topk(self, queries, k: int = 25, kind: str = "images", backend: str = "auto",
+             rerank: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k scores and ids ([q, k'] tensors, k' <= k) for each query row. `backend`:
+        "auto" (what index.json chose), "exact" or "faiss" (the same; exact through faiss
+        where no approximate index was built). Bad rows are never returned."""
+        self._check_kind(kind)
+        v = self._v
+        q = torch.as_tensor(np.asarray(queries, dtype=np.float32) if not torch.is_tensor(queries) else queries).float()
+        if q.ndim == 1:
+            q = q[None]
+        if q.shape[1] != self.dim:
+            raise ValueError(f"queries are {q.shape[1]}-wide, the index {self.folder} is {self.dim}-wide")
+        k = min(int(k), self.count(kind))
         if k <= 0:
             return torch.empty(q.shape[0], 0), torch.empty(q.shape[0], 0, dtype=torch.long)
-        # fetch enough that k good rows remain after dropping any skipped ones
-        kk = k + len(bad)
-        s, i = self._search_faiss(q, kk, kind) if backend == "faiss" else exact_topk(q, emb, kk, chunk)
-        if len(bad):
-            keep = ~torch.isin(i, bad)
-            order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]
-            s, i = s.gather(1, order), i.gather(1, order)
-        return s, i
+        info = self.search_info(kind)
+        if backend in ("auto", "ann") and info.get("type") == "faiss":
+            from phoclip.search import ann  # lazy: faiss loads only for an index that uses it
 
-    def _search_faiss(self, q, k, kind):
-        import faiss
+            index = self._ann(v, kind, info)
+            s, i = ann.search(index, q.numpy(), k, info, self._rerank_fn(kind) if rerank is not False and
+                              (rerank or info.get("rerank")) else None)
+            return torch.from_numpy(s), torch.from_numpy(i)
+        return self._exact(v, kind, q, k)
 
-        if kind not in self._faiss:
-            emb = self.embeddings(kind).numpy()
-            ix = faiss.IndexFlatIP(emb.shape[1])
-            ix.add(emb)
-            self._faiss[kind] = ix
-        s, i = self._faiss[kind].search(np.ascontiguousarray(q.numpy()), k)
-        return torch.from_numpy(s), torch.from_numpy(i)
+    def _rerank_fn(self, kind: str):
+        def fn(ids: np.ndarray) -> np.ndarray:
+            return self.vectors(kind, ids.tolist())
+        return fn
+
+    def _ann(self, v: _Version, kind: str, info: dict):
+        from phoclip.search import ann  # lazy: faiss loads only for an index that uses it
+
+        with v.lock:
+            if kind not in v.ann:
+                v.ann[kind] = ann.open_index(self.folder / VERSIONS / self.version, info, self.count(kind), self.dim)
+            return v.ann[kind]
+
+    def _exact(self, v: _Version, kind: str, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._in_ram(v, kind)
+        if x is not None:
+            bad = v.bad[kind]
+            k = min(k, x.shape[0] - len(bad))
+            if k <= 0:
+                return torch.empty(q.shape[0], 0), torch.empty(q.shape[0], 0, dtype=torch.long)
+            kk = min(k + len(bad), x.shape[0])
+            s, i = exact_topk(q, x, kk)
+            return _drop(s, i, bad, k)
+        best_s = torch.full((q.shape[0], 0), float("-inf"))
+        best_i = torch.empty((q.shape[0], 0), dtype=torch.long)
+        for start, a in self._parts_of(v, kind):
+            for s0 in range(0, a.shape[0], CHUNK):
+                blk = torch.from_numpy(np.asarray(a[s0:s0 + CHUNK], dtype=np.float32))
+                sc = q @ blk.T
+                sc[:, ~_ok_rows(blk)] = float("-inf")
+                ts, ti = sc.topk(min(k, sc.shape[1]), dim=1)
+                cs, ci = torch.cat([best_s, ts], 1), torch.cat([best_i, ti + start + s0], 1)
+                best_s, o = cs.topk(min(k, cs.shape[1]), dim=1)
+                best_i = ci.gather(1, o)
+        keep = torch.isfinite(best_s).all(0)  # a column of -inf: fewer good rows than k
+        return best_s[:, keep], best_i[:, keep]
+
+    def search(self, queries, k: int = 25, kind: str = "images", backend: str = "auto",
+               rerank: Optional[bool] = None) -> list[list[Match]]:
+        """The k best items of `kind` for each query row ([q, dim] tensor or array)."""
+        s, i = self.topk(queries, k, kind, backend, rerank)
+        return [[Match(r + 1, float(s[a, r]), int(i[a, r]), self.item(kind, int(i[a, r]))) for r in range(s.shape[1])]
+                for a in range(s.shape[0])]
+
+
+def open_index(path: str | os.PathLike) -> EmbeddingIndex:
+    """Open an index folder (memory-mapped: the vectors stay on disk)."""
+    return EmbeddingIndex(path)
+
+
+# ---------------------------------------------------------------- index.json
+
+
+def check_meta(m, where: Path) -> None:
+    """Refuse an index.json that does not describe an index, in one line naming it."""
+    if (not isinstance(m, dict) or not isinstance(m.get("model_fingerprint"), str)
+            or not isinstance(m.get("model"), str) or not _count(m.get("dim"))
+            or not isinstance(m.get("count"), dict)):
+        raise ValueError(f"{where}: not an index description (model_fingerprint, model, dim, count)")
+    if m.get("format") != FORMAT or not isinstance(m.get("parts"), list):
+        raise ValueError(f"{where}: not a format-{FORMAT} index (parts in clip-retrieval's layout); "
+                         "rebuild it with this version's phoclip-index")
+    m["count"].setdefault("captions", 0)  # an index of images only may not say
+    for kind in KINDS:
+        if not _count(m["count"].get(kind), zero=True):
+            raise ValueError(f"{where}: count.{kind} must be a non-negative integer, not {_short(m['count'].get(kind))}")
+    if m["dim"] > 65536:
+        raise ValueError(f"{where}: dim {m['dim']} is not an embedding width")
+    names, sums = set(), {"images": 0, "captions": 0}
+    for rec in m["parts"]:
+        if (not isinstance(rec, dict) or not isinstance(rec.get("name"), str) or not _PART.match(rec["name"])
+                or not _count(rec.get("rows"), zero=True) or not _count(rec.get("captions", 0), zero=True)):
+            raise ValueError(f"{where}: a part is not {{name: digits, rows, captions}}: {_short(rec)}")
+        if rec["name"] in names:
+            raise ValueError(f"{where}: part {rec['name']} listed twice")
+        names.add(rec["name"])
+        rec.setdefault("captions", 0)
+        sums["images"] += rec["rows"]
+        sums["captions"] += rec["captions"]
+    for kind in KINDS:
+        if sums[kind] != m["count"][kind]:
+            raise ValueError(f"{where}: the parts hold {sums[kind]} {kind}, count.{kind} says {m['count'][kind]}")
+    version = m.get("version")
+    if version is not None and (not isinstance(version, str) or not _VERSION.match(version)):
+        raise ValueError(f"{where}: version {_short(version)} is not a version name")
+    search = m.get("search", {})
+    if not isinstance(search, dict) or any(not isinstance(s, dict) for s in search.values()):
+        raise ValueError(f"{where}: search must map kinds to descriptions")
+    if any(s.get("type") == "faiss" for s in search.values()) and version is None:
+        raise ValueError(f"{where}: a faiss search structure without a version folder")
+
+
+def new_version(folder: Path, previous: Optional[str]) -> str:
+    """The name of the next version folder: a sequence number and a random tail."""
+    seq = int(previous.split("-")[0]) + 1 if previous else 1
+    return f"{seq:04d}-{secrets.token_hex(4)}"
+
+
+def publish(folder: Path, meta: dict) -> None:
+    """Replace index.json atomically (its version folder written and fsynced before), then
+    remove version folders named neither by it nor by the one it replaces (a reader that
+    opened the previous one keeps its files for one more version)."""
+    old = None
+    try:
+        old = json.loads(read_regular(folder / INDEX_META, MAX_META_BYTES)).get("version")
+    except (OSError, ValueError, AttributeError):
+        pass
+    check_meta(json.loads(json.dumps(meta)), folder / INDEX_META)
+    atomic_write_json(folder / INDEX_META, meta, indent=2)
+    keep = {meta.get("version"), old}
+    vdir = folder / VERSIONS
+    if vdir.is_dir():
+        for d in vdir.iterdir():
+            if d.name not in keep and _VERSION.match(d.name):
+                shutil.rmtree(d, ignore_errors=True)
+
+
+def index_meta(model, model_name: str, home: str, source: str, images_root: Optional[str]) -> dict:
+    """The model and provenance fields of index.json (paths relative to `home`)."""
+    from phoclip.models.pretrained import model_fingerprint  # lazy: reading an index needs no model code
+
+    return {"format": FORMAT, "model_fingerprint": getattr(model, "fingerprint", None) or model_fingerprint(model),
+            "model": _relative(model_name, home), "paths": PATHS_RELATIVE, "built_in": home,
+            "images_root": _relative(images_root, home), "dim": int(model.config["embed_dim"]), "source": source}
+
+
+def write_index(folder: str | os.PathLike, model, model_name: str, images: Optional[torch.Tensor],
+                image_items: list[dict], captions: Optional[torch.Tensor] = None,
+                caption_items: Optional[list[dict]] = None, source: str = "") -> Path:
+    """Write a small index in one part with exact search, whole or not at all: into a
+    temporary folder beside it, then renamed over the old index. Items are
+    {key, path, source, shard, caption, url} for images and {caption, image_key, image} for
+    captions; local paths are written relative to the index folder, with the folder's
+    absolute path at build time (`built_in`), so that the index works from any directory
+    and when moved with its images (`EmbeddingIndex.resolve_path`)."""
+    import tempfile
+
+    out = Path(folder)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / INDEX_META).is_file())):
+        raise ValueError(f"{out} exists and is not an index: refusing to replace it (choose an "
+                         "empty or new --out folder)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a new folder under a random name (mkdtemp: created exclusively, never a planted link)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    home = os.path.abspath(out)
+    try:
+        img = images if images is not None else torch.zeros(0, int(model.config["embed_dim"]))
+        if len(image_items) != img.shape[0]:
+            raise ValueError(f"{len(image_items)} images items for {img.shape[0]} embeddings")
+        if captions is not None and len(caption_items or []) != captions.shape[0]:
+            raise ValueError(f"{len(caption_items or [])} captions items for {captions.shape[0]} embeddings")
+        name = P.part_name(0)
+        with P.PartWriter(tmp, name, img.shape[1], captions is not None) as w:
+            w.add(img.to(torch.float16).numpy(), image_rows(image_items, home),
+                  None if captions is None else captions.to(torch.float16).numpy(),
+                  caption_rows(caption_items or [], image_items, 0))
+            rec = w.close({"source": source, "part": 0, "of": 1})
+        meta = index_meta(model, model_name, home, source, _images_root(source, image_items))
+        meta.update(count={"images": rec["rows"], "captions": rec["captions"]},
+                    parts=[P.check_part(tmp, name, meta["dim"])], version=new_version(tmp, None),
+                    search={k: {"type": "exact"} for k in KINDS})
+        real_dir(tmp / VERSIONS / meta["version"])
+        atomic_write_json(tmp / INDEX_META, meta, indent=2)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.with_name(f".{out.name}.old.{secrets.token_hex(8)}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(out.parent)
+    return out
+
+
+def image_rows(items: Sequence[dict], home: str) -> list[dict]:
+    """Items as metadata rows: `image_path` (the item's `path`) and `shard` relative to `home`."""
+    rows = []
+    for it in items:
+        keys = _path_keys(it)
+        r = {k: (_relative(v, home) if k in keys else v) for k, v in it.items()}
+        r["image_path"] = r.pop("path", None)
+        rows.append(r)
+    return rows
+
+
+def caption_rows(caption_items: Sequence[dict], image_items: Sequence[dict], first_image: int) -> list[dict]:
+    """Caption items as text_metadata rows: their image as a row of this part."""
+    return [{"caption": c.get("caption"), "image_key": c.get("image_key"),
+             "image_row": int(c["image"]) - first_image if isinstance(c.get("image"), int) else None}
+            for c in caption_items]
+
+
+# ---------------------------------------------------------------- helpers
 
 
 def _count(v, zero: bool = False) -> bool:
@@ -269,7 +602,7 @@ def _short(v) -> str:
 def _is_model(path: str) -> bool:
     """Whether `path` holds a model `phoclip.models.loading.load_encoder` can load: a model
     folder, a run folder (its model/ or checkpoints/), a checkpoint, an ONNX export."""
-    from phoclip.models.loading import model_folder
+    from phoclip.models.loading import model_folder  # lazy: opening an index needs no model code
 
     p = Path(path)
     try:
@@ -279,21 +612,33 @@ def _is_model(path: str) -> bool:
         return False
 
 
-def _bad_rows(x: torch.Tensor, f: Path, chunk: int = 65536) -> torch.Tensor:
+def _ok_rows(x: torch.Tensor) -> torch.Tensor:
+    """Which rows are finite unit vectors."""
+    norm = torch.linalg.vector_norm(x, dim=1)  # NaN or inf for a non-finite row
+    return torch.isfinite(norm) & ((norm - 1).abs() <= NORM_TOLERANCE)
+
+
+def _bad_rows(x: torch.Tensor, where: Path, chunk: int = CHUNK) -> torch.Tensor:
     """Ids of rows that are not finite unit vectors (zeroed in place), with one warning."""
     bad = []
     for s in range(0, x.shape[0], chunk):
-        part = x[s:s + chunk]
-        norm = torch.linalg.vector_norm(part, dim=1)  # NaN or inf for a non-finite row
-        ok = torch.isfinite(norm) & ((norm - 1).abs() <= NORM_TOLERANCE)
-        bad.append((~ok).nonzero().flatten() + s)
+        bad.append((~_ok_rows(x[s:s + chunk])).nonzero().flatten() + s)
     ids = torch.cat(bad) if bad else torch.empty(0, dtype=torch.long)
     if len(ids):
         x[ids] = 0
         logger.warning("%s: %d of %d rows are not finite unit vectors (ids %s%s): skipped, they are "
-                       "never returned; rebuild the index to search them", f, len(ids), x.shape[0],
+                       "never returned; rebuild the index to search them", where, len(ids), x.shape[0],
                        ", ".join(map(str, ids[:5].tolist())), ", ..." if len(ids) > 5 else "")
     return ids
+
+
+def _drop(s: torch.Tensor, i: torch.Tensor, bad: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Results without the ids in `bad`, at most k per query."""
+    if len(bad):
+        keep = ~torch.isin(i, bad)
+        order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]
+        s, i = s.gather(1, order), i.gather(1, order)
+    return s[:, :k], i[:, :k]
 
 
 def exact_topk(q: torch.Tensor, emb: torch.Tensor, k: int, chunk: int = 262144):
@@ -313,59 +658,7 @@ def exact_topk(q: torch.Tensor, emb: torch.Tensor, k: int, chunk: int = 262144):
     return best_s, best_i
 
 
-def write_index(folder: str | os.PathLike, model, model_name: str, images: Optional[torch.Tensor],
-                image_items: list[dict], captions: Optional[torch.Tensor] = None,
-                caption_items: Optional[list[dict]] = None, source: str = "") -> Path:
-    """Write an index folder (fp16 embeddings + items + fingerprint), whole or not at all:
-    into a temporary folder beside it, fsynced, then renamed over the old index. The
-    model's path and the items' local `path`/`shard` are written relative to the index
-    folder, with the folder's absolute path at build time (`built_in`), so that the index
-    works from any directory and when moved with its images (`EmbeddingIndex.resolve_path`)."""
-    import shutil
-
-    from phoclip.fileio import atomic_write_bytes, atomic_write_json, fsync_dir
-    from phoclip.models.pretrained import model_fingerprint
-
-    out = Path(folder)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / INDEX_META).is_file())):
-        raise ValueError(f"{out} exists and is not an index: refusing to replace it (choose an "
-                         "empty or new --out folder)")
-    import secrets
-    import tempfile
-
-    # a new folder under a random name (mkdtemp: created exclusively, never a planted link)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    home = os.path.abspath(out)
-    for kind, emb, items in (("images", images, image_items), ("captions", captions, caption_items)):
-        if emb is None:
-            continue
-        items = [{k: _relative(v, home) if k in _path_keys(it) else v for k, v in it.items()} for it in items]
-        if len(items) != emb.shape[0]:
-            raise ValueError(f"{len(items)} {kind} items for {emb.shape[0]} embeddings")
-        buf = io.BytesIO()
-        np.save(buf, emb.to(torch.float16).numpy(), allow_pickle=False)
-        atomic_write_bytes(tmp / f"{kind}.npy", buf.getvalue())
-        atomic_write_bytes(tmp / f"{kind}.jsonl", "".join(
-            json.dumps(it, ensure_ascii=False) + "\n" for it in items).encode("utf-8"))
-    meta = {"model_fingerprint": model_fingerprint(model), "model": _relative(model_name, home),
-            "paths": PATHS_RELATIVE, "built_in": home,
-            "images_root": _relative(_images_root(source, image_items), home),
-            "dim": int(model.config["embed_dim"]), "source": source,
-            "count": {"images": 0 if images is None else int(images.shape[0]),
-                      "captions": 0 if captions is None else int(captions.shape[0])}}
-    atomic_write_json(tmp / INDEX_META, meta, indent=2)
-    old = out.with_name(f".{out.name}.old.{secrets.token_hex(8)}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    fsync_dir(out.parent)
-    return out
-
-
-def _images_root(source: str, items: list[dict]) -> Optional[str]:
+def _images_root(source: str, items: Sequence[dict]) -> Optional[str]:
     """The folder the indexed pictures come from: `source` when it is a local folder,
     else the folder holding every item's local file (shards)."""
     if isinstance(source, str) and source and "://" not in source and os.path.isdir(source):

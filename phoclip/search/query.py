@@ -81,13 +81,12 @@ def caption_matches(index: EmbeddingIndex, q: torch.Tensor, k: int, backend: str
                     over_fetch: int = 4) -> list[list[Match]]:
     """The k best captions for each query row, duplicates of a caption's text dropped
     (searched `over_fetch` x k deep, then ranked again)."""
-    s, i = index.search(q, k * over_fetch, "captions", backend)
-    items = index.items("captions")
+    s, i = index.topk(q, k * over_fetch, "captions", backend)
     out = []
     for a in range(s.shape[0]):
         seen, row = set(), []
         for r in range(s.shape[1]):
-            it = items[int(i[a, r])]
+            it = index.item("captions", int(i[a, r]))
             text = " ".join(str(it.get("caption") or "").split()).casefold()
             if text in seen:
                 continue
@@ -100,10 +99,7 @@ def caption_matches(index: EmbeddingIndex, q: torch.Tensor, k: int, backend: str
 
 
 def _matches(index, q, k, kind, backend):
-    s, i = index.search(q, k, kind, backend)
-    items = index.items(kind)
-    return [[Match(r + 1, float(s[a, r]), int(i[a, r]), items[int(i[a, r])]) for r in range(s.shape[1])]
-            for a in range(s.shape[0])]
+    return index.search(q, k, kind, backend)
 
 
 def zero_shot_tags(model, index: EmbeddingIndex, tags: Sequence[str], text_processor,

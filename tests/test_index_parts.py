@@ -1,0 +1,289 @@
+"""An index in parts (clip-retrieval's layout): one part per rank or per job with nothing
+gathered, resume after a kill, --merge, --add (a new version, a failed add leaves the old
+one), --embeddings from another tool's folder, bad parts refused in one line, and the
+approximate index's recall against exact search."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_image, run_torchrun
+from test_serve_hostile import _tiny_model_folder
+
+
+@pytest.fixture(scope="module")
+def env(tiny_tokenizer_dir, tmp_path_factory):
+    """A tiny model (64-wide) and a folder of 12 photos; the one-process index of them."""
+    d = tmp_path_factory.mktemp("parts")
+    _tiny_model_folder(tiny_tokenizer_dir, d / "model")
+    for i in range(12):
+        make_image(d / "photos" / ("a" if i % 2 else "b") / f"p{i:02d}.jpg", i)
+    assert _index(["--model", d / "model", "--images", d / "photos", "--out", d / "one"]) == 0
+    return d
+
+
+def _index(args) -> int:
+    from phoclip_cli import build_index
+
+    return build_index.main([str(a) for a in args])
+
+
+def _top(folder, k=5):
+    from phoclip.search.index import EmbeddingIndex
+
+    ix = EmbeddingIndex(folder)
+    q = torch.from_numpy(ix.vectors("images", [0, 3, 7]))
+    return [[(m.item["path"], round(m.score, 4)) for m in r] for r in ix.search(q, k)]
+
+
+def _paths_topk(folder, q, k=5):
+    from phoclip.search.index import EmbeddingIndex
+
+    ix = EmbeddingIndex(folder)
+    return [[(m.item["path"], round(m.score, 3)) for m in r] for r in ix.search(q, k)]
+
+
+def test_one_process_writes_clip_retrieval_layout(env):
+    from phoclip.search.index import EmbeddingIndex
+
+    one = env / "one"
+    assert (one / "img_emb" / "img_emb_0000.npy").is_file() and (one / "metadata" / "metadata_0000.parquet").is_file()
+    a = np.load(one / "img_emb" / "img_emb_0000.npy", mmap_mode="r")
+    assert a.dtype == np.float16 and a.shape == (12, 64)
+    np.testing.assert_allclose(np.linalg.norm(a.astype(np.float32), axis=1), 1, atol=2e-3)
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(one / "metadata" / "metadata_0000.parquet").to_pylist()
+    assert len(t) == 12 and {"image_path", "caption", "url"} <= set(t[0]) and t[0]["image_path"].startswith("../photos/")
+    ix = EmbeddingIndex(one)
+    assert ix.count("images") == 12 and ix.version and ix.search_info()["type"] == "exact"
+    res = ix.search(torch.from_numpy(ix.vectors("images", [5])), 3)[0]
+    assert res[0].id == 5 and Path(res[0].item["path"]).is_file()
+
+
+def test_parts_as_jobs_resume_and_merge_answer_as_one_process(env, tmp_path, capsys):
+    out = tmp_path / "jobs"
+    base = ["--model", env / "model", "--images", env / "photos", "--out", out]
+    assert _index([*base, "--part", "1", "--of", "3"]) == 0
+    f1 = out / "img_emb" / "img_emb_0001.npy"
+    t1 = f1.stat().st_mtime_ns
+    assert _index([*base, "--part", "0", "--of", "3"]) == 0
+    # a merge before every part is written is refused, naming the missing part
+    assert _index(["--model", env / "model", "--out", out, "--merge"]) == 2
+    assert "part 0002" in capsys.readouterr().err
+    # a killed job leaves temporary files only: the part is not complete, and is written again
+    (out / "metadata" / "metadata_0002.parquet").parent.mkdir(exist_ok=True)
+    (out / "img_emb" / ".img_emb_0002.npy.deadbeef.tmp").write_bytes(b"half")
+    assert _index([*base, "--part", "2", "--of", "3"]) == 0
+    # resumed: part 1 is complete and not computed again
+    capsys.readouterr()
+    assert _index([*base, "--part", "1", "--of", "3"]) == 0
+    assert "complete: skipped" in capsys.readouterr().out and f1.stat().st_mtime_ns == t1
+    assert _index(["--model", env / "model", "--out", out, "--merge"]) == 0
+    assert "indexed 12 images" in capsys.readouterr().out
+    q = torch.from_numpy(np.load(env / "one" / "img_emb" / "img_emb_0000.npy").astype(np.float32)[[0, 3, 7]])
+    assert _paths_topk(out, q) == _paths_topk(env / "one", q)
+
+
+def test_two_ranks_write_two_parts_with_nothing_gathered(env, tmp_path):
+    out = tmp_path / "ranks"
+    r = run_torchrun(2, "launch/build_index.py", ["--model", env / "model", "--images", env / "photos", "--out", out,
+                                                  "--device", "cpu"], timeout=400)
+    assert "indexed 12 images" in r.stdout, r.stdout + r.stderr[-3000:]
+    meta = json.loads((out / "index.json").read_text())
+    assert [p["name"] for p in meta["parts"]] == ["0000", "0001"] and [p["rows"] for p in meta["parts"]] == [6, 6]
+    q = torch.from_numpy(np.load(env / "one" / "img_emb" / "img_emb_0000.npy").astype(np.float32)[[0, 3, 7]])
+    assert _paths_topk(out, q) == _paths_topk(env / "one", q)
+
+
+def test_no_collective_carries_embeddings():
+    src = Path("launch/phoclip_cli/build_index.py").read_text() + Path("phoclip/search/indexing.py").read_text()
+    assert "all_gather" not in src and "gather_embeddings" not in src and "broadcast" not in src
+
+
+def test_add_appends_a_version_and_a_reader_switches(env, tmp_path, capsys):
+    from phoclip.search.index import EmbeddingIndex
+
+    out = tmp_path / "idx"
+    shutil.copytree(env / "one", out)
+    reader = EmbeddingIndex(out)
+    v1 = reader.version
+    for i in range(5):
+        make_image(tmp_path / "more" / f"n{i}.jpg", 100 + i)
+    assert _index(["--model", env / "model", "--images", tmp_path / "more", "--out", out, "--add"]) == 0
+    meta = json.loads((out / "index.json").read_text())
+    assert [p["name"] for p in meta["parts"]] == ["0000", "0001"] and meta["count"]["images"] == 17
+    assert reader.count("images") == 12 and reader.reload_if_changed() and reader.count("images") == 17
+    assert reader.version != v1 and not reader.reload_if_changed()
+    hit = reader.search(torch.from_numpy(reader.vectors("images", [14])), 1)[0][0]
+    assert hit.id == 14 and hit.item["path"].endswith("n2.jpg")
+    # a failed add (a part of another width) leaves the index as it was
+    before = (out / "index.json").read_bytes()
+    bad = tmp_path / "bad"
+    _clip_retrieval_folder(bad, n=4, dim=32)
+    assert _index(["--model", env / "model", "--embeddings", bad, "--out", out, "--add"]) == 2
+    assert "32-wide" in capsys.readouterr().err
+    assert (out / "index.json").read_bytes() == before and EmbeddingIndex(out).count("images") == 17
+
+
+def _clip_retrieval_folder(d: Path, n: int, dim: int, parts: int = 2, seed: int = 0) -> np.ndarray:
+    """What clip_inference writes: img_emb/text_emb float16 and metadata parquet per part."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    for j in range(parts):
+        s, e = bounds[j], bounds[j + 1]
+        for sub in ("img_emb", "text_emb", "metadata"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        np.save(d / "img_emb" / f"img_emb_{j}.npy", x[s:e].astype(np.float16))
+        np.save(d / "text_emb" / f"text_emb_{j}.npy", x[s:e].astype(np.float16))
+        pq.write_table(pa.table({"image_path": [f"/data/img{i}.jpg" for i in range(s, e)],
+                                 "caption": [f"ảnh số {i}" for i in range(s, e)],
+                                 "url": [f"https://example.com/{i}.jpg" for i in range(s, e)]}),
+                       d / "metadata" / f"metadata_{j}.parquet")
+    return x
+
+
+def test_embeddings_from_clip_retrieval_layout(env, tmp_path, capsys):
+    from phoclip.search.index import EmbeddingIndex
+
+    src = tmp_path / "clip_out"
+    x = _clip_retrieval_folder(src, n=30, dim=64)
+    out = tmp_path / "idx"
+    assert _index(["--model", env / "model", "--embeddings", src, "--out", out]) == 0
+    ix = EmbeddingIndex(out)
+    assert ix.count("images") == 30 and ix.count("captions") == 30
+    m = ix.search(x[[17]], 1)[0][0]
+    assert m.id == 17 and m.item["url"] == "https://example.com/17.jpg" and m.item["caption"] == "ảnh số 17"
+    c = ix.search(x[[4]], 1, kind="captions")[0][0]
+    assert c.item == {"caption": "ảnh số 4", "image_key": "/data/img4.jpg", "image": 4}
+    # the model is 64-wide: a 32-wide folder is refused in one line naming the part
+    bad = tmp_path / "narrow"
+    _clip_retrieval_folder(bad, n=4, dim=32)
+    assert _index(["--model", env / "model", "--embeddings", bad, "--out", tmp_path / "idx2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "img_emb_0.npy: 32-wide embeddings, the index is 64-wide" in err[-1]
+
+
+@pytest.mark.parametrize("damage", ["dtype", "width", "rows", "missing", "meta_count", "meta_parts", "header"])
+def test_bad_parts_are_refused_in_one_line_naming_the_part(env, tmp_path, damage):
+    from phoclip.search.index import EmbeddingIndex
+
+    out = tmp_path / "idx"
+    shutil.copytree(env / "one", out)
+    f = out / "img_emb" / "img_emb_0000.npy"
+    a = np.load(f)
+    meta = json.loads((out / "index.json").read_text())
+    want = "img_emb_0000.npy"
+    if damage == "dtype":
+        np.save(f, a.astype(np.float32))
+        want += r".*float32"
+    elif damage == "width":
+        np.save(f, a[:, :32])
+        want += ": 32-wide"
+    elif damage == "rows":
+        np.save(f, a[:10])
+        want += ": 10 rows, but metadata metadata_0000.parquet has 12"
+    elif damage == "missing":
+        f.unlink()
+        want = "img_emb_0000.npy"
+    elif damage == "meta_count":
+        meta["count"]["images"] = 13
+        want = r"index\.json: the parts hold 12 images, count\.images says 13"
+    elif damage == "meta_parts":
+        meta["parts"][0]["name"] = "../../etc"
+        want = r"index\.json: a part is not"
+    elif damage == "header":
+        f.write_bytes(b"\x93NUMPY\x01\x00\x20\x00{'descr': '<f2', 'shape': (((" + b" " * 20)
+        want += r".*(header|shape)"
+    (out / "index.json").write_text(json.dumps(meta))
+    with pytest.raises((ValueError, FileNotFoundError), match=want) as e:
+        EmbeddingIndex(out)
+    assert "\n" not in str(e.value)
+
+
+def test_nan_rows_are_skipped_and_counted(env, tmp_path):
+    from phoclip.search.index import EmbeddingIndex
+
+    out = tmp_path / "idx"
+    shutil.copytree(env / "one", out)
+    f = out / "img_emb" / "img_emb_0000.npy"
+    a = np.load(f)
+    q = a[[4]].astype(np.float32)
+    a[4] = np.nan
+    np.save(f, a)
+    ix = EmbeddingIndex(out)
+    assert ix.bad_ids("images").tolist() == [4]
+    res = ix.search(q, 12)[0]
+    assert len(res) == 11 and 4 not in [m.id for m in res] and all(np.isfinite(m.score) for m in res)
+
+
+def _synthetic(n, d, seed=0):
+    rng = np.random.default_rng(seed)
+    shared = rng.standard_normal(d)
+    centres = rng.standard_normal((64, d)) + 2 * shared
+    x = centres[rng.integers(0, 64, n)] + 0.8 * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def ann_index(env, tmp_path_factory):
+    """20k x 64 synthetic vectors in two unequal parts, merged into a faiss index."""
+    src = tmp_path_factory.mktemp("ann") / "src"
+    x = _synthetic(20_200, 64)[:20_000]  # the last 200: held-out queries
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for j, (s, e) in enumerate([(0, 7000), (7000, 20000)]):
+        for sub in ("img_emb", "metadata"):
+            (src / sub).mkdir(parents=True, exist_ok=True)
+        np.save(src / "img_emb" / f"img_emb_{j}.npy", x[s:e].astype(np.float16))
+        pq.write_table(pa.table({"image_path": [f"{i}.jpg" for i in range(s, e)]}), src / "metadata" / f"metadata_{j}.parquet")
+    out = src.parent / "idx"
+    assert _index(["--model", env / "model", "--embeddings", src, "--out", out, "--exact-max-rows", "1000"]) == 0
+    return out, x
+
+
+def test_ann_recall_against_exact(ann_index):
+    from phoclip.search.index import EmbeddingIndex
+
+    out, x = ann_index
+    ix = EmbeddingIndex(out)
+    info = ix.search_info()
+    assert info["type"] == "faiss" and info["recall_at_10"] >= 0.95
+    q = _synthetic(20_200, 64)[20_000:]
+    s_a, i_a = ix.topk(q, 10)
+    s_e, i_e = ix.topk(q, 10, backend="exact")
+    rec = np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(i_a, i_e)])
+    assert rec >= 0.95, rec
+    # global ids across unequal parts: a vector of the second part finds itself
+    m = ix.search(x[[12345]], 1)[0][0]
+    assert m.id == 12345 and ix.recorded("images", 12345)["path"] == "12345.jpg"
+
+
+def test_a_crafted_faiss_file_or_index_json_is_refused(ann_index, tmp_path):
+    from phoclip.search.index import EmbeddingIndex
+
+    out = tmp_path / "idx"
+    shutil.copytree(ann_index[0], out)
+    meta = json.loads((out / "index.json").read_text())
+    vdir = out / "versions" / meta["version"]
+    f = vdir / meta["search"]["images"]["file"]
+    data = bytearray(f.read_bytes())
+    data[-200:] = b"\xff" * 200
+    f.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="images.index: not the file index.json records"):
+        EmbeddingIndex(out).topk(np.ones((1, 64), np.float32) / 8, 3)
+    meta["search"]["images"]["file"] = "../../../etc/passwd"
+    (out / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="names no faiss files of its own"):
+        EmbeddingIndex(out).topk(np.ones((1, 64), np.float32) / 8, 3)
