@@ -6,14 +6,18 @@
     txt = model.embed_texts(["Một con chó chạy trên bãi cỏ"])
     print(model.similarity(img, txt))
 
+    index = phoclip.open_index("index/")                 # memory-mapped: opens in seconds at any size
+    for m in index.search(txt, k=5)[0]:                  # by text, image or any embedding
+        print(m.score, m.item["path"], m.item["caption"])
+
 Heavy modules (torch, timm, transformers) load on first use, so that light consumers
 (the sharding workers) start fast.
 """
 __version__ = "0.1.0"
 
-__all__ = ["load", "PhoCLIPModel", "create_model", "list_models", "load_model", "PhoCLIP", "__version__"]
+__all__ = ["load", "open_index", "PhoCLIPModel", "create_model", "list_models", "load_model", "PhoCLIP", "__version__"]
 
-_FROM = {"load": "models.api", "PhoCLIPModel": "models.api", "create_model": "models.factory",
+_FROM = {"load": "models.api", "open_index": "search.index", "PhoCLIPModel": "models.api", "create_model": "models.factory",
          "list_models": "models.factory", "load_model": "models.factory", "PhoCLIP": "models.clip"}
 
 
