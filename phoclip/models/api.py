@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Literal, NamedTuple, Optional, Sequence, Union
 
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
-from phoclip.data.images import BadImage, read_image_file
+from phoclip.data.images import MAX_FILE_BYTES, BadImage, probe_image, read_image_file
 from phoclip.models.loading import Loaded, load_encoder
 from phoclip.search import query
 
@@ -27,6 +31,17 @@ logger = logging.getLogger(__name__)
 
 ImageLike = Any  # a path (str or os.PathLike) or a PIL image
 PROGRESS_EVERY_S = 10.0  # a long embedding logs its progress at most this often
+SKIPPED_NAMED = 5  # the skipped images a warning names (all are in ImageEmbeddings.skipped)
+
+
+class ImageEmbeddings(NamedTuple):
+    """What `embed_images(..., on_error="skip")` returns: the embeddings of the usable
+    images, the position in the input of each row, and what was skipped as
+    (position, the item as given, why)."""
+
+    embeddings: torch.Tensor
+    indices: list[int]
+    skipped: list[tuple[int, Any, str]]
 
 
 class PhoCLIPModel:
@@ -77,25 +92,81 @@ class PhoCLIPModel:
             self._processor = query.query_processor(self.module, self.tokenizer_path, self._segmenter, self._vncorenlp_dir)
         return self._processor
 
-    def embed_images(self, images: Union[ImageLike, Sequence[ImageLike]], batch_size: int = 32) -> torch.Tensor:
-        """[n, embed_dim] L2-normalised float32 (on the CPU) for image files or PIL images.
-        A file that is not a decodable image is refused: ValueError naming it."""
-        items = [images] if isinstance(images, (str, os.PathLike)) or hasattr(images, "mode") else list(images)
+    def embed_images(self, images: Union[ImageLike, Sequence[ImageLike]], batch_size: int = 32, *,
+                     on_error: Literal["raise", "skip"] = "raise",
+                     progress: bool = True) -> Union[torch.Tensor, ImageEmbeddings]:
+        """[n, embed_dim] L2-normalised float32 (on the CPU) for image files (str or
+        os.PathLike) or PIL images, row i for image i.
 
-        def run(chunk):
-            return query.embed_images(self.module, [_open_image(x) for x in chunk], self.image_size, self.device)
+        Every path is checked before any image is embedded: it must be a regular file no
+        larger than 64 MiB whose header is an image format Pillow reads. Where one is not
+        (or a file turns out undecodable while embedding), `on_error="raise"` (the
+        default: the rows always match the input, as open_clip's and
+        sentence-transformers' encoders) raises ValueError naming the first and counting
+        the others; `on_error="skip"` embeds the usable ones, logs a warning naming the
+        first few skipped, and returns an `ImageEmbeddings` (`.embeddings`, `.indices`:
+        the input position of each row, `.skipped`: (position, item, why)). An empty
+        list, or none usable, is a ValueError either way. An int (a file descriptor to
+        open()) or bytes is a TypeError.
 
-        return self._batched(items, batch_size, run, "images")
+        progress: a bar in a terminal or a notebook, a log line every 10 s elsewhere,
+        for calls of more than one batch; False for neither."""
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        items = _image_items(images)
+        checked = [_check_image(x) for x in items]
+        bad = [(i, items[i], why) for i, why in enumerate(checked) if why]
+        if bad and on_error == "raise":
+            i, x, why = bad[0]
+            more = f" (and {len(bad) - 1:,} more of {len(items):,})" if len(bad) > 1 else ""
+            raise ValueError(f"{x}: not a usable image ({why}){more}; nothing was embedded: "
+                             "on_error='skip' embeds the others and says which were skipped")
+        keep = [i for i, why in enumerate(checked) if not why]
+        if not keep:
+            raise ValueError(f"none of the {len(items):,} images is usable (first: {bad[0][1]}: {bad[0][2]})")
+        skipped = list(bad)
 
-    def embed_texts(self, texts: Union[str, Sequence[str]], batch_size: int = 256) -> torch.Tensor:
+        def run(chunk: list[int]) -> torch.Tensor:
+            opened, ok = [], []
+            for i in chunk:
+                x = items[i]
+                try:  # decoded safely (caps on bytes and pixels)
+                    opened.append(x if _is_pil(x) else read_image_file(x))
+                    ok.append(i)
+                except BadImage as e:  # a header that read well, then data that did not
+                    if on_error == "raise":
+                        raise ValueError(f"{x}: not a usable image ({e})") from None
+                    skipped.append((i, x, str(e)))
+            rows.extend(ok)
+            if not opened:
+                return torch.empty(0, self.embed_dim)
+            return query.embed_images(self.module, opened, self.image_size, self.device)
+
+        rows: list[int] = []
+        emb = self._batched(keep, batch_size, run, "images", progress)
+        if on_error == "raise":
+            return emb
+        if not rows:
+            raise ValueError(f"none of the {len(items):,} images is usable (first: {skipped[0][1]}: {skipped[0][2]})")
+        skipped.sort(key=lambda s: s[0])
+        if skipped:
+            named = ", ".join(f"{x} ({why})" for _, x, why in skipped[:SKIPPED_NAMED])
+            logger.warning("skipped %d of %d images (not usable): %s%s", len(skipped), len(items), named,
+                           ", ..." if len(skipped) > SKIPPED_NAMED else "")
+        return ImageEmbeddings(emb, rows, skipped)
+
+    def embed_texts(self, texts: Union[str, Sequence[str]], batch_size: int = 256, *,
+                    progress: bool = True) -> torch.Tensor:
         """[n, embed_dim] L2-normalised float32 (on the CPU) for raw Vietnamese texts: NFC,
-        word segmentation and tokenisation as the model was trained."""
+        word segmentation and tokenisation as the model was trained. `progress`: as
+        `embed_images`."""
         items = [texts] if isinstance(texts, str) else list(texts)
         bad = next((type(t).__name__ for t in items if not isinstance(t, str)), None)
         if bad:
             raise TypeError(f"embed_texts takes strings, got a {bad}")
         proc = self.text_processor
-        return self._batched(items, batch_size, lambda chunk: query.embed_texts(self.module, proc, chunk, self.device), "texts")
+        return self._batched(items, batch_size, lambda chunk: query.embed_texts(self.module, proc, chunk, self.device),
+                             "texts", progress)
 
     @staticmethod
     def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -104,30 +175,92 @@ class PhoCLIPModel:
         a, b = torch.as_tensor(a).float(), torch.as_tensor(b).float()
         return torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
 
-    def _batched(self, items: list, batch_size: int, run, what: str) -> torch.Tensor:
-        if not (isinstance(batch_size, int) and batch_size >= 1):
+    def _batched(self, items: list, batch_size: int, run, what: str, progress: bool = True) -> torch.Tensor:
+        if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1):
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}")
         if not items:
             return torch.empty(0, self.embed_dim)
+        several = progress and len(items) > batch_size
+        bar = tqdm(total=len(items), unit=what[:-1], desc="embedding") if several and _interactive() else None
         out, t0 = [], time.monotonic()
         last = t0
-        for s in range(0, len(items), batch_size):
-            out.append(run(items[s:s + batch_size]).float().cpu())
-            now, done = time.monotonic(), min(s + batch_size, len(items))
-            if now - last >= PROGRESS_EVERY_S and done < len(items):
-                last = now
-                logger.info("embedded %d/%d %s (%.1f/s)", done, len(items), what, done / (now - t0))
+        try:
+            for s in range(0, len(items), batch_size):
+                out.append(run(items[s:s + batch_size]).float().cpu())
+                now, done = time.monotonic(), min(s + batch_size, len(items))
+                if bar is not None:
+                    bar.update(done - bar.n)
+                elif several and now - last >= PROGRESS_EVERY_S and done < len(items):
+                    last = now
+                    logger.info("embedded %d/%d %s (%.1f/s)", done, len(items), what, done / (now - t0))
+        finally:
+            if bar is not None:
+                bar.close()
         return torch.cat(out)
 
 
-def _open_image(x: Any):
-    """A PIL image as given, or a file decoded safely (caps on bytes and pixels)."""
-    if hasattr(x, "mode") and hasattr(x, "convert"):
-        return x
+def _interactive() -> bool:
+    """A person watching: stderr is a terminal, or this runs in a notebook's kernel
+    (where tqdm.auto draws its widget); elsewhere (a pipe, a log file, a job) progress
+    goes to log lines."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty()) or "ipykernel" in sys.modules
+
+
+def _image_items(images: Any) -> list:
+    """The input as a list of items, or a one-line TypeError for what is no image path:
+    open() takes an int as a file descriptor, and list(b"...") is ints."""
+    if isinstance(images, (str, os.PathLike)) or _is_pil(images):
+        return [images]
+    if isinstance(images, (bytes, bytearray, memoryview, int)):
+        raise TypeError(f"embed_images takes image paths (str or pathlib.Path) or PIL images, not "
+                        f"{type(images).__name__}")
     try:
-        return read_image_file(x)
+        items = list(images)
+    except TypeError:
+        raise TypeError(f"embed_images takes image paths (str or pathlib.Path) or PIL images, not "
+                        f"{type(images).__name__}") from None
+    if not items:
+        raise ValueError("embed_images got no images (an empty list: an empty folder, or a pattern that "
+                         "matched nothing?)")
+    for i, x in enumerate(items):
+        if not (isinstance(x, (str, os.PathLike)) or _is_pil(x)) or isinstance(x, bytes):
+            raise TypeError(f"embed_images takes image paths (str or pathlib.Path) or PIL images; item {i} is "
+                            f"{type(x).__name__}" + (" (not taken as a file descriptor)" if isinstance(x, int) else ""))
+    return items
+
+
+def _is_pil(x: Any) -> bool:
+    return isinstance(x, Image.Image)
+
+
+def _check_image(x: Any) -> str:
+    """Why `x` cannot be embedded, from what is cheap to learn (a stat and the
+    format's header), or "" (a PIL image, a file that looks usable)."""
+    if _is_pil(x):
+        return ""
+    try:
+        st = os.stat(x)
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    if stat.S_ISDIR(st.st_mode):
+        return "a folder: pass its pictures, e.g. sorted(Path(folder).rglob('*.jpg'))"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_size > MAX_FILE_BYTES:
+        return f"{st.st_size:,} bytes, over {MAX_FILE_BYTES:,}"
+    try:
+        with open(x, "rb") as f:
+            head = f.read(1 << 16)  # enough for a format's header and its size
+        probe_image(head)
     except BadImage as e:
-        raise ValueError(f"{x}: not a usable image ({e})") from None
+        if e.reason not in ("corrupt",):  # a header cut at 64 KiB reads as corrupt: decided when decoded
+            return str(e)
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    return ""
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:

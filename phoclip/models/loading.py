@@ -68,7 +68,7 @@ def load_encoder(path: str | os.PathLike, backend: str = "torch", device: str | 
     if folder is not None:
         from phoclip.models.factory import load_model  # lazy: torch (see the checkpoints import)
 
-        return Loaded(load_model(folder, device).eval(), model_tokenizer_path(folder))
+        return Loaded(check_weights(load_model(folder, device).eval(), folder), model_tokenizer_path(folder))
     # this module imports in 0.06 s without torch, 1.7 s with it (the index and the commands' --help use it)
     from phoclip.models.checkpoints import checkpoints_dir, is_checkpoint, newest_verified  # lazy: torch
 
@@ -81,7 +81,41 @@ def load_encoder(path: str | os.PathLike, backend: str = "torch", device: str | 
         raise NotAModelFolder(f"{path}: not a model folder (phoclip_config.json + model.safetensors), "
                               "run folder or checkpoint folder")
     logger.info("loading the model of checkpoint %s", ckpt)
-    return Loaded(*model_from_checkpoint(ckpt, device))
+    model, tok = model_from_checkpoint(ckpt, device)
+    return Loaded(check_weights(model, ckpt), tok)
+
+
+# the parts of a model whose weight matrices all zero make every embedding the same
+MAIN_PARTS = {"visual": "image tower", "text": "text tower", "image_head": "image projection",
+              "text_head": "text projection"}
+
+
+def check_weights(model: Any, where: str | os.PathLike) -> Any:
+    """`model` as given, or a one-line ValueError naming `where` when its weights cannot
+    give embeddings: a NaN or infinite weight (NaN embeddings), or a part (the image or
+    text tower, a projection head) whose weight matrices are all zero (every embedding
+    zero or the same; a trained model never has one). One host read for the model."""
+    import torch  # lazy: torch (see the checkpoints import in load_encoder)
+
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    tensors = list(model.parameters()) + list(model.buffers())
+    floats = [(n, t) for n, t in zip(names, tensors) if t.is_floating_point() and t.numel()]
+    finite = torch.stack([torch.isfinite(t).all() for _, t in floats]) if floats else torch.ones(0, dtype=torch.bool)
+    parts = {}
+    for part in MAIN_PARTS:
+        mats = [t for n, t in floats if n.startswith(part + ".") and t.ndim >= 2]
+        if mats:
+            parts[part] = torch.stack([t.count_nonzero() > 0 for t in mats]).any()
+    flags = torch.cat([finite, torch.stack(list(parts.values())) if parts else finite[:0]]).tolist()
+    bad = [n for (n, _), ok in zip(floats, flags) if not ok]
+    if bad:
+        raise ValueError(f"{where}: non-finite weights (NaN or inf) in {len(bad)} tensor(s), first {bad[0]}: "
+                         "the model cannot embed (a diverged run? load an earlier checkpoint)")
+    zero = [MAIN_PARTS[p] for p, ok in zip(parts, flags[len(floats):]) if not ok]
+    if zero:
+        raise ValueError(f"{where}: the {', '.join(zero)} weights are all zero: every embedding would be the "
+                         "same (an empty or damaged weights file)")
+    return model
 
 
 def checkpoint_model_config(ckpt: Path, meta: dict) -> dict:
