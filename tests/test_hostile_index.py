@@ -53,6 +53,9 @@ def built(tiny_tokenizer_dir, tmp_path_factory):
     return d
 
 
+META = "metadata/metadata_0000.parquet"
+
+
 def _copy(built, tmp_path, name="index"):
     dst = tmp_path / name
     shutil.copytree(built / "index", dst)
@@ -72,9 +75,9 @@ def test_items_file_a_fifo_is_refused_without_blocking(built, tmp_path):
     from phoclip.search.index import EmbeddingIndex
 
     ix = _copy(built, tmp_path)
-    (ix / "images.jsonl").unlink()
-    os.mkfifo(ix / "images.jsonl")
-    with _deadline(10), pytest.raises(ValueError, match="images.jsonl.*not a regular file"):
+    (ix / META).unlink()
+    os.mkfifo(ix / META)
+    with _deadline(10), pytest.raises(ValueError, match="metadata_0000.parquet.*not a regular file"):
         EmbeddingIndex(ix).items("images")
 
 
@@ -82,29 +85,33 @@ def test_items_file_linked_to_dev_zero_is_refused_at_once(built, tmp_path):
     from phoclip.search.index import EmbeddingIndex
 
     ix = _copy(built, tmp_path)
-    (ix / "images.jsonl").unlink()
-    os.symlink("/dev/zero", ix / "images.jsonl")
+    (ix / META).unlink()
+    os.symlink("/dev/zero", ix / META)
     t0 = time.monotonic()
-    with _deadline(10), pytest.raises(ValueError, match="images.jsonl.*not a regular file"):
+    with _deadline(10), pytest.raises(ValueError, match="metadata_0000.parquet.*not a regular file"):
         EmbeddingIndex(ix).items("images")
     assert time.monotonic() - t0 < 2
 
 
-def test_an_over_long_line_or_too_many_lines_is_refused_naming_the_file(built, tmp_path, monkeypatch):
+def test_an_over_large_row_group_or_too_many_rows_is_refused_naming_the_file(built, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     import phoclip.search.index as index_mod
 
     ix = _copy(built, tmp_path)
-    good = (ix / "images.jsonl").read_bytes()
-    monkeypatch.setattr(index_mod, "MAX_ITEM_LINE", 4096)
-    # one line of 10 kB without a newline: refused after MAX_ITEM_LINE + 1 bytes
-    (ix / "images.jsonl").write_bytes(b'{"key": "' + b"a" * 10_000 + b'"}')
-    with pytest.raises(ValueError, match=r"images\.jsonl.*line 1 is over 4096 bytes") as e:
+    good = pq.read_table(ix / META)
+    # one cell of 10 kB: its row group is refused unread past the cap, not decoded
+    monkeypatch.setattr(index_mod, "MAX_ROW_GROUP_BYTES", 4096)
+    big = good.set_column(good.schema.get_field_index("key"), "key", pa.array(["a" * 10_000] * good.num_rows))
+    pq.write_table(big, ix / META)
+    with pytest.raises(ValueError, match=r"metadata_0000\.parquet: row group 0 is \d+ bytes decoded, over the 4096") as e:
         index_mod.EmbeddingIndex(ix).items("images")
     assert "\n" not in str(e.value)
-    # more lines than index.json counts: the reading stops one line past the count
-    (ix / "images.jsonl").write_bytes(good + b'{"key": "extra"}\n' * 1000)
-    with pytest.raises(ValueError, match=r"images\.jsonl: over 4 lines for 3 embeddings \(index\.json's count\)"):
-        index_mod.EmbeddingIndex(ix).items("images")
+    # more rows than index.json counts: refused from the footer, before any row is read
+    pq.write_table(pa.concat_tables([good] * 334), ix / META)
+    with pytest.raises(ValueError, match=r"metadata_0000\.parquet: 1002 rows, but index\.json says part 0000 has 3"):
+        index_mod.EmbeddingIndex(ix)
 
 
 def test_index_json_a_fifo_or_over_its_cap_is_refused(built, tmp_path, monkeypatch):
