@@ -105,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.benchmark:
             res = evaluate_benchmark(args, model, tok_name, size, info)
         else:
-            urls = expand_urls(args.shards, split=args.split)[0]
+            urls = expand_urls(args.shards, split=args.split, flag="--shards")[0]
             tok = load_tokenizer(tok_name)
             manifest = check_shards_fit(urls, tok, model, tok_name, args.manifest)
             res = evaluate_shards(model, urls, size, info.device, info.rank, info.world_size,

@@ -35,13 +35,15 @@ def catalogue_dir(url: str, manifest: Optional[str] = None) -> str:
     return url_dirname(url)
 
 
-def expand_urls(spec: str, weights: Optional[str] = None, split: str = "train") -> tuple[list[str], list[float]]:
+def expand_urls(spec: str, weights: Optional[str] = None, split: str = "train",
+                flag: str = "the shard pattern") -> tuple[list[str], list[float]]:
     """`a/train-{000000..000009}.tar::b/train-{000000..000003}.tar` → urls, per-url weights.
 
     A source may also be a shard folder (`shards/vi`, `s3://bucket/vi/`) or its
     `manifest.json`: its `split` shards, as the manifest lists them. `weights` ("1::2")
     gives each source's sampling weight. Every local shard must exist; remote ones
-    (`pipe:`, http(s)://, fsspec URLs) are read when the stream reaches them."""
+    (`pipe:`, http(s)://, fsspec URLs) are read when the stream reaches them. `flag`
+    names where the pattern came from (`--shards`, `data.train_shards`) in a refusal."""
     parts = [p for p in spec.split("::") if p]
     ws = [float(w) for w in weights.split("::")] if weights else [1.0] * len(parts)
     if len(ws) != len(parts):
@@ -55,7 +57,8 @@ def expand_urls(spec: str, weights: Optional[str] = None, split: str = "train") 
     missing = [u for u in urls if not is_remote(u) and not os.path.exists(local_path(u))]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(urls)} shards do not exist, e.g. "
-                                f"{missing[0]}; check data.train_shards / data.val_shards")
+                                f"{missing[0]}; check {flag} (or give the shard folder itself: every "
+                                "shard its manifest.json lists)")
     return urls, url_w
 
 

@@ -437,7 +437,7 @@ def read_wds(spec: SourceSpec) -> Iterator[Record]:
     and/or KEY.json (its `caption` field, or ,caption_field=NAME; `url`, `key` and
     `status` recorded). Samples without an image (img2dataset's failed downloads) or
     without a caption are counted. The tars may be local or remote (read with retries)."""
-    urls = expand_urls(spec.pattern)[0]
+    urls = expand_urls(spec.pattern, flag=f"--source {spec.format}:")[0]
     reads: Counter = Counter()
     for sample in read_shards(({"url": u} for u in urls), reads):
         key = sample.get("__key__", "")

@@ -98,13 +98,30 @@ def _load_prctl():
 _PRCTL = _load_prctl()
 
 
+MISSING_WITHIN_S = 5.0
+"""A pipe: command that exits non-zero within this many seconds without a byte found no
+object (`aws s3 cp` of a missing key, `curl -f` of a 404): not a slow read to retry."""
+
+
+class MissingObject(FileNotFoundError):
+    """A remote shard that does not exist: reading it again will not help."""
+
+
+def is_missing(e: BaseException) -> bool:
+    """Whether a remote read failed because the object does not exist (HTTP 404/410, an
+    fsspec FileNotFoundError, a pipe: command that failed at once without a byte)."""
+    return isinstance(e, FileNotFoundError) or getattr(e, "code", None) in (404, 410)
+
+
 class _PipeStream(io.RawIOBase):
-    """stdout of a shell command; a non-zero exit is an error at the end of the stream.
-    A command that sends nothing (or too little) for LOW_SPEED_TIME_S is killed (TooSlow);
-    its stderr goes to a temporary file (a chatty command cannot block on a full pipe)."""
+    """stdout of a shell command; a non-zero exit is an error at the end of the stream
+    (MissingObject when it came within MISSING_WITHIN_S without a byte). A command that
+    sends nothing (or too little) for LOW_SPEED_TIME_S is killed (TooSlow); its stderr goes
+    to a temporary file (a chatty command cannot block on a full pipe)."""
 
     def __init__(self, cmd: str) -> None:
         self.cmd = cmd
+        self.started, self.got_bytes = time.monotonic(), 0
         self.err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=self.err, bufsize=0,
                                      stdin=subprocess.DEVNULL, preexec_fn=_pipe_child_setup)
@@ -124,8 +141,12 @@ class _PipeStream(io.RawIOBase):
                 self.err.seek(0, os.SEEK_END)
                 self.err.seek(max(0, self.err.tell() - 2000))
                 err = self.err.read().decode(errors="replace").strip().splitlines()
+                if not self.got_bytes and time.monotonic() - self.started < MISSING_WITHIN_S:
+                    raise MissingObject(f"pipe:{self.cmd} exited with {rc} at once, without a byte (no such "
+                                        f"object?): {err[-1] if err else ''}")
                 raise OSError(f"pipe:{self.cmd} exited with {rc}: {err[-1] if err else ''}")
             return 0
+        self.got_bytes += n
         self.guard.got(n)
         return n
 

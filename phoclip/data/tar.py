@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Optional
 
 from phoclip.data.catalog import shard_size
 from phoclip.data.images import MAX_FILE_BYTES
-from phoclip.data.remote import is_remote, local_path, open_local, open_url
+from phoclip.data.remote import is_missing, is_remote, local_path, open_local, open_url
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,9 @@ def read_shards(shards: Iterable[dict], skips: Counter, manifest: Optional[str] 
     whose read fails (connection refused or dropped, a pipe command failing) is opened
     again after 1, 2, 4 s, skipping the samples already given (`shard_retries`); after
     `retries` it is skipped and counted (`unreadable_shard`): a flaky connection does
-    not end a run, and a read that recovers loses nothing. A tar member over
+    not end a run, and a read that recovers loses nothing. A shard that does not exist
+    (`remote.is_missing`: HTTP 404, a pipe: command failing at once without a byte) is
+    skipped and counted at its first attempt. A tar member over
     `max_member_bytes` (default MAX_MEMBER_BYTES) is skipped unread (`oversized_member`)."""
     from webdataset.tariterators import group_by_keys  # lazy: webdataset imports torch (~1 s), paid by a read only
 
@@ -128,6 +130,10 @@ def _read_remote(url: str, skips: Counter, retries: int, backoff_s: float,
                 raise EOFError(f"the stream ended after {given} of the {want} samples sizes.json lists")
             return
         except (OSError, http.client.HTTPException, tarfile.TarError, EOFError, ValueError) as e:
+            if is_missing(e) and not given:  # a missing object is not a slow one
+                skips["unreadable_shard"] += 1
+                logger.warning("skipping shard %s: it does not exist (%s)", url, e)
+                return
             if attempt == retries:
                 skips["unreadable_shard"] += 1
                 logger.warning("skipping shard %s after %d attempts (%d samples read): %s",

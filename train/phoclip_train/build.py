@@ -57,12 +57,12 @@ def build_data(cfg: RunConfig, dist: DistInfo) -> RunData:
     """Expand the shard patterns and refuse shards that do not fit the model's tokenizer
     (fingerprint, pad id, max length) before anything is built."""
     d = cfg.data
-    train_urls, weights = expand_urls(d.train_shards, d.train_weights)
-    val_urls = expand_urls(d.val_shards, split="val")[0] if d.val_shards else []
+    train_urls, weights = expand_urls(d.train_shards, d.train_weights, flag="data.train_shards")
+    val_urls = expand_urls(d.val_shards, split="val", flag="data.val_shards")[0] if d.val_shards else []
     # named evaluation sets beside the validation shards, each logged on its own
     eval_sets = {"val": val_urls} if val_urls else {}
     for name, pattern in cfg.train.eval_sets.items():
-        eval_sets[f"val_{name}"] = expand_urls(str(pattern), split="val")[0]
+        eval_sets[f"val_{name}"] = expand_urls(str(pattern), split="val", flag=f"train.eval_sets.{name}")[0]
     if not d.resampled and len(train_urls) < dist.world_size * max(1, d.workers):
         raise ConfigError(f"{len(train_urls)} train shards cannot feed {dist.world_size} "
                           f"ranks x {max(1, d.workers)} workers without resampling; "
