@@ -10,10 +10,10 @@ Sections, each timed and guarded, each writing its figures to $OUT/gpu_results.j
            a bare forward/backward/AdamW loop vs our Trainer.train_step on the same model
            and batch (samples/s, MFU from counted FLOPs, peak memory); then, at the
            largest batch, the bare loop with fused AdamW and with channels_last
-  throughput  (issue #14) realistic caption lengths at batch 256 and 512: ours padded /
+  throughput  realistic caption lengths at batch 256 and 512: ours padded /
            trimmed / bucketed, the bare loop on padded and trimmed ids, open_clip's own
            model config and step on the same towers, device-busy share; then compiled
-  packing  (issue #28) captions packed into rows (data.pack_captions) at batch
+  packing  captions packed into rows (data.pack_captions) at batch
            64/256/512: the text tower alone (padded / trimmed / packed / flat: the same
            real tokens with no padding) and Trainer.train_step trimmed vs packed vs flat
            (target: packed >= 0.85x flat's real tokens/s)
@@ -22,7 +22,7 @@ Sections, each timed and guarded, each writing its figures to $OUT/gpu_results.j
            exported model: the whole pipeline on CUDA, and whether the loader keeps up
 
     python bench/gpu_check.py              # on the GPU machine
-    python bench/gpu_check.py --sections packing   # issue #28 only (~3 min)
+    python bench/gpu_check.py --sections packing   # the packing section only (~3 min)
     python bench/gpu_check.py --smoke      # tiny model on the CPU: checks this script
 """
 from __future__ import annotations
@@ -299,7 +299,7 @@ def step(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: b
 @section("throughput")
 def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: bool,
                compile_mode: str) -> dict:
-    """Issue #14's variants on realistic caption lengths (bench_text_padding: mean ~24
+    """The text-padding variants on realistic caption lengths (bench_text_padding: mean ~24
     tokens, tail to 70): ours padded / trimmed / bucketed / compiled, the bare loop on
     padded and on trimmed ids, open_clip's own step on the same towers; device-busy
     share of ours trimmed; recompiles of the compiled run."""
@@ -352,10 +352,10 @@ def throughput(work: Path, dev: torch.device, batches: list[int], steps: int, sm
                                                             opt, dev), dev, steps), 1)
         tr.run.prep.trim_padding = 8  # the same trainer, trimming on (input prep is decided once, in build_run)
         row["ours_trimmed_sps"] = round(b / _time(lambda: tr.train_step([plain], sync=False), dev, steps), 1)
-        # before #14's sync-free steps: the host read the flags and metrics every step
+        # the cost the sync-free steps avoid: the host reads the flags and metrics every step
         row["ours_trimmed_read_every_step_sps"] = round(b / _time(lambda: tr.train_step([plain], sync=True),
                                                                   dev, steps), 1)
-        tr.run.prep.pack_captions = True  # #28: captions packed into rows (the default)
+        tr.run.prep.pack_captions = True  # captions packed into rows (the default)
         row["ours_packed_sps"] = round(b / _time(lambda: tr.train_step([plain], sync=False), dev, steps), 1)
         tr.run.prep.pack_captions = False
         # bucketed: the mean over the block's batches of similar length
@@ -431,7 +431,7 @@ def _tower_step(model, dev: torch.device):
 
 @section("packing")
 def packing(work: Path, dev: torch.device, batches: list[int], steps: int, smoke: bool) -> dict:
-    """Issue #28: captions packed into rows, on realistic caption lengths
+    """Captions packed into rows, on realistic caption lengths
     (bench_text_padding). tower: encode_text forward+backward alone per mode (the same
     captions; flat: the same real tokens, every caption at the batch's mean length, no
     padding at all); step: Trainer.train_step trimmed vs packed vs flat."""
@@ -556,7 +556,7 @@ def main() -> None:
                     help="batches of the throughput section (padding/trim/bucket/compile, bare, open_clip)")
     ap.add_argument("--compile", default="default", choices=["off", "default", "max-autotune"])
     ap.add_argument("--pack-batches", type=int, nargs="+", default=[64, 256, 512],
-                    help="batches of the packing section (#28)")
+                    help="batches of the packing section")
     ap.add_argument("--sections", nargs="+", default=["step", "throughput", "packing", "e2e"],
                     choices=["step", "throughput", "packing", "e2e"], help="after env, data and loader")
     args = ap.parse_args()

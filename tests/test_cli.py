@@ -1,4 +1,4 @@
-"""The commands a user types (#26 "a new user's first hour", #24 thin entry points): every
+"""The commands a user types (a new user's first hour; thin entry points): every
 installed phoclip-* command exists and answers --help fast; every flag of every entry
 point says what it does; the training command lists its config groups and prints the
 resolved config; a refusal under torchrun is what torchrun reports as the root cause."""
@@ -188,7 +188,7 @@ def test_torchrun_names_our_refusal_as_the_root_cause():
 
 @pytest.mark.slow
 def test_the_training_command_derives_the_accumulation_from_the_global_batch(shapes_shards, tmp_path):
-    """validate() no longer sets train.accum_steps: the command decides it from
+    """The command, not validate(), decides train.accum_steps from
     data.global_batch_size and the ranks, and the run records it."""
     import yaml
 

@@ -47,8 +47,8 @@ def test_every_run_config_resolves(name):
 
 
 def test_yaml_syntax_errors_are_one_line_naming_the_key_or_file_and_how_to_quote(tmp_path, shapes_shards):
-    """#26: an unquoted brace pattern inside train.eval_sets={...} raised a yaml ParserError
-    traceback; the README's example itself was one."""
+    """An unquoted brace pattern inside train.eval_sets={...} (easy to write: the shell
+    examples are full of them) is one line saying how to quote it, not a yaml ParserError traceback."""
     from phoclip_train.config import ConfigError, resolve_config
 
     with pytest.raises(ConfigError) as e:
@@ -80,8 +80,8 @@ def test_yaml_syntax_errors_are_one_line_naming_the_key_or_file_and_how_to_quote
 
 
 def test_a_deepspeed_precision_mismatch_is_refused_before_anything_is_built(tmp_path):
-    """#26: tiny-debug (fp32) with a shipped bf16 JSON was refused after ~2 minutes (model,
-    DeepSpeed's op build); now from the files alone, pointing at the fp32 JSON, which runs."""
+    """tiny-debug (fp32) with a shipped bf16 JSON is refused from the files alone, before
+    the ~2 minutes of building the model and DeepSpeed's op, pointing at the fp32 JSON, which runs."""
     import json
     import time
 
@@ -105,7 +105,7 @@ def test_a_deepspeed_precision_mismatch_is_refused_before_anything_is_built(tmp_
 
 
 def test_validate_only_checks_and_the_accumulation_is_derived_apart():
-    """#24: validate() changed train.accum_steps as it checked; now it only checks, and the
+    """validate() only checks (it sets no field, train.accum_steps included), and the
     accumulation a global batch implies is asked for (accum_steps_for) by whoever builds the run."""
     import copy
 

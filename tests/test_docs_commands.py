@@ -1,4 +1,4 @@
-"""Every command in README.md and docs/*.md still runs as written (#26 "done means"): each
+"""Every command in README.md and docs/*.md runs as written (a user copies them): each
 fenced shell block is read (backslash continuations joined, comments dropped); a
 `phoclip-*` command, `python launch/X.py` / `sharding/make_shards.py`, the script under
 `torchrun` or `deepspeed` (their own flags checked too), `sbatch` scripts and

@@ -1,4 +1,4 @@
-"""DeepSpeed's steps read the host only where the skip needs it (#28), in one process
+"""DeepSpeed's steps read the host only where the skip needs it, in one process
 (a gloo group of one): where DeepSpeed checks gradients for overflow itself (fp16; a
 "bf16" block under ZeRO-1/2) a non-finite loss poisons the gradients, DeepSpeed skips
 the step, and our code reads nothing; elsewhere (fp32, torch_autocast bf16 - the shipped

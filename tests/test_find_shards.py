@@ -70,7 +70,7 @@ def test_evaluation_results_are_named_after_their_source_and_never_overwritten(t
 
 
 def test_make_shards_prints_the_exact_patterns_it_wrote(coco_dataset, tiny_tokenizer_dir, tmp_path, capsys):
-    """#26: the user had to write the brace pattern by hand; make_shards prints it, and
+    """make_shards prints the brace pattern of what it wrote (no writing it by hand), and
     each printed pattern expands to exactly the shards of its split."""
     from conftest import run_make_shards
 

@@ -273,7 +273,7 @@ def test_a_huge_tar_member_is_skipped_unread(tmp_path):
 
 
 def test_decode_counts_bytes_per_pixel_not_only_pixels():
-    """#23: the pixel cap let a 16-bit or RGBA image under it cost several times more; the
+    """A pixel cap alone lets a 16-bit or RGBA image under it cost several times more: the
     shared decoder (sharding, training, search) refuses from the header what would take
     more than MAX_DECODE_BYTES, and scales 16-bit images without float64 copies."""
     import io

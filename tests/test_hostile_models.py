@@ -208,10 +208,10 @@ def _linked_deepspeed_folder(tmp_path: Path, model) -> tuple[Path, Path, Path]:
 
 
 def test_a_linked_deepspeed_folder_is_verified_where_it_really_is(tmp_path, tiny):
-    """Review: a checkpoint's `deepspeed/` linked out of it was never verified (the walk
-    does not enter links) and DeepSpeed unpickled its files (weights_only=False): a
-    planted payload ran through --resume, phoclip.load, search and export. Every file a
-    load opens is verified through the link now, and nothing unpickles it."""
+    """A checkpoint's `deepspeed/` linked out of it (a walk does not enter links, and
+    DeepSpeed unpickles its files with weights_only=False): every file a load opens is
+    verified through the link, and nothing unpickles it, so a planted payload cannot run
+    through --resume, phoclip.load, search or export."""
     import phoclip
     from phoclip.models.checkpoints import verify_checkpoint
     from phoclip_train.checkpointer import Checkpointer

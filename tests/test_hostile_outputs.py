@@ -497,8 +497,8 @@ def test_a_local_shard_that_is_a_fifo_is_skipped_not_waited_on(tmp_path):
 
 def test_index_and_onnx_exports_never_write_through_links_at_their_old_temporary_names(
         tmp_path, tiny_tokenizer_dir):
-    """The index's `.NAME.tmpPID` folder and the ONNX exporter's `.KIND.onnx.tmp` were fixed
-    names, followed when planted as links; both are now random, exclusively created."""
+    """The index's temporary folder and the ONNX exporter's temporary file have random
+    names, created exclusively: a link planted at a predictable name is never followed."""
     import torch
 
     import phoclip
@@ -527,8 +527,8 @@ def test_index_and_onnx_exports_never_write_through_links_at_their_old_temporary
 
 
 def test_an_index_array_with_a_malformed_header_is_refused_in_one_line(tmp_path, tiny_tokenizer_dir):
-    """#23: the index loader had decode_ids' gap: an unclosed bracket in the .npy header
-    raised tokenize.TokenError, a traceback instead of a refusal naming the file."""
+    """An unclosed bracket in an index array's .npy header (decode_ids' case) is a
+    refusal naming the file, not numpy's tokenize.TokenError traceback."""
     import torch
 
     import phoclip

@@ -1,4 +1,4 @@
-"""Pictures of a run (#27): the training curves PNG drawn from a run folder's metrics.jsonl,
+"""Pictures of a run: the training curves PNG drawn from a run folder's metrics.jsonl,
 on a real tiny run, on a file still being written (a torn last line), and the refusals."""
 from __future__ import annotations
 

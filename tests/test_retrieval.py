@@ -43,7 +43,7 @@ def test_chunked_equals_unchunked_and_chance():
 
 
 def test_embedding_logs_progress_lines_with_totals_also_without_a_terminal(caplog):
-    """#26: a tqdm bar showed nothing useful in a SLURM log; the embedding loop logs
+    """A SLURM log shows a tqdm bar as nothing useful: the embedding loop logs
     `done / total images (pct), rate, time left` lines through logging (rate-limited),
     and a final line."""
     import logging

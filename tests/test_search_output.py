@@ -1,4 +1,4 @@
-"""What launch/search.py prints (#26), in process over an untrained tiny model's index:
+"""What launch/search.py prints, in process over an untrained tiny model's index:
 image → text lists each caption once and names the image it describes; a photo index
 (no captions) prints no empty "()"; tag scores are labelled; a skipped file's reason
 names no Python object."""
@@ -71,9 +71,9 @@ def test_a_photo_index_prints_no_empty_captions_and_tags_are_labelled(index, cap
 
 def test_an_index_works_from_any_directory_and_moved_with_its_photos(tmp_path, tiny_tokenizer_dir, monkeypatch,
                                                                       capsys):
-    """#26: an index recorded its model and photos as the builder's working directory
-    saw them; now relative to the index folder: it is searched from elsewhere and after
-    moving together with its photos; a model that moved away is named, with the override."""
+    """An index records its model and photos relative to the index folder (not the
+    builder's working directory): it is searched from elsewhere and after moving
+    together with its photos; a model that moved away is named, with the override."""
     import json
     import shutil
 

@@ -109,7 +109,7 @@ def test_sharding_array_script_parts_and_merge(tmp_path, tiny_tokenizer_dir):
 def test_sbatch_requeues_a_signal_that_comes_before_srun(tmp_path):
     """SLURM's warning signal may come while the batch shell is still setting up (here:
     while it asks scontrol for the node list): the job is requeued and exits 0, srun is
-    never started (it used to die of the signal, not requeued)."""
+    never started (a shell that dies of the signal is not requeued)."""
     run = tmp_path / "run"
     env = _env(tmp_path, run)
     asked, srun_ran = tmp_path / "asked", tmp_path / "srun_ran"
@@ -141,8 +141,7 @@ esac
 
 def test_sharding_script_takes_source_paths_with_spaces(tmp_path, tiny_tokenizer_dir):
     """SOURCES holds one source per line, each taken whole: a dataset folder whose name
-    has a space (and a glob character) reaches make_shards intact (it used to be split
-    into words)."""
+    has a space (and a glob character) reaches make_shards intact, not split into words."""
     import json
 
     from test_sharding import _dataset

@@ -211,8 +211,8 @@ def _deepspeed_worker(rank, world, stage):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_same_step(stage):
     """ZeRO-2 and ZeRO-3 (2 gloo ranks, fp32, SGD with lr 1): the step made from the
-    packed forward is the padded forward's; still one forward, so ZeRO-3's per-forward
-    gathers are as many as before and the ranks stay in step."""
+    packed forward is the padded forward's; one forward either way, so ZeRO-3's
+    per-forward gathers are as many and the ranks stay in step."""
     pytest.importorskip("deepspeed")
     run_distributed(_deepspeed_worker, 2, (stage,))
 

@@ -292,8 +292,8 @@ def test_stream_ships_decoded_images_for_device_resize(shapes_shards):
 
 def test_each_checkpoint_is_saved_and_logged_once_and_the_end_is_evaluated_before_its_save(
         shapes_shards, tmp_path, caplog):
-    """A run whose last step is a save step used to save (and log) that step twice: once
-    in the loop, again after the final evaluation. Its log lines say step N/total and ETA."""
+    """A run whose last step is a save step saves (and logs) it once, the final
+    evaluation in it, not again after it. Its log lines say step N/total and ETA."""
     import json
     import logging
 

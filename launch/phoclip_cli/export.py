@@ -6,8 +6,8 @@ model card) that `phoclip.load` reads; optionally both towers as ONNX too.
     python launch/export_model.py runs/exp1 runs/exp1/export --format onnx
 
 Loading a model for inference is the library's (`phoclip.load`, phoclip/models/loading.py: no
-training code). Export may use the training package: a checkpoint written before runs
-recorded their model config is rebuilt here from its run config."""
+training code). Export may use the training package: a checkpoint without a recorded
+model config (meta.json `model_config`) is rebuilt here from its run config."""
 from __future__ import annotations
 
 import argparse

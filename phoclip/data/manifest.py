@@ -8,11 +8,10 @@ this model" asked in one place.
 Finding the manifests of a set of shards is the catalogue's (`phoclip.data.catalog`:
 `manifest_for`, `check_shards_fit`).
 
-The on-disk format is the JSON that make_shards has always written (format version 1:
-a manifest without `format_version` is a version-1 one, so shards written before this
-module load unchanged); a newer version is refused by name rather than misread. Reading
-is capped in size and only ever parses JSON. Every refusal is one line naming the file
-and the key.
+The on-disk format is the JSON make_shards writes (format version 1; a manifest
+without `format_version` is read as version 1); a newer version is refused by name
+rather than misread. Reading is capped in size and only ever parses JSON. Every
+refusal is one line naming the file and the key.
 """
 from __future__ import annotations
 
@@ -132,7 +131,7 @@ class Manifest:
         """A parsed manifest.json → Manifest, validated (see `validate`)."""
         if not isinstance(obj, dict):
             raise ManifestError(f"{where}: a manifest is a JSON object")
-        version = obj.get("format_version", 1)  # manifests before the version key are version 1
+        version = obj.get("format_version", 1)  # absent: version 1
         if not _typed(version, int) or not 1 <= version <= FORMAT_VERSION:
             raise ManifestError(f"{where}: manifest format_version {version!r} is not one this code reads "
                                 f"(1..{FORMAT_VERSION}); upgrade phoclip or re-shard")

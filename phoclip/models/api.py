@@ -276,8 +276,8 @@ def load(path: Union[str, os.PathLike], backend: str = "torch", device: Union[st
     exported model, else its newest checkpoint that verifies), a checkpoint folder (only
     its model weights, read with weights_only=True after the folder verified), or with
     backend="onnx" an exported folder's ONNX towers run by onnxruntime. No training code
-    is imported. `segmenter` overrides the one the model records (needed only for models
-    exported before it was recorded); VnCoreNLP's folder: `vncorenlp_dir` or
+    is imported. `segmenter` overrides the one the model records (needed only for a
+    model that records none); VnCoreNLP's folder: `vncorenlp_dir` or
     $VNCORENLP_DIR."""
     dev = torch.device("cpu") if backend == "onnx" else resolve_device(device)
     return PhoCLIPModel(load_encoder(path, backend, dev), Path(path), backend, dev, segmenter, vncorenlp_dir)

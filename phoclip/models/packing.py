@@ -53,7 +53,7 @@ def pack_captions(input_ids: torch.Tensor, pad_id: int, position_style: str = "r
                   row_tokens: Optional[int] = None) -> TextPacking:
     """Pack a batch's captions end to end into rows (best fit, longest first), so one
     text-tower forward computes about the real tokens instead of every caption at the
-    batch's longest (fill and speed: bench/RESULTS.md, #28). The rows are as wide as
+    batch's longest (fill and speed: bench/RESULTS.md). The rows are as wide as
     the trimmed batch (its longest caption rounded up to 8) unless `row_tokens` is
     wider: each token's attention then spans no more than it did trimmed (wider rows
     filled no better).

@@ -153,7 +153,7 @@ def build_engine(cfg: RunConfig, dist: DistInfo, model, channels_last: bool = Fa
     if t.compile != "off":
         compile_towers(model, t.compile)
     if t.engine == "deepspeed":
-        # DeepSpeed steps the optimizer itself: the unfused implementation, as before
+        # DeepSpeed steps the optimizer itself: torch's default (unfused) implementation
         opt, sched = build_optimizer(model, cfg.optim, t.max_steps, fused=None)
         return DeepSpeedEngine(model, opt, sched, cfg=cfg, device=dist.device, world_size=dist.world_size)
     model.to(dist.device)

@@ -137,7 +137,7 @@ class Checkpointer:
 class RunCheckpointer:
     """Saves and restores the run's stateful parts: the engine (its own files), the
     progress and non-finite count (meta.json), this rank's data position and RNG
-    (rankNNNNN.pt: the same keys as ever, so older checkpoints resume). `due(step)` is
+    (rankNNNNN.pt: its keys are what a resume reads). `due(step)` is
     its cadence (train.save_every)."""
 
     def __init__(self, files: Checkpointer, save_every: int, engine: Engine, progress: Progress,

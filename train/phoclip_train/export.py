@@ -6,8 +6,8 @@ model card) that `phoclip.load` reads; optionally both towers as ONNX too.
     python launch/export_model.py runs/exp1 runs/exp1/export --format onnx
 
 Loading a model for inference is the library's (`phoclip.load`, phoclip/models/loading.py: no
-training code). Export may use the training package: a checkpoint written before runs
-recorded their model config is rebuilt here from its run config."""
+training code). Export may use the training package: a checkpoint without a recorded
+model config (meta.json `model_config`) is rebuilt here from its run config."""
 from __future__ import annotations
 
 import copy
@@ -26,8 +26,8 @@ FORMATS = ("safetensors", "onnx")
 
 
 def rebuild_from_run_config(ckpt: Path, meta: dict):
-    """(untrained model, tokenizer name or folder) of a checkpoint written before
-    checkpoints recorded their model config: rebuilt from its run config with the
+    """(untrained model, tokenizer name or folder) of a checkpoint without a recorded
+    model config: rebuilt from its run config with the
     training package's `build_model`, no pretrained weights fetched. Passed to
     `phoclip.models.loading.model_from_checkpoint` as its `rebuild`."""
     # phoclip-export imports this module before parsing: its --help answers in 0.1 s, torch takes 1.7 s
@@ -50,7 +50,7 @@ def rebuild_from_run_config(ckpt: Path, meta: dict):
 
 
 def check_resolved_config(cfg: RunConfig, where: str) -> None:
-    """The architecture an old checkpoint's run config names, with its overrides, checked
+    """The architecture a checkpoint's run config names, with its overrides, checked
     as a saved model config is (`phoclip.models.pretrained.check_model_config`): one line, not a
     torch traceback, for a negative size."""
     from phoclip.models.factory import deep_update, get_model_config  # lazy: see rebuild_from_run_config
@@ -64,7 +64,7 @@ def check_resolved_config(cfg: RunConfig, where: str) -> None:
 
 def export_checkpoint(ckpt: Path, out: Path) -> Path:
     """Write the checkpoint's model (and tokenizer, and its card) as a plain model folder;
-    a checkpoint of an older run is rebuilt from its run config."""
+    one without a recorded model config is rebuilt from its run config."""
     from phoclip.data.text import load_tokenizer  # lazy: see rebuild_from_run_config
     from phoclip.models.checkpoints import read_meta  # lazy: torch
 
