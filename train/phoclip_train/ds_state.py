@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # annotations only: ds_engine imports this module
 _KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
-def fragments(engine: DeepSpeedEngine, p):
+def _fragments(engine: DeepSpeedEngine, p):
     """(state key, this rank's slice of the parameter's fp32 weight or AdamW moment,
     offset of the slice in the flattened parameter); padding left out."""
     z = engine.optimizer
@@ -59,7 +59,7 @@ def state_summary(engine: DeepSpeedEngine) -> dict:
     named = [(n, p) for n, p in engine.model.named_parameters() if p.requires_grad]
     sums = torch.zeros(len(named), len(_KEYS), 3, dtype=torch.float64, device=engine.device)
     for i, (_, p) in enumerate(named):
-        for key, t, off in fragments(engine, p):
+        for key, t, off in _fragments(engine, p):
             j = _KEYS.index(key)
             sums[i, j, :2] += _stats(t, off).to(sums.device)
             sums[i, j, 2] = 1  # present on some rank
