@@ -14,6 +14,7 @@ published results for that dataset listed in launch/benchmarks.yaml (--reference
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -59,15 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate_benchmark(args: argparse.Namespace, model, tok_name: str, size: int, info) -> dict:
-    """Recall on a published split straight from its annotation file (see the module doc)."""
+def evaluate_benchmark(args: argparse.Namespace, model, tok_name: str, size: int, info, spec: SourceSpec,
+                       records: list, references: list[dict]) -> dict:
+    """Recall on a published split straight from its annotation file (see the module doc);
+    `spec`, its `records` and the `references` read before the model was loaded."""
     from phoclip.evaluation.benchmarks import benchmark_samples, reference_rows  # lazy: imports torch (~2 s)
     from phoclip.evaluation.retrieval import (embed_samples, gather_counts, gather_embeddings,  # lazy: imports torch
                                               retrieval_metrics)
 
     skipped: Counter = Counter()
-    spec = SourceSpec.parse(args.benchmark)
-    records = list(read_source(spec))
     if info.rank == 0:
         skipped.update(spec.skipped)
     samples = benchmark_samples(records, model, tok_name, size, info.rank, info.world_size, skipped,
@@ -80,15 +81,26 @@ def evaluate_benchmark(args: argparse.Namespace, model, tok_name: str, size: int
         raise ValueError(f"--benchmark {args.benchmark}: no image could be read (skipped: {dict(skipped)})")
     res = retrieval_metrics(img, txt, t2i)
     res.update(skipped=dict(sorted(skipped.items())), benchmark=args.benchmark, dataset=spec.source_name,
-               references=reference_rows(Path(args.references), spec.source_name))
+               references=reference_rows(references, spec.source_name))
     return res
+
+
+def check_out_folder(out: Path) -> None:
+    """The results file's folder exists and takes files (it is written last, after the
+    whole evaluation): else an OSError naming it."""
+    folder = out.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: no such folder for the results file {out.name} (--out)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{folder}: the results file {out.name} cannot be written there (--out)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Evaluate, print the table and write the results JSON; 2 with one line when refused."""
     args = build_parser().parse_args(argv)
     # torch takes about 2 s to import: --help (answered above) must not wait for it
-    from phoclip.evaluation.benchmarks import format_references, format_table, source_slug  # lazy: imports torch
+    from phoclip.evaluation.benchmarks import (format_references, format_table, read_references,  # lazy: imports torch
+                                               source_slug)
     from phoclip.evaluation.retrieval import eval_memory_format, evaluate_shards  # lazy: imports torch
     from phoclip_cli.distributed import cleanup, init_distributed, launcher_rank  # lazy: imports torch
 
@@ -97,15 +109,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if out.exists() and not args.force:
         return refuse("evaluate", FileExistsError(f"{out} exists (results of an earlier evaluation); pass --force "
                                                   "to overwrite it, or --out elsewhere"))
+    try:  # every input read and checked before the model loads: a bad one costs nothing
+        if args.out or Path(args.model).is_dir():  # else the model's own refusal says more
+            check_out_folder(out)
+        references = read_references(Path(args.references)) if args.benchmark else []
+        spec = SourceSpec.parse(args.benchmark) if args.benchmark else None
+        records = list(read_source(spec)) if spec else []
+        urls = [] if spec else expand_urls(args.shards, split=args.split, flag="--shards")[0]
+    except EXPECTED_ERRORS as e:
+        return refuse("evaluate", e)
     info = init_distributed(args.device)
     try:
         model, tok_name = load_encoder(args.model, device=info.device)
         eval_memory_format(model, info.device)
         size = args.image_size or model.config["vision"].get("image_size", 224)
-        if args.benchmark:
-            res = evaluate_benchmark(args, model, tok_name, size, info)
+        if spec is not None:
+            res = evaluate_benchmark(args, model, tok_name, size, info, spec, records, references)
         else:
-            urls = expand_urls(args.shards, split=args.split, flag="--shards")[0]
             tok = load_tokenizer(tok_name)
             manifest = check_shards_fit(urls, tok, model, tok_name, args.manifest)
             res = evaluate_shards(model, urls, size, info.device, info.rank, info.world_size,

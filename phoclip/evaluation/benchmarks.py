@@ -4,12 +4,24 @@ results file. The command (phoclip_cli.evaluate) parses and calls these; reading
 annotation files is the sharding readers' job, so records come in already read."""
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
+import torch
+import yaml
+
+from phoclip.data.images import BadImage, read_image_file
+from phoclip.data.text import normalize_text
+from phoclip.data.transforms import image_to_tensor
 from phoclip.evaluation.retrieval import chance_recall
+from phoclip.fileio import read_regular
+from phoclip.search.query import query_processor
+
+MAX_REFERENCES_BYTES = 1 << 20  # a references file is a few hundred lines
+MAX_REFERENCES_DEPTH = 8  # a list of flat mappings needs 2 levels
 
 
 def format_table(res: dict) -> str:
@@ -29,13 +41,6 @@ def benchmark_samples(records: Iterable, model, tok_name: str, size: int, rank: 
     """Samples (image + all its captions as ids) of a published split's records (with
     `captions`, `path`, `image_id`, `rel`, as the sharding readers yield them), this rank's
     share, prepared as the model's training captions were; unusable records are counted."""
-    import torch
-
-    from phoclip.data.images import BadImage, read_image_file
-    from phoclip.search.query import query_processor
-    from phoclip.data.text import normalize_text
-    from phoclip.data.transforms import image_to_tensor
-
     proc = query_processor(model, tok_name, None, vncorenlp_dir)
     for r in list(records)[rank::world]:
         caps = [c for c in r.captions if normalize_text(c)]
@@ -52,20 +57,64 @@ def benchmark_samples(records: Iterable, model, tok_name: str, size: int, rank: 
                "ids": torch.from_numpy(ids.astype("int64")), "meta": {"path": [r.rel]}}
 
 
-def reference_rows(references: Path, dataset: str) -> list[dict]:
-    """Published results for `dataset` from a references YAML (a list of {dataset, split,
-    metric, value, source}); a missing file gives none, a malformed one is refused by name."""
-    import yaml
+class _ReferencesLoader(yaml.SafeLoader):
+    """Safe YAML with nesting capped while it is parsed (PyYAML composes recursively:
+    20,000 levels ended in a RecursionError) and no aliases (nothing to share here)."""
 
-    if not references.is_file():
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.MarkedYAMLError(problem="an alias is not accepted: write the entry out",
+                                       problem_mark=self.peek_event().start_mark)
+        if self._depth >= MAX_REFERENCES_DEPTH:
+            raise yaml.MarkedYAMLError(problem=f"nested deeper than {MAX_REFERENCES_DEPTH} levels",
+                                       problem_mark=self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+REFERENCE_FIELDS = "{dataset, split, metric, value, source}"
+
+
+def read_references(references: Path) -> list[dict]:
+    """Published results from a references YAML: a list of {dataset, split, metric,
+    value, source}, every entry checked (text fields, a finite number). A missing file
+    gives none; anything else that is not such a list is a one-line ValueError naming
+    the file (read capped, a regular file only: a FIFO would block). Read before an
+    evaluation starts, so a bad file costs nothing."""
+    if not references.exists():
         return []
     try:
-        rows = yaml.safe_load(references.read_text(encoding="utf-8")) or []
+        text = read_regular(references, MAX_REFERENCES_BYTES).decode("utf-8")
+        rows = yaml.load(text, Loader=_ReferencesLoader) or []
+    except UnicodeDecodeError:
+        raise ValueError(f"{references}: not UTF-8 text") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"{references}: not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"dataset", "metric", "value", "source"}
-                                             <= set(r) for r in rows):
-        raise ValueError(f"{references}: expected a list of {{dataset, split, metric, value, source}}")
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ValueError(f"{references}: not a valid references YAML: {problem}{at}") from None
+    if not isinstance(rows, list):
+        raise ValueError(f"{references}: expected a list of {REFERENCE_FIELDS}")
+    for i, r in enumerate(rows):
+        if not (isinstance(r, dict) and {"dataset", "metric", "value", "source"} <= set(r)):
+            raise ValueError(f"{references}: entry {i + 1}: expected a mapping with {REFERENCE_FIELDS}")
+        text_fields = [k for k in ("dataset", "metric", "source", "split")
+                       if k in r and not isinstance(r[k], (str, int, float))]
+        if text_fields:
+            raise ValueError(f"{references}: entry {i + 1}: {text_fields[0]} must be text")
+        v = r["value"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{references}: entry {i + 1}: value must be a finite number, not {str(v)[:40]!r}")
+    return rows
+
+
+def reference_rows(rows: list[dict], dataset: str) -> list[dict]:
+    """The entries of `read_references` for `dataset`."""
     return [r for r in rows if str(r["dataset"]).lower() == dataset.lower()]
 
 
