@@ -13,6 +13,21 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+OUR_PACKAGES = ("phoclip", "phoclip_train", "phoclip_sharding", "phoclip_cli")
+
+
+def pytest_sessionstart(session) -> None:
+    """The packages under test are this checkout's: with another checkout (or an
+    installed copy) first on the path the tests would test that code and fail without
+    saying why."""
+    import importlib.util
+
+    for name in OUR_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        where = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+        if where is not None and ROOT not in where.parents:
+            raise pytest.UsageError(f"{name} is imported from {where.parent}, not from this checkout ({ROOT}): "
+                                    "install this checkout (pip install -e .) or put it first on PYTHONPATH")
 
 CAPTION_WORDS = ["Một", "một", "hai", "ba", "hình_tròn", "hình_vuông", "tam_giác", "màu", "đỏ",
                  "xanh_lá", "xanh_dương", "vàng", "ở", "góc", "trên", "dưới", "bên", "trái",

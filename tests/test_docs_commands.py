@@ -211,6 +211,7 @@ class Checker:
             overrides = [a for a in args[i + 1:] if "=" in a and not a.startswith("-")]
             if "train" in Path(script).name:
                 self.check_overrides(line, None, overrides)
+                self.check_names_its_shards(line, overrides)
 
     def check_entry(self, line: int, shown: str, target: str, args: list[str]) -> None:
         self.checked += 1
@@ -236,6 +237,14 @@ class Checker:
             ns = _loose_parse(parser, args)
             self.check_overrides(line, ns.config, [a for a in ns.overrides if "=" in a],
                                  ns.deepspeed_config)
+            if not ns.print_config and not placeholder:
+                self.check_names_its_shards(line, ns.overrides)
+
+    def check_names_its_shards(self, line: int, overrides: list[str]) -> None:
+        """A training command trains on shards it names: the configs' data.train_shards
+        are placeholders that no user's data matches."""
+        if not any(o.startswith("data.train_shards=") for o in overrides):
+            self.error(line, "a training command without data.train_shards=")
 
     def check_overrides(self, line: int, config: str | None, overrides: list[str], ds_json: str | None = None) -> None:
         """key=value overrides (and the repository's config files they go with) resolve."""
@@ -286,7 +295,8 @@ def test_the_checker_catches_a_drifted_command(tmp_path):
     assert "x.md:4:" in text and "train.max_stepz" in text, text
     assert "launch/nope.py: no such script" in text and "make no-such-target" in text, text
     assert "x.md:9: phoclip-search: no option --no-such" in text, text
-    assert len(c.errors) == 5, text  # the placeholder line and the inline flag mention are fine
+    assert "x.md:4: a training command without data.train_shards=" in text, text
+    assert len(c.errors) == 6, text  # the placeholder line and the inline flag mention are fine
 
 
 @pytest.mark.parametrize("md", DOCS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -80,6 +80,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--part must be in [0, --of)")
     if args.merge and args.part is not None:
         p.error("--merge takes no --part: it merges them all")
+    # folders checked before the seconds of imports that embedding needs
+    for flag, folder in (("--images", args.images), ("--embeddings", args.embeddings)):
+        if folder and not Path(folder).is_dir():
+            return refuse("build_index", NotADirectoryError(f"{flag} {folder}: not a folder"))
     from phoclip.errors import EXPECTED_ERRORS
     from phoclip.log import init_logger
     from phoclip_cli.distributed import cleanup, init_distributed, launcher_rank

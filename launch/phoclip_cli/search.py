@@ -55,7 +55,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("give a query, --image or --tags")
     if args.k < 1:
         p.error("--k must be >= 1")
-
+    # paths checked before the 6-7 s of imports that searching needs
+    bad = next((f"{flag} {v}: {why}" for flag, v, ok, why in (
+        ("--index", args.index, Path(args.index).is_dir(), "not a folder (an index made by phoclip-index)"),
+        *(("--image", f, Path(f).is_file(), "no such file") for f in args.image or ()),
+        ("--tags", args.tags, not args.tags or Path(args.tags).is_file(), "no such file")) if not ok), None)
+    if bad:
+        return refuse("search", FileNotFoundError(bad))
     try:
         return _search(args)
     except EXPECTED_ERRORS as e:
@@ -79,6 +85,9 @@ def _search(args: argparse.Namespace) -> int:
     encoder = "onnx" if args.backend == "onnx" else "torch"
     model, tok_name = load_encoder(args.model or index.meta["model"], encoder)
     args.backend = "exact" if args.backend == "onnx" else args.backend
+    if encoder == "onnx":  # the same table either way: say which runtime embedded the queries
+        logger.info("queries embedded by onnxruntime (%s) from the model's ONNX export; exact search",
+                    ", ".join(model.providers))
     index.check_model(model)
     logger.info("%s", strip_controls(index.model_line(args.model)))  # which model answers, and why that one
     proc = query_processor(model, tok_name, args.segmenter, args.vncorenlp_dir)

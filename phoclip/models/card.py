@@ -95,6 +95,7 @@ def model_card(config: dict, training: Optional[dict] = None, data: Optional[dic
               "```python", *BATCH_EXAMPLE, "```", "",
               "The bare PyTorch module (for fine-tuning): `phoclip.load_model(\"THIS_FOLDER\")` "
               "(= `phoclip.PhoCLIP.from_pretrained`).",
-              "Search service: `python launch/serve.py --index INDEX --model THIS_FOLDER`; ONNX: "
-              "`python launch/export_model.py THIS_FOLDER OUT --format onnx`.", ""]
+              "Search service: `phoclip-index --model THIS_FOLDER --images PHOTOS --out INDEX`, then "
+              "`phoclip-serve --index INDEX --model THIS_FOLDER`; ONNX: "
+              "`phoclip-export THIS_FOLDER OUT --format onnx`.", ""]
     return "\n".join(parts)

@@ -107,6 +107,7 @@ class OnnxModel:
         providers = providers or ort.get_available_providers()
         self._image = _session(ort, d / "image.onnx", providers)
         self._text = _session(ort, d / "text.onnx", providers)
+        self.providers: list[str] = self._text.get_providers()  # what onnxruntime runs on (said by the commands)
         # one probe per tower: a wrong graph answers 500 to every query otherwise
         ids = torch.tensor([[0, 4, 2, self.pad_id]])
         _probe(d / "image.onnx", lambda: self.encode_image(torch.zeros(1, 3, size, size)), dim)

@@ -199,4 +199,7 @@ def _phases(opts: JobOptions, tokenizer, segmenter, output: Output, pool, t0: fl
     if skipped:
         print("skipped: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
     print(shard_patterns(str(output), manifest.shards))
+    if opts.num_parts > 1:  # a part's shards are one piece: train on the merge of every part
+        print(f"part {opts.part} of {opts.num_parts} done; run phoclip-shards --merge {opts.out} when all {opts.num_parts} "
+              "parts are done")
     return 0

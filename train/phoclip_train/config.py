@@ -477,11 +477,15 @@ def resolve_config(config_file: Optional[str], overrides: Sequence[str] = (),
         if not os.path.isfile(config_file):
             raise ConfigError(f"config file {config_file} does not exist")
         with open(config_file, encoding="utf-8") as f:
+            saved = f.readline() == SAVED_HEADER
+            f.seek(0)
             tree = _load_yaml(f, f"config file {config_file}") or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {config_file}: expected a mapping of config groups "
                               f"(data:, model:, train:, ...), got {type(tree).__name__}")
-        apply_tree(cfg, tree, sources=sources, origin=f"YAML file {config_file}")
+        # a run's saved config.yaml holds every field: where each first came from is not in it
+        apply_tree(cfg, tree, sources=sources, origin=f"saved run config {config_file}, as that run resolved it"
+                   if saved else f"YAML file {config_file}")
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not key=value (e.g. train.max_steps=20)")
@@ -538,8 +542,12 @@ def describe_config(cfg: RunConfig, sources: Optional[dict] = None) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
+SAVED_HEADER = "# PhoCLIP run config saved by its run: every field as the run resolved it\n"
+
+
 def save_config(cfg: RunConfig, path: str) -> None:
-    atomic_write_text(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False, allow_unicode=True))
+    """The resolved config as YAML, marked as a run's own (--print-config then says so)."""
+    atomic_write_text(path, SAVED_HEADER + yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False, allow_unicode=True))
 
 
 def _plain(x):
