@@ -204,3 +204,29 @@ def test_a_config_nested_too_deep_is_one_line_not_a_recursion_error(tmp_path, op
         assert len(msg) < 500
     ok = "[" * 60 + "1" + "]" * 60  # deep enough for any real architecture override
     assert resolve_config(None, [f"model.overrides.vision={ok}"]).model.overrides["vision"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=100000000000000000000", "data.batch_size must be at most 1,048,576, not 100,000,000,000,000,000,000"),
+    ("data.image_size=100000000", "data.image_size must be at most 2,048, not 100,000,000"),
+    ("data.workers=1000000", "data.workers must be at most 256, not 1,000,000"),
+    ("data.shuffle_buffer=1000000000000", "data.shuffle_buffer must be at most"),
+    ("data.length_buckets=1000000000", "data.length_buckets must be at most"),
+    ("train.accum_steps=1000000000", "train.accum_steps must be at most"),
+])
+def test_sizes_past_their_caps_are_refused_naming_the_key(override, message):
+    """Whole numbers that large passed validation: the batch and image sizes died in a
+    DataLoader worker, a million workers were forked."""
+    cfg = resolve_config(None, ["data.train_shards=x.tar", override])
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    assert str(e.value) == message or (message in str(e.value) and "\n" not in str(e.value)), str(e.value)
+
+
+def test_the_image_size_cap_is_the_model_configs():
+    from phoclip.models.pretrained import MAX_IMAGE_SIZE
+    from phoclip_train.config import SIZE_CAPS
+
+    assert SIZE_CAPS["data.image_size"] == MAX_IMAGE_SIZE
+    cfg = resolve_config(None, ["data.train_shards=x.tar", f"data.image_size={MAX_IMAGE_SIZE}"])
+    cfg.validate()

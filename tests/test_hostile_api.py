@@ -137,3 +137,22 @@ def test_weights_that_cannot_embed_are_refused_at_load(model_dir, tmp_path, edit
     with pytest.raises(ValueError) as e:
         phoclip.load(folder, device="cpu")
     assert one_line(e.value).startswith(f"{folder}: ") and needle in one_line(e.value), one_line(e.value)
+
+
+def test_an_onnx_export_config_gets_the_model_folders_caps(model_dir, tmp_path):
+    """onnx/meta.json's config was read without the caps phoclip_config.json gets: a
+    text.max_length of 200,000,000 loaded."""
+    import json
+
+    from phoclip.models.onnx import export_onnx
+
+    folder = tmp_path / "m"
+    shutil.copytree(model_dir, folder)
+    export_onnx(phoclip.load(folder, device="cpu").module, folder)
+    meta = json.loads((folder / "onnx" / "meta.json").read_text())
+    meta["config"]["text"]["max_length"] = 200_000_000
+    (folder / "onnx" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError) as e:
+        phoclip.load(folder, backend="onnx")
+    assert one_line(e.value) == (f"{folder / 'onnx' / 'meta.json'}: model config text.max_length must be at most 512, "
+                                 "not 200000000")

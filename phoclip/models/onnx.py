@@ -15,8 +15,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from phoclip.fileio import atomic_write_json, create_temp, fsync_dir
-from phoclip.models.pretrained import model_fingerprint
+from phoclip.fileio import atomic_write_json, create_temp, fsync_dir, read_regular
+from phoclip.models.pretrained import MAX_CONFIG_BYTES, check_model_config, model_fingerprint
 
 ONNX_DIR = "onnx"
 TOLERANCE = 1e-3  # max abs difference on normalised embeddings, checked at export
@@ -94,16 +94,16 @@ class OnnxModel:
         if not (d / "meta.json").is_file():
             raise FileNotFoundError(f"{folder} has no ONNX export ({ONNX_DIR}/meta.json): run "
                                     f"python launch/export_model.py {folder} {folder} --format onnx")
-        try:
-            meta = json.loads((d / "meta.json").read_text(encoding="utf-8"))
-            self.config = meta["config"]
-            self.fingerprint = str(meta["fingerprint"])
-            self.pad_id = int(self.config["text"].get("pad_id", 1))
-            dim = int(self.config["embed_dim"])
-            size = int(self.config["vision"].get("image_size", 224))
+        try:  # capped, regular files only
+            meta = json.loads(read_regular(d / "meta.json", MAX_CONFIG_BYTES).decode("utf-8"))
+            config, self.fingerprint = meta["config"], str(meta["fingerprint"])
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             raise ValueError(f"{d / 'meta.json'}: not an ONNX export description "
                              f"({type(e).__name__}: {e})") from None
+        # the caps a model folder's config gets: sizes too large to embed with are refused
+        self.config = check_model_config(config, f"{d / 'meta.json'}")
+        self.pad_id = int(self.config["text"].get("pad_id", 1))
+        dim, size = int(self.config["embed_dim"]), int(self.config["vision"].get("image_size", 224))
         providers = providers or ort.get_available_providers()
         self._image = _session(ort, d / "image.onnx", providers)
         self._text = _session(ort, d / "text.onnx", providers)

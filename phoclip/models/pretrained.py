@@ -40,6 +40,7 @@ _SIZE_CAPS = {
                        "num_attention_heads": 256, "intermediate_size": 65536,
                        "max_position_embeddings": 4096, "type_vocab_size": 1024},
 }
+MAX_IMAGE_SIZE = _SIZE_CAPS["vision"]["image_size"]  # a run's data.image_size is capped with it too
 MAX_CONFIG_BYTES = 16 << 20
 
 

@@ -22,6 +22,14 @@ import yaml
 from pydantic import ConfigDict, Strict, TypeAdapter, ValidationError
 
 from phoclip.fileio import atomic_write_text
+from phoclip.models.pretrained import MAX_IMAGE_SIZE
+
+# Upper bounds of the sizes a run config sets: far above any real run, low enough that a
+# stray run of zeros is refused naming its key instead of failing in a DataLoader worker or
+# filling the machine's memory. The image size is the model config's own cap.
+SIZE_CAPS = {"data.batch_size": 1 << 20, "data.global_batch_size": 1 << 30, "data.workers": 256,
+             "data.image_size": MAX_IMAGE_SIZE, "data.shuffle_buffer": 1 << 20, "data.length_buckets": 1024,
+             "data.trim_padding": 4096, "train.accum_steps": 1 << 16}
 
 MAX_YAML_DEPTH = 64
 """Nesting levels a YAML value may have (PyYAML composes nodes recursively: deeper
@@ -297,6 +305,11 @@ class RunConfig:
             if d.global_batch_size < 0 or d.global_batch_size % per_step:
                 raise ConfigError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
                                   f"data.batch_size x ranks = {d.batch_size} x {world_size}")
+        for key, cap in SIZE_CAPS.items():
+            group, name = key.split(".")
+            v = getattr(getattr(self, group), name)
+            if v > cap:
+                raise ConfigError(f"{key} must be at most {cap:,}, not {v:,}")
         if not d.train_shards:
             raise ConfigError("data.train_shards is empty: pass data.train_shards=PATTERN")
         if self.optim.warmup_steps < 0:
