@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import importlib.util
 import io
+import os
 import re
 import shlex
 from pathlib import Path
@@ -308,3 +309,108 @@ def test_every_documented_command_runs_as_written(md):
     for line, cmd in inline_commands(md):
         c.check_line(line, cmd)
     assert not c.errors, "\n".join(c.errors)
+
+
+# ----------------------------------------------------------------------------- run top to bottom
+
+OUT_FLAGS = {"--out", "--output", "--html", "--map", "--tensorboard"}
+# sections being rewritten by their owners, not yet held to this check: search.md's
+# parts section shows torchrun, --part jobs and --embeddings all writing one index/
+PENDING = {"docs/search.md": "### Large collections"}
+SAME_SAID = re.compile(r"\b(again|the same (run|folder|index|output))\b", re.I)
+
+
+class OutputChecker(Checker):
+    """Where each command of a page writes (--out, --output, --html, --map, --tensorboard,
+    run_dir=, the evaluation's default MODEL/eval-SOURCE.json, an export's folder), so
+    that a page run top to bottom never has a later command replace or refuse an earlier
+    one's output, unless the text beside it says so ("again", "the same run")."""
+
+    def __init__(self, md: Path):
+        super().__init__(md)
+        self.page = md
+        self.written: dict[str, int] = {}
+        self.said = ""  # the comment beside or above the command being read
+
+    def check_line(self, line: int, cmd: str) -> None:
+        env = dict(w.split("=", 1) for w in cmd.split() if re.match(r"^[A-Z_]+=\S", w))
+        if "sbatch" in cmd and "RUN_DIR" in env:
+            self.wrote(line, env["RUN_DIR"])
+        super().check_line(line, cmd)
+
+    def check_entry(self, line: int, shown: str, target: str, args: list[str]) -> None:
+        if "..." in args or "…" in args or {"-h", "--help", "--print-config"} & set(args):
+            return
+        self.checked += 1
+        words = [a for a in args if a != "--resume"]
+        outs = [words[i + 1] for i, a in enumerate(words[:-1]) if a in OUT_FLAGS]
+        outs += [a.split("=", 1)[1] for a in words if "=" in a and a.split("=", 1)[0] in OUT_FLAGS]
+        if {"--add", "--merge", "--part"} & set(args):  # parts of one index or shard folder: its purpose
+            outs = []
+        if "train" in target:
+            outs += [a.split("=", 1)[1] for a in args if a.startswith("run_dir=")]
+        elif "evaluate" in target and not outs:
+            from phoclip.evaluation.benchmarks import source_slug
+
+            opt = lambda f, d=None: next((args[i + 1] for i, a in enumerate(args[:-1]) if a == f), d)
+            if opt("--model"):
+                slug = source_slug(opt("--benchmark"), opt("--shards"), opt("--split", "val"))
+                outs.append(f"{opt('--model')}/eval-{slug}.json")
+        elif "export" in target:
+            pos = [a for a in args if not a.startswith("-")]
+            outs += pos[1:2]
+        for o in outs:
+            self.wrote(line, o)
+
+    def wrote(self, line: int, path: str) -> None:
+        key = os.path.normpath(path.rstrip("/"))
+        if key in self.written and not SAME_SAID.search(self.said):
+            self.error(line, f"writes {path}, which line {self.written[key]} of the page already wrote")
+        self.written.setdefault(key, line)
+
+    def check_page(self) -> None:
+        """Every fenced shell block of the page, in order, with the comment beside or above each command."""
+        text = self.page.read_text(encoding="utf-8").splitlines()
+        pending = PENDING.get(str(self.md.relative_to(ROOT)).replace(os.sep, "/"))
+        for line, cmd in shell_lines(self.page):
+            heading = next((t for t in reversed(text[:line]) if t.startswith("#") and t.lstrip("#").startswith(" ")
+                            and not t.startswith("# ")), "")
+            if pending and heading.startswith(pending):
+                continue
+            above, n = [], line - 2
+            while n >= 0 and text[n].strip().startswith("#"):
+                above.append(text[n])
+                n -= 1
+            self.said = " ".join(above) + " " + (cmd.split(" #", 1)[1] if " #" in cmd else "")
+            self.check_line(line, cmd)
+
+
+@pytest.mark.parametrize("md", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_two_commands_of_a_page_write_the_same_output(md):
+    c = OutputChecker(md)
+    c.check_page()
+    assert not c.errors, "\n".join(c.errors)
+
+
+def test_the_output_checker_catches_a_page_that_overwrites_itself(tmp_path):
+    md = tmp_path / "x.md"
+    md.write_text("```bash\n"
+                  "phoclip-index --model m --shards s --out index/ --map index/map.png\n"
+                  "phoclip-index --model m --images p --out index\n"
+                  "phoclip-eval --model runs/a --shards shards/vi\n"
+                  "torchrun --nproc_per_node 2 launch/evaluate.py --model runs/a --shards shards/vi\n"
+                  "phoclip-eval --model runs/a --shards 'a/val-{000000..000001}.tar'\n"
+                  "phoclip-eval --model runs/a --shards 'b/val-{000000..000001}.tar'\n"
+                  "phoclip-train --config launch/configs/tiny-debug.yaml data.train_shards=s run_dir=runs/t\n"
+                  "# the same run, resumed on 4 processes\n"
+                  "phoclip-train --config launch/configs/tiny-debug.yaml data.train_shards=s run_dir=runs/t --resume latest\n"
+                  "phoclip-index --model m --images more --out index --add\n"
+                  "```\n")
+    c = OutputChecker(md)
+    c.md = ROOT / "x.md"
+    c.check_page()
+    text = "\n".join(c.errors)
+    assert "x.md:3: writes index, which line 2" in text, text
+    assert "x.md:5: writes runs/a/eval-vi-val.json, which line 4" in text, text
+    assert "x.md:7: writes runs/a/eval-val.json, which line 6" in text, text
+    assert len(c.errors) == 3, text  # the resumed run says so; --add writes into an index on purpose
