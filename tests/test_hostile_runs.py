@@ -405,18 +405,25 @@ def test_an_index_whose_files_disagree_is_refused_and_written_whole(tiny_run, sh
     _ok(capsys, "build_index", "--model", tiny_run, "--shards", shapes_shards[0] / "val-000000.tar", "--out", idx)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temporary folder left
     n = EmbeddingIndex(idx).embeddings("images").shape[0]
-    with open(idx / "images.jsonl", "a") as f:
-        f.write(json.dumps({"key": "extra"}) + "\n")
-    with pytest.raises(ValueError, match=f"images.jsonl: {n + 1} lines for {n} embeddings"):
+    # one metadata row more than the part's embeddings
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = idx / "metadata" / "metadata_0000.parquet"
+    good = meta.read_bytes()
+    t = pq.read_table(meta)
+    pq.write_table(pa.concat_tables([t, t.slice(0, 1)]), meta)
+    with pytest.raises(ValueError, match=f"metadata_0000.parquet: {n + 1} rows, but index.json says part 0000 has {n}"):
         EmbeddingIndex(idx).embeddings("images")
-    _refused(capsys, "search", "--index", idx, "hai hình tròn", needles=("images.jsonl", "lines for"))
+    _refused(capsys, "search", "--index", idx, "hai hình tròn", needles=("metadata_0000.parquet", "rows, but"))
+    meta.write_bytes(good)
     # a header that claims more rows than the file holds is refused, not allocated
     import io
 
     b = io.BytesIO()
     np.lib.format.write_array_header_1_0(b, {"descr": "<f2", "fortran_order": False, "shape": (10**9, 64)})
-    (idx / "captions.npy").write_bytes(b.getvalue() + b"\0" * 128)
-    with pytest.raises(ValueError, match="captions.npy"):
+    (idx / "text_emb" / "text_emb_0000.npy").write_bytes(b.getvalue() + b"\0" * 128)
+    with pytest.raises(ValueError, match="text_emb_0000.npy"):
         EmbeddingIndex(idx).embeddings("captions")
     # a folder that is not an index is never replaced
     photos = tmp_path / "photos"
