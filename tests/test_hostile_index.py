@@ -269,57 +269,62 @@ def service_env(built, tmp_path_factory):
 
 
 def test_pictures_outside_the_allowed_folders_are_not_served(service_env, caplog):
-    from phoclip.serve.service import PictureUnavailable
+    from phoclip.serve.picture_cache import PictureUnavailable
 
     d, service = service_env
-    assert service.roots == [str(d / "index"), str(d / "photos")]
-    assert service.thumbnail(0, 1 << 20, 1 << 28)[:2] == b"\xff\xd8"
-    with caplog.at_level(logging.WARNING, logger="phoclip.serve.service"):
+    pictures = service.indices.get().pictures
+    assert pictures.roots == [str(d / "index"), str(d / "photos")]
+    assert pictures.picture(0, 1 << 20, 1 << 28)[:2] == b"\xff\xd8"
+    with caplog.at_level(logging.WARNING, logger="phoclip.serve.picture_cache"):
         for i in (1, 2):  # a file elsewhere; a link inside the index folder to it
             for _ in range(3):
                 with pytest.raises(PictureUnavailable, match="outside"):
-                    service.photo(i, 1 << 20, 1 << 28)
-    assert service.picture_failures["outside_roots"] == 2  # counted once per item
+                    pictures.photo(i, 1 << 20, 1 << 28)
+    assert pictures.failures["outside_roots"] == 2  # counted once per item
     logged = [r.getMessage() for r in caplog.records if "outside" in r.getMessage()]
     assert len(logged) == 2, logged  # logged once per item, not per request
 
 
 def test_paths_are_shown_as_recorded_not_as_server_paths(service_env):
     d, service = service_env
-    assert service.item(1)["path"] == os.path.relpath(d / "secret" / "private.jpg", d / "index")
-    assert service.item(0)["path"] == "../photos/a.jpg"
-    assert service._image_hit(1, 0.5, 0)["path"] == "../photos/a.jpg"
-    assert service.item(3)["path"] == "" and service.item(3)["shard"] == "s.tar.xz"
+    served = service.indices.get()
+    assert service.item(served, 1)["path"] == os.path.relpath(d / "secret" / "private.jpg", d / "index")
+    assert service.item(served, 0)["path"] == "../photos/a.jpg"
+    hits = service._image_hits(served, torch.from_numpy(served.vectors("images", [0])), 4)
+    assert [h["path"] for h in hits if h["id"] == 0] == ["../photos/a.jpg"]
+    assert service.item(served, 3)["path"] == "" and service.item(served, 3)["shard"] == "s.tar.xz"
 
 
 def test_a_failed_picture_is_not_read_again_on_every_request(service_env, monkeypatch):
-    import phoclip.serve.service as service_mod
+    import phoclip.serve.picture_cache as cache_mod
 
     d, service = service_env
+    pictures = service.indices.get().pictures
     calls = []
-    real = service_mod.load_item_bytes
-    monkeypatch.setattr(service_mod, "load_item_bytes", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cache_mod.load_item_bytes
+    monkeypatch.setattr(cache_mod, "load_item_bytes", lambda *a, **k: calls.append(1) or real(*a, **k))
     for _ in range(5):
-        with pytest.raises(service_mod.PictureUnavailable):
-            service.thumbnail(3, 1 << 20, 1 << 28)
+        with pytest.raises(cache_mod.PictureUnavailable):
+            pictures.picture(3, 1 << 20, 1 << 28)
     assert len(calls) == 1
     # remembered for FAILED_TTL only: a file put back is served again
-    monkeypatch.setattr(service_mod, "FAILED_TTL", 0.0)
-    with pytest.raises(service_mod.PictureUnavailable):
-        service.thumbnail(3, 1 << 20, 1 << 28)
+    monkeypatch.setattr(cache_mod, "FAILED_TTL", 0.0)
+    with pytest.raises(cache_mod.PictureUnavailable):
+        pictures.picture(3, 1 << 20, 1 << 28)
     assert len(calls) == 2
 
 
 def test_images_roots_names_the_folders_served(built, service_env):
     from phoclip.serve import Service, Settings
-    from phoclip.serve.service import PictureUnavailable
+    from phoclip.serve.picture_cache import PictureUnavailable
 
     d, _ = service_env
     s = Service.from_settings(Settings(index=str(d / "index"), device="cpu", images_roots=(str(d / "secret"),)))
-    assert s.roots == [str(d / "secret")]
-    assert s.photo(1, 1 << 20, 1 << 28)[:2] == b"\xff\xd8"
+    pictures = s.indices.get().pictures
+    assert pictures.roots == [str(d / "secret")]
+    assert pictures.photo(1, 1 << 20, 1 << 28)[:2] == b"\xff\xd8"
     with pytest.raises(PictureUnavailable, match="outside"):
-        s.photo(0, 1 << 20, 1 << 28)
+        pictures.photo(0, 1 << 20, 1 << 28)
     with pytest.raises(NotADirectoryError, match="images root .*nowhere: not a folder"):
         Service(str(d / "index"), device="cpu", images_roots=(str(d / "nowhere"),))
 
