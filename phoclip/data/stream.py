@@ -2,7 +2,8 @@
 in one place (`ShardStream.__iter__`):
 
     shards        epoch_shards (rank::world, then worker) | resampled_shards (seeded draws)
-    → ShardHealth.track_shards / read_shards / ShardHealth.track_samples   (tar → samples)
+    → ShardHealth.track_shards / ShardMemory.choose / read_shards / ShardHealth.track_samples
+                          (tar → samples; a remote shard given up is passed over for a while)
     → seeded_shuffle                                                      (shuffle buffer)
     → skip_to             resume: drop the positions consumed before the checkpoint, undecoded
     → decode_counted_stage  bad samples dropped, counted by reason, their shard told
@@ -71,16 +72,23 @@ class StreamLayout:
     salt: int = 0
     start_epoch: int = 0
     done: dict = field(default_factory=dict)  # epoch -> sorted shard indices
+    given_up: dict = field(default_factory=dict)
+    """url -> how often the old layout's streams gave it up: the new streams start by
+    passing it over (`ShardMemory`) rather than paying its retries again."""
 
     def state_dict(self) -> dict:
-        return {"salt": self.salt, "start_epoch": self.start_epoch,
-                "done": {str(e): list(v) for e, v in self.done.items()}}
+        st = {"salt": self.salt, "start_epoch": self.start_epoch,
+              "done": {str(e): list(v) for e, v in self.done.items()}}
+        if self.given_up:
+            st["given_up"] = dict(self.given_up)
+        return st
 
     @classmethod
     def from_state(cls, st: Optional[dict]) -> "StreamLayout":
         st = st or {}
         return cls(int(st.get("salt", 0)), int(st.get("start_epoch", 0)),
-                   {int(e): sorted(int(i) for i in v) for e, v in st.get("done", {}).items()})
+                   {int(e): sorted(int(i) for i in v) for e, v in st.get("done", {}).items()},
+                   {str(u): int(k) for u, k in st.get("given_up", {}).items()})
 
 
 @dataclass(kw_only=True)
@@ -123,6 +131,8 @@ class ShardStream(IterableDataset):
         self.positions: dict[int, int] = {}
         self.skipped: dict[int, dict] = {}
         self.block_done: dict[int, int] = {}
+        self.given_up: dict[int, list] = {}
+        self.opened: dict[int, int] = {}
         self.start_batch = 0
 
     def load_state_dict(self, state: dict) -> None:
@@ -130,7 +140,7 @@ class ShardStream(IterableDataset):
         t = StreamTracker()
         t.load_state_dict(state)
         self.positions, self.skipped, self.start_batch = t.positions, t.skipped, t.batches
-        self.block_done = t.block_done
+        self.block_done, self.given_up, self.opened = t.block_done, t.given_up, t.opened
 
     def _key(self, *parts: Any) -> tuple:
         # the salt joins the seeds only once a layout change set it: runs that never
@@ -152,13 +162,15 @@ class ShardStream(IterableDataset):
         skips: Counter = Counter(self.skipped.get(logical, {}))
         start = self.positions.get(logical, 0)
         health = ShardHealth(max(8, min(2 * len(c.urls), 64)), skips)
+        memory = ShardMemory(len(c.urls), skips, self.given_up.get(logical, ()), c.layout.given_up,
+                             self.opened.get(logical, 0))
 
         if c.resampled:
             shards = resampled_shards(c.urls, c.weights, self._rng("shards", logical))
         else:
             shards = epoch_shards(c.urls, c.seed, c.layout, c.rank, c.world_size, logical, nworkers)
-        shards = health.track_shards(shards)
-        samples = health.track_samples(read_shards(shards, skips, c.manifest))
+        shards = memory.choose(health.track_shards(shards), health)
+        samples = health.track_samples(read_shards(shards, skips, c.manifest, gave_up=memory.gave_up))
         samples = seeded_shuffle(samples, c.shuffle_buffer, self._rng("shuffle", logical))
         numbered = skip_to(enumerate(samples, 1), start, health)
         decoded = decode_counted_stage(numbered, skips, health, c.ids_width, c.vocab_size)
@@ -166,7 +178,8 @@ class ShardStream(IterableDataset):
                            c.resize_on == "device")
         blocks = fixed_blocks(examples, c.batch_size * max(1, c.length_buckets))
         yield from batched(blocks, BatchMaker(c, logical, health, skips, start, self.block_done.get(logical, 0),
-                                              lambda block_start: self._rng("buckets", logical, block_start)))
+                                              lambda block_start: self._rng("buckets", logical, block_start),
+                                              memory))
 
 
 def resampled_shards(urls: list, weights: list, rng: random.Random) -> Iterator[dict]:
@@ -244,8 +257,9 @@ class BatchMaker:
     skips, already counted before the checkpoint, are restored rather than counted twice."""
 
     def __init__(self, cfg: StreamConfig, logical: int, health: "ShardHealth", skips: Counter, start: int,
-                 skip_batches: int, bucket_rng: Callable[[int], random.Random]) -> None:
-        self.cfg, self.logical, self.health, self.skips = cfg, logical, health, skips
+                 skip_batches: int, bucket_rng: Callable[[int], random.Random],
+                 memory: Optional["ShardMemory"] = None) -> None:
+        self.cfg, self.logical, self.health, self.skips, self.memory = cfg, logical, health, skips, memory
         self.block_start, self.skip_batches, self.bucket_rng = start, skip_batches, bucket_rng
         self.restore_skips = Counter(skips) if skip_batches else None
 
@@ -267,7 +281,8 @@ class BatchMaker:
             last = j == len(groups) - 1
             batch = {"input_ids": torch.stack([block[i].ids for i in g]), "keys": [block[i].key for i in g],
                      "worker": self.logical, "position": pos if last else self.block_start,
-                     "block_done": 0 if last else j + 1, "opened": self.health.opened, "skipped": dict(self.skips)}
+                     "block_done": 0 if last else j + 1, "opened": self.health.opened, "skipped": dict(self.skips),
+                     "given_up": self.memory.state() if self.memory else []}
             if c.resize_on == "device":
                 batch.update(pad_images([block[i].image for i in g]))
                 batch["boxes"] = torch.tensor([block[i].box for i in g], dtype=torch.int32)
@@ -351,6 +366,77 @@ class ShardHealth:
                 f"settled (e.g. {url}; skipped so far: {dict(self.skips)}); check data.train_shards")
 
 
+class ShardMemory:
+    """The remote shards this stream gave up (too slow, failing after its retries, or
+    missing), so that a shard server that trickles costs the run its retries once per
+    back-off rather than once per epoch: a shard given up for the k-th time is passed over
+    (counted as `passed_over_shard`) for the stream's next 2^k x len(urls) shard choices
+    (at most 64 x), then read again. In epoch order one stream's next epoch is always
+    inside the first back-off.
+
+    The decisions depend only on the stream's own give-up events `[choice, url, samples
+    given]`, carried in its batches and so in checkpoints (`StreamTracker.given_up`): a
+    resumed stream replays them without reading those shards again (a shard given up
+    after m samples is read to m only), so it continues exactly, and cheaply. A stream of
+    a new layout starts with the old streams' shards passed over (`StreamLayout.given_up`)."""
+
+    MAX_DOUBLINGS = 6
+
+    def __init__(self, n_urls: int, skips: Counter, events: Iterable = (), seeded: Optional[dict] = None,
+                 counted_before: int = 0) -> None:
+        self.n, self.skips, self.counted_before = max(1, n_urls), skips, counted_before
+        self.events: list[list] = []
+        self.replay = {int(e[0]): (str(e[1]), int(e[2])) for e in events}
+        self.times: Counter = Counter()
+        self.until: dict[str, int] = {}  # url -> the last shard choice that passes it over
+        for url, k in (seeded or {}).items():
+            self.times[url] = int(k)
+            self.until[url] = self.span(int(k)) - 1
+
+    def span(self, k: int) -> int:
+        """Shard choices passed over after the k-th give-up."""
+        return self.n * 2 ** min(max(k, 1), self.MAX_DOUBLINGS)
+
+    def state(self) -> list:
+        """The give-up events so far (a copy: the batch that carries them outlives this)."""
+        return [list(e) for e in self.events]
+
+    def choose(self, shards: Iterable[dict], health: "ShardHealth") -> Iterator[dict]:
+        """Pass the numbered shards (`ShardHealth.track_shards`) on, less those in their
+        back-off; replayed give-ups are remembered without a read."""
+        for sh in shards:
+            i, url = health.opened - 1, sh["url"]
+            if self.until.get(url, -1) >= i:
+                if i >= self.counted_before:  # a resumed stream's replay was counted before its checkpoint
+                    self.skips["passed_over_shard"] += 1
+                continue
+            if self.until.pop(url, None) is not None:
+                logger.info("reading %s again after its back-off (given up %d times)", url, self.times[url])
+            sh["choice"] = i
+            if self.replay.get(i, ("",))[0] == url:
+                given = self.replay[i][1]
+                self._remember(i, url, given, replayed=True)
+                if not given:
+                    continue
+                sh["max_samples"] = given
+            yield sh
+
+    def gave_up(self, sh: dict, given: int) -> None:
+        """`read_shards` gave the shard up after `given` samples."""
+        if "choice" in sh and "max_samples" not in sh:
+            self._remember(sh["choice"], sh["url"], given)
+
+    def _remember(self, choice: int, url: str, given: int, replayed: bool = False) -> None:
+        self.times[url] += 1
+        span = self.span(self.times[url])
+        self.until[url] = choice + span
+        self.events.append([choice, url, given])
+        (logger.info if replayed else logger.warning)(
+            "shard %s given up (%d time(s) in this stream%s): passed over for its next %d shard choices, "
+            "counted as passed_over_shard", url, self.times[url], ", remembered from the checkpoint" if replayed else "",
+            span)
+
+
 def group_by_length(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
     """A block of k x batch_size samples → k batches of similar caption length: indices
     sorted by length (ties in stream order), cut into batches, the batches' order
@@ -370,6 +456,7 @@ class StreamTracker:
         self.opened: dict[int, int] = {}
         self.skipped: dict[int, dict] = {}
         self.block_done: dict[int, int] = {}
+        self.given_up: dict[int, list] = {}
         self.batches = 0
 
     def update(self, batch: dict) -> None:
@@ -378,7 +465,13 @@ class StreamTracker:
         self.block_done[w] = int(batch.get("block_done", 0))
         self.opened[w] = int(batch["opened"])
         self.skipped[w] = dict(batch["skipped"])
+        if batch.get("given_up"):
+            self.given_up[w] = [list(e) for e in batch["given_up"]]
         self.batches += 1
+
+    def given_up_shards(self) -> list[str]:
+        """The shards any stream of this rank gave up, by name."""
+        return sorted({str(e[1]) for v in self.given_up.values() for e in v})
 
     def total_skipped(self) -> dict:
         out: Counter = Counter()
@@ -387,9 +480,12 @@ class StreamTracker:
         return dict(out)
 
     def state_dict(self) -> dict:
-        return {"positions": dict(self.positions), "opened": dict(self.opened),
-                "skipped": dict(self.skipped), "batches": self.batches,
-                "block_done": dict(self.block_done)}
+        st = {"positions": dict(self.positions), "opened": dict(self.opened),
+              "skipped": dict(self.skipped), "batches": self.batches,
+              "block_done": dict(self.block_done)}
+        if self.given_up:
+            st["given_up"] = {w: [list(e) for e in v] for w, v in self.given_up.items()}
+        return st
 
     def load_state_dict(self, state: dict) -> None:
         self.positions = {int(k): int(v) for k, v in state.get("positions", {}).items()}
@@ -397,6 +493,8 @@ class StreamTracker:
         self.skipped = {int(k): dict(v) for k, v in state.get("skipped", {}).items()}
         self.batches = int(state.get("batches", 0))
         self.block_done = {int(k): int(v) for k, v in state.get("block_done", {}).items()}
+        self.given_up = {int(k): [[int(e[0]), str(e[1]), int(e[2])] for e in v]
+                         for k, v in state.get("given_up", {}).items()}
 
 
 def epoch_shards(urls: list, seed: int, layout: StreamLayout, rank: int, world_size: int,
@@ -426,8 +524,15 @@ def relayout(urls: list, seed: int, resampled: bool, old: StreamLayout, old_worl
     had opened when its last consumed batch was made counts as read: what was left of it
     (and of the shuffle buffer) was in flight and is not replayed this epoch; shards
     that were only prefetched are read again. Resampled streams are only reseeded."""
+    given_up: Counter = Counter()  # the most times any old stream gave each shard up
+    for st in old_states.values():
+        for events in ((st or {}).get("given_up") or {}).values():
+            for url, k in Counter(str(e[1]) for e in events).items():
+                given_up[url] = max(given_up[url], k)
+    for url, k in old.given_up.items():
+        given_up[url] = max(given_up[url], int(k))
     if resampled:
-        return StreamLayout(salt=salt)
+        return StreamLayout(salt=salt, given_up=dict(given_up))
     done: dict[int, set] = {e: set(v) for e, v in old.done.items()}
     nexts = []
     for r in range(old_world):
@@ -443,4 +548,4 @@ def relayout(urls: list, seed: int, resampled: bool, old: StreamLayout, old_worl
     while len(done.get(start, ())) == len(urls):  # finished by the streams ahead
         start += 1
     return StreamLayout(salt=salt, start_epoch=start,
-                        done={e: sorted(v) for e, v in done.items() if e >= start})
+                        done={e: sorted(v) for e, v in done.items() if e >= start}, given_up=dict(given_up))

@@ -10,7 +10,7 @@ import tarfile
 import time
 import zlib
 from collections import Counter
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 from phoclip.data.catalog import shard_size
 from phoclip.data.images import MAX_FILE_BYTES
@@ -64,8 +64,9 @@ def tar_files(stream, url: str, skips: Counter, raise_errors: bool = False,
 
 
 def read_shards(shards: Iterable[dict], skips: Counter, manifest: Optional[str] = None,
-                retries: int = RETRIES, backoff_s: float = BACKOFF_S,
-                max_member_bytes: Optional[int] = None) -> Iterator[dict]:
+                retries: Optional[int] = None, backoff_s: Optional[float] = None,
+                max_member_bytes: Optional[int] = None,
+                gave_up: Optional[Callable[[dict, int], None]] = None) -> Iterator[dict]:
     """Tar shards → samples. A shard that yields fewer samples than its sizes.json entry
     is counted as truncated (tarfile ends a cut-off stream silently). A remote shard
     whose read fails (connection refused or dropped, a pipe command failing) is opened
@@ -74,21 +75,37 @@ def read_shards(shards: Iterable[dict], skips: Counter, manifest: Optional[str] 
     not end a run, and a read that recovers loses nothing. A shard that does not exist
     (`remote.is_missing`: HTTP 404, a pipe: command failing at once without a byte) is
     skipped and counted at its first attempt. A tar member over
-    `max_member_bytes` (default MAX_MEMBER_BYTES) is skipped unread (`oversized_member`)."""
+    `max_member_bytes` (default MAX_MEMBER_BYTES) is skipped unread (`oversized_member`).
+
+    `gave_up(src, samples_given)` is told of each remote shard skipped after its retries
+    or as missing (the stream remembers it, `phoclip.data.stream.ShardMemory`); a shard
+    whose `src["max_samples"]` is set is read only that far (a resumed stream replaying a
+    shard that was given up after that many samples). `retries` and `backoff_s` default
+    to RETRIES and BACKOFF_S as they are when the read starts."""
     from webdataset.tariterators import group_by_keys  # lazy: webdataset imports torch (~1 s), paid by a read only
 
+    retries = RETRIES if retries is None else retries
+    backoff_s = BACKOFF_S if backoff_s is None else backoff_s
     cache: dict = {}
     for src in shards:
         url = src["url"]
+        limit = src.get("max_samples")
         n = 0
         if is_remote(url):
             try:
                 want = shard_size(url, cache, manifest)
             except ValueError:
                 want = None
-            for sample in _read_remote(url, skips, retries, backoff_s, want, max_member_bytes):
-                n += 1
-                yield sample
+            on_give_up = (lambda given, src=src: gave_up(src, given)) if gave_up else None
+            remote = _read_remote(url, skips, retries, backoff_s, want, max_member_bytes, on_give_up)
+            try:
+                for sample in remote:
+                    n += 1
+                    yield sample
+                    if limit is not None and n >= limit:
+                        break
+            finally:
+                remote.close()  # a limited read ends its connection here, not when collected
         else:
             path = local_path(url)
             try:
@@ -97,9 +114,11 @@ def read_shards(shards: Iterable[dict], skips: Counter, manifest: Optional[str] 
                                                 handler=Skips(skips)):
                         n += 1
                         yield sample
+                        if limit is not None and n >= limit:
+                            break
             except OSError as e:  # a missing or unreadable shard file
                 Skips(skips)(e)
-        if url.startswith("pipe:") and manifest is None:
+        if limit is not None or (url.startswith("pipe:") and manifest is None):
             continue  # no catalogue to check against (make_shards --source wds:'pipe:...')
         try:
             want = shard_size(url, cache, manifest)
@@ -112,7 +131,8 @@ def read_shards(shards: Iterable[dict], skips: Counter, manifest: Optional[str] 
 
 
 def _read_remote(url: str, skips: Counter, retries: int, backoff_s: float,
-                 want: Optional[int] = None, max_member_bytes: Optional[int] = None) -> Iterator[dict]:
+                 want: Optional[int] = None, max_member_bytes: Optional[int] = None,
+                 on_give_up: Optional[Callable[[int], None]] = None) -> Iterator[dict]:
     from webdataset.handlers import reraise_exception  # lazy: webdataset imports torch (~1 s), paid by a read only
     from webdataset.tariterators import group_by_keys
 
@@ -133,11 +153,15 @@ def _read_remote(url: str, skips: Counter, retries: int, backoff_s: float,
             if is_missing(e) and not given:  # a missing object is not a slow one
                 skips["unreadable_shard"] += 1
                 logger.warning("skipping shard %s: it does not exist (%s)", url, e)
+                if on_give_up:
+                    on_give_up(given)
                 return
             if attempt == retries:
                 skips["unreadable_shard"] += 1
                 logger.warning("skipping shard %s after %d attempts (%d samples read): %s",
                                url, attempt + 1, given, e)
+                if on_give_up:
+                    on_give_up(given)
                 return
             skips["shard_retries"] += 1
             logger.warning("reading %s failed (%s); retrying in %.0f s", url, e, backoff_s * 2 ** attempt)

@@ -102,9 +102,10 @@ class Trainer:
     def _run_figures(self) -> dict:
         r = self.run
         skipped = r.position.tracker.total_skipped()
+        given_up = r.position.tracker.given_up_shards()  # remote shards in their back-off, by name
         return {"epoch": r.progress.samples_seen / max(1, r.data.dataset_size),
                 "skipped_samples": sum(skipped.values()), "skipped": skipped,
-                "nonfinite_steps": r.nonfinite.total}
+                "nonfinite_steps": r.nonfinite.total, **({"given_up_shards": given_up} if given_up else {})}
 
     def is_sync_step(self, step: int) -> bool:
         """Steps on which the host reads the device-side flags and metrics: the same on

@@ -1,0 +1,130 @@
+"""What a hostile review of the loader, the index, the export and the small readers
+found: each case reproduced in process, refused in one line or made cheap."""
+import http.server
+import itertools
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from phoclip.data.catalog import expand_urls
+from phoclip.data.stream import ShardStream, StreamConfig, StreamTracker
+
+
+class _Trickle(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; the files named in `trickle` come a byte every 0.2 s."""
+
+    trickle: set = set()
+    served: Counter = Counter()
+
+    def log_message(self, *a):  # quiet
+        pass
+
+    def do_GET(self):
+        name = self.path.lstrip("/")
+        f = Path(self.directory) / name
+        type(self).served[name] += 1
+        if not f.is_file():
+            self.send_error(404)
+            return
+        data = f.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        for b in data[:60] if name in self.trickle else [data]:
+            try:
+                self.wfile.write(bytes([b]) if isinstance(b, int) else b)
+                self.wfile.flush()
+            except OSError:
+                return
+            if name in self.trickle:
+                time.sleep(0.2)
+
+
+@pytest.fixture
+def trickle_server(shapes_shards):
+    shards, _, _ = shapes_shards
+    handler = type("H", (_Trickle,), {"trickle": set(), "served": Counter()})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **k: handler(*a, directory=str(shards), **k))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", handler
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def short_floor(monkeypatch):
+    """The low-speed floor on a 1 s window (60 s in production), one retry after 10 ms."""
+    import phoclip.data.remote as remote
+    import phoclip.data.tar as tar
+
+    monkeypatch.setattr(remote, "LOW_SPEED_TIME_S", 1.0)
+    monkeypatch.setattr(tar, "RETRIES", 1)
+    monkeypatch.setattr(tar, "BACKOFF_S", 0.01)
+
+
+def _epoch_stream(urls):
+    return ShardStream(StreamConfig(urls=urls, weights=[1.0] * len(urls), batch_size=4, image_size=32,
+                                    resampled=False, shuffle_buffer=8))
+
+
+def test_a_trickling_shard_is_given_up_once_not_every_epoch(shapes_shards, trickle_server, short_floor):
+    """A shard given up (the floor, then its retry) is passed over in the next epoch,
+    counted and named; a stream resumed from a checkpoint replays the give-up without
+    asking the server again and continues with the same batches."""
+    shards, _, n = shapes_shards
+    base, handler = trickle_server
+    slow = "train-000001.tar"
+    handler.trickle.add(slow)
+    urls = expand_urls(f"{base}/train-{{000000..{n - 1:06d}}}.tar")[0]
+    sizes = json.loads((shards / "sizes.json").read_text())
+    per_epoch = sum(v for k, v in sizes.items() if k.startswith("train-") and k != slow) // 4  # batches
+    t0 = time.time()
+    batches = list(itertools.islice(iter(_epoch_stream(urls)), 2 * per_epoch - 2))  # into the second epoch's end
+    took = time.time() - t0
+    assert handler.served[slow] == 2, "the shard given up in the first epoch was read again in the second"
+    assert took < 2 * 2.5 + 20, took
+    last = batches[-1]
+    assert last["skipped"]["unreadable_shard"] == 1 and last["skipped"]["passed_over_shard"] >= 1
+    assert [e[1] for e in last["given_up"]] == [f"{base}/{slow}"]
+    tracker = StreamTracker()
+    for b in batches[:per_epoch + 2]:
+        tracker.update(b)
+    assert tracker.given_up_shards() == [f"{base}/{slow}"]
+    resumed = _epoch_stream(urls)
+    resumed.load_state_dict(tracker.state_dict())
+    rest = list(itertools.islice(iter(resumed), len(batches) - per_epoch - 2))
+    assert handler.served[slow] == 2, "the resumed stream asked the server for the shard it had given up"
+    for a, b in zip(rest, batches[per_epoch + 2:]):
+        assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
+    assert rest[-1]["skipped"] == last["skipped"]
+
+
+def test_a_new_layout_starts_with_the_old_streams_given_up_shards_passed_over():
+    """Resumed on another rank count, the streams start with the shards the old ones gave
+    up passed over (in the layout, so a later resume of the new layout sees the same)."""
+    from phoclip.data.stream import ShardMemory, StreamLayout, relayout
+
+    urls = [f"http://h/train-{i:06d}.tar" for i in range(4)]
+    old = {0: {"opened": {0: 2}, "given_up": {0: [[0, urls[1], 0], [9, urls[1], 0]]}}, 1: {"opened": {0: 2}}}
+    for resampled in (True, False):
+        layout = relayout(urls, 0, resampled, StreamLayout(), 2, 1, old, salt=7)
+        assert layout.given_up == {urls[1]: 2}
+        assert StreamLayout.from_state(layout.state_dict()).given_up == {urls[1]: 2}
+    skips: Counter = Counter()
+    memory = ShardMemory(len(urls), skips, seeded={urls[1]: 2})
+
+    class _Opened:
+        opened = 0
+
+    def numbered(n):
+        for i in range(n):
+            _Opened.opened = i + 1
+            yield {"url": urls[i % 4]}
+    chosen = [sh["url"] for sh in memory.choose(numbered(24), _Opened)]
+    assert urls[1] not in chosen[:12] and chosen.count(urls[1]) == 2  # passed over for 4 x 4 choices
+    assert skips == {"passed_over_shard": 4}
