@@ -1,28 +1,36 @@
-"""Latency of text -> image search over a 100k-item index: the service (model and index
-loaded once, `launch/serve.py` over HTTP on 127.0.0.1) against the CLI, which loads the
-model and the index for every call (`launch/search.py`).
+"""The search service under load, as clip-retrieval's clients use it: latency of
+POST /knn-service with `embedding_input` (k=10, metadata of the 10 results included),
+one client and four at once, over HTTP on 127.0.0.1; the service's start-up, the time to
+open the index, and the service's memory (RSS) beside a process holding only the model.
 
-    python bench/bench_serve.py [--n 100000] [--queries 200] [--cli-calls 3]
+    python bench/bench_serve.py [--n 200000] [--queries 1000]          # builds its own index
+    python bench/bench_serve.py --index IDX [--queries 1000]           # an index built elsewhere
+                                                                       # (bench/bench_index.py's)
 
-The model is the tiny-debug architecture with a tokenizer built on the fly (random
-weights: what is measured is the serving path, not the model's quality); the index holds
-random unit vectors. Prints p50/p99 latency and queries/s of each, and the ratio.
+The index it builds holds `--n` 512-d vectors that look like CLIP embeddings (the
+generator of bench/bench_index.py when that file exists, else the same recipe here: a
+shared direction, clusters, noise), one part, exact search, and a tiny-debug model of
+that width (random weights: the serving path is measured, not the model). The queries
+are held-out vectors of the same generator.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import signal
-import statistics
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import numpy as np
+import requests
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,88 +39,167 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from common import machine, table  # noqa: E402
 
-QUERIES = ["một con chó chạy trên bãi cỏ", "xe hơi màu đỏ đậu trước ngôi nhà", "hai hình tròn màu đỏ",
-           "người đàn ông đang làm việc", "một hình vuông màu xanh lá ở góc trên bên trái"]
-
 
 def _pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def clip_like(n: int, dim: int, seed: int, clusters: int = 1000) -> np.ndarray:
+    """Unit vectors that look like CLIP embeddings (bench/bench_index.py's generator when
+    it exists): a direction every vector shares (CLIP's cone: mean cosine ~0.2-0.3), a
+    cluster centre per vector (topics), and noise."""
+    f = ROOT / "bench" / "bench_index.py"
+    if f.is_file():
+        spec = importlib.util.spec_from_file_location("bench_index_gen", f)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        if callable(getattr(mod, "generate", None)):  # blocks of float16 unit vectors
+            return np.concatenate([np.asarray(b, dtype=np.float32) for b in mod.generate(n, dim, seed)])
+    rng = np.random.default_rng(1234)  # shared by every call: the same space for queries and index
+    shared = rng.standard_normal(dim)
+    centres = rng.standard_normal((clusters, dim))
+    rng = np.random.default_rng(seed)
+    x = 0.5 * shared / np.linalg.norm(shared) * np.sqrt(dim) + centres[rng.integers(0, clusters, n)] \
+        + 0.8 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def build(work: Path, n: int, dim: int) -> Path:
+    """A tiny-debug model of width `dim` and an index of `n` generated vectors."""
+    import phoclip
+    from phoclip.data.text import UndertheseaSegmenter, build_phobert_tokenizer, load_tokenizer
+    from phoclip.search.index import write_index
+
+    tok_dir = build_phobert_tokenizer(UndertheseaSegmenter().segment(["một con chó", "xe hơi màu đỏ"]), work / "tok")
+    torch.manual_seed(0)
+    vocab = len(load_tokenizer(str(tok_dir)))
+    model = phoclip.create_model("tiny-debug", embed_dim=dim, text={"hf_config": {"vocab_size": vocab}})
+    model.config["text"].update(segmenter="none", max_length=32)
+    model.save_pretrained(work / "model", tokenizer=load_tokenizer(str(tok_dir)))
+    emb = torch.from_numpy(clip_like(n, dim, seed=1))
+    write_index(work / "index", model, str(work / "model"), emb,
+                [{"key": f"img{i:08d}", "path": "", "caption": f"ảnh {i}", "url": f"https://example.com/{i}.jpg"}
+                 for i in range(n)])
+    return work / "index"
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) of process `pid` in MiB."""
+    f = Path(f"/proc/{pid}/status").read_text().splitlines()
+    get = lambda k: next(int(line.split()[1]) for line in f if line.startswith(k + ":")) / 1024  # noqa: E731
+    return get("VmRSS"), get("VmHWM")
+
+
+def model_only_rss(index: Path) -> float:
+    """RSS (MiB) of a process holding only the index's model, as the service loads it."""
+    code = ("import sys, phoclip; from phoclip.search.index import EmbeddingIndex; "
+            "m = phoclip.load(EmbeddingIndex(sys.argv[1]).meta['model'], 'torch', 'cpu'); "
+            "m.embed_texts(['kiểm tra']); "
+            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')][0] / 1024)")
+    r = subprocess.run([sys.executable, "-c", code, str(index)], cwd=ROOT, capture_output=True, text=True)
+    return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
+
+
+def run_clients(url: str, queries: np.ndarray, clients: int, k: int, failed: list) -> tuple[list[float], float]:
+    """Latencies (s) of every query, `clients` threads each with its own connection, and
+    queries/s; answers other than k results are appended to `failed`."""
+    lat: list[float] = []
+    lock = threading.Lock()
+
+    def one(part: np.ndarray) -> None:
+        s = requests.Session()
+        mine = []
+        for q in part:
+            body = json.dumps({"text": None, "image": None, "image_url": None, "embedding_input": q.tolist(),
+                               "modality": "image", "num_images": k, "num_result_ids": k, "indice_name": None,
+                               "deduplicate": False, "use_mclip": False, "use_safety_model": False,
+                               "use_violence_detector": False, "aesthetic_score": "", "aesthetic_weight": ""})
+            t = time.perf_counter()
+            r = s.post(url, data=body, timeout=60)
+            mine.append(time.perf_counter() - t)
+            if r.status_code != 200 or len(r.json()) != k:
+                failed.append(f"{r.status_code} {r.text[:200]}")
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=one, args=(queries[c::clients],)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return lat, len(queries) / (time.perf_counter() - t0)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=100_000)
-    p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--cli-calls", type=int, default=3)
-    p.add_argument("--k", type=int, default=24)
+    p.add_argument("--index", help="an index built elsewhere (default: build one of --n vectors)")
+    p.add_argument("--n", type=int, default=200_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--k", type=int, default=10)
     args = p.parse_args(argv)
-    import phoclip
-    from phoclip.search.index import write_index
-    from phoclip.data.text import UndertheseaSegmenter, build_phobert_tokenizer, load_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="phoclip-serve-bench-"))
-    tok_dir = build_phobert_tokenizer(UndertheseaSegmenter().segment(QUERIES), work / "tok")
-    torch.manual_seed(0)
-    model = phoclip.create_model("tiny-debug", text={"hf_config": {"vocab_size": len(load_tokenizer(str(tok_dir)))}})
-    model.config["text"].update(segmenter="underthesea", max_length=32)
-    model.save_pretrained(work / "model", tokenizer=load_tokenizer(str(tok_dir)))
-    emb = torch.nn.functional.normalize(torch.randn(args.n, model.config["embed_dim"]), dim=-1)
-    write_index(work / "index", model, str(work / "model"), emb,
-                [{"key": f"img{i:07d}", "path": "", "caption": ""} for i in range(args.n)])
+    index = Path(args.index) if args.index else build(work, args.n, args.dim)
+    from phoclip.search.index import EmbeddingIndex
 
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    import socket
+    t = time.perf_counter()
+    opened = EmbeddingIndex(index)
+    open_s = time.perf_counter() - t
+    n, dim = opened.count("images"), opened.dim
+    del opened
+    queries = clip_like(args.queries, dim, seed=2)  # held out: another seed than the index's
 
     with socket.socket() as sk:  # a free port on the loopback
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
-    srv = subprocess.Popen([sys.executable, "launch/serve.py", "--index", str(work / "index"), "--port", str(port)],
-                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    log = open(work / "serve.log", "w")
+    t0 = time.time()
+    srv = subprocess.Popen([sys.executable, "launch/serve.py", "--index", str(index), "--port", str(port),
+                            "--device", "cpu"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
+    rows = []
     try:
-        t0 = time.time()
         while True:
             try:
                 urllib.request.urlopen(base + "/health", timeout=2)
                 break
             except OSError:
-                if srv.poll() is not None or time.time() - t0 > 180:
-                    raise SystemExit("the service did not start")
+                if srv.poll() is not None or time.time() - t0 > 300:
+                    raise SystemExit("the service did not start: " + (work / "serve.log").read_text()[-2000:])
                 time.sleep(0.2)
         startup = time.time() - t0
-        url = lambda q: f"{base}/search?" + urllib.parse.urlencode({"q": q, "k": args.k})
-        for q in QUERIES:  # warm-up
-            urllib.request.urlopen(url(q)).read()
-        lat = []
-        t_all = time.perf_counter()
-        for i in range(args.queries):
-            t = time.perf_counter()
-            res = json.loads(urllib.request.urlopen(url(QUERIES[i % len(QUERIES)])).read())
-            lat.append(time.perf_counter() - t)
-            assert len(res["results"]) == args.k
-        qps = args.queries / (time.perf_counter() - t_all)
+        rss_start = rss_mb(srv.pid)[0]
+        failed: list[str] = []
+        run_clients(base + "/knn-service", queries[:20], 1, args.k, failed)  # warm-up (first search structures)
+        for clients in (1, 4):
+            lat, qps = run_clients(base + "/knn-service", queries, clients, args.k, failed)
+            rows.append((f"{clients} client{'s' if clients > 1 else ''}", f"{_pct(lat, 0.5) * 1e3:.1f}",
+                         f"{_pct(lat, 0.99) * 1e3:.1f}", f"{qps:.0f}"))
+        rss_end, hwm = rss_mb(srv.pid)
     finally:
         srv.send_signal(signal.SIGTERM)
         srv.wait(timeout=30)
-    cli = []
-    for i in range(args.cli_calls):
-        t = time.perf_counter()
-        r = subprocess.run([sys.executable, "launch/search.py", "--index", str(work / "index"), QUERIES[i % len(QUERIES)],
-                            "--k", str(args.k), "--json"], cwd=ROOT, env=env, capture_output=True, text=True)
-        cli.append(time.perf_counter() - t)
-        assert r.returncode == 0, r.stderr[-2000:]
-    p50s, p99s = _pct(lat, 0.5), _pct(lat, 0.99)
-    p50c = statistics.median(cli)
-    print(f"serve: text -> image, top-{args.k} of {args.n:,} x {model.config['embed_dim']} embeddings, "
-          f"tiny-debug model; {machine()}; service start-up {startup:.1f} s")
-    print(table([("service (loaded once, HTTP)", f"{p50s * 1e3:.1f}", f"{p99s * 1e3:.1f}", f"{qps:.1f}", "1.00x"),
-                 ("CLI (loads per call)", f"{p50c * 1e3:.0f}", f"{max(cli) * 1e3:.0f}", f"{1 / p50c:.2f}",
-                  f"{p50c / p50s:.0f}x slower")],
-                ("path", "p50 ms", "p99 ms", "queries/s", "vs service")))
-    import shutil
+        log.close()
+    model_rss = model_only_rss(index)
+    print(f"serve: POST /knn-service, embedding_input, k={args.k} (metadata included), {args.queries} held-out queries "
+          f"against {n:,} x {dim} ({index if args.index else 'built here: one part, exact'}); {machine()}")
+    print(table(rows, ("clients", "p50 ms", "p99 ms", "queries/s")))
+    print(f"index open (EmbeddingIndex): {open_s:.2f} s; service start-up (model + index + probe): {startup:.1f} s")
+    print(f"service RSS: {rss_start:.0f} MiB at start, {rss_end:.0f} MiB after the queries (peak {hwm:.0f}); "
+          f"a process holding only the model: {model_rss:.0f} MiB")
+    if failed:
+        errors = [line for line in (work / "serve.log").read_text().splitlines() if "Error" in line or "ERROR" in line]
+        print(f"{len(failed)} failed answers (first: {failed[0]}); the service's log: {work / 'serve.log'}")
+        print("\n".join(errors[-10:]))
+        return 1
+    if not args.index:
+        import shutil
 
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

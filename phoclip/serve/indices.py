@@ -63,6 +63,7 @@ class ServedIndex:
         self._counts = {k: self._count(k) for k in (IMAGES, CAPTIONS)}
         self._vectors: dict[str, list[tuple[int, np.ndarray]]] = {}
         self._vectors_lock = threading.Lock()
+        self._items_lock = threading.Lock()
         self._captions_of: Optional[dict[int, list[str]]] = None
         self.bytes = sum(f.stat().st_size for kind in (IMAGES, CAPTIONS) for f in self._emb_files(kind))
         self.skipped: Optional[int] = None  # counted by `prepare`, once the model is known to fit
@@ -115,7 +116,10 @@ class ServedIndex:
     def items_for(self, kind: str, ids: Sequence[int]) -> list[dict]:
         """The items of rows `ids` of `kind` (dicts with path or shard+key, caption, ...)."""
         if self._lazy:
-            items = self.index.items_for(kind, list(ids))
+            # one reader at a time: pyarrow's reads of one parquet file from two threads
+            # deadlocked the service (its IO pool's futures wait on each other)
+            with self._items_lock:
+                items = self.index.items_for(kind, list(ids))
         else:
             every = self.index.items(kind)
             items = [every[i] for i in ids]
