@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import logging
+import math
 import select
 import shutil
 import socket
@@ -401,16 +402,16 @@ def test_a_nan_index_row_is_skipped_counted_and_never_returned(env, caplog):
         index = EmbeddingIndex(env.idx)
         emb = index.embeddings("images")
     msg = [r.getMessage() for r in caplog.records if r.name == "phoclip.search.index"]
-    assert len(msg) == 1 and "images.npy: 1 of 8 rows are not finite" in msg[0] and f"ids {NAN_ID})" in msg[0]
+    assert len(msg) == 1 and "img_emb: 1 of 8 rows are not finite" in msg[0] and f"ids {NAN_ID})" in msg[0]
     assert index.bad_ids("images").tolist() == [NAN_ID] and torch.isfinite(emb).all()
     # exact and FAISS search: every row but the NaN one, for any query, even the NaN row's own
     q = torch.nn.functional.normalize(torch.randn(16, 64), dim=-1)
     for backend in ("exact", "faiss"):
-        s, i = index.search(q, 100, "images", backend)
-        assert i.shape == (16, N_ITEMS - 1) and not (i == NAN_ID).any() and torch.isfinite(s).all()
-        assert all(sorted(r) == [j for j in range(N_ITEMS) if j != NAN_ID] for r in i.tolist())
-        s, i = index.search(q, 3, "images", backend)
-        assert i.shape == (16, 3) and not (i == NAN_ID).any()
+        res = index.search(q, 100, "images", backend)
+        assert len(res) == 16 and all(math.isfinite(m.score) for row in res for m in row)
+        assert all(sorted(m.id for m in row) == [j for j in range(N_ITEMS) if j != NAN_ID] for row in res)
+        res = index.search(q, 3, "images", backend)
+        assert all(len(row) == 3 and NAN_ID not in {m.id for m in row} for row in res)
     from phoclip.models.loading import load_encoder
 
     model, tok = load_encoder(str(env.d / "model"))
