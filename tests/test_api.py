@@ -246,16 +246,26 @@ def _python_blocks(text: str) -> list[str]:
     return [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "phoclip.load" in b]
 
 
-def _loaded_paths(code: str) -> list[str]:
-    """The string paths the code passes to phoclip.load / phoclip.load_model."""
+def _loaded_paths(code: str, calls: tuple = ("load", "load_model")) -> list[str]:
+    """The string paths the code passes to phoclip.load / phoclip.load_model (or `calls`)."""
     import ast
 
     out = []
     for node in ast.walk(ast.parse(code)):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("load", "load_model")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in calls
                 and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
             out.append(node.args[0].value)
     return out
+
+
+def _photo_index(out, model_dir, photos) -> None:
+    """A small index of `photos` made with the model of `model_dir`, as phoclip.open_index reads."""
+    from phoclip.models.factory import load_model
+    from phoclip.search.index import write_index
+
+    emb = phoclip.load(model_dir, device="cpu").embed_images(photos)
+    write_index(out, load_model(model_dir), str(model_dir), emb,
+                [{"key": p.name, "path": str(p), "caption": f"ảnh {i}"} for i, p in enumerate(photos)])
 
 
 def test_the_documented_python_examples_run_as_written(model_dir, photos, tmp_path, monkeypatch):
@@ -282,6 +292,9 @@ def test_the_documented_python_examples_run_as_written(model_dir, photos, tmp_pa
             for path in _loaded_paths(code):
                 if not (page / path).exists():
                     shutil.copytree(model_dir, page / path)
+            for path in _loaded_paths(code, ("open_index",)):
+                if not (page / path).exists():
+                    _photo_index(page / path, model_dir, photos)
             try:
                 exec(compile(code, where, "exec"), scope)
             except Exception as e:  # which page and block, not only the exception
