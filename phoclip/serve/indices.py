@@ -3,12 +3,13 @@
 (search, items by id, single stored vectors, its picture cache). A request takes the
 object once and keeps it to its end; a reload opens a fresh one beside it and swaps the
 reference, so a request in flight never sees its index change under it, and a failed
-reload leaves the old one serving.
+reload leaves the old one serving (`EmbeddingIndex.reload_if_changed` switches one
+object in place; a request between its search and its items would straddle versions).
 
-The service never loads an index's embedding matrix: it searches through
-`EmbeddingIndex.search`, reads items through `items_for`, and reads the few stored rows
-it needs (more like this, tags of an indexed image, de-duplication) from the
-memory-mapped embedding files."""
+The service never loads an index's embedding matrix itself: it searches through
+`EmbeddingIndex.topk`, reads items through `items_for`, and reads the few stored rows it
+needs (more like this, tags of an indexed image, de-duplication) through `vectors`, from
+the memory-mapped parts."""
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 IMAGES, CAPTIONS = "images", "captions"
 # the embedding files of each kind: clip-retrieval's layout of parts, else one file
-PART_FILES = {IMAGES: ("img_emb", "img_emb_*.npy", "images.npy"), CAPTIONS: ("text_emb", "text_emb_*.npy", "captions.npy")}
+PART_FILES = {IMAGES: ("img_emb", "img_emb_*.npy"), CAPTIONS: ("text_emb", "text_emb_*.npy")}
 MAX_CAPTION_MAP = 200_000  # caption rows read to list an image's captions (a larger index lists its own only)
 SCAN_BYTES = 1 << 30  # an index whose vectors take more is never read whole by the service
 
@@ -55,28 +56,20 @@ class ServedIndex:
         self.name, self.folder = name, folder
         self.signature = _signature(folder)  # taken first: a change during the open is seen next time
         self.index = EmbeddingIndex(folder)
-        meta = getattr(self.index, "meta", {})
-        self.dim = int(getattr(self.index, "dim", None) or meta["dim"])
-        self.version = getattr(self.index, "version", None)
+        self.dim, self.version = self.index.dim, self.index.version
         self.fingerprint = self.index.fingerprint
-        self._lazy = hasattr(self.index, "items_for")  # items read by id; else its whole item list
         self._counts = {k: self._count(k) for k in (IMAGES, CAPTIONS)}
-        self._vectors: dict[str, list[tuple[int, np.ndarray]]] = {}
-        self._vectors_lock = threading.Lock()
         self._items_lock = threading.Lock()
         self._captions_of: Optional[dict[int, list[str]]] = None
         self.bytes = sum(f.stat().st_size for kind in (IMAGES, CAPTIONS) for f in self._emb_files(kind))
         self.skipped: Optional[int] = None  # counted by `prepare`, once the model is known to fit
-        roots = list(images_roots) or (self.index.image_roots() if hasattr(self.index, "image_roots")
-                                       else [os.path.abspath(folder)])
+        roots = list(images_roots) or self.index.image_roots()
         self.pictures = PictureCache(lambda i: self.items_for(IMAGES, [i])[0], roots)
 
     # ------------------------------------------------------------------ sizes
 
     def _count(self, kind: str) -> int:
-        if hasattr(self.index, "count") and callable(self.index.count):
-            return int(self.index.count(kind))
-        return int(self.index.meta["count"].get(kind, 0))
+        return int(self.index.count(kind))
 
     def count(self, kind: str = IMAGES) -> int:
         return self._counts[kind]
@@ -90,9 +83,9 @@ class ServedIndex:
         """Image rows not served (not finite unit vectors) where knowing it costs no more
         than the first exact search would (an index searched in memory); else None
         (counting them would read every vector)."""
-        if not self.count(IMAGES) or not hasattr(self.index, "bad_ids"):
+        if not self.count(IMAGES):
             return 0
-        if self._lazy and self.count(IMAGES) * self.dim * 4 > SCAN_BYTES:
+        if self.count(IMAGES) * self.dim * 4 > SCAN_BYTES:
             return None
         # done here, once, where the service opens the index, not by the first query
         return len(self.index.bad_ids(IMAGES))
@@ -108,21 +101,16 @@ class ServedIndex:
         k = min(k, self.count(kind))
         if k <= 0:
             return []
-        # scores and ids only: the items of the few results shown are read after
-        s, i = (self.index.topk if hasattr(self.index, "topk") else self.index.search)(emb, k, kind)
+        s, i = self.index.topk(emb, k, kind)  # scores and ids only: the items shown are read after
         pairs = [(float(s[0, r]), int(i[0, r])) for r in range(s.shape[1])]
         return [(s, i) for s, i in pairs if i >= 0 and np.isfinite(s)]
 
     def items_for(self, kind: str, ids: Sequence[int]) -> list[dict]:
         """The items of rows `ids` of `kind` (dicts with path or shard+key, caption, ...)."""
-        if self._lazy:
-            # one reader at a time: pyarrow's reads of one parquet file from two threads
-            # deadlocked the service (its IO pool's futures wait on each other)
-            with self._items_lock:
-                items = self.index.items_for(kind, list(ids))
-        else:
-            every = self.index.items(kind)
-            items = [every[i] for i in ids]
+        # one reader at a time: pyarrow's reads of one parquet file from two threads
+        # deadlocked the service (its IO pool's futures wait on each other)
+        with self._items_lock:
+            items = self.index.items_for(kind, list(ids))
         return [_with_path(it) for it in items]
 
     def shown_path(self, kind: str, i: int, item: dict) -> str:
@@ -130,13 +118,7 @@ class ServedIndex:
         the server's absolute path (a shard's item: its name in the source dataset)."""
         if item.get("shard"):
             return _text(item.get("path"))
-        if hasattr(self.index, "recorded"):
-            return _text(self.index.recorded(kind, i).get("path"))
-        p = item.get("path")
-        if not isinstance(p, str) or not os.path.isabs(p):
-            return _text(p)
-        home = os.path.abspath(self.folder)
-        return _text(os.path.relpath(p, home) if p.startswith(home + os.sep) else os.path.basename(p))
+        return _text(self.index.recorded(kind, i).get("path"))
 
     def captions_of(self, i: int, item: dict) -> list[str]:
         """The captions of indexed image `i`: its own, those its item lists, and caption
@@ -169,47 +151,16 @@ class ServedIndex:
     # ------------------------------------------------------------------ stored vectors
 
     def _emb_files(self, kind: str) -> list[Path]:
-        sub, pattern, whole = PART_FILES[kind]
-        parts = sorted((Path(self.folder) / sub).glob(pattern))
-        return parts or [f for f in [Path(self.folder) / whole] if f.is_file()]
-
-    def _parts(self, kind: str) -> list[tuple[int, np.ndarray]]:
-        """(first row, memory-mapped array) of each embedding file of `kind`, up to the rows
-        this version counts (a part being added later is not read); checked once."""
-        with self._vectors_lock:
-            if kind not in self._vectors:
-                out, start, want = [], 0, self.count(kind)
-                for f in self._emb_files(kind):
-                    if start >= want:
-                        break
-                    try:
-                        a = np.load(f, mmap_mode="r", allow_pickle=False)
-                    except Exception as e:  # noqa: BLE001 -- numpy's header parser raises several kinds
-                        raise ValueError(f"{f}: not a readable embedding array ({type(e).__name__})") from None
-                    if a.ndim != 2 or a.shape[1] != self.dim or a.dtype.kind != "f":
-                        raise ValueError(f"{f}: shape {a.shape} {a.dtype}, not rows of {self.dim} floats")
-                    out.append((start, a))
-                    start += a.shape[0]
-                if start < want:
-                    raise ValueError(f"{self.folder}: its {kind} embedding files hold {start} rows, the index counts {want}")
-                self._vectors[kind] = out
-            return self._vectors[kind]
+        sub, pattern = PART_FILES[kind]
+        return sorted((Path(self.folder) / sub).glob(pattern))
 
     def vectors(self, kind: str, ids: Sequence[int]) -> np.ndarray:
         """[len(ids), dim] float32 stored rows (read from the memory-mapped files, nothing
         else loaded); a row that is not a finite unit vector, or not there, comes back as NaN."""
         out = np.full((len(ids), self.dim), np.nan, dtype=np.float32)
         there = [n for n, i in enumerate(ids) if self.has(i, kind)]
-        if hasattr(self.index, "vectors"):
-            if there:
-                out[there] = self.index.vectors(kind, [ids[n] for n in there])
-        else:
-            parts = self._parts(kind)
-            starts = [s for s, _ in parts]
-            for n in there:
-                s, a = parts[int(np.searchsorted(starts, ids[n], side="right")) - 1]
-                if ids[n] - s < a.shape[0]:
-                    out[n] = a[ids[n] - s]
+        if there:
+            out[there] = self.index.vectors(kind, [ids[n] for n in there])
         norm = np.linalg.norm(out, axis=1)
         with np.errstate(invalid="ignore"):
             bad = ~(np.isfinite(norm) & (np.abs(norm - 1) <= NORM_TOLERANCE))

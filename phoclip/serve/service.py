@@ -89,8 +89,7 @@ class Service:
             opened[n] = self._open(n, specs[n])
         self._probe(name, backend, first)
         # which model answers, and why that one (an index names its model; said once it is loaded)
-        if hasattr(first.index, "model_line"):
-            logger.info("%s", strip_controls(first.index.model_line(model)))
+        logger.info("%s", strip_controls(first.index.model_line(model)))
         self.indices = Indices(opened, self._open)
 
     @classmethod
