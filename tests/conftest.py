@@ -209,9 +209,8 @@ def torchrun_cmd(nproc: int, script: str, args: list[str], extra=()) -> list[str
 def run_torchrun(nproc, script, args, extra=(), timeout=300, check=True):
     import subprocess
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     r = subprocess.run(torchrun_cmd(nproc, script, args, extra), capture_output=True, text=True,
-                       timeout=timeout, env=env, cwd=ROOT)
+                       timeout=timeout, env=job_env(), cwd=ROOT)
     if check and r.returncode != 0:
         raise AssertionError(f"torchrun failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return r
@@ -255,6 +254,133 @@ def kill_job(proc) -> None:
             pass
     proc.wait()
 
+
+
+def job_env() -> dict:
+    """A launched job's environment: one OpenMP thread a process (on a 2-core machine the
+    ranks' spinning threads make each step seconds long) and output unbuffered, so a
+    failed job's last lines are there to show."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def start_job(cmd: list[str]):
+    """A job (torchrun or DeepSpeed's launcher) started from the repository root in a
+    session of its own, stdout and stderr in one text pipe; end it with kill_job."""
+    import subprocess
+
+    return subprocess.Popen(cmd, env=job_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for_step(run: Path, step: int, proc, timeout: float = 120) -> None:
+    """Return once the job `proc` has logged `step` to run/metrics.jsonl; fail with its
+    output if it ends first, or after `timeout` seconds."""
+    import time
+
+    t0 = time.time()
+    while max(read_metrics(run) or [0]) < step:
+        assert proc.poll() is None, f"the job ended before step {step}:\n{proc.stdout.read()[-6000:]}"
+        assert time.time() - t0 < timeout, f"the job did not reach step {step} in {timeout} s"
+        time.sleep(0.05)
+
+
+def kill9_after(cmd: list[str], run: Path, step: int, timeout: float = 180) -> dict[int, dict]:
+    """Launch `cmd`, SIGKILL every process of the job once `step` is logged (no chance to
+    save), and check nothing trains on after the kill. Returns the metrics logged by then."""
+    import time
+
+    p = start_job(cmd)
+    try:
+        wait_for_step(run, step, p, timeout)
+    finally:
+        kill_job(p)
+    logged = read_metrics(run)
+    time.sleep(2)
+    assert read_metrics(run) == logged, "ranks kept training after the job was killed"
+    return logged
+
+
+def assert_steps_match(run: Path, reference: Path, last: int, keys=("loss", "grad_norm")) -> dict[int, dict]:
+    """`run` logged every step 1..last, each with exactly the `keys` values of the
+    `reference` run's same step. Returns run's metrics."""
+    got, ref = read_metrics(run), read_metrics(reference)
+    assert sorted(got) == list(range(1, last + 1))
+    for s in range(1, last + 1):
+        for k in keys:
+            assert got[s][k] == ref[s][k], (s, k, got[s][k], ref[s][k])
+    return got
+
+
+def kill9_and_resume(args: list[str], run: Path, reference: Path, step: int, timeout: float = 180) -> dict[int, dict]:
+    """The 2-rank job of reference_args `args` (writing `run`) killed -9 once `step` is
+    logged and resumed with --resume latest: every step, those before the kill and those
+    replayed after it, has the uninterrupted `reference` run's loss and gradient norm.
+    Returns the resumed run's metrics."""
+    last = REFERENCE["train.max_steps"]
+    killed = kill9_after(torchrun_cmd(2, "launch/train_ddp.py", args), run, step, timeout)
+    assert max(killed) < last
+    r = run_torchrun(2, "launch/train_ddp.py", args + ["--resume", "latest"])
+    assert "resumed from" in r.stderr
+    return assert_steps_match(run, reference, last)
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], ready_url: str, log: Path | None = None, timeout: float = 120):
+    """The server process `cmd` (started from the repository root, one OpenMP thread),
+    once `ready_url` answers; SIGTERM when the block ends, and it must exit within 30 s.
+    Its output goes to the file `log` (whose tail a start that fails shows), else nowhere."""
+    import subprocess
+    import time
+    import urllib.request
+
+    out = open(log, "w") if log else subprocess.DEVNULL
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                urllib.request.urlopen(ready_url, timeout=2).read()
+                break
+            except OSError:
+                assert p.poll() is None, Path(log).read_text()[-3000:] if log else f"{cmd} ended"
+                assert time.time() - t0 < timeout, f"{cmd} did not answer {ready_url} in {timeout} s"
+                time.sleep(0.1)
+        yield p
+    finally:
+        p.terminate()
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+            raise
+        finally:
+            if log:
+                out.close()
+
+
+@contextlib.contextmanager
+def serve_command(args: list, log: Path, timeout: float = 120):
+    """`python launch/serve.py ARGS --port PORT` on a free port, once /health answers:
+    yields its base URL (see serving)."""
+    from dist_utils import free_port  # lazy: dist_utils imports torch; conftest's module level stays without it
+
+    base = f"http://127.0.0.1:{(port := free_port())}"
+    with serving([sys.executable, "launch/serve.py", *map(str, args), "--port", str(port)], base + "/health",
+                 log, timeout):
+        yield base
+
+
+@contextlib.contextmanager
+def static_server(folder: Path, timeout: float = 60):
+    """`python -m http.server` serving `folder` on 127.0.0.1 and a free port, once it
+    answers: yields its base URL (see serving)."""
+    from dist_utils import free_port  # lazy: dist_utils imports torch; conftest's module level stays without it
+
+    base = f"http://127.0.0.1:{(port := free_port())}"
+    with serving([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)],
+                 base + "/", timeout=timeout):
+        yield base
 
 # ----------------------------------------------------------------------------- entry points in process
 

@@ -1,20 +1,19 @@
 """DeepSpeed ZeRO-1/2/3 (fp32 and bf16 on CPU, gloo) through the same entry point, loop and
 layout: one shared set of launched runs per ZeRO stage, refusals in process."""
 import json
-import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from conftest import ROOT, kill_job, launch_main, read_metrics, run_torchrun, torchrun_cmd, train_main, train_overrides
+from conftest import (ROOT, job_env, kill9_after, launch_main, read_metrics, run_torchrun, torchrun_cmd, train_main,
+                      train_overrides)
 from dist_utils import free_port
 
 pytestmark = pytest.mark.slow
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+ENV = job_env()
 
 
 def ds_cmd(args):
@@ -27,23 +26,6 @@ def run_ds(args, timeout=400):
     if r.returncode != 0:
         raise AssertionError(f"deepspeed failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
     return r
-
-
-def _kill9_after(cmd, run, step: int) -> dict:
-    """Launch `cmd`, SIGKILL every process of the job once `step` is logged; check nothing
-    trains on after the kill. Returns the metrics logged."""
-    p = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, start_new_session=True)
-    t0 = time.time()
-    while max(read_metrics(run) or [0]) < step:
-        assert p.poll() is None, p.stdout.read()[-6000:]
-        assert time.time() - t0 < 300
-        time.sleep(0.1)
-    kill_job(p)
-    m = read_metrics(run)
-    time.sleep(2)
-    assert read_metrics(run) == m, "ranks kept training after the job was killed"
-    return m
 
 
 def _args(shapes_shards, run, ds_json, **kw):
@@ -106,8 +88,9 @@ def zero_runs(shapes_shards, tmp_path_factory):
             args = _args(shapes_shards, run, ds_json, **ZERO_KW) + (["--resume", "latest"] if resume_from else [])
             return run_torchrun(nproc, "launch/train_deepspeed.py", args, timeout=400).stderr
 
-        killed = _kill9_after(torchrun_cmd(2, "launch/train_deepspeed.py",
-                                           _args(shapes_shards, runs["ref"], ds_json, **ZERO_KW)), runs["ref"], 9)
+        killed = kill9_after(torchrun_cmd(2, "launch/train_deepspeed.py",
+                                          _args(shapes_shards, runs["ref"], ds_json, **ZERO_KW)), runs["ref"], 9,
+                             timeout=300)
         logs["ref"] = launch(2, "ref", runs["ref"] / "checkpoints" / "step_00000008")
         logs["one"] = launch(1, "one", runs["ref"] / "checkpoints" / "step_00000012")
         logs["two"] = launch(2, "two", runs["one"] / "checkpoints" / "step_00000016")

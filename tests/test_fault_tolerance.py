@@ -10,12 +10,12 @@ import time
 import pytest
 import torch
 
-from conftest import (ROOT, kill_job, read_metrics, reference_args, run_torchrun, torchrun_cmd, train_main,
-                      train_overrides)
+from conftest import (ROOT, assert_steps_match, job_env, kill9_and_resume, kill_job, read_metrics, reference_args,
+                      run_torchrun, start_job, torchrun_cmd, train_main, train_overrides, wait_for_step)
 from phoclip.data.transforms import normalize_images
 
 pytestmark = pytest.mark.slow
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+ENV = job_env()
 
 
 def _args(shapes_shards, run, **kw):
@@ -23,45 +23,12 @@ def _args(shapes_shards, run, **kw):
     return ["--config", "launch/configs/tiny-debug.yaml", *train_overrides(shards, tok, n, run, **kw)]
 
 
-def _start(args, extra=()):
-    return subprocess.Popen(torchrun_cmd(2, "launch/train_ddp.py", args, extra), env=ENV, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def _wait_step(run, step, proc, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if max(read_metrics(run) or [0]) >= step:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early:\n{proc.stdout.read()[-4000:]}")
-        time.sleep(0.05)
-    raise AssertionError("run did not reach step %d" % step)
-
-
 def test_kill9_and_resume_gives_identical_losses(shapes_shards, reference_run_resampled, tmp_path):
     """Shards drawn (resampled): the whole job killed -9 mid-run resumes with every step's
     loss equal to the uninterrupted reference's. (Epoch order, the other stream mode:
     test_remote's kill -9 test, against reference_run.)"""
-    ref = read_metrics(reference_run_resampled)
     run = tmp_path / "killed"
-    args = reference_args(shapes_shards, run, True)
-    p = _start(args)
-    _wait_step(run, 7, p)
-    kill_job(p)  # every process of the job, mid-run, no chance to save
-    killed_at = max(read_metrics(run))
-    time.sleep(2)
-    assert max(read_metrics(run)) == killed_at, "ranks kept training after the job was killed"
-    assert killed_at < 24
-    r = run_torchrun(2, "launch/train_ddp.py", args + ["--resume", "latest"])
-    assert "resumed from" in r.stderr
-    got = read_metrics(run)
-    assert sorted(got) == list(range(1, 25))
-    # every step, those before the kill and those replayed after it, has the same loss
-    for s in range(1, 25):
-        assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
-        assert got[s]["grad_norm"] == ref[s]["grad_norm"], s
+    kill9_and_resume(reference_args(shapes_shards, run, True), run, reference_run_resampled, 7, timeout=120)
 
 
 # One interpreter imports torch once and forks a saver per kill: each child saves
@@ -134,8 +101,8 @@ def test_kill_during_checkpoint_writes_leaves_a_loadable_latest(tmp_path):
 def test_sigterm_saves_and_resumes(shapes_shards, tmp_path):
     run = tmp_path / "run"
     args = _args(shapes_shards, run, **{"train.max_steps": 400, "train.save_every": 1000})
-    p = _start(args)
-    _wait_step(run, 4, p)
+    p = start_job(torchrun_cmd(2, "launch/train_ddp.py", args))
+    wait_for_step(run, 4, p)
     t0 = time.time()
     p.send_signal(signal.SIGTERM)  # torchrun forwards it to every rank
     out, _ = p.communicate(timeout=60)
@@ -161,8 +128,8 @@ def test_crashed_rank_restarts_from_latest_under_max_restarts(shapes_shards, ref
 
     run = tmp_path / "run"
     args = reference_args(shapes_shards, run, True) + ["--resume", "latest"]
-    p = _start(args, extra=["--max-restarts", "1"])
-    _wait_step(run, 6, p)
+    p = start_job(torchrun_cmd(2, "launch/train_ddp.py", args, extra=["--max-restarts", "1"]))
+    wait_for_step(run, 6, p)
     workers = [c for c in psutil.Process(p.pid).children(recursive=True)
                if "train_ddp.py" in " ".join(c.cmdline()) and c.ppid() == p.pid]
     assert len(workers) == 2
@@ -170,9 +137,7 @@ def test_crashed_rank_restarts_from_latest_under_max_restarts(shapes_shards, ref
     out, _ = p.communicate(timeout=240)
     assert p.returncode == 0, out[-4000:]
     assert "resumed from" in out
-    m, ref = read_metrics(run), read_metrics(reference_run_resampled)
-    assert sorted(m) == list(range(1, 25))
-    assert [m[s]["loss"] for s in m] == [ref[s]["loss"] for s in m]
+    assert_steps_match(run, reference_run_resampled, 24, keys=("loss",))
 
 
 def test_nonfinite_steps_skipped_then_stop_with_checkpoint(shapes_shards, tmp_path):
@@ -293,8 +258,7 @@ def test_deepspeed_nonfinite_steps_skipped_then_stop(shapes_shards, tmp_path):
 
 def _run_until_checkpoint(nproc, args, run, step, timeout=180):
     """Start a job, kill it (every process) once checkpoint `step` is complete."""
-    p = subprocess.Popen(torchrun_cmd(nproc, "launch/train_ddp.py", args), env=ENV, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = start_job(torchrun_cmd(nproc, "launch/train_ddp.py", args))
     t0, ck = time.time(), run / "checkpoints" / f"step_{step:08d}" / "meta.json"
     out = ""
     try:

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (ROOT, kill_job, launch_main, process_tree, read_metrics, torchrun_cmd,
-                      train_args, train_main, train_overrides)
+from conftest import (ROOT, job_env, kill_job, launch_main, process_tree, read_metrics, start_job, torchrun_cmd,
+                      train_args, train_main, train_overrides, wait_for_step)
 
 pytestmark = pytest.mark.slow  # real runs of the entry points
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+ENV = job_env()
 
 # The entry points' refusals are checked through their main(argv) in this process: the
 # same checks, message and exit code as the command, without a new interpreter each.
@@ -207,16 +207,15 @@ def test_no_readable_training_sample_stops_in_bounded_time_with_a_clear_error(sh
 def test_sigterm_ends_a_run_stuck_waiting_for_data_promptly(shapes_shards, tmp_path):
     """A shard that never delivers a byte (a `pipe:` command that hangs; a hung mount):
     the run waits for data, and SIGTERM must still end it, with its loader worker and the
-    hung command, also when the signal comes in the wait's first seconds (it used to set
-    the stop flag and wait on for ever)."""
+    hung command, also when the signal comes in the wait's first seconds (a stop flag
+    alone is never read by a wait that does not end)."""
     shards, tok, _ = shapes_shards
     marker = f"phoclip-stuck-{os.getpid()}"
     args = ["--config", "launch/configs/tiny-debug.yaml",
             *train_overrides(shards, tok, 1, tmp_path / "run", **{
                 "data.val_shards": "null", "data.manifest": shards / "manifest.json",
                 "data.train_shards": f"'pipe:sleep 600; echo {marker}; cat {shards}/train-000000.tar'"})]
-    p = subprocess.Popen(torchrun_cmd(1, "launch/train_ddp.py", args), env=ENV, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = start_job(torchrun_cmd(1, "launch/train_ddp.py", args))
     try:
         # built, and waiting for its first batch: the hung command runs (the build takes
         # 10-25 s on a loaded 2-core machine); the signal comes at once
@@ -304,13 +303,9 @@ def test_a_second_job_is_refused_while_the_first_trains_and_ranks_die_with_their
     run = tmp_path / "run"
     args = ["--config", "launch/configs/tiny-debug.yaml",
             *train_overrides(shards, tok, n, run, **{"train.max_steps": 400, "train.save_every": 1000})]
-    p = subprocess.Popen(torchrun_cmd(2, "launch/train_ddp.py", args), env=ENV, cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    p = start_job(torchrun_cmd(2, "launch/train_ddp.py", args))
     try:
-        t0 = time.time()
-        while max(read_metrics(run) or [0]) < 3:
-            assert p.poll() is None and time.time() - t0 < 120, p.stdout.read()[-3000:] if p.poll() else ""
-            time.sleep(0.1)
+        wait_for_step(run, 3, p)
         rc, log = train_main(args + ["--resume", "latest"])  # a second job, here in this process
         assert rc == 2 and "is in use by pid" in log, log[-3000:]
         # kill the torchrun agent only: its ranks get SIGTERM (parent-death signal), save

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, kill_job, read_metrics, reference_args, run_torchrun, torchrun_cmd
-from dist_utils import free_port
+from conftest import ROOT, kill9_and_resume, kill_job, read_metrics, reference_args, static_server
 from phoclip.data.catalog import check_shards_fit, count_samples, expand_urls, shard_name
 from phoclip.data.tar import read_shards
 
@@ -165,50 +164,14 @@ def test_two_ranks_train_from_http_and_resume_after_kill9(shapes_shards, referen
     every step's loss equals the uninterrupted reference run's (conftest.reference_run:
     the same schedule from the local files; HTTP reads the same samples in the same order)."""
     shards, tok, n = shapes_shards
-    port = free_port()
-    srv = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                            "--directory", str(shards)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                import urllib.request
-
-                urllib.request.urlopen(f"{base}/manifest.json", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with static_server(shards) as base:
         kw = {"data.train_shards": f"{base}/train-{{000000..{n - 1:06d}}}.tar",
               "data.val_shards": f"{base}/val-000000.tar"}
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        args = lambda run: reference_args(shapes_shards, run, False, **kw)
-        ref = read_metrics(reference_run)
         run = tmp_path / "killed"
-        p = subprocess.Popen(torchrun_cmd(2, "launch/train_ddp.py", args(run)), env=env, cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        t0 = time.time()
-        while max(read_metrics(run) or [0]) < 5:
-            assert p.poll() is None, p.stdout.read()[-4000:]
-            assert time.time() - t0 < 180
-            time.sleep(0.05)
-        kill_job(p)  # every process of the job, mid-run, no chance to save
-        killed_at = max(read_metrics(run))
-        time.sleep(2)
-        assert max(read_metrics(run)) == killed_at < 24, "ranks kept training after the job was killed"
-        r = run_torchrun(2, "launch/train_ddp.py", args(run) + ["--resume", "latest"])
-        assert "resumed from" in r.stderr
-        got = read_metrics(run)
-        assert sorted(got) == list(range(1, 25))
-        # every step, those before the kill and those replayed after it, has the same loss
-        for s in range(1, 25):
-            assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
-            assert got[s]["grad_norm"] == ref[s]["grad_norm"], s
+        got = kill9_and_resume(reference_args(shapes_shards, run, False, **kw), run, reference_run, 5)
         assert got[24]["skipped_samples"] == 0
         val = read_metrics(run, "val")
         assert val and val[24]["t2i_R@1"] == read_metrics(reference_run, "val")[24]["t2i_R@1"]
-    finally:
-        srv.kill()
-        srv.wait()
 
 
 @pytest.fixture
@@ -293,7 +256,7 @@ def _alive(pid: int) -> bool:
 
 def test_pipe_shards_without_a_catalogue_read_without_a_training_warning(shapes_shards, caplog):
     """make_shards --source wds:'pipe:...' reads tars that have no sizes.json: no size check,
-    and no warning about data.manifest (a training option) for each shard (#26)."""
+    and no warning about data.manifest (a training option) for each shard."""
     import logging
 
     shards, _, _ = shapes_shards

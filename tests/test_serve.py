@@ -5,10 +5,8 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,8 +16,7 @@ import pytest
 from http_utils import multipart
 from PIL import Image
 
-from conftest import ROOT, run_torchrun, train_overrides
-from dist_utils import free_port
+from conftest import ROOT, run_torchrun, serve_command, train_overrides
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = ROOT / "test-artifacts"
@@ -45,27 +42,8 @@ def served(shapes_shards, tmp_path_factory):
     (idx / "images.jsonl").write_text("".join(json.dumps(dict(it, caption=PAYLOAD + it["caption"]),
                                                          ensure_ascii=False) + "\n" for it in items))
     (d / "tags.txt").write_text("\n".join(TAGS) + "\n", encoding="utf-8")
-    port = free_port()
-    log = open(d / "serve.log", "w")
-    p = subprocess.Popen([sys.executable, "launch/serve.py", "--index", str(idx), "--port", str(port),
-                          "--max-upload-mb", "1", "--tags", str(d / "tags.txt")], cwd=ROOT, stdout=log,
-                         stderr=subprocess.STDOUT,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-    base = f"http://127.0.0.1:{port}"
-    t0 = time.time()
-    while True:
-        try:
-            urllib.request.urlopen(base + "/health", timeout=2)
-            break
-        except OSError:
-            assert p.poll() is None, (d / "serve.log").read_text()[-3000:]
-            assert time.time() - t0 < 120, "server did not come up"
-            time.sleep(0.3)
-    yield base, idx, items, shards
-    p.send_signal(signal.SIGTERM)
-    p.wait(timeout=30)
-    log.close()
-    assert p.returncode is not None
+    with serve_command(["--index", idx, "--max-upload-mb", "1", "--tags", d / "tags.txt"], d / "serve.log") as base:
+        yield base, idx, items, shards
 
 
 def _get(url):

@@ -1,4 +1,4 @@
-"""The search service against hostile clients and damaged inputs (issue #23): a real
+"""The search service against hostile clients and damaged inputs: a real
 uvicorn server on 127.0.0.1, in a thread of this process, over an index of an untrained
 tiny model (no training run needed), attacked over real sockets: idle and slow
 connections, CPU-heavy requests, chunked uploads, a NaN index row, a huge shard member,
@@ -29,7 +29,7 @@ from http_utils import multipart
 import torch
 from PIL import Image
 
-from conftest import ROOT, make_image
+from conftest import ROOT, make_image, serve_command
 
 N_ITEMS = 8
 NAN_ID = 2    # its index row is NaN: never returned
@@ -546,26 +546,9 @@ def test_the_openapi_schema_matches_what_the_service_answers(env):
 @pytest.mark.slow  # a second process importing torch: ~15 s on 2 cores
 def test_the_command_serves_with_its_limits(env, tmp_path):
     """`python launch/serve.py --index ...` as README shows it, with the flags wired in."""
-    import os
-    import subprocess
-
-    from dist_utils import free_port
-
-    port = free_port()
-    log = open(tmp_path / "serve.log", "w")
-    p = subprocess.Popen([sys.executable, "launch/serve.py", "--index", str(env.idx), "--port", str(port),
-                          "--header-timeout", "1", "--max-upload-mb", "0.5"], cwd=ROOT, stdout=log,
-                         stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    try:
-        base, t0 = f"http://127.0.0.1:{port}", time.time()
-        while True:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                break
-            except OSError:
-                assert p.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                assert time.time() - t0 < 120, "the server did not come up"
-                time.sleep(0.3)
+    with serve_command(["--index", env.idx, "--header-timeout", "1", "--max-upload-mb", "0.5"],
+                       tmp_path / "serve.log") as base:
+        port = urllib.parse.urlsplit(base).port
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         t0 = time.monotonic()
         assert _closed_within(s, 5)[0] and time.monotonic() - t0 < 3  # --header-timeout 1
@@ -579,8 +562,4 @@ def test_the_command_serves_with_its_limits(env, tmp_path):
         s.close()
         assert got.startswith(b"HTTP/1.1 413") and b"bytes" in got, got[:300]
         assert _get(base + "/health")[0] == 200
-    finally:
-        p.terminate()
-        p.wait(timeout=30)
-        log.close()
     assert "serving 8 images" in (tmp_path / "serve.log").read_text()

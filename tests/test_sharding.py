@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import tarfile
-import time
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, make_image, random_caption, read_all, refusal
+from conftest import ROOT, make_image, random_caption, read_all, refusal, static_server
 
 ARGS = ["--segmenter", "underthesea", "--workers", "1", "--max-length", "16", "--image-size", "32"]
 
@@ -435,7 +434,6 @@ def test_real_img2dataset_output_resharded(tmp_path, tiny_tokenizer_dir, make_sh
     URL recorded, img2dataset's resized JPEG kept byte for byte."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from dist_utils import free_port
 
     www = tmp_path / "www"
     rng = random.Random(5)
@@ -445,29 +443,15 @@ def test_real_img2dataset_output_resharded(tmp_path, tiny_tokenizer_dir, make_sh
         rows.append((f"{i}.jpg", random_caption(rng) + f" số {i}"))
     (www / "broken.jpg").write_bytes(b"not an image at all")
     rows += [("broken.jpg", "ảnh hỏng"), ("missing.jpg", "ảnh không có")]
-    port = free_port()
-    srv = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                            "--directory", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        urls = [f"http://127.0.0.1:{port}/{name}" for name, _ in rows]
+    with static_server(www) as base:
+        urls = [f"{base}/{name}" for name, _ in rows]
         pq.write_table(pa.table({"url": urls, "caption": [c for _, c in rows]}), tmp_path / "urls.parquet")
-        import urllib.request
-
-        for _ in range(100):  # the server is up
-            try:
-                urllib.request.urlopen(urls[0], timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.1)
         i2d = Path(sys.executable).with_name("img2dataset")
         subprocess.run([str(i2d), "--url_list", str(tmp_path / "urls.parquet"), "--input_format", "parquet",
                         "--url_col", "url", "--caption_col", "caption", "--output_format", "webdataset",
                         "--output_folder", str(tmp_path / "i2d"), "--image_size", "64", "--resize_mode", "keep_ratio",
                         "--processes_count", "1", "--thread_count", "4", "--enable_wandb", "False"],
                        check=True, timeout=300, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    finally:
-        srv.kill()
-        srv.wait()
     tars = sorted((tmp_path / "i2d").glob("*.tar"))
     assert len(tars) == 1
     out = tmp_path / "out"
