@@ -209,6 +209,13 @@ class TrainConfig:
     """Seeds the initial weights, the data order and every augmentation."""
     log_every: int = 10
     """Steps between metric lines (metrics.jsonl, TensorBoard, the log)."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that get the logged scalars (rank 0), as Hugging Face's report_to:
+    tensorboard (RUN_DIR/tensorboard/), wandb (its WANDB_* variables; WANDB_MODE=offline
+    logs locally), mlflow (MLFLOW_TRACKING_URI; unset: a file store in RUN_DIR/mlruns).
+    wandb and mlflow also get the config and, at the end, the exported model; they need
+    pip install 'phoclip[trackers]'. [none] (or []): metrics.jsonl only. One name alone
+    works too: train.report_to=wandb."""
     eval_every: int = 0
     """Validation every N steps (0: only at the end when val_shards is set)."""
     eval_queries: list = field(default_factory=list)
@@ -338,6 +345,8 @@ class RunConfig:
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), not {o.betas}")
         if not all(isinstance(q, str) for q in t.eval_queries):
             raise ConfigError(f"train.eval_queries must be a list of Vietnamese queries, not {t.eval_queries}")
+        if "none" in t.report_to and len(t.report_to) > 1:
+            raise ConfigError(f"train.report_to={t.report_to}: 'none' means no tracker; drop it or the others")
         if self.model.lock_text and self.model.unlocked_text_layers < 0:
             raise ConfigError("model.unlocked_text_layers must be >= 0")
 
@@ -380,6 +389,13 @@ def _choices(typ: Any) -> Optional[tuple]:
     return typing.get_args(typ) if typing.get_origin(typ) is Literal else None
 
 
+def _list_choices(typ: Any) -> Optional[tuple]:
+    """The choices of each item of a list of choices (train.report_to), else None."""
+    typ = _plain_type(typ)[0]
+    args = typing.get_args(typ)
+    return _choices(args[0]) if typing.get_origin(typ) is list and args else None
+
+
 def _choice_error(key: str, val: Any, choices: tuple) -> ConfigError:
     return ConfigError(f"{key}={val!r}: choose {', '.join(choices[:-1])} or {choices[-1]}")
 
@@ -395,6 +411,8 @@ def _as_written(typ: Any, val: Any, raw: Optional[str]) -> Any:
         words = ([str(raw).strip().lower()] if raw is not None else []) + (
             ["true", "on", "yes"] if val else ["false", "off", "no"])
         return next((w for w in words if w in choices), val)
+    if isinstance(val, str) and _list_choices(plain):  # one choice for a list of them: train.report_to=wandb
+        return [val]
     if plain is str and not optional and isinstance(val, (bool, int, float)):
         return raw if raw is not None else str(val)
     return val
@@ -413,6 +431,10 @@ def _checked(cls: type, name: str, val: Any, key: str, raw: Optional[str] = None
         if choices:
             raise _choice_error(key, shown, choices) from None
         err = e.errors(include_url=False)[0]
+        if err["type"] == "literal_error" and _list_choices(typ):
+            item = _list_choices(typ)
+            raise ConfigError(f"{key}: {err['input']!r} is unknown; choose from {', '.join(item[:-1])} "
+                              f"and {item[-1]}") from None
         expected = _EXPECTED.get(err["type"].split("_")[0])
         raise ConfigError(f"{key} must be {expected}, not {shown!r}" if expected
                           else f"{key}: {err['msg']}, not {shown!r}") from None

@@ -1,5 +1,6 @@
-"""Run logging: metrics.jsonl (one JSON object per logged step) and TensorBoard
-(`RunLogger`: created on rank 0 only; other ranks get one that writes nothing), and the
+"""Run logging: metrics.jsonl (one JSON object per logged step) and the experiment
+trackers of train.report_to (TensorBoard by default; `trackers.py`), together the
+`RunLogger` (created on rank 0 only; other ranks get one that writes nothing), and the
 run's metrics writer with its cadence and throughput (`MetricsWriter`)."""
 from __future__ import annotations
 
@@ -8,52 +9,76 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
-from torch.utils.tensorboard import SummaryWriter
+from phoclip_train.trackers import Tracker, build_trackers, scalars
 
 logger = logging.getLogger(__name__)
 
 
 class RunLogger:
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool) -> None:
+    """metrics.jsonl, whatever the trackers, and each tracker of `report_to`. A tracker
+    whose call fails is warned about once and dropped: a dashboard that stops answering
+    does not end a training run, and metrics.jsonl still holds every line."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool, report_to: Sequence[str] = ("tensorboard",),
+                 config: Optional[dict] = None, resume: bool = False) -> None:
         self.enabled = enabled
-        self.tb = None
         self.file = None
+        self.trackers: list[Tracker] = []
         if enabled:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             self.file = open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8")
+            try:
+                self.trackers = build_trackers(report_to, Path(run_dir), config or {}, resume)
+            except BaseException:
+                self.file.close()
+                raise
+
+    def _each(self, call: str, *args) -> None:
+        for t in list(self.trackers):
+            try:
+                getattr(t, call)(*args)
+            except Exception as e:
+                logger.warning("%s failed (%s: %s): it gets nothing more from this run; metrics.jsonl has "
+                               "every line", t.name, type(e).__name__, e)
+                self.trackers.remove(t)
+                try:
+                    t.close()
+                except Exception:  # already failing: the warning above said so
+                    pass
 
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps({"step": step, "kind": prefix, **metrics}) + "\n")
         self.file.flush()
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{prefix}/{k}", v, step)
-            elif isinstance(v, dict):
-                for kk, vv in v.items():
-                    if isinstance(vv, (int, float)):
-                        self.tb.add_scalar(f"{prefix}/{k}/{kk}", vv, step)
+        self._each("log_scalars", step, scalars(metrics, prefix))
 
     def images(self, step: int, tag: str, images, caption: str = "") -> None:
         """A row of uint8 CHW images, with its caption as text."""
-        if not self.enabled:
-            return
-        self.tb.add_images(tag, images, step, dataformats="NCHW")
-        if caption:
-            self.tb.add_text(tag + "/query", caption, step)
+        if self.enabled:
+            self._each("log_images", step, tag, images, caption)
+
+    def artifact(self, folder: Optional[Path], name: str = "model") -> None:
+        """The exported model folder, to the trackers that keep artifacts (wandb, MLflow)."""
+        if self.enabled and folder is not None:
+            self._each("log_artifact", Path(folder), name)
 
     def close(self) -> None:
         if self.enabled:
-            self.tb.close()
-            self.file.close()
             self.enabled = False
+            self.file.close()
+            for t in self.trackers:
+                try:
+                    t.close()
+                except Exception as e:  # the others still close, and the run's result stands
+                    logger.warning("%s did not close cleanly (%s: %s)", t.name, type(e).__name__, e)
+            self.trackers = []
 
 
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard (rank 0), with its cadence (`due`: train.log_every and
+    """metrics.jsonl + the trackers (rank 0), with its cadence (`due`: train.log_every and
     the last step) and the throughput since the last line."""
 
     def __init__(self, logger_: RunLogger, log_every: int, max_steps: int) -> None:
@@ -88,6 +113,10 @@ class MetricsWriter:
 
     def images(self, step: int, tag: str, images, caption: str = "") -> None:
         self.out.images(step, tag, images, caption)
+
+    def artifact(self, folder: Optional[Path]) -> None:
+        """The exported model folder, as the trackers' model artifact."""
+        self.out.artifact(folder)
 
     def close(self) -> None:
         self.out.close()

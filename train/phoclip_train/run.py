@@ -40,6 +40,7 @@ from phoclip_train.metrics import MetricsWriter, RunLogger
 from phoclip_train.plots import try_render_curves
 from phoclip_train.state import DataPosition, NonFiniteCounter, Progress, RngState
 from phoclip_train.step import InputPrep
+from phoclip_train.trackers import check_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +131,11 @@ class Run:
             if not self.dist.is_main:
                 return None
             curves = try_render_curves(self.cfg.run_dir)  # RUN_DIR/curves.png, also linked from the card
-            return self.model.save_pretrained(Path(self.cfg.run_dir) / "model", tokenizer=self.data.tokenizer,
-                                              training=self.cfg.to_dict(), data=self.data.manifest.summary(),
-                                              evaluation=self.evaluator.last_val, curves=curves)
+            folder = self.model.save_pretrained(Path(self.cfg.run_dir) / "model", tokenizer=self.data.tokenizer,
+                                                training=self.cfg.to_dict(), data=self.data.manifest.summary(),
+                                                evaluation=self.evaluator.last_val, curves=curves)
+        self.metrics.artifact(folder)  # after the gather: no rank waits on an upload
+        return folder
 
     def close(self) -> None:
         if not self.closed:
@@ -148,6 +151,7 @@ def build_run(cfg: RunConfig, dist: DistInfo) -> Run:
     checkpointer, metrics, evaluator; then the newest checkpoint restored. A refusal on
     the way releases the run folder's lock."""
     cfg.validate(dist.world_size)
+    check_trackers(cfg.train.report_to)  # a missing package refused now, not after the model is built
     settings = decide_settings(cfg, dist)
     cfg = settings.apply(cfg)
     run_dir = Path(cfg.run_dir)
@@ -208,7 +212,8 @@ def _build(cfg: RunConfig, settings: Settings, dist: DistInfo, lock: RunLock) ->
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, str(run_dir / "config.yaml"))
-    metrics = MetricsWriter(RunLogger(run_dir, dist.is_main), t.log_every, t.max_steps)
+    metrics = MetricsWriter(RunLogger(run_dir, dist.is_main, t.report_to, cfg.to_dict(), resume=cfg.resume is not None),
+                            t.log_every, t.max_steps)
     evaluator = Evaluator(cfg, dist, data, engine, metrics, settings.precision, query_proc)
 
     def meta() -> dict:
