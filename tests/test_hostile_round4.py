@@ -1,6 +1,7 @@
 """What a hostile review of the loader, the index, the export and the small readers
 found: each case reproduced in process, refused in one line or made cheap."""
 import http.server
+import os
 import itertools
 import json
 import threading
@@ -128,3 +129,57 @@ def test_a_new_layout_starts_with_the_old_streams_given_up_shards_passed_over():
     chosen = [sh["url"] for sh in memory.choose(numbered(24), _Opened)]
     assert urls[1] not in chosen[:12] and chosen.count(urls[1]) == 2  # passed over for 4 x 4 choices
     assert skips == {"passed_over_shard": 4}
+
+
+# ---------------------------------------------------------------- an --out that is not our index
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_tokenizer_dir, tmp_path_factory):
+    from conftest import make_image
+    from test_serve_hostile import _tiny_model_folder
+
+    d = tmp_path_factory.mktemp("round4_model")
+    _tiny_model_folder(tiny_tokenizer_dir, d / "model")
+    for i in range(3):
+        make_image(d / "photos" / f"p{i}.jpg", i)
+    return d
+
+
+def _user_folder(path, index_json="{}"):
+    path.mkdir()
+    if index_json is not None:
+        (path / "index.json").write_text(index_json)
+    for i in range(22):
+        (path / f"thesis{i}.txt").write_text("precious")
+    return sorted(os.listdir(path))
+
+
+def test_index_out_that_is_not_our_index_is_refused_never_deleted(tiny_model, tmp_path, capsys):
+    """A folder that merely holds a file named index.json (or our index plus the user's
+    files) is refused in one line, with every file where it was, by the command and by
+    write_index (which replaces a folder whole)."""
+    from phoclip.search.index import write_index
+    from phoclip_cli import build_index
+
+    d = tiny_model
+    base = ["--model", str(d / "model"), "--images", str(d / "photos")]
+    mine = tmp_path / "mine"
+    before = _user_folder(mine)
+    assert build_index.main(base + ["--out", str(mine)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if str(mine) in ln]
+    assert len(err) == 1 and "not an index" in err[0], err
+    assert sorted(os.listdir(mine)) == before and (mine / "index.json").read_text() == "{}"
+    with pytest.raises(ValueError, match="not an index"):
+        write_index(mine, torch.nn.Linear(1, 1), "m", torch.zeros(0, 64), [])
+    assert sorted(os.listdir(mine)) == before
+    # our own index, then the user's files beside it: refused too, nothing removed
+    ours = tmp_path / "ours"
+    assert build_index.main(base + ["--out", str(ours)]) == 0
+    capsys.readouterr()
+    (ours / "notes.txt").write_text("mine")
+    assert build_index.main(base + ["--out", str(ours)]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert (ours / "notes.txt").read_text() == "mine"
+    (ours / "notes.txt").unlink()
+    assert build_index.main(base + ["--out", str(ours)]) == 0  # our index alone is rebuilt in place

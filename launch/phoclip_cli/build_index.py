@@ -109,13 +109,11 @@ def _run(args: argparse.Namespace, info) -> int:
     from phoclip.models.loading import load_encoder
     from phoclip.search import indexing as ix
     from phoclip.search.ann import parse_bytes
-    from phoclip.search.index import _images_root, index_meta
+    from phoclip.search.index import _images_root, check_out_folder, index_meta
 
     out = Path(args.out)
     max_bytes = parse_bytes(args.max_index_memory)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "index.json").is_file()
-                                              and not (out / "img_emb").is_dir())):
-        raise ValueError(f"{out} exists and is not an index: refusing to write into it (choose an empty or new --out folder)")
+    check_out_folder(out)  # before the model loads; a user's folder is never written into
     model, tok_name = load_encoder(args.model, device=info.device)
     dim = int(model.config["embed_dim"])
     source = args.shards or args.images or args.embeddings or ""

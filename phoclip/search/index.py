@@ -518,6 +518,36 @@ def index_meta(model, model_name: str, home: str, source: str, images_root: Opti
             "images_root": _relative(images_root, home), "dim": int(model.config["embed_dim"]), "source": source}
 
 
+_OUR_ENTRIES = frozenset({INDEX_META, VERSIONS, P.IMG, P.TEXT, P.META, P.TEXT_META})
+_OUR_TEMP = re.compile(r"^\..+\.tmp$")  # phoclip.fileio's atomic temporary names
+
+
+def check_out_folder(folder: str | os.PathLike) -> None:
+    """Refuse, in one line naming it, an index folder to write that is not an index we
+    wrote: an existing path that is not a folder, a folder holding anything besides an
+    index's entries (index.json, img_emb/, text_emb/, metadata/, text_metadata/,
+    versions/, our temporary files), or whose index.json is not an index description.
+    Writing an index replaces or removes what it finds there: a user's folder that merely
+    holds a file named index.json is never touched. An empty folder, or one holding only
+    the parts of a job under way (no index.json yet), is fine."""
+    out = Path(folder)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder: refusing to write an index there")
+    other = sorted(e.name for e in out.iterdir() if e.name not in _OUR_ENTRIES and not _OUR_TEMP.match(e.name))
+    if other:
+        raise ValueError(f"{out} is not an index (it holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}): "
+                         "refusing to write into it (choose an empty or new --out folder)")
+    f = out / INDEX_META
+    if f.exists() or f.is_symlink():
+        try:
+            check_meta(json.loads(read_regular(f, MAX_META_BYTES, follow_links=False)), f)
+        except (OSError, ValueError, RecursionError) as e:
+            raise ValueError(f"{out} is not an index we wrote ({f.name}: {str(e).splitlines()[0][:200]}): refusing to "
+                             "write into it (choose an empty or new --out folder)") from None
+
+
 def write_index(folder: str | os.PathLike, model, model_name: str, images: Optional[torch.Tensor],
                 image_items: list[dict], captions: Optional[torch.Tensor] = None,
                 caption_items: Optional[list[dict]] = None, source: str = "") -> Path:
@@ -530,9 +560,7 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
     import tempfile
 
     out = Path(folder)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / INDEX_META).is_file())):
-        raise ValueError(f"{out} exists and is not an index: refusing to replace it (choose an "
-                         "empty or new --out folder)")
+    check_out_folder(out)  # the folder is replaced whole below
     out.parent.mkdir(parents=True, exist_ok=True)
     # a new folder under a random name (mkdtemp: created exclusively, never a planted link)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
