@@ -3,15 +3,24 @@
 float16 parts of 1M rows in clip-retrieval's layout), indexed by `phoclip-index
 --embeddings` under a memory budget, against exact search on 1,000 held-out queries drawn
 from the same generator: build time, peak RSS, recall@10, latency per query in process,
-the time to add 10% more; and a plain faiss script of the same index side by side.
+the time to add 10% more; side by side, a plain faiss script of the same index (trained
+and filled in memory) and exact search (ours over the parts, faiss IndexFlatIP in memory).
+Without --model a random tiny model as wide as --d is written under --work: the vectors are
+given, the model only names the index and answers text queries.
+
+`--crossover` measures instead exact search's latency per query (one query, k=10, the
+in-memory matrix the exact index searches) against the number of rows: where it passes the
+latency target is where the approximate index starts (phoclip.search.ann.EXACT_ROW_DIMS_PER_MS).
 
     python bench/bench_index.py --n 1000000 --work /tmp/bench_index
     python bench/bench_index.py --n 10000000 --work /tmp/bench_index   # hours on 2 cores
+    python bench/bench_index.py --crossover --d 512
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -53,16 +62,83 @@ def write_parts(folder: Path, n: int, d: int, seed: int, part_rows: int = 1_000_
             buf, j = [], j + 1
 
 
+def make_model(folder: Path, d: int) -> Path:
+    """A random tiny-debug model whose embeddings are d wide (with its tokenizer), once."""
+    if (folder / "config.json").is_file():
+        return folder
+    import phoclip
+    from phoclip.data.text import build_phobert_tokenizer, load_tokenizer
+    from phoclip.models.pretrained import save_pretrained
+
+    tok = load_tokenizer(str(build_phobert_tokenizer(["một con mèo trên bãi cỏ xanh"], folder.parent / "tok")))
+    model = phoclip.create_model("tiny-debug", embed_dim=d, text={"hf_config": {"vocab_size": len(tok)}})
+    save_pretrained(model, folder, tokenizer=tok)
+    return folder
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: the machine is shared, figures move with them."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def latencies(fn, queries: np.ndarray) -> tuple[list, list]:
+    """Milliseconds per single-query call of fn(row[None]) and its answers."""
+    lat, got = [], []
+    for row in queries:
+        t = time.perf_counter()
+        got.append(fn(row[None]))
+        lat.append((time.perf_counter() - t) * 1000)
+    return lat, got
+
+
+def pcts(lat: list) -> dict:
+    return {"p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2)}
+
+
+def recall_at_10(got, exact: np.ndarray) -> float:
+    return round(float(np.mean([len(set(np.asarray(a).tolist()) & set(b.tolist())) / 10 for a, b in zip(got, exact)])), 4)
+
+
+def crossover(d: int, sizes: list[int], queries: int = 200) -> list[dict]:
+    """Exact search's latency per query (k=10) over n in-memory rows, as the exact index
+    answers (phoclip.search.index.exact_topk), and faiss IndexFlatIP's, for each n."""
+    import faiss
+    import torch
+
+    from phoclip.search.index import exact_topk
+
+    x = np.concatenate(list(generate(max(sizes), d, seed=1))).astype(np.float32)
+    q = next(generate(queries, d, seed=2)).astype(np.float32)
+    rows = []
+    for n in sizes:
+        xt = torch.from_numpy(x[:n])
+        lat, _ = latencies(lambda r: exact_topk(torch.from_numpy(r), xt, 10), q)
+        flat = faiss.IndexFlatIP(d)
+        flat.add(x[:n])
+        flat_lat, _ = latencies(lambda r: flat.search(r, 10), q)
+        rows.append({"n": n, "ours": pcts(lat), "faiss_flat": pcts(flat_lat),
+                     "row_dims_per_ms": round(n * d / float(np.percentile(lat, 50))), "load": load_average()})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--work", default="/tmp/bench_index")
-    p.add_argument("--model", required=True, help="a model folder as wide as --d (its fingerprint names the index)")
+    p.add_argument("--model", help="a model folder as wide as --d (default: a random tiny one under --work)")
     p.add_argument("--max-index-memory", default="4G")
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--crossover", action="store_true", help="exact search's latency against the number of rows")
+    p.add_argument("--sizes", default="10000,30000,100000,200000,300000,500000,1000000",
+                   help="with --crossover: the numbers of rows")
     args = p.parse_args()
+    if args.crossover:
+        crossover(args.d, [int(x) for x in args.sizes.split(",")])
+        return
     work = Path(args.work)
+    args.model = args.model or str(make_model(work / "model", args.d))
     src, add_src, out = work / "emb", work / "emb_add", work / "index"
     if not (src / "img_emb").is_dir():
         write_parts(src, args.n, args.d, seed=1)
@@ -70,7 +146,7 @@ def main() -> None:
     q = next(generate(args.queries, args.d, seed=2)).astype(np.float32)
     cmd = [sys.executable, "launch/build_index.py", "--model", args.model, "--embeddings", str(src), "--out", str(out),
            "--max-index-memory", args.max_index_memory, "--device", "cpu"]
-    res = {"n": args.n, "d": args.d}
+    res = {"n": args.n, "d": args.d, "load_at_start": load_average()}
     for what, c in (("build", cmd), ("add", [x if x != str(src) else str(add_src) for x in cmd] + ["--add"])):
         t = time.monotonic()
         r = subprocess.run(["/usr/bin/time", "-f", "%M", *c], capture_output=True, text=True)
@@ -85,17 +161,18 @@ def main() -> None:
     ix = EmbeddingIndex(out)
     res["open_s"] = round(time.monotonic() - t, 2)
     res["search"] = ix.search_info()
+    t = time.monotonic()
     _, exact = ix.topk(q, 10, backend="exact")
-    lat = []
-    got = []
-    for row in q:
-        t = time.perf_counter()
-        got.append(ix.topk(row[None], 10)[1][0].numpy())
-        lat.append((time.perf_counter() - t) * 1000)
-    res["recall_at_10"] = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(got, exact.numpy())]))
-    res["p50_ms"], res["p99_ms"] = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+    res["exact_batch_s"] = round(time.monotonic() - t, 1)
+    exact = exact.numpy()
+    lat, got = latencies(lambda r: ix.topk(r, 10)[1][0].numpy(), q)
+    res.update(pcts(lat), recall_at_10=recall_at_10(got, exact))
+    # exact search one query at a time, ours (streamed from the parts past RAM_EXACT_BYTES): a sample
+    lat, got = latencies(lambda r: ix.topk(r, 10, backend="exact")[1][0].numpy(), q[:50])
+    res["exact_ours"] = dict(pcts(lat), recall_at_10=recall_at_10(got, exact[:50]), queries=50)
     res["bench_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    res["plain_faiss"] = plain_faiss(src, add_src, res["search"], q, exact.numpy())
+    res["plain_faiss"] = plain_faiss(src, add_src, res["search"], q, exact)
+    res["load_at_end"] = load_average()
     print(json.dumps(res, indent=2))
 
 
@@ -117,13 +194,18 @@ def plain_faiss(src: Path, add_src: Path, info: dict, q: np.ndarray, exact: np.n
             index.add(np.asarray(a[s:s + 100_000], dtype=np.float32))
     build = time.monotonic() - t
     faiss.extract_index_ivf(index).nprobe = info["nprobe"]
-    lat, got = [], []
-    for row in q:
-        t = time.perf_counter()
-        got.append(index.search(row[None], 10)[1][0])
-        lat.append((time.perf_counter() - t) * 1000)
-    return {"build_s": round(build, 1), "p50_ms": float(np.percentile(lat, 50)),
-            "recall_at_10": float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(got, exact)]))}
+    lat, got = latencies(lambda r: index.search(r, 10)[1][0], q)
+    res = {"build_s": round(build, 1), **pcts(lat), "recall_at_10": recall_at_10(got, exact)}
+    index = None  # its memory back before the flat index
+    # exact search in memory: faiss IndexFlatIP over every vector
+    flat = faiss.IndexFlatIP(x0.shape[1])
+    for f in files:
+        a = np.load(f, mmap_mode="r")
+        for s in range(0, len(a), 100_000):
+            flat.add(np.asarray(a[s:s + 100_000], dtype=np.float32))
+    lat, got = latencies(lambda r: flat.search(r, 10)[1][0], q[:200])
+    res["exact_faiss_flat"] = dict(pcts(lat), recall_at_10=recall_at_10(got, exact[:200]), queries=200)
+    return res
 
 
 if __name__ == "__main__":

@@ -287,3 +287,19 @@ def test_a_crafted_faiss_file_or_index_json_is_refused(ann_index, tmp_path):
     (out / "index.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="names no faiss files of its own"):
         EmbeddingIndex(out).topk(np.ones((1, 64), np.float32) / 8, 3)
+
+
+def test_the_choice_follows_the_latency_target_and_the_memory_budget():
+    """Exact search while one query's scan of the matrix fits the latency target (the
+    measured rate) and the matrix fits the budget; faiss above; --exact at any size."""
+    from phoclip.search import ann
+
+    rows = ann.exact_max_rows_for(512, 4 << 30)
+    assert rows == int(ann.LATENCY_TARGET_MS * ann.EXACT_ROW_DIMS_PER_MS / 512)
+    assert ann.choose(rows - 1, 512, 4 << 30) == {"type": "exact"}
+    assert ann.choose(rows, 512, 4 << 30)["type"] == "faiss"
+    assert ann.choose(rows, 512, 4 << 30, max_query_ms=2 * ann.LATENCY_TARGET_MS) == {"type": "exact"}  # a looser target
+    assert ann.choose(rows, 64, 4 << 30) == {"type": "exact"}  # narrower rows: more of them in the same time
+    assert ann.exact_max_rows_for(512, 1 << 20) == (1 << 20) // (4 * 512)  # the float32 matrix within the budget
+    assert ann.choose(10 * rows, 512, 4 << 30, exact=True) == {"type": "exact"}
+    assert ann.choose(rows, 512, 4 << 30, exact_max_rows=rows + 1) == {"type": "exact"}

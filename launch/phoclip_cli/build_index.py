@@ -10,8 +10,9 @@ parts, one per rank or per job, nothing gathered; then merged into a searchable 
     phoclip-index --model runs/exp1 --embeddings clip_inference_out/ --out index/    # clip-retrieval's layout
 
 A part that is complete is not computed again (a killed job resumes). The search structure
-follows the collection's size and --max-index-memory: exact below a few hundred thousand
-images, else a faiss IVF index (SQ or PQ codes) on disk. The index records where its model
+follows the collection's size, --max-query-ms and --max-index-memory: exact while a query
+answers in time (some 33,000 images of 512 dimensions on 2 cores), else a faiss IVF index
+(SQ or PQ codes) on disk. The index records where its model
 and images are, relative to the index folder, so it can be searched from any directory and
 moved together with its images.
 """
@@ -50,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "a service serving it switches without a restart)")
     p.add_argument("--exact", action="store_true", help="exact search whatever the size (no faiss index)")
     p.add_argument("--max-index-memory", default="4G", help="memory the approximate index's codes may take (4G, 512M)")
-    p.add_argument("--exact-max-rows", type=int, help="exact search below this many vectors (default: phoclip.search.ann)")
+    p.add_argument("--max-query-ms", type=float, default=10.0,
+                   help="latency target: exact search while it answers a query within this (measured: bench/RESULTS.md)")
+    p.add_argument("--exact-max-rows", type=int, help="exact search below this many vectors (default: from --max-query-ms "
+                                                      "and --max-index-memory)")
     p.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=None,
                    help="re-rank the approximate results exactly from the float16 vectors (default: with PQ/SQ4 codes)")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward")
@@ -78,6 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--part and --of go together")
     if args.of is not None and not 0 <= args.part < args.of:
         p.error("--part must be in [0, --of)")
+    if not args.max_query_ms > 0:  # NaN too
+        p.error("--max-query-ms must be a positive number of milliseconds")
     if args.merge and args.part is not None:
         p.error("--merge takes no --part: it merges them all")
     # folders checked before the seconds of imports that embedding needs
@@ -207,7 +213,8 @@ def _merge(args, out: Path, meta: dict, names: list[str], max_bytes: int, skippe
         from phoclip.search.index import _relative
 
         meta["images_root"] = _relative(meta["images_root"], meta["built_in"])
-    done = ix.merge(out, meta, names, args.add, max_bytes, args.exact, args.rerank, args.exact_max_rows)
+    done = ix.merge(out, meta, names, args.add, max_bytes, args.exact, args.rerank, args.exact_max_rows,
+                   args.max_query_ms)
     if not args.add:
         ix.remove_unused_parts(out, done)
     _extras(args, out)

@@ -25,7 +25,12 @@ from phoclip.fileio import fsync_dir
 
 logger = logging.getLogger(__name__)
 
-EXACT_MAX_ROWS = 200_000  # below this, exact search answers within the latency target (bench/RESULTS.md)
+LATENCY_TARGET_MS = 10.0  # a query's search time the choice aims at (--max-query-ms)
+# rows x dims exact search scans per millisecond for one query (k=10, in-memory matrix): where its latency
+# crosses 10 ms on the 2-core reference machine (33k x 512, load ~7: `bench/bench_index.py --crossover`,
+# bench/RESULTS.md). A query reads the whole matrix, so this is memory bandwidth; exact search is chosen
+# while n x d stays within the latency target's worth of it
+EXACT_ROW_DIMS_PER_MS = 1_700_000
 MAX_NLIST = 8192  # more centroids cost k-means time this machine does not have for 10M (bench/RESULTS.md)
 PQ_SIZES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
 BLOCK_ROWS = 1_000_000  # vectors added into one block file (its inverted lists are in memory while added)
@@ -57,10 +62,21 @@ def nlist_for(n: int) -> int:
     return int(min(MAX_NLIST, max(16, 2 ** round(math.log2(4 * math.sqrt(max(n, 1)))))))
 
 
-def choose(n: int, d: int, max_bytes: int, exact: bool = False, exact_max_rows: int = EXACT_MAX_ROWS) -> dict:
+def exact_max_rows_for(d: int, max_bytes: int, max_query_ms: float = LATENCY_TARGET_MS) -> int:
+    """The most rows exact search answers within `max_query_ms` a query (EXACT_ROW_DIMS_PER_MS)
+    whose float32 matrix also fits `max_bytes`."""
+    return int(min(max_query_ms * EXACT_ROW_DIMS_PER_MS / d, max_bytes / (4 * d)))
+
+
+def choose(n: int, d: int, max_bytes: int, exact: bool = False, exact_max_rows: Optional[int] = None,
+           max_query_ms: float = LATENCY_TARGET_MS) -> dict:
     """The search structure for n d-wide vectors within `max_bytes` of codes, ids and
-    centroids: {"type": "exact"} or {"type": "faiss", "key", "nlist", "code_bytes", "rerank"}.
-    ValueError when not even the smallest code fits."""
+    centroids: {"type": "exact"} while exact search is fast enough (below `exact_max_rows`,
+    by default what answers within `max_query_ms`: `exact_max_rows_for`), else
+    {"type": "faiss", "key", "nlist", "code_bytes", "rerank"}. ValueError when not even
+    the smallest code fits."""
+    if exact_max_rows is None:
+        exact_max_rows = exact_max_rows_for(d, max_bytes, max_query_ms)
     if exact or n < exact_max_rows:
         return {"type": "exact"}
     nlist = nlist_for(n)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -18,8 +19,8 @@ from phoclip.data.images import MAX_FILE_BYTES, BadImage, read_image_file
 from phoclip.data.transforms import image_to_tensor
 from phoclip.fileio import fsync_dir, real_dir
 from phoclip.search.index import caption_rows, image_rows
-from phoclip.search.parts import (IMG, TEXT, PartWriter, check_part, files_of, open_embeddings, part_info, part_name,
-                                  part_names)
+from phoclip.search.parts import (IMG, META, TEXT, TEXT_META, PartWriter, arrow_of, check_part, ensure_arrow, files_of,
+                                  open_embeddings, part_info, part_name, part_names)
 
 logger = logging.getLogger(__name__)
 
@@ -205,10 +206,12 @@ def adopt_embeddings(src: Path, out: Path, dim: int, base: int) -> list[str]:
 
 
 def merge(out: Path, meta: dict, names: Sequence[str], add: bool, max_bytes: int, exact: bool = False,
-          rerank: Optional[bool] = None, exact_max_rows: Optional[int] = None) -> dict:
+          rerank: Optional[bool] = None, exact_max_rows: Optional[int] = None,
+          max_query_ms: Optional[float] = None) -> dict:
     """Publish the parts `names` (checked) as the index of `out`, appended to its parts in
     use with `add`: the search structure chosen for the total (exact, or faiss within
-    `max_bytes`), built into a new version folder, then index.json replaced atomically.
+    `max_bytes`; exact while it answers within `max_query_ms`), built into a new version
+    folder, then index.json replaced atomically.
     A failure leaves the index as it was. Returns the new index.json."""
     from phoclip.search import ann  # lazy: faiss loads only where an index is merged
     from phoclip.search.index import KINDS, VERSIONS, new_version, publish
@@ -221,6 +224,7 @@ def merge(out: Path, meta: dict, names: Sequence[str], add: bool, max_bytes: int
                          f"not {meta['model_fingerprint']} ({meta['dim']}-wide)")
     records = [check_part(out, n, meta["dim"]) for n in names]
     parts = (cur["parts"] if cur else []) + records
+    arrow_copies(out, parts)
     count = {"images": sum(p["rows"] for p in parts), "captions": sum(p.get("captions", 0) for p in parts)}
     if count["images"] == 0:
         raise ValueError(f"{out}: the parts hold no images")
@@ -239,7 +243,7 @@ def merge(out: Path, meta: dict, names: Sequence[str], add: bool, max_bytes: int
                     f = files_of(out, p["name"])[IMG if kind == "images" else TEXT]
                     arrays.append((start, open_embeddings(f, meta["dim"], n, f"part {p['name']}")))
                 start += n
-            kw = {} if exact_max_rows is None else {"exact_max_rows": exact_max_rows}
+            kw = {k: v for k, v in (("exact_max_rows", exact_max_rows), ("max_query_ms", max_query_ms)) if v is not None}
             choice = ann.choose(count[kind], meta["dim"], max_bytes, exact, **kw)
             prev = old_search.get(kind, {})
             if choice["type"] == "exact":
@@ -273,6 +277,21 @@ def merge(out: Path, meta: dict, names: Sequence[str], add: bool, max_bytes: int
     return meta
 
 
+def arrow_copies(out: Path, parts: Sequence[dict]) -> int:
+    """Make each part's metadata Arrow copy current (`phoclip.search.parts.write_arrow`),
+    so that a search reads its results' items memory-mapped, a row at a time; the parts of
+    another tool and any whose parquet changed get theirs here. Returns how many were written."""
+    t, written = time.perf_counter(), 0
+    for p in parts:
+        f = files_of(out, p["name"])
+        for k in (META, TEXT_META):
+            if k == META or f[k].exists():
+                written += ensure_arrow(f[k])
+    if written:
+        logger.info("metadata: %d Arrow copies written in %.1f s", written, time.perf_counter() - t)
+    return written
+
+
 def _count_bad(arrays) -> int:
     """Rows that are not finite unit vectors (skipped by every search), counted by a read of the parts."""
     import numpy as np
@@ -294,7 +313,9 @@ def remove_unused_parts(out: Path, meta: dict) -> int:
     gone = 0
     for n in part_names(out):
         if n not in keep:
-            for f in files_of(out, n).values():
+            for k, f in files_of(out, n).items():
                 f.unlink(missing_ok=True)
+                if k in (META, TEXT_META):
+                    arrow_of(f).unlink(missing_ok=True)
             gone += 1
     return gone
