@@ -183,3 +183,63 @@ def test_index_out_that_is_not_our_index_is_refused_never_deleted(tiny_model, tm
     assert (ours / "notes.txt").read_text() == "mine"
     (ours / "notes.txt").unlink()
     assert build_index.main(base + ["--out", str(ours)]) == 0  # our index alone is rebuilt in place
+
+
+# ---------------------------------------------------------------- phoclip-export and links
+
+
+def _plant(out, victims):
+    """Links in an export folder, at the names an export writes, to files elsewhere."""
+    (out / "tokenizer").mkdir(parents=True)
+    for name in ("model.safetensors", "model.safetensors.tmp", "phoclip_config.json", "README.md",
+                 "tokenizer/vocab.txt", "tokenizer/bpe.codes", "tokenizer/tokenizer_config.json"):
+        v = victims / name.replace("/", "_")
+        v.write_text("victim")
+        os.symlink(v, out / name)
+
+
+def test_export_never_writes_through_links_planted_in_its_folder(tiny_model, tmp_path):
+    """Every file an export writes goes through an exclusive temporary name and a rename:
+    links planted in an existing folder are replaced, their targets untouched (model
+    folder copied, and a model saved)."""
+    from phoclip.models.factory import load_model
+    from phoclip_train.export import export
+
+    victims = tmp_path / "victims"
+    victims.mkdir()
+    for i, write in enumerate((lambda out: export(tiny_model / "model", out),
+                               lambda out: load_model(tiny_model / "model").save_pretrained(
+                                   out, tokenizer=_tokenizer(tiny_model / "model")))):
+        out = tmp_path / f"out{i}"
+        _plant(out, victims)
+        write(out)
+        assert all(v.read_text() == "victim" for v in victims.iterdir()), "a file outside the export was written"
+        for f in ("model.safetensors", "phoclip_config.json", "README.md", "tokenizer/vocab.txt"):
+            assert not (out / f).is_symlink() and (out / f).stat().st_size > 0, f
+        assert not (out / "model.safetensors.tmp").exists() or (out / "model.safetensors.tmp").is_symlink()
+        load_model(out)
+
+
+def _tokenizer(folder):
+    from phoclip.data.text import load_tokenizer
+
+    return load_tokenizer(str(folder / "tokenizer"))
+
+
+def test_export_refuses_an_input_model_folder_holding_links(tiny_model, tmp_path, capsys):
+    """A model folder whose file is a link (to another user's private key) is refused in
+    one line; its target's bytes reach no exported file."""
+    import shutil
+
+    from phoclip_cli import export as export_cli
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_model / "model", src)
+    key = tmp_path / "id_ed25519"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----secret")
+    os.symlink(key, src / "notes.txt")
+    out = tmp_path / "out"
+    assert export_cli.main([str(src), str(out)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "notes.txt" in ln]
+    assert len(err) == 1 and "link" in err[0], err
+    assert not any("secret" in f.read_text(errors="replace") for f in out.rglob("*") if f.is_file())

@@ -15,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from phoclip.fileio import atomic_write_json, create_temp, fsync_dir, read_regular
+from phoclip.fileio import atomic_write_json, create_temp, fsync_dir, read_regular, real_dir
 from phoclip.models.pretrained import MAX_CONFIG_BYTES, check_model_config, model_fingerprint
 
 ONNX_DIR = "onnx"
@@ -50,8 +50,7 @@ def export_onnx(model, folder: str | os.PathLike, opset: int = 17) -> Path:
     import onnxruntime as ort
 
     model = model.float().eval()
-    out = Path(folder) / ONNX_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    out = real_dir(Path(folder) / ONNX_DIR)  # a planted link there is refused, not written through
     images, ids = _probe_inputs(model)
     with torch.no_grad():
         for kind, x, name, axes in (("image", images[:2], "images", {0: "batch"}),

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from phoclip.fileio import atomic_write_json, atomic_write_text, read_regular
+from phoclip.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir, read_regular, real_dir
 from phoclip.models.card import attach_curves, model_card
 
 if TYPE_CHECKING:
@@ -150,29 +150,24 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, tokenizer=None,
     config + safetensors weights (+ tokenizer) and a model card (README.md: architecture,
     text preparation, `training` config, `data` manifest summary, `evaluation` results,
     the training `curves` PNG when given, how to load): a folder `load_pretrained` reads
-    without any training state or hub access."""
-    from safetensors.torch import save_file
+    without any training state or hub access. Every file goes through an exclusive
+    temporary name and a rename (`phoclip.fileio`): a link planted in an existing folder
+    is replaced, never written through; the folder itself must not be a link."""
+    from safetensors.torch import save
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = real_dir(folder)
     cfg = copy.deepcopy(model.config)
     cfg["vision"]["pretrained"] = False
     cfg["vision"].pop("weights_file", None)
     cfg["text"]["pretrained"] = False
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+        save_tokenizer(tokenizer, folder / TOKENIZER_DIR)
         cfg["text"]["tokenizer"] = TOKENIZER_DIR
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = folder / (WEIGHTS_NAME + ".tmp")
-    save_file(sd, str(tmp))
-    # safetensors writes 0600; a model folder is meant to be shared (group members
-    # on a cluster): the usual mode under the user's umask
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / WEIGHTS_NAME)
+    # safetensors' save_file opens a name of its choosing: the bytes go through our
+    # exclusive temporary file instead; 0666 under the user's umask, as a model folder is
+    # meant to be shared (group members on a cluster)
+    atomic_write_bytes(folder / WEIGHTS_NAME, save(sd), mode=0o666)
     atomic_write_json(folder / CONFIG_NAME, cfg, indent=2)
     curves_name = None
     if curves is not None:
@@ -182,6 +177,27 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike, tokenizer=None,
             logger.warning("training curves not attached to %s: %s", folder, e)
     atomic_write_text(folder / "README.md", model_card(cfg, training, data, evaluation,
                                                        model_fingerprint(model), curves=curves_name))
+    return folder
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> Path:
+    """`tokenizer.save_pretrained` into `folder` without following links: it opens its
+    files by name (a link planted at vocab.txt would be written through), so it writes
+    into a fresh private folder beside it, and each file is renamed into place (a rename
+    replaces a link, never its target)."""
+    import shutil
+    import tempfile
+
+    folder = real_dir(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+        for f in sorted(tmp.iterdir()):
+            if f.is_file() and not f.is_symlink():
+                os.replace(f, folder / f.name)
+        fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import shutil
+import stat
 from pathlib import Path
 
 from phoclip.errors import CheckpointError
+from phoclip.fileio import atomic_open, real_dir
 from phoclip.models.loading import NotAModelFolder, model_folder, model_from_checkpoint
 from phoclip.models.pretrained import check_model_config
 from phoclip_train.config import RunConfig, apply_tree
@@ -74,6 +77,35 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
                                  data=meta.get("data"), evaluation=meta.get("evaluation"))
 
 
+def copy_model_folder(src: Path, out: Path) -> None:
+    """Copy a model folder's regular files into `out`, each through an exclusive temporary
+    name and a rename (a link planted in `out` is replaced, never written through). A
+    link or anything but a folder or regular file in `src` is refused in one line before
+    anything is written: a link's target (another user's private key) would otherwise
+    become a plain file of the exported model."""
+    files = []
+    for root, dirs, names in os.walk(src):  # os.walk lists a linked folder in dirs and does not enter it
+        for name in sorted(dirs + names):
+            p = Path(root) / name
+            mode = os.lstat(p).st_mode
+            if stat.S_ISLNK(mode):
+                raise ValueError(f"{p}: a link in the model folder to export; refusing to copy it (a model folder "
+                                 "holds its own files: copy the file in, or export the checkpoint)")
+            if stat.S_ISREG(mode):
+                files.append(p.relative_to(src))
+            elif not stat.S_ISDIR(mode):
+                raise ValueError(f"{p}: not a regular file (a FIFO, socket or device) in the model folder to export")
+    for rel in files:
+        dst = real_dir(out)
+        for part in rel.parent.parts:
+            dst = real_dir(dst / part)
+        fd = os.open(src / rel, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as fi, atomic_open(dst / rel.name, mode=0o666) as fo:
+            if not stat.S_ISREG(os.fstat(fi.fileno()).st_mode):  # swapped since the walk
+                raise ValueError(f"{src / rel}: not a regular file; refusing to copy it")
+            shutil.copyfileobj(fi, fo, 1 << 20)
+
+
 def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> Path:
     """A checkpoint, run folder (its exported model, else its newest checkpoint that
     verifies) or model folder -> the plain model folder `out`; with fmt="onnx" also both
@@ -88,7 +120,7 @@ def export(src: str | Path, out: str | Path, fmt: str = "safetensors") -> Path:
     folder = model_folder(src)
     if folder is not None:
         if out.resolve() != folder.resolve():
-            shutil.copytree(folder, out, dirs_exist_ok=True)
+            copy_model_folder(folder, out)
     else:
         ckpt = newest_verified(src) if checkpoints_dir(src).is_dir() else src
         if ckpt is None or not is_checkpoint(ckpt):
