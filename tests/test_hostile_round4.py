@@ -243,3 +243,41 @@ def test_export_refuses_an_input_model_folder_holding_links(tiny_model, tmp_path
     err = [ln for ln in capsys.readouterr().err.splitlines() if "notes.txt" in ln]
     assert len(err) == 1 and "link" in err[0], err
     assert not any("secret" in f.read_text(errors="replace") for f in out.rglob("*") if f.is_file())
+
+
+# ---------------------------------------------------------------- shard patterns and tar headers
+
+
+def _alarm(seconds):
+    import signal
+
+    def fire(*_):
+        raise TimeoutError(f"still expanding after {seconds} s")
+
+    signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+
+
+def test_a_brace_pattern_of_a_billion_shards_is_counted_not_expanded():
+    """braceexpand's product materialises its ranges: 10^9 names are refused from the
+    ranges' sizes, in one line naming the flag, before any name is made."""
+    import signal
+
+    from phoclip.data.catalog import MAX_SHARDS, brace_count
+
+    assert brace_count("a/train-{000000..000009}.tar") == 10
+    assert brace_count("python{2.{5..7},3.{2,3}}") == 5 and brace_count("{a..g..2}{x,y}") == 8
+    assert brace_count(r"x\{1..3}") == 1 and brace_count("{4..1}") == 4 and brace_count("{1,{2..4}}") == 4
+    _alarm(10)
+    try:
+        with pytest.raises(ValueError, match="data.train_shards") as e:
+            expand_urls("http://h/train-{000000000..999999999}.tar", flag="data.train_shards")
+        assert "1,000,000,000" in str(e.value) and len(str(e.value).splitlines()) == 1
+        with pytest.raises(ValueError, match="--shards"):
+            expand_urls("::".join([f"http://h/{i}-{{0..{MAX_SHARDS // 2}}}.tar" for i in range(2)]), flag="--shards")
+    finally:
+        signal.alarm(0)
+    for pattern in ("a/{0..9}.tar", "python{2.{5..7},3.{2,3}}", "{a..g..2}{x,y}", "{1,{2..4}}", "{-3..3..2}"):
+        import braceexpand
+
+        assert brace_count(pattern) == len(list(braceexpand.braceexpand(pattern))), pattern

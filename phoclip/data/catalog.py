@@ -35,6 +35,62 @@ def catalogue_dir(url: str, manifest: Optional[str] = None) -> str:
     return url_dirname(url)
 
 
+MAX_SHARDS = 1_000_000
+"""Shards one pattern may name (LAION-5B in shards of 10,000 samples is 500,000): a
+pattern over it is refused from its count, before a name is made."""
+
+
+def brace_count(pattern: str) -> int:
+    """How many names `braceexpand.braceexpand(pattern)` yields, from its ranges and
+    alternatives, expanding nothing (its `product` would hold every name of a range in
+    memory: `{000000000..999999999}` is 10^9 strings). Mirrors braceexpand's parser:
+    backslash escapes, `{a..b[..step]}` integer and letter ranges, `{x,y}` alternatives
+    (nested), any other braces literal; unbalanced braces count 1 (braceexpand refuses them)."""
+    n, start, depth, pos = 1, 0, 0, 0
+    while pos < len(pattern):
+        c = pattern[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        if c == "{":
+            if depth == 0:
+                start = pos
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                n *= _expression_count(pattern[start + 1:pos])
+            elif depth < 0:
+                return 1
+        pos += 1
+    return n if depth == 0 else 1
+
+
+def _expression_count(expr: str) -> int:
+    for rx, value in ((braceexpand.int_range_re, int), (braceexpand.char_range_re, braceexpand.alphabet.index)):
+        m = rx.match(expr)
+        if m:
+            a, b, step = m.groups()
+            return abs(value(b) - value(a)) // ((int(step) or 1) if step else 1) + 1
+    items, start, depth, pos = [], 0, 0, 0
+    while pos < len(expr):
+        c = expr[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            items.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if depth != 0 or not items:  # not alternatives: the braces are literal
+        return brace_count(expr)
+    return sum(brace_count(x) for x in items + [expr[start:]])
+
+
 def expand_urls(spec: str, weights: Optional[str] = None, split: str = "train",
                 flag: str = "the shard pattern") -> tuple[list[str], list[float]]:
     """`a/train-{000000..000009}.tar::b/train-{000000..000003}.tar` → urls, per-url weights.
@@ -48,6 +104,10 @@ def expand_urls(spec: str, weights: Optional[str] = None, split: str = "train",
     ws = [float(w) for w in weights.split("::")] if weights else [1.0] * len(parts)
     if len(ws) != len(parts):
         raise ValueError(f"{len(ws)} weights given for {len(parts)} shard sources in {spec!r}")
+    counts = [0 if _names_a_folder(p) else brace_count(p) for p in parts]
+    if sum(counts) > MAX_SHARDS:
+        raise ValueError(f"{flag} names {sum(counts):,} shards ({parts[counts.index(max(counts))]!r} alone "
+                         f"{max(counts):,}), over the {MAX_SHARDS:,} a run may list; check its brace ranges")
     urls, url_w = [], []
     for part, w in zip(parts, ws):
         expanded = _split_shards(part, split) if _names_a_folder(part) else list(braceexpand.braceexpand(part))
