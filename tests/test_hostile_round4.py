@@ -281,3 +281,63 @@ def test_a_brace_pattern_of_a_billion_shards_is_counted_not_expanded():
         import braceexpand
 
         assert brace_count(pattern) == len(list(braceexpand.braceexpand(pattern))), pattern
+
+
+def _gzip_long_name_shard(path, claimed):
+    """A gzip tar whose first header is a GNU long name claiming `claimed` bytes (zeros,
+    so it compresses to almost nothing), then a regular member."""
+    import tarfile
+    import zlib
+
+    ti = tarfile.TarInfo("././@LongLink")
+    ti.type, ti.size = tarfile.GNUTYPE_LONGNAME, claimed
+    z = zlib.compressobj(1, zlib.DEFLATED, 31)
+    with open(path, "wb") as f:
+        f.write(z.compress(ti.tobuf(tarfile.GNU_FORMAT)))
+        block = bytes(1 << 20)
+        for _ in range(claimed >> 20):
+            f.write(z.compress(block))
+        f.write(z.compress(bytes(claimed % (1 << 20) + (-claimed) % 512)))
+        f.write(z.compress(bytes(1024)))
+        f.write(z.flush())
+
+
+def test_a_long_name_header_claiming_gigabytes_is_not_read_into_memory(tmp_path):
+    """Training and evaluation read shards through tar_files: a GNU long-name header is
+    refused from its size field (the shard counted corrupt), never read whole."""
+    import tracemalloc
+
+    from phoclip.data.tar import read_shards
+
+    shard = tmp_path / "train-000000.tar"
+    _gzip_long_name_shard(shard, 300 << 20)
+    assert shard.stat().st_size < 2 << 20
+    skips: Counter = Counter()
+    tracemalloc.start()
+    try:
+        got = list(read_shards([{"url": str(shard)}], skips))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == [] and skips["corrupt_shard"] == 1
+    assert peak < 32 << 20, f"{peak >> 20} MiB held reading a {shard.stat().st_size >> 10} KiB shard"
+
+
+# ---------------------------------------------------------------- one line, not a traceback
+
+
+def test_a_model_folder_naming_an_unknown_timm_architecture_is_refused_in_one_line(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    import phoclip
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model / "model", folder)
+    cfg = json.loads((folder / "phoclip_config.json").read_text())
+    cfg["vision"]["timm_model"] = "resnet_does_not_exist"
+    (folder / "phoclip_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as e:
+        phoclip.load(str(folder))
+    msg = str(e.value)
+    assert "resnet_does_not_exist" in msg and str(folder) in msg and len(msg.splitlines()) == 1

@@ -201,6 +201,17 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike) -> Path:
     return folder
 
 
+def _check_image_architecture(config: dict, where: Path) -> None:
+    """An image tower timm does not know is refused in one line naming the file and the
+    name (timm.create_model raises a RuntimeError from deep inside the build)."""
+    import timm  # lazy: imports torch; this module reads configs without it, and a model is about to be built
+
+    name = config["vision"]["timm_model"]
+    if not timm.is_model(name):
+        raise ValueError(f"{where}: vision.timm_model {name!r} is not an architecture this timm ({timm.__version__}) "
+                         "knows (timm.list_models() lists them)")
+
+
 def load_pretrained(build: Callable[[dict], Any], folder: str | os.PathLike,
                     map_location: str | torch.device = "cpu"):
     """The model a folder `save_pretrained` wrote: its config checked first
@@ -215,7 +226,9 @@ def load_pretrained(build: Callable[[dict], Any], folder: str | os.PathLike,
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{folder} is not a saved PhoCLIP model (no {CONFIG_NAME}); "
                                 "export a checkpoint first (see README, 'Evaluation and search')")
-    model = build(offline_model_config(read_model_config(folder), str(folder / CONFIG_NAME)))
+    config = offline_model_config(read_model_config(folder), str(folder / CONFIG_NAME))
+    _check_image_architecture(config, folder / CONFIG_NAME)
+    model = build(config)
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing; re-export the model")
