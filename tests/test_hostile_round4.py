@@ -341,3 +341,30 @@ def test_a_model_folder_naming_an_unknown_timm_architecture_is_refused_in_one_li
         phoclip.load(str(folder))
     msg = str(e.value)
     assert "resnet_does_not_exist" in msg and str(folder) in msg and len(msg.splitlines()) == 1
+
+
+@pytest.mark.parametrize("plant", ["vocab_fifo", "bpe_dev_zero", "config_fifo"])
+def test_a_tokenizer_folder_with_a_fifo_or_a_link_to_dev_zero_is_refused_at_once(tiny_tokenizer_dir, tmp_path, plant):
+    """Only regular files of a bounded size are handed to the tokenizer: a FIFO (which
+    blocks for ever) or a link to /dev/zero (which never ends) is one line naming it."""
+    import shutil
+    import signal
+
+    from phoclip.data.text import load_tokenizer
+
+    tok = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer_dir, tok)
+    name = {"vocab_fifo": "vocab.txt", "bpe_dev_zero": "bpe.codes", "config_fifo": "tokenizer_config.json"}[plant]
+    (tok / name).unlink()
+    if plant.endswith("fifo"):
+        os.mkfifo(tok / name)
+    else:
+        os.symlink("/dev/zero", tok / name)
+    _alarm(20)
+    try:
+        with pytest.raises((OSError, ValueError, RuntimeError)) as e:
+            load_tokenizer(str(tok))
+    finally:
+        signal.alarm(0)
+    assert not isinstance(e.value, TimeoutError), "the tokenizer blocked on the file"
+    assert name in str(e.value) and len(str(e.value).splitlines()) <= 2

@@ -22,6 +22,7 @@ from typing import Iterable, Protocol, Sequence
 import numpy as np
 
 from phoclip.errors import SetupError
+from phoclip.fileio import read_regular
 
 logger = logging.getLogger(__name__)
 
@@ -228,18 +229,44 @@ def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
     return True
 
 
+TOKENIZER_FILES = ("vocab.txt", "bpe.codes", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.json", "vocab.json", "merges.txt", "sentencepiece.bpe.model", "spiece.model",
+                   "chat_template.json")
+MAX_TOKENIZER_FILE_BYTES = 64 << 20  # PhoBERT's vocab.txt and bpe.codes are about 1 MB each
+
+
+def check_tokenizer_folder(folder: Path) -> dict:
+    """Each tokenizer file a local folder holds (`TOKENIZER_FILES`) read as a regular file
+    of at most MAX_TOKENIZER_FILE_BYTES, before transformers opens it by name: a FIFO
+    (which blocks for ever), a link to /dev/zero (which never ends) or an over-large file
+    is a SetupError naming it. Returns the parsed tokenizer_config.json ({} where absent)."""
+    cfg: dict = {}
+    for name in TOKENIZER_FILES:
+        f = folder / name
+        if not (f.exists() or f.is_symlink()):
+            continue
+        try:
+            data = read_regular(f, MAX_TOKENIZER_FILE_BYTES)
+        except OSError as e:
+            raise SetupError(f"tokenizer folder {folder}: {e}") from None
+        if name == "tokenizer_config.json":
+            try:
+                cfg = json.loads(data.decode("utf-8"))
+            except (ValueError, RecursionError) as e:
+                raise SetupError(f"{f}: not a JSON tokenizer config ({type(e).__name__}: {str(e)[:200]})") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def load_tokenizer(name_or_path: str):
     """The PhoBERT tokenizer (or any transformers tokenizer) by hub name or local folder.
     A local folder whose tokenizer_config.json names PhobertTokenizer loads that class
     directly: AutoTokenizer's import chain (generation utilities, scikit-learn) costs
     seconds per process and gives the same class. A hub name without a reachable hub is
-    read from the local cache only (`hub_reachable`: seconds, not transformers' retries)."""
+    read from the local cache only (`hub_reachable`: seconds, not transformers' retries).
+    A local folder's files are checked first (`check_tokenizer_folder`)."""
     phobert = False
-    cfg = Path(name_or_path) / "tokenizer_config.json"
-    try:
-        phobert = cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("tokenizer_class") == "PhobertTokenizer"
-    except (OSError, ValueError, AttributeError):
-        pass  # AutoTokenizer reports what is wrong with the folder
+    if Path(name_or_path).is_dir():
+        phobert = check_tokenizer_folder(Path(name_or_path)).get("tokenizer_class") == "PhobertTokenizer"
     if phobert:
         from transformers import PhobertTokenizer as cls
     else:
