@@ -368,3 +368,25 @@ def test_a_tokenizer_folder_with_a_fifo_or_a_link_to_dev_zero_is_refused_at_once
         signal.alarm(0)
     assert not isinstance(e.value, TimeoutError), "the tokenizer blocked on the file"
     assert name in str(e.value) and len(str(e.value).splitlines()) <= 2
+
+
+@pytest.mark.parametrize("summary", [{"zero_stage": 2}, {"zero_stage": 2, "params": []},
+                                     {"zero_stage": 2, "params": {"w": {"fp32": "x"}}, "groups": [],
+                                      "scheduler": {"last_epoch": 0, "base_lrs": []}}])
+def test_a_deepspeed_state_summary_of_another_shape_is_refused_when_read(tmp_path, summary):
+    """Checked as it is read (one line naming it), not a KeyError after DeepSpeed's load."""
+    import json
+
+    from phoclip.errors import CheckpointError
+    from phoclip_train.ds_state import read_state_summary
+
+    f = tmp_path / "deepspeed_state.json"
+    f.write_text(json.dumps(summary))
+    with pytest.raises(CheckpointError, match="not a DeepSpeed state summary") as e:
+        read_state_summary(f)
+    assert str(f) in str(e.value) and len(str(e.value).splitlines()) == 1
+    good = {"zero_stage": 2, "world_size": 2, "step": [3.0, 3.0], "params": {"w": {"fp32": [1.0, 2.0]}},
+            "numel": {"w": 4}, "buffers": {}, "groups": [{"lr": 0.1}], "scheduler": {"last_epoch": 3, "base_lrs": [0.1]},
+            "global_steps": 3}
+    f.write_text(json.dumps(good))
+    assert read_state_summary(f) == good

@@ -147,4 +147,36 @@ def read_state_summary(path: Path) -> Optional[dict]:
         raise CheckpointError(f"{path}: unreadable ({e})") from None
     if not isinstance(out, dict) or not isinstance(out.get("zero_stage"), int):
         raise CheckpointError(f"{path}: not a DeepSpeed state summary (an object with an integer zero_stage)")
+    what = _summary_problem(out)
+    if what:  # compare_summaries would end in a KeyError or TypeError on every rank, after DeepSpeed's load
+        raise CheckpointError(f"{path}: not a DeepSpeed state summary ({what}); it is written with each DeepSpeed "
+                              "checkpoint: resume from another checkpoint")
     return out
+
+
+def _pair(v) -> bool:
+    return (isinstance(v, list) and len(v) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v))
+
+
+def _summary_problem(s: dict) -> Optional[str]:
+    """What is not of the shape `state_summary` writes (None when all is), each part as
+    `saved_layout` and `compare_summaries` read it."""
+    params, sched = s.get("params"), s.get("scheduler")
+    if not isinstance(params, dict) or not all(
+            isinstance(v, dict) and all(k in _KEYS and _pair(x) for k, x in v.items()) for v in params.values()):
+        return "params must map each parameter to {fp32|exp_avg|exp_avg_sq: [sum of squares, weighted sum]}"
+    if not isinstance(s.get("numel", {}), dict) or not all(isinstance(v, int) for v in s.get("numel", {}).values()):
+        return "numel must map parameters to integers"
+    if not isinstance(s.get("buffers", {}), dict) or not all(_pair(v) for v in s.get("buffers", {}).values()):
+        return "buffers must map each buffer to [sum of squares, weighted sum]"
+    if s.get("step") is not None and not _pair(s["step"]):
+        return "step must be [min, max] or null"
+    if not isinstance(s.get("groups"), list) or not all(isinstance(g, dict) for g in s["groups"]):
+        return "groups must be a list of objects"
+    if (not isinstance(sched, dict) or not isinstance(sched.get("last_epoch"), int)
+            or not isinstance(sched.get("base_lrs"), list)):
+        return "scheduler must be {last_epoch: integer, base_lrs: list}"
+    if not isinstance(s.get("world_size", 1), int) or s.get("world_size", 1) < 1:
+        return "world_size must be a positive integer"
+    return None
