@@ -390,3 +390,30 @@ def test_a_deepspeed_state_summary_of_another_shape_is_refused_when_read(tmp_pat
             "global_steps": 3}
     f.write_text(json.dumps(good))
     assert read_state_summary(f) == good
+
+
+def test_plot_reads_a_long_metrics_file_in_bounded_memory(tmp_path):
+    """phoclip-plot keeps only what it draws, thinned per curve: a file of 60,000 lines of
+    1.5 KB each is read holding a few MB, and the curve keeps its first and newest steps."""
+    import json
+    import tracemalloc
+
+    from phoclip_train.plots import MAX_KEPT, read_metrics, render_curves
+
+    pad = "x" * 1500
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for s in range(1, 60_001):
+            f.write(json.dumps({"kind": "train", "step": s, "loss": 1 / s, "lrs": {"head": 1e-3}, "note": pad}) + "\n")
+            if s % 5000 == 0:
+                f.write(json.dumps({"kind": "val", "step": s, "t2i_R@1": s / 1000, "note": pad}) + "\n")
+    tracemalloc.start()
+    try:
+        m = read_metrics(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak >> 20} MiB held for the curves"
+    xs, ys = m.series("train", "loss")
+    assert len(xs) <= MAX_KEPT + 1 and xs[-1] == 60_000 and xs[0] == 1 and ys[-1] == 1 / 60_000
+    assert m.series("val", "t2i_R@1")[0] == list(range(5000, 60_001, 5000))
+    assert render_curves(tmp_path).read_bytes()[:4] == b"\x89PNG"

@@ -34,6 +34,10 @@ MAX_SERIES = 16
 # |values| beyond this are not a loss or a rate (matplotlib cannot lay out their axis)
 MAX_ABS_VALUE = 1e30
 RECALL_KEYS = ("t2i_R@1", "i2t_R@1", "t2i_R@5", "i2t_R@5", "t2i_R@10", "i2t_R@10")
+TRAIN_KEYS = ("loss", "contrastive_loss", "lr", "lrs", "samples_per_s", "data_wait_s")  # what is drawn
+# Rows kept per kind while reading: past this the kept steps are thinned to a grid of
+# twice the stride, so a file of millions of lines is read in bounded memory
+MAX_KEPT = 4 * MAX_POINTS
 
 
 class PlotError(ValueError):
@@ -42,11 +46,52 @@ class PlotError(ValueError):
 
 @dataclass
 class RunMetrics:
-    """What metrics.jsonl holds: the last line logged for each step (a resumed run logs
-    again the steps after its checkpoint), per kind ("train", "val", "val_NAME")."""
+    """What is drawn of metrics.jsonl: the last line logged for each step (a resumed run
+    logs again the steps after its checkpoint), per kind ("train", "val", "val_NAME"),
+    only the numbers drawn (TRAIN_KEYS, RECALL_KEYS) and only the MAX_SERIES evaluation
+    sets first by name. At most MAX_KEPT steps a kind: past that the steps kept are
+    those on a grid (a multiple of the stride, doubled as needed), the first and the newest."""
 
     by_kind: dict[str, dict[int, dict]] = field(default_factory=dict)
     skipped_lines: int = 0
+    other_lines: int = 0  # lines of kinds not drawn
+    _stride: dict[str, int] = field(default_factory=dict)
+    _newest: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, step: int, line: dict) -> None:
+        """Keep what is drawn of one line."""
+        if kind == "train":
+            keys = TRAIN_KEYS
+        elif kind == "val" or kind.startswith("val_"):
+            keys = RECALL_KEYS
+            if kind not in self.by_kind:
+                sets = [k for k in self.by_kind if k != "train"]
+                if len(sets) >= MAX_SERIES:  # keep the MAX_SERIES first by name, as val_kinds draws
+                    if kind > max(sets):
+                        return
+                    for d in (self.by_kind, self._stride, self._newest):
+                        d.pop(max(sets), None)
+        else:
+            self.other_lines += 1
+            return
+        row = {k: line[k] for k in keys if k in line}
+        if isinstance(row.get("lrs"), dict):  # the groups drawn at most (see _lr_groups)
+            row["lrs"] = dict(list(row["lrs"].items())[:MAX_SERIES])
+        rows = self.by_kind.setdefault(kind, {})
+        stride, newest = self._stride.get(kind, 1), self._newest.get(kind)
+        if newest is None or step >= newest:
+            if newest is not None and newest != step and newest % stride:
+                rows.pop(newest, None)  # the newest point only is kept off the grid
+            self._newest[kind] = newest = step
+        elif step % stride:
+            return
+        rows[step] = row
+        if len(rows) > MAX_KEPT:
+            stride *= 2
+            self._stride[kind] = stride
+            first = min(rows)  # the run's start stays drawn too
+            for st in [st for st in rows if st % stride and st not in (newest, first)]:
+                del rows[st]
 
     def steps(self, kind: str) -> list[int]:
         return sorted(self.by_kind.get(kind, {}))
@@ -72,7 +117,8 @@ class RunMetrics:
 
 
 def read_metrics(path: str | os.PathLike) -> RunMetrics:
-    """Parse a metrics.jsonl (a run folder or the file itself). Lines that are not a
+    """Parse a metrics.jsonl (a run folder or the file itself), streaming: only what is
+    drawn is kept (`RunMetrics.add`), in bounded memory. Lines that are not a
     whole JSON object with an integer `step` and a string `kind` (a torn last line while
     the run writes, a truncated file) are skipped and counted. A missing file, or one
     that is not a regular file (a FIFO would block), raises PlotError naming it."""
@@ -109,7 +155,7 @@ def read_metrics(path: str | os.PathLike) -> RunMetrics:
                     or not isinstance(m.get("step"), int) or isinstance(m.get("step"), bool)):
                 out.skipped_lines += 1
                 continue
-            out.by_kind.setdefault(m["kind"], {})[m["step"]] = m
+            out.add(m["kind"], m["step"], m)
     return out
 
 
@@ -243,7 +289,7 @@ def render_curves(run_dir: str | os.PathLike, out: str | os.PathLike | None = No
     without metrics, or whose metrics hold no usable line, raises PlotError."""
     run_dir = Path(run_dir)
     m = read_metrics(run_dir)
-    if not m.by_kind:
+    if not m.by_kind and not m.other_lines:
         raise PlotError(f"{run_dir / METRICS_NAME}: no usable metrics line "
                         f"({m.skipped_lines} skipped); nothing to draw")
     if m.skipped_lines:
