@@ -59,7 +59,6 @@ class ServedIndex:
         self.dim, self.version = self.index.dim, self.index.version
         self.fingerprint = self.index.fingerprint
         self._counts = {k: self._count(k) for k in (IMAGES, CAPTIONS)}
-        self._items_lock = threading.Lock()
         self._captions_of: Optional[dict[int, list[str]]] = None
         self.bytes = sum(f.stat().st_size for kind in (IMAGES, CAPTIONS) for f in self._emb_files(kind))
         self.skipped: Optional[int] = None  # counted by `prepare`, once the model is known to fit
@@ -107,11 +106,9 @@ class ServedIndex:
 
     def items_for(self, kind: str, ids: Sequence[int]) -> list[dict]:
         """The items of rows `ids` of `kind` (dicts with path or shard+key, caption, ...)."""
-        # one reader at a time: pyarrow's reads of one parquet file from two threads
-        # deadlocked the service (its IO pool's futures wait on each other)
-        with self._items_lock:
-            items = self.index.items_for(kind, list(ids))
-        return [_with_path(it) for it in items]
+        # no lock: the index's metadata readers are safe from several threads (rows from the
+        # memory-mapped Arrow copy; a part read from its parquet takes that part's own lock)
+        return [_with_path(it) for it in self.index.items_for(kind, list(ids))]
 
     def shown_path(self, kind: str, i: int, item: dict) -> str:
         """Item `i`'s file as the index recorded it (relative to the index folder), never
