@@ -21,6 +21,22 @@ logger = logging.getLogger(__name__)
 RETRIES = 3                      # a failed remote shard read is retried this often, with back-off
 BACKOFF_S = 1.0                  # ... waiting 1, 2, 4 s
 MAX_MEMBER_BYTES = MAX_FILE_BYTES  # no member of a shard (image, ids, json) is larger
+MAX_HEADER_BYTES = 1 << 20       # a GNU long name/link or pax header, which tarfile reads whole into memory
+_WHOLE_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                  tarfile.SOLARIS_XHDTYPE)
+
+
+class CappedTarInfo(tarfile.TarInfo):
+    """tarfile's header parsing, except that a header tarfile would read whole into memory
+    (a GNU long name or link, a pax record) is refused over MAX_HEADER_BYTES from its
+    size field, unread: a sparse or crafted shard cannot make a reader hold gigabytes
+    before any member cap applies. Pass as `tarfile.open(..., tarinfo=CappedTarInfo)`."""
+
+    def _proc_member(self, tarfile_):  # tarfile's hook: called on every header it parses
+        if self.type in _WHOLE_HEADERS and self.size > MAX_HEADER_BYTES:
+            raise tarfile.ReadError(f"a tar header record of {self.size} bytes (over {MAX_HEADER_BYTES}) "
+                                    f"at offset {self.offset}")
+        return super()._proc_member(tarfile_)
 
 
 class Skips:
@@ -45,7 +61,8 @@ def tar_files(stream, url: str, skips: Counter, raise_errors: bool = False,
     `raise_errors` (the remote reader retries)."""
     cap = MAX_MEMBER_BYTES if max_bytes is None else max_bytes
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        # CappedTarInfo: a long-name or pax header is refused from its size, never read whole
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=CappedTarInfo) as tar:
             for m in tar:
                 if not m.isreg() or re.match(r"__[^/]*__($|/)", m.name):
                     continue
