@@ -224,13 +224,14 @@ def test_a_compressed_shard_is_refused_not_inflated(tmp_path):
 
 
 def test_the_header_walk_is_capped_and_keeps_no_member_list(tmp_path, monkeypatch):
+    import phoclip.data.tar as tar
     import phoclip.search.gallery as gallery
     from phoclip.data.images import BadImage
 
     p = _tar(tmp_path / "s.tar", 300)
     item = {"key": "target", "shard": str(p), "path": ""}
     assert gallery.load_item_bytes(item, max_bytes=1024) == b"\xff\xd8jpeg"
-    monkeypatch.setattr(gallery, "MAX_SHARD_HEADERS", 100)
+    monkeypatch.setattr(tar, "MAX_SHARD_HEADERS", 100)
     with pytest.raises(BadImage, match="too_many_members"):
         gallery.load_item_bytes(item, max_bytes=1024)
     with pytest.raises(KeyError):
@@ -265,7 +266,8 @@ def service_env(built, tmp_path_factory):
     emb = torch.nn.functional.normalize(torch.randn(len(items), 64), dim=-1)
     write_index(idx, load_model(built / "model"), str(built / "model"), emb, items, source=str(photos))
     os.symlink(secret, idx / "link.jpg")
-    return d, Service(str(idx), device="cpu")
+    # the images folder lies outside the index folder: served only when named (serve --images-root)
+    return d, Service(str(idx), device="cpu", images_roots=[str(idx), str(photos)])
 
 
 def test_pictures_outside_the_allowed_folders_are_not_served(service_env, caplog):

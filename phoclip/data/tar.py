@@ -13,7 +13,7 @@ from collections import Counter
 from typing import Callable, Iterable, Iterator, Optional
 
 from phoclip.data.catalog import shard_size
-from phoclip.data.images import MAX_FILE_BYTES
+from phoclip.data.images import MAX_FILE_BYTES, BadImage
 from phoclip.data.remote import is_missing, is_remote, local_path, open_local, open_url
 
 logger = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ RETRIES = 3                      # a failed remote shard read is retried this of
 BACKOFF_S = 1.0                  # ... waiting 1, 2, 4 s
 MAX_MEMBER_BYTES = MAX_FILE_BYTES  # no member of a shard (image, ids, json) is larger
 MAX_HEADER_BYTES = 1 << 20       # a GNU long name/link or pax header, which tarfile reads whole into memory
+MAX_SHARD_HEADERS = 100_000      # tar headers read looking for one member (a shard of 1000 samples has 3000)
 _WHOLE_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
                   tarfile.SOLARIS_XHDTYPE)
 
@@ -37,6 +38,30 @@ class CappedTarInfo(tarfile.TarInfo):
             raise tarfile.ReadError(f"a tar header record of {self.size} bytes (over {MAX_HEADER_BYTES}) "
                                     f"at offset {self.offset}")
         return super()._proc_member(tarfile_)
+
+
+def read_member(shard: str, name: str, cap: int) -> bytes:
+    """Member `name` of a local, uncompressed tar shard (ours never are compressed: a
+    .tar.gz/.xz is refused, not inflated), at most `cap` bytes: its size is checked from
+    its header before a byte of it is read, and the headers on the way are capped
+    (`CappedTarInfo`). Only a regular file is opened, without blocking (a FIFO must not
+    hang the reader); headers are walked one by one up to MAX_SHARD_HEADERS, none kept,
+    so a shard of millions of empty members costs a bounded read. Raises BadImage (too
+    large, not a file, too many members), KeyError (absent), OSError or tarfile.TarError."""
+    with open_local(shard) as f, tarfile.open(fileobj=f, mode="r:", tarinfo=CappedTarInfo) as tf:
+        for _ in range(MAX_SHARD_HEADERS):
+            m = tf.next()
+            if m is None:
+                raise KeyError(f"{name} not in {shard}")
+            tf.members.clear()  # the walk keeps no list of what it passed
+            if m.name != name:
+                continue
+            if not m.isreg():
+                raise BadImage("not_a_file", f"{shard}/{m.name} is not a regular member")
+            if m.size > cap:  # a sparse or crafted member would cost its whole size
+                raise BadImage("too_large_file", f"{shard}/{m.name}: {m.size} bytes > {cap}")
+            return tf.extractfile(m).read(cap + 1)
+    raise BadImage("too_many_members", f"{shard}: {name} not within its first {MAX_SHARD_HEADERS} members")
 
 
 class Skips:

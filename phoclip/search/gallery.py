@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from phoclip.data.tar import read_member
 from phoclip.search.index import Match
 
 logger = logging.getLogger(__name__)
@@ -43,36 +44,8 @@ def load_item_bytes(item: dict, allow_remote: bool = False, max_bytes: Optional[
             raise BadImage("remote_shard", f"{shard}: not opened from here")
         return _remote_member(shard, item["key"] + ".jpg", cap)
     if shard:
-        return _shard_member(shard, str(item["key"]) + ".jpg", cap)
+        return read_member(shard, str(item["key"]) + ".jpg", cap)  # its headers capped too
     return read_file_capped(item["path"], cap)
-
-
-MAX_SHARD_HEADERS = 100_000  # tar headers read looking for one member (a shard of 1000 samples has 3000)
-
-
-def _shard_member(shard: str, name: str, cap: int) -> bytes:
-    """Member `name` of a local, uncompressed tar shard (ours never are compressed: a
-    .tar.gz/.xz is refused, not inflated), at most `cap` bytes. Only a regular file is
-    opened, without blocking (an index naming a FIFO must not hang the service); the
-    headers are walked one by one up to MAX_SHARD_HEADERS, none kept, so a shard of
-    millions of empty members costs a bounded read, not its whole index in memory."""
-    from phoclip.data.images import BadImage
-    from phoclip.data.remote import open_local
-
-    with open_local(shard) as f, tarfile.open(fileobj=f, mode="r:") as tf:
-        for n in range(MAX_SHARD_HEADERS):
-            m = tf.next()
-            if m is None:
-                raise KeyError(f"{name} not in {shard}")
-            tf.members.clear()  # the walk keeps no list of what it passed
-            if m.name != name:
-                continue
-            if not m.isreg():
-                raise BadImage("not_a_file", f"{shard}/{m.name} is not a regular member")
-            if m.size > cap:  # a sparse or crafted member would cost its whole size
-                raise BadImage("too_large_file", f"{shard}/{m.name}: {m.size} bytes > {cap}")
-            return tf.extractfile(m).read(cap + 1)
-    raise BadImage("too_many_members", f"{shard}: {name} not within its first {MAX_SHARD_HEADERS} members")
 
 
 def _remote_member(url: str, name: str, max_bytes: int = 64 << 20) -> bytes:
