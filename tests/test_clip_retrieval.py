@@ -64,7 +64,7 @@ def cr(tiny_tokenizer_dir, tmp_path_factory):
     _distinct(m.module)
     _index(d / "a", model, d / "model", photos[:N_A], "a", m)
     _index(d / "b", model, d / "model", photos[N_A - 2:N_A + 3], "b", m)
-    service = serve.Service([f"a={d / 'a'}", f"b={d / 'b'}"], device="cpu")
+    service = serve.Service([f"a={d / 'a'}", f"b={d / 'b'}"], device="cpu", images_roots=[str(d / "photos")])
     _distinct(service.model)
     with _running(service, _settings(reload_every=0.3, image_url_hosts=("127.0.0.1",))) as (app, port):
         yield types.SimpleNamespace(base=f"http://127.0.0.1:{port}", service=service, d=d, photos=photos, m=m,

@@ -42,7 +42,8 @@ def served(shapes_shards, tmp_path_factory):
     (idx / "images.jsonl").write_text("".join(json.dumps(dict(it, caption=PAYLOAD + it["caption"]),
                                                          ensure_ascii=False) + "\n" for it in items))
     (d / "tags.txt").write_text("\n".join(TAGS) + "\n", encoding="utf-8")
-    with serve_command(["--index", idx, "--max-upload-mb", "1", "--tags", d / "tags.txt"], d / "serve.log") as base:
+    with serve_command(["--index", idx, "--max-upload-mb", "1", "--tags", d / "tags.txt", "--images-root", shards],
+                       d / "serve.log") as base:
         yield base, idx, items, shards
 
 

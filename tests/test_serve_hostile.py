@@ -6,6 +6,7 @@ broken ONNX towers, and an OpenAPI schema checked against what the server answer
 from __future__ import annotations
 
 import contextlib
+import http.client
 import importlib.util
 import io
 import json
@@ -92,7 +93,7 @@ def env(tiny_tokenizer_dir, tmp_path_factory):
                 [{"caption": f"chú thích {i}", "image": i} for i in range(4)])
     from phoclip import serve
 
-    service = serve.Service(str(idx), device="cpu")
+    service = serve.Service(str(idx), device="cpu", images_roots=[str(d)])  # the photos and shard lie beside it
     with _running(service, _settings()) as (app, port):
         yield types.SimpleNamespace(base=f"http://127.0.0.1:{port}", port=port, service=service, app=app,
                                     idx=idx, d=d, model=model, serve=serve, tok=tiny_tokenizer_dir)
@@ -223,14 +224,30 @@ def test_idle_and_slow_clients_do_not_lock_others_out(env):
         assert closed and got.startswith(b"HTTP/1.1 408"), got[:100]
     finally:
         slow.close()
-    # a body that stops arriving is cut at --body-timeout (2 s)
+    # a body that stops arriving is cut after one rate window (--header-timeout, 1 s): it
+    # sent less than --body-min-rate (1 kB/s) in it
     s = socket.create_connection(("127.0.0.1", env.port), timeout=5)
     try:
         s.sendall(b"POST /search/image HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                  b"Content-Length: 1000\r\n\r\n--b\r\n")
+                  b"Content-Length: 100000\r\n\r\n--b\r\n")
         t0 = time.monotonic()
         closed, _ = _closed_within(s, 6)
-        assert closed and 1.5 < time.monotonic() - t0 < 5
+        assert closed and 0.7 < time.monotonic() - t0 < 1.9
+    finally:
+        s.close()
+    # one that keeps coming above the rate is cut at --body-timeout (2 s) all the same
+    s = socket.create_connection(("127.0.0.1", env.port), timeout=5)
+    try:
+        s.sendall(b"POST /search/image HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                  b"Content-Length: 100000\r\n\r\n--b\r\n")
+        t0, closed = time.monotonic(), False
+        while not closed and time.monotonic() - t0 < 6:
+            try:
+                s.sendall(b"x" * 1000)  # 4 kB/s
+            except OSError:
+                break
+            closed = _closed_within(s, 0.25)[0]
+        assert 1.8 < time.monotonic() - t0 < 3
     finally:
         s.close()
     assert _get(env.base + "/health")[0] == 200
@@ -301,6 +318,120 @@ def test_over_the_connection_cap_the_longest_idle_one_makes_room(env):
         finally:
             for s in idle:
                 s.close()
+
+
+def _connect(port, rcvbuf=None):
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    return s
+
+
+def _get_or_none(url, timeout=5):
+    """The status of GET `url`, or None when the server closed the connection instead."""
+    try:
+        return _get(url, timeout=timeout)[0]
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+def test_bodies_that_stop_past_the_cap_make_room_for_others(env):
+    """Connections that send a head and a few body bytes, then nothing, are never idle:
+    past the cap the one that made the least progress is closed, not the newcomer."""
+    head = (b"POST /search/image HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            b"Content-Length: 900000\r\n\r\n")
+    with _running(env.service, _settings(header_timeout=30.0, body_timeout=30.0, max_connections=10)) as (_, port):
+        stalled = []
+        try:
+            busy = _connect(port)  # an honest upload, still arriving: it has made progress
+            busy.sendall(head + b"--b\r\n")
+            time.sleep(0.2)
+            busy.sendall(b"x" * 200_000)
+            for _ in range(9):  # the cap, with `busy`
+                s = _connect(port)
+                s.sendall(head + b"--b\r\n")
+                stalled.append(s)
+            time.sleep(0.3)
+            assert not any(_closed_within(s, 0.05)[0] for s in [busy, *stalled])
+            for i in range(3):  # each newcomer is served; a stalled body made room (and another comes)
+                t0 = time.monotonic()
+                assert _get_or_none(f"http://127.0.0.1:{port}/health") == 200 and time.monotonic() - t0 < 2, i
+                s = _connect(port)
+                s.sendall(head + b"--b\r\n")
+                stalled.append(s)
+            assert [_closed_within(s, 0.2)[0] for s in stalled] == [True] * 3 + [False] * 9  # the oldest first
+            assert not _closed_within(busy, 0.2)[0]  # the one making progress was kept
+        finally:
+            for s in [busy, *stalled]:
+                s.close()
+
+
+def test_a_client_that_does_not_read_its_answers_is_cut_and_never_locks_others_out(env):
+    """Requests pipelined by a client that never reads the answers: the response that is
+    not drained is cut after --write-timeout, and such connections make room past the cap."""
+    pipeline = b"GET /app.js HTTP/1.1\r\nHost: x\r\n\r\n" * 400  # ~14 kB answers, 5.6 MB in all
+    with _running(env.service, _settings(header_timeout=30.0, write_timeout=3.0, max_connections=6)) as (_, port):
+        greedy = []
+        try:
+            t_start = time.monotonic()
+            for _ in range(6):
+                s = _connect(port, rcvbuf=4096)
+                s.sendall(pipeline)
+                greedy.append(s)
+            time.sleep(1.5)  # their answers fill the buffers (~0.6 s here)
+            t0 = time.monotonic()
+            assert _get_or_none(f"http://127.0.0.1:{port}/health") == 200 and time.monotonic() - t0 < 1
+            time.sleep(max(0.0, t_start + 4.5 - time.monotonic()))
+            # cut: what the socket holds, then the reset (a connection still served would go on)
+            assert all(_closed_within(s, 1.0)[0] for s in greedy)
+            assert _get_or_none(f"http://127.0.0.1:{port}/health") == 200
+        finally:
+            for s in greedy:
+                s.close()
+
+
+def test_uploads_at_once_share_one_memory_budget(env):
+    """Each upload under the cap, but together over --max-body-memory: the one that does
+    not fit gets 503 + Retry-After from its head, unread; the budget comes back after."""
+    limits = dict(header_timeout=30.0, body_timeout=30.0, max_body_memory=2 << 20)
+    with _running(env.service, _settings(**limits)) as (app, port):
+
+        def head(n):
+            return (b"POST /search/image HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                    b"Content-Length: %d\r\n\r\n--b\r\n" % n)
+
+        holders = [_connect(port) for _ in range(2)]
+        try:
+            for s in holders:  # 2 x 900 kB declared, arriving
+                s.sendall(head(900_000))
+            t0 = time.monotonic()
+            while app.state.body_budget.held < 1_800_000:
+                assert time.monotonic() - t0 < 5, app.state.body_budget.held
+                time.sleep(0.02)
+            third = _connect(port)
+            third.sendall(head(400_000))
+            t0 = time.monotonic()
+            closed, got = _closed_within(third, 3)
+            third.close()
+            assert closed and time.monotonic() - t0 < 1, got[:200]
+            assert got.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in got.lower(), got[:300]
+            assert app.state.body_budget.held == 1_800_000
+            # a small upload still fits beside them
+            jpg = (env.d / "photos" / "p1.jpg").read_bytes()
+            assert _post(f"http://127.0.0.1:{port}/search/image", {"k": "1"}, {"file": ("a.jpg", jpg)})[0] == 200
+        finally:
+            for s in holders:
+                s.close()
+        t0 = time.monotonic()
+        while app.state.body_budget.held:  # released as their requests end
+            assert time.monotonic() - t0 < 5, app.state.body_budget.held
+            time.sleep(0.05)
+        s = _connect(port)
+        s.sendall(head(400_000))
+        assert _closed_within(s, 0.5) == (False, b"")  # fits now: the server waits for its body
+        s.close()
 
 
 def test_a_job_waits_for_a_worker_only_so_long(env):
@@ -462,14 +593,14 @@ def test_onnx_towers_that_do_not_fit_are_refused_at_load_in_one_line(env, tmp_pa
         OnnxModel(bad)
     # the service refuses it at start, in one line naming the file, instead of starting healthy
     serve = _launch_module("serve")  # the command: launch/serve.py
-    assert serve.main(["--index", str(env.idx), "--model", str(bad), "--backend", "onnx"]) == 2
+    assert serve.main(["--index", str(env.idx), "--model", str(bad), "--backend", "onnx", "--images-root", str(env.d)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("serve: ") and "text.onnx" in err and "Traceback" not in err
     # a file onnxruntime refuses: one line naming it, not onnxruntime's traceback
     (bad / "onnx" / "text.onnx").write_bytes(b"\x08\x07 not a model")
     with pytest.raises(ValueError, match=r"text\.onnx: onnxruntime refuses it \("):
         OnnxModel(bad)
-    assert serve.main(["--index", str(env.idx), "--model", str(bad), "--backend", "onnx"]) == 2
+    assert serve.main(["--index", str(env.idx), "--model", str(bad), "--backend", "onnx", "--images-root", str(env.d)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "text.onnx: onnxruntime refuses it" in err
     (bad / "onnx" / "meta.json").write_text("{")
@@ -499,6 +630,60 @@ def test_thumbnail_sources_are_read_up_to_a_cap(env, caplog):
     assert code == 404 and _one_error(code, headers, body) == "photo unavailable"
     for path in ("/photo/0.5", "/photo/-1", f"/photo/{N_ITEMS}", "/photo/..%2F..%2Fetc%2Fpasswd"):
         assert 400 <= _get(env.base + path)[0] < 500, path
+
+
+def _long_name_bomb(path, claim):
+    """A tar whose first header is a GNU long name claiming `claim` bytes, written as a
+    sparse file: tarfile reads such a header whole into memory before any member cap."""
+    ti = tarfile.TarInfo("././@LongLink")
+    ti.type, ti.size = tarfile.GNUTYPE_LONGNAME, claim
+    with open(path, "wb") as f:
+        f.write(ti.tobuf(format=tarfile.GNU_FORMAT))
+        f.truncate(512 + (claim + 511) // 512 * 512 + 1024)
+
+
+def test_pictures_come_from_the_index_folder_or_named_roots_and_shard_headers_are_capped(env, tmp_path, caplog):
+    """An index whose index.json names a folder outside it serves nothing from there
+    unless that folder is given (--images-root); a shard in the index folder whose long
+    name header claims 256 MB is refused from the header, not read into memory."""
+    import tracemalloc
+
+    from phoclip.search.index import write_index
+
+    outside = tmp_path / "outside"
+    make_image(outside / "o.jpg", 1, size=(48, 40))
+    ix = tmp_path / "ix"
+    items = [{"key": "o", "path": str(outside / "o.jpg"), "caption": "ngoài", "shard": ""},
+             {"key": "in", "path": str(ix / "in.jpg"), "caption": "trong", "shard": ""},
+             {"key": "bomb", "path": "", "caption": "bom", "shard": str(ix / "bomb.tar")}]
+    emb = torch.nn.functional.normalize(torch.randn(3, 64), dim=-1)
+    write_index(ix, env.model, str(env.d / "model"), emb, items, source=str(outside))
+    assert json.loads((ix / "index.json").read_text())["images_root"]  # recorded: outside the index folder
+    make_image(ix / "in.jpg", 2, size=(48, 40))
+    _long_name_bomb(ix / "bomb.tar", 256 << 20)
+    with caplog.at_level(logging.WARNING, logger="phoclip.serve"):
+        service = env.serve.Service(str(ix), device="cpu")
+    said = [r.getMessage() for r in caplog.records if "images folder index.json names" in r.getMessage()]
+    assert len(said) == 1 and str(outside) in said[0] and f"--images-root {outside}" in said[0], said
+    with _running(service, _settings()) as (_, port):
+        base = f"http://127.0.0.1:{port}"
+        assert _get(base + "/thumb/1")[0] == 200  # inside the index folder
+        code, headers, body = _get(base + "/thumb/0")
+        assert code == 404 and _one_error(code, headers, body) == "thumbnail unavailable"
+        assert service.indices.get().pictures.failures["outside_roots"] == 1
+        tracemalloc.start()
+        try:
+            t0 = time.monotonic()
+            code, headers, body = _get(base + "/photo/2")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert code == 404 and _one_error(code, headers, body) == "photo unavailable" and time.monotonic() - t0 < 2
+        assert peak < 32 << 20, peak  # the 256 MB header was never read
+    # named on the command line, the outside folder is served
+    service = env.serve.Service(str(ix), device="cpu", images_roots=[str(outside)])
+    with _running(service, _settings()) as (_, port):
+        assert _get(f"http://127.0.0.1:{port}/thumb/0")[0] == 200
 
 
 # ----------------------------------------------------------------------------- the schema

@@ -17,7 +17,9 @@ docstring, and /openapi.json of a running service.
 Every request is untrusted: bodies are capped as they stream, images are refused before
 decoding past --max-decode-mb, decoding and embedding run in at most --cpu-jobs worker
 threads (past --cpu-queue waiting jobs or --cpu-wait seconds: 503 with Retry-After), and
-idle or slow connections are cut (--header-timeout, --body-timeout, --max-connections).
+idle, slow and non-reading connections are cut (--header-timeout, --body-timeout,
+--body-min-rate, --write-timeout, --max-connections), and the request bodies held at once
+are capped (--max-body-memory-mb).
 The service itself is phoclip.serve; this is its command line.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ MB = 1 << 20
 # settings given in other units on the command line
 _FLAG_OF = {"max_upload": "--max-upload-mb", "max_decode_bytes": "--max-decode-mb",
             "max_thumb_source": "--max-thumb-source-mb", "images_roots": "--images-root",
+            "max_body_memory": "--max-body-memory-mb",
             "image_url_hosts": "--allow-image-url"}
 
 
@@ -73,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "header, unread")
     p.add_argument("--images-root", action="append", metavar="DIR",
                    help="a folder pictures are served from (repeatable); an item whose file resolves elsewhere, "
-                        "links followed, gets 404, logged once (default: the index folder and the images folder "
-                        "it was built from)")
+                        "links followed, gets 404, logged once (default: the index folder, and the images folder "
+                        "index.json names only when it is inside the index folder; one outside is logged with "
+                        "the flag to add)")
+    p.add_argument("--max-body-memory-mb", type=float, default=d.max_body_memory / MB,
+                   help="MB of request bodies held at once, all requests together; a request that would go over "
+                        "gets 503 + Retry-After, its body unread")
     p.add_argument("--max-thumb-source-mb", type=float, default=d.max_thumb_source / MB,
                    help="MB read for one thumbnail's source file or shard member (more: 404, logged)")
     p.add_argument("--allow-image-url", action="append", metavar="HOST",
@@ -82,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "by default the service fetches no URL")
     p.add_argument("--reload-every", type=float, default=d.reload_every, metavar="SECONDS", help=doc("reload_every"))
     for field, kind in (("cpu_jobs", int), ("cpu_queue", int), ("cpu_wait", float), ("header_timeout", float),
-                        ("body_timeout", float), ("max_connections", int)):
+                        ("body_timeout", float), ("body_min_rate", float), ("write_timeout", float),
+                        ("max_connections", int)):
         p.add_argument("--" + field.replace("_", "-"), type=kind, default=getattr(d, field), help=doc(field))
     return p
 
@@ -106,7 +114,9 @@ def settings_from_args(args: argparse.Namespace):
                     max_thumb_source=int(args.max_thumb_source_mb * MB), images_roots=tuple(args.images_root or ()),
                     cpu_jobs=args.cpu_jobs,
                     cpu_queue=args.cpu_queue, cpu_wait=args.cpu_wait, header_timeout=args.header_timeout,
-                    body_timeout=args.body_timeout, max_connections=args.max_connections,
+                    body_timeout=args.body_timeout, body_min_rate=args.body_min_rate,
+                    write_timeout=args.write_timeout, max_connections=args.max_connections,
+                    max_body_memory=int(args.max_body_memory_mb * MB),
                     image_url_hosts=tuple(args.allow_image_url or ()), reload_every=args.reload_every, **extra)
 
 

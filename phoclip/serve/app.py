@@ -15,10 +15,10 @@ from fastapi.responses import JSONResponse
 
 from phoclip.data.text import strip_controls
 from phoclip.serve.jobs import CpuJobs
-from phoclip.serve.middleware import BodyLimit, RouteCors, SecurityHeaders
+from phoclip.serve.middleware import BodyBudget, BodyLimit, RouteCors, SecurityHeaders
 from phoclip.serve.routes import health, knn, page, pictures, search, tags
 from phoclip.serve.service import Service
-from phoclip.serve.settings import FORM_OVERHEAD, Settings
+from phoclip.serve.settings import FORM_OVERHEAD, Settings, knn_body_cap
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,9 @@ def create_app(service: Service, settings: Optional[Settings] = None) -> FastAPI
                     await task
 
     app = FastAPI(title="PhoCLIP search", docs_url=None, redoc_url=None, lifespan=lifespan)
-    # a base64 picture takes 4/3 of its bytes, plus the JSON around it
-    knn_cap = (settings.max_upload + 2) // 3 * 4 + FORM_OVERHEAD
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload + FORM_OVERHEAD, per_path={"/knn-service": knn_cap})
+    app.state.body_budget = BodyBudget(settings.max_body_memory)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload + FORM_OVERHEAD,
+                       per_path={"/knn-service": knn_body_cap(settings.max_upload)}, budget=app.state.body_budget)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(RouteCors, paths=knn.CORS_PATHS)
     app.state.service, app.state.settings = service, settings

@@ -24,7 +24,7 @@ import torch
 from phoclip.data.text import strip_controls
 from phoclip.errors import EXPECTED_ERRORS, one_line
 from phoclip.search.index import INDEX_META, NORM_TOLERANCE, EmbeddingIndex
-from phoclip.serve.picture_cache import PictureCache
+from phoclip.serve.picture_cache import PictureCache, default_roots
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class ServedIndex:
         self._captions_of: Optional[dict[int, list[str]]] = None
         self.bytes = sum(f.stat().st_size for kind in (IMAGES, CAPTIONS) for f in self._emb_files(kind))
         self.skipped: Optional[int] = None  # counted by `prepare`, once the model is known to fit
-        roots = list(images_roots) or self.index.image_roots()
+        roots = list(images_roots) or default_roots(self.index)
         self.pictures = PictureCache(lambda i: self.items_for(IMAGES, [i])[0], roots)
 
     # ------------------------------------------------------------------ sizes

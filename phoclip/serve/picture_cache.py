@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shlex
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -29,6 +30,24 @@ FAILED_TTL = 600.0  # seconds a failure is remembered (a file put back is served
 class PictureUnavailable(LookupError):
     """An indexed item's picture cannot be served (outside the allowed folders, missing,
     broken, too large); logged once, when it first failed."""
+
+
+def default_roots(index) -> list[str]:
+    """The folders an index's pictures are served from when no --images-root is given:
+    the index folder, and the images folder `index.json` records only when it lies inside
+    the index folder (an index handed over must not open a folder of the host's by
+    naming it). One recorded outside is logged once, naming it and the flag that serves it."""
+    home = os.path.realpath(index.folder)
+    roots = []
+    for r in index.image_roots():
+        real = os.path.realpath(r)
+        if real == home or real.startswith(home.rstrip(os.sep) + os.sep):
+            roots.append(r)
+        else:
+            logger.warning("%s: its pictures in %s (the images folder index.json names, outside the index folder) "
+                           "are not served; to serve them, add --images-root %s", strip_controls(str(index.folder)),
+                           strip_controls(r), shlex.quote(strip_controls(r)))
+    return roots or [os.path.abspath(index.folder)]
 
 
 class PictureCache:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Literal, Mapping, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_QUERY_CHARS = 512
 MAX_KNN_TEXT = 2048  # clip-retrieval's text: a caption searched again may be longer than a typed query
@@ -60,6 +60,11 @@ def named_indices(specs: str | Sequence[str] | Mapping[str, str]) -> dict[str, s
     return out
 
 
+def knn_body_cap(max_upload: int) -> int:
+    """Bytes of a /knn-service body: a base64 picture takes 4/3 of its bytes, plus the JSON around it."""
+    return (max_upload + 2) // 3 * 4 + FORM_OVERHEAD
+
+
 def _cpu_jobs() -> int:
     return max(2, min(4, os.cpu_count() or 1))
 
@@ -109,14 +114,33 @@ class Settings(BaseModel):
     last response on keep-alive)"""
     body_timeout: float = Field(60.0, gt=0)
     """seconds from a request's head to the end of its body"""
+    body_min_rate: float = Field(1024.0, ge=0)
+    """bytes a second a request body must arrive at, over every --header-timeout window;
+    slower (a few bytes, then nothing): the connection is closed"""
+    write_timeout: float = Field(30.0, gt=0)
+    """seconds a response may wait for the client to read it (its send buffer full, as
+    with a client that pipelines requests and never reads); then the connection is closed"""
     max_connections: int = Field(1024, ge=1)
-    """open connections; past it the one waiting longest for a request head is closed"""
+    """open connections; past it the one that has made the least progress on its head,
+    its body or reading its response is closed (never one whose request is being worked on)"""
+    max_body_memory: int = Field(256 * 1024 * 1024, gt=0)
+    """bytes of request bodies held at once, all requests together (a request with a
+    Content-Length holds it from its head, a chunked one as it arrives); a request that
+    would go over gets 503 + Retry-After, its body unread"""
     image_url_hosts: tuple[str, ...] = ()
     """hosts /knn-service's image_url may fetch from ("name" or "name:port"); none: the
     service fetches no URL"""
     reload_every: float = Field(5.0, ge=0)
     """seconds between checks for a changed index (an add or a rebuild), served without a
     restart; 0: never reloaded"""
+
+    @model_validator(mode="after")
+    def _budget_fits_a_request(self) -> "Settings":
+        one = max(self.max_upload + FORM_OVERHEAD, knn_body_cap(self.max_upload))
+        if self.max_body_memory < one:
+            raise ValueError(f"max_body_memory {self.max_body_memory} is under one largest request body ({one} bytes, "
+                             "from max_upload): every such upload would be refused")
+        return self
 
     @field_validator("index", mode="before")
     @classmethod
