@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 from phoclip.errors import CheckpointError
 from phoclip.models.pretrained import (CONFIG_NAME, check_model_config, model_tokenizer_path,
@@ -125,29 +125,22 @@ def checkpoint_model_config(ckpt: Path, meta: dict) -> dict:
 
     where = f"{Path(ckpt) / META_FILE}"
     if "model_config" not in meta:
-        raise CheckpointError(f"{where}: no 'model_config' (written before checkpoints recorded it): "
-                              f"export it first, python launch/export_model.py {ckpt} OUT")
+        raise CheckpointError(f"{where}: no 'model_config': not a checkpoint written by phoclip's trainer")
     where = f"{where} model_config"
     return offline_model_config(check_model_config(meta["model_config"], where), where)
 
 
-def model_from_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = "cpu",
-                          rebuild: Optional[Callable[[Path, dict], tuple[Any, Optional[str]]]] = None):
+def model_from_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer name or folder) from a training checkpoint folder:
     verified first (every .pt weights_only-loadable), then the model's weights only. The
     model is built from the architecture the checkpoint recorded (meta.json
-    `model_config`); a checkpoint without one is refused, unless `rebuild(ckpt, meta)`
-    builds its untrained model and names its tokenizer (export passes the training
-    package's rebuild from the run config; inference never does)."""
+    `model_config`); a checkpoint without one is refused."""
     from phoclip.models.checkpoints import (  # lazy: torch (see load_encoder)
         checkpoint_tokenizer, load_checkpoint_weights, verify_checkpoint)
     from phoclip.models.clip import PhoCLIP  # lazy: torch (see load_encoder)
 
     ckpt = Path(ckpt)
     meta = verify_checkpoint(ckpt)  # before zero_to_fp32 (weights_only=False inside DeepSpeed) touches it
-    if "model_config" in meta or rebuild is None:
-        mc = checkpoint_model_config(ckpt, meta)
-        model, tok = PhoCLIP(mc), checkpoint_tokenizer(ckpt) or mc["text"].get("tokenizer")
-    else:
-        model, tok = rebuild(ckpt, meta)
+    mc = checkpoint_model_config(ckpt, meta)
+    model, tok = PhoCLIP(mc), checkpoint_tokenizer(ckpt) or mc["text"].get("tokenizer")
     return load_checkpoint_weights(model, ckpt).to(device).eval(), tok

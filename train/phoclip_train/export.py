@@ -6,72 +6,30 @@ model card) that `phoclip.load` reads; optionally both towers as ONNX too.
     python launch/export_model.py runs/exp1 runs/exp1/export --format onnx
 
 Loading a model for inference is the library's (`phoclip.load`, phoclip/models/loading.py: no
-training code). Export may use the training package: a checkpoint without a recorded
-model config (meta.json `model_config`) is rebuilt here from its run config."""
+training code); export reads checkpoints through the same loader."""
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
 import stat
 from pathlib import Path
 
-from phoclip.errors import CheckpointError
 from phoclip.fileio import atomic_open, real_dir
 from phoclip.models.loading import NotAModelFolder, model_folder, model_from_checkpoint
-from phoclip.models.pretrained import check_model_config
-from phoclip_train.config import RunConfig, apply_tree
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "onnx")
 
 
-def rebuild_from_run_config(ckpt: Path, meta: dict):
-    """(untrained model, tokenizer name or folder) of a checkpoint without a recorded
-    model config: rebuilt from its run config with the
-    training package's `build_model`, no pretrained weights fetched. Passed to
-    `phoclip.models.loading.model_from_checkpoint` as its `rebuild`."""
+def export_checkpoint(ckpt: Path, out: Path) -> Path:
+    """Write the checkpoint's model (and tokenizer, and its card) as a plain model folder."""
     # phoclip-export imports this module before parsing: its --help answers in 0.1 s, torch takes 1.7 s
     from phoclip.data.text import load_tokenizer  # lazy: torch
-    from phoclip.models.checkpoints import META_FILE, checkpoint_tokenizer  # lazy: torch
-    from phoclip.models.factory import get_model_config  # lazy: torch
-    from phoclip_train.build import build_model  # lazy: torch
-
-    where = f"{ckpt / META_FILE}"
-    if not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{where}: neither 'model_config' nor 'config': the model cannot be rebuilt")
-    cfg = RunConfig()
-    apply_tree(cfg, meta["config"])
-    check_resolved_config(cfg, where)
-    tok_name = (checkpoint_tokenizer(ckpt) or cfg.model.tokenizer
-                or get_model_config(cfg.model.name)["text"].get("tokenizer"))
-    cfg.model.overrides.setdefault("vision", {})["pretrained"] = False
-    cfg.model.overrides.setdefault("text", {})["pretrained"] = False
-    return build_model(cfg, load_tokenizer(tok_name)), tok_name
-
-
-def check_resolved_config(cfg: RunConfig, where: str) -> None:
-    """The architecture a checkpoint's run config names, with its overrides, checked
-    as a saved model config is (`phoclip.models.pretrained.check_model_config`): one line, not a
-    torch traceback, for a negative size."""
-    from phoclip.models.factory import deep_update, get_model_config  # lazy: see rebuild_from_run_config
-
-    arch = deep_update(get_model_config(cfg.model.name), copy.deepcopy(dict(cfg.model.overrides)))
-    text = arch.get("text")
-    if isinstance(text, dict) and text.get("hf_model") is None and text.get("hf_config") is None:
-        text["hf_config"] = {}  # filled from the tokenizer by build_model
-    check_model_config(arch, f"{where} config")
-
-
-def export_checkpoint(ckpt: Path, out: Path) -> Path:
-    """Write the checkpoint's model (and tokenizer, and its card) as a plain model folder;
-    one without a recorded model config is rebuilt from its run config."""
-    from phoclip.data.text import load_tokenizer  # lazy: see rebuild_from_run_config
     from phoclip.models.checkpoints import read_meta  # lazy: torch
 
-    model, tok_name = model_from_checkpoint(ckpt, rebuild=rebuild_from_run_config)  # verifies it first
+    model, tok_name = model_from_checkpoint(ckpt)  # verifies it first
     meta = read_meta(ckpt)
     return model.save_pretrained(out, tokenizer=load_tokenizer(tok_name), training=meta.get("config"),
                                  data=meta.get("data"), evaluation=meta.get("evaluation"))
