@@ -87,7 +87,7 @@ class PhoCLIPModel:
                                  "text.tokenizer in its config): texts cannot be prepared")
             if not (self._segmenter or self.config["text"].get("segmenter")):
                 raise ValueError(f"{self.path}: the model does not record which segmenter its captions were "
-                                 "made with (exported before that was recorded): pass phoclip.load(..., "
+                                 "made with (a model saved without it): pass phoclip.load(..., "
                                  "segmenter=NAME), the one its shards' manifest.json names")
             self._processor = query.query_processor(self.module, self.tokenizer_path, self._segmenter, self._vncorenlp_dir)
         return self._processor

@@ -27,7 +27,7 @@ def query_processor(model, tokenizer_name: str, segmenter: Optional[str] = None,
     name = segmenter or tc.get("segmenter")
     if not name:
         raise ValueError("the model does not record which segmenter its captions were made with "
-                         "(exported before that was recorded): pass --segmenter NAME, the one "
+                         "(a model saved without it): pass --segmenter NAME, the one "
                          "its shards' manifest.json names")
     seg = create_segmenter(name, vncorenlp_dir)
     want = tc.get("segmenter_version")

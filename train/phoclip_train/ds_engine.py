@@ -222,8 +222,8 @@ class DeepSpeedEngine(Engine):
 
     def _check_loaded(self, folder: Path, saved: Optional[dict]) -> None:
         if not saved:
-            logger.warning("%s has no %s (written before it existed): the loaded DeepSpeed state is not "
-                           "checked", folder, DS_STATE_FILE)
+            logger.warning("%s has no %s (copied without it?): the loaded DeepSpeed state cannot be "
+                           "checked against the saved one", folder, DS_STATE_FILE)
             return
         now = state_summary(self)
         # the buffers saved are rank 0's (under ZeRO-3 each rank keeps its own BatchNorm statistics)
