@@ -417,3 +417,37 @@ def test_plot_reads_a_long_metrics_file_in_bounded_memory(tmp_path):
     assert len(xs) <= MAX_KEPT + 1 and xs[-1] == 60_000 and xs[0] == 1 and ys[-1] == 1 / 60_000
     assert m.series("val", "t2i_R@1")[0] == list(range(5000, 60_001, 5000))
     assert render_curves(tmp_path).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_deepspeed_checkpoint_with_a_damaged_state_summary_is_refused_before_any_model_is_built(
+        shapes_shards, tmp_path, monkeypatch):
+    """--resume of a DeepSpeed checkpoint whose deepspeed_state.json has another shape: the
+    resolution refuses it in one line (every rank gets the answer), before the model, the
+    engine or DeepSpeed's load are built."""
+    import json
+
+    import phoclip_train.run as run_module
+    from conftest import TINY, train_main, train_overrides
+    from phoclip.errors import CheckpointError
+    from phoclip_train.checkpointer import Checkpointer
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    (ckpt / "deepspeed").mkdir(parents=True)
+    torch.save({}, ckpt / "rank00000.pt")
+    torch.save({"module": {"w": torch.ones(2)}}, ckpt / "deepspeed" / "mp_rank_00_model_states.pt")
+    torch.save({"optimizer_state_dict": {}}, ckpt / "deepspeed" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    (ckpt / "meta.json").write_text(json.dumps({"step": 2, "world_size": 1}))
+    (ckpt / "deepspeed_state.json").write_text(json.dumps({"zero_stage": 2}))
+    for resume in ("latest", str(ckpt)):
+        with pytest.raises(CheckpointError, match="deepspeed_state.json: not a DeepSpeed state summary"):
+            Checkpointer(tmp_path / "run", 3, 0, 1).resolve(resume)
+
+    def built(*a, **k):
+        raise AssertionError("the model was built before the checkpoint was checked")
+
+    monkeypatch.setattr(run_module, "build_model", built)
+    shards, tok, n = shapes_shards
+    rc, log = train_main(["--config", TINY, "--resume", str(ckpt),
+                          *train_overrides(shards, tok, n, tmp_path / "run", **{"train.max_steps": 4})])
+    assert rc == 2, log[-2000:]
+    assert "deepspeed_state.json: not a DeepSpeed state summary" in log and "AssertionError" not in log, log[-2000:]

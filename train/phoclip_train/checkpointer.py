@@ -18,9 +18,10 @@ import torch
 
 from phoclip.errors import CheckpointError
 from phoclip.fileio import atomic_open, atomic_write_json, fsync_dir
-from phoclip.models.checkpoints import (META_FILE, checkpoints_dir, list_checkpoints, newest_verified, rank_file,
-                                        read_meta, step_dir, verify_checkpoint)
+from phoclip.models.checkpoints import (DS_STATE_FILE, DS_TAG, META_FILE, checkpoints_dir, list_checkpoints,
+                                        newest_verified, rank_file, read_meta, step_dir, verify_checkpoint)
 from phoclip_train.distributed import barrier
+from phoclip_train.ds_state import read_state_summary
 from phoclip_train.state import DataPosition, NonFiniteCounter, Progress, RngState
 
 if TYPE_CHECKING:  # annotations only: the engines import this module for atomic_torch_save
@@ -114,12 +115,19 @@ class Checkpointer:
                 newest = newest_verified(self.run_dir, passing="not resuming from")
             except CheckpointError as e:
                 return f"error:--resume latest: {e}"
-            return None if newest is None else str(newest)
-        try:
-            verify_checkpoint(Path(resume))
-        except CheckpointError as e:
-            return f"error:--resume {resume}: {e}; complete ones: {[c.name for c in self.list()]}"
-        return resume
+            path = newest
+        else:
+            try:
+                verify_checkpoint(Path(resume))
+            except CheckpointError as e:
+                return f"error:--resume {resume}: {e}; complete ones: {[c.name for c in self.list()]}"
+            path = Path(resume)
+        if path is not None and (path / DS_TAG).is_dir():
+            try:  # its shape now, while nothing is built: DeepSpeed's load comes after the model and engine
+                read_state_summary(path / DS_STATE_FILE)
+            except CheckpointError as e:
+                return f"error:--resume {resume}: {e}"
+        return None if path is None else (resume if resume != "latest" else str(path))
 
     def load_rank_state(self, path: Path, rank: Optional[int] = None) -> Optional[dict]:
         """A rank's own state (data position, RNG) from a checkpoint; default: this rank's."""
@@ -165,10 +173,9 @@ class RunCheckpointer:
         meta = {"samples_seen": self.progress.samples_seen, **self.nonfinite.state_dict(), **self.meta()}
         self.files.save(step, self.engine, rank_state, meta, extra=self.extra)
 
-    def restore(self, resume: Optional[str]) -> Optional[Path]:
-        """Load the checkpoint `resume` names (the newest that verifies for 'latest');
-        None when there is none yet."""
-        path = self.files.resolve(resume)
+    def restore(self, path: Optional[Path], resume: Optional[str] = None) -> Optional[Path]:
+        """Load the checkpoint at `path` (what `Checkpointer.resolve(resume)` chose, before
+        the model was built); None when there is none yet."""
         if path is None:
             if resume:
                 logger.info("--resume %s: no checkpoint yet, starting from scratch", resume)

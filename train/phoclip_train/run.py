@@ -193,6 +193,10 @@ def _build(cfg: RunConfig, settings: Settings, dist: DistInfo, lock: RunLock) ->
     # silently at the first validation, when that segmenter cannot be built
     query_proc = build_query_processor(cfg, data) if t.eval_queries and data.val_urls else None
 
+    # the checkpoint to resume, verified (its DeepSpeed state summary too) before any model is built
+    files = Checkpointer(run_dir, t.keep_last, dist.rank, dist.world_size)
+    resume_from = files.resolve(cfg.resume)
+
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     logger.info("building the model %s", cfg.model.name)
     model = build_model(cfg, data.tokenizer, data.manifest)
@@ -208,7 +212,6 @@ def _build(cfg: RunConfig, settings: Settings, dist: DistInfo, lock: RunLock) ->
                      pack_captions=cfg.data.pack_captions)
     position = DataPosition(stream, data.train_urls, cfg, dist)
     progress, nonfinite = Progress(), NonFiniteCounter()
-    files = Checkpointer(run_dir, t.keep_last, dist.rank, dist.world_size)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, str(run_dir / "config.yaml"))
@@ -229,7 +232,7 @@ def _build(cfg: RunConfig, settings: Settings, dist: DistInfo, lock: RunLock) ->
               metrics=metrics, evaluator=evaluator, lock=lock)
     try:
         torch.manual_seed(t.seed + 1000 * dist.rank)  # dropout differs per rank
-        checkpointer.restore(cfg.resume)
+        checkpointer.restore(resume_from, cfg.resume)
     except BaseException:
         metrics.close()
         raise
