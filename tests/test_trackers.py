@@ -147,14 +147,16 @@ def test_a_resumed_run_continues_its_tracker_runs(shapes_shards, tmp_path, offli
     run = tmp_path / "run"
     args = train_args(shapes_shards, run, **{"train.max_steps": 2, "train.save_every": 2, "train.report_to": ALL,
                                              "data.val_shards": "null"})
-    rc, log = train_main(args)
+    rc, log = train_main([*args, "train.report_model=false"])  # the metrics and config only
     assert rc == 0, log[-4000:]
     first = json.loads((run / "trackers.json").read_text())
+    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    assert (run / "model").is_dir() and client.list_artifacts(first["mlflow"], "model") == []
     rc, log = train_main([a if not a.startswith("train.max_steps") else "train.max_steps=4" for a in args]
                          + ["--resume", "latest"])
     assert rc == 0, log[-4000:]
     assert json.loads((run / "trackers.json").read_text()) == first
-    client = MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    assert client.list_artifacts(first["mlflow"], "model") != []
     assert [m.step for m in client.get_metric_history(first["mlflow"], "train/loss")] == [1, 2, 3, 4]
     assert client.get_run(first["mlflow"]).data.params["train.max_steps"] == "2"  # MLflow params keep their first value
     assert "params keep their first values" in log and "train.max_steps" in log

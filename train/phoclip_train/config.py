@@ -216,6 +216,9 @@ class TrainConfig:
     wandb and mlflow also get the config and, at the end, the exported model; they need
     pip install 'phoclip[trackers]'. [none] (or []): metrics.jsonl only. One name alone
     works too: train.report_to=wandb."""
+    report_model: bool = True
+    """Send the exported model to wandb/mlflow as an artifact at the end of the run
+    (phobert-large-rn50 is over a GB per run: false keeps only the metrics and config there)."""
     eval_every: int = 0
     """Validation every N steps (0: only at the end when val_shards is set)."""
     eval_queries: list = field(default_factory=list)

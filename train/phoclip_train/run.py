@@ -134,7 +134,8 @@ class Run:
             folder = self.model.save_pretrained(Path(self.cfg.run_dir) / "model", tokenizer=self.data.tokenizer,
                                                 training=self.cfg.to_dict(), data=self.data.manifest.summary(),
                                                 evaluation=self.evaluator.last_val, curves=curves)
-        self.metrics.artifact(folder)  # after the gather: no rank waits on an upload
+        if self.cfg.train.report_model:
+            self.metrics.artifact(folder)  # after the gather: no rank waits on an upload
         return folder
 
     def close(self) -> None:
