@@ -59,6 +59,15 @@ def test_a_pipe_command_that_finds_no_object_is_not_retried(shapes_shards):
     assert skips["unreadable_shard"] == 3 and skips["shard_retries"] == 0 and got
 
 
+def test_a_pipe_command_that_fails_at_once_for_another_reason_is_retried():
+    """Only a failure that says the object is missing skips the retries: a refused
+    connection (curl's exit 7) may pass, so it is retried."""
+    skips: Counter = Counter()
+    cmd = "echo 'curl: (7) Failed to connect to 127.0.0.1 port 9: Connection refused' >&2; exit 7"
+    list(read_shards([{"url": f"pipe:{cmd}"}], skips, retries=2, backoff_s=0.01))
+    assert skips["shard_retries"] == 2 and skips["unreadable_shard"] == 1
+
+
 def test_a_pipe_command_that_failed_after_sending_bytes_is_retried(shapes_shards, tmp_path):
     shards, _, _ = shapes_shards
     half = tmp_path / "half.tar"

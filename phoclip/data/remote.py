@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import select
 import signal
 import stat
@@ -99,8 +100,11 @@ _PRCTL = _load_prctl()
 
 
 MISSING_WITHIN_S = 5.0
-"""A pipe: command that exits non-zero within this many seconds without a byte found no
-object (`aws s3 cp` of a missing key, `curl -f` of a 404): not a slow read to retry."""
+"""A pipe: command that exits non-zero within this many seconds without a byte, saying
+so on stderr (MISSING_WORDS), found no object (`aws s3 cp` of a missing key, `curl -f` of
+a 404, `cat` of no file): not a slow read to retry. Any other quick failure (a refused
+connection, a timeout) may pass, and is retried."""
+MISSING_WORDS = re.compile(r"\b(404|410)\b|not found|no such|does not exist|nosuchkey|not exist", re.IGNORECASE)
 
 
 class MissingObject(FileNotFoundError):
@@ -141,7 +145,8 @@ class _PipeStream(io.RawIOBase):
                 self.err.seek(0, os.SEEK_END)
                 self.err.seek(max(0, self.err.tell() - 2000))
                 err = self.err.read().decode(errors="replace").strip().splitlines()
-                if not self.got_bytes and time.monotonic() - self.started < MISSING_WITHIN_S:
+                if (not self.got_bytes and time.monotonic() - self.started < MISSING_WITHIN_S
+                        and err and MISSING_WORDS.search(err[-1])):
                     raise MissingObject(f"pipe:{self.cmd} exited with {rc} at once, without a byte (no such "
                                         f"object?): {err[-1] if err else ''}")
                 raise OSError(f"pipe:{self.cmd} exited with {rc}: {err[-1] if err else ''}")
