@@ -70,7 +70,7 @@ def test_five_lines_embed_and_compare(model_dir, photos):
     assert sim.shape == (2, 4)
     torch.testing.assert_close(sim, img @ txt.T)
     # the same numbers as the model's own towers on the prepared inputs (NFC, tokenizer)
-    from phoclip.search.query import embed_texts
+    from phoclip.models.embed import embed_texts
 
     torch.testing.assert_close(txt, embed_texts(model.module, model.text_processor, TEXTS))
     # one item is one row; a path object works as a string does

@@ -45,8 +45,8 @@ def photos(tmp_path_factory):
 def forwards(monkeypatch):
     """How many image batches reached the model."""
     calls = []
-    real = api.query.embed_images
-    monkeypatch.setattr(api.query, "embed_images", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = api.embed.embed_images
+    monkeypatch.setattr(api.embed, "embed_images", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 

@@ -527,7 +527,8 @@ def test_a_chunked_upload_over_the_cap_gets_413_without_being_read(env):
 
 def test_a_nan_index_row_is_skipped_counted_and_never_returned(env, caplog):
     from phoclip.search.index import EmbeddingIndex
-    from phoclip.search.query import embed_texts, query_processor, zero_shot_tags
+    from phoclip.models.embed import embed_texts, query_processor
+    from phoclip.search.query import zero_shot_tags
 
     with caplog.at_level(logging.WARNING, logger="phoclip.search.index"):
         index = EmbeddingIndex(env.idx)

@@ -71,8 +71,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _search(args: argparse.Namespace) -> int:
     from phoclip.search.gallery import write_gallery  # lazy: imports torch (~2 s); --help answers without it
     from phoclip.search.index import EmbeddingIndex  # lazy: imports torch (~2 s); --help answers without it
+    from phoclip.models.embed import query_processor  # lazy: imports torch (~2 s)
     from phoclip.search.query import (DEFAULT_TEMPLATES, find_captions, find_matches,  # lazy: imports torch (~2 s)
-                                      query_processor, zero_shot_accuracy, zero_shot_tags)
+                                      zero_shot_accuracy, zero_shot_tags)
 
     index = EmbeddingIndex(args.index)
     if not args.model and index.model_found_via is None:

@@ -18,7 +18,7 @@ from phoclip.data.text import normalize_text
 from phoclip.data.transforms import image_to_tensor
 from phoclip.evaluation.retrieval import chance_recall
 from phoclip.fileio import read_regular
-from phoclip.search.query import query_processor
+from phoclip.models.embed import query_processor
 
 MAX_REFERENCES_BYTES = 1 << 20  # a references file is a few hundred lines
 MAX_REFERENCES_DEPTH = 8  # a list of flat mappings needs 2 levels

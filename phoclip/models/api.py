@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from phoclip.data.images import MAX_FILE_BYTES, BadImage, probe_image, read_image_file
 from phoclip.models.loading import Loaded, load_encoder
-from phoclip.search import query
+from phoclip.models import embed
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class PhoCLIPModel:
                 raise ValueError(f"{self.path}: the model does not record which segmenter its captions were "
                                  "made with (a model saved without it): pass phoclip.load(..., "
                                  "segmenter=NAME), the one its shards' manifest.json names")
-            self._processor = query.query_processor(self.module, self.tokenizer_path, self._segmenter, self._vncorenlp_dir)
+            self._processor = embed.query_processor(self.module, self.tokenizer_path, self._segmenter, self._vncorenlp_dir)
         return self._processor
 
     def embed_images(self, images: Union[ImageLike, Sequence[ImageLike]], batch_size: int = 32, *,
@@ -140,7 +140,7 @@ class PhoCLIPModel:
             rows.extend(ok)
             if not opened:
                 return torch.empty(0, self.embed_dim)
-            return query.embed_images(self.module, opened, self.image_size, self.device)
+            return embed.embed_images(self.module, opened, self.image_size, self.device)
 
         rows: list[int] = []
         emb = self._batched(keep, batch_size, run, "images", progress)
@@ -165,7 +165,7 @@ class PhoCLIPModel:
         if bad:
             raise TypeError(f"embed_texts takes strings, got a {bad}")
         proc = self.text_processor
-        return self._batched(items, batch_size, lambda chunk: query.embed_texts(self.module, proc, chunk, self.device),
+        return self._batched(items, batch_size, lambda chunk: embed.embed_texts(self.module, proc, chunk, self.device),
                              "texts", progress)
 
     @staticmethod

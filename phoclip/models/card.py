@@ -65,7 +65,7 @@ def model_card(config: dict, training: Optional[dict] = None, data: Optional[dic
     parts = [f"# PhoCLIP model: {config.get('name', 'phoclip')}", "",
              "A Vietnamese CLIP: image and text embeddings in one space, for text → image search, "
              "image → text search and image-text similarity. Queries must be prepared as the "
-             "training captions were (same segmenter, same tokenizer): `phoclip.search.query."
+             "training captions were (same segmenter, same tokenizer): `phoclip.models.embed."
              "query_processor` does it from this folder's config.", "", "## Architecture", "", _table(arch)]
     if training:
         tr, d, o = training.get("train", {}), training.get("data", {}), training.get("optim", {})

@@ -15,7 +15,8 @@ from fastapi import HTTPException
 
 import phoclip
 from phoclip.data.text import strip_controls
-from phoclip.search.query import DEFAULT_TEMPLATES, embed_images, embed_texts, tag_embeddings
+from phoclip.models.embed import embed_images, embed_texts
+from phoclip.search.query import DEFAULT_TEMPLATES, tag_embeddings
 from phoclip.serve.indices import CAPTIONS, IMAGES, Indices, ServedIndex
 from phoclip.serve.settings import named_indices
 

@@ -14,7 +14,7 @@ from phoclip.data.images import BadImage
 from phoclip.data.text import TextProcessor, create_segmenter
 from phoclip.evaluation.retrieval import evaluate_shards
 from phoclip.search.gallery import load_item_image
-from phoclip.search.query import embed_texts
+from phoclip.models.embed import embed_texts
 from phoclip_train.build import RunData
 from phoclip_train.config import ConfigError, RunConfig
 from phoclip_train.distributed import DistInfo
