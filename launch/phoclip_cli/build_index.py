@@ -24,6 +24,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
+from phoclip.data.catalog import check_shards_fit, count_samples, expand_urls
+from phoclip.data.text import load_tokenizer
+from phoclip.errors import EXPECTED_ERRORS
+from phoclip.fileio import atomic_write_json, read_regular
+from phoclip.log import init_logger
+from phoclip.search.ann import parse_bytes
 from phoclip_cli.common import HelpFormatter, refuse
 
 MAX_IMAGE_BYTES = 64 << 20  # as phoclip.data.images.MAX_FILE_BYTES (checked by a test), without importing torch for --help
@@ -90,9 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for flag, folder in (("--images", args.images), ("--embeddings", args.embeddings)):
         if folder and not Path(folder).is_dir():
             return refuse("build_index", NotADirectoryError(f"{flag} {folder}: not a folder"))
-    from phoclip.errors import EXPECTED_ERRORS
-    from phoclip.log import init_logger
-    from phoclip_cli.distributed import cleanup, init_distributed, launcher_rank
+    from phoclip_cli.distributed import cleanup, init_distributed, launcher_rank  # lazy: torch (~1 s), not for --help
 
     init_logger(rank=launcher_rank())
     info = init_distributed(args.device)
@@ -109,13 +113,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args: argparse.Namespace, info) -> int:
     import torch.distributed as dist
 
-    from phoclip.data.catalog import check_shards_fit, count_samples, expand_urls
-    from phoclip.data.text import load_tokenizer
-    from phoclip.evaluation.retrieval import eval_samples
-    from phoclip.models.loading import load_encoder
-    from phoclip.search import indexing as ix
-    from phoclip.search.ann import parse_bytes
-    from phoclip.search.index import _images_root, check_out_folder, index_meta
+    from phoclip.evaluation.retrieval import eval_samples  # lazy: torch (~1 s), not for --help
+    from phoclip.models.loading import load_encoder  # lazy: torch (~1 s), not for --help
+    from phoclip.search import indexing as ix  # lazy: torch (~1 s), not for --help
+    from phoclip.search.index import _images_root, check_out_folder, index_meta  # lazy: torch (~1 s), not for --help
 
     out = Path(args.out)
     max_bytes = parse_bytes(args.max_index_memory)
@@ -191,7 +192,6 @@ def _run(args: argparse.Namespace, info) -> int:
 
 def _record_skipped(out: Path, name: str, skipped: Counter) -> None:
     """Keep this part's skipped counts beside it (read by the merge of another rank's job)."""
-    from phoclip.fileio import atomic_write_json
 
     atomic_write_json(out / "metadata" / f".skipped_{name}.json", dict(skipped))
 
@@ -200,17 +200,17 @@ def _merge(args, out: Path, meta: dict, names: list[str], max_bytes: int, skippe
     """Merge the parts `names` (each part's skipped counts from its sidecar) and report."""
     import json
 
-    from phoclip.search import indexing as ix
+    from phoclip.search import indexing as ix  # lazy: torch (~1 s), not for --help
 
     for n in names:
         f = out / "metadata" / f".skipped_{n}.json"
         if f.is_file():
             try:
-                skipped.update(json.loads(f.read_text()))
+                skipped.update(json.loads(read_regular(f, 1 << 20)))
             except (OSError, ValueError):
                 pass
     if isinstance(meta.get("images_root"), str) and Path(meta["images_root"]).is_absolute():
-        from phoclip.search.index import _relative
+        from phoclip.search.index import _relative  # lazy: torch (~1 s), not for --help
 
         meta["images_root"] = _relative(meta["images_root"], meta["built_in"])
     done = ix.merge(out, meta, names, args.add, max_bytes, args.exact, args.rerank, args.exact_max_rows,
@@ -241,9 +241,9 @@ def _extras(args, out: Path) -> None:
         return
     import torch
 
-    from phoclip.search.gallery import write_embedding_map
-    from phoclip.search.index import EmbeddingIndex
-    from phoclip.search.indexing import write_projector
+    from phoclip.search.gallery import write_embedding_map  # lazy: torch (~1 s), not for --help
+    from phoclip.search.index import EmbeddingIndex  # lazy: torch (~1 s), not for --help
+    from phoclip.search.indexing import write_projector  # lazy: torch (~1 s), not for --help
 
     index = EmbeddingIndex(out)
     n = min(index.count("images"), args.projector_max)

@@ -14,7 +14,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from phoclip.data.images import MAX_FILE_BYTES, BadImage, decode_rgb, read_file_capped
+from phoclip.data.remote import is_remote, open_url
 from phoclip.data.tar import read_member
+from phoclip.data.text import strip_controls
+from phoclip.fileio import atomic_write_text
 from phoclip.search.index import Match
 
 logger = logging.getLogger(__name__)
@@ -23,7 +27,6 @@ logger = logging.getLogger(__name__)
 def load_item_image(item: dict, allow_remote: bool = False, max_bytes: Optional[int] = None):
     """The picture behind an index item: a file path or a member of a shard, decoded
     safely (`load_item_bytes` + `decode_rgb`). Raises BadImage (or OSError, KeyError)."""
-    from phoclip.data.images import decode_rgb
 
     return decode_rgb(load_item_bytes(item, allow_remote, max_bytes))
 
@@ -34,8 +37,6 @@ def load_item_bytes(item: dict, allow_remote: bool = False, max_bytes: Optional[
     member is refused from its size, unread. A remote shard (http(s)/fsspec) is read only
     with `allow_remote` (the trainer's own shards; an index handed to the service may not
     make it fetch URLs), and a `pipe:` command is never run from here."""
-    from phoclip.data.images import MAX_FILE_BYTES, BadImage, read_file_capped
-    from phoclip.data.remote import is_remote
 
     cap = MAX_FILE_BYTES if max_bytes is None else max_bytes
     shard = item.get("shard")
@@ -50,7 +51,6 @@ def load_item_bytes(item: dict, allow_remote: bool = False, max_bytes: Optional[
 
 def _remote_member(url: str, name: str, max_bytes: int = 64 << 20) -> bytes:
     """One member of a remote tar, streamed (no seeking over HTTP)."""
-    from phoclip.data.remote import open_url
 
     with open_url(url) as f, tarfile.open(fileobj=f, mode="r|*") as tf:
         for m in tf:
@@ -83,7 +83,6 @@ def page_style() -> str:
 
 def _card(m: Match) -> str:
     """One result as the page draws it: the picture, its rank and score, its caption."""
-    from phoclip.data.text import strip_controls
 
     def text(x) -> str:
         return html.escape(strip_controls(str(x or "")))
@@ -101,7 +100,6 @@ def write_gallery(path: str | os.PathLike, queries: Sequence[str], results: list
     """A self-contained HTML page of text → image results that looks like the service's
     search page (its style sheet inlined, the same cards): thumbnails inlined as data
     URIs, no script, every index text escaped. Written atomically."""
-    from phoclip.fileio import atomic_write_text
 
     parts = ["<!doctype html><html lang='vi'><head><meta charset='utf-8'>",
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",

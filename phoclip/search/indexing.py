@@ -17,10 +17,35 @@ import torch
 
 from phoclip.data.images import MAX_FILE_BYTES, BadImage, read_image_file
 from phoclip.data.transforms import image_to_tensor
-from phoclip.fileio import fsync_dir, real_dir
-from phoclip.search.index import caption_rows, image_rows
-from phoclip.search.parts import (IMG, META, TEXT, TEXT_META, PartWriter, arrow_of, check_part, ensure_arrow, files_of,
-                                  open_embeddings, part_info, part_name, part_names)
+from phoclip.evaluation.retrieval import ProgressLog, embed_samples
+from phoclip.fileio import fsync_dir, read_regular, real_dir
+from phoclip.search.gallery import load_item_image
+from phoclip.search.index import (
+    INDEX_META,
+    KINDS,
+    MAX_META_BYTES,
+    VERSIONS,
+    caption_rows,
+    check_meta,
+    image_rows,
+    new_version,
+    publish,
+)
+from phoclip.search.parts import (
+    IMG,
+    META,
+    TEXT,
+    TEXT_META,
+    PartWriter,
+    arrow_of,
+    check_part,
+    ensure_arrow,
+    files_of,
+    open_embeddings,
+    part_info,
+    part_name,
+    part_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +107,6 @@ def write_projector(logdir: str, emb: torch.Tensor, items: list[dict], thumb: in
     import numpy as np
     from torch.utils.tensorboard import SummaryWriter
 
-    from phoclip.search.gallery import load_item_image
 
     thumbs = []
     for it in items:
@@ -109,7 +133,6 @@ def embed_part(model, samples: Iterator[dict], device: torch.device, batch_size:
     time), with progress lines (done / total, rate, time left). Returns the part's record."""
     from itertools import islice
 
-    from phoclip.evaluation.retrieval import ProgressLog, embed_samples
 
     home = os.path.abspath(out)
     dim = int(model.config["embed_dim"])
@@ -133,8 +156,6 @@ def embed_part(model, samples: Iterator[dict], device: torch.device, batch_size:
 
 def current_meta(out: Path) -> Optional[dict]:
     """The index.json of `out` when it is an index (checked), else None."""
-    from phoclip.search.index import INDEX_META, MAX_META_BYTES, check_meta
-    from phoclip.fileio import read_regular
 
     f = out / INDEX_META
     if not f.exists():
@@ -214,7 +235,6 @@ def merge(out: Path, meta: dict, names: Sequence[str], add: bool, max_bytes: int
     folder, then index.json replaced atomically.
     A failure leaves the index as it was. Returns the new index.json."""
     from phoclip.search import ann  # lazy: faiss loads only where an index is merged
-    from phoclip.search.index import KINDS, VERSIONS, new_version, publish
 
     cur = current_meta(out) if add else None
     if add and cur is None:
