@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="published results to print beside ours")
     p.add_argument("--vncorenlp-dir", help="VnCoreNLP model folder (default: $VNCORENLP_DIR)")
     p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE,
-                   help="images per forward (the default is a run's validation's: the same numbers to the "
-                        "last digit; another size can reorder near-ties, docs/evaluation.md)")
+                   help="images per forward; a run's validation uses the same, so both give the same numbers "
+                        "to the last digit (another size can reorder near-ties, docs/evaluation.md)")
     p.add_argument("--image-size", type=int, help="evaluation crop size (default: the model's)")
     p.add_argument("--out", help="results JSON (default: MODEL/eval-SOURCE.json, named after the shards "
                                  "or the benchmark)")
