@@ -11,7 +11,7 @@ parts, one per rank or per job, nothing gathered; then merged into a searchable 
 
 A part that is complete is not computed again (a killed job resumes). The search structure
 follows the collection's size, --max-query-ms and --max-index-memory: exact while a query
-answers in time (some 33,000 images of 512 dimensions on 2 cores), else a faiss IVF index
+answers in time (the crossover measured in bench/RESULTS.md), else a faiss IVF index
 (SQ or PQ codes) on disk. The index records where its model
 and images are, relative to the index folder, so it can be searched from any directory and
 moved together with its images.
