@@ -11,16 +11,19 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 import types
+import urllib.parse
 from pathlib import Path
 
 import pytest
 import requests
 import torch
 
-from conftest import make_image
+from conftest import make_image, static_server
+from test_serve import _browser
 from test_serve_hostile import _running, _settings, _tiny_model_folder
 
 N_A, N_B = 8, 5
@@ -325,19 +328,27 @@ def test_an_index_replaced_while_serving_is_served_without_restart(cr, caplog):
     assert len(lines) == 1 and "index b" in lines[0] and "still serving" in lines[0], lines
 
 
-def _clip_client_module():
-    """clip_retrieval/clip_client.py loaded alone (the package's __init__ imports its
-    whole back end: flask, faiss, torch models); from $CLIP_RETRIEVAL_DIR or an install."""
+def _clip_retrieval_dir() -> Path:
+    """The folder holding clip-retrieval's package (clip_retrieval/, and front/build/, its
+    built page): $CLIP_RETRIEVAL_DIR (`make test` installs it there) or an install; the
+    test skips without it."""
     where = os.environ.get("CLIP_RETRIEVAL_DIR")
     if where:
-        f = Path(where) / "clip_retrieval" / "clip_client.py"
+        d = Path(where)
     else:
         spec = importlib.util.find_spec("clip_retrieval")  # found, not imported
-        f = Path(spec.submodule_search_locations[0]) / "clip_client.py" if spec else None
-    if f is None or not f.is_file():
+        d = Path(spec.submodule_search_locations[0]).parent if spec else None
+    if d is None or not (d / "clip_retrieval" / "clip_client.py").is_file():
         pytest.skip("clip-retrieval is not installed (pip install --no-deps --target DIR clip-retrieval; "
-                    "CLIP_RETRIEVAL_DIR=DIR): its client's JSON is checked above without it")
-    spec = importlib.util.spec_from_file_location("clip_client_under_test", f)
+                    "CLIP_RETRIEVAL_DIR=DIR): the JSON its client and page send is checked above without it")
+    return d
+
+
+def _clip_client_module():
+    """clip_retrieval/clip_client.py loaded alone (the package's __init__ imports its
+    whole back end: flask, faiss, torch models)."""
+    spec = importlib.util.spec_from_file_location("clip_client_under_test",
+                                                  _clip_retrieval_dir() / "clip_retrieval" / "clip_client.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # needs only requests
     return mod
@@ -354,3 +365,58 @@ def test_clip_retrievals_own_client(cr):
     text = cc.ClipClient(url=cr.base + "/knn-service", indice_name="b", modality=cc.Modality.TEXT, num_images=2)
     assert len(text.query(text="chú thích b 2 0")) == 2
     assert torch.isfinite(torch.tensor([r["similarity"] for r in res])).all()
+
+
+def test_clip_retrievals_own_front_end_in_a_real_browser(cr, tmp_path):
+    """clip-retrieval's built page, unchanged, served from another origin (so every call
+    to us is cross-origin) with its documented config.json naming our service (what our
+    /config.json answers): a Vietnamese query typed into it shows our pictures and captions,
+    loaded from our /photo/ URLs, with nothing logged as an error by the page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    build = _clip_retrieval_dir() / "front" / "build"
+    assert (build / "index.html").is_file(), f"{build}: clip-retrieval's built page is missing"
+    site = shutil.copytree(build, tmp_path / "front")
+    (site / "config.json").write_text(requests.get(cr.base + "/config.json", timeout=10).text)
+    drv = _browser(tmp_path, console=True)
+    try:
+        with static_server(site) as front:
+            assert urllib.parse.urlsplit(front).port != urllib.parse.urlsplit(cr.base).port
+            drv.get(front + "/")
+            wait = WebDriverWait(drv, 60)
+            # its search bar, inside the page's <clip-front> shadow root, once the index list came
+            bar = wait.until(lambda d: d.execute_script(
+                "const r = document.querySelector('clip-front')?.shadowRoot;"
+                "return r && r.querySelector('select option[value=a]') && r.getElementById('searchBar')"))
+            bar.send_keys("ảnh a số 3", Keys.ENTER)
+            shown = wait.until(lambda d: d.execute_script(_PICTURES) or None)
+            assert len(shown) == N_A, shown  # every picture of index a, each once (duplicates hidden)
+            ids = set()
+            for src, title, caption, loaded in shown:
+                u = urllib.parse.urlsplit(src)
+                assert f"{u.scheme}://{u.netloc}" == cr.base and u.path.startswith("/photo/") and u.query == "index=a"
+                i = int(u.path.rsplit("/", 1)[1])
+                assert title == caption == f"ảnh a số {i}" and loaded, (src, title, caption, loaded)
+                ids.add(i)
+            assert ids == set(range(N_A))
+            assert "query=" in drv.current_url and "back=" in drv.current_url  # its own state, as it keeps it
+            drv.find_element(By.TAG_NAME, "clip-front")  # still the page we opened
+            # the wheel ships without vendor/webcomponents-loader.js (a polyfill Chromium does
+            # not need) and there is no favicon: the page's own 404s for files it lacks are its own
+            missing = lambda m: m.startswith(front + "/") and not (site / m[len(front) + 1:].split()[0]).exists()  # noqa: E731
+            errors = [e for e in drv.get_log("browser") if e["level"] == "SEVERE" and not missing(e["message"])]
+            assert not errors, errors
+    finally:
+        drv.quit()
+
+
+# the page's results: [src, title, caption, loaded] of each picture once it has loaded or failed
+_PICTURES = """
+const r = document.querySelector('clip-front').shadowRoot;
+const figs = [...r.querySelectorAll('#products figure')];
+if (!figs.length || figs.some(f => !f.querySelector('img.pic').complete)) return null;
+return figs.map(f => { const i = f.querySelector('img.pic');
+  return [i.src, i.title, f.querySelector('figcaption').textContent.trim(), i.naturalWidth > 0]; });
+"""

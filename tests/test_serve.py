@@ -157,7 +157,9 @@ def test_hostile_requests_get_4xx_and_the_service_stays_up(served):
     assert _get(base + "/health")[0] == 200  # nothing above took it down
 
 
-def _browser(tmp_path):
+def _browser(tmp_path, console: bool = False):
+    """Headless Chromium through its driver (skips without them); `console`: its console
+    log kept for `get_log("browser")`."""
     chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver):
         pytest.skip("Debian's chromium + chromium-driver are not installed (make test installs them as root)")
@@ -172,6 +174,8 @@ def _browser(tmp_path):
               "--disable-background-networking", "--disable-component-update", "--disable-sync",
               "--disable-quic", f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1200,900"):
         opts.add_argument(a)
+    if console:
+        opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(driver), options=opts)
 
 
