@@ -257,7 +257,7 @@ def test_a_truncated_shard_does_not_stop_a_stream_whose_buffer_spans_many_shards
 def test_stream_gives_up_on_shards_that_are_all_unreadable(shapes_shards, tmp_path):
     """The rule still ends a stream that can never read a sample: missing files (no
     sample at all), and shards whose every sample fails to decode, whatever the buffer."""
-    from phoclip.data.stream import NoReadableSamples
+    from phoclip.data.health import NoReadableSamples
 
     shards, _, n = shapes_shards
     d, urls = _small_shards(shards, n, tmp_path)
@@ -319,7 +319,8 @@ def test_stream_stages_resume_skip_and_one_decode_and_count(shapes_shards):
     reason once and tells its shard; fixed_blocks yields a block as soon as it is full."""
     from collections import Counter
 
-    from phoclip.data.stream import ShardHealth, decode_counted_stage, fixed_blocks, skip_to
+    from phoclip.data.health import ShardHealth
+    from phoclip.data.stream import decode_counted_stage, fixed_blocks, skip_to
 
     shards, _, n = shapes_shards
     with tarfile.open(_urls(shards, n)[0]) as tf:

@@ -108,7 +108,8 @@ def test_a_trickling_shard_is_given_up_once_not_every_epoch(shapes_shards, trick
 def test_a_new_layout_starts_with_the_old_streams_given_up_shards_passed_over():
     """Resumed on another rank count, the streams start with the shards the old ones gave
     up passed over (in the layout, so a later resume of the new layout sees the same)."""
-    from phoclip.data.stream import ShardMemory, StreamLayout, relayout
+    from phoclip.data.health import ShardMemory
+    from phoclip.data.stream import StreamLayout, relayout
 
     urls = [f"http://h/train-{i:06d}.tar" for i in range(4)]
     old = {0: {"opened": {0: 2}, "given_up": {0: [[0, urls[1], 0], [9, urls[1], 0]]}}, 1: {"opened": {0: 2}}}

@@ -200,7 +200,7 @@ def test_no_readable_training_sample_stops_in_bounded_time_with_a_clear_error(sh
     rc, log = train_main(["--config", "launch/configs/tiny-debug.yaml", *train_overrides(
         d, tok, 3, tmp_path / "run", **{"data.val_shards": "null"})])
     assert rc == 2 and time.time() - t0 < 90, log[-3000:]
-    assert "refused: phoclip.data.stream.NoReadableSamples: no sample could be read from the last" in log
+    assert "refused: phoclip.data.health.NoReadableSamples: no sample could be read from the last" in log
     assert "phoclip/data/stream.py\", line" not in log  # one line, not its traceback
 
 

@@ -120,7 +120,7 @@ def read_shards(shards: Iterable[dict], skips: Counter, manifest: Optional[str] 
     `max_member_bytes` (default MAX_MEMBER_BYTES) is skipped unread (`oversized_member`).
 
     `gave_up(src, samples_given)` is told of each remote shard skipped after its retries
-    or as missing (the stream remembers it, `phoclip.data.stream.ShardMemory`); a shard
+    or as missing (the stream remembers it, `phoclip.data.health.ShardMemory`); a shard
     whose `src["max_samples"]` is set is read only that far (a resumed stream replaying a
     shard that was given up after that many samples). `retries` and `backoff_s` default
     to RETRIES and BACKOFF_S as they are when the read starts."""
