@@ -11,10 +11,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+import phoclip
 from http_utils import multipart
 from PIL import Image
+from phoclip.search.parts import ensure_arrow
 
 from conftest import ROOT, run_torchrun, serve_command, train_overrides
 
@@ -37,14 +41,34 @@ def served(shapes_shards, tmp_path_factory):
     r = subprocess.run([sys.executable, "launch/build_index.py", "--model", str(run), "--shards",
                         f"{shards}/val-000000.tar", "--out", str(idx)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    # every caption carries markup: the page must show it as text, never run it
-    items = [json.loads(l) for l in (idx / "images.jsonl").read_text().splitlines()]
-    (idx / "images.jsonl").write_text("".join(json.dumps(dict(it, caption=PAYLOAD + it["caption"]),
-                                                         ensure_ascii=False) + "\n" for it in items))
+    index = phoclip.open_index(idx)
+    items = index.items_for("images", range(index.count("images")))
+    # every caption carries markup: the page must show it as text, never run it. Put there
+    # as a user changes metadata: each part's parquet edited, then the index merged again
+    # (a new version, its Arrow copies made current)
+    parquets = sorted((idx / "metadata").glob("metadata_*.parquet"))
+    assert parquets and sum(pq.read_metadata(f).num_rows for f in parquets) == len(items)
+    for f in parquets:
+        _mark_captions(f)
+    r = subprocess.run([sys.executable, "launch/build_index.py", "--model", str(run), "--out", str(idx), "--merge"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert phoclip.open_index(idx).version != index.version and not any(map(ensure_arrow, parquets))
     (d / "tags.txt").write_text("\n".join(TAGS) + "\n", encoding="utf-8")
     with serve_command(["--index", idx, "--max-upload-mb", "1", "--tags", d / "tags.txt", "--images-root", shards],
                        d / "serve.log") as base:
         yield base, idx, items, shards
+
+
+def _mark_captions(parquet):
+    """PAYLOAD before every caption of a metadata parquet, its other columns and its
+    key-value entries (how the part was made) kept."""
+    pf = pq.ParquetFile(parquet)
+    t = pf.read()
+    caps = pa.array([PAYLOAD + (c or "") for c in t.column("caption").to_pylist()], pa.string())
+    t = t.set_column(t.schema.get_field_index("caption"), "caption", caps)
+    kv = {k: v for k, v in (pf.metadata.metadata or {}).items() if k != b"ARROW:schema"}
+    pq.write_table(t.replace_schema_metadata(kv), parquet)
 
 
 def _get(url):

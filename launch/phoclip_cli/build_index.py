@@ -142,7 +142,10 @@ def _run(args: argparse.Namespace, info) -> int:
                 raise ValueError(f"{out}: no complete part {ix.part_name(base)} to merge")
             source, world, base = first.get("source", ""), int(first.get("of", 1)), int(first.get("base", base))
             meta["source"] = source
-        names = ix.new_parts(out, [q["name"] for q in (cur or {}).get("parts", [])], base, world, meta["model_fingerprint"])
+        # without --add the merge replaces the index's parts, so merging those in use again
+        # publishes them anew (after a part's metadata was edited): only an add's may clash
+        in_use = [q["name"] for q in cur["parts"]] if cur and args.add else []
+        names = ix.new_parts(out, in_use, base, world, meta["model_fingerprint"])
         meta["images_root"] = (ix.part_info(out, names[0]) or {}).get("images_root")
         return _merge(args, out, meta, names, max_bytes, Counter(), 0)
 
