@@ -310,7 +310,8 @@ def test_captions_are_cut_before_normalisation_and_segmentation(tmp_path, tiny_t
 
 
 def test_annotation_files_that_are_not_regular_or_too_large_are_refused_in_one_line(tmp_path, tiny_tokenizer_dir):
-    from phoclip.data.datasets import SourceSpec, read_source
+    from phoclip.data.datasets import read_source
+    from phoclip.data.sources import SourceSpec
 
     imgs = tmp_path / "imgs"
     make_image(imgs / "a.jpg", 1)
@@ -347,7 +348,8 @@ def test_an_annotation_file_that_is_dev_zero_is_refused_not_read(tmp_path, tiny_
 def test_images_held_in_hostile_tars_are_cached_inside_the_cache_folder(tmp_path):
     """A wds tar member named `../../x.jpg` (its key holds the path) is cached under a
     hashed name inside the job's cache, not written outside it."""
-    from phoclip.data.datasets import SourceSpec, _cache_image
+    from phoclip.data.sources import SourceSpec
+    from phoclip.data.webdata import _cache_image
 
     spec = SourceSpec("wds", Path("x.tar"), None, cache_dir=tmp_path / "out" / ".sources" / "00-wds")
     for rel in ("x.tar/../../../../evil.jpg", f"{tmp_path}/abs/evil.jpg", "x.tar/" + "a" * 300 + ".jpg"):

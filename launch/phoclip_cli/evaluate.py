@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from phoclip.data.catalog import check_shards_fit, expand_urls
-from phoclip.data.datasets import SourceSpec, read_source
+from phoclip.data.datasets import parse_source, read_source
+from phoclip.data.sources import SourceSpec
 from phoclip.data.text import load_tokenizer
 from phoclip.errors import EXPECTED_ERRORS
 from phoclip.evaluation import EVAL_BATCH_SIZE
@@ -113,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.out or Path(args.model).is_dir():  # else the model's own refusal says more
             check_out_folder(out)
         references = read_references(Path(args.references)) if args.benchmark else []
-        spec = SourceSpec.parse(args.benchmark) if args.benchmark else None
+        spec = parse_source(args.benchmark) if args.benchmark else None
         records = list(read_source(spec)) if spec else []
         urls = [] if spec else expand_urls(args.shards, split=args.split, flag="--shards")[0]
     except EXPECTED_ERRORS as e:

@@ -10,7 +10,8 @@ from collections import Counter
 
 from phoclip.data.images import MAX_FILE_BYTES
 from phoclip.data.text import normalize_text, strip_controls
-from phoclip.data.datasets import SourceSpec, part_of, read_source
+from phoclip.data.datasets import read_source
+from phoclip.data.sources import SourceSpec, part_of
 from phoclip_sharding.store import JobStore
 from phoclip_sharding.writer import check_images
 

@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phoclip.data.datasets import MAX_ANNOTATION_BYTES, SourceSpec
+from phoclip.data.datasets import parse_source
+from phoclip.data.sources import MAX_ANNOTATION_BYTES, SourceSpec
 from phoclip.data.images import MAX_FILE_BYTES, MAX_IMAGE_PIXELS
 from phoclip.data.text import SEGMENTERS, create_segmenter, load_tokenizer, tokenizer_fingerprint
 from phoclip.fileio import real_dir
@@ -42,7 +43,7 @@ class JobOptions:
     when built (a ValueError naming the flag). `phoclip-shards --help` says the same."""
 
     sources: tuple[str, ...]
-    """FORMAT:ANNOTATIONS[:IMAGE_DIR][,key=value...] specs (`SourceSpec.parse`)."""
+    """FORMAT:ANNOTATIONS[:IMAGE_DIR][,key=value...] specs (`parse_source`)."""
     out: str
     """Output folder, or an fsspec URL whose shards are uploaded atomically."""
     staging: str | None = None
@@ -103,7 +104,7 @@ class JobOptions:
 
 def source_specs(opts: JobOptions) -> list[SourceSpec]:
     """The --source specs, with the job-wide reading settings where a spec sets none."""
-    specs = [SourceSpec.parse(s) for s in opts.sources]
+    specs = [parse_source(s) for s in opts.sources]
     for spec, text in zip(specs, opts.sources):
         if "encoding=" not in text:
             spec.encoding = opts.encoding
