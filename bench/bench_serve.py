@@ -1,7 +1,9 @@
 """The search service under load, as clip-retrieval's clients use it: latency of
 POST /knn-service with `embedding_input` (k=10, metadata of the 10 results included),
 one client and four at once, over HTTP on 127.0.0.1; the service's start-up, the time to
-open the index, and the service's memory (RSS) beside a process holding only the model.
+open the index, and the service's memory (RSS) beside a process holding only the model;
+in process, what reading 10 results' items costs (one thread and four at once), and
+whether they come from the parts' memory-mapped Arrow copies or their parquet.
 
     python bench/bench_serve.py [--n 200000] [--queries 1000]          # builds its own index
     python bench/bench_serve.py --index IDX [--queries 1000]           # an index built elsewhere
@@ -42,7 +44,7 @@ from common import machine, table  # noqa: E402
 
 def _pct(xs, q):
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
 def clip_like(n: int, dim: int, seed: int, clusters: int = 1000) -> np.ndarray:
@@ -101,9 +103,40 @@ def model_only_rss(index: Path) -> float:
     return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
 
 
+def items_latency(index: Path, n: int, k: int, threads: int, calls: int = 200) -> tuple[float, float, bool]:
+    """(p50 ms, p99 ms) of `EmbeddingIndex.items_for` of `k` random image ids, `threads`
+    threads calling at once, and whether the first part's rows come memory-mapped."""
+    from phoclip.search import parts as P
+    from phoclip.search.index import EmbeddingIndex
+
+    ix = EmbeddingIndex(index)
+    reader = P.MetadataReader(P.files_of(index, ix.meta["parts"][0]["name"])[P.META])
+    mapped = getattr(reader, "memory_mapped", False)  # a checkout before the Arrow copies reads parquet only
+    lat: list[float] = []
+    lock = threading.Lock()
+
+    def one(seed: int) -> None:
+        rng, mine = np.random.default_rng(seed), []
+        for _ in range(calls // threads):
+            ids = rng.integers(0, n, k).tolist()
+            t = time.perf_counter()
+            ix.items_for("images", ids)
+            mine.append(time.perf_counter() - t)
+        with lock:
+            lat.extend(mine)
+
+    ts = [threading.Thread(target=one, args=(s,)) for s in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return _pct(lat, 0.5) * 1e3, _pct(lat, 0.99) * 1e3, mapped
+
+
 def run_clients(url: str, queries: np.ndarray, clients: int, k: int, failed: list) -> tuple[list[float], float]:
     """Latencies (s) of every query, `clients` threads each with its own connection, and
-    queries/s; answers other than k results are appended to `failed`."""
+    queries/s; answers other than k results, and requests the service never answered (it
+    died), are appended to `failed` (a client stops at its first unanswered request)."""
     lat: list[float] = []
     lock = threading.Lock()
 
@@ -116,7 +149,11 @@ def run_clients(url: str, queries: np.ndarray, clients: int, k: int, failed: lis
                                "deduplicate": False, "use_mclip": False, "use_safety_model": False,
                                "use_violence_detector": False, "aesthetic_score": "", "aesthetic_weight": ""})
             t = time.perf_counter()
-            r = s.post(url, data=body, timeout=60)
+            try:
+                r = s.post(url, data=body, timeout=60)
+            except requests.RequestException as e:
+                failed.append(f"no answer: {type(e).__name__}: {str(e)[:200]}")
+                break
             mine.append(time.perf_counter() - t)
             if r.status_code != 200 or len(r.json()) != k:
                 failed.append(f"{r.status_code} {r.text[:200]}")
@@ -139,6 +176,9 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--items-threads", default="1,4",
+                   help="threads reading items at once in process (comma-separated; 1 for a checkout whose "
+                        "metadata readers are not thread-safe)")
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="phoclip-serve-bench-"))
@@ -150,6 +190,7 @@ def main(argv=None) -> int:
     open_s = time.perf_counter() - t
     n, dim = opened.count("images"), opened.dim
     del opened
+    items = {t: items_latency(index, n, args.k, t) for t in map(int, args.items_threads.split(","))}
     queries = clip_like(args.queries, dim, seed=2)  # held out: another seed than the index's
 
     with socket.socket() as sk:  # a free port on the loopback
@@ -161,7 +202,7 @@ def main(argv=None) -> int:
     srv = subprocess.Popen([sys.executable, "launch/serve.py", "--index", str(index), "--port", str(port),
                             "--device", "cpu"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    rows = []
+    rows, hung, died = [], False, None
     try:
         while True:
             try:
@@ -178,22 +219,39 @@ def main(argv=None) -> int:
         for clients in (1, 4):
             lat, qps = run_clients(base + "/knn-service", queries, clients, args.k, failed)
             rows.append((f"{clients} client{'s' if clients > 1 else ''}", f"{_pct(lat, 0.5) * 1e3:.1f}",
-                         f"{_pct(lat, 0.99) * 1e3:.1f}", f"{qps:.0f}"))
-        rss_end, hwm = rss_mb(srv.pid)
+                         f"{_pct(lat, 0.99) * 1e3:.1f}", f"{qps:.0f}", f"{len(lat)}/{len(queries)}"))
+            if srv.poll() is not None:
+                break
+        died = srv.poll()
+        rss_end, hwm = rss_mb(srv.pid) if died is None else (float("nan"), float("nan"))
     finally:
-        srv.send_signal(signal.SIGTERM)
-        srv.wait(timeout=30)
+        if srv.poll() is None:
+            srv.send_signal(signal.SIGTERM)
+            try:
+                srv.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # deadlocked: it answers nothing, not even its stop signal
+                hung = True
+                srv.kill()
+                srv.wait()
         log.close()
     model_rss = model_only_rss(index)
     print(f"serve: POST /knn-service, embedding_input, k={args.k} (metadata included), {args.queries} held-out queries "
           f"against {n:,} x {dim} ({index if args.index else 'built here: one part, exact'}); {machine()}")
-    print(table(rows, ("clients", "p50 ms", "p99 ms", "queries/s")))
+    print(table(rows, ("clients", "p50 ms", "p99 ms", "queries/s", "answered")))
     print(f"index open (EmbeddingIndex): {open_s:.2f} s; service start-up (model + index + probe): {startup:.1f} s")
+    mapped = next(iter(items.values()))[2]
+    print(f"items of {args.k} results in process (EmbeddingIndex.items_for, "
+          f"{'memory-mapped Arrow copies' if mapped else 'parquet row groups'}): "
+          + "; ".join(f"{t} thread{'s' if t > 1 else ''}: p50 {a:.2f} ms, p99 {b:.2f} ms" for t, (a, b, _) in items.items()))
+    if died is not None:
+        print(f"the service died during the queries (exit status {died}; -11: a segmentation fault)")
+    if hung:
+        print("the service hung: no answer to SIGTERM in 30 s (killed)")
     print(f"service RSS: {rss_start:.0f} MiB at start, {rss_end:.0f} MiB after the queries (peak {hwm:.0f}); "
           f"a process holding only the model: {model_rss:.0f} MiB")
-    if failed:
+    if failed or died is not None or hung:
         errors = [line for line in (work / "serve.log").read_text().splitlines() if "Error" in line or "ERROR" in line]
-        print(f"{len(failed)} failed answers (first: {failed[0]}); the service's log: {work / 'serve.log'}")
+        print(f"{len(failed)} failed answers (first: {(failed or ['-'])[0]}); the service's log: {work / 'serve.log'}")
         print("\n".join(errors[-10:]))
         return 1
     if not args.index:
