@@ -101,11 +101,11 @@ def recall_at_10(got, exact: np.ndarray) -> float:
 
 def crossover(d: int, sizes: list[int], queries: int = 200) -> list[dict]:
     """Exact search's latency per query (k=10) over n in-memory rows, as the exact index
-    answers (phoclip.search.index.exact_topk), and faiss IndexFlatIP's, for each n."""
+    answers (phoclip.search.exact.exact_topk), and faiss IndexFlatIP's, for each n."""
     import faiss
     import torch
 
-    from phoclip.search.index import exact_topk
+    from phoclip.search.exact import exact_topk
 
     x = np.concatenate(list(generate(max(sizes), d, seed=1))).astype(np.float32)
     q = next(generate(queries, d, seed=2)).astype(np.float32)

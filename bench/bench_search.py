@@ -24,7 +24,8 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=16)
     p.add_argument("--k", type=int, default=25)
     args = p.parse_args()
-    from phoclip.search.index import FORMAT, INDEX_META, EmbeddingIndex
+    from phoclip.search.index import EmbeddingIndex
+    from phoclip.search.meta import FORMAT, INDEX_META
     from phoclip.search.parts import PartWriter, check_part, part_name
 
     g = torch.Generator().manual_seed(0)

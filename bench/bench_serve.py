@@ -108,9 +108,10 @@ def items_latency(index: Path, n: int, k: int, threads: int, calls: int = 200) -
     threads calling at once, and whether the first part's rows come memory-mapped."""
     from phoclip.search import parts as P
     from phoclip.search.index import EmbeddingIndex
+    from phoclip.search.metadata import MetadataReader
 
     ix = EmbeddingIndex(index)
-    reader = P.MetadataReader(P.files_of(index, ix.meta["parts"][0]["name"])[P.META])
+    reader = MetadataReader(P.files_of(index, ix.meta["parts"][0]["name"])[P.META])
     mapped = getattr(reader, "memory_mapped", False)  # a checkout before the Arrow copies reads parquet only
     lat: list[float] = []
     lock = threading.Lock()

@@ -116,9 +116,10 @@ def test_an_over_large_row_group_or_too_many_rows_is_refused_naming_the_file(bui
 
 def test_index_json_a_fifo_or_over_its_cap_is_refused(built, tmp_path, monkeypatch):
     import phoclip.search.index as index_mod
+    import phoclip.search.meta as meta_mod
 
     ix = _copy(built, tmp_path)
-    monkeypatch.setattr(index_mod, "MAX_META_BYTES", 100)
+    monkeypatch.setattr(meta_mod, "MAX_META_BYTES", 100)
     with pytest.raises(ValueError, match=r"index\.json: unreadable.*over the 100-byte cap"):
         index_mod.EmbeddingIndex(ix)
     monkeypatch.undo()

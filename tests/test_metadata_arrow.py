@@ -39,11 +39,12 @@ def _part(folder: Path, n: int = N, captions: bool = True) -> Path:
 
 
 def test_a_part_is_written_with_its_arrow_copy_and_read_memory_mapped(tmp_path):
+    from phoclip.search import metadata as M
     from phoclip.search import parts as P
 
     meta = _part(tmp_path)
-    assert P.arrow_of(meta).is_file() and P.arrow_of(P.files_of(tmp_path, "0000")[P.TEXT_META]).is_file()
-    rd = P.MetadataReader(meta)
+    assert M.arrow_of(meta).is_file() and M.arrow_of(P.files_of(tmp_path, "0000")[P.TEXT_META]).is_file()
+    rd = M.MetadataReader(meta)
     assert rd.memory_mapped
     want = pq.read_table(meta).to_pylist()
     for r in (0, 1, 8191, 8192, 12345, N - 1):
@@ -51,8 +52,8 @@ def test_a_part_is_written_with_its_arrow_copy_and_read_memory_mapped(tmp_path):
     assert rd.column("url") == [w["url"] for w in want] and rd.column("nope") == [None] * N
     with pytest.raises(IndexError):
         rd.row(N)
-    assert P.ensure_arrow(meta) is False  # current: not written again
-    tm = P.MetadataReader(P.files_of(tmp_path, "0000")[P.TEXT_META])
+    assert M.ensure_arrow(meta) is False  # current: not written again
+    tm = M.MetadataReader(P.files_of(tmp_path, "0000")[P.TEXT_META])
     assert tm.memory_mapped and tm.row(77) == {"caption": "chú thích 77", "image_row": 77, "image_key": "k77"}
 
 
@@ -99,17 +100,17 @@ def _read_concurrently(folder: Path, threads: int = 4, per_thread: int = 400) ->
 
 
 def test_the_merge_writes_arrow_copies_and_four_threads_get_the_right_rows(served):
-    from phoclip.search import parts as P
+    from phoclip.search import metadata as M
 
     metas = sorted((served / "metadata").glob("metadata_*.parquet"))
-    assert len(metas) == 2 and all(P.MetadataReader(m).memory_mapped for m in metas)
+    assert len(metas) == 2 and all(M.MetadataReader(m).memory_mapped for m in metas)
     assert _read_concurrently(served) == []
 
 
 def test_four_threads_get_the_right_rows_from_the_parquet_without_a_copy(served, tmp_path, caplog):
     import shutil
 
-    from phoclip.search import parts as P
+    from phoclip.search import metadata as M
 
     ix = tmp_path / "idx"
     shutil.copytree(served, ix)
@@ -120,19 +121,19 @@ def test_four_threads_get_the_right_rows_from_the_parquet_without_a_copy(served,
     from phoclip.search.indexing import arrow_copies
 
     assert arrow_copies(ix, json.loads((ix / "index.json").read_text())["parts"]) == 2
-    assert all(P.MetadataReader(m).memory_mapped for m in (ix / "metadata").glob("*.parquet"))
+    assert all(M.MetadataReader(m).memory_mapped for m in (ix / "metadata").glob("*.parquet"))
 
 
 @pytest.mark.parametrize("damage", ["fifo", "dev_zero", "garbage", "truncated", "stale", "directory", "other_rows"])
 def test_a_bad_arrow_copy_falls_back_to_the_parquet_without_hanging(served, tmp_path, caplog, damage):
     import shutil
 
-    from phoclip.search import parts as P
+    from phoclip.search import metadata as M
 
     ix = tmp_path / "idx"
     shutil.copytree(served, ix)
     meta = sorted((ix / "metadata").glob("metadata_*.parquet"))[0]
-    arrow = P.arrow_of(meta)
+    arrow = M.arrow_of(meta)
     good = arrow.read_bytes()
     arrow.unlink()
     if damage == "fifo":
@@ -150,12 +151,12 @@ def test_a_bad_arrow_copy_falls_back_to_the_parquet_without_hanging(served, tmp_
         arrow.mkdir()
     elif damage == "other_rows":  # the parquet's own stamp on a file of other rows
         t = pq.read_table(meta)
-        stamp = json.dumps({"parquet": P.parquet_stamp(meta), "rows": t.num_rows})
-        t = t.slice(0, 100).replace_schema_metadata({P.ARROW_SOURCE: stamp})
+        stamp = json.dumps({"parquet": M.parquet_stamp(meta), "rows": t.num_rows})
+        t = t.slice(0, 100).replace_schema_metadata({M.ARROW_SOURCE: stamp})
         with ipc.new_file(str(arrow), t.schema) as w:
             w.write_table(t)
     with _deadline(20):
-        rd = P.MetadataReader(meta)
+        rd = M.MetadataReader(meta)
         assert not rd.memory_mapped
         assert rd.row(4321)["url"] == "https://example.com/4321.jpg"
         assert _read_concurrently(ix, per_thread=100) == []
@@ -166,51 +167,51 @@ def test_a_bad_arrow_copy_falls_back_to_the_parquet_without_hanging(served, tmp_
 def _crafted(tmp_path: Path, column: pa.Array) -> Path:
     """A parquet of one `url` column and an Arrow copy holding `column` instead, with the
     parquet's stamp (what a crafted copy would claim)."""
-    from phoclip.search import parts as P
+    from phoclip.search import metadata as M
 
     tmp_path.mkdir()
     meta = tmp_path / "metadata_0000.parquet"
     pq.write_table(pa.table({"url": ["x"] * len(column)}), meta)
-    stamp = json.dumps({"parquet": P.parquet_stamp(meta), "rows": len(column)})
-    schema = pa.schema([("url", column.type)], metadata={P.ARROW_SOURCE: stamp})
-    with ipc.new_file(str(P.arrow_of(meta)), schema) as w:
+    stamp = json.dumps({"parquet": M.parquet_stamp(meta), "rows": len(column)})
+    schema = pa.schema([("url", column.type)], metadata={M.ARROW_SOURCE: stamp})
+    with ipc.new_file(str(M.arrow_of(meta)), schema) as w:
         w.write_batch(pa.RecordBatch.from_arrays([column], schema=schema))
     return meta
 
 
 def test_a_row_past_its_end_or_over_the_cap_is_refused_in_one_line(tmp_path):
-    from phoclip.search import parts as P
+    from phoclip.search import metadata as M
 
     # an offset in the middle pointing past the data buffer (the first and last, checked
     # at open, are right): its rows are refused, never read past the file's end
     meta = _crafted(tmp_path / "a", pa.array(["abc", "defghijk", "xy"]))
-    arrow = P.arrow_of(meta)
+    arrow = M.arrow_of(meta)
     good = np.array([0, 3, 11, 13], dtype=np.int32).tobytes()
     data = arrow.read_bytes()
     assert data.count(good) == 1
     arrow.write_bytes(data.replace(good, np.array([0, 1 << 30, 11, 13], dtype=np.int32).tobytes()))
-    rd = P.MetadataReader(meta)
+    rd = M.MetadataReader(meta)
     assert rd.memory_mapped and rd.row(2) == {"url": "xy"}
     for r in (0, 1):
         with pytest.raises(ValueError, match=rf"metadata_0000\.arrow: row {r} is damaged") as e:
             rd.row(r)
         assert "\n" not in str(e.value)
     # one cell of 10 kB under a 4 kB cap: refused before it becomes a Python string
-    rd = P.MetadataReader(_crafted(tmp_path / "b", pa.array(["a" * 10_000, "b"])), max_group_bytes=4096)
+    rd = M.MetadataReader(_crafted(tmp_path / "b", pa.array(["a" * 10_000, "b"])), max_group_bytes=4096)
     assert rd.row(1) == {"url": "b"}
     with pytest.raises(ValueError, match=r"metadata_0000\.arrow: row 0 is \d+ bytes, over the 4096-byte cap"):
         rd.row(0)
 
 
 def test_record_batches_past_the_cap_are_refused_unread(tmp_path):
-    from phoclip.search import parts as P
+    from phoclip.search import metadata as M
 
     meta = tmp_path / "metadata_0000.parquet"
     pq.write_table(pa.table({"url": [str(i) for i in range(100)]}), meta)
-    stamp = json.dumps({"parquet": P.parquet_stamp(meta), "rows": 100})
-    schema = pa.schema([("url", pa.string())], metadata={P.ARROW_SOURCE: stamp})
-    with ipc.new_file(str(P.arrow_of(meta)), schema) as w:
+    stamp = json.dumps({"parquet": M.parquet_stamp(meta), "rows": 100})
+    schema = pa.schema([("url", pa.string())], metadata={M.ARROW_SOURCE: stamp})
+    with ipc.new_file(str(M.arrow_of(meta)), schema) as w:
         for i in range(100):  # one row a batch: a crafted copy's batch list would fill memory at scale
             w.write_batch(pa.record_batch([pa.array([str(i)])], schema=schema))
-    rd = P.MetadataReader(meta)
+    rd = M.MetadataReader(meta)
     assert not rd.memory_mapped and rd.row(42) == {"url": "42"}

@@ -18,7 +18,7 @@ import pytest
 import phoclip
 from http_utils import multipart
 from PIL import Image
-from phoclip.search.parts import ensure_arrow
+from phoclip.search.metadata import ensure_arrow
 
 from conftest import ROOT, run_torchrun, serve_command, train_overrides
 

@@ -530,10 +530,10 @@ def test_a_nan_index_row_is_skipped_counted_and_never_returned(env, caplog):
     from phoclip.models.embed import embed_texts, query_processor
     from phoclip.search.query import zero_shot_tags
 
-    with caplog.at_level(logging.WARNING, logger="phoclip.search.index"):
+    with caplog.at_level(logging.WARNING, logger="phoclip.search.exact"):
         index = EmbeddingIndex(env.idx)
         emb = index.embeddings("images")
-    msg = [r.getMessage() for r in caplog.records if r.name == "phoclip.search.index"]
+    msg = [r.getMessage() for r in caplog.records if r.name == "phoclip.search.exact"]
     assert len(msg) == 1 and "img_emb: 1 of 8 rows are not finite" in msg[0] and f"ids {NAN_ID})" in msg[0]
     assert index.bad_ids("images").tolist() == [NAN_ID] and torch.isfinite(emb).all()
     # exact and FAISS search: every row but the NaN one, for any query, even the NaN row's own

@@ -30,6 +30,7 @@ from phoclip.errors import EXPECTED_ERRORS
 from phoclip.fileio import atomic_write_json, read_regular
 from phoclip.log import init_logger
 from phoclip.search.ann import parse_bytes
+from phoclip.search.meta import check_out_folder, images_root, index_meta, relative
 from phoclip_cli.common import HelpFormatter, refuse
 
 MAX_IMAGE_BYTES = 64 << 20  # as phoclip.data.images.MAX_FILE_BYTES (checked by a test), without importing torch for --help
@@ -116,7 +117,6 @@ def _run(args: argparse.Namespace, info) -> int:
     from phoclip.evaluation.retrieval import eval_samples  # lazy: torch (~1 s), not for --help
     from phoclip.models.loading import load_encoder  # lazy: torch (~1 s), not for --help
     from phoclip.search import indexing as ix  # lazy: torch (~1 s), not for --help
-    from phoclip.search.index import _images_root, check_out_folder, index_meta  # lazy: torch (~1 s), not for --help
 
     out = Path(args.out)
     max_bytes = parse_bytes(args.max_index_memory)
@@ -160,14 +160,14 @@ def _run(args: argparse.Namespace, info) -> int:
             total = count_samples(urls[rank::world], args.manifest)
         except (ValueError, OSError):  # no sizes.json: progress lines without a total
             total = None
-        root = _images_root(args.shards, [])
+        root = images_root(args.shards, [])
     else:
         files, others = ix.list_images(args.images)
         if not files:
             raise ValueError(f"no images found under {args.images} (looked for {', '.join(sorted(ix.IMAGE_EXT))})")
         samples = ix.folder_samples(files, size, rank, world, skipped, args.max_image_bytes)
         total = len(files[rank::world])
-        root = _images_root(args.images, [])
+        root = images_root(args.images, [])
     name = ix.part_name(base + rank)
     part = {"source": source, "part": rank, "of": world, "base": base, "model_fingerprint": meta["model_fingerprint"],
             "images_root": None if root is None else str(Path(root).resolve())}
@@ -213,9 +213,7 @@ def _merge(args, out: Path, meta: dict, names: list[str], max_bytes: int, skippe
             except (OSError, ValueError):
                 pass
     if isinstance(meta.get("images_root"), str) and Path(meta["images_root"]).is_absolute():
-        from phoclip.search.index import _relative  # lazy: torch (~1 s), not for --help
-
-        meta["images_root"] = _relative(meta["images_root"], meta["built_in"])
+        meta["images_root"] = relative(meta["images_root"], meta["built_in"])
     done = ix.merge(out, meta, names, args.add, max_bytes, args.exact, args.rerank, args.exact_max_rows,
                    args.max_query_ms)
     if not args.add:

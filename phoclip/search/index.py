@@ -1,25 +1,20 @@
-"""The embedding index: a folder of parts in clip-retrieval's layout (`phoclip.search.parts`:
-float16 embeddings and parquet metadata per part), `index.json` naming the model (its
-fingerprint: searching with another model is refused, its embeddings would live in another
-space), the parts in use and the current version of the search structure
-(`versions/<version>/`: faiss files, or nothing for exact search).
+"""The embedding index: `EmbeddingIndex` opens an index folder (its parts in clip-retrieval's
+layout, `phoclip.search.parts`; their metadata, `phoclip.search.metadata`; index.json and
+its versions, `phoclip.search.meta`), answers searches (exact, `phoclip.search.exact`, or
+approximate, `phoclip.search.ann`), reads items by id and switches to a new version when
+one is published (`reload_if_changed`). `write_index` writes a small index in one go.
 
 Everything is memory-mapped and read lazily: opening an index reads index.json and each
-part's .npy header and parquet footer, never the vectors. A writer (a build, an add)
-writes a new version folder completely, then replaces index.json atomically; a reader opens
-index.json once and then only the version it names, so it sees the old index or the new
-one, never a torn one (`reload_if_changed` switches between them).
-
-Rows that are not finite unit vectors (a damaged file) are counted and never returned: a
-NaN row would otherwise be rank 1 for every query, and its score is not even JSON."""
+part's .npy header and parquet footer, never the vectors. A reader opens index.json once
+and then only the version it names, so it sees the old index or the new one, never a torn
+one."""
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import secrets
 import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,23 +23,31 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from phoclip.fileio import atomic_write_json, fsync_dir, read_regular, real_dir
+from phoclip.fileio import atomic_write_json, fsync_dir, real_dir
 from phoclip.search import parts as P
+from phoclip.search.exact import load_matrix, matrix_topk, streamed_bad_ids, streamed_topk
+from phoclip.search.meta import (
+    INDEX_META,
+    KINDS,
+    PATHS_RELATIVE,
+    VERSIONS,
+    caption_rows,
+    check_out_folder,
+    deep_enough,
+    image_rows,
+    images_root,
+    index_meta,
+    meta_stamp,
+    new_version,
+    path_keys,
+    read_meta,
+)
+from phoclip.search.metadata import MetadataReader, parquet_rows
 
 logger = logging.getLogger(__name__)
 
-INDEX_META = "index.json"
-VERSIONS = "versions"
-FORMAT = 2
-PATHS_RELATIVE = "relative to the index folder"  # index.json's `paths`: how item paths and the model are written
-NORM_TOLERANCE = 0.05  # |norm - 1| of a stored row; fp16 rounding stays under 1e-3
-MAX_META_BYTES = 16 << 20  # index.json
 MAX_ROW_GROUP_BYTES = 64 << 20  # one metadata row group, decoded: what one item lookup may cost
 RAM_EXACT_BYTES = 1 << 30  # exact search keeps an fp32 copy in memory up to this size, else streams the parts
-CHUNK = 65536  # rows per block of streamed exact search
-KINDS = ("images", "captions")
-_PART = re.compile(r"^\d{1,9}$")
-_VERSION = re.compile(r"^[0-9]{4,9}-[0-9a-f]{8}$")
 
 
 @dataclass
@@ -69,7 +72,7 @@ class _Version:
             cap_start += rec["captions"]
         self.starts = {"images": np.array([p.start for p in self.parts] + [start], dtype=np.int64),
                        "captions": np.array([p.cap_start for p in self.parts] + [cap_start], dtype=np.int64)}
-        self.readers: dict[tuple, P.MetadataReader] = {}
+        self.readers: dict[tuple, MetadataReader] = {}
         self.matrix: dict[str, Optional[torch.Tensor]] = {}
         self.bad: dict[str, torch.Tensor] = {}
         self.ann: dict = {}
@@ -92,26 +95,18 @@ class EmbeddingIndex:
     # ---------------------------------------------------------------- opening
 
     def _open(self) -> _Version:
-        meta_f = self.folder / INDEX_META
-        if not meta_f.is_file():
-            raise FileNotFoundError(f"{self.folder} is not an index (no {INDEX_META}); build one with phoclip-index")
-        try:  # a regular file under a cap: a FIFO, a device or a huge file is refused unread
-            st = os.stat(meta_f)
-            m = json.loads(read_regular(meta_f, MAX_META_BYTES))
-        except (OSError, ValueError, RecursionError) as e:
-            raise ValueError(f"{meta_f}: unreadable ({type(e).__name__}: {e})") from None
-        check_meta(m, meta_f)
-        v = _Version(self.folder, m, (st.st_ino, st.st_mtime_ns, st.st_size))
+        m, stamp = read_meta(self.folder)
+        v = _Version(self.folder, m, stamp)
         for p in v.parts:  # headers and footers only: the vectors stay on disk
             f = p.files()
-            rows = P.parquet_rows(f[P.META])
+            rows = parquet_rows(f[P.META])
             if rows != p.rows:
                 raise ValueError(f"{f[P.META]}: {rows} rows, but {INDEX_META} says part {p.name} has {p.rows}; "
                                  "the index is damaged: rebuild it")
             p.embeddings("images", m["dim"])
             if p.captions:
                 p.embeddings("captions", m["dim"])
-                if f[P.TEXT_META].exists() and P.parquet_rows(f[P.TEXT_META]) != p.captions:
+                if f[P.TEXT_META].exists() and parquet_rows(f[P.TEXT_META]) != p.captions:
                     raise ValueError(f"{f[P.TEXT_META]}: rows differ from the {p.captions} captions {INDEX_META} "
                                      f"counts for part {p.name}; the index is damaged: rebuild it")
         return v
@@ -120,18 +115,15 @@ class EmbeddingIndex:
         """Reopen when index.json names another version (an add finished): True when it
         switched. Cheap (one stat) when nothing changed; a new index.json that does not open
         keeps the old version serving (logged)."""
-        try:
-            st = os.stat(self.folder / INDEX_META)
-        except OSError:
-            return False
-        if (st.st_ino, st.st_mtime_ns, st.st_size) == self._v.stamp:
+        stamp = meta_stamp(self.folder)
+        if stamp is None or stamp == self._v.stamp:
             return False
         try:
             new = self._open()
         except (ValueError, OSError) as e:
             logger.error("%s changed but does not open (%s): still serving version %s", self.folder / INDEX_META,
                          e, self.version)
-            self._v.stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            self._v.stamp = stamp
             return False
         if new.meta.get("version") == self.version:
             self._v.stamp = new.stamp
@@ -205,7 +197,7 @@ class EmbeddingIndex:
         roots = [os.path.abspath(self.folder)]
         rec = self.meta.get("images_root")
         root = os.path.abspath(self.resolve_path(rec)) if isinstance(rec, str) and rec else None
-        if root is not None and _deep_enough(root):
+        if root is not None and deep_enough(root):
             roots.append(root)
         elif root is not None:
             logger.warning("%s: the images folder %s is too broad to serve pictures from by default; "
@@ -252,7 +244,7 @@ class EmbeddingIndex:
         with v.lock:
             rd = v.readers.get(key)
             if rd is None:
-                rd = v.readers[key] = P.MetadataReader(path, max_group_bytes=MAX_ROW_GROUP_BYTES)
+                rd = v.readers[key] = MetadataReader(path, max_group_bytes=MAX_ROW_GROUP_BYTES)
         return rd.row(r)
 
     def raw_item(self, kind: str, i: int) -> dict:
@@ -280,7 +272,7 @@ class EmbeddingIndex:
         their local `path`/`shard` usable from here; captions {caption, image_key, image}."""
         it = self.raw_item(kind, i)
         if kind == "images":
-            for k in _path_keys(it):
+            for k in path_keys(it):
                 if isinstance(it.get(k), str):
                     it[k] = self.resolve_path(it[k])
         return it
@@ -293,7 +285,7 @@ class EmbeddingIndex:
         """Item `i` of `kind`'s path keys as the index recorded them (relative to the index
         folder): what may be shown to others, where the resolved paths are local."""
         it = self.raw_item(kind, i)
-        return {k: it.get(k) for k in _path_keys(it)}
+        return {k: it.get(k) for k in path_keys(it)}
 
     def items(self, kind: str) -> list[dict]:
         """Every item of `kind` (small indices, the tags listing and the projector; large
@@ -334,11 +326,8 @@ class EmbeddingIndex:
                 if n * self.dim * 4 > RAM_EXACT_BYTES:
                     v.matrix[kind] = None
                 else:
-                    x = torch.zeros(n, self.dim)
-                    for start, a in self._parts_of(v, kind):
-                        x[start:start + a.shape[0]] = torch.from_numpy(np.asarray(a, dtype=np.float32))
-                    v.bad[kind] = _bad_rows(x, self.folder / P.IMG if kind == "images" else self.folder / P.TEXT)
-                    v.matrix[kind] = x
+                    where = self.folder / (P.IMG if kind == "images" else P.TEXT)
+                    v.matrix[kind], v.bad[kind] = load_matrix(self._parts_of(v, kind), n, self.dim, where)
             return v.matrix[kind]
 
     def embeddings(self, kind: str) -> torch.Tensor:
@@ -357,12 +346,7 @@ class EmbeddingIndex:
         v = self._v
         if kind not in v.bad:
             if self._in_ram(v, kind) is None:
-                bad = []
-                for start, a in self._parts_of(v, kind):
-                    for s in range(0, a.shape[0], CHUNK):
-                        ok = _ok_rows(torch.from_numpy(np.asarray(a[s:s + CHUNK], dtype=np.float32)))
-                        bad.append((~ok).nonzero().flatten() + start + s)
-                v.bad[kind] = torch.cat(bad) if bad else torch.empty(0, dtype=torch.long)
+                v.bad[kind] = streamed_bad_ids(self._parts_of(v, kind))
         return v.bad[kind]
 
     # ---------------------------------------------------------------- search
@@ -408,26 +392,8 @@ class EmbeddingIndex:
     def _exact(self, v: _Version, kind: str, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._in_ram(v, kind)
         if x is not None:
-            bad = v.bad[kind]
-            k = min(k, x.shape[0] - len(bad))
-            if k <= 0:
-                return torch.empty(q.shape[0], 0), torch.empty(q.shape[0], 0, dtype=torch.long)
-            kk = min(k + len(bad), x.shape[0])
-            s, i = exact_topk(q, x, kk)
-            return _drop(s, i, bad, k)
-        best_s = torch.full((q.shape[0], 0), float("-inf"))
-        best_i = torch.empty((q.shape[0], 0), dtype=torch.long)
-        for start, a in self._parts_of(v, kind):
-            for s0 in range(0, a.shape[0], CHUNK):
-                blk = torch.from_numpy(np.asarray(a[s0:s0 + CHUNK], dtype=np.float32))
-                sc = q @ blk.T
-                sc[:, ~_ok_rows(blk)] = float("-inf")
-                ts, ti = sc.topk(min(k, sc.shape[1]), dim=1)
-                cs, ci = torch.cat([best_s, ts], 1), torch.cat([best_i, ti + start + s0], 1)
-                best_s, o = cs.topk(min(k, cs.shape[1]), dim=1)
-                best_i = ci.gather(1, o)
-        keep = torch.isfinite(best_s).all(0)  # a column of -inf: fewer good rows than k
-        return best_s[:, keep], best_i[:, keep]
+            return matrix_topk(q, x, v.bad[kind], k)
+        return streamed_topk(q, self._parts_of(v, kind), k)
 
     def search(self, queries, k: int = 25, kind: str = "images", backend: str = "auto",
                rerank: Optional[bool] = None) -> list[list[Match]]:
@@ -442,112 +408,6 @@ def open_index(path: str | os.PathLike) -> EmbeddingIndex:
     return EmbeddingIndex(path)
 
 
-# ---------------------------------------------------------------- index.json
-
-
-def check_meta(m, where: Path) -> None:
-    """Refuse an index.json that does not describe an index, in one line naming it."""
-    if (not isinstance(m, dict) or not isinstance(m.get("model_fingerprint"), str)
-            or not isinstance(m.get("model"), str) or not _count(m.get("dim"))
-            or not isinstance(m.get("count"), dict)):
-        raise ValueError(f"{where}: not an index description (model_fingerprint, model, dim, count)")
-    if m.get("format") != FORMAT or not isinstance(m.get("parts"), list):
-        raise ValueError(f"{where}: not a format-{FORMAT} index (parts in clip-retrieval's layout); "
-                         "rebuild it with this version's phoclip-index")
-    m["count"].setdefault("captions", 0)  # an index of images only may not say
-    for kind in KINDS:
-        if not _count(m["count"].get(kind), zero=True):
-            raise ValueError(f"{where}: count.{kind} must be a non-negative integer, not {_short(m['count'].get(kind))}")
-    if m["dim"] > 65536:
-        raise ValueError(f"{where}: dim {m['dim']} is not an embedding width")
-    names, sums = set(), {"images": 0, "captions": 0}
-    for rec in m["parts"]:
-        if (not isinstance(rec, dict) or not isinstance(rec.get("name"), str) or not _PART.match(rec["name"])
-                or not _count(rec.get("rows"), zero=True) or not _count(rec.get("captions", 0), zero=True)):
-            raise ValueError(f"{where}: a part is not {{name: digits, rows, captions}}: {_short(rec)}")
-        if rec["name"] in names:
-            raise ValueError(f"{where}: part {rec['name']} listed twice")
-        names.add(rec["name"])
-        rec.setdefault("captions", 0)
-        sums["images"] += rec["rows"]
-        sums["captions"] += rec["captions"]
-    for kind in KINDS:
-        if sums[kind] != m["count"][kind]:
-            raise ValueError(f"{where}: the parts hold {sums[kind]} {kind}, count.{kind} says {m['count'][kind]}")
-    version = m.get("version")
-    if version is not None and (not isinstance(version, str) or not _VERSION.match(version)):
-        raise ValueError(f"{where}: version {_short(version)} is not a version name")
-    search = m.get("search", {})
-    if not isinstance(search, dict) or any(not isinstance(s, dict) for s in search.values()):
-        raise ValueError(f"{where}: search must map kinds to descriptions")
-    if any(s.get("type") == "faiss" for s in search.values()) and version is None:
-        raise ValueError(f"{where}: a faiss search structure without a version folder")
-
-
-def new_version(folder: Path, previous: Optional[str]) -> str:
-    """The name of the next version folder: a sequence number and a random tail."""
-    seq = int(previous.split("-")[0]) + 1 if previous else 1
-    return f"{seq:04d}-{secrets.token_hex(4)}"
-
-
-def publish(folder: Path, meta: dict) -> None:
-    """Replace index.json atomically (its version folder written and fsynced before), then
-    remove version folders named neither by it nor by the one it replaces (a reader that
-    opened the previous one keeps its files for one more version)."""
-    old = None
-    try:
-        old = json.loads(read_regular(folder / INDEX_META, MAX_META_BYTES)).get("version")
-    except (OSError, ValueError, AttributeError):
-        pass
-    check_meta(json.loads(json.dumps(meta)), folder / INDEX_META)
-    atomic_write_json(folder / INDEX_META, meta, indent=2)
-    keep = {meta.get("version"), old}
-    vdir = folder / VERSIONS
-    if vdir.is_dir():
-        for d in vdir.iterdir():
-            if d.name not in keep and _VERSION.match(d.name):
-                shutil.rmtree(d, ignore_errors=True)
-
-
-def index_meta(model, model_name: str, home: str, source: str, images_root: Optional[str]) -> dict:
-    """The model and provenance fields of index.json (paths relative to `home`)."""
-    from phoclip.models.pretrained import model_fingerprint  # lazy: reading an index needs no model code
-
-    return {"format": FORMAT, "model_fingerprint": getattr(model, "fingerprint", None) or model_fingerprint(model),
-            "model": _relative(model_name, home), "paths": PATHS_RELATIVE, "built_in": home,
-            "images_root": _relative(images_root, home), "dim": int(model.config["embed_dim"]), "source": source}
-
-
-_OUR_ENTRIES = frozenset({INDEX_META, VERSIONS, P.IMG, P.TEXT, P.META, P.TEXT_META})
-_OUR_TEMP = re.compile(r"^\..+\.tmp$")  # phoclip.fileio's atomic temporary names
-
-
-def check_out_folder(folder: str | os.PathLike) -> None:
-    """Refuse, in one line naming it, an index folder to write that is not an index we
-    wrote: an existing path that is not a folder, a folder holding anything besides an
-    index's entries (index.json, img_emb/, text_emb/, metadata/, text_metadata/,
-    versions/, our temporary files), or whose index.json is not an index description.
-    Writing an index replaces or removes what it finds there: a user's folder that merely
-    holds a file named index.json is never touched. An empty folder, or one holding only
-    the parts of a job under way (no index.json yet), is fine."""
-    out = Path(folder)
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder: refusing to write an index there")
-    other = sorted(e.name for e in out.iterdir() if e.name not in _OUR_ENTRIES and not _OUR_TEMP.match(e.name))
-    if other:
-        raise ValueError(f"{out} is not an index (it holds {', '.join(other[:3])}{', ...' if len(other) > 3 else ''}): "
-                         "refusing to write into it (choose an empty or new --out folder)")
-    f = out / INDEX_META
-    if f.exists() or f.is_symlink():
-        try:
-            check_meta(json.loads(read_regular(f, MAX_META_BYTES, follow_links=False)), f)
-        except (OSError, ValueError, RecursionError) as e:
-            raise ValueError(f"{out} is not an index we wrote ({f.name}: {str(e).splitlines()[0][:200]}): refusing to "
-                             "write into it (choose an empty or new --out folder)") from None
-
-
 def write_index(folder: str | os.PathLike, model, model_name: str, images: Optional[torch.Tensor],
                 image_items: list[dict], captions: Optional[torch.Tensor] = None,
                 caption_items: Optional[list[dict]] = None, source: str = "") -> Path:
@@ -557,8 +417,6 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
     captions; local paths are written relative to the index folder, with the folder's
     absolute path at build time (`built_in`), so that the index works from any directory
     and when moved with its images (`EmbeddingIndex.resolve_path`)."""
-    import tempfile
-
     out = Path(folder)
     check_out_folder(out)  # the folder is replaced whole below
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -578,7 +436,7 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
                   None if captions is None else captions.to(torch.float16).numpy(),
                   caption_rows(caption_items or [], image_items, 0))
             rec = w.close({"source": source, "part": 0, "of": 1})
-        meta = index_meta(model, model_name, home, source, _images_root(source, image_items))
+        meta = index_meta(model, model_name, home, source, images_root(source, image_items))
         meta.update(count={"images": rec["rows"], "captions": rec["captions"]},
                     parts=[P.check_part(tmp, name, meta["dim"])], version=new_version(tmp, None),
                     search={k: {"type": "exact"} for k in KINDS})
@@ -596,37 +454,6 @@ def write_index(folder: str | os.PathLike, model, model_name: str, images: Optio
     return out
 
 
-def image_rows(items: Sequence[dict], home: str) -> list[dict]:
-    """Items as metadata rows: `image_path` (the item's `path`) and `shard` relative to `home`."""
-    rows = []
-    for it in items:
-        keys = _path_keys(it)
-        r = {k: (_relative(v, home) if k in keys else v) for k, v in it.items()}
-        r["image_path"] = r.pop("path", None)
-        rows.append(r)
-    return rows
-
-
-def caption_rows(caption_items: Sequence[dict], image_items: Sequence[dict], first_image: int) -> list[dict]:
-    """Caption items as text_metadata rows: their image as a row of this part."""
-    return [{"caption": c.get("caption"), "image_key": c.get("image_key"),
-             "image_row": int(c["image"]) - first_image if isinstance(c.get("image"), int) else None}
-            for c in caption_items]
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _count(v, zero: bool = False) -> bool:
-    """Whether `v` is a count: an integer (not a bool), positive (or zero with `zero`)."""
-    return isinstance(v, int) and not isinstance(v, bool) and v >= (0 if zero else 1)
-
-
-def _short(v) -> str:
-    r = repr(v)
-    return r if len(r) <= 40 else r[:40] + "..."
-
-
 def _is_model(path: str) -> bool:
     """Whether `path` holds a model `phoclip.models.loading.load_encoder` can load: a model
     folder, a run folder (its model/ or checkpoints/), a checkpoint, an ONNX export."""
@@ -638,84 +465,3 @@ def _is_model(path: str) -> bool:
                 or (p.name == "onnx" and model_folder(p.parent) is not None))
     except OSError:  # a name too long, a folder we may not read
         return False
-
-
-def _ok_rows(x: torch.Tensor) -> torch.Tensor:
-    """Which rows are finite unit vectors."""
-    norm = torch.linalg.vector_norm(x, dim=1)  # NaN or inf for a non-finite row
-    return torch.isfinite(norm) & ((norm - 1).abs() <= NORM_TOLERANCE)
-
-
-def _bad_rows(x: torch.Tensor, where: Path, chunk: int = CHUNK) -> torch.Tensor:
-    """Ids of rows that are not finite unit vectors (zeroed in place), with one warning."""
-    bad = []
-    for s in range(0, x.shape[0], chunk):
-        bad.append((~_ok_rows(x[s:s + chunk])).nonzero().flatten() + s)
-    ids = torch.cat(bad) if bad else torch.empty(0, dtype=torch.long)
-    if len(ids):
-        x[ids] = 0
-        logger.warning("%s: %d of %d rows are not finite unit vectors (ids %s%s): skipped, they are "
-                       "never returned; rebuild the index to search them", where, len(ids), x.shape[0],
-                       ", ".join(map(str, ids[:5].tolist())), ", ..." if len(ids) > 5 else "")
-    return ids
-
-
-def _drop(s: torch.Tensor, i: torch.Tensor, bad: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Results without the ids in `bad`, at most k per query."""
-    if len(bad):
-        keep = ~torch.isin(i, bad)
-        order = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]
-        s, i = s.gather(1, order), i.gather(1, order)
-    return s[:, :k], i[:, :k]
-
-
-def exact_topk(q: torch.Tensor, emb: torch.Tensor, k: int, chunk: int = 262144):
-    """Top-k of q @ emb.T, in chunks of the gallery so memory stays bounded."""
-    if emb.shape[0] <= chunk:
-        return (q @ emb.T).topk(k, dim=1)
-    best_s, best_i = None, None
-    for s in range(0, emb.shape[0], chunk):
-        sc, ix = (q @ emb[s:s + chunk].T).topk(min(k, emb.shape[0] - s), dim=1)
-        ix += s
-        if best_s is None:
-            best_s, best_i = sc, ix
-        else:
-            cs, ci = torch.cat([best_s, sc], 1), torch.cat([best_i, ix], 1)
-            best_s, o = cs.topk(k, dim=1)
-            best_i = ci.gather(1, o)
-    return best_s, best_i
-
-
-def _images_root(source: str, items: Sequence[dict]) -> Optional[str]:
-    """The folder the indexed pictures come from: `source` when it is a local folder,
-    else the folder holding every item's local file (shards)."""
-    if isinstance(source, str) and source and "://" not in source and os.path.isdir(source):
-        return os.path.abspath(source)
-    dirs = [os.path.dirname(os.path.abspath(v)) for it in items for k in _path_keys(it)
-            if isinstance(v := it.get(k), str) and v and "://" not in v and not v.startswith("pipe:")]
-    try:
-        root = os.path.commonpath(dirs) if dirs else None
-    except ValueError:  # mixed drives (Windows)
-        return None
-    return root if root is not None and _deep_enough(root) else None
-
-
-def _deep_enough(folder: str) -> bool:
-    """Whether `folder` is at least two levels deep (/data/photos, not / or /home): a
-    folder pictures may be served from without being named."""
-    return len(Path(os.path.abspath(folder)).parts) >= 3
-
-
-def _path_keys(item: dict) -> tuple:
-    """The keys of an item that are file paths: its `shard` when it comes from a shard
-    (its `path` is then the image's name in the source dataset, not a file here), else its
-    `path`."""
-    return ("shard",) if item.get("shard") else ("path",)
-
-
-def _relative(p, home: str):
-    """A local path (as the builder's working directory saw it) relative to `home`; URLs,
-    `pipe:` commands and non-text as given."""
-    if not isinstance(p, str) or not p or "://" in p or p.startswith("pipe:"):
-        return p
-    return os.path.relpath(os.path.abspath(p), home)

@@ -20,7 +20,7 @@ from phoclip.data.transforms import image_to_tensor
 from phoclip.evaluation.retrieval import ProgressLog, embed_samples
 from phoclip.fileio import fsync_dir, read_regular, real_dir
 from phoclip.search.gallery import load_item_image
-from phoclip.search.index import (
+from phoclip.search.meta import (
     INDEX_META,
     KINDS,
     MAX_META_BYTES,
@@ -31,15 +31,14 @@ from phoclip.search.index import (
     new_version,
     publish,
 )
+from phoclip.search.metadata import arrow_of, ensure_arrow
 from phoclip.search.parts import (
     IMG,
     META,
     TEXT,
     TEXT_META,
     PartWriter,
-    arrow_of,
     check_part,
-    ensure_arrow,
     files_of,
     open_embeddings,
     part_info,
@@ -298,7 +297,7 @@ def merge(out: Path, meta: dict, names: Sequence[str], add: bool, max_bytes: int
 
 
 def arrow_copies(out: Path, parts: Sequence[dict]) -> int:
-    """Make each part's metadata Arrow copy current (`phoclip.search.parts.write_arrow`),
+    """Make each part's metadata Arrow copy current (`phoclip.search.metadata.write_arrow`),
     so that a search reads its results' items memory-mapped, a row at a time; the parts of
     another tool and any whose parquet changed get theirs here. Returns how many were written."""
     t, written = time.perf_counter(), 0

@@ -12,13 +12,7 @@ several captions per image, so ours has one text_emb row per caption and text_me
 says whose. A part is written streaming (the .npy header is written last, over a reserved
 slot), so memory stays flat whatever its size; its files appear under their final names
 only when complete, metadata last: a part is complete when its metadata file exists.
-
-Beside each metadata parquet, the same rows as an uncompressed Arrow IPC file
-(`metadata_{NAME}.arrow`, `text_metadata_{NAME}.arrow`), written with the part and by
-every merge: read memory-mapped, a row is a zero-copy slice, so an item costs the same
-whatever the part's size and threads read at once (clip-retrieval's "metadata memory-mapped").
-The parquet stays the part's published form; the Arrow file records which parquet it
-was made from (size and footer digest) and is used only while that parquet is unchanged.
+The metadata files and their memory-mapped Arrow copies are `phoclip.search.metadata`'s.
 
 Reading: the .npy header is parsed by hand and checked (float16, 2-D, the index's width,
 rows = metadata rows) before the file is memory-mapped; a part that fails is refused in one
@@ -26,39 +20,31 @@ line naming it."""
 from __future__ import annotations
 
 import ast
-import bisect
-import hashlib
-import json
-import logging
-import mmap
 import os
 import re
 import stat
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
 from phoclip.fileio import create_temp, fsync_dir, real_dir
-
-logger = logging.getLogger(__name__)
+from phoclip.search.metadata import (
+    CAPTION_SCHEMA,
+    IMAGE_COLUMNS,
+    IMAGE_SCHEMA,
+    ParquetStream,
+    arrow_of,
+    parquet_rows,
+    write_arrow,
+    written_info,
+)
 
 IMG, TEXT, META, TEXT_META = "img_emb", "text_emb", "metadata", "text_metadata"
 HEADER_SLOT = 128  # bytes reserved for a streamed .npy header (numpy pads its own to 64 or 128)
 MAX_HEADER = 4096  # a .npy header we read by hand
-ROW_GROUP = 8192  # metadata rows per parquet row group: what a lazy item read decodes
-PART_INFO = b"phoclip_part"  # the parquet key-value entry: how the part was made (source, part, of, skipped)
-ARROW_SOURCE = b"phoclip_parquet"  # the Arrow file's schema entry: the parquet it was made from (size, footer digest, rows)
-MAX_FOOTER = 64 << 20  # a parquet footer read to tell whether an Arrow file is its copy
-_NOBLOCK = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 _NAME = re.compile(r"^img_emb_(\d{1,9})\.npy$")
-IMAGE_COLUMNS = ("image_path", "caption", "url", "key", "source", "shard")
-CAPTION_COLUMNS = ("caption", "image_row", "image_key")
 
 
 def part_name(i: int) -> str:
@@ -72,11 +58,6 @@ def files_of(folder: str | os.PathLike, name: str) -> dict[str, Path]:
     f = Path(folder)
     return {IMG: f / IMG / f"{IMG}_{name}.npy", TEXT: f / TEXT / f"{TEXT}_{name}.npy",
             META: f / META / f"{META}_{name}.parquet", TEXT_META: f / TEXT_META / f"{TEXT_META}_{name}.parquet"}
-
-
-def arrow_of(parquet: str | os.PathLike) -> Path:
-    """The memory-mapped Arrow copy of a metadata parquet: beside it, same stem."""
-    return Path(parquet).with_suffix(".arrow")
 
 
 def part_names(folder: str | os.PathLike) -> list[str]:
@@ -94,11 +75,7 @@ def part_info(folder: str | os.PathLike, name: str) -> Optional[dict]:
     f = files_of(folder, name)
     if not (f[META].is_file() and f[IMG].is_file()):
         return None
-    try:
-        kv = pq.ParquetFile(f[META]).metadata.metadata or {}
-        return json.loads(kv[PART_INFO]) if PART_INFO in kv else {}
-    except (OSError, ValueError, pa.ArrowException):
-        return None
+    return written_info(f[META])
 
 
 # ---------------------------------------------------------------- writing
@@ -145,50 +122,6 @@ def npy_header(rows: int, dim: int) -> bytes:
     return b"\x93NUMPY\x01\x00" + (HEADER_SLOT - 10).to_bytes(2, "little") + (d + " " * pad + "\n").encode()
 
 
-class _ParquetStream:
-    def __init__(self, path: Path, schema: pa.Schema) -> None:
-        self.path, self.rows = path, 0
-        real_dir(path.parent)
-        fd, self.tmp = create_temp(path)
-        os.close(fd)
-        self.schema = schema
-        self.w = pq.ParquetWriter(str(self.tmp), schema, compression="zstd")
-        self.buf: dict[str, list] = {n: [] for n in schema.names}
-
-    def write(self, rows: Sequence[dict]) -> None:
-        for r in rows:
-            for n in self.buf:
-                self.buf[n].append(r.get(n))
-        if len(self.buf[self.schema.names[0]]) >= ROW_GROUP:
-            self._flush()
-
-    def _flush(self) -> None:
-        n = len(self.buf[self.schema.names[0]])
-        if n:
-            self.w.write_table(pa.table(self.buf, schema=self.schema), row_group_size=ROW_GROUP)
-            self.rows += n
-            self.buf = {k: [] for k in self.buf}
-
-    def finish(self, info: dict) -> Path:
-        self._flush()
-        self.w.add_key_value_metadata({PART_INFO.decode(): json.dumps(info, ensure_ascii=False)})
-        self.w.close()
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        return self.tmp
-
-    def abort(self) -> None:
-        try:
-            self.w.close()
-        except (OSError, pa.ArrowException):
-            pass
-        self.tmp.unlink(missing_ok=True)
-
-
-_IMAGE_SCHEMA = pa.schema([(c, pa.string()) for c in IMAGE_COLUMNS])
-_CAPTION_SCHEMA = pa.schema([("caption", pa.string()), ("image_row", pa.int64()), ("image_key", pa.string())])
-
-
 class PartWriter:
     """Write one part streaming: `add` blocks of (image embeddings, image rows, caption
     embeddings, caption rows), then `close(info)`; the files appear under their final names
@@ -198,9 +131,9 @@ class PartWriter:
         self.files = files_of(folder, name)
         self.name, self.captions = name, captions
         self.img = _NpyStream(self.files[IMG], dim)
-        self.meta = _ParquetStream(self.files[META], _IMAGE_SCHEMA)
+        self.meta = ParquetStream(self.files[META], IMAGE_SCHEMA)
         self.txt = _NpyStream(self.files[TEXT], dim) if captions else None
-        self.tmeta = _ParquetStream(self.files[TEXT_META], _CAPTION_SCHEMA) if captions else None
+        self.tmeta = ParquetStream(self.files[TEXT_META], CAPTION_SCHEMA) if captions else None
 
     def add(self, img: np.ndarray, rows: Sequence[dict], txt: Optional[np.ndarray] = None,
             caption_rows: Sequence[dict] = ()) -> None:
@@ -250,8 +183,6 @@ def read_npy_header(path: str | os.PathLike) -> tuple[np.dtype, tuple, bool, int
     """(dtype, shape, fortran_order, data offset) of a .npy file, parsed by hand from a
     capped header (numpy's own parser raises a zoo of errors on crafted input), or
     ValueError naming the file. A regular file only."""
-    import stat
-
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         st = os.fstat(fd)
@@ -299,18 +230,6 @@ def open_embeddings(path: Path, dim: int, rows: Optional[int], what: str) -> np.
     if shape[0] == 0:
         return np.zeros((0, dim), dtype=np.float16)
     return np.memmap(path, dtype="<f2", mode="r", offset=offset, shape=shape)
-
-
-def parquet_rows(path: Path) -> int:
-    """Rows of a parquet file (from its footer), or ValueError naming it."""
-    import stat
-
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ValueError(f"{path}: not a regular file")
-        return int(pq.ParquetFile(path).metadata.num_rows)
-    except (OSError, pa.ArrowException) as e:
-        raise ValueError(f"{path}: unreadable metadata ({type(e).__name__}: {e})") from None
 
 
 @dataclass
@@ -362,241 +281,3 @@ def check_part(folder: Path, name: str, dim: int) -> dict:
     elif f[TEXT_META].exists():
         raise ValueError(f"part {name}: {f[TEXT_META]} without {f[TEXT]}")
     return {"name": name, "rows": rows, "captions": captions, "bytes": size}
-
-
-def parquet_stamp(path: str | os.PathLike) -> Optional[str]:
-    """What identifies a parquet file's content cheaply: its size and the digest of its
-    footer (row groups, offsets, statistics, key-value entries), read from a regular file
-    without blocking; None when it is not one or has no parquet footer."""
-    try:
-        fd = os.open(path, _NOBLOCK)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < 12:
-            return None
-        tail = os.pread(fd, 8, st.st_size - 8)
-        n = int.from_bytes(tail[:4], "little")
-        if tail[4:] != b"PAR1" or n > min(MAX_FOOTER, st.st_size - 12):
-            return None
-        footer = os.pread(fd, n, st.st_size - 8 - n)
-        if len(footer) != n:
-            return None
-        return f"{st.st_size}:{hashlib.sha256(footer).hexdigest()}"
-    finally:
-        os.close(fd)
-
-
-def write_arrow(parquet: Path, arrow: Optional[Path] = None, batch_rows: int = ROW_GROUP) -> Path:
-    """Copy a metadata parquet into an uncompressed Arrow IPC file (default: `arrow_of`
-    it), streaming `batch_rows` rows at a time (memory stays flat whatever its row groups),
-    written under a temporary name, fsynced and renamed into place. Its schema records
-    the parquet's stamp and rows, so a reader uses it only while that parquet is unchanged.
-    ValueError naming the parquet when it cannot be read."""
-    arrow = arrow_of(parquet) if arrow is None else Path(arrow)
-    rows = parquet_rows(parquet)  # a regular file with a readable footer, else refused naming it
-    stamp = parquet_stamp(parquet)
-    if stamp is None:
-        raise ValueError(f"{parquet}: not a parquet file")
-    fd, tmp = create_temp(arrow)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pf = pq.ParquetFile(parquet)
-            source = json.dumps({"parquet": stamp, "rows": rows})
-            schema = pf.schema_arrow.with_metadata({ARROW_SOURCE: source})
-            done = 0
-            with ipc.new_file(pa.PythonFile(fh, mode="w"), schema) as w:
-                for b in pf.iter_batches(batch_size=batch_rows):
-                    w.write_batch(pa.RecordBatch.from_arrays(b.columns, schema=schema))
-                    done += b.num_rows
-            if done != rows:
-                raise ValueError(f"{parquet}: {done} rows read, its footer says {rows}")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, arrow)
-    except (OSError, pa.ArrowException) as e:
-        tmp.unlink(missing_ok=True)
-        raise ValueError(f"{parquet}: unreadable metadata ({type(e).__name__}: {e})") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(arrow.parent)
-    return arrow
-
-
-def ensure_arrow(parquet: Path) -> bool:
-    """Make `parquet`'s Arrow copy current: True when it was (re)written, False when the
-    one beside it already is the copy of this parquet."""
-    try:
-        _open_arrow(arrow_of(parquet), parquet_stamp(parquet))
-        return False
-    except ValueError:
-        write_arrow(parquet)
-        return True
-
-
-def _open_arrow(path: Path, stamp: Optional[str]) -> tuple[list[pa.RecordBatch], list[int]]:
-    """The record batches of Arrow file `path` memory-mapped (zero-copy) and their first
-    rows, when it is a regular file made from the parquet of `stamp` and its structure
-    holds; ValueError saying why otherwise. Opened without blocking and mapped from that
-    descriptor: a FIFO or a device put there is refused, never read."""
-    if stamp is None:
-        raise ValueError(f"{path}: its parquet has no readable footer")
-    try:
-        fd = os.open(path, _NOBLOCK)
-    except OSError as e:
-        raise ValueError(f"{path}: {e.strerror or e}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"{path}: not a regular file")
-        if st.st_size == 0:
-            raise ValueError(f"{path}: empty")
-        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-    finally:
-        os.close(fd)
-    try:
-        r = ipc.open_file(pa.py_buffer(mm))
-        got = json.loads((r.schema.metadata or {}).get(ARROW_SOURCE, b"{}"))
-        if not isinstance(got, dict) or got.get("parquet") != stamp:
-            raise ValueError(f"{path}: made from another version of its parquet")
-        rows = got.get("rows")
-        # our writer puts ROW_GROUP rows in a batch: many more batches is a crafted file
-        # whose batch list alone would fill memory
-        if not isinstance(rows, int) or r.num_record_batches > rows // 64 + 16:
-            raise ValueError(f"{path}: {r.num_record_batches} record batches for {rows} rows")
-        batches, starts, s = [], [], 0
-        for i in range(r.num_record_batches):
-            b = r.get_batch(i)
-            b.validate()  # lengths and buffer sizes (the values are checked row by row as read)
-            batches.append(b)
-            starts.append(s)
-            s += b.num_rows
-    except (OSError, pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError) as e:
-        why = (str(e).splitlines() or [""])[0][:200]
-        raise ValueError(f"{path}: not an Arrow file ({type(e).__name__}: {why})") from None
-    if s != rows:
-        raise ValueError(f"{path}: {s} rows, its parquet has {rows}")
-    starts.append(s)
-    return batches, starts
-
-
-class MetadataReader:
-    """Rows of a part's metadata by row number, safe to call from several threads at once.
-    From the parquet's Arrow copy when it is current (memory-mapped: a row is a zero-copy
-    slice, O(1)); else from the parquet a row group at a time (a few recent groups kept,
-    one reader at a time: pyarrow's reads of one parquet file from two threads deadlock).
-    An item lookup never loads the whole file either way."""
-
-    def __init__(self, path: Path, keep: int = 4, max_group_bytes: int = 64 << 20) -> None:
-        self.path, self.keep, self.max_group_bytes = path, keep, max_group_bytes
-        self.arrow = arrow_of(path)
-        self._lock = threading.Lock()  # this part's opening and parquet reads; Arrow rows take none
-        self._batches: Optional[list[pa.RecordBatch]] = None
-        self._bstarts: list[int] = []
-        self._big: list[bool] = []  # batches whose buffers exceed the cap: their rows are measured one by one
-        self._ready = False
-        self._pf: Optional[pq.ParquetFile] = None
-        self._starts: list[int] = []
-        self._cache: dict[int, list[dict]] = {}
-
-    def _prepare(self) -> None:
-        if self._ready:
-            return
-        with self._lock:
-            if self._ready:
-                return
-            try:
-                self._batches, self._bstarts = _open_arrow(self.arrow, parquet_stamp(self.path))
-                self._big = [b.get_total_buffer_size() > self.max_group_bytes for b in self._batches]
-            except ValueError as e:
-                # the parquet stays the truth: a missing or stale copy costs speed, not answers
-                missing = not os.path.lexists(self.arrow)
-                logger.log(logging.INFO if missing else logging.WARNING, "%s; the rows of %s are read from the parquet "
-                           "(slower; a merge or add of the index writes its Arrow copy)",
-                           f"{self.arrow}: missing" if missing else str(e).splitlines()[0], self.path.name)
-            self._ready = True
-
-    @property
-    def memory_mapped(self) -> bool:
-        """Whether rows come from the Arrow copy (known after the first read)."""
-        self._prepare()
-        return self._batches is not None
-
-    def _open(self) -> pq.ParquetFile:
-        if self._pf is None:
-            try:
-                if not stat.S_ISREG(os.stat(self.path).st_mode):  # a FIFO would block the open below
-                    raise ValueError(f"{self.path}: not a regular file")
-                self._pf = pq.ParquetFile(self.path)
-            except (OSError, pa.ArrowException) as e:
-                raise ValueError(f"{self.path}: unreadable metadata ({type(e).__name__}: {e})") from None
-            md, s = self._pf.metadata, 0
-            for g in range(md.num_row_groups):
-                self._starts.append(s)
-                s += md.row_group(g).num_rows
-            self._starts.append(s)
-        return self._pf
-
-    def row(self, r: int) -> dict:
-        """Row `r` as a dict (None values for missing cells)."""
-        self._prepare()
-        if self._batches is not None:
-            return self._arrow_row(r)
-        with self._lock:
-            return self._parquet_row(r)
-
-    def _arrow_row(self, r: int) -> dict:
-        g = bisect.bisect_right(self._bstarts, r) - 1
-        if not 0 <= r < self._bstarts[-1]:
-            raise IndexError(f"{self.arrow}: no row {r}")
-        one = self._batches[g].slice(r - self._bstarts[g], 1)
-        try:
-            one.validate(full=True)  # this row's offsets and text: a crafted file is refused, never read past its end
-        except pa.ArrowException as e:
-            raise ValueError(f"{self.arrow}: row {r} is damaged ({str(e).splitlines()[0][:200]})") from None
-        if self._big[g] and one.nbytes > self.max_group_bytes:
-            raise ValueError(f"{self.arrow}: row {r} is {one.nbytes} bytes, over the {self.max_group_bytes}-byte cap; "
-                             "refused unread")
-        return one.to_pylist()[0]
-
-    def _parquet_row(self, r: int) -> dict:
-        pf = self._open()
-        g = bisect.bisect_right(self._starts, r) - 1
-        if not 0 <= g < len(self._starts) - 1:
-            raise IndexError(f"{self.path}: no row {r}")
-        if g not in self._cache:
-            size = pf.metadata.row_group(g).total_byte_size
-            if size > self.max_group_bytes:
-                raise ValueError(f"{self.path}: row group {g} is {size} bytes decoded, over the "
-                                 f"{self.max_group_bytes}-byte cap; refused unread")
-            try:
-                rows = pf.read_row_group(g).to_pylist()
-            except (OSError, pa.ArrowException) as e:
-                raise ValueError(f"{self.path}: unreadable row group {g} ({type(e).__name__}: {e})") from None
-            if len(self._cache) >= self.keep:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[g] = rows
-        return self._cache[g][r - self._starts[g]]
-
-    def column(self, name: str) -> list:
-        """One column whole (small indices and the projector; None when absent)."""
-        self._prepare()
-        if self._batches is not None:
-            if not self._batches or name not in self._batches[0].schema.names:
-                return [None] * self._bstarts[-1]
-            out = []
-            for b in self._batches:
-                col = b.column(name)
-                try:
-                    col.validate(full=True)
-                except pa.ArrowException as e:
-                    raise ValueError(f"{self.arrow}: column {name} is damaged ({str(e).splitlines()[0][:200]})") from None
-                out += col.to_pylist()
-            return out
-        with self._lock:
-            pf = self._open()
-            if name not in pf.schema_arrow.names:
-                return [None] * pf.metadata.num_rows
-            return pf.read(columns=[name]).column(name).to_pylist()

@@ -23,7 +23,9 @@ import torch
 
 from phoclip.data.text import strip_controls
 from phoclip.errors import EXPECTED_ERRORS, one_line
-from phoclip.search.index import INDEX_META, NORM_TOLERANCE, EmbeddingIndex
+from phoclip.search.exact import NORM_TOLERANCE
+from phoclip.search.index import EmbeddingIndex
+from phoclip.search.meta import INDEX_META
 from phoclip.serve.picture_cache import PictureCache, default_roots
 
 logger = logging.getLogger(__name__)
