@@ -15,6 +15,10 @@ latency target is where the approximate index starts (phoclip.search.ann.EXACT_R
     python bench/bench_index.py --n 1000000 --work /tmp/bench_index
     python bench/bench_index.py --n 10000000 --work /tmp/bench_index   # hours on 2 cores
     python bench/bench_index.py --crossover --d 512
+    python bench/bench_index.py --n 1000000 --work /tmp/w1m --no-add --no-reference   # an index for bench_serve
+
+The work folder is kept: parts (emb/), index (index/), model (model/) and the exact top-10 row
+ids of the held-out queries (exact_top10.npy, the ground truth bench_serve.py --truth reads).
 """
 from __future__ import annotations
 
@@ -72,6 +76,7 @@ def make_model(folder: Path, d: int) -> Path:
 
     tok = load_tokenizer(str(build_phobert_tokenizer(["một con mèo trên bãi cỏ xanh"], folder.parent / "tok")))
     model = phoclip.create_model("tiny-debug", embed_dim=d, text={"hf_config": {"vocab_size": len(tok)}})
+    model.config["text"].update(segmenter="none")  # the service refuses a model that does not say how to segment
     save_pretrained(model, folder, tokenizer=tok)
     return folder
 
@@ -130,6 +135,9 @@ def main() -> None:
     p.add_argument("--model", help="a model folder as wide as --d (default: a random tiny one under --work)")
     p.add_argument("--max-index-memory", default="4G")
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--no-add", action="store_true", help="skip adding 10%% more (the index keeps --n rows)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip exact search one query at a time and the plain faiss script beside ours")
     p.add_argument("--crossover", action="store_true", help="exact search's latency against the number of rows")
     p.add_argument("--sizes", default="10000,30000,100000,200000,300000,500000,1000000",
                    help="with --crossover: the numbers of rows")
@@ -142,12 +150,14 @@ def main() -> None:
     src, add_src, out = work / "emb", work / "emb_add", work / "index"
     if not (src / "img_emb").is_dir():
         write_parts(src, args.n, args.d, seed=1)
+    if not args.no_add and not (add_src / "img_emb").is_dir():
         write_parts(add_src, args.n // 10, args.d, seed=3)
     q = next(generate(args.queries, args.d, seed=2)).astype(np.float32)
     cmd = [sys.executable, "launch/build_index.py", "--model", args.model, "--embeddings", str(src), "--out", str(out),
            "--max-index-memory", args.max_index_memory, "--device", "cpu"]
     res = {"n": args.n, "d": args.d, "load_at_start": load_average()}
-    for what, c in (("build", cmd), ("add", [x if x != str(src) else str(add_src) for x in cmd] + ["--add"])):
+    steps = [("build", cmd)] + ([] if args.no_add else [("add", [x if x != str(src) else str(add_src) for x in cmd] + ["--add"])])
+    for what, c in steps:
         t = time.monotonic()
         r = subprocess.run(["/usr/bin/time", "-f", "%M", *c], capture_output=True, text=True)
         if r.returncode:
@@ -165,24 +175,27 @@ def main() -> None:
     _, exact = ix.topk(q, 10, backend="exact")
     res["exact_batch_s"] = round(time.monotonic() - t, 1)
     exact = exact.numpy()
+    np.save(work / "exact_top10.npy", exact)
     lat, got = latencies(lambda r: ix.topk(r, 10)[1][0].numpy(), q)
     res.update(pcts(lat), recall_at_10=recall_at_10(got, exact))
-    # exact search one query at a time, ours (streamed from the parts past RAM_EXACT_BYTES): a sample
-    lat, got = latencies(lambda r: ix.topk(r, 10, backend="exact")[1][0].numpy(), q[:50])
-    res["exact_ours"] = dict(pcts(lat), recall_at_10=recall_at_10(got, exact[:50]), queries=50)
+    if not args.no_reference:
+        # exact search one query at a time, ours (streamed from the parts past RAM_EXACT_BYTES): a sample
+        lat, got = latencies(lambda r: ix.topk(r, 10, backend="exact")[1][0].numpy(), q[:50])
+        res["exact_ours"] = dict(pcts(lat), recall_at_10=recall_at_10(got, exact[:50]), queries=50)
     res["bench_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    res["plain_faiss"] = plain_faiss(src, add_src, res["search"], q, exact)
+    if not args.no_reference:
+        res["plain_faiss"] = plain_faiss(src, add_src if not args.no_add else None, res["search"], q, exact)
     res["load_at_end"] = load_average()
     print(json.dumps(res, indent=2))
 
 
-def plain_faiss(src: Path, add_src: Path, info: dict, q: np.ndarray, exact: np.ndarray) -> dict:
+def plain_faiss(src: Path, add_src: Path | None, info: dict, q: np.ndarray, exact: np.ndarray) -> dict:
     """The same index key and nprobe with faiss alone (everything in memory): the reference."""
     import faiss
 
     if info.get("type") != "faiss":
         return {}
-    files = sorted((src / "img_emb").glob("*.npy")) + sorted((add_src / "img_emb").glob("*.npy"))
+    files = sorted((src / "img_emb").glob("*.npy")) + (sorted((add_src / "img_emb").glob("*.npy")) if add_src else [])
     t = time.monotonic()
     x0 = np.load(files[0], mmap_mode="r")
     index = faiss.index_factory(x0.shape[1], info["key"], faiss.METRIC_INNER_PRODUCT)

@@ -8,6 +8,11 @@ whether they come from the parts' memory-mapped Arrow copies or their parquet.
     python bench/bench_serve.py [--n 200000] [--queries 1000]          # builds its own index
     python bench/bench_serve.py --index IDX [--queries 1000]           # an index built elsewhere
                                                                        # (bench/bench_index.py's)
+    python bench/bench_serve.py --index W/index --truth W/exact_top10.npy   # + recall@10 vs exact
+
+With `--truth` (bench_index.py's exact_top10.npy: the exact top-10 row ids of the same
+held-out queries) the recall@10 of the service's answers is printed beside the index's own,
+one query at a time in process (EmbeddingIndex.topk).
 
 The index it builds holds `--n` 512-d vectors that look like CLIP embeddings (the
 generator of bench/bench_index.py when that file exists, else the same recipe here: a
@@ -134,17 +139,20 @@ def items_latency(index: Path, n: int, k: int, threads: int, calls: int = 200) -
     return _pct(lat, 0.5) * 1e3, _pct(lat, 0.99) * 1e3, mapped
 
 
-def run_clients(url: str, queries: np.ndarray, clients: int, k: int, failed: list) -> tuple[list[float], float]:
+def run_clients(url: str, queries: np.ndarray, clients: int, k: int, failed: list,
+                answers: dict | None = None) -> tuple[list[float], float]:
     """Latencies (s) of every query, `clients` threads each with its own connection, and
     queries/s; answers other than k results, and requests the service never answered (it
-    died), are appended to `failed` (a client stops at its first unanswered request)."""
+    died), are appended to `failed` (a client stops at its first unanswered request).
+    `answers`, when given, receives each query's row ids by the query's position."""
     lat: list[float] = []
     lock = threading.Lock()
 
-    def one(part: np.ndarray) -> None:
+    def one(c: int) -> None:
         s = requests.Session()
         mine = []
-        for q in part:
+        for j in range(c, len(queries), clients):
+            q = queries[j]
             body = json.dumps({"text": None, "image": None, "image_url": None, "embedding_input": q.tolist(),
                                "modality": "image", "num_images": k, "num_result_ids": k, "indice_name": None,
                                "deduplicate": False, "use_mclip": False, "use_safety_model": False,
@@ -158,16 +166,36 @@ def run_clients(url: str, queries: np.ndarray, clients: int, k: int, failed: lis
             mine.append(time.perf_counter() - t)
             if r.status_code != 200 or len(r.json()) != k:
                 failed.append(f"{r.status_code} {r.text[:200]}")
+            elif answers is not None:
+                answers[j] = [int(x["id"]) for x in r.json()]
         with lock:
             lat.extend(mine)
 
-    threads = [threading.Thread(target=one, args=(queries[c::clients],)) for c in range(clients)]
+    threads = [threading.Thread(target=one, args=(c,)) for c in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     return lat, len(queries) / (time.perf_counter() - t0)
+
+
+def recall_at_k(got: dict, truth: np.ndarray, k: int) -> float:
+    """Mean share of each answered query's exact top-k found in its answer."""
+    return float(np.mean([len(set(ids[:k]) & set(truth[j, :k].tolist())) / k for j, ids in got.items()])) if got \
+        else float("nan")
+
+
+def index_recall(index: Path, queries: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, float, float]:
+    """(recall@k, p50 ms, p99 ms) of the index alone, one query at a time in process."""
+    from phoclip.search.index import EmbeddingIndex
+
+    ix, got, lat = EmbeddingIndex(index), {}, []
+    for j, q in enumerate(queries):
+        t = time.perf_counter()
+        got[j] = ix.topk(torch.from_numpy(q[None]), k)[1][0].tolist()
+        lat.append(time.perf_counter() - t)
+    return recall_at_k(got, truth, k), _pct(lat, 0.5) * 1e3, _pct(lat, 0.99) * 1e3
 
 
 def main(argv=None) -> int:
@@ -177,6 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=10)
+    p.add_argument("--truth", help="exact top-k row ids of the held-out queries, a .npy [queries, >=k] "
+                                   "(bench_index.py writes exact_top10.npy in its work folder)")
     p.add_argument("--items-threads", default="1,4",
                    help="threads reading items at once in process (comma-separated; 1 for a checkout whose "
                         "metadata readers are not thread-safe)")
@@ -193,6 +223,10 @@ def main(argv=None) -> int:
     del opened
     items = {t: items_latency(index, n, args.k, t) for t in map(int, args.items_threads.split(","))}
     queries = clip_like(args.queries, dim, seed=2)  # held out: another seed than the index's
+    truth = np.load(args.truth) if args.truth else None
+    if truth is not None and (truth.shape[0] < args.queries or truth.shape[1] < args.k):
+        raise SystemExit(f"{args.truth}: {truth.shape} ids, needs at least [{args.queries}, {args.k}]")
+    ix_recall = index_recall(index, queries, truth, args.k) if truth is not None else None
 
     with socket.socket() as sk:  # a free port on the loopback
         sk.bind(("127.0.0.1", 0))
@@ -216,9 +250,13 @@ def main(argv=None) -> int:
         startup = time.time() - t0
         rss_start = rss_mb(srv.pid)[0]
         failed: list[str] = []
-        run_clients(base + "/knn-service", queries[:20], 1, args.k, failed)  # warm-up (first search structures)
+        first, _ = run_clients(base + "/knn-service", queries[:1], 1, args.k, failed)  # opens the search structures
+        run_clients(base + "/knn-service", queries[1:20], 1, args.k, failed)  # warm-up
+        recalls = {}
         for clients in (1, 4):
-            lat, qps = run_clients(base + "/knn-service", queries, clients, args.k, failed)
+            got: dict = {}
+            lat, qps = run_clients(base + "/knn-service", queries, clients, args.k, failed, got)
+            recalls[clients] = recall_at_k(got, truth, args.k) if truth is not None else float("nan")
             rows.append((f"{clients} client{'s' if clients > 1 else ''}", f"{_pct(lat, 0.5) * 1e3:.1f}",
                          f"{_pct(lat, 0.99) * 1e3:.1f}", f"{qps:.0f}", f"{len(lat)}/{len(queries)}"))
             if srv.poll() is not None:
@@ -239,7 +277,12 @@ def main(argv=None) -> int:
     print(f"serve: POST /knn-service, embedding_input, k={args.k} (metadata included), {args.queries} held-out queries "
           f"against {n:,} x {dim} ({index if args.index else 'built here: one part, exact'}); {machine()}")
     print(table(rows, ("clients", "p50 ms", "p99 ms", "queries/s", "answered")))
-    print(f"index open (EmbeddingIndex): {open_s:.2f} s; service start-up (model + index + probe): {startup:.1f} s")
+    print(f"index open (EmbeddingIndex): {open_s:.2f} s; service start-up (process start to /health answering: "
+          f"model + index + probe): {startup:.1f} s; first query: {first[0] * 1e3 if first else float('nan'):.0f} ms")
+    if ix_recall is not None:
+        print(f"recall@{args.k} vs exact ({args.truth}): through the service "
+              + ", ".join(f"{c} client{'s' if c > 1 else ''} {r:.4f}" for c, r in recalls.items())
+              + f"; the index alone in process {ix_recall[0]:.4f} (p50 {ix_recall[1]:.2f} ms, p99 {ix_recall[2]:.2f} ms)")
     mapped = next(iter(items.values()))[2]
     print(f"items of {args.k} results in process (EmbeddingIndex.items_for, "
           f"{'memory-mapped Arrow copies' if mapped else 'parquet row groups'}): "
@@ -249,7 +292,7 @@ def main(argv=None) -> int:
     if hung:
         print("the service hung: no answer to SIGTERM in 30 s (killed)")
     print(f"service RSS: {rss_start:.0f} MiB at start, {rss_end:.0f} MiB after the queries (peak {hwm:.0f}); "
-          f"a process holding only the model: {model_rss:.0f} MiB")
+          f"a process holding only the model: {model_rss:.0f} MiB (peak - model: {(hwm - model_rss) / 1024:.2f} GiB)")
     if failed or died is not None or hung:
         errors = [line for line in (work / "serve.log").read_text().splitlines() if "Error" in line or "ERROR" in line]
         print(f"{len(failed)} failed answers (first: {(failed or ['-'])[0]}); the service's log: {work / 'serve.log'}")
