@@ -302,13 +302,24 @@ def open_index(vdir: Path, info: dict, count: int, dim: int):
 
 def search(index, q: np.ndarray, k: int, info: dict,
            vectors: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-           nprobe: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+           nprobe: Optional[int] = None, count: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of the faiss index, re-ranked exactly from the stored vectors when `vectors`
-    (ids -> float32 rows) is given; -1 results dropped (fewer than k columns then)."""
+    (ids -> float32 rows) is given; -1 results dropped (fewer than k columns then), and
+    with `count` (the rows of the index) ids outside [0, count) too."""
     q = np.ascontiguousarray(q, dtype=np.float32)
     kk = k * RERANK_FACTOR if vectors is not None else k
     params = faiss.SearchParametersIVF(nprobe=int(nprobe or faiss.extract_index_ivf(index).nprobe))
     s, i = index.search(q, kk, params=params)
+    if count is not None:
+        # the ids are read from the data file, which open_index checks for size only: an id
+        # past the index names no row (a damaged or crafted file), and is dropped, not looked up
+        out = (i >= count) | (i < -1)
+        if out.any():
+            logger.warning("faiss index: %d results name ids outside the index's %d rows: dropped; rebuild the index",
+                           int(out.sum()), count)
+            i[out], s[out] = -1, -np.inf
+            o = np.argsort(-s, axis=1, kind="stable")
+            s, i = np.take_along_axis(s, o, 1), np.take_along_axis(i, o, 1)
     if vectors is not None:
         s2 = np.full_like(s, -np.inf)
         for a in range(q.shape[0]):

@@ -372,7 +372,7 @@ class EmbeddingIndex:
 
             index = self._ann(v, kind, info)
             s, i = ann.search(index, q.numpy(), k, info, self._rerank_fn(kind) if rerank is not False and
-                              (rerank or info.get("rerank")) else None)
+                              (rerank or info.get("rerank")) else None, count=self.count(kind))
             return torch.from_numpy(s), torch.from_numpy(i)
         return self._exact(v, kind, q, k)
 

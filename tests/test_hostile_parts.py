@@ -1,0 +1,76 @@
+"""An index in parts handed to us by someone else: a faiss data file whose ids lie
+outside the index, a version folder that is a link elsewhere, two --add jobs at once.
+Each is refused in one line or skipped and counted; nothing outside the index folder is
+written or removed, and nothing published is overwritten."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from test_serve_hostile import _tiny_model_folder
+
+N, DIM = 3000, 64
+
+
+def _index(args) -> int:
+    from phoclip_cli import build_index
+
+    return build_index.main([str(a) for a in args])
+
+
+def _clip_folder(src: Path, x: np.ndarray, first: int = 0) -> Path:
+    """`x` as one part of another tool's folder (clip-retrieval's layout)."""
+    for sub in ("img_emb", "metadata"):
+        (src / sub).mkdir(parents=True, exist_ok=True)
+    np.save(src / "img_emb" / "img_emb_0.npy", x.astype(np.float16))
+    pq.write_table(pa.table({"image_path": [f"{i}.jpg" for i in range(first, first + len(x))]}),
+                   src / "metadata" / "metadata_0.parquet")
+    return src
+
+
+@pytest.fixture(scope="module")
+def env(tiny_tokenizer_dir, tmp_path_factory):
+    """A tiny 64-wide model and a faiss index (IVF) of N random unit vectors."""
+    d = tmp_path_factory.mktemp("hostile_parts")
+    _tiny_model_folder(tiny_tokenizer_dir, d / "model")
+    x = np.random.default_rng(0).standard_normal((N, DIM))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    _clip_folder(d / "src", x)
+    assert _index(["--model", d / "model", "--embeddings", d / "src", "--out", d / "idx", "--exact-max-rows", "100"]) == 0
+    return d, x
+
+
+def test_faiss_ids_outside_the_index_are_dropped_not_looked_up(env, tmp_path, caplog):
+    """The data file is checked for its size only: ids shifted past the index (a damaged
+    or crafted file) are dropped with a warning, never an IndexError for the whole request."""
+    import faiss
+
+    from phoclip.search.index import EmbeddingIndex
+
+    d, x = env
+    out = tmp_path / "idx"
+    shutil.copytree(d / "idx", out)
+    meta = json.loads((out / "index.json").read_text())
+    assert meta["search"]["images"]["type"] == "faiss"
+    v = out / "versions" / meta["version"]
+    index = faiss.read_index(str(v / "images.index"), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    il = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    data = np.fromfile(v / "images.ivfdata", dtype=np.uint8)
+    for j in range(il.nlist):
+        lst = il.lists.at(j)
+        o = lst.offset + lst.capacity * il.code_size
+        data[o:o + lst.size * 8].view(np.int64)[:] += 10 ** 12
+    data.tofile(v / "images.ivfdata")
+    del index
+    ix = EmbeddingIndex(out)
+    for rerank in (False, True):
+        s, i = ix.topk(x[[5]], 3, rerank=rerank)
+        assert i.numel() == 0 and s.numel() == 0
+        assert ix.search(x[[5]], 3, rerank=rerank) == [[]]
+    assert "ids outside the index's 3000 rows: dropped" in caplog.text
