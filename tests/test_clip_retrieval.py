@@ -12,11 +12,14 @@ import json
 import logging
 import os
 import shutil
+import socket
+import socketserver
 import threading
 import time
 import types
 import urllib.parse
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import requests
@@ -421,3 +424,40 @@ if (!figs.length || figs.some(f => !f.querySelector('img.pic').complete)) return
 return figs.map(f => { const i = f.querySelector('img.pic');
   return [i.src, i.title, f.querySelector('figcaption').textContent.trim(), i.naturalWidth > 0]; });
 """
+
+
+class _Raw(socketserver.BaseRequestHandler):
+    """Whatever `reply` says, then the connection closed: not HTTP, or a drip."""
+    reply: "Callable[[socket.socket], None]" = staticmethod(lambda s: s.sendall(b"garbage\r\n\r\n"))
+
+    def handle(self):
+        try:
+            self.request.recv(4096)
+            self.reply(self.request)
+        except OSError:  # the client gave up
+            pass
+
+
+def _raw_server(reply) -> socketserver.ThreadingTCPServer:
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), type("R", (_Raw,), {"reply": staticmethod(reply)}))
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_image_url_that_is_not_http_or_not_a_url_is_refused_in_one_line():
+    """A reply that is not HTTP and a URL http.client refuses (a port with a quoted slash,
+    control characters) are 422 in one line, not an internal error."""
+    from phoclip.serve.uploads import Refused, fetch_image_url
+
+    srv = _raw_server(lambda s: s.sendall(b"garbage\r\n\r\n"))
+    port = srv.server_address[1]
+    try:
+        for url in (f"http://127.0.0.1:{port}/p.jpg", f"http://127.0.0.1:{port}%2f@127.0.0.1/",
+                    f"http://127.0.0.1:{port}/\r\nX-Injected: 1"):
+            with pytest.raises(Refused) as e:
+                fetch_image_url(url, ["127.0.0.1"], 1 << 20, timeout=5)
+            assert e.value.status == 422 and e.value.detail.startswith("image_url: not fetched") and "\n" not in e.value.detail
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -91,7 +92,8 @@ def fetch_image_url(url: str, hosts: Sequence[str], max_bytes: int, timeout: flo
         raise
     except urllib.error.HTTPError as e:
         raise Refused(422, f"image_url: the server answered {e.code}") from None
-    except (OSError, ValueError) as e:  # refused, unreachable, timed out, a malformed URL
+    except (OSError, ValueError, http.client.HTTPException) as e:
+        # refused, unreachable, timed out, a malformed URL (http.client's InvalidURL), a reply that is not HTTP
         reason = getattr(e, "reason", None) or type(e).__name__
         raise Refused(422, f"image_url: not fetched ({str(reason)[:100]})") from None
     if len(data) > max_bytes:
