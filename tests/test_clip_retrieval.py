@@ -461,3 +461,30 @@ def test_image_url_that_is_not_http_or_not_a_url_is_refused_in_one_line():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def _drip(head: bytes):
+    def reply(s: socket.socket) -> None:
+        s.sendall(head)
+        for _ in range(200):  # a byte every 0.1 s: each read is quick, the whole never ends
+            s.sendall(b"x")
+            time.sleep(0.1)
+    return reply
+
+
+@pytest.mark.parametrize("head", [b"HTTP/1.0 200 OK\r\nX-Slow: ", b"HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n"])
+def test_image_url_that_drips_is_cut_at_the_fetch_deadline(head):
+    """Headers or a body sent a byte at a time (each read within the socket timeout) hold
+    the worker no longer than the fetch's timeout."""
+    from phoclip.serve.uploads import Refused, fetch_image_url
+
+    srv = _raw_server(_drip(head))
+    try:
+        t = time.monotonic()
+        with pytest.raises(Refused) as e:
+            fetch_image_url(f"http://127.0.0.1:{srv.server_address[1]}/p.jpg", ["127.0.0.1"], 1 << 20, timeout=1.0)
+        assert time.monotonic() - t < 3, time.monotonic() - t
+        assert e.value.status == 422 and e.value.detail == "image_url: not fetched within 1 s"
+    finally:
+        srv.shutdown()
+        srv.server_close()

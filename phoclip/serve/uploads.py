@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import binascii
 import http.client
+import socket
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -73,29 +75,99 @@ class _AllowedRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+class _Deadline:
+    """Shuts the fetch's connections down when its time is up: the socket timeout bounds
+    each read, not the fetch, so a server dripping its headers or body a byte at a time
+    would otherwise hold a worker for as long as it likes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.expired, self._socks, self._lock = False, [], threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def watch(self, sock) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            if self.expired:
+                self._shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for s in self._socks:
+                self._shut(s)
+
+    @staticmethod
+    def _shut(sock) -> None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
+
+    def __enter__(self) -> "_Deadline":
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._timer.cancel()
+
+
+class _Watched:
+    """An HTTP(S) handler whose connections its `_Deadline` can shut down."""
+
+    deadline: _Deadline
+
+    def do_open(self, http_class, req, **kw):
+        deadline = self.deadline
+
+        class Conn(http_class):
+            def connect(self) -> None:
+                super().connect()
+                deadline.watch(self.sock)
+
+        return super().do_open(Conn, req, **kw)
+
+
+class _HTTP(_Watched, urllib.request.HTTPHandler):
+    pass
+
+
+class _HTTPS(_Watched, urllib.request.HTTPSHandler):
+    pass
+
+
 def fetch_image_url(url: str, hosts: Sequence[str], max_bytes: int, timeout: float = FETCH_TIMEOUT) -> bytes:
     """The bytes at `url`, fetched only from `hosts` (none: refused, the default), with
-    no proxy, redirects only to allowed hosts, a timeout, and at most `max_bytes` read."""
+    no proxy, redirects only to allowed hosts, `timeout` seconds for the whole fetch
+    (headers and body, however slowly they come), and at most `max_bytes` read."""
     if not hosts:
         raise Refused(403, "image_url: this service fetches no URLs (serve --allow-image-url HOST enables it)")
     if not host_allowed(url, hosts):
         raise Refused(403, "image_url: not an http(s) URL on a host this service fetches from")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _AllowedRedirects(hosts))
+    deadline = _Deadline(timeout)
+    handlers = [urllib.request.ProxyHandler({}), _AllowedRedirects(hosts), _HTTP(), _HTTPS()]
+    for h in handlers[2:]:
+        h.deadline = deadline
+    opener = urllib.request.build_opener(*handlers)
     req = urllib.request.Request(url, headers={"User-Agent": "phoclip-serve"})
     try:
-        with opener.open(req, timeout=timeout) as r:
+        with deadline, opener.open(req, timeout=timeout) as r:
             n = r.headers.get("Content-Length")
             if n is not None and n.isdigit() and int(n) > max_bytes:
                 raise Refused(413, f"image_url: over {max_bytes} bytes")
             data = r.read(max_bytes + 1)
     except Refused:
         raise
-    except urllib.error.HTTPError as e:
-        raise Refused(422, f"image_url: the server answered {e.code}") from None
     except (OSError, ValueError, http.client.HTTPException) as e:
         # refused, unreachable, timed out, a malformed URL (http.client's InvalidURL), a reply that is not HTTP
+        if deadline.expired:  # the shut connection's error says nothing useful
+            raise Refused(422, f"image_url: not fetched within {timeout:g} s") from None
+        if isinstance(e, urllib.error.HTTPError):
+            raise Refused(422, f"image_url: the server answered {e.code}") from None
         reason = getattr(e, "reason", None) or type(e).__name__
         raise Refused(422, f"image_url: not fetched ({str(reason)[:100]})") from None
+    if deadline.expired:  # a read cut short at the deadline returns what had come
+        raise Refused(422, f"image_url: not fetched within {timeout:g} s")
     if len(data) > max_bytes:
         raise Refused(413, f"image_url: over {max_bytes} bytes")
     return data
