@@ -74,3 +74,31 @@ def test_faiss_ids_outside_the_index_are_dropped_not_looked_up(env, tmp_path, ca
         assert i.numel() == 0 and s.numel() == 0
         assert ix.search(x[[5]], 3, rerank=rerank) == [[]]
     assert "ids outside the index's 3000 rows: dropped" in caplog.text
+
+
+def test_a_versions_folder_that_is_a_link_is_refused_and_nothing_outside_is_touched(env, tmp_path, capsys):
+    """--add into an index whose versions/ is a link to another index's versions: refused
+    in one line; the other folder keeps its version and gets no new one."""
+    import os
+
+    from phoclip.search.index import EmbeddingIndex
+
+    d, x = env
+    out = tmp_path / "idx"
+    shutil.copytree(d / "idx", out)
+    version = json.loads((out / "index.json").read_text())["version"]
+    other = tmp_path / "other_versions"
+    (other / "0001-deadbeef").mkdir(parents=True)
+    (other / "0001-deadbeef" / "images.index").write_text("another index's")
+    shutil.rmtree(out / "versions")
+    os.symlink(other, out / "versions")
+    new = _clip_folder(tmp_path / "new", x[:10], first=N)
+    assert _index(["--model", d / "model", "--embeddings", new, "--out", out, "--add"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(f"{out / 'versions'}: a link; refusing to write into it (remove it, or use another output folder)")
+    assert sorted(p.name for p in other.iterdir()) == ["0001-deadbeef"]
+    assert (other / "0001-deadbeef" / "images.index").read_text() == "another index's"
+    os.unlink(out / "versions")
+    shutil.copytree(d / "idx" / "versions", out / "versions")
+    ix = EmbeddingIndex(out)  # the published index is as it was
+    assert ix.version == version and ix.count("images") == N

@@ -248,6 +248,7 @@ def merge(out: Path, meta: dict, names: Sequence[str], add: bool, max_bytes: int
     if count["images"] == 0:
         raise ValueError(f"{out}: the parts hold no images")
     version = new_version(out, cur.get("version") if cur else None)
+    real_dir(out / VERSIONS)  # a link there would put the new version, and publish's clean-up, in a folder elsewhere
     vdir = real_dir(out / VERSIONS / version)
     old_search = (cur or {}).get("search", {})
     search = {}

@@ -126,7 +126,7 @@ def publish(folder: Path, meta: dict) -> None:
     atomic_write_json(folder / INDEX_META, meta, indent=2)
     keep = {meta.get("version"), old}
     vdir = folder / VERSIONS
-    if vdir.is_dir():
+    if vdir.is_dir() and not vdir.is_symlink():  # through a link, the folders removed would be another's
         for d in vdir.iterdir():
             if d.name not in keep and _VERSION.match(d.name):
                 shutil.rmtree(d, ignore_errors=True)
