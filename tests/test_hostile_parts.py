@@ -102,3 +102,53 @@ def test_a_versions_folder_that_is_a_link_is_refused_and_nothing_outside_is_touc
     shutil.copytree(d / "idx" / "versions", out / "versions")
     ix = EmbeddingIndex(out)  # the published index is as it was
     assert ix.version == version and ix.count("images") == N
+
+
+def test_two_adds_at_once_never_replace_each_others_part(env, tmp_path, monkeypatch, capsys):
+    """Job B chose its part number before job A published the same one: B's adoption is
+    refused in one line and A's published part keeps A's pictures."""
+    from phoclip.search import indexing as ix
+    from phoclip.search.index import EmbeddingIndex
+
+    d, x = env
+    out = tmp_path / "idx"
+    shutil.copytree(d / "idx", out)
+    y = np.random.default_rng(1).standard_normal((20, DIM))
+    y = (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
+    a = _clip_folder(tmp_path / "a", y[:10], first=N)
+    b = _clip_folder(tmp_path / "b", y[10:], first=2 * N)
+    real_check, ran = ix.check_part, []
+
+    def a_publishes_first(*args, **kw):  # job A's whole --add runs while B is adopting
+        if not ran:
+            ran.append(1)
+            assert _index(["--model", d / "model", "--embeddings", a, "--out", out, "--add"]) == 0
+        return real_check(*args, **kw)
+
+    monkeypatch.setattr(ix, "check_part", a_publishes_first)
+    assert _index(["--model", d / "model", "--embeddings", b, "--out", out, "--add"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "metadata_0001.parquet: part 0001 was written by another job while this one ran" in err
+    monkeypatch.undo()
+    ix_ = EmbeddingIndex(out)
+    assert ix_.count("images") == N + 10
+    m = ix_.search(y[[3]], 1)[0][0]
+    assert m.id == N + 3 and ix_.recorded("images", N + 3)["path"] == f"{N + 3}.jpg"
+
+
+def test_a_part_written_by_another_job_meanwhile_is_not_replaced(tmp_path):
+    from phoclip.search.parts import PartWriter, files_of
+
+    row = {"image_path": "x.jpg"}
+    one = np.eye(4, dtype=np.float16)[:1]
+    slow = PartWriter(tmp_path, "0001", 4, captions=False)
+    slow.add(one, [row])
+    with PartWriter(tmp_path, "0001", 4, captions=False) as fast:
+        fast.add(one, [dict(row, image_path="fast.jpg")])
+        fast.close({"source": "fast"})
+    with pytest.raises(ValueError, match="part 0001 was written by another job while this one ran") as e:
+        with slow:
+            slow.close({"source": "slow"})
+    assert "\n" not in str(e.value)
+    assert pq.read_table(files_of(tmp_path, "0001")["metadata"]).column("image_path").to_pylist() == ["fast.jpg"]
+    assert not [p for p in tmp_path.rglob("*.tmp")]

@@ -39,11 +39,13 @@ from phoclip.search.parts import (
     TEXT_META,
     PartWriter,
     check_part,
+    check_unchanged,
     files_of,
     open_embeddings,
     part_info,
     part_name,
     part_names,
+    part_stamp,
 )
 
 logger = logging.getLogger(__name__)
@@ -206,12 +208,14 @@ def adopt_embeddings(src: Path, out: Path, dim: int, base: int) -> list[str]:
     if not names:
         raise ValueError(f"--embeddings {src}: no img_emb/img_emb_*.npy (clip-retrieval's layout)")
     out_names = []
+    was = {j: part_stamp(out, part_name(base + j)) for j in range(len(names))}
     for j, n in enumerate(names):
         check_part(src, n, dim)
         new = part_name(base + j)
         for k, f in files_of(src, n).items():
             if not f.exists():
                 continue
+            check_unchanged(out, new, was[j])
             dst = files_of(out, new)[k]
             real_dir(dst.parent)
             tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")

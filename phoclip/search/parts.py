@@ -69,6 +69,25 @@ def part_names(folder: str | os.PathLike) -> list[str]:
     return sorted(names, key=lambda s: (int(s), s))
 
 
+def part_stamp(folder: str | os.PathLike, name: str) -> Optional[tuple]:
+    """What tells that part `name` was written (its metadata file, renamed in last):
+    (inode, mtime, size) of that file, None when there is none."""
+    try:
+        st = os.lstat(files_of(folder, name)[META])
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def check_unchanged(folder: str | os.PathLike, name: str, was: Optional[tuple]) -> None:
+    """Refuse to put part `name` in place when another job wrote it since `was` (its
+    `part_stamp` when this job began): two --add jobs that chose the same part number
+    would otherwise replace each other's part, published or not, and lose it silently."""
+    if part_stamp(folder, name) != was:
+        raise ValueError(f"{files_of(folder, name)[META]}: part {name} was written by another job while this one ran "
+                         "(two jobs adding to one index at once?); this job's part was not put in its place: run it again")
+
+
 def part_info(folder: str | os.PathLike, name: str) -> Optional[dict]:
     """How a complete part was made (its metadata's `phoclip_part` entry), {} for a part
     written by another tool, None when the part is not complete."""
@@ -129,7 +148,8 @@ class PartWriter:
 
     def __init__(self, folder: str | os.PathLike, name: str, dim: int, captions: bool) -> None:
         self.files = files_of(folder, name)
-        self.name, self.captions = name, captions
+        self.folder, self.name, self.captions = folder, name, captions
+        self.was = part_stamp(folder, name)
         self.img = _NpyStream(self.files[IMG], dim)
         self.meta = ParquetStream(self.files[META], IMAGE_SCHEMA)
         self.txt = _NpyStream(self.files[TEXT], dim) if captions else None
@@ -151,6 +171,7 @@ class PartWriter:
     def close(self, info: dict) -> dict:
         """Rename the files into place (embeddings first, metadata last) and return the
         part's record for index.json."""
+        check_unchanged(self.folder, self.name, self.was)
         info = dict(info, rows=self.img.rows, captions=self.txt.rows if self.txt else 0)
         pending = [(self.img.finish(), self.files[IMG])]
         if self.txt is not None:
