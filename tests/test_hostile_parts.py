@@ -152,3 +152,23 @@ def test_a_part_written_by_another_job_meanwhile_is_not_replaced(tmp_path):
     assert "\n" not in str(e.value)
     assert pq.read_table(files_of(tmp_path, "0001")["metadata"]).column("image_path").to_pylist() == ["fast.jpg"]
     assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_adopted_files_that_are_links_become_files_of_the_index(env, tmp_path):
+    """A part of another tool's folder that is a (relative) link is taken as the file it
+    names: the index holds that file, never a link that would name another file from
+    inside the index folder."""
+    import os
+
+    from phoclip.search.index import EmbeddingIndex
+
+    d, x = env
+    src = _clip_folder(tmp_path / "tool" / "src", x[:20])
+    f = src / "img_emb" / "img_emb_0.npy"
+    os.replace(f, tmp_path / "tool" / "kept.npy")
+    os.symlink("../../kept.npy", f)
+    out = tmp_path / "idx"
+    assert _index(["--model", d / "model", "--embeddings", src, "--out", out]) == 0
+    got = out / "img_emb" / "img_emb_0000.npy"
+    assert not got.is_symlink() and got.is_file()
+    assert EmbeddingIndex(out).search(x[[7]], 1)[0][0].id == 7

@@ -221,7 +221,7 @@ def adopt_embeddings(src: Path, out: Path, dim: int, base: int) -> list[str]:
             tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
             tmp.unlink(missing_ok=True)
             try:
-                os.link(f, tmp)
+                os.link(os.path.realpath(f), tmp)  # the file a link names: a relative link would name another here
             except OSError:  # another file system
                 shutil.copyfile(f, tmp)
             os.replace(tmp, dst)
