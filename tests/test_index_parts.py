@@ -303,3 +303,33 @@ def test_the_choice_follows_the_latency_target_and_the_memory_budget():
     assert ann.exact_max_rows_for(512, 1 << 20) == (1 << 20) // (4 * 512)  # the float32 matrix within the budget
     assert ann.choose(10 * rows, 512, 4 << 30, exact=True) == {"type": "exact"}
     assert ann.choose(rows, 512, 4 << 30, exact_max_rows=rows + 1) == {"type": "exact"}
+
+
+def test_one_publisher_at_a_time(env, tmp_path, capsys):
+    """A merge, add or adoption while another is publishing into the same index (its
+    OUT/.lock held by a live process) is refused in one line naming the holder, and the
+    index it would have changed is untouched; the lock is released after a publish."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    src = tmp_path / "clip_out"
+    _clip_retrieval_folder(src, n=10, dim=64)
+    out = tmp_path / "idx"
+    assert _index(["--model", env / "model", "--embeddings", src, "--out", out]) == 0
+    assert not (out / ".lock").exists()
+    before = (out / "index.json").read_text()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "t": 0}))
+        capsys.readouterr()
+        assert _index(["--model", env / "model", "--embeddings", src, "--out", out, "--add"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert str(holder.pid) in err[-1] and len(err[-1]) < 400, err
+        assert (out / "index.json").read_text() == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _index(["--model", env / "model", "--embeddings", src, "--out", out, "--add"]) == 0  # a dead holder's lock
+    assert (out / "index.json").read_text() != before and not (out / ".lock").exists()

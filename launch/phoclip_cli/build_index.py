@@ -19,15 +19,17 @@ moved together with its images.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from phoclip.data.catalog import check_shards_fit, count_samples, expand_urls
 from phoclip.data.text import load_tokenizer
 from phoclip.errors import EXPECTED_ERRORS
 from phoclip.fileio import atomic_write_json, read_regular
+from phoclip.lock import RunLock
 from phoclip.log import init_logger
 from phoclip.search.ann import parse_bytes
 from phoclip.search.meta import check_out_folder, images_root, index_meta, relative
@@ -131,9 +133,10 @@ def _run(args: argparse.Namespace, info) -> int:
     others = 0
     if args.embeddings:
         if info.is_main:
-            names = ix.adopt_embeddings(Path(args.embeddings), out, dim, base)
-            meta["images_root"] = None
-            return _merge(args, out, meta, names, max_bytes, Counter(), 0)
+            with one_publisher(out):
+                names = ix.adopt_embeddings(Path(args.embeddings), out, dim, base)
+                meta["images_root"] = None
+                return _merge(args, out, meta, names, max_bytes, Counter(), 0)
         return 0
     if args.merge:
         if not source:  # the parts say what they were made from
@@ -145,9 +148,10 @@ def _run(args: argparse.Namespace, info) -> int:
         # without --add the merge replaces the index's parts, so merging those in use again
         # publishes them anew (after a part's metadata was edited): only an add's may clash
         in_use = [q["name"] for q in cur["parts"]] if cur and args.add else []
-        names = ix.new_parts(out, in_use, base, world, meta["model_fingerprint"])
-        meta["images_root"] = (ix.part_info(out, names[0]) or {}).get("images_root")
-        return _merge(args, out, meta, names, max_bytes, Counter(), 0)
+        with one_publisher(out):
+            names = ix.new_parts(out, in_use, base, world, meta["model_fingerprint"])
+            meta["images_root"] = (ix.part_info(out, names[0]) or {}).get("images_root")
+            return _merge(args, out, meta, names, max_bytes, Counter(), 0)
 
     size = model.config["vision"].get("image_size", 224)
     skipped: Counter = Counter()
@@ -188,9 +192,26 @@ def _run(args: argparse.Namespace, info) -> int:
         dist.barrier()  # no data: every rank's part is on disk
     if not info.is_main:
         return 0
-    names = ix.new_parts(out, [q["name"] for q in (cur or {}).get("parts", [])], base, world, meta["model_fingerprint"])
-    meta["images_root"] = part["images_root"]
-    return _merge(args, out, meta, names, max_bytes, Counter(), others)
+    with one_publisher(out):
+        names = ix.new_parts(out, [q["name"] for q in (cur or {}).get("parts", [])], base, world,
+                             meta["model_fingerprint"])
+        meta["images_root"] = part["images_root"]
+        return _merge(args, out, meta, names, max_bytes, Counter(), others)
+
+
+@contextlib.contextmanager
+def one_publisher(out: Path) -> Iterator[None]:
+    """One merge, add or adoption publishes into an index at a time (`RunLock`: OUT/.lock
+    with host and pid; a dead holder's lock is taken over): two at once would choose the
+    same version or prune each other's parts. A second is refused in one line naming the
+    holder. Embedding parts needs no lock: each job writes its own part."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _record_skipped(out: Path, name: str, skipped: Counter) -> None:

@@ -141,7 +141,7 @@ def index_meta(model, model_name: str, home: str, source: str, images_root: Opti
             "images_root": relative(images_root, home), "dim": int(model.config["embed_dim"]), "source": source}
 
 
-_OUR_ENTRIES = frozenset({INDEX_META, VERSIONS, IMG, TEXT, META, TEXT_META})
+_OUR_ENTRIES = frozenset({INDEX_META, VERSIONS, IMG, TEXT, META, TEXT_META, ".lock"})  # .lock: one publisher
 _OUR_TEMP = re.compile(r"^\..+\.tmp$")  # phoclip.fileio's atomic temporary names
 
 
