@@ -26,7 +26,7 @@ $(STAMP): requirements.txt requirements-serve.txt constraints.txt pyproject.toml
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-$(DEVSTAMP): $(STAMP) requirements-dev.txt
+$(DEVSTAMP): $(STAMP) requirements-dev.txt requirements-trackers.txt
 	$(VPY) -m pip install -q -c constraints.txt -r requirements-dev.txt
 	touch $(DEVSTAMP)
 

@@ -179,7 +179,8 @@ def test_exporting_a_checkpoint_needs_no_pretrained_weights_file(shapes_shards, 
 
 def test_every_third_party_import_is_pinned():
     """A package our code imports must be pinned: in requirements.txt (a training node's),
-    or requirements-serve.txt (the service and ONNX extras); test tooling lives apart in
+    requirements-serve.txt (the service and ONNX extras) or requirements-trackers.txt
+    (wandb and MLflow); test tooling lives apart in
     requirements-dev.txt and is imported by no production code (braceexpand was missing)."""
     import ast
     import sys as _sys
@@ -188,13 +189,13 @@ def test_every_third_party_import_is_pinned():
         return {l.split("==")[0].split("[")[0].strip().lower().replace("_", "-") for l in
                 (ROOT / name).read_text().splitlines() if "==" in l and not l.startswith("#")}
 
-    pins = pinned("requirements.txt") | pinned("requirements-serve.txt")
+    pins = pinned("requirements.txt") | pinned("requirements-serve.txt") | pinned("requirements-trackers.txt")
     dev_only = pinned("requirements-dev.txt")
     assert not dev_only & pins, f"test tooling in a runtime file: {dev_only & pins}"
     assert {"pytest", "selenium", "moto", "img2dataset"} <= dev_only
     pins |= {"torch", "torchvision"}  # constraints.txt
     dist_name = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "faiss": "faiss-cpu",
-                 "py_vncorenlp": "py-vncorenlp"}
+                 "py_vncorenlp": "py-vncorenlp", "mlflow": "mlflow-skinny"}
     ours = {"phoclip", "phoclip_train", "phoclip_sharding", "phoclip_cli", "common", "conftest", "dist_utils",
             "train_ddp", "export_model", "build_index"}
     missing = {}
