@@ -284,7 +284,7 @@ def test_deepspeed_state_fingerprint_and_stage_change_refused(tmp_path):
                    "[8.0, 8.0]", "parameter group head: weight_decay 0.0 instead of 0.2"], bad
     ck = tmp_path / "step_00000008"
     (ck / "deepspeed").mkdir(parents=True)
-    (ck / "deepspeed_state.json").write_text(json.dumps({"zero_stage": 2, "world_size": 2}))
+    (ck / "deepspeed_state.json").write_text(json.dumps(dict(saved, zero_stage=2, world_size=2)))
     eng = SimpleNamespace(ds=SimpleNamespace(zero_optimization_stage=lambda: 3))
     with pytest.raises(CheckpointError, match="written under ZeRO stage 2, this run uses stage 3: a change of "
                                               "ZeRO stage is not supported"):
