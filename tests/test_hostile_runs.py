@@ -86,10 +86,15 @@ def test_a_crafted_deepspeed_checkpoint_runs_no_code_anywhere(tiny_run, shapes_s
     _refused(capsys, "build_index", "--model", bad, "--shards", f"{shards}/val-000000.tar",
              "--out", tmp_path / "idx", needles=("refused",))
     # an index whose index.json points at the crafted checkpoint
+    from phoclip.models.factory import load_model
+    from phoclip.search.index import write_index
+
     idx = tmp_path / "index"
-    idx.mkdir()
-    (idx / "index.json").write_text(json.dumps({"model_fingerprint": "0" * 16, "model": str(bad), "dim": 64,
-                                                "count": {"images": 0, "captions": 0}}))
+    model = load_model(run / "model")
+    write_index(idx, model, str(run / "model"), torch.nn.functional.normalize(torch.randn(2, 64), dim=1),
+                [{"key": str(i), "path": f"p{i}.jpg"} for i in range(2)])
+    meta = json.loads((idx / "index.json").read_text())
+    (idx / "index.json").write_text(json.dumps(dict(meta, model=str(bad))))
     _refused(capsys, "search", "--index", idx, "con chó", needles=("refused",))
     # and training: resuming from it
     rc, log = train_main(train_args(shapes_shards, run, **{"train.max_steps": 8}) + ["--resume", str(bad)])
