@@ -1,60 +1,23 @@
 """What a hostile review of the loader, the index, the export and the small readers
 found: each case reproduced in process, refused in one line or made cheap."""
-import http.server
 import os
 import itertools
 import json
-import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
+from http_utils import shard_server
 from phoclip.data.catalog import expand_urls
 from phoclip.data.stream import ShardStream, StreamConfig, StreamTracker
 
 
-class _Trickle(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; the files named in `trickle` come a byte every 0.2 s."""
-
-    trickle: set = set()
-    served: Counter = Counter()
-
-    def log_message(self, *a):  # quiet
-        pass
-
-    def do_GET(self):
-        name = self.path.lstrip("/")
-        f = Path(self.directory) / name
-        type(self).served[name] += 1
-        if not f.is_file():
-            self.send_error(404)
-            return
-        data = f.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        for b in data[:60] if name in self.trickle else [data]:
-            try:
-                self.wfile.write(bytes([b]) if isinstance(b, int) else b)
-                self.wfile.flush()
-            except OSError:
-                return
-            if name in self.trickle:
-                time.sleep(0.2)
-
-
 @pytest.fixture
 def trickle_server(shapes_shards):
-    shards, _, _ = shapes_shards
-    handler = type("H", (_Trickle,), {"trickle": set(), "served": Counter()})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a, **k: handler(*a, directory=str(shards), **k))
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", handler
-    srv.shutdown()
-    srv.server_close()
+    with shard_server(shapes_shards[0], trickle_bytes=60) as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -2,12 +2,10 @@
 from the same place (or data.manifest), a connection dropped mid-shard retried without
 losing a sample, a shard that never comes skipped and counted; a 2-rank run streaming
 from a local HTTP server resumes after kill -9 with the same losses."""
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,62 +13,15 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, kill9_and_resume, kill_job, read_metrics, reference_args, static_server
+from http_utils import shard_server
 from phoclip.data.catalog import check_shards_fit, count_samples, expand_urls, shard_name
 from phoclip.data.tar import read_shards
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; `drop` (path -> remaining drops) cuts the connection after half
-    of the body (Content-Length announced in full, as a dying server does); `trickle`
-    sends a byte every 0.2 s."""
-
-    drop: dict = {}
-    trickle: set = set()
-    served: Counter = Counter()
-
-    def log_message(self, *a):  # quiet
-        pass
-
-    def do_GET(self):
-        name = self.path.lstrip("/")
-        f = Path(self.directory) / name
-        type(self).served[name] += 1
-        if not f.is_file():
-            self.send_error(404)
-            return
-        data = f.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if name in self.trickle:  # a byte every 0.2 s, for at most 30 s
-            for b in data[:150]:
-                try:
-                    self.wfile.write(bytes([b]))
-                    self.wfile.flush()
-                except OSError:
-                    return
-                time.sleep(0.2)
-            return
-        if self.drop.get(name, 0) != 0:
-            self.drop[name] -= 1
-            self.wfile.write(data[:len(data) // 2])
-            self.wfile.flush()
-            self.connection.shutdown(2)  # the socket dies mid-shard
-            return
-        self.wfile.write(data)
-
-
 @pytest.fixture
 def server(shapes_shards):
-    shards, _, _ = shapes_shards
-    handler = type("H", (_Handler,), {"drop": {}, "trickle": set(), "served": Counter()})
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                          lambda *a, **k: handler(*a, directory=str(shards), **k))
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", handler
-    srv.shutdown()
-    srv.server_close()
+    with shard_server(shapes_shards[0]) as srv:
+        yield srv
 
 
 def _keys(samples):
