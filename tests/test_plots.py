@@ -97,7 +97,7 @@ def test_a_folder_without_metrics_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(PlotError, match=r"no usable metrics line \(1 skipped\)"):
         render_curves(tmp_path)
 
-    assert main([str(tmp_path / "nothing-here")]) == 1
+    assert main([str(tmp_path / "nothing-here")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("phoclip-plot: ") and "nothing-here" in err and "\n" not in err
     assert not list(tmp_path.glob("*.png"))

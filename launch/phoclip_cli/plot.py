@@ -8,6 +8,7 @@ import logging
 import sys
 from typing import Optional
 
+from phoclip_cli.common import refuse
 from phoclip_train.plots import PlotError, render_curves
 
 
@@ -24,18 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """`phoclip-plot RUN_DIR [--out PNG]`: prints the PNG's path; a refusal is one line
-    on stderr and exit status 1."""
+    on stderr and exit status 2, as every command's (`common.refuse`)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         path = render_curves(args.run_dir, args.out)
     except (PlotError, OSError) as e:
-        print(f"phoclip-plot: {e}", file=sys.stderr)
-        return 1
+        return refuse("phoclip-plot", e)
     except Exception as e:  # what matplotlib refuses to draw: one line, not its traceback
-        print(f"phoclip-plot: {args.run_dir}: cannot draw these metrics ({type(e).__name__}: {e})"[:500],
-              file=sys.stderr)
-        return 1
+        return refuse("phoclip-plot", ValueError(
+            f"{args.run_dir}: cannot draw these metrics ({type(e).__name__}: {e})"[:500]))
     print(path)
     return 0
 
