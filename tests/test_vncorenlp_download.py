@@ -73,7 +73,17 @@ def test_the_docs_and_the_refusal_give_the_same_line(coco_dataset, tiny_tokenize
 
 
 def test_the_line_calls_download_model_as_py_vncorenlp_defines_it():
-    py_vncorenlp = pytest.importorskip("py_vncorenlp")
-    import inspect
+    """Read from the installed package's source: other tests register a VnCoreNLP
+    stand-in under the name py_vncorenlp in sys.modules."""
+    import ast
+    import importlib.machinery
+    from pathlib import Path
 
-    assert "save_dir" in inspect.signature(py_vncorenlp.download_model).parameters
+    spec = importlib.machinery.PathFinder.find_spec("py_vncorenlp")
+    if spec is None:
+        pytest.skip("py_vncorenlp is not installed")
+    files = [Path(spec.origin)] if spec.origin else []
+    files += [f for d in (spec.submodule_search_locations or []) for f in Path(d).glob("*.py")]
+    defs = [n for f in files for n in ast.walk(ast.parse(f.read_text())) if isinstance(n, ast.FunctionDef)
+            and n.name == "download_model"]
+    assert defs and "save_dir" in [a.arg for a in defs[0].args.args]
