@@ -333,3 +333,55 @@ def test_one_publisher_at_a_time(env, tmp_path, capsys):
         holder.wait()
     assert _index(["--model", env / "model", "--embeddings", src, "--out", out, "--add"]) == 0  # a dead holder's lock
     assert (out / "index.json").read_text() != before and not (out / ".lock").exists()
+
+
+def _parts_on_disk(folder: Path, blocks: list[np.ndarray]):
+    """Float16 parts saved and memory-mapped as the merge opens them: [(global start, memmap)]."""
+    from phoclip.search.parts import open_embeddings
+
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays, start = [], 0
+    for j, b in enumerate(blocks):
+        np.save(folder / f"p{j}.npy", b.astype(np.float16))
+        arrays.append((start, open_embeddings(folder / f"p{j}.npy", b.shape[1], len(b), f"part {j}")))
+        start += len(b)
+    return arrays
+
+
+def test_ground_truth_is_exact_and_an_add_extends_it_from_the_new_rows(tmp_path, caplog):
+    from phoclip.search import ann
+
+    x = _synthetic(7000, 32)
+    x[123] = np.nan  # a bad row: never an answer
+    arrays = _parts_on_disk(tmp_path / "emb", [x[:2500], x[2500:5000], x[5000:]])
+    q = _synthetic(7050, 32)[7000:]
+    s, i = ann.exact_topk(arrays, q, 11, chunk=1000)
+    x16 = np.nan_to_num(x.astype(np.float16).astype(np.float32), nan=-10.0)
+    sc = q @ x16.T
+    sc[:, 123] = -np.inf
+    want = np.argsort(-sc, axis=1, kind="stable")[:, :11]
+    assert (i == want).all() and np.allclose(s, np.take_along_axis(sc, want, 1), atol=1e-5)
+
+    choice = {"type": "faiss", "key": "IVF64,SQ8", "nlist": 64, "code_bytes": 32, "rerank": False}
+    v1 = tmp_path / "v1"
+    first = ann.build(arrays[:2], choice, v1, "images")
+    assert first["ntotal"] == 4999 and first["skipped"] == 1 and first["recall_at_10"] >= 0.95
+    v2 = tmp_path / "v2"
+    added = ann.build(arrays[2:], choice, v2, "images", trained=v1 / first["trained"], old_index=v1 / first["file"],
+                      all_arrays=arrays, held_out=v1 / first["held_out"])
+    assert added["ntotal"] == 6999
+    # the add's held-out answers: the build's queries, answered exactly over all 7000 rows (the new ones scanned only)
+    q1, qid1, _, _ = ann.read_held_out(v1 / first["held_out"], 32, 5000)
+    q2, qid2, ids2, s2 = ann.read_held_out(v2 / added["held_out"], 32, 7000)
+    assert (q1 == q2).all() and (qid1 == qid2).all()
+    s_all, i_all = ann.exact_topk(arrays, q2, 11)
+    assert (ids2 == i_all).all() and np.allclose(s2, s_all)
+    assert (ids2 >= 5000).any()  # new rows do answer some of the old queries
+
+    # a damaged held-out file: logged, and the add measures from scratch (never a crash or a wrong truth)
+    (v1 / first["held_out"]).write_bytes(b"PK\x03\x04 not a zip")
+    v3 = tmp_path / "v3"
+    with caplog.at_level("WARNING"):
+        again = ann.build(arrays[2:], choice, v3, "images", trained=v1 / first["trained"],
+                          old_index=v1 / first["file"], all_arrays=arrays, held_out=v1 / first["held_out"])
+    assert "recall measured from scratch" in caplog.text and again["recall_at_10"] >= 0.95

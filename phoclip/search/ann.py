@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import mmap
 import os
 import time
+import zipfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -39,6 +41,7 @@ RECALL_TARGET = 0.95
 RERANK_FACTOR = 10  # candidates per result re-ranked exactly from the float16 vectors
 HELD_OUT = 1000  # queries of the build-time recall estimate
 INDEX_FILE, DATA_FILE, TRAINED_FILE = "{kind}.index", "{kind}.ivfdata", "{kind}.trained.index"
+HELD_OUT_FILE = "{kind}.heldout.npz"  # the recall queries and their exact answers: an add extends them
 ID_BYTES = 8
 
 
@@ -102,9 +105,20 @@ def estimated_bytes(choice: dict, n: int, d: int) -> int:
 Arrays = Sequence[tuple[int, np.ndarray]]  # (global id of the first row, [rows, d] float16 memmap)
 
 
+def release(a: np.ndarray) -> None:
+    """Give back the pages of memory-mapped `a` that reads brought in: the file stays in the
+    page cache, but a pass over 10 GB of parts keeps its resident memory at one chunk."""
+    base = a
+    while base is not None and not isinstance(getattr(base, "_mmap", None), mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None:
+        base._mmap.madvise(mmap.MADV_DONTNEED)
+
+
 def _rows(a: np.ndarray, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
     """float32 rows s:e of `a` and a mask of those that are finite unit vectors."""
     x = np.asarray(a[s:e], dtype=np.float32)
+    release(a)
     with np.errstate(invalid="ignore", over="ignore"):
         norm = np.linalg.norm(x, axis=1)
     ok = np.isfinite(norm) & (np.abs(norm - 1) <= 0.05)
@@ -122,42 +136,51 @@ def sample(arrays: Arrays, n: int, seed: int = 0, exclude: Optional[np.ndarray] 
     starts = np.array([s for s, _ in arrays] + [total])
     for j, (s, a) in enumerate(arrays):
         sel = ids[(ids >= s) & (ids < starts[j + 1])] - s
-        if len(sel):
-            x = np.asarray(a[sel], dtype=np.float32)
+        for c in range(0, len(sel), 65536):
+            x = np.asarray(a[sel[c:c + 65536]], dtype=np.float32)
+            release(a)
             with np.errstate(invalid="ignore", over="ignore"):
                 norm = np.linalg.norm(x, axis=1)
             ok = np.isfinite(norm) & (np.abs(norm - 1) <= 0.05)
             out.append(x[ok])
-            got.append(sel[ok] + s)
+            got.append(sel[c:c + 65536][ok] + s)
     x, g = np.concatenate(out)[:n], np.concatenate(got)[:n]
     return np.ascontiguousarray(x), g
 
 
 def exact_topk(arrays: Arrays, q: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k over the memory-mapped parts, bad rows never returned (ground truth)."""
+    """Exact top-k over the memory-mapped parts, bad rows never returned (ground truth):
+    faiss's brute-force k-NN a chunk at a time, merged; missing results are -1 / -inf."""
+    q = np.ascontiguousarray(q, dtype=np.float32)
     best_s = np.full((q.shape[0], 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((q.shape[0], 0), dtype=np.int64)
     for start, a in arrays:
         for s in range(0, a.shape[0], chunk):
             x, ok = _rows(a, s, s + chunk)
-            sc = q @ x.T
-            sc[:, ~ok] = -np.inf
-            kk = min(k, sc.shape[1])
-            part = np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
-            cs = np.concatenate([best_s, np.take_along_axis(sc, part, 1)], 1)
-            ci = np.concatenate([best_i, part + start + s], 1)
+            keep = np.flatnonzero(ok)
+            if not len(keep):
+                continue
+            sc, ix = faiss.knn(q, np.ascontiguousarray(x[keep]), min(k, len(keep)), metric=faiss.METRIC_INNER_PRODUCT)
+            cs = np.concatenate([best_s, sc], 1)
+            ci = np.concatenate([best_i, np.where(ix >= 0, keep[np.maximum(ix, 0)] + start + s, -1)], 1)
             o = np.argsort(-cs, axis=1, kind="stable")[:, :k]
             best_s, best_i = np.take_along_axis(cs, o, 1), np.take_along_axis(ci, o, 1)
+    if best_s.shape[1] < k:
+        pad = k - best_s.shape[1]
+        best_s = np.concatenate([best_s, np.full((q.shape[0], pad), -np.inf, dtype=np.float32)], 1)
+        best_i = np.concatenate([best_i, np.full((q.shape[0], pad), -1, dtype=np.int64)], 1)
     return best_s, best_i
 
 
 def build(arrays: Arrays, choice: dict, vdir: Path, kind: str, trained: Optional[Path] = None,
           old_index: Optional[Path] = None, progress: Optional[Callable[[str], None]] = None,
-          all_arrays: Optional[Arrays] = None) -> dict:
+          all_arrays: Optional[Arrays] = None, held_out: Optional[Path] = None) -> dict:
     """Build `kind`'s index into version folder `vdir`: train on a sample (or reuse
     `trained`), add each part's good rows with their global ids into block files, merge
     the blocks (and the inverted lists of `old_index`, an add) on disk, choose nprobe
-    for recall and measure it. Returns the description for index.json."""
+    for recall and measure it. An add passes the previous version's `held_out` queries:
+    their exact answers are brought up to date from the new rows alone. Returns the
+    description for index.json, with the seconds each phase took."""
     say = progress or logger.info
     d = arrays[0][1].shape[1]
     n = sum(a.shape[0] for _, a in arrays)
@@ -196,6 +219,7 @@ def build(arrays: Arrays, choice: dict, vdir: Path, kind: str, trained: Optional
             blocks.append(f)
             del idx
             say(f"{kind}: added {added:,} of {n:,} vectors ({time.monotonic() - t0:.0f} s)")
+    t_add = time.monotonic() - t0 - t_train
     empty = faiss.read_index(str(trained_out))
     inputs = ([(old_index, faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)] if old_index else []) + \
         [(b, faiss.IO_FLAG_MMAP) for b in blocks]
@@ -208,19 +232,80 @@ def build(arrays: Arrays, choice: dict, vdir: Path, kind: str, trained: Optional
         with open(f, "rb+") as fh:
             os.fsync(fh.fileno())
     fsync_dir(vdir)
-    t_add = time.monotonic() - t0 - t_train
+    t_merge = time.monotonic() - t0 - t_train - t_add
     info = dict(choice, type="faiss", file=index_f.name, data=DATA_FILE.format(kind=kind),
                 trained=trained_out.name, ntotal=int(empty.ntotal), skipped=bad,
                 bytes=index_f.stat().st_size + (vdir / DATA_FILE.format(kind=kind)).stat().st_size,
                 index_sha256=_sha256(index_f), data_bytes=(vdir / DATA_FILE.format(kind=kind)).stat().st_size,
-                train_s=round(t_train, 1), add_s=round(t_add, 1))
+                train_s=round(t_train, 1), add_s=round(t_add, 1), merge_s=round(t_merge, 1))
     del empty
     every = all_arrays or arrays
     index = open_index(vdir, info, sum(a.shape[0] for _, a in every), d)
-    info.update(tune(index, every, info))
+    t = time.monotonic()
+    truth = None
+    if held_out is not None:
+        truth = read_held_out(held_out, d, sum(a.shape[0] for _, a in every))
+        if truth is not None:
+            new_s, new_i = exact_topk(arrays, truth[0], truth[2].shape[1])
+            truth = (truth[0], truth[1]) + _merge_topk(truth[2], truth[3], new_i, new_s)
+    if truth is None:
+        truth = ground_truth(every)
+    info.update(tune(index, every, info, truth))
+    _save_held_out(vdir / HELD_OUT_FILE.format(kind=kind), *truth)
+    info.update(held_out=HELD_OUT_FILE.format(kind=kind), tune_s=round(time.monotonic() - t, 1))
     say(f"{kind}: {choice['key']} nprobe {info['nprobe']}, recall@10 {info['recall_at_10']:.3f} "
-        f"({info['recall_queries']} held-out queries), {info['latency_ms']:.1f} ms a query")
+        f"({info['recall_queries']} held-out queries), {info['latency_ms']:.1f} ms a query; "
+        f"train {t_train:.0f} s, add {t_add:.0f} s, merge {t_merge:.0f} s, recall {info['tune_s']:.0f} s")
     return info
+
+
+Truth = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # queries, their own ids, exact ids, exact scores
+
+
+def ground_truth(arrays: Arrays, k: int = 10) -> Truth:
+    """HELD_OUT rows of the parts as queries, with their exact top k+1 (their own row among them)."""
+    q, qid = sample(arrays, HELD_OUT, seed=2)
+    s, i = exact_topk(arrays, q, k + 1)
+    return q, qid, i, s
+
+
+def _merge_topk(ids: np.ndarray, scores: np.ndarray, new_ids: np.ndarray,
+                new_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Two exact top-k answers of the same queries over disjoint rows, merged (ids, scores)."""
+    k = ids.shape[1]
+    cs, ci = np.concatenate([scores, new_scores], 1), np.concatenate([ids, new_ids], 1)
+    o = np.argsort(-cs, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(ci, o, 1), np.take_along_axis(cs, o, 1)
+
+
+def _save_held_out(f: Path, q: np.ndarray, qid: np.ndarray, ids: np.ndarray, scores: np.ndarray) -> None:
+    tmp = f.with_name(f".{f.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, q=q.astype(np.float32), qid=qid.astype(np.int64), ids=ids.astype(np.int64),
+                 scores=scores.astype(np.float32))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, f)
+
+
+def read_held_out(f: Path, d: int, count: int) -> Optional[Truth]:
+    """The held-out queries and exact answers a version saved, or None (logged) when the
+    file is missing or not what it should be: the add then measures from scratch."""
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            q, qid, ids, scores = (z[k] for k in ("q", "qid", "ids", "scores"))
+        ok = (q.dtype == np.float32 and q.ndim == 2 and q.shape[1] == d and qid.shape == (len(q),)
+              and ids.ndim == 2 and ids.shape[0] == len(q) and scores.shape == ids.shape
+              and ids.dtype == np.int64 and qid.dtype == np.int64 and 0 < len(q) <= 10 * HELD_OUT
+              and bool(np.isfinite(q).all()) and bool(((ids >= -1) & (ids < count)).all())
+              and bool(((qid >= 0) & (qid < count)).all()))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        logger.warning("%s: unreadable (%s): recall measured from scratch", f, e)
+        return None
+    if not ok:
+        logger.warning("%s: not the held-out queries of this index: recall measured from scratch", f)
+        return None
+    return q, qid, ids, scores
 
 
 def _merge_ondisk(trained_index, inputs: list[tuple[Path, int]], ivfdata: Path) -> None:
@@ -337,13 +422,12 @@ def search(index, q: np.ndarray, k: int, info: dict,
     return s[:, keep].astype(np.float32), i[:, keep].astype(np.int64)
 
 
-def tune(index, arrays: Arrays, info: dict, k: int = 10) -> dict:
-    """nprobe: the smallest power of two whose recall@k on held-out queries (a sample of
-    the vectors, each query's own row left out of both answers) reaches RECALL_TARGET;
-    with the recall and the latency measured there."""
-    q, qid = sample(arrays, HELD_OUT, seed=2)
-    _, gt = exact_topk(arrays, q, k + 1)
-    gt = _without(gt, qid, k)
+def tune(index, arrays: Arrays, info: dict, truth: Optional[Truth] = None, k: int = 10) -> dict:
+    """nprobe: the smallest power of two whose recall@k on held-out queries (rows of the
+    collection, each query's own row left out of both answers; `truth` or drawn here)
+    reaches RECALL_TARGET; with the recall and the latency measured there."""
+    q, qid, gt_ids, _ = truth if truth is not None else ground_truth(arrays, k)
+    gt = _without(gt_ids, qid, k)
 
     def vectors(ids: np.ndarray) -> np.ndarray:
         return _gather(arrays, ids)
@@ -355,6 +439,8 @@ def tune(index, arrays: Arrays, info: dict, k: int = 10) -> dict:
         t = time.monotonic()
         _, got = search(index, q, k + 1, info, vectors if info.get("rerank") else None, nprobe=p)
         ms = (time.monotonic() - t) * 1000 / len(q)
+        for _, a in arrays:  # the re-rank's reads
+            release(a)
         r = recall(_without(got, qid, k), gt)
         best = {"nprobe": p, "recall_at_10": round(r, 4), "latency_ms": round(ms, 2), "recall_queries": len(q)}
         if r >= RECALL_TARGET:
@@ -376,9 +462,12 @@ def recall(got: np.ndarray, gt: np.ndarray) -> float:
 
 
 def _gather(arrays: Arrays, ids: np.ndarray) -> np.ndarray:
+    """float32 rows of global `ids`, read a part at a time."""
+    ids = np.asarray(ids, dtype=np.int64)
     starts = np.array([s for s, _ in arrays])
     out = np.zeros((len(ids), arrays[0][1].shape[1]), dtype=np.float32)
-    for j, i in enumerate(ids):
-        p = int(np.searchsorted(starts, i, side="right")) - 1
-        out[j] = arrays[p][1][int(i) - arrays[p][0]]
+    where = np.searchsorted(starts, ids, side="right") - 1
+    for p in np.unique(where):
+        sel = np.flatnonzero(where == p)
+        out[sel] = arrays[p][1][ids[sel] - arrays[p][0]]
     return out

@@ -281,8 +281,11 @@ def merge(out: Path, meta: dict, names: Sequence[str], add: bool, max_bytes: int
                 new_start = sum(p["rows"] if kind == "images" else p.get("captions", 0) for p in cur["parts"])
                 new_arrays = [(s, a) for s, a in arrays if s >= new_start]
                 kept = {k: prev[k] for k in ("key", "nlist", "code_bytes", "rerank")}
+                held = prev.get("held_out")
+                held = old_v / held if isinstance(held, str) and held and "/" not in held and held[0] != "." else None
                 info = ann.build(new_arrays or arrays[:0], kept, vdir, kind, trained=old_v / prev["trained"],
-                                 old_index=old_v / prev["file"], all_arrays=arrays) if new_arrays else None
+                                 old_index=old_v / prev["file"], all_arrays=arrays,
+                                 held_out=held) if new_arrays else None
                 if info is None:
                     continue
                 info["skipped"] += prev.get("skipped", 0)
