@@ -153,6 +153,34 @@ def _clip_retrieval_folder(d: Path, n: int, dim: int, parts: int = 2, seed: int 
     return x
 
 
+def test_an_add_of_images_alone_keeps_the_captions_index(env, tmp_path):
+    """Images added without captions: the captions' approximate index is carried into the
+    new version (linked), so it outlives the version it was built in and text search stays
+    approximate, not exact over every caption."""
+    from phoclip.search.index import EmbeddingIndex
+
+    src = tmp_path / "clip_out"
+    x = _clip_retrieval_folder(src, n=3000, dim=64)
+    out = tmp_path / "idx"
+    assert _index(["--model", env / "model", "--embeddings", src, "--out", out, "--exact-max-rows", "500"]) == 0
+    first = json.loads((out / "index.json").read_text())
+    assert first["search"]["captions"]["type"] == "faiss"
+    for n in range(2):  # two adds: the version the captions' index was built in is removed
+        more = tmp_path / f"more{n}"
+        _clip_retrieval_folder(more, n=100, dim=64, parts=1, seed=n + 1)
+        shutil.rmtree(more / "text_emb")
+        assert _index(["--model", env / "model", "--embeddings", more, "--out", out, "--add",
+                       "--exact-max-rows", "500"]) == 0
+    meta = json.loads((out / "index.json").read_text())
+    assert not (out / "versions" / first["version"]).exists()
+    assert meta["count"] == {"images": 3200, "captions": 3000}
+    assert meta["search"]["captions"] == first["search"]["captions"]
+    ix = EmbeddingIndex(out)
+    assert ix.search_info("captions")["type"] == "faiss"
+    hit = ix.search(x[[2345]], 1, kind="captions", backend="ann")[0][0]
+    assert hit.id == 2345 and hit.item["caption"] == "ảnh số 2345"
+
+
 def test_embeddings_from_clip_retrieval_layout(env, tmp_path, capsys):
     from phoclip.search.index import EmbeddingIndex
 

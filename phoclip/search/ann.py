@@ -259,6 +259,27 @@ def build(arrays: Arrays, choice: dict, vdir: Path, kind: str, trained: Optional
     return info
 
 
+def carry(old_vdir: Path, info: dict, vdir: Path) -> dict:
+    """An add with no new rows of this kind (images added without captions): the previous
+    version's index of it taken into `vdir` unchanged, hard-linked (versions are never
+    written in place; copied across file systems), so the new version stays complete when
+    the old one is removed. Returns its description, unchanged."""
+    import shutil
+
+    for k in ("file", "data", "trained", "held_out"):
+        name = info.get(k)
+        if not name:
+            continue
+        if not isinstance(name, str) or "/" in name or name.startswith("."):
+            raise ValueError(f"{old_vdir}: index.json names {k} {name!r}, not a file of its own")
+        src, dst = old_vdir / name, vdir / name
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+    return dict(info)
+
+
 Truth = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # queries, their own ids, exact ids, exact scores
 
 

@@ -283,11 +283,11 @@ def merge(out: Path, meta: dict, names: Sequence[str], add: bool, max_bytes: int
                 kept = {k: prev[k] for k in ("key", "nlist", "code_bytes", "rerank")}
                 held = prev.get("held_out")
                 held = old_v / held if isinstance(held, str) and held and "/" not in held and held[0] != "." else None
-                info = ann.build(new_arrays or arrays[:0], kept, vdir, kind, trained=old_v / prev["trained"],
-                                 old_index=old_v / prev["file"], all_arrays=arrays,
-                                 held_out=held) if new_arrays else None
-                if info is None:
+                if not new_arrays:  # no new rows of this kind: its index as it was
+                    search[kind] = ann.carry(old_v, prev, vdir)
                     continue
+                info = ann.build(new_arrays, kept, vdir, kind, trained=old_v / prev["trained"],
+                                 old_index=old_v / prev["file"], all_arrays=arrays, held_out=held)
                 info["skipped"] += prev.get("skipped", 0)
             else:
                 info = ann.build(arrays, choice, vdir, kind)
