@@ -13,7 +13,8 @@ in-memory matrix the exact index searches) against the number of rows: where it 
 latency target is where the approximate index starts (phoclip.search.ann.EXACT_ROW_DIMS_PER_MS).
 
     python bench/bench_index.py --n 1000000 --work /tmp/bench_index
-    python bench/bench_index.py --n 10000000 --work /tmp/bench_index   # hours on 2 cores
+    python bench/bench_index.py --n 10000000 --work /tmp/w10m --no-reference   # ~45 min on 2 cores
+    python bench/bench_index.py --n 10000000 --work /tmp/w10m --plain-only     # the plain faiss script after it
     python bench/bench_index.py --crossover --d 512
     python bench/bench_index.py --n 1000000 --work /tmp/w1m --no-add --no-reference   # an index for bench_serve
 
@@ -138,6 +139,10 @@ def main() -> None:
     p.add_argument("--no-add", action="store_true", help="skip adding 10%% more (the index keeps --n rows)")
     p.add_argument("--no-reference", action="store_true",
                    help="skip exact search one query at a time and the plain faiss script beside ours")
+    p.add_argument("--memory-limit", help="run the build and the add in a memory cgroup of this size (e.g. 8G; "
+                   "root, cgroup v1 or v2): page cache past it is reclaimed, memory the process owns is not")
+    p.add_argument("--plain-only", action="store_true",
+                   help="only the plain faiss script, against the index and exact_top10.npy a run left in --work")
     p.add_argument("--crossover", action="store_true", help="exact search's latency against the number of rows")
     p.add_argument("--sizes", default="10000,30000,100000,200000,300000,500000,1000000",
                    help="with --crossover: the numbers of rows")
@@ -153,17 +158,32 @@ def main() -> None:
     if not args.no_add and not (add_src / "img_emb").is_dir():
         write_parts(add_src, args.n // 10, args.d, seed=3)
     q = next(generate(args.queries, args.d, seed=2)).astype(np.float32)
+    if args.plain_only:  # the reference beside a run that skipped it (--no-reference), same data and queries
+        from phoclip.search.index import EmbeddingIndex
+
+        info = EmbeddingIndex(out).search_info()
+        exact = np.load(work / "exact_top10.npy", allow_pickle=False)
+        adds = add_src if (add_src / "img_emb").is_dir() and EmbeddingIndex(out).count("images") > args.n else None
+        res = {"n": args.n, "d": args.d, "key": info.get("key"), "nprobe": info.get("nprobe"),
+               "load_at_start": load_average()}
+        res["plain_faiss"] = plain_faiss(src, adds, info, q, exact)
+        res["bench_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        res["load_at_end"] = load_average()
+        print(json.dumps(res, indent=2))
+        return
     cmd = [sys.executable, "launch/build_index.py", "--model", args.model, "--embeddings", str(src), "--out", str(out),
            "--max-index-memory", args.max_index_memory, "--device", "cpu"]
     res = {"n": args.n, "d": args.d, "load_at_start": load_average()}
     steps = [("build", cmd)] + ([] if args.no_add else [("add", [x if x != str(src) else str(add_src) for x in cmd] + ["--add"])])
     for what, c in steps:
         t = time.monotonic()
-        r = subprocess.run(["/usr/bin/time", "-f", "%M", *c], capture_output=True, text=True)
+        r, mem = run_measured(c, work / f"rss_{what}.tsv", args.memory_limit)
         if r.returncode:
-            sys.exit(r.stderr[-3000:])
+            sys.exit(f"{what} failed (exit {r.returncode}; {mem}):\n{r.stderr[-3000:]}")
         res[f"{what}_s"] = round(time.monotonic() - t, 1)
-        res[f"{what}_peak_rss_gib"] = round(int(r.stderr.strip().splitlines()[-1]) / 2**20, 2)
+        res[f"{what}_memory"] = mem
+        done = json.loads((out / "index.json").read_text())["search"].get("images", {})
+        res[f"{what}_phases_s"] = {k: done[k] for k in ("train_s", "add_s", "merge_s", "tune_s") if k in done}
         print(r.stdout.strip().splitlines()[-1])
     from phoclip.search.index import EmbeddingIndex
 
@@ -186,6 +206,76 @@ def main() -> None:
         res["plain_faiss"] = plain_faiss(src, add_src if not args.no_add else None, res["search"], q, exact)
     res["load_at_end"] = load_average()
     print(json.dumps(res, indent=2))
+
+
+def _status(pid: int) -> dict:
+    """VmRSS, RssAnon, RssFile and RssShmem of a process, in KiB ({} once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in fh)
+                    if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem")}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cgroup(limit: str) -> tuple[Path, str]:
+    """A fresh memory cgroup limited to `limit` bytes: (its folder, the usage file's name)."""
+    from phoclip.search.ann import parse_bytes
+
+    name, n = f"phoclip_bench_{os.getpid()}", parse_bytes(limit)
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+    if v2.is_file():
+        d = Path("/sys/fs/cgroup") / name
+        d.mkdir(exist_ok=True)
+        (d / "memory.max").write_text(str(n))
+        return d, "memory.peak"
+    d = Path("/sys/fs/cgroup/memory") / name
+    d.mkdir(exist_ok=True)
+    (d / "memory.limit_in_bytes").write_text(str(n))
+    return d, "memory.max_usage_in_bytes"
+
+
+def run_measured(cmd: list[str], series: Path, limit: str | None = None) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run `cmd`, sampling its memory every 0.5 s (written to `series`: seconds, VmRSS, RssAnon,
+    RssFile in MiB): the peaks of resident memory, of the memory it owns (anonymous) and of
+    file pages it maps (the memory-mapped parts and index files: page cache, given back
+    under pressure), optionally inside a memory cgroup of `limit`."""
+    import threading
+
+    cg = _cgroup(limit) if limit else None
+    pre = (lambda: (cg[0] / "cgroup.procs").write_text(str(os.getpid()))) if cg else None
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pre)
+    peak = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
+    rows = []
+
+    def sample():
+        while proc.poll() is None:
+            st = _status(proc.pid)
+            if st:
+                for k in peak:
+                    peak[k] = max(peak[k], st.get(k, 0))
+                rows.append(f"{time.monotonic() - t0:.1f}\t" + "\t".join(str(st.get(k, 0) >> 10) for k in peak))
+            time.sleep(0.5)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    th.join()
+    series.write_text("s\tVmRSS_MiB\tRssAnon_MiB\tRssFile_MiB\n" + "\n".join(rows) + "\n")
+    mem = {"peak_rss_gib": round(peak["VmRSS"] / 2**20, 2), "peak_anon_gib": round(peak["RssAnon"] / 2**20, 2),
+           "peak_file_gib": round(peak["RssFile"] / 2**20, 2)}
+    if cg:
+        d, usage = cg
+        mem.update(cgroup_limit=limit, cgroup_peak_gib=round(int((d / usage).read_text()) / 2**30, 2))
+        fail = d / "memory.failcnt"
+        if fail.is_file():
+            mem["cgroup_failcnt"] = int(fail.read_text())
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), mem
 
 
 def ground_truth(folders: list[Path], q: np.ndarray, d: int) -> np.ndarray:
@@ -224,7 +314,11 @@ def plain_faiss(src: Path, add_src: Path | None, info: dict, q: np.ndarray, exac
     lat, got = latencies(lambda r: index.search(r, 10)[1][0], q)
     res = {"build_s": round(build, 1), **pcts(lat), "recall_at_10": recall_at_10(got, exact)}
     index = None  # its memory back before the flat index
-    # exact search in memory: faiss IndexFlatIP over every vector
+    # exact search in memory: faiss IndexFlatIP over every vector, where its float32 matrix fits half the RAM
+    rows = sum(np.load(f, mmap_mode="r").shape[0] for f in files)
+    if rows * x0.shape[1] * 4 > os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2:
+        res["exact_faiss_flat"] = f"skipped: {rows:,} x {x0.shape[1]} float32 is over half this machine's memory"
+        return res
     flat = faiss.IndexFlatIP(x0.shape[1])
     for f in files:
         a = np.load(f, mmap_mode="r")

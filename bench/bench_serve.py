@@ -91,21 +91,26 @@ def build(work: Path, n: int, dim: int) -> Path:
     return work / "index"
 
 
-def rss_mb(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of process `pid` in MiB."""
+def rss_mb(pid: int) -> tuple[float, float, float, float]:
+    """(VmRSS, VmHWM, RssAnon, RssFile) of process `pid` in MiB: RssAnon is the memory the
+    process owns, RssFile the file pages it has mapped (the memory-mapped codes and parts:
+    page cache, given back under memory pressure)."""
     f = Path(f"/proc/{pid}/status").read_text().splitlines()
     get = lambda k: next(int(line.split()[1]) for line in f if line.startswith(k + ":")) / 1024  # noqa: E731
-    return get("VmRSS"), get("VmHWM")
+    return get("VmRSS"), get("VmHWM"), get("RssAnon"), get("RssFile")
 
 
-def model_only_rss(index: Path) -> float:
-    """RSS (MiB) of a process holding only the index's model, as the service loads it."""
+def model_only_rss(index: Path) -> tuple[float, float]:
+    """(VmRSS, RssAnon) in MiB of a process holding only the index's model, as the service loads it."""
     code = ("import sys, phoclip; from phoclip.search.index import EmbeddingIndex; "
             "m = phoclip.load(EmbeddingIndex(sys.argv[1]).meta['model'], 'torch', 'cpu'); "
             "m.embed_texts(['kiểm tra']); "
-            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')][0] / 1024)")
+            "print(*[int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith(('VmRSS:', 'RssAnon:'))])")
     r = subprocess.run([sys.executable, "-c", code, str(index)], cwd=ROOT, capture_output=True, text=True)
-    return float(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
+    if r.returncode:
+        return float("nan"), float("nan")
+    rss, anon = (float(x) for x in r.stdout.strip().splitlines()[-1].split())
+    return rss, anon
 
 
 def items_latency(index: Path, n: int, k: int, threads: int, calls: int = 200) -> tuple[float, float, bool]:
@@ -262,7 +267,7 @@ def main(argv=None) -> int:
             if srv.poll() is not None:
                 break
         died = srv.poll()
-        rss_end, hwm = rss_mb(srv.pid) if died is None else (float("nan"), float("nan"))
+        rss_end, hwm, anon_end, file_end = rss_mb(srv.pid) if died is None else (float("nan"),) * 4
     finally:
         if srv.poll() is None:
             srv.send_signal(signal.SIGTERM)
@@ -273,7 +278,7 @@ def main(argv=None) -> int:
                 srv.kill()
                 srv.wait()
         log.close()
-    model_rss = model_only_rss(index)
+    model_rss, model_anon = model_only_rss(index)
     print(f"serve: POST /knn-service, embedding_input, k={args.k} (metadata included), {args.queries} held-out queries "
           f"against {n:,} x {dim} ({index if args.index else 'built here: one part, exact'}); {machine()}")
     print(table(rows, ("clients", "p50 ms", "p99 ms", "queries/s", "answered")))
@@ -292,7 +297,9 @@ def main(argv=None) -> int:
     if hung:
         print("the service hung: no answer to SIGTERM in 30 s (killed)")
     print(f"service RSS: {rss_start:.0f} MiB at start, {rss_end:.0f} MiB after the queries (peak {hwm:.0f}); "
-          f"a process holding only the model: {model_rss:.0f} MiB (peak - model: {(hwm - model_rss) / 1024:.2f} GiB)")
+          f"a process holding only the model: {model_rss:.0f} MiB (peak - model: {(hwm - model_rss) / 1024:.2f} GiB); "
+          f"after the queries {anon_end:.0f} MiB its own (anonymous, model alone {model_anon:.0f}) + "
+          f"{file_end:.0f} MiB of mapped file pages")
     if failed or died is not None or hung:
         errors = [line for line in (work / "serve.log").read_text().splitlines() if "Error" in line or "ERROR" in line]
         print(f"{len(failed)} failed answers (first: {(failed or ['-'])[0]}); the service's log: {work / 'serve.log'}")

@@ -413,3 +413,28 @@ def test_ground_truth_is_exact_and_an_add_extends_it_from_the_new_rows(tmp_path,
         again = ann.build(arrays[2:], choice, v3, "images", trained=v1 / first["trained"],
                           old_index=v1 / first["file"], all_arrays=arrays, held_out=v1 / first["held_out"])
     assert "recall measured from scratch" in caplog.text and again["recall_at_10"] >= 0.95
+
+
+def test_rows_are_read_from_the_file_mapped_and_a_part_cut_short_is_refused(tmp_path):
+    """A re-rank's scattered rows come by pread from the very file the part is mapped from
+    (no pages mapped around them; a file replaced since is not read), equal to the mapped
+    rows; a part truncated under a running service is a one-line ValueError, not a SIGBUS."""
+    import os
+
+    from phoclip.search.parts import open_embeddings, read_rows
+
+    x = _synthetic(3000, 32).astype(np.float16)
+    f = tmp_path / "p.npy"
+    np.save(f, x)
+    fh = open(f, "rb")
+    a = open_embeddings(f, 32, 3000, "part p", fh)
+    rows = [2999, 0, 1234, 1234]
+    assert (read_rows(fh, a, rows) == x[rows].astype(np.float32)).all()
+    np.save(tmp_path / "q.npy", x[::-1].copy())
+    os.replace(tmp_path / "q.npy", f)  # replaced under the reader: it still reads what it mapped
+    assert (read_rows(fh, a, [0]) == x[[0]].astype(np.float32)).all()
+    fh2 = open(f, "rb")
+    b = open_embeddings(f, 32, 3000, "part p", fh2)
+    os.truncate(f, 128 + 1000 * 64)
+    with pytest.raises(ValueError, match="p.npy: shorter than its header says"):
+        read_rows(fh2, b, [2000], str(f))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import mmap
 import os
 import time
 import zipfile
@@ -24,6 +23,7 @@ import faiss
 import numpy as np
 
 from phoclip.fileio import fsync_dir
+from phoclip.search.parts import release
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +103,6 @@ def estimated_bytes(choice: dict, n: int, d: int) -> int:
 
 
 Arrays = Sequence[tuple[int, np.ndarray]]  # (global id of the first row, [rows, d] float16 memmap)
-
-
-def release(a: np.ndarray) -> None:
-    """Give back the pages of memory-mapped `a` that reads brought in: the file stays in the
-    page cache, but a pass over 10 GB of parts keeps its resident memory at one chunk."""
-    base = a
-    while base is not None and not isinstance(getattr(base, "_mmap", None), mmap.mmap):
-        base = getattr(base, "base", None)
-    if base is not None:
-        base._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 def _rows(a: np.ndarray, s: int, e: int) -> tuple[np.ndarray, np.ndarray]:

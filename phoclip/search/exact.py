@@ -13,6 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from phoclip.search.parts import release
+
 logger = logging.getLogger(__name__)
 
 NORM_TOLERANCE = 0.05  # |norm - 1| of a stored row; fp16 rounding stays under 1e-3
@@ -112,5 +114,6 @@ def streamed_topk(q: torch.Tensor, parts: Parts, k: int) -> tuple[torch.Tensor, 
             cs, ci = torch.cat([best_s, ts], 1), torch.cat([best_i, ti + start + s0], 1)
             best_s, o = cs.topk(min(k, cs.shape[1]), dim=1)
             best_i = ci.gather(1, o)
+        release(a)  # the pass's pages given back: a service searching 10 GB of parts keeps none resident
     keep = torch.isfinite(best_s).all(0)  # a column of -inf: fewer good rows than k
     return best_s[:, keep], best_i[:, keep]

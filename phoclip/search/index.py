@@ -313,9 +313,14 @@ class EmbeddingIndex:
         """float32 rows of `ids` read from the memory-mapped parts."""
         v = self._v
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
+        groups: dict[int, tuple[P.Part, list[int], list[int]]] = {}
         for j, i in enumerate(ids):
             part, r = self._locate(v, kind, int(i))
-            out[j] = part.embeddings(kind, self.dim)[r]
+            g = groups.setdefault(id(part), (part, [], []))
+            g[1].append(j)
+            g[2].append(r)
+        for part, where, rows in groups.values():
+            out[where] = part.read(kind, self.dim, rows)
         return out
 
     def _in_ram(self, v: _Version, kind: str) -> Optional[torch.Tensor]:

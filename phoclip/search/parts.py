@@ -20,6 +20,7 @@ line naming it."""
 from __future__ import annotations
 
 import ast
+import mmap
 import os
 import re
 import stat
@@ -200,18 +201,22 @@ class PartWriter:
 # ---------------------------------------------------------------- reading
 
 
-def read_npy_header(path: str | os.PathLike) -> tuple[np.dtype, tuple, bool, int]:
+def read_npy_header(path: str | os.PathLike, fd: Optional[int] = None) -> tuple[np.dtype, tuple, bool, int]:
     """(dtype, shape, fortran_order, data offset) of a .npy file, parsed by hand from a
     capped header (numpy's own parser raises a zoo of errors on crafted input), or
-    ValueError naming the file. A regular file only."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    ValueError naming the file. A regular file only. With `fd`, the file open there
+    (`path` names it in messages)."""
+    own = fd is None
+    if own:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{path}: not a regular file")
-        head = os.read(fd, MAX_HEADER)
+        head = os.pread(fd, MAX_HEADER, 0)
     finally:
-        os.close(fd)
+        if own:
+            os.close(fd)
     if head[:6] != b"\x93NUMPY" or len(head) < 10:
         raise ValueError(f"{path}: not a .npy file")
     major = head[6]
@@ -238,10 +243,11 @@ def read_npy_header(path: str | os.PathLike) -> tuple[np.dtype, tuple, bool, int
     return dtype, shape, fortran, offset
 
 
-def open_embeddings(path: Path, dim: int, rows: Optional[int], what: str) -> np.ndarray:
+def open_embeddings(path: Path, dim: int, rows: Optional[int], what: str, fh=None) -> np.ndarray:
     """A part's float16 [rows, dim] embeddings, memory-mapped after the header is checked;
-    ValueError naming the part and the problem otherwise."""
-    dtype, shape, fortran, offset = read_npy_header(path)
+    ValueError naming the part and the problem otherwise. With `fh` (a binary file open
+    on `path`), that very file is checked and mapped: `read_rows` reads the same one."""
+    dtype, shape, fortran, offset = read_npy_header(path, fh.fileno() if fh is not None else None)
     if dtype != np.dtype("<f2") or len(shape) != 2 or fortran:
         raise ValueError(f"{path}: {dtype} {shape}, expected float16 [rows, {dim}] ({what})")
     if shape[1] != dim:
@@ -250,7 +256,34 @@ def open_embeddings(path: Path, dim: int, rows: Optional[int], what: str) -> np.
         raise ValueError(f"{path}: {shape[0]} rows, but {what} has {rows}")
     if shape[0] == 0:
         return np.zeros((0, dim), dtype=np.float16)
-    return np.memmap(path, dtype="<f2", mode="r", offset=offset, shape=shape)
+    return np.memmap(fh if fh is not None else path, dtype="<f2", mode="r", offset=offset, shape=shape)
+
+
+def release(a: np.ndarray) -> None:
+    """Give back the pages of memory-mapped `a` that reads brought in: the file stays in the
+    page cache, but a pass over 10 GB of parts keeps its resident memory at one chunk."""
+    base = a
+    while base is not None and not isinstance(getattr(base, "_mmap", None), mmap.mmap):
+        base = getattr(base, "base", None)
+    if base is not None:
+        base._mmap.madvise(mmap.MADV_DONTNEED)
+
+
+def read_rows(fh, a: np.ndarray, rows: Sequence[int], what: str = "") -> np.ndarray:
+    """float32 copies of `rows` of part `a` (memory-mapped by `open_embeddings` from `fh`),
+    read with pread from that file rather than through the mapping: a few scattered rows
+    (a re-rank's candidates) then map no pages (a fault maps ~64 KB around each row, and a
+    service answering queries over 10 GB of parts would keep them all resident), and a
+    file cut short since is a ValueError naming it, not a SIGBUS."""
+    dim = a.shape[1]
+    out = np.empty((len(rows), dim), dtype="<f2")
+    size, fd = dim * 2, fh.fileno()
+    for j, r in enumerate(rows):
+        b = os.pread(fd, size, a.offset + int(r) * size)
+        if len(b) != size:
+            raise ValueError(f"{what or fh.name}: shorter than its header says (row {r}); the part changed on disk")
+        out[j] = np.frombuffer(b, dtype="<f2")
+    return out.astype(np.float32)
 
 
 @dataclass
@@ -264,6 +297,7 @@ class Part:
     start: int = 0  # global id of its first image
     cap_start: int = 0  # global id of its first caption
     _emb: dict = field(default_factory=dict)
+    _fh: dict = field(default_factory=dict)  # the files the embeddings are mapped from (read_rows reads them)
 
     def files(self) -> dict[str, Path]:
         return files_of(self.folder, self.name)
@@ -272,12 +306,25 @@ class Part:
         """The memory-mapped float16 embeddings of `kind` ("images" or "captions")."""
         if kind not in self._emb:
             f = self.files()
-            if kind == "images":
-                self._emb[kind] = open_embeddings(f[IMG], dim, self.rows, f"metadata {f[META].name}")
-            else:
-                want_f = f[TEXT_META] if f[TEXT_META].exists() else f[META]
-                self._emb[kind] = open_embeddings(f[TEXT], dim, self.captions, f"metadata {want_f.name}")
+            path = f[IMG] if kind == "images" else f[TEXT]
+            fh = open(path, "rb")
+            try:
+                if kind == "images":
+                    emb = open_embeddings(path, dim, self.rows, f"metadata {f[META].name}", fh)
+                else:
+                    want_f = f[TEXT_META] if f[TEXT_META].exists() else f[META]
+                    emb = open_embeddings(path, dim, self.captions, f"metadata {want_f.name}", fh)
+            except BaseException:
+                fh.close()
+                raise
+            self._emb[kind], self._fh[kind] = emb, fh
         return self._emb[kind]
+
+    def read(self, kind: str, dim: int, rows: Sequence[int]) -> np.ndarray:
+        """float32 copies of `rows` of `kind`, read from the file without mapping its pages
+        (`read_rows`)."""
+        a = self.embeddings(kind, dim)
+        return read_rows(self._fh[kind], a, rows, str(self.files()[IMG if kind == "images" else TEXT]))
 
 
 def check_part(folder: Path, name: str, dim: int) -> dict:
