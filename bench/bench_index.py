@@ -69,7 +69,7 @@ def write_parts(folder: Path, n: int, d: int, seed: int, part_rows: int = 1_000_
 
 def make_model(folder: Path, d: int) -> Path:
     """A random tiny-debug model whose embeddings are d wide (with its tokenizer), once."""
-    if (folder / "config.json").is_file():
+    if (folder / "phoclip_config.json").is_file():  # phoclip.models.pretrained's config file
         return folder
     import phoclip
     from phoclip.data.text import build_phobert_tokenizer, load_tokenizer

@@ -438,3 +438,16 @@ def test_rows_are_read_from_the_file_mapped_and_a_part_cut_short_is_refused(tmp_
     os.truncate(f, 128 + 1000 * 64)
     with pytest.raises(ValueError, match="p.npy: shorter than its header says"):
         read_rows(fh2, b, [2000], str(f))
+
+
+def test_codes_too_coarse_for_the_recall_target_are_said_plainly(tmp_path, caplog):
+    """Where no nprobe reaches recall 0.95 (codes too coarse for the vectors), the search for
+    nprobe stops once doubling it no longer helps, and the build says so and how to fix it."""
+    from phoclip.search import ann
+
+    arrays = _parts_on_disk(tmp_path / "emb", [_synthetic(6000, 32)])
+    choice = {"type": "faiss", "key": "IVF64,PQ2x8", "nlist": 64, "code_bytes": 2, "rerank": False}
+    with caplog.at_level("WARNING"):
+        info = ann.build(arrays, choice, tmp_path / "v", "images")
+    assert not info["recall_target_met"] and info["recall_at_10"] < 0.95
+    assert info["nprobe"] < 64 and "too coarse for these vectors; raise --max-index-memory" in caplog.text

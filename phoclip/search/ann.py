@@ -38,6 +38,7 @@ PQ_SIZES = (256, 128, 64, 48, 32, 24, 16, 8, 4)
 BLOCK_ROWS = 1_000_000  # vectors added into one block file (its inverted lists are in memory while added)
 TRAIN_PER_CENTROID = 64
 RECALL_TARGET = 0.95
+RECALL_PLATEAU = 0.005  # a doubling of nprobe that adds less recall than this ends the search for it
 RERANK_FACTOR = 10  # candidates per result re-ranked exactly from the float16 vectors
 HELD_OUT = 1000  # queries of the build-time recall estimate
 INDEX_FILE, DATA_FILE, TRAINED_FILE = "{kind}.index", "{kind}.ivfdata", "{kind}.trained.index"
@@ -453,10 +454,18 @@ def tune(index, arrays: Arrays, info: dict, truth: Optional[Truth] = None, k: in
         for _, a in arrays:  # the re-rank's reads
             release(a)
         r = recall(_without(got, qid, k), gt)
+        if best is not None and r < best["recall_at_10"] + RECALL_PLATEAU:
+            break  # probing twice the lists no longer helps: the codes, not nprobe, limit the recall
         best = {"nprobe": p, "recall_at_10": round(r, 4), "latency_ms": round(ms, 2), "recall_queries": len(q)}
         if r >= RECALL_TARGET:
             break
         p *= 2
+    best["recall_target_met"] = best["recall_at_10"] >= RECALL_TARGET
+    if not best["recall_target_met"]:
+        logger.warning("%s: recall@10 %.3f at nprobe %d, below %.2f however many lists are probed: these codes are "
+                       "too coarse for these vectors; raise --max-index-memory (SQ4 needs %.1f GiB here) or use --exact",
+                       info.get("key"), best["recall_at_10"], best["nprobe"], RECALL_TARGET,
+                       estimated_bytes(dict(info, code_bytes=ivf.d // 2), ivf.ntotal, ivf.d) / 2**30)
     ivf.nprobe = best["nprobe"]
     return best
 
