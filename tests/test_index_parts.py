@@ -440,14 +440,27 @@ def test_rows_are_read_from_the_file_mapped_and_a_part_cut_short_is_refused(tmp_
         read_rows(fh2, b, [2000], str(f))
 
 
-def test_codes_too_coarse_for_the_recall_target_are_said_plainly(tmp_path, caplog):
-    """Where no nprobe reaches recall 0.95 (codes too coarse for the vectors), the search for
-    nprobe stops once doubling it no longer helps, and the build says so and how to fix it."""
+def test_codes_too_coarse_for_the_recall_target_are_said_plainly(env, tmp_path, caplog, capsys):
+    """Where no nprobe reaches recall 0.95 (a budget that leaves 4-byte codes for 64-d noise),
+    the search for nprobe stops once doubling it no longer helps, and the build says so, in
+    its log, its last line and index.json, with what to change."""
+    src = tmp_path / "noise"
+    _clip_retrieval_folder(src, n=2000, dim=64)
+    shutil.rmtree(src / "text_emb")
+    out = tmp_path / "idx"
+    assert _index(["--model", env / "model", "--embeddings", src, "--out", out, "--exact-max-rows", "500",
+                   "--max-index-memory", str(128 * 64 * 4 + 2000 * 12)]) == 0
+    info = json.loads((out / "index.json").read_text())["search"]["images"]
+    assert info["key"] == "IVF128,PQ4x8" and not info["recall_target_met"] and info["recall_at_10"] < 0.95
+    said = capsys.readouterr()
+    assert "too coarse for these vectors; raise --max-index-memory (SQ4 needs 0.1 MiB here)" in said.err + caplog.text
+    assert "below the 0.95 target: raise --max-index-memory" in said.out
+
+
+def test_nprobe_stops_growing_when_the_codes_limit_the_recall(tmp_path):
     from phoclip.search import ann
 
     arrays = _parts_on_disk(tmp_path / "emb", [_synthetic(6000, 32)])
     choice = {"type": "faiss", "key": "IVF64,PQ2x8", "nlist": 64, "code_bytes": 2, "rerank": False}
-    with caplog.at_level("WARNING"):
-        info = ann.build(arrays, choice, tmp_path / "v", "images")
-    assert not info["recall_target_met"] and info["recall_at_10"] < 0.95
-    assert info["nprobe"] < 64 and "too coarse for these vectors; raise --max-index-memory" in caplog.text
+    info = ann.build(arrays, choice, tmp_path / "v", "images")
+    assert not info["recall_target_met"] and info["nprobe"] < 64

@@ -243,7 +243,8 @@ def _merge(args, out: Path, meta: dict, names: list[str], max_bytes: int, skippe
     c = done["count"]
     search = done["search"].get("images", {})
     how = "exact search" if search.get("type") == "exact" else \
-        f"{search['key']} (nprobe {search['nprobe']}, recall@10 {search['recall_at_10']:.3f})"
+        f"{search['key']} (nprobe {search['nprobe']}, recall@10 {search['recall_at_10']:.3f}" + \
+        (", below the 0.95 target: raise --max-index-memory)" if search.get("recall_target_met") is False else ")")
     print(f"indexed {c['images']} images" + (f" and {c['captions']} captions" if c["captions"] else "")
           + f" into {out} ({len(done['parts'])} parts, version {done['version']}, {how})")
     bad = done.get("skipped", {}).get("images", 0)

@@ -463,11 +463,16 @@ def tune(index, arrays: Arrays, info: dict, truth: Optional[Truth] = None, k: in
     best["recall_target_met"] = best["recall_at_10"] >= RECALL_TARGET
     if not best["recall_target_met"]:
         logger.warning("%s: recall@10 %.3f at nprobe %d, below %.2f however many lists are probed: these codes are "
-                       "too coarse for these vectors; raise --max-index-memory (SQ4 needs %.1f GiB here) or use --exact",
+                       "too coarse for these vectors; raise --max-index-memory (SQ4 needs %s here) or use --exact",
                        info.get("key"), best["recall_at_10"], best["nprobe"], RECALL_TARGET,
-                       estimated_bytes(dict(info, code_bytes=ivf.d // 2), ivf.ntotal, ivf.d) / 2**30)
+                       _size(estimated_bytes(dict(info, code_bytes=ivf.d // 2), ivf.ntotal, ivf.d)))
     ivf.nprobe = best["nprobe"]
     return best
+
+
+def _size(b: int) -> str:
+    """Bytes as --max-index-memory takes them: 1.1 MiB, 2.7 GiB."""
+    return f"{b / 2**30:.1f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
 
 
 def _without(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
