@@ -162,6 +162,8 @@ def main() -> None:
         from phoclip.search.index import EmbeddingIndex
 
         info = EmbeddingIndex(out).search_info()
+        if not (work / "exact_top10.npy").is_file():
+            sys.exit(f"--plain-only: {work / 'exact_top10.npy'} missing; run this command without --plain-only first")
         exact = np.load(work / "exact_top10.npy", allow_pickle=False)
         adds = add_src if (add_src / "img_emb").is_dir() and EmbeddingIndex(out).count("images") > args.n else None
         res = {"n": args.n, "d": args.d, "key": info.get("key"), "nprobe": info.get("nprobe"),
@@ -242,7 +244,10 @@ def run_measured(cmd: list[str], series: Path, limit: str | None = None) -> tupl
     under pressure), optionally inside a memory cgroup of `limit`."""
     import threading
 
-    cg = _cgroup(limit) if limit else None
+    try:
+        cg = _cgroup(limit) if limit else None
+    except OSError as e:
+        sys.exit(f"--memory-limit {limit}: cannot make a memory cgroup ({e}); it needs root and cgroup v1 or v2")
     pre = (lambda: (cg[0] / "cgroup.procs").write_text(str(os.getpid()))) if cg else None
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pre)

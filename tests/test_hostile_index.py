@@ -81,6 +81,17 @@ def test_items_file_a_fifo_is_refused_without_blocking(built, tmp_path):
         EmbeddingIndex(ix).items("images")
 
 
+def test_an_embeddings_part_a_fifo_is_refused_without_blocking(built, tmp_path):
+    from phoclip.search.index import EmbeddingIndex
+
+    ix = _copy(built, tmp_path)
+    emb = ix / "img_emb" / "img_emb_0000.npy"
+    emb.unlink()
+    os.mkfifo(emb)
+    with _deadline(10), pytest.raises(ValueError, match="img_emb_0000.npy: not a regular file"):
+        EmbeddingIndex(ix).vectors("images", [1])
+
+
 def test_items_file_linked_to_dev_zero_is_refused_at_once(built, tmp_path):
     from phoclip.search.index import EmbeddingIndex
 

@@ -250,6 +250,12 @@ def build(arrays: Arrays, choice: dict, vdir: Path, kind: str, trained: Optional
     return info
 
 
+def own_file(name) -> bool:
+    """Whether `name`, as index.json gives it, names a file of the version folder itself
+    (not a path elsewhere, not a hidden or temporary file)."""
+    return isinstance(name, str) and bool(name) and "/" not in name and not name.startswith(".")
+
+
 def carry(old_vdir: Path, info: dict, vdir: Path) -> dict:
     """An add with no new rows of this kind (images added without captions): the previous
     version's index of it taken into `vdir` unchanged, hard-linked (versions are never
@@ -259,9 +265,9 @@ def carry(old_vdir: Path, info: dict, vdir: Path) -> dict:
 
     for k in ("file", "data", "trained", "held_out"):
         name = info.get(k)
-        if not name:
-            continue
-        if not isinstance(name, str) or "/" in name or name.startswith("."):
+        if k == "held_out" and not (own_file(name) and (old_vdir / name).is_file()):
+            continue  # optional: the next add measures the recall from scratch
+        if not own_file(name):
             raise ValueError(f"{old_vdir}: index.json names {k} {name!r}, not a file of its own")
         src, dst = old_vdir / name, vdir / name
         try:
@@ -359,7 +365,7 @@ def open_index(vdir: Path, info: dict, count: int, dim: int):
     index's width, size, metric and every inverted list inside the data file. ValueError
     in one line naming the file otherwise."""
     names = [info.get("file"), info.get("data")]
-    if not all(isinstance(x, str) and x and "/" not in x and not x.startswith(".") for x in names):
+    if not all(own_file(x) for x in names):
         raise ValueError(f"{vdir}: index.json names no faiss files of its own ({names})")
     index_f, data_f = vdir / names[0], vdir / names[1]
     for f in (index_f, data_f):

@@ -282,7 +282,7 @@ def merge(out: Path, meta: dict, names: Sequence[str], add: bool, max_bytes: int
                 new_arrays = [(s, a) for s, a in arrays if s >= new_start]
                 kept = {k: prev[k] for k in ("key", "nlist", "code_bytes", "rerank")}
                 held = prev.get("held_out")
-                held = old_v / held if isinstance(held, str) and held and "/" not in held and held[0] != "." else None
+                held = old_v / held if ann.own_file(held) else None
                 if not new_arrays:  # no new rows of this kind: its index as it was
                     search[kind] = ann.carry(old_v, prev, vdir)
                     continue

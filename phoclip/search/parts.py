@@ -307,7 +307,8 @@ class Part:
         if kind not in self._emb:
             f = self.files()
             path = f[IMG] if kind == "images" else f[TEXT]
-            fh = open(path, "rb")
+            # non-blocking: a FIFO planted as a part is refused by the header check, never waited on
+            fh = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)), "rb")
             try:
                 if kind == "images":
                     emb = open_embeddings(path, dim, self.rows, f"metadata {f[META].name}", fh)
