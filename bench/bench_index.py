@@ -161,9 +161,9 @@ def main() -> None:
     if args.plain_only:  # the reference beside a run that skipped it (--no-reference), same data and queries
         from phoclip.search.index import EmbeddingIndex
 
+        if not (work / "exact_top10.npy").is_file() or not (out / "index.json").is_file():
+            sys.exit(f"--plain-only: no index and exact_top10.npy in {work}; run this command without --plain-only first")
         info = EmbeddingIndex(out).search_info()
-        if not (work / "exact_top10.npy").is_file():
-            sys.exit(f"--plain-only: {work / 'exact_top10.npy'} missing; run this command without --plain-only first")
         exact = np.load(work / "exact_top10.npy", allow_pickle=False)
         adds = add_src if (add_src / "img_emb").is_dir() and EmbeddingIndex(out).count("images") > args.n else None
         res = {"n": args.n, "d": args.d, "key": info.get("key"), "nprobe": info.get("nprobe"),
@@ -276,10 +276,12 @@ def run_measured(cmd: list[str], series: Path, limit: str | None = None) -> tupl
         fail = d / "memory.failcnt"
         if fail.is_file():
             mem["cgroup_failcnt"] = int(fail.read_text())
-        try:
-            d.rmdir()
-        except OSError:
-            pass
+        for _ in range(50):  # busy for a moment after its last task exits
+            try:
+                d.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), mem
 
 
